@@ -1,0 +1,161 @@
+"""One exception tree for the whole protocol.
+
+Every error has a stable ``code`` (it travels in ``error`` messages and is what
+clients and docs key on) and a human sentence that says what to do.  The client
+side rebuilds the same class from the code with :func:`error_from_code`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+
+class ControlCanvasError(Exception):
+    """Base of every error ControlCanvas raises on purpose."""
+
+    code = "internal"
+    default_message = "Something went wrong inside ControlCanvas; see the server log."
+
+    def __init__(self, message: Optional[str] = None, *, field: Optional[str] = None,
+                 job_id: Optional[str] = None) -> None:
+        self.message = message or self.default_message
+        self.field = field
+        self.job_id = job_id
+        super().__init__(self.message)
+
+
+# -- protocol -----------------------------------------------------------------
+
+class ProtocolError(ControlCanvasError):
+    """The other side sent something that breaks the protocol."""
+
+    code = "protocol"
+    default_message = "The message does not follow the ControlCanvas protocol."
+
+
+class MalformedMessage(ProtocolError):
+    code = "malformed"
+    default_message = "The message is not valid JSON; send one JSON object per text frame."
+
+
+class UnknownMessage(ProtocolError):
+    code = "unknown_type"
+
+
+class FieldError(ProtocolError):
+    """A field is unknown, missing, mistyped or out of range; ``field`` names it."""
+
+    code = "bad_field"
+
+
+class VersionMismatch(ProtocolError):
+    code = "version"
+
+
+class FrameError(ProtocolError):
+    """A binary image frame is malformed or unexpected."""
+
+    code = "bad_frame"
+
+
+class StateError(ProtocolError):
+    """A message arrived that is not allowed in the session's current state."""
+
+    code = "out_of_order"
+
+
+class MissingImage(ProtocolError):
+    code = "missing_image"
+
+
+# -- access and limits ----------------------------------------------------------
+
+class AuthError(ControlCanvasError):
+    code = "auth"
+    default_message = ("Wrong or missing token. Copy the token the server printed at start "
+                       "(it is stored in the token file shown by `controlcanvas serve`).")
+
+
+class LimitError(ControlCanvasError):
+    code = "limit"
+
+
+class QueueFull(LimitError):
+    code = "queue_full"
+    default_message = "The server's queue is full; wait for running jobs to finish, then retry."
+
+
+# -- jobs -----------------------------------------------------------------------
+
+class UnknownJob(ControlCanvasError):
+    code = "unknown_job"
+
+
+class DuplicateJob(ControlCanvasError):
+    code = "duplicate_job"
+
+
+class Cancelled(ControlCanvasError):
+    code = "cancelled"
+    default_message = "The job was cancelled."
+
+
+class Expired(ControlCanvasError):
+    code = "expired"
+    default_message = "The job's result was kept for its retention time and then discarded."
+
+
+# -- engine ---------------------------------------------------------------------
+
+class EngineError(ControlCanvasError):
+    code = "engine"
+    default_message = "The image engine failed; see the server log for details."
+
+
+class OutOfMemory(EngineError):
+    code = "out_of_memory"
+    default_message = ("The GPU ran out of memory. Lower the output size or batch, close other "
+                       "GPU programs, or start the server with --offload.")
+
+
+class ModelMissing(EngineError):
+    code = "model_missing"
+
+
+class Unsupported(EngineError):
+    code = "unsupported"
+
+
+# -- client side only -------------------------------------------------------------
+
+class ServerUnavailable(ControlCanvasError):
+    code = "unreachable"
+    default_message = ("No ControlCanvas server answers at that address. Start it with "
+                       "`controlcanvas serve` and check the address and port.")
+
+
+class ConnectionLost(ControlCanvasError):
+    code = "connection_lost"
+    default_message = ("The connection to the ControlCanvas server was lost. Unfinished jobs "
+                       "keep running; reconnect to get their results.")
+
+
+def _all_subclasses(cls: Type[ControlCanvasError]):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+ERROR_CLASSES: Dict[str, Type[ControlCanvasError]] = {
+    cls.code: cls for cls in [ControlCanvasError, *_all_subclasses(ControlCanvasError)]
+}
+
+
+def error_from_code(code: str, message: str, *, field: Optional[str] = None,
+                    job_id: Optional[str] = None) -> ControlCanvasError:
+    """Rebuild the typed error that a peer reported by its code (unknown → base class)."""
+    cls = ERROR_CLASSES.get(code, ControlCanvasError)
+    err = cls(message, field=field, job_id=job_id)
+    if cls is ControlCanvasError:
+        err.code = code  # keep an unknown code visible rather than mapping it to 'internal'
+    return err

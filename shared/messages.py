@@ -1,0 +1,530 @@
+"""Every message of the ControlCanvas protocol, as frozen dataclasses.
+
+Messages travel as JSON objects in text frames: ``{"type": "<name>", ...fields}``.
+Images never travel in JSON: they follow as binary frames (see ``codec.py``) that
+a request refers to by integer *slot*.
+
+Decoding is strict.  ``from_json`` rejects malformed JSON, unknown message types,
+unknown fields, missing fields, mistyped fields and out-of-range values with a
+:class:`~shared.errors.FieldError` whose ``field`` names the offending path
+(e.g. ``request.controls[1].weight``).  Constructing a message in code runs the
+same checks, so a value that exists is a valid value.
+
+Standard library only, Python >= 3.10: this module is bundled into the editors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union
+
+from .errors import FieldError, MalformedMessage, UnknownMessage, VersionMismatch
+
+PROTOCOL_VERSION = 1
+
+Mode = Literal["txt2img", "img2img", "inpaint"]
+ControlMode = Literal["balanced", "prompt", "control"]
+ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill"]
+Sampler = Literal["dpmpp_2m_karras", "dpmpp_2m", "unipc", "euler_a", "euler", "ddim", "lcm"]
+Condition = Literal["canny", "depth", "softedge", "mlsd", "seg", "openpose", "scribble",
+                    "lineart", "lineart_anime", "normal", "tile", "shuffle", "inpaint"]
+Scalar = Union[bool, int, float, str]
+
+CONDITIONS: Tuple[str, ...] = typing.get_args(Condition)
+SAMPLERS: Tuple[str, ...] = typing.get_args(Sampler)
+
+MAX_SEED = 2**32 - 1
+_JOB_ID = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def new_job_id() -> str:
+    """A fresh random job id (32 lowercase hex digits, a UUID4)."""
+    return uuid.uuid4().hex
+
+
+def _range(default, lo, hi, *, exclusive_lo=False):
+    return field(default=default, metadata={"range": (lo, hi, exclusive_lo)})
+
+
+# -----------------------------------------------------------------------------
+# Validation: one function turns JSON-shaped or Python values into the declared
+# type or raises FieldError with the path.  Dataclasses call it from
+# __post_init__, so decoding and construction share it.
+# -----------------------------------------------------------------------------
+
+_HINTS: Dict[type, Dict[str, Any]] = {}
+
+
+def _hints(cls) -> Dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = {k: v for k, v in typing.get_type_hints(cls).items()
+                 if typing.get_origin(v) is not ClassVar}
+        _HINTS[cls] = hints
+    return hints
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (tuple, Tuple):
+        return "a list of " + _describe(typing.get_args(tp)[0])
+    if origin in (dict, Dict):
+        return "an object"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp, value, path: str):
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise FieldError(f"{path} must be an object.", field=path)
+        return _build(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise FieldError(f"{path} must be {_describe(tp)}; got {value!r}.", field=path)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise FieldError(f"{path} must be {_describe(tp)}; got null.", field=path)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except FieldError as err:
+                if len([a for a in args if a is not type(None)]) == 1:
+                    raise err
+        raise FieldError(f"{path} must be {_describe(tp)}; got {value!r}.", field=path)
+    if origin in (tuple, Tuple):
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise FieldError(f"{path} must be a list.", field=path)
+        return tuple(_coerce(item_tp, item, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin in (dict, Dict):
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise FieldError(f"{path} must be an object.", field=path)
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise FieldError(f"{path} keys must be strings.", field=path)
+            out[key] = _coerce(val_tp, item, f"{path}.{key}")
+        return out
+    if tp is bool:
+        if type(value) is bool:
+            return value
+    elif tp is int:
+        if type(value) is int:
+            return value
+    elif tp is float:
+        if type(value) in (int, float) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in this module
+        raise TypeError(f"unsupported annotation {tp!r}")
+    raise FieldError(f"{path} must be {_describe(tp)}; got {value!r}.", field=path)
+
+
+def _build(cls, values: dict, path: str):
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    for key in values:
+        if key not in names:
+            raise FieldError(f"{prefix}{key} is not a field of {cls.__name__}; remove it "
+                             f"(known fields: {', '.join(sorted(names))}).",
+                             field=f"{prefix}{key}")
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in values and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            raise FieldError(f"{prefix}{f.name} is missing.", field=f"{prefix}{f.name}")
+    try:
+        return cls(**values)
+    except FieldError as err:
+        if path and err.field and not err.field.startswith(prefix):
+            raise FieldError(err.message.replace(err.field, prefix + err.field, 1),
+                             field=prefix + err.field) from None
+        raise
+
+
+class _Checked:
+    """Mixin: check and normalise every field on construction."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(hints[f.name], getattr(self, f.name), f.name)
+            rng = f.metadata.get("range")
+            if rng is not None and value is not None:
+                lo, hi, exclusive_lo = rng
+                if value < lo or value > hi or (exclusive_lo and value == lo):
+                    low = f"more than {lo}" if exclusive_lo else f"at least {lo}"
+                    raise FieldError(f"{f.name} must be {low} and at most {hi}; got {value!r}.",
+                                     field=f.name)
+            object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field checks of a subclass."""
+
+
+def _check_job_id(job_id: str, name: str = "job_id") -> None:
+    if not _JOB_ID.match(job_id):
+        raise FieldError(f"{name} must be 32 lowercase hex digits (a UUID4 hex); "
+                         f"got {job_id!r}.", field=name)
+
+
+# -----------------------------------------------------------------------------
+# The request: everything that decides the pixels.
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlUnit(_Checked):
+    condition: Condition
+    image: Optional[int] = None
+    preprocessor: str = "none"
+    params: Dict[str, Scalar] = field(default_factory=dict)
+    model: str = ""
+    weight: float = _range(1.0, 0.0, 2.0)
+    start: float = _range(0.0, 0.0, 1.0)
+    end: float = _range(1.0, 0.0, 1.0)
+    control_mode: ControlMode = "balanced"
+    resize_mode: ResizeMode = "crop_and_resize"
+
+    def _check(self) -> None:
+        if self.start >= self.end:
+            raise FieldError(f"start ({self.start}) must be smaller than end ({self.end}).",
+                             field="start")
+        if self.image is None:
+            raise FieldError("image must name the slot of this unit's control image.",
+                             field="image")
+        if self.image < 0:
+            raise FieldError("image slot must be 0 or more.", field="image")
+
+
+@dataclass(frozen=True)
+class GenerateRequest(_Checked):
+    width: int = _range(512, 8, 1 << 20)
+    height: int = _range(512, 8, 1 << 20)
+    mode: Mode = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = _range(-1, -1, MAX_SEED)
+    steps: int = _range(20, 1, 150)
+    cfg: float = _range(7.0, 0.0, 30.0)
+    sampler: Sampler = "dpmpp_2m_karras"
+    strength: float = _range(0.75, 0.0, 1.0)
+    batch: int = _range(1, 1, 16)
+    base_model: str = ""
+    init_image: Optional[int] = None
+    mask_image: Optional[int] = None
+    controls: Tuple[ControlUnit, ...] = ()
+    hires: bool = False
+
+    def _check(self) -> None:
+        if self.mode in ("img2img", "inpaint") and self.init_image is None:
+            raise FieldError(f"{self.mode} needs init_image: the slot of the canvas image.",
+                             field="init_image")
+        if self.mode == "inpaint" and self.mask_image is None:
+            raise FieldError("inpaint needs mask_image: the slot of the selection mask.",
+                             field="mask_image")
+        for name in ("init_image", "mask_image"):
+            slot = getattr(self, name)
+            if slot is not None and slot < 0:
+                raise FieldError(f"{name} slot must be 0 or more.", field=name)
+
+    def slots(self) -> Tuple[int, ...]:
+        """Every image slot this request refers to, each once, in ascending order."""
+        used = {s for s in (self.init_image, self.mask_image) if s is not None}
+        used.update(u.image for u in self.controls if u.image is not None)
+        return tuple(sorted(used))
+
+    def seeds(self, base_seed: int) -> Tuple[int, ...]:
+        """The seed of each image of a batch: base, base+1, ... (wrapping at 2**32)."""
+        return tuple((base_seed + i) % (MAX_SEED + 1) for i in range(self.batch))
+
+
+# -----------------------------------------------------------------------------
+# Descriptions the server gives out.
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limits(_Checked):
+    max_frame_bytes: int
+    max_text_bytes: int
+    max_image_side: int
+    max_pixels: int
+    max_queue: int
+    max_batch: int
+    max_images_per_job: int
+
+
+@dataclass(frozen=True)
+class ParamInfo(_Checked):
+    name: str
+    kind: Literal["int", "float", "bool", "str", "choice"]
+    default: Scalar
+    min: Optional[float] = None
+    max: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class AnnotatorInfo(_Checked):
+    name: str
+    condition: str
+    needs_weights: bool = False
+    available: bool = True
+    params: Tuple[ParamInfo, ...] = ()
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo(_Checked):
+    name: str
+    kind: Literal["base", "controlnet"]
+    condition: str = ""
+    family: str = ""
+    present: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ResultImage(_Checked):
+    slot: int
+    width: int
+    height: int
+    seed: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class JobInfo(_Checked):
+    job_id: str
+    state: Literal["receiving", "queued", "running", "done", "failed", "cancelled"]
+    position: int = 0
+
+
+# -----------------------------------------------------------------------------
+# Messages.  TYPE is the wire name; a name may be used by both directions.
+# -----------------------------------------------------------------------------
+
+class Message(_Checked):
+    TYPE: ClassVar[str] = ""
+
+
+def _message(cls):
+    return dataclass(frozen=True)(cls)
+
+
+# client -> server
+
+@_message
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    protocol: int
+    token: str
+    client: str = ""
+
+    def __repr__(self) -> str:  # keep the token out of logs
+        return f"Hello(protocol={self.protocol}, client={self.client!r}, token=***)"
+
+
+@_message
+class Generate(Message):
+    TYPE: ClassVar[str] = "generate"
+    job_id: str
+    request: GenerateRequest
+    cancel_on_disconnect: bool = False
+    preview_every: int = _range(0, 0, 1000)
+
+    def _check(self) -> None:
+        _check_job_id(self.job_id)
+
+    def slots(self) -> Tuple[int, ...]:
+        return self.request.slots()
+
+
+@_message
+class Preprocess(Message):
+    TYPE: ClassVar[str] = "preprocess"
+    job_id: str
+    annotator: str
+    image: int = 0
+    params: Dict[str, Scalar] = field(default_factory=dict)
+    width: int = _range(0, 0, 1 << 20)
+    height: int = _range(0, 0, 1 << 20)
+    cancel_on_disconnect: bool = False
+
+    def _check(self) -> None:
+        _check_job_id(self.job_id)
+        if self.image < 0:
+            raise FieldError("image slot must be 0 or more.", field="image")
+        if (self.width == 0) != (self.height == 0):
+            raise FieldError("give both width and height for the control image, or neither.",
+                             field="width")
+
+    def slots(self) -> Tuple[int, ...]:
+        return (self.image,)
+
+
+@_message
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    job_id: str
+
+
+@_message
+class Ack(Message):
+    TYPE: ClassVar[str] = "ack"
+    job_ids: Tuple[str, ...]
+
+
+@_message
+class Resume(Message):
+    TYPE: ClassVar[str] = "resume"
+    job_ids: Tuple[str, ...]
+
+
+@_message
+class StatusRequest(Message):
+    TYPE: ClassVar[str] = "status"
+
+
+@_message
+class ModelsRequest(Message):
+    TYPE: ClassVar[str] = "models"
+
+
+# server -> client
+
+@_message
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    protocol: int
+    server: str
+    engine: str
+    limits: Limits
+
+
+@_message
+class Queued(Message):
+    TYPE: ClassVar[str] = "queued"
+    job_id: str
+    position: int
+
+
+@_message
+class Progress(Message):
+    TYPE: ClassVar[str] = "progress"
+    job_id: str
+    step: int
+    total: int
+    stage: str = "denoise"
+
+
+@_message
+class Preview(Message):
+    """Announces one binary frame (kind PREVIEW) with a low-resolution preview."""
+    TYPE: ClassVar[str] = "preview"
+    job_id: str
+    step: int
+    width: int
+    height: int
+
+
+@_message
+class Result(Message):
+    """Announces len(images) binary frames (kind RESULT), slots 0..n-1, in order."""
+    TYPE: ClassVar[str] = "result"
+    job_id: str
+    images: Tuple[ResultImage, ...]
+    elapsed: float = 0.0
+    info: Dict[str, Scalar] = field(default_factory=dict)
+
+
+@_message
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    job_id: Optional[str] = None
+    field: Optional[str] = None
+
+
+@_message
+class Status(Message):
+    TYPE: ClassVar[str] = "status"
+    queue_length: int
+    jobs: Tuple[JobInfo, ...] = ()
+
+
+@_message
+class Models(Message):
+    TYPE: ClassVar[str] = "models"
+    models: Tuple[ModelInfo, ...] = ()
+    annotators: Tuple[AnnotatorInfo, ...] = ()
+    default_base: str = ""
+
+
+CLIENT_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
+    Hello, Generate, Preprocess, Cancel, Ack, Resume, StatusRequest, ModelsRequest)}
+SERVER_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
+    Welcome, Queued, Progress, Preview, Result, Error, Status, Models)}
+
+
+def to_dict(message: Message) -> Dict[str, Any]:
+    out = {"type": message.TYPE}
+    out.update(dataclasses.asdict(message))
+    return out
+
+
+def to_json(message: Message) -> str:
+    return json.dumps(to_dict(message), separators=(",", ":"), ensure_ascii=False)
+
+
+def from_json(text: Union[str, bytes], registry: Dict[str, type]) -> Message:
+    """Decode one message of ``registry`` (CLIENT_MESSAGES or SERVER_MESSAGES)."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MalformedMessage(f"The message is not valid JSON ({err}); send one JSON "
+                               f"object per text frame.") from None
+    if not isinstance(raw, dict):
+        raise MalformedMessage("A message must be a JSON object with a \"type\" field.")
+    kind = raw.pop("type", None)
+    if not isinstance(kind, str):
+        raise FieldError("type is missing; every message needs \"type\".", field="type")
+    cls = registry.get(kind)
+    if cls is None:
+        raise UnknownMessage(f"Unknown message type {kind!r}; expected one of "
+                             f"{', '.join(sorted(registry))}.", field="type")
+    if cls is Hello and raw.get("protocol") != PROTOCOL_VERSION \
+            and type(raw.get("protocol")) is int:
+        raise VersionMismatch(
+            f"This server speaks protocol {PROTOCOL_VERSION} but the client speaks "
+            f"{raw['protocol']}; update the plug-in and the server to the same release.",
+            field="protocol")
+    return _build(cls, raw, "")
