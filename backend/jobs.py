@@ -1,0 +1,375 @@
+"""The job queue: fair FIFO, one worker thread that owns the engine, cancel,
+progress, and results kept until the client acknowledges them.
+
+Threading: every public method of :class:`JobManager` runs on the asyncio loop
+thread.  The worker thread touches only the queue (under ``_lock``) and the job it
+runs, and hands everything else back to the loop with ``call_soon_threadsafe``.
+So job bookkeeping needs no lock, and the engine is only ever called from one
+thread.
+
+Ownership: a job belongs to the connection that submitted it or last resumed it
+(``owner``).  When a connection goes away its jobs become orphans and keep
+running (unless submitted with ``cancel_on_disconnect``); their outcome waits
+until a client sends ``resume`` with the job id, and is dropped after ``ack`` or
+after the retention time / memory budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+
+from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
+                           MissingImage, QueueFull, UnknownJob)
+from shared.images import Image
+from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, ResultImage
+
+from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class Owner(Protocol):
+    """What a job reports to: a live client connection (see backend.server)."""
+    key: str
+
+    def job_queued(self, job: "Job", position: int) -> None: ...
+    def job_progress(self, job: "Job", step: int, total: int, stage: str) -> None: ...
+    def job_preview(self, job: "Job", step: int, image: Image) -> None: ...
+    def job_finished(self, job: "Job") -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    message: Union[Generate, Preprocess]
+    images: Dict[int, Image]
+    submitter: str
+    owner: Optional[Owner] = None
+    state: str = QUEUED
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    result: Tuple[Tuple[ResultImage, Image], ...] = ()
+    error: Optional[ControlCanvasError] = None
+    last_progress: Tuple[int, int, str] = (0, 0, "queued")
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return self.message.job_id
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(len(img.data) for _, img in self.result)
+
+    @property
+    def elapsed(self) -> float:
+        return max(0.0, self.finished_at - self.started_at) if self.started_at else 0.0
+
+
+class JobManager:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, max_queue: int = 64,
+                 retention_seconds: float = 3600.0, retention_bytes: int = 2 << 30,
+                 tombstones: int = 4096) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.max_queue = max_queue
+        self.retention_seconds = retention_seconds
+        self.retention_bytes = retention_bytes
+        self.jobs: Dict[str, Job] = {}
+        self._expired: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self._tombstones = tombstones
+        self._lock = threading.Condition()
+        self._lanes: "collections.OrderedDict[str, Deque[Job]]" = collections.OrderedDict()
+        self._running: Optional[Job] = None
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="controlcanvas-engine",
+                                        daemon=True)
+        self._worker.start()
+
+    # -- loop-thread API -------------------------------------------------------
+
+    def submit(self, message: Union[Generate, Preprocess], images: Dict[int, Image],
+               owner: Owner) -> Job:
+        job_id = message.job_id
+        if job_id in self.jobs or job_id in self._expired:
+            raise DuplicateJob(f"Job id {job_id} is already in use; give every job a new "
+                               f"random id.", job_id=job_id)
+        missing = set(message.slots()) - set(images)
+        if missing:
+            raise MissingImage(f"Image slot(s) {sorted(missing)} were not received.",
+                               job_id=job_id)
+        if isinstance(message, Generate) and message.request.seed == -1:
+            message = replace(message, request=replace(message.request,
+                                                       seed=secrets.randbelow(MAX_SEED + 1)))
+        job = Job(message=message, images=images, submitter=owner.key, owner=owner)
+        with self._lock:
+            if self._queued_count() >= self.max_queue:
+                raise QueueFull(f"The queue already holds {self.max_queue} jobs; wait for some "
+                                f"to finish or cancel one, then submit again.", job_id=job_id)
+            self.jobs[job_id] = job
+            self._lanes.setdefault(owner.key, collections.deque()).append(job)
+            self._lock.notify()
+        self._announce_positions()
+        return job
+
+    def cancel(self, job_id: str, owner: Owner) -> None:
+        job = self._owned(job_id, owner)
+        if job.state in FINISHED:
+            return  # its outcome has been or will be delivered already
+        job.cancel_event.set()
+        with self._lock:
+            lane = self._lanes.get(job.submitter)
+            queued = lane is not None and job in lane
+            if queued:
+                lane.remove(job)
+                if not lane:
+                    del self._lanes[job.submitter]
+        if queued:
+            self._finish(job, error=Cancelled(f"Job {job_id} was cancelled before it started.",
+                                              job_id=job_id))
+            self._announce_positions()
+        # a running job stops at its next progress report (within one step)
+
+    def ack(self, job_ids: Sequence[str], owner: Owner) -> None:
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None and job.owner is owner and job.state in FINISHED:
+                del self.jobs[job_id]
+
+    def resume(self, job_ids: Sequence[str], owner: Owner) -> List[ControlCanvasError]:
+        """Re-attach jobs to ``owner`` and replay their state; errors for unknown ids."""
+        problems: List[ControlCanvasError] = []
+        positions = self._positions()
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is None:
+                if job_id in self._expired:
+                    problems.append(Expired(f"Job {job_id} finished but nobody collected its "
+                                            f"result within the retention time; it is gone.",
+                                            job_id=job_id))
+                else:
+                    problems.append(UnknownJob(f"No job {job_id} on this server (it never "
+                                               f"existed, or the server was restarted).",
+                                               job_id=job_id))
+                continue
+            job.owner = owner
+            if job.state == QUEUED:
+                owner.job_queued(job, positions.get(job_id, 0))
+            elif job.state == RUNNING:
+                step, total, stage = job.last_progress
+                owner.job_progress(job, step, total, stage)
+            else:
+                owner.job_finished(job)
+        return problems
+
+    def detach(self, owner: Owner) -> None:
+        """The owner's connection closed: orphan its jobs (or cancel those that asked)."""
+        for job in list(self.jobs.values()):
+            if job.owner is not owner:
+                continue
+            job.owner = None
+            if job.message.cancel_on_disconnect and job.state not in FINISHED:
+                log.info("client gone: cancelling job %s", job.job_id)
+                self.cancel(job.job_id, owner=_Nobody)
+
+    def status(self, owner: Owner) -> Tuple[int, Tuple[JobInfo, ...]]:
+        positions = self._positions()
+        mine = tuple(JobInfo(job_id=j.job_id, state=j.state, position=positions.get(j.job_id, 0))
+                     for j in self.jobs.values() if j.owner is owner)
+        return len(positions), mine
+
+    def expire(self, now: Optional[float] = None) -> int:
+        """Drop outcomes kept longer than the retention time or over the memory budget."""
+        now = time.monotonic() if now is None else now
+        finished = sorted((j for j in self.jobs.values() if j.state in FINISHED),
+                          key=lambda j: j.finished_at)
+        kept = sum(j.kept_bytes for j in finished)
+        dropped = 0
+        for job in finished:
+            too_old = now - job.finished_at > self.retention_seconds
+            if not too_old and kept <= self.retention_bytes:
+                break
+            kept -= job.kept_bytes
+            del self.jobs[job.job_id]
+            self._expired[job.job_id] = None
+            dropped += 1
+            log.info("dropped the uncollected outcome of job %s", job.job_id)
+        while len(self._expired) > self._tombstones:
+            self._expired.popitem(last=False)
+        return dropped
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(j.kept_bytes for j in self.jobs.values())
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+            for lane in self._lanes.values():
+                for job in lane:
+                    job.cancel_event.set()
+            self._lanes.clear()
+            if self._running is not None:
+                self._running.cancel_event.set()
+            self._lock.notify_all()
+        self._worker.join(timeout)
+
+    # -- helpers (loop thread) ---------------------------------------------------
+
+    def _owned(self, job_id: str, owner: Owner) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or (job.owner is not owner and owner is not _Nobody):
+            raise UnknownJob(f"No job {job_id} belongs to this connection; send 'resume' "
+                             f"with its id first if it was submitted before a reconnect.",
+                             job_id=job_id)
+        return job
+
+    def _queued_count(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def _order(self) -> List[Job]:
+        """Queued jobs in the order the worker will take them: round-robin by client."""
+        with self._lock:
+            lanes = [list(lane) for lane in self._lanes.values()]
+        order: List[Job] = []
+        for depth in range(max((len(lane) for lane in lanes), default=0)):
+            order.extend(lane[depth] for lane in lanes if depth < len(lane))
+        return order
+
+    def _positions(self) -> Dict[str, int]:
+        return {job.job_id: i + 1 for i, job in enumerate(self._order())}
+
+    def _announce_positions(self) -> None:
+        for job_id, position in self._positions().items():
+            job = self.jobs.get(job_id)
+            if job is not None and job.owner is not None:
+                job.owner.job_queued(job, position)
+
+    def _finish(self, job: Job, result: Tuple[Tuple[ResultImage, Image], ...] = (),
+                error: Optional[ControlCanvasError] = None) -> None:
+        job.finished_at = time.monotonic()
+        job.images = {}  # inputs are no longer needed
+        if error is None:
+            job.state, job.result = DONE, result
+        else:
+            error.job_id = job.job_id
+            job.state = CANCELLED if isinstance(error, Cancelled) else FAILED
+            job.error = error
+        if job.owner is not None:
+            job.owner.job_finished(job)
+        self.expire()
+
+    def _post(self, callback, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    # -- worker thread -----------------------------------------------------------
+
+    def _take(self) -> Optional[Job]:
+        with self._lock:
+            while not self._lanes and not self._stopping:
+                self._lock.wait()
+            if self._stopping:
+                return None
+            key, lane = next(iter(self._lanes.items()))
+            job = lane.popleft()
+            del self._lanes[key]
+            if lane:
+                self._lanes[key] = lane  # this client goes to the back of the round
+            self._running = job
+            job.state = RUNNING
+            job.started_at = time.monotonic()
+            return job
+
+    def _work(self) -> None:
+        while True:
+            job = self._take()
+            if job is None:
+                return
+            self._post(self._started, job)
+            result, error = (), None
+            try:
+                result = self._run(job)
+            except ControlCanvasError as err:
+                error = err
+            except Exception as err:  # an engine bug must not kill the worker
+                log.exception("job %s failed", job.job_id)
+                error = EngineError(f"The engine failed: {type(err).__name__}: {err}. "
+                                    f"See the server log; other jobs are not affected.")
+            with self._lock:
+                self._running = None
+            self._post(self._finish, job, result, error)
+
+    def _started(self, job: Job) -> None:
+        self._announce_positions()
+        if job.owner is not None:
+            job.owner.job_progress(job, 0, 0, "start")
+
+    def _run(self, job: Job) -> Tuple[Tuple[ResultImage, Image], ...]:
+        ctx = _Context(self, job)
+        ctx.check_cancelled()
+        message = job.message
+        if isinstance(message, Generate):
+            generated = self.engine.generate(message.request, job.images, ctx)
+            ctx.check_cancelled()
+            return tuple((ResultImage(slot=i, width=g.image.width, height=g.image.height,
+                                      seed=g.seed), g.image)
+                         for i, g in enumerate(generated))
+        image = self.engine.preprocess(message, job.images[message.image], ctx)
+        ctx.check_cancelled()
+        return ((ResultImage(slot=0, width=image.width, height=image.height), image),)
+
+
+class _NobodyType:
+    key = ""
+
+
+_Nobody = _NobodyType()
+
+
+class _Context:
+    """The JobContext an engine sees while it runs one job (worker thread)."""
+
+    def __init__(self, manager: JobManager, job: Job) -> None:
+        self._manager = manager
+        self._job = job
+        self.job_id = job.job_id
+        every = job.message.preview_every if isinstance(job.message, Generate) else 0
+        self._preview_every = every
+
+    def check_cancelled(self) -> None:
+        if self._job.cancel_event.is_set():
+            raise Cancelled(f"Job {self.job_id} was cancelled.", job_id=self.job_id)
+
+    def progress(self, step: int, total: int, stage: str = "denoise") -> None:
+        self.check_cancelled()
+        self._job.last_progress = (step, total, stage)
+        self._manager._post(self._deliver_progress, step, total, stage)
+
+    def _deliver_progress(self, step: int, total: int, stage: str) -> None:
+        owner = self._job.owner
+        if owner is not None and self._job.state == RUNNING:
+            owner.job_progress(self._job, step, total, stage)
+
+    def wants_preview(self, step: int) -> bool:
+        return self._preview_every > 0 and step % self._preview_every == 0
+
+    def preview(self, step: int, image: Image) -> None:
+        self._manager._post(self._deliver_preview, step, image)
+
+    def _deliver_preview(self, step: int, image: Image) -> None:
+        owner = self._job.owner
+        if owner is not None and self._job.state == RUNNING:
+            owner.job_preview(self._job, step, image)
