@@ -6,6 +6,7 @@
 #   bash tests/editors/setup_gimp.sh --umount [ROOT]   unmount proc/sys/dev of ROOT
 #   bash tests/editors/setup_gimp.sh --rebuild [ROOT]  wipe ROOT and build again
 #   bash tests/editors/setup_gimp.sh --print-cmd [ROOT]  print the command prefix to run GIMP
+#   bash tests/editors/setup_gimp.sh --print-root [ROOT] print the resolved ROOT
 #
 # ROOT defaults to ${CC_EDITOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/controlcanvas-editors}/gimp-trixie
 # Environment: CC_DEBIAN_MIRROR overrides the mirror (default: URIs line of the host's apt sources).
@@ -29,7 +30,8 @@ while [[ $# -gt 0 ]]; do
         --umount|--unmount) ACTION=umount; shift ;;
         --rebuild) ACTION=rebuild; shift ;;
         --print-cmd) ACTION=print; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --print-root) ACTION=printroot; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         --) shift; break ;;
         -*) die "unknown option $1 (try --help)" ;;
         *) break ;;
@@ -73,10 +75,12 @@ mounts_below_root() {
 
 do_mount() {
     [[ -d "$ROOT/proc" && -d "$ROOT/sys" && -d "$ROOT/dev" ]] || die "$ROOT is not a chroot (no proc/sys/dev)"
-    is_mounted "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-    is_mounted "$ROOT/sys"  || mount -t sysfs sysfs "$ROOT/sys" 2>/dev/null || mount --bind /sys "$ROOT/sys"
+    local hint="(needs root with CAP_SYS_ADMIN, e.g. a privileged container)"
+    is_mounted "$ROOT/proc" || mount -t proc proc "$ROOT/proc" || die "cannot mount $ROOT/proc $hint"
+    is_mounted "$ROOT/sys" || mount -t sysfs sysfs "$ROOT/sys" 2>/dev/null \
+        || mount --bind /sys "$ROOT/sys" || die "cannot mount $ROOT/sys $hint"
     if ! is_mounted "$ROOT/dev"; then
-        mount --rbind /dev "$ROOT/dev"
+        mount --rbind /dev "$ROOT/dev" || die "cannot bind-mount /dev on $ROOT/dev $hint"
         mount --make-rslave "$ROOT/dev" 2>/dev/null || true
     fi
 }
@@ -118,7 +122,7 @@ find_mirror() {
               /etc/apt/sources.list.d/debian.sources)"
     fi
     if [[ -z "$m" && -r /etc/apt/sources.list ]]; then
-        m="$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) { if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; continue }
+        m="$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) { if ($i ~ /^\[/) { while (i < NF && $i !~ /\]$/) i++; continue }
                   if ($i ~ /^[a-z]+:\/\// && $i !~ /security/) { print $i; exit } } }' /etc/apt/sources.list)"
     fi
     echo "${m:-http://deb.debian.org/debian}"
@@ -181,7 +185,7 @@ build() {
         || { tail -n 20 "$ROOT.warmup.log" >&2; die "GIMP batch mode with python-fu-eval does not work in the chroot"; }
 
     { in_chroot gimp-console-3.0 --version; date -u +%FT%TZ; echo "mirror=$mirror"; } >"$ROOT/$READY_MARKER"
-    rm -f -- "$ROOT/$BUILDING_MARKER" "$ROOT.debootstrap.log"
+    rm -f -- "$ROOT/$BUILDING_MARKER" "$ROOT.debootstrap.log" "$ROOT.apt.log"
     log "cold build took $((SECONDS - t0)) s; size $(du -sh --one-file-system -- "$ROOT" | cut -f1)"
 }
 
@@ -193,6 +197,8 @@ case "$ACTION" in
         do_umount; log "unmounted everything below $ROOT"; exit 0 ;;
     print)
         run_prefix; echo; exit 0 ;;
+    printroot)
+        echo "$ROOT"; exit 0 ;;
 esac
 
 mkdir -p -- "$(dirname -- "$ROOT")"

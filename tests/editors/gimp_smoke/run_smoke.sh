@@ -7,8 +7,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 SETUP="$HERE/../setup_gimp.sh"
-ROOT="$(bash "$SETUP" --print-cmd ${1:+"$1"} | awk '{print $2}')"
-ROOT="$(eval echo "$ROOT")"          # undo %q quoting
+ROOT="$(bash "$SETUP" --print-root ${1:+"$1"})"
 bash "$SETUP" ${1:+"$1"} >/dev/null   # build if needed + mount
 
 PLUG="$ROOT/root/.config/GIMP/3.0/plug-ins/cc_smoke"
