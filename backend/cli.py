@@ -12,17 +12,10 @@ from typing import Any, Dict, List, Optional
 
 from shared.errors import ControlCanvasError
 
-from .config import ServerConfig, build_config, is_loopback_host, load_or_create_token
+from .engine import create_engine
+from .config import build_config, is_loopback_host, load_or_create_token
 
 log = logging.getLogger("controlcanvas")
-
-
-def make_engine(config: ServerConfig):
-    """The engine named by the config; heavy modules are imported only here."""
-    if config.engine == "fake":
-        from .engine import FakeEngine
-        return FakeEngine(step_seconds=config.step_seconds)
-    raise SystemExit(f"controlcanvas: unknown engine {config.engine!r}; use 'fake'.")
 
 
 def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
@@ -57,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = build_config(_server_overrides(args), args.config)
     token, created = (config.token, False) if config.token else \
         load_or_create_token(config.token_file)
-    engine = make_engine(config)
+    engine = create_engine(config.engine, step_seconds=config.step_seconds)
 
     def ready(server) -> None:
         print(f"ControlCanvas server listening on {server.url} (engine: {engine.name})",

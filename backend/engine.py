@@ -153,6 +153,9 @@ class FakeEngine:
 
     def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Image:
         ctx.progress(0, 1, stage="preprocess")
+        if message.annotator == "none" and not message.width:
+            ctx.progress(1, 1, stage="preprocess")
+            return image
         array = to_array(image)
         if message.annotator == "none":
             out = array
@@ -179,3 +182,10 @@ class FakeEngine:
 
     def close(self) -> None:
         pass
+
+
+def create_engine(name: str, **options) -> Engine:
+    """The engine called ``name``; heavy engines are imported only when chosen."""
+    if name == "fake":
+        return FakeEngine(step_seconds=float(options.get("step_seconds", 0.0)))
+    raise Unsupported(f"Unknown engine {name!r}; choose 'fake'.", field="engine")

@@ -79,11 +79,21 @@ class Connection:
             frame = await self._outbox.get()
             if frame is None:
                 return
-            await self.ws.send(frame)
+            # a tuple is (header, pixels): one message in two fragments, no copy
+            await self.ws.send(frame if isinstance(frame, (str, bytes)) else iter(frame))
 
     async def drain(self) -> None:
         """Write everything queued so far, then stop the writer."""
         self._outbox.put_nowait(None)
+
+
+async def _receive(ws: ServerConnection):
+    """One message: text as str; binary as its fragments (a one-element tuple when it
+    was not fragmented), so the pixels of a (header, pixels) message are not copied."""
+    parts = [fragment async for fragment in ws.recv_streaming()]
+    if parts and isinstance(parts[0], str):
+        return "".join(parts)
+    return tuple(parts)
 
 
 class Server:
@@ -175,7 +185,7 @@ class Server:
         close_code, close_reason = 1000, ""
         try:
             try:
-                first = await asyncio.wait_for(ws.recv(), self.config.hello_timeout)
+                first = await asyncio.wait_for(_receive(ws), self.config.hello_timeout)
             except asyncio.TimeoutError:
                 session.send_error(LimitError(
                     f"No 'hello' within {self.config.hello_timeout:g} s; closing."))
@@ -190,7 +200,7 @@ class Server:
                         close_code = CLOSE_POLICY
                         close_reason = session.close_reason[:120]
                         return
-                frames = [await ws.recv()]
+                frames = [await _receive(ws)]
         except ConnectionClosed:
             pass
         finally:

@@ -85,7 +85,8 @@ class Client:
     def _flush(self) -> None:
         try:
             for frame in self.session.data_to_send():
-                self._ws.send(frame)
+                # a tuple is (header, pixels): one message in two fragments, no copy
+                self._ws.send(frame if isinstance(frame, (str, bytes)) else list(frame))
         except Exception as err:
             raise self._lost(err) from None
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
 
 from .errors import FrameError, LimitError
 from .images import CHANNELS, Image
@@ -51,16 +52,35 @@ def frame_size(width: int, height: int) -> int:
     return HEADER_SIZE + width * height * CHANNELS
 
 
-def encode_frame(kind: int, job_id: str, slot: int, image: Image) -> bytes:
+def encode_frame_parts(kind: int, job_id: str, slot: int, image: Image) -> Tuple[bytes, bytes]:
+    """The frame as (header, pixels): sent as two websocket fragments of one message,
+    so megabytes of pixels are never copied just to put 36 bytes in front of them."""
     if kind not in KIND_NAMES:
         raise ValueError(f"unknown frame kind {kind}")
     header = HEADER.pack(MAGIC, FRAME_VERSION, kind, FORMAT_RGBA8, 0, slot,
                          bytes.fromhex(job_id), image.width, image.height)
-    return header + image.data
+    return header, image.data
 
 
-def decode_frame(data: bytes, *, max_image_side: int, max_pixels: int) -> Frame:
-    """Parse and check one binary frame; every defect is a FrameError/LimitError."""
+def encode_frame(kind: int, job_id: str, slot: int, image: Image) -> bytes:
+    """The frame as one bytes object."""
+    return b"".join(encode_frame_parts(kind, job_id, slot, image))
+
+
+def decode_frame(data: Union[bytes, Sequence[bytes]], *, max_image_side: int,
+                 max_pixels: int) -> Frame:
+    """Parse and check one binary frame; every defect is a FrameError/LimitError.
+
+    ``data`` is the whole message, or its fragments as received: when the first
+    fragment is exactly the header, the pixel fragment is used without a copy.
+    """
+    pixels: Optional[bytes] = None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        parts = list(data)
+        if len(parts) == 2 and len(parts[0]) == HEADER_SIZE and isinstance(parts[1], bytes):
+            data, pixels = parts[0], parts[1]
+        else:
+            data = b"".join(parts)
     if len(data) < HEADER_SIZE:
         raise FrameError(f"Binary frame of {len(data)} bytes is shorter than the "
                          f"{HEADER_SIZE}-byte image header.")
@@ -89,8 +109,10 @@ def decode_frame(data: bytes, *, max_image_side: int, max_pixels: int) -> Frame:
         raise LimitError(f"Image {width}x{height} has {width * height} pixels, more than the "
                          f"server's limit of {max_pixels}; scale it down or raise --max-pixels.")
     expected = width * height * CHANNELS
-    payload = len(data) - HEADER_SIZE
+    payload = len(pixels) if pixels is not None else len(data) - HEADER_SIZE
     if payload != expected:
         raise FrameError(f"Image frame says {width}x{height} RGBA8 ({expected} bytes) but "
                          f"carries {payload} bytes of pixels.")
-    return Frame(kind, job.hex(), slot, Image(width, height, bytes(data[HEADER_SIZE:])))
+    if pixels is None:
+        pixels = bytes(data[HEADER_SIZE:])
+    return Frame(kind, job.hex(), slot, Image(width, height, pixels))

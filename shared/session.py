@@ -31,7 +31,9 @@ from .messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, SERVER_MESSAGES, Ack, 
                        Preprocess, Preview, Result, ResultImage, Resume, StatusRequest,
                        Welcome, _JOB_ID, from_json, new_job_id, to_json)
 
-Frame = Union[str, bytes]
+# A websocket message: text, binary, or binary as fragments (header, pixels) that
+# the adapter sends as one fragmented message / received with recv_streaming.
+Frame = Union[str, bytes, Tuple[bytes, ...]]
 
 
 # -- events ---------------------------------------------------------------------
@@ -128,7 +130,7 @@ class ServerSession(_Session):
             if isinstance(frame, str):
                 events.extend(self._receive_text(frame, events))
             else:
-                events.extend(self._receive_binary(bytes(frame)))
+                events.extend(self._receive_binary(frame))
         except ControlCanvasError as err:
             fatal = self.state == self.AWAIT_HELLO
             self.send_error(err)
@@ -202,16 +204,18 @@ class ServerSession(_Session):
         self._upload = _Upload(message, set(slots))
         return []
 
-    def _receive_binary(self, data: bytes) -> list:
+    def _receive_binary(self, data: Union[bytes, Tuple[bytes, ...]]) -> list:
         if self.state == self.AWAIT_HELLO:
             raise StateError("The first message must be 'hello' with the token, not an image.")
-        if len(data) > self.limits.max_frame_bytes:
-            raise LimitError(f"Binary frame of {len(data)} bytes exceeds the server's limit of "
+        size = len(data) if isinstance(data, (bytes, bytearray)) else sum(map(len, data))
+        if size > self.limits.max_frame_bytes:
+            raise LimitError(f"Binary frame of {size} bytes exceeds the server's limit of "
                              f"{self.limits.max_frame_bytes} bytes.")
         upload = self._upload
         if upload is None:
-            if self._dropped_job and len(data) >= codec.HEADER_SIZE and \
-                    data[12:28].hex() == self._dropped_job:
+            head = data if isinstance(data, (bytes, bytearray)) else (data[0] if data else b"")
+            if self._dropped_job and len(head) >= codec.HEADER_SIZE and \
+                    bytes(head[12:28]).hex() == self._dropped_job:
                 return []  # the rest of a refused job's images
             raise FrameError("An image frame arrived without a 'generate' or 'preprocess' "
                              "message announcing it; send the request first, then its images.")
@@ -260,7 +264,7 @@ class ServerSession(_Session):
 
     def send_preview(self, job_id: str, step: int, image: Image) -> None:
         self._queue(Preview(job_id=job_id, step=step, width=image.width, height=image.height))
-        self._outgoing.append(codec.encode_frame(codec.KIND_PREVIEW, job_id, 0, image))
+        self._outgoing.append(codec.encode_frame_parts(codec.KIND_PREVIEW, job_id, 0, image))
 
     def send_result(self, job_id: str, images: Sequence[Tuple[ResultImage, Image]],
                     elapsed: float = 0.0, info: Optional[Mapping[str, object]] = None) -> None:
@@ -269,7 +273,7 @@ class ServerSession(_Session):
                       for i, (meta, img) in enumerate(images))
         self._queue(Result(job_id=job_id, images=metas, elapsed=elapsed, info=dict(info or {})))
         for i, (_, img) in enumerate(images):
-            self._outgoing.append(codec.encode_frame(codec.KIND_RESULT, job_id, i, img))
+            self._outgoing.append(codec.encode_frame_parts(codec.KIND_RESULT, job_id, i, img))
 
 
 def _job_id_of(text: str) -> Optional[str]:
@@ -317,7 +321,7 @@ class ClientSession(_Session):
         """Events for one frame from the server; a broken server raises ProtocolError."""
         if isinstance(frame, str):
             return self._receive_text(frame)
-        return self._receive_binary(bytes(frame))
+        return self._receive_binary(frame)
 
     def _receive_text(self, text: str) -> list:
         if self._expect is not None:
@@ -337,7 +341,7 @@ class ClientSession(_Session):
             return []
         return [message]
 
-    def _receive_binary(self, data: bytes) -> list:
+    def _receive_binary(self, data: Union[bytes, Tuple[bytes, ...]]) -> list:
         expect = self._expect
         if expect is None:
             raise ProtocolError("The server sent an image frame that no message announced.")
@@ -401,8 +405,8 @@ class ClientSession(_Session):
                             message.job_id)
         self._queue(message)
         for slot in sorted(slots):
-            self._outgoing.append(codec.encode_frame(codec.KIND_INPUT, message.job_id, slot,
-                                                     images[slot]))
+            self._outgoing.append(codec.encode_frame_parts(codec.KIND_INPUT, message.job_id,
+                                                           slot, images[slot]))
 
     def cancel(self, job_id: str) -> None:
         self._queue(Cancel(job_id=job_id))

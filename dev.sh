@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Python >= 3.10 and the package registries):
+#   ./dev.sh demo          set up, then run the whole editor path on the embedded default model
+#   ./dev.sh test          set up, then run the test suite (what CI runs)
+#   ./dev.sh bench NAME    set up, then print one benchmark as JSON
+#   ./dev.sh setup         only create/update the virtual environment (.venv)
+# TORCH_SPEC overrides the torch requirement (default: the CPU build used for trials).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${CONTROLCANVAS_VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 needed"'
+        "$PY" -m venv "$VENV"
+    fi
+    local stamp
+    stamp="$VENV/.installed-$(cat pyproject.toml dev.sh | sha1sum | cut -c1-12)"
+    if [ ! -f "$stamp" ]; then
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        # torch first, so the project's "torch>=…" is already met by the chosen build
+        "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        rm -f "$VENV"/.installed-*
+        touch "$stamp"
+    fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    demo)
+        setup
+        HF_HUB_OFFLINE=1 "$VENV/bin/controlcanvas" demo "$@"
+        ;;
+    test)
+        setup
+        set +e
+        HF_HUB_OFFLINE=1 QT_QPA_PLATFORM=offscreen "$VENV/bin/python" -m pytest "$@"
+        rc=$?
+        set -e
+        if [ "$rc" -eq 5 ]; then
+            echo "dev.sh: pytest collected no tests: that is a failure" >&2
+            exit 1
+        fi
+        exit "$rc"
+        ;;
+    bench)
+        setup
+        HF_HUB_OFFLINE=1 "$VENV/bin/controlcanvas" bench "$@"
+        ;;
+    *)
+        sed -n '2,8p' "$0" >&2
+        exit 2
+        ;;
+esac
