@@ -26,6 +26,8 @@ class ServerThread:
                                         daemon=True)
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -72,9 +74,11 @@ class ServerThread:
         return value
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(30)
+        with self._stop_lock:
+            if not self._stopped and self._thread.is_alive():
+                self._stopped = True
+                self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
 
     def __enter__(self) -> "ServerThread":
         return self.start()

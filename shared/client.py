@@ -13,6 +13,7 @@ may be called from another thread while one thread waits in ``next_event``.
 from __future__ import annotations
 
 import collections
+import inspect
 import threading
 import time
 from typing import Callable, Iterator, Mapping, Optional
@@ -53,8 +54,11 @@ class Client:
             raise ServerUnavailable(f"The websockets package is missing ({err}); reinstall "
                                     f"the ControlCanvas plug-in.") from None
         try:
-            ws = connect(url, open_timeout=timeout, close_timeout=2, max_size=MAX_FRAME,
-                         compression=None, user_agent_header=f"ControlCanvas-client {client}")
+            options = dict(open_timeout=timeout, close_timeout=2, max_size=MAX_FRAME,
+                           compression=None, user_agent_header=f"ControlCanvas-client {client}")
+            if "legacy" in inspect.signature(connect).parameters:  # websockets >= 17
+                options["legacy"] = True  # we manage the connection's lifetime ourselves
+            ws = connect(url, **options)
         except InvalidURI as err:
             raise ServerUnavailable(f"{url!r} is not a websocket address ({err}); use "
                                     f"ws://HOST:PORT, e.g. {DEFAULT_URL}.") from None

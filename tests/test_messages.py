@@ -1,0 +1,182 @@
+"""shared.messages: strict decoding, typed errors that name the field."""
+
+import json
+
+import pytest
+
+from shared.errors import FieldError, MalformedMessage, UnknownMessage, VersionMismatch
+from shared.messages import (CLIENT_MESSAGES, MAX_SEED, PROTOCOL_VERSION, SERVER_MESSAGES, Ack,
+                             ControlUnit, Error, Generate, GenerateRequest, Hello, Limits, Models,
+                             Preprocess, Result, ResultImage, Welcome, from_json, new_job_id,
+                             to_dict, to_json)
+
+JOB = "0123456789abcdef0123456789abcdef"
+
+
+def generate_dict(**request):
+    req = {"width": 64, "height": 48, "prompt": "a fox",
+           "controls": [{"condition": "lineart", "image": 0}]}
+    req.update(request)
+    return {"type": "generate", "job_id": JOB, "request": req}
+
+
+def decode(obj, registry=CLIENT_MESSAGES):
+    return from_json(json.dumps(obj), registry)
+
+
+def test_generate_round_trip_keeps_every_field():
+    msg = Generate(job_id=JOB, preview_every=3, cancel_on_disconnect=True, request=GenerateRequest(
+        width=100, height=60, mode="inpaint", prompt="ä fox 🦊", negative_prompt="blur",
+        seed=42, steps=25, cfg=6.5, sampler="unipc", strength=0.5, batch=4, base_model="sd15",
+        init_image=1, mask_image=2, hires=True, controls=(
+            ControlUnit(condition="openpose", image=0, preprocessor="none", params={"a": 1.5},
+                        model="m", weight=1.25, start=0.1, end=0.9, control_mode="control",
+                        resize_mode="resize_and_fill"),)))
+    back = from_json(to_json(msg), CLIENT_MESSAGES)
+    assert back == msg
+    assert back.request.controls[0].params == {"a": 1.5}
+
+
+def test_defaults_match_what_artists_expect():
+    req = GenerateRequest(width=512, height=512)
+    assert (req.steps, req.cfg, req.seed, req.batch, req.mode) == (20, 7.0, -1, 1, "txt2img")
+    unit = ControlUnit(condition="lineart", image=0)
+    assert (unit.weight, unit.start, unit.end, unit.control_mode) == (1.0, 0.0, 1.0, "balanced")
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["request"].update(weight=1), "request.weight"),
+    (lambda d: d.pop("request"), "request"),
+    (lambda d: d.pop("job_id"), "job_id"),
+    (lambda d: d["request"]["controls"][0].update(weight=2.5), "request.controls[0].weight"),
+    (lambda d: d["request"]["controls"][0].update(weight="1"), "request.controls[0].weight"),
+    (lambda d: d["request"]["controls"][0].update(condition="lasers"),
+     "request.controls[0].condition"),
+    (lambda d: d["request"]["controls"][0].pop("condition"), "request.controls[0].condition"),
+    (lambda d: d["request"]["controls"][0].update(start=0.8, end=0.2),
+     "request.controls[0].start"),
+    (lambda d: d["request"].update(steps=True), "request.steps"),
+    (lambda d: d["request"].update(steps=2.0), "request.steps"),
+    (lambda d: d["request"].update(steps=0), "request.steps"),
+    (lambda d: d["request"].update(seed=MAX_SEED + 1), "request.seed"),
+    (lambda d: d["request"].update(mode="img2img"), "request.init_image"),
+    (lambda d: d["request"].update(mode="inpaint", init_image=1), "request.mask_image"),
+    (lambda d: d["request"].update(controls={"condition": "canny"}), "request.controls"),
+    (lambda d: d["request"].update(prompt=None), "request.prompt"),
+    (lambda d: d.update(job_id="../../etc/passwd"), "job_id"),
+    (lambda d: d.update(job_id=JOB.upper()), "job_id"),
+    (lambda d: d["request"]["controls"][0].update(params={"k": [1, 2]}),
+     "request.controls[0].params.k"),
+])
+def test_bad_fields_are_named(mutate, field):
+    obj = generate_dict()
+    mutate(obj)
+    with pytest.raises(FieldError) as info:
+        decode(obj)
+    err = info.value
+    assert err.code == "bad_field"
+    assert err.field == field
+    assert field in err.message
+
+
+def test_missing_field_with_default_is_fine():
+    obj = generate_dict()
+    obj["request"].pop("width")
+    assert decode(obj).request.width == 512
+
+
+def test_missing_required_field_named():
+    with pytest.raises(FieldError) as info:
+        decode({"type": "cancel"})
+    assert info.value.field == "job_id" and "missing" in info.value.message
+
+
+def test_nan_and_infinity_refused():
+    text = to_json(Generate(job_id=JOB, request=GenerateRequest())).replace('"cfg":7.0',
+                                                                            '"cfg":NaN')
+    with pytest.raises(FieldError) as info:
+        from_json(text, CLIENT_MESSAGES)
+    assert info.value.field == "request.cfg"
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1,2]", "null", "\"hello\"", b"\xff\xfe"])
+def test_malformed_json(text):
+    with pytest.raises(MalformedMessage) as info:
+        from_json(text, CLIENT_MESSAGES)
+    assert info.value.code == "malformed"
+
+
+def test_unknown_type_lists_known_ones():
+    with pytest.raises(UnknownMessage) as info:
+        decode({"type": "format_disk"})
+    assert "generate" in info.value.message and info.value.code == "unknown_type"
+
+
+def test_type_missing_or_not_string():
+    for obj in ({}, {"type": 3}):
+        with pytest.raises(FieldError) as info:
+            decode(obj)
+        assert info.value.field == "type"
+
+
+def test_server_types_are_not_client_types():
+    welcome = to_json(Welcome(protocol=1, server="s", engine="fake", limits=Limits(
+        max_frame_bytes=1, max_text_bytes=1, max_image_side=1, max_pixels=1, max_queue=1,
+        max_batch=1, max_images_per_job=1)))
+    assert from_json(welcome, SERVER_MESSAGES).engine == "fake"
+    with pytest.raises(UnknownMessage):
+        from_json(welcome, CLIENT_MESSAGES)
+
+
+def test_version_mismatch_is_its_own_error():
+    with pytest.raises(VersionMismatch) as info:
+        decode({"type": "hello", "protocol": PROTOCOL_VERSION + 1, "token": "t",
+                "future_field": 1})
+    assert "update" in info.value.message and info.value.code == "version"
+
+
+def test_hello_repr_hides_token():
+    assert "s3cret" not in repr(Hello(protocol=1, token="s3cret"))
+
+
+def test_construction_validates_too():
+    with pytest.raises(FieldError):
+        ControlUnit(condition="lineart", image=0, weight=-0.1)
+    with pytest.raises(FieldError):
+        GenerateRequest(batch=17)
+    with pytest.raises(FieldError):
+        Ack(job_ids=JOB)  # a string is not a list of ids
+
+
+def test_slots_and_seeds():
+    req = GenerateRequest(mode="inpaint", init_image=3, mask_image=1, batch=3,
+                          controls=(ControlUnit(condition="depth", image=0),
+                                    ControlUnit(condition="canny", image=3)))
+    assert req.slots() == (0, 1, 3)
+    assert req.seeds(7) == (7, 8, 9)
+    assert req.seeds(MAX_SEED) == (MAX_SEED, 0, 1)
+
+
+def test_preprocess_needs_both_sizes():
+    with pytest.raises(FieldError):
+        Preprocess(job_id=JOB, annotator="canny", width=512)
+    assert Preprocess(job_id=JOB, annotator="canny", width=512, height=256).slots() == (0,)
+
+
+def test_server_messages_round_trip():
+    for msg in (Result(job_id=JOB, images=(ResultImage(slot=0, width=4, height=4, seed=9),),
+                       elapsed=1.5, info={"model": "x"}),
+                Error(code="auth", message="no", field="token"),
+                Models()):
+        assert from_json(to_json(msg), SERVER_MESSAGES) == msg
+
+
+def test_to_dict_has_type_first():
+    assert list(to_dict(Ack(job_ids=(JOB,))))[0] == "type"
+
+
+def test_new_job_ids_are_valid_and_distinct():
+    ids = {new_job_id() for _ in range(100)}
+    assert len(ids) == 100
+    for job_id in ids:
+        Generate(job_id=job_id, request=GenerateRequest())
