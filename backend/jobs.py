@@ -90,6 +90,8 @@ class JobManager:
         self._tombstones = tombstones
         self._lock = threading.Condition()
         self._lanes: "collections.OrderedDict[str, Deque[Job]]" = collections.OrderedDict()
+        self._turn = 0
+        self._last_served: Dict[str, int] = {}  # client key -> turn it was last served
         self._running: Optional[Job] = None
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="controlcanvas-engine",
@@ -238,13 +240,25 @@ class JobManager:
         return sum(len(lane) for lane in self._lanes.values())
 
     def _order(self) -> List[Job]:
-        """Queued jobs in the order the worker will take them: round-robin by client."""
+        """Queued jobs in the order the worker will take them (see ``_next_lane``)."""
         with self._lock:
-            lanes = [list(lane) for lane in self._lanes.values()]
+            lanes = {key: collections.deque(lane) for key, lane in self._lanes.items()}
+            served = dict(self._last_served)
         order: List[Job] = []
-        for depth in range(max((len(lane) for lane in lanes), default=0)):
-            order.extend(lane[depth] for lane in lanes if depth < len(lane))
+        turn = self._turn
+        while lanes:
+            key = self._next_lane(lanes, served)
+            order.append(lanes[key].popleft())
+            if not lanes[key]:
+                del lanes[key]
+            served[key] = turn
+            turn += 1
         return order
+
+    @staticmethod
+    def _next_lane(lanes, served) -> str:
+        """Fair choice: the client served longest ago (never = first); ties by lane age."""
+        return min(lanes, key=lambda key: served.get(key, -1))
 
     def _positions(self) -> Dict[str, int]:
         return {job.job_id: i + 1 for i, job in enumerate(self._order())}
@@ -283,11 +297,17 @@ class JobManager:
                 self._lock.wait()
             if self._stopping:
                 return None
-            key, lane = next(iter(self._lanes.items()))
+            key = self._next_lane(self._lanes, self._last_served)
+            lane = self._lanes[key]
             job = lane.popleft()
-            del self._lanes[key]
-            if lane:
-                self._lanes[key] = lane  # this client goes to the back of the round
+            if not lane:
+                del self._lanes[key]
+            self._last_served[key] = self._turn
+            self._turn += 1
+            if len(self._last_served) > 1024:  # forget clients long gone
+                horizon = self._turn - 1024
+                self._last_served = {k: t for k, t in self._last_served.items()
+                                     if t >= horizon or k in self._lanes}
             self._running = job
             job.state = RUNNING
             job.started_at = time.monotonic()

@@ -1,0 +1,126 @@
+"""The command line as a user runs it: `controlcanvas serve` in a subprocess."""
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.client import Client
+from shared.messages import ControlUnit, GenerateRequest
+from shared.images import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_serve(tmp_path, *extra):
+    env = dict(os.environ, CONTROLCANVAS_CONFIG_DIR=str(tmp_path / "cfg"), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", "0",
+                             "--step-seconds", "0.02", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Token file:"):
+            break
+    return proc, lines
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_prints_url_and_token_once_and_serves(tmp_path):
+    proc, lines = start_serve(tmp_path)
+    try:
+        url = re.search(r"listening on (ws://\S+)", lines[0]).group(1)
+        token_file = tmp_path / "cfg" / "token"
+        assert f"Token file: {token_file}" in lines[1]
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        printed = next(proc.stdout)
+        assert token in printed  # the first start shows the new token
+        canvas = Image.filled(64, 64, (255, 255, 255, 255))
+        request = GenerateRequest(width=64, height=64, steps=3,
+                                  controls=(ControlUnit(condition="scribble", image=0),))
+        with Client.connect(url, token) as client:
+            assert client.wait(client.submit(request, {0: canvas}), timeout=30).images
+    finally:
+        assert stop(proc) == 0
+    # second start: same token, not printed again
+    proc, lines = start_serve(tmp_path)
+    try:
+        assert token_file.read_text().strip() == token
+    finally:
+        stop(proc)
+        rest = proc.stdout.read()
+        assert token not in "".join(lines) + rest
+
+
+def test_serve_refuses_a_taken_port(tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = dict(os.environ, CONTROLCANVAS_CONFIG_DIR=str(tmp_path))
+        out = subprocess.run([sys.executable, "-m", "backend", "serve", "--port", str(port)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "Choose another --port" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nprot = 1\n")
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--config", str(config)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, CONTROLCANVAS_CONFIG_DIR=str(tmp_path)))
+    assert out.returncode == 2 and "unknown setting [server] prot" in out.stderr
+
+
+def test_demo_writes_a_result_of_canvas_size(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "backend", "demo", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    from PIL import Image as PILImage
+    canvas = PILImage.open(tmp_path / "canvas.png")
+    result = PILImage.open(tmp_path / "result.png")
+    assert result.size == canvas.size == (500, 375)
+
+
+def test_example_roundtrip_script(tmp_path):
+    proc, lines = start_serve(tmp_path)
+    try:
+        url = re.search(r"listening on (ws://\S+)", lines[0]).group(1)
+        token = (tmp_path / "cfg" / "token").read_text().strip()
+        out = subprocess.run([sys.executable, "examples/roundtrip.py", "--url", url,
+                              "--token", token, "--side", "2048"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        stop(proc)
+    assert out.returncode == 0, out.stderr
+    assert "result 2048x2048" in out.stdout and "step 10/10" in out.stdout
+    assert "cancelled" in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_transport_prints_json_with_ratio():
+    import json
+    out = subprocess.run([sys.executable, "-m", "backend", "bench", "transport", "--repeats",
+                          "3", "--side", "512"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout)
+    assert figures["ratio"] > 0 and figures["frame_bytes"] == 512 * 512 * 4
