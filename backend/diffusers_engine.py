@@ -1,0 +1,962 @@
+"""DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL).
+
+This module imports torch and diffusers; nothing else in ``backend`` does at
+import time.  It is called from the job worker thread only (one thread owns the
+GPU), so it keeps its caches without locks.
+
+How one request becomes pixels (``generate``):
+
+1. **Models.** The base model and each unit's ControlNet are resolved by
+   :class:`backend.models.Catalogue` (hub cache, folder, single file, or the
+   built-in tiny stack) and loaded once.  Loaded bases and ControlNets live in
+   one LRU bounded by a memory budget.  The pipelines for each mode are made
+   from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
+2. **Geometry.** The *region* is the whole canvas, or for inpaint the bounding
+   box of the selection plus a margin of context.  The region is generated at
+   the model's *native scale*: the area is brought into [N², (1.5 N)²] where
+   N = ``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5, 1024 for
+   SDXL, 64 for the tiny model), keeping the aspect ratio, sides multiples of 8.
+   The result is resized back to exactly the region's size.  With ``hires`` a
+   second img2img pass runs at up to ``hires_scale`` x the work size (VAE tiling
+   on above ``vae_tiling_pixels``).
+3. **Control images** are mapped onto the canvas with the unit's resize mode
+   (see :func:`fit_image`), cropped to the region and resized to the work size.
+   Transparent pixels count as black (no control); the init image is composited
+   on white.
+4. **Units.** All units go through :class:`ControlUnits`, a
+   ``MultiControlNetModel`` that applies each unit's control mode on its own:
+
+   * ``balanced``: residuals x weight, in both halves of the CFG batch.
+   * ``control`` ("ControlNet is more important") = diffusers' guess mode for
+     this unit only: the ControlNet sees the conditional half of the batch, the
+     unconditional half gets no control, and the residuals are scaled over depth
+     by ``logspace(-1, 0)`` (0.1 at the first block ... 1.0 at the middle block).
+   * ``prompt`` ("prompt is more important"): A1111's soft injection - residual k
+     of n (mid block last) is scaled by ``weight * 0.825 ** (n - 1 - k)``, so the
+     shallow, detail-carrying residuals are damped (to 0.1 for SD1.5's 13) while
+     the deep ones keep their strength; both CFG halves get control.
+
+   A unit whose scale is 0 at a step (weight 0, or outside its start/end range)
+   is not run at all; when no unit runs the UNet gets no residuals, so weight 0
+   is exactly "no control".
+5. **Inpaint.** Only the selection changes: the generated region is pasted back
+   with a feathered weight that is zero outside the selection, and every pixel
+   with weight zero is copied from the input unchanged (bit for bit).
+6. **Progress, cancel, previews** through ``callback_on_step_end``: every step
+   calls ``ctx.progress`` (which raises Cancelled to stop within one step) and,
+   when asked, sends a preview made by a linear latent->RGB approximation.
+7. **Memory.** CUDA fp16 (or bf16) when available, else CPU fp32; SDPA attention
+   (diffusers' default on torch 2); optional model CPU offload; VAE tiling above a
+   pixel threshold.  A CUDA out-of-memory error frees the caches and retries once
+   with VAE tiling and CPU offload on; a second one raises :class:`OutOfMemory`.
+
+Batches run image by image with seeds ``request.seeds(request.seed)``, so image
+i of a batch is the same image as a single generation with its seed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from diffusers import (ControlNetModel, DDIMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
+                       MultiControlNetModel, StableDiffusionControlNetImg2ImgPipeline,
+                       StableDiffusionControlNetInpaintPipeline,
+                       StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLControlNetImg2ImgPipeline,
+                       StableDiffusionXLControlNetInpaintPipeline,
+                       StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline,
+                       StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
+                       UniPCMultistepScheduler)
+
+from shared.errors import Cancelled, EngineError, ModelMissing, OutOfMemory, Unsupported
+from shared.images import Image
+from shared.messages import (AnnotatorInfo, ControlUnit, GenerateRequest, Models, Preprocess)
+
+from .engine import Generated, JobContext, from_array, to_array
+from .models import DEFAULT_BASES, Catalogue, ModelConfig, Resolved
+
+log = logging.getLogger(__name__)
+
+
+class _QuietCasts(logging.Filter):
+    """Drop diffusers' warning about ``.to(dtype)`` on models that keep no fp32 modules
+    (from_pipe and SDXL's VAE upcast trigger it on every call)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_QuietCasts())
+
+# -----------------------------------------------------------------------------
+# Samplers
+# -----------------------------------------------------------------------------
+
+# Only the noise-schedule keys of a model's scheduler config are carried over, so a
+# sampler means the same thing whatever scheduler the model shipped with.
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                  "trained_betas", "prediction_type", "steps_offset", "timestep_spacing",
+                  "rescale_betas_zero_snr")
+SAMPLERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler,
+                        dict(algorithm_type="dpmsolver++", solver_order=2,
+                             use_karras_sigmas=True)),
+    "dpmpp_2m": (DPMSolverMultistepScheduler,
+                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
+    "unipc": (UniPCMultistepScheduler, dict()),
+    "euler_a": (EulerAncestralDiscreteScheduler, dict()),
+    "euler": (EulerDiscreteScheduler, dict(use_karras_sigmas=False)),
+    "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False)),
+    "lcm": (LCMScheduler, dict()),
+}
+
+
+def make_scheduler(sampler: str, base_config: Mapping[str, Any]):
+    """A fresh scheduler for ``sampler`` on the model's noise schedule."""
+    try:
+        cls, options = SAMPLERS[sampler]
+    except KeyError:
+        raise Unsupported(f"Unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}.",
+                          field="sampler") from None
+    config = {k: base_config[k] for k in _SCHEDULE_KEYS if k in base_config}
+    return cls.from_config(config, **options)
+
+
+# -----------------------------------------------------------------------------
+# Geometry (numpy only; documented in the module docstring and tested directly)
+# -----------------------------------------------------------------------------
+
+def work_size(width: int, height: int, native: int, max_scale: float = 1.5,
+              multiple: int = 8) -> Tuple[int, int]:
+    """The size to generate a ``width`` x ``height`` region at.
+
+    Keeps the aspect ratio and brings the area into [native², (max_scale·native)²];
+    sides are rounded to ``multiple`` (at least ``max(multiple, native // 8)``).
+    """
+    side = math.sqrt(width * height)
+    if side < native:
+        scale = native / side
+    elif side > native * max_scale:
+        scale = native * max_scale / side
+    else:
+        scale = 1.0
+    least = max(multiple, (native // 8) // multiple * multiple)
+    w = max(least, int(round(width * scale / multiple)) * multiple)
+    h = max(least, int(round(height * scale / multiple)) * multiple)
+    return w, h
+
+
+def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area-average when shrinking, bicubic when enlarging (uint8 saturates, floats don't)."""
+    h, w = array.shape[:2]
+    if (w, h) == (width, height):
+        return array
+    interp = cv2.INTER_AREA if width <= w and height <= h else cv2.INTER_CUBIC
+    out = cv2.resize(array, (width, height), interpolation=interp)
+    if array.ndim == 3 and out.ndim == 2:
+        out = out[..., None]
+    return out
+
+
+def fit_image(array: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
+    """Map an image onto a ``width`` x ``height`` frame with a resize mode.
+
+    * ``just_resize``: stretch each axis independently to the frame.
+    * ``crop_and_resize``: scale uniformly by ``max(W/w, H/h)`` so the image covers
+      the frame, then crop the overflow equally from both sides (centred).
+    * ``resize_and_fill``: scale uniformly by ``min(W/w, H/h)`` so the image fits
+      inside, centre it, and fill the bars with zeros (black = no control).
+    """
+    h, w = array.shape[:2]
+    if mode == "just_resize" or (w, h) == (width, height):
+        return resize(array, width, height)
+    if mode == "crop_and_resize":
+        scale = max(width / w, height / h)
+        nw, nh = max(width, int(round(w * scale))), max(height, int(round(h * scale)))
+        scaled = resize(array, nw, nh)
+        x0, y0 = (nw - width) // 2, (nh - height) // 2
+        return np.ascontiguousarray(scaled[y0:y0 + height, x0:x0 + width])
+    if mode == "resize_and_fill":
+        scale = min(width / w, height / h)
+        nw = min(width, max(1, int(round(w * scale))))
+        nh = min(height, max(1, int(round(h * scale))))
+        scaled = resize(array, nw, nh)
+        out = np.zeros((height, width) + array.shape[2:], dtype=array.dtype)
+        x0, y0 = (width - nw) // 2, (height - nh) // 2
+        out[y0:y0 + nh, x0:x0 + nw] = scaled
+        return out
+    raise Unsupported(f"Unknown resize mode {mode!r}.", field="resize_mode")
+
+
+def rgb_on_black(rgba: np.ndarray) -> np.ndarray:
+    """RGBA8 -> RGB8 composited on black (transparent = no control)."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgba[..., :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+
+
+def rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA8 -> RGB8 composited on white (a canvas' paper)."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def mask_values(rgba: np.ndarray) -> np.ndarray:
+    """0..1 selection strength of a mask image: luminance composited on black."""
+    rgb = rgb_on_black(rgba).astype(np.float32)
+    return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255.0
+
+
+def region_of(mask: np.ndarray, margin_fraction: float = 0.25,
+              min_margin: int = 32) -> Optional[Tuple[int, int, int, int]]:
+    """Bounding box (x0, y0, x1, y1) of ``mask > 0`` plus a margin, clamped; None if empty."""
+    ys, xs = np.nonzero(mask > 0)
+    if len(xs) == 0:
+        return None
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    margin = max(min_margin, int(round(margin_fraction * max(x1 - x0, y1 - y0))))
+    h, w = mask.shape
+    return max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
+
+
+def feather_weights(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Paste-back weight: the mask value, faded in over ``radius`` pixels inside the
+    selection's edge.  Exactly 0 wherever ``mask`` is 0."""
+    inside = (mask > 0).astype(np.uint8)
+    if radius <= 0 or inside.all():
+        return mask.astype(np.float32)
+    dist = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    ramp = np.clip(dist / float(radius), 0.0, 1.0)
+    return (mask * ramp).astype(np.float32) * inside
+
+
+# -----------------------------------------------------------------------------
+# Per-unit control modes
+# -----------------------------------------------------------------------------
+
+SOFT_INJECTION_BASE = 0.825
+
+
+def soft_injection_scales(count: int) -> List[float]:
+    """A1111's "prompt is more important" scales for ``count`` residuals (mid last)."""
+    return [SOFT_INJECTION_BASE ** (count - 1 - k) for k in range(count)]
+
+
+class ControlUnits(MultiControlNetModel):
+    """MultiControlNetModel with a control mode per unit (see the module docstring).
+
+    ``cfg`` says whether the pipeline batches [unconditional, conditional]; it is set
+    per job.  Units with scale 0 at a step are skipped; when none runs the UNet gets
+    ``None`` residuals, exactly as without a ControlNet.
+    """
+
+    def __init__(self, controlnets: Sequence[ControlNetModel], modes: Sequence[str],
+                 cfg: bool) -> None:
+        super().__init__(list(controlnets))
+        self.modes = tuple(modes)
+        self.cfg = cfg
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond,
+                conditioning_scale, class_labels=None, timestep_cond=None, attention_mask=None,
+                added_cond_kwargs=None, cross_attention_kwargs=None, guess_mode=False,
+                return_dict=True):
+        down, mid = None, None
+        for image, scale, net, mode in zip(controlnet_cond, conditioning_scale, self.nets,
+                                           self.modes):
+            if float(scale) == 0.0:
+                continue
+            pooled = bool(net.config.global_pool_conditions)
+            split = self.cfg and not guess_mode and (mode == "control" or pooled)
+            args = dict(sample=sample, timestep=timestep,
+                        encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
+                        class_labels=class_labels, timestep_cond=timestep_cond,
+                        attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs)
+            if split:
+                args = {k: _cond_half(v, sample.shape[0]) for k, v in args.items()}
+            d, m = net(**args, conditioning_scale=scale,
+                       cross_attention_kwargs=cross_attention_kwargs,
+                       guess_mode=guess_mode or mode == "control", return_dict=False)
+            if mode == "prompt":
+                scales = soft_injection_scales(len(d) + 1)
+                d = [r * s for r, s in zip(d, scales)]
+                m = m * scales[-1]
+            if split:
+                d = [torch.cat([torch.zeros_like(r), r]) for r in d]
+                m = torch.cat([torch.zeros_like(m), m])
+            if down is None:
+                down, mid = list(d), m
+            else:
+                down = [a + b for a, b in zip(down, d)]
+                mid = mid + m
+        if down is None and guess_mode:
+            # The pipeline itself is in guess mode and will pad our output: it needs tensors.
+            d, m = self.nets[0](sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                controlnet_cond=controlnet_cond[0], conditioning_scale=0.0,
+                                added_cond_kwargs=added_cond_kwargs, return_dict=False)
+            down, mid = list(d), m
+        return down, mid
+
+
+def _cond_half(value, batch: int):
+    """The conditional half of a CFG-batched tensor (or of a dict of them)."""
+    if isinstance(value, dict):
+        return {k: _cond_half(v, batch) for k, v in value.items()}
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch and batch % 2 == 0:
+        return value.chunk(2)[1]
+    return value
+
+
+# -----------------------------------------------------------------------------
+# Previews
+# -----------------------------------------------------------------------------
+
+# Linear latent -> RGB approximations (the usual "cheap preview" factors).
+_PREVIEW = {
+    "sd15": (np.array([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                       [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]], np.float32),
+             np.zeros(3, np.float32)),
+    "sdxl": (np.array([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
+                       [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]], np.float32),
+             np.array([0.1084, -0.0175, -0.0011], np.float32)),
+}
+
+
+def latent_preview(latents: torch.Tensor, family: str) -> Image:
+    """An RGBA preview at latent resolution from the first latent of a batch."""
+    lat = latents[0].detach().float().cpu().numpy()  # C x h x w
+    factors, bias = _PREVIEW.get(family, _PREVIEW["sd15"])
+    if lat.shape[0] != factors.shape[0]:
+        grey = lat.mean(axis=0, keepdims=True)
+        rgb = np.repeat(grey, 3, axis=0).transpose(1, 2, 0)
+    else:
+        rgb = np.einsum("chw,cr->hwr", lat, factors) + bias
+    rgb8 = np.clip((rgb + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    out = np.empty(rgb8.shape[:2] + (4,), np.uint8)
+    out[..., :3] = rgb8
+    out[..., 3] = 255
+    return from_array(out)
+
+
+# -----------------------------------------------------------------------------
+# Loaded models and the LRU
+# -----------------------------------------------------------------------------
+
+def _module_bytes(*modules) -> int:
+    total = 0
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+            total += sum(b.numel() * b.element_size() for b in module.buffers())
+    return total
+
+
+def _disk_bytes(path: str) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    total = 0
+    for root, _, files in os.walk(p):
+        for name in files:
+            if name.endswith((".safetensors", ".bin", ".ckpt")):
+                total += (Path(root) / name).stat().st_size
+    return total
+
+
+@dataclass
+class _Base:
+    resolved: Resolved
+    pipe: Any                                   # the txt2img pipeline loaded from disk
+    family: str
+    native: int
+    scheduler_config: Dict[str, Any]
+    nbytes: int
+    pipes: Dict[type, Any] = field(default_factory=dict)
+    offload_owner: Any = None
+
+
+@dataclass
+class _Net:
+    model: ControlNetModel
+    nbytes: int
+
+
+_PIPELINES = {
+    # (family, mode, with controls) -> class
+    ("sd15", "txt2img", False): StableDiffusionPipeline,
+    ("sd15", "img2img", False): StableDiffusionImg2ImgPipeline,
+    ("sd15", "inpaint", False): StableDiffusionInpaintPipeline,
+    ("sd15", "txt2img", True): StableDiffusionControlNetPipeline,
+    ("sd15", "img2img", True): StableDiffusionControlNetImg2ImgPipeline,
+    ("sd15", "inpaint", True): StableDiffusionControlNetInpaintPipeline,
+    ("sdxl", "txt2img", False): StableDiffusionXLPipeline,
+    ("sdxl", "img2img", False): StableDiffusionXLImg2ImgPipeline,
+    ("sdxl", "inpaint", False): StableDiffusionXLInpaintPipeline,
+    ("sdxl", "txt2img", True): StableDiffusionXLControlNetPipeline,
+    ("sdxl", "img2img", True): StableDiffusionXLControlNetImg2ImgPipeline,
+    ("sdxl", "inpaint", True): StableDiffusionXLControlNetInpaintPipeline,
+}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):  # == torch.cuda.OutOfMemoryError
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def denoise_steps(steps: int, strength: float) -> Tuple[int, int]:
+    """(num_inference_steps to ask for, steps that actually run) for img2img/inpaint.
+
+    diffusers runs ``min(int(steps * strength), steps)`` steps; when that is 0 we ask
+    for ``ceil(1 / strength)`` steps so exactly one runs.
+    """
+    run = min(int(steps * strength), steps)
+    if run >= 1:
+        return steps, run
+    asked = int(math.ceil(1.0 / strength))
+    return asked, max(1, min(int(asked * strength), asked))
+
+
+# -----------------------------------------------------------------------------
+# The plan of one request
+# -----------------------------------------------------------------------------
+
+@dataclass
+class Pass:
+    """One pipeline call per image: what goes in, at which size."""
+
+    kind: str                         # "txt2img" | "img2img" | "inpaint"
+    size: Tuple[int, int]
+    steps: int                        # num_inference_steps
+    runs: int                         # steps that actually run
+    strength: float = 1.0
+    init: Optional[np.ndarray] = None     # RGB8 at size
+    mask: Optional[np.ndarray] = None     # uint8 0/255 at size
+    controls: List[Any] = field(default_factory=list)  # RGB8 arrays or tensors, unit order
+    vae_tiling: bool = False
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first step (kept as ``engine.last_plan`` for tests)."""
+
+    canvas: Tuple[int, int]
+    region: Tuple[int, int, int, int]      # x0, y0, x1, y1 on the canvas
+    native: int
+    family: str
+    first: Pass
+    hires: Optional[Tuple[int, int]] = None
+    init_canvas: Optional[np.ndarray] = None   # RGBA8 canvas (img2img / inpaint)
+    weights: Optional[np.ndarray] = None       # inpaint paste-back weights, region size
+    unchanged: bool = False                    # nothing to do (empty selection, strength 0)
+
+    @property
+    def work(self) -> Tuple[int, int]:
+        return self.first.size
+
+    @property
+    def steps_per_image(self) -> int:
+        return self.first.runs + (self.hires_runs if self.hires else 0)
+
+    hires_runs: int = 0
+
+
+# -----------------------------------------------------------------------------
+# The engine
+# -----------------------------------------------------------------------------
+
+class DiffusersEngine:
+    """The real engine; see the module docstring.
+
+    ``catalogue`` resolves names (default: ``Catalogue(ModelConfig.from_toml())``).
+    ``device``: "cuda", "cpu", ... (default: CUDA when available).  ``dtype``:
+    "fp16" | "bf16" | "fp32" (default fp16 on CUDA, fp32 on CPU).  ``offload``:
+    model CPU offload (CUDA only).  ``memory_budget``: bytes of loaded models kept
+    (default 90 % of VRAM on CUDA, half the RAM on CPU).
+    """
+
+    name = "diffusers"
+
+    def __init__(self, catalogue: Optional[Catalogue] = None, *, device: Optional[str] = None,
+                 dtype: Optional[str] = None, offload: bool = False,
+                 memory_budget: Optional[int] = None, vae_tiling_pixels: Optional[int] = None,
+                 max_work_scale: float = 1.5, hires_scale: float = 2.0,
+                 hires_strength: float = 0.35, inpaint_margin: float = 0.25,
+                 inpaint_min_margin: int = 32, feather: float = 0.015) -> None:
+        self.catalogue = catalogue or Catalogue(ModelConfig.from_toml())
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+        if dtype is None:
+            self.dtype = torch.float16 if cuda else torch.float32
+        elif dtype in names:
+            self.dtype = names[dtype]
+        else:
+            raise ValueError(f"dtype must be one of {', '.join(names)}; got {dtype!r}")
+        self.offload = bool(offload) and cuda
+        if offload and not cuda:
+            log.warning("CPU offload needs CUDA; ignored on %s", self.device)
+        self.memory_budget = memory_budget or _default_budget(self.device, self.offload)
+        self.vae_tiling_pixels = vae_tiling_pixels
+        self.max_work_scale = max_work_scale
+        self.hires_scale = hires_scale
+        self.hires_strength = hires_strength
+        self.inpaint_margin = inpaint_margin
+        self.inpaint_min_margin = inpaint_min_margin
+        self.feather = feather
+        self._bases: "OrderedDict[str, _Base]" = OrderedDict()
+        self._nets: "OrderedDict[str, _Net]" = OrderedDict()
+        self.last_plan: Optional[Plan] = None
+        self.stats = {"oom_retries": 0, "loads": 0}
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None,
+                     config_file: Optional[Path] = None) -> "DiffusersEngine":
+        """Build from ``[engine]``-style options (device, dtype, offload, memory_budget_gb,
+        vae_tiling_pixels, hires_scale, hires_strength) and the config file's model tables."""
+        options = dict(options or {})
+        catalogue = Catalogue(ModelConfig.from_toml(config_file))
+        budget = options.pop("memory_budget_gb", None)
+        if budget is not None:
+            options["memory_budget"] = int(float(budget) * (1 << 30))
+        return cls(catalogue, **options)
+
+    # -- Engine protocol -----------------------------------------------------
+
+    def generate(self, request: GenerateRequest, images: Mapping[int, Image],
+                 ctx: JobContext) -> Sequence[Generated]:
+        try:
+            return self._generate(request, images, ctx, low_memory=False)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            log.warning("out of memory; freeing caches and retrying with VAE tiling%s",
+                        " and CPU offload" if self.device.type == "cuda" else "")
+        # (Leaving the except block dropped the traceback and the tensors it held.)
+        self._free_memory()
+        self.stats["oom_retries"] += 1
+        if self.device.type == "cuda" and not self.offload:
+            self.offload = True  # stays on: the next jobs would run out of memory too
+            for entry in self._bases.values():
+                entry.offload_owner = None
+        try:
+            return self._generate(request, images, ctx, low_memory=True)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+        self._free_memory()
+        raise OutOfMemory(
+            f"Out of memory at {request.width}x{request.height} (batch {request.batch}"
+            f"{', hires' if request.hires else ''}) even with VAE tiling and CPU offload. Lower "
+            f"the size or the batch, turn off hires, use fewer control units, or close other "
+            f"programs using the GPU.")
+
+    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Image:
+        ctx.progress(0, 1, stage="preprocess")
+        array = to_array(image)
+        if message.annotator == "none":
+            out = array
+        elif message.annotator == "invert":
+            out = array.copy()
+            out[..., :3] = 255 - out[..., :3]
+        else:
+            raise Unsupported(f"No annotator {message.annotator!r} in this engine yet; it knows "
+                              f"'none' and 'invert'.", field="annotator")
+        if message.width:
+            out = resize(np.ascontiguousarray(out), message.width, message.height)
+        ctx.progress(1, 1, stage="preprocess")
+        return from_array(out)
+
+    def models(self) -> Models:
+        return self.catalogue.models_message(annotators=(
+            AnnotatorInfo(name="none", condition="", help="Use the layer as it is."),
+            AnnotatorInfo(name="invert", condition="lineart", help="Swap dark and light."),
+        ))
+
+    def close(self) -> None:
+        self._bases.clear()
+        self._nets.clear()
+        self._free_memory()
+
+    # -- loading -------------------------------------------------------------
+
+    def _load_base(self, resolved: Resolved, keep: Sequence[str] = ()) -> _Base:
+        key = resolved.key
+        entry = self._bases.get(key)
+        if entry is not None:
+            self._bases.move_to_end(key)
+            return entry
+        self._make_room(_disk_bytes(resolved.path), keep=keep)
+        family = resolved.family
+        cls = _PIPELINES[(family, "txt2img", False)]
+        kwargs: Dict[str, Any] = dict(dtype=self.dtype)
+        if family == "sd15":
+            kwargs.update(safety_checker=None, feature_extractor=None,
+                          requires_safety_checker=False)
+        try:
+            if resolved.source == "file":
+                config = self.catalogue.cached_snapshot(DEFAULT_BASES[family], "base")
+                if config is not None:
+                    kwargs["config"] = str(config)
+                from huggingface_hub import constants
+                pipe = cls.from_single_file(resolved.path,
+                                            local_files_only=bool(constants.HF_HUB_OFFLINE),
+                                            **kwargs)
+            else:
+                pipe = cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as err:
+            hint = ""
+            if resolved.source == "file":
+                hint = (f" Loading a single file needs the small diffusers config of "
+                        f"{family.upper()}: run it once online, or `controlcanvas models "
+                        f"download {family}`.")
+            raise ModelMissing(f"Could not load the base model {resolved.name!r} from "
+                               f"{resolved.path}: {err}.{hint}", field="base_model") from None
+        pipe.set_progress_bar_config(disable=True)
+        if not self.offload:
+            pipe.to(self.device)
+        native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        entry = _Base(resolved, pipe, family, native, dict(pipe.scheduler.config),
+                      _module_bytes(*pipe.components.values()))
+        self._bases[key] = entry
+        self.stats["loads"] += 1
+        log.info("loaded base %s (%s, %.0f MB)", resolved.name, family, entry.nbytes / 2**20)
+        return entry
+
+    def _load_net(self, resolved: Resolved, keep: Sequence[str]) -> ControlNetModel:
+        key = resolved.key
+        entry = self._nets.get(key)
+        if entry is not None:
+            self._nets.move_to_end(key)
+            return entry.model
+        self._make_room(_disk_bytes(resolved.path), keep=keep)
+        try:
+            if resolved.source == "file":
+                from huggingface_hub import constants
+                kwargs: Dict[str, Any] = {}
+                sibling = Path(resolved.path).with_name("config.json")
+                if sibling.is_file():
+                    kwargs["config"] = str(sibling.parent)
+                model = ControlNetModel.from_single_file(
+                    resolved.path, dtype=self.dtype,
+                    local_files_only=bool(constants.HF_HUB_OFFLINE), **kwargs)
+            else:
+                model = ControlNetModel.from_pretrained(resolved.path, dtype=self.dtype,
+                                                        local_files_only=True)
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r} from "
+                               f"{resolved.path}: {err}.", field="model") from None
+        if not self.offload:
+            model.to(self.device)
+        model.eval()
+        self._nets[key] = _Net(model, _module_bytes(model))
+        self.stats["loads"] += 1
+        return model
+
+    def _make_room(self, needed: int, keep: Sequence[str]) -> None:
+        """Evict least recently used models until ``needed`` more bytes fit the budget."""
+        def used() -> int:
+            return sum(e.nbytes for e in self._bases.values()) + \
+                sum(n.nbytes for n in self._nets.values())
+
+        evicted = False
+        while used() + needed > self.memory_budget:
+            # Least recently used first; ControlNets go before bases (cheaper to reload).
+            victims = [("net", k) for k in self._nets if k not in keep] + \
+                [("base", k) for k in self._bases if k not in keep]
+            if not victims:
+                break
+            kind, key = victims[0]
+            if kind == "net":
+                del self._nets[key]
+            else:
+                del self._bases[key]
+            log.info("evicted %s %s to stay within the memory budget", kind, key)
+            evicted = True
+        if evicted:
+            self._free_memory()
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _pipeline(self, entry: _Base, mode: str, controls: bool, units: Optional[ControlUnits]):
+        cls = _PIPELINES[(entry.family, mode, controls)]
+        pipe = entry.pipes.get(cls)
+        if pipe is None:
+            if cls is type(entry.pipe):
+                pipe = entry.pipe
+            # from_pipe casts the shared modules to its dtype (default fp32): pass ours.
+            elif controls:
+                pipe = cls.from_pipe(entry.pipe, controlnet=units, dtype=self.dtype)
+            else:
+                pipe = cls.from_pipe(entry.pipe, dtype=self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            entry.pipes[cls] = pipe
+        if controls:
+            pipe.controlnet = units
+        if self.offload and (entry.offload_owner is not pipe or controls):
+            pipe.enable_model_cpu_offload(device=self.device)
+            entry.offload_owner = pipe
+        return pipe
+
+    # -- planning ------------------------------------------------------------
+
+    def _plan(self, request: GenerateRequest, images: Mapping[int, Image], entry: _Base,
+              low_memory: bool) -> Plan:
+        W, H = request.width, request.height
+        native = entry.native
+        plan_init = None
+        weights = None
+        region = (0, 0, W, H)
+        mask_region = None
+        if request.mode in ("img2img", "inpaint"):
+            init = to_array(_image(images, request.init_image, "init_image"))
+            if init.shape[:2] != (H, W):
+                init = resize(np.ascontiguousarray(init), W, H)
+            plan_init = init
+        if request.mode == "inpaint":
+            mask_img = to_array(_image(images, request.mask_image, "mask_image"))
+            mask = mask_values(mask_img)
+            if mask.shape != (H, W):
+                mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
+            found = region_of(mask, self.inpaint_margin, self.inpaint_min_margin)
+            if found is None:
+                return Plan((W, H), region, native, entry.family,
+                            Pass("inpaint", (W, H), 0, 0), init_canvas=plan_init,
+                            unchanged=True)
+            region = found
+            x0, y0, x1, y1 = region
+            mask_region = mask[y0:y1, x0:x1]
+            radius = max(2.0, self.feather * max(x1 - x0, y1 - y0))
+            weights = feather_weights(mask_region, radius)
+        if request.mode != "txt2img" and request.strength == 0.0:
+            return Plan((W, H), region, native, entry.family, Pass(request.mode, (W, H), 0, 0),
+                        init_canvas=plan_init, weights=weights, unchanged=True)
+        x0, y0, x1, y1 = region
+        rw, rh = x1 - x0, y1 - y0
+        size = work_size(rw, rh, native, self.max_work_scale)
+        first = self._pass(request, images, request.mode, size, region, plan_init, mask_region,
+                           request.strength, low_memory, native)
+        plan = Plan((W, H), region, native, entry.family, first, init_canvas=plan_init,
+                    weights=weights)
+        if request.hires:
+            scale = min(self.hires_scale, math.sqrt((rw * rh) / (size[0] * size[1])))
+            if scale > 1.05:
+                hires = (max(8, int(round(size[0] * scale / 8)) * 8),
+                         max(8, int(round(size[1] * scale / 8)) * 8))
+                plan.hires = hires
+                plan.hires_runs = denoise_steps(request.steps, self.hires_strength)[1]
+        return plan
+
+    def _pass(self, request: GenerateRequest, images: Mapping[int, Image], kind: str,
+              size: Tuple[int, int], region, init_canvas, mask_region, strength: float,
+              low_memory: bool, native: int) -> Pass:
+        w, h = size
+        x0, y0, x1, y1 = region
+        W, H = request.width, request.height
+        full = region == (0, 0, W, H)
+        if kind == "txt2img":
+            steps, runs = request.steps, request.steps
+        else:
+            steps, runs = denoise_steps(request.steps, strength)
+        p = Pass(kind, size, steps, runs, strength)
+        if init_canvas is not None and kind != "txt2img":
+            p.init = resize(rgb_on_white(init_canvas[y0:y1, x0:x1]), w, h)
+        if mask_region is not None and kind == "inpaint":
+            # Any coverage of a work pixel selects it (a thin selection must not vanish);
+            # only the selection itself is pasted back later.
+            covered = cv2.resize(mask_region.astype(np.float32), (w, h),
+                                 interpolation=cv2.INTER_AREA) > 0.02
+            p.mask = covered.astype(np.uint8) * 255
+        for unit in request.controls:
+            array = rgb_on_black(to_array(_image(images, unit.image, "controls.image")))
+            if full:
+                control = fit_image(array, w, h, unit.resize_mode)
+            else:
+                on_canvas = fit_image(array, W, H, unit.resize_mode)
+                control = resize(np.ascontiguousarray(on_canvas[y0:y1, x0:x1]), w, h)
+            if unit.condition == "inpaint" and p.mask is not None and p.init is not None:
+                control = _inpaint_condition(p.init, p.mask)
+            p.controls.append(control)
+        threshold = self.vae_tiling_pixels or int((native * self.max_work_scale) ** 2)
+        p.vae_tiling = low_memory or w * h > threshold
+        return p
+
+    # -- running -------------------------------------------------------------
+
+    def _generate(self, request: GenerateRequest, images: Mapping[int, Image], ctx: JobContext,
+                  low_memory: bool) -> List[Generated]:
+        base = self.catalogue.resolve_base(request.base_model)
+        resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
+                         for u in request.controls]
+        keep = [base.key] + [r.key for r in resolved_nets]
+        entry = self._load_base(base, keep)
+        nets = [self._load_net(r, keep) for r in resolved_nets]
+        plan = self._plan(request, images, entry, low_memory)
+        self.last_plan = plan
+        seeds = request.seeds(request.seed)
+        if plan.unchanged:
+            ctx.progress(1, 1)
+            image = from_array(plan.init_canvas) if plan.init_canvas is not None else None
+            return [Generated(image, seed) for seed in seeds]
+
+        # Units in an order that keeps the pipeline out of its global guess mode (it looks
+        # at the first net's global_pool_conditions only); control is additive, so the
+        # order does not change the sum.
+        order = sorted(range(len(nets)), key=lambda i: bool(nets[i].config.global_pool_conditions))
+        cfg = request.cfg > 1.0 and entry.pipe.unet.config.time_cond_proj_dim is None
+        units = ControlUnits([nets[i] for i in order],
+                             [request.controls[i].control_mode for i in order], cfg) \
+            if nets else None
+
+        total = len(seeds) * plan.steps_per_image
+        state = {"done": 0}
+        out = []
+        for seed in seeds:
+            ctx.check_cancelled()
+            rgb = self._run_pass(request, plan.first, entry, units, order, seed, ctx, state,
+                                 total)
+            if plan.hires:
+                rgb = self._hires(request, images, plan, entry, units, order, rgb, seed, ctx,
+                                  state, total, low_memory)
+            out.append(Generated(self._compose(plan, rgb), seed))
+        return out
+
+    def _hires(self, request, images, plan: Plan, entry: _Base, units, order, rgb, seed, ctx,
+               state, total, low_memory) -> np.ndarray:
+        w, h = plan.hires
+        kind = "inpaint" if request.mode == "inpaint" else "img2img"
+        x0, y0, x1, y1 = plan.region
+        mask_region = None
+        if request.mode == "inpaint":
+            mask_region = mask_values(to_array(images[request.mask_image]))
+            if mask_region.shape != (request.height, request.width):
+                mask_region = cv2.resize(mask_region, (request.width, request.height),
+                                         interpolation=cv2.INTER_NEAREST)
+            mask_region = mask_region[y0:y1, x0:x1]
+        p = self._pass(request, images, kind, (w, h), plan.region, plan.init_canvas,
+                       mask_region, self.hires_strength, low_memory, plan.native)
+        p.init = resize(rgb, w, h)  # the first pass, enlarged, is what gets refined
+        return self._run_pass(request, p, entry, units, order, seed, ctx, state, total)
+
+    def _run_pass(self, request: GenerateRequest, p: Pass, entry: _Base, units, order, seed: int,
+                  ctx: JobContext, state: Dict[str, int], total: int) -> np.ndarray:
+        controls = bool(request.controls)
+        pipe = self._pipeline(entry, p.kind, controls, units)
+        pipe.scheduler = make_scheduler(request.sampler, entry.scheduler_config)
+        if p.vae_tiling:
+            pipe.vae.enable_tiling()
+        else:
+            pipe.vae.disable_tiling()
+        w, h = p.size
+        generator = torch.Generator(device=self._generator_device()).manual_seed(seed)
+        family = entry.family
+
+        def on_step(pipeline, i, t, tensors):
+            state["done"] += 1
+            done = min(state["done"], total)
+            ctx.progress(done, total)
+            if ctx.wants_preview(done):
+                ctx.preview(done, latent_preview(tensors["latents"], family))
+            return {}
+
+        kwargs: Dict[str, Any] = dict(
+            prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+            num_inference_steps=p.steps, guidance_scale=request.cfg, generator=generator,
+            height=h, width=w, output_type="np", callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=["latents"])
+        if controls:
+            images = [_to_pipeline_image(p.controls[i]) for i in order]
+            units_ = request.controls
+            kwargs.update(
+                controlnet_conditioning_scale=[units_[i].weight for i in order],
+                control_guidance_start=[units_[i].start for i in order],
+                control_guidance_end=[units_[i].end for i in order])
+            if p.kind == "txt2img":
+                kwargs["image"] = images
+            else:
+                kwargs["control_image"] = images
+        if p.kind != "txt2img":
+            kwargs.update(image=PILImage.fromarray(p.init), strength=p.strength)
+        if p.kind == "inpaint":
+            kwargs["mask_image"] = PILImage.fromarray(p.mask)
+        result = pipe(**kwargs).images[0]
+        return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+    def _generator_device(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
+    def _compose(self, plan: Plan, rgb: np.ndarray) -> Image:
+        """The generated region at exactly the canvas size (inpaint: pasted into the input)."""
+        W, H = plan.canvas
+        x0, y0, x1, y1 = plan.region
+        region = resize(rgb, x1 - x0, y1 - y0)
+        if plan.weights is None:
+            out = np.empty((H, W, 4), np.uint8)
+            out[..., :3] = region
+            out[..., 3] = 255
+            return from_array(out)
+        out = plan.init_canvas.copy()
+        old = out[y0:y1, x0:x1].astype(np.float32)
+        wgt = plan.weights[..., None]
+        new = np.concatenate([region.astype(np.float32),
+                              np.full(region.shape[:2] + (1,), 255.0, np.float32)], axis=2)
+        blended = np.clip(np.rint(old * (1.0 - wgt) + new * wgt), 0, 255).astype(np.uint8)
+        changed = plan.weights > 0
+        target = out[y0:y1, x0:x1]
+        target[changed] = blended[changed]
+        return from_array(out)
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+# -----------------------------------------------------------------------------
+
+def _image(images: Mapping[int, Image], slot: Optional[int], name: str) -> Image:
+    if slot is None or slot not in images:
+        raise EngineError(f"The request's {name} refers to image slot {slot}, which was not "
+                          f"sent.", field=name)
+    return images[slot]
+
+
+def _inpaint_condition(init_rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """ControlNet-inpaint's condition: the image in [0, 1] with masked pixels set to -1."""
+    image = init_rgb.astype(np.float32) / 255.0
+    image[mask > 127] = -1.0
+    return torch.from_numpy(image.transpose(2, 0, 1)[None].copy())
+
+
+def _to_pipeline_image(control):
+    if torch.is_tensor(control):
+        return control
+    return PILImage.fromarray(np.ascontiguousarray(control))
+
+
+def _default_budget(device: torch.device, offload: bool) -> int:
+    if device.type == "cuda" and not offload:
+        try:
+            return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30

@@ -1,0 +1,111 @@
+"""Tiny diffusers models for the engine tests: built offline once per session.
+
+Register in ``tests/conftest.py`` with ``pytest_plugins = ["tiny_fixtures"]``; the
+engine test modules also import the fixtures they use, so they run either way
+(the builds are cached in this module, so a second registration costs nothing).
+
+Tests load the tiny models through the same resolution code a user's model goes
+through (``Catalogue`` with ``tiny_root`` pointing at the session folder).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads its constants
+
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from shared.errors import Cancelled  # noqa: E402
+from shared.images import Image  # noqa: E402
+
+_CACHE: dict = {}
+
+
+class RecordingContext:
+    """A JobContext that records progress and previews; optionally cancels at a step."""
+
+    job_id = "0" * 32
+
+    def __init__(self, cancel_at: Optional[int] = None, preview_every: int = 0) -> None:
+        self.events: List[tuple] = []
+        self.cancel_at = cancel_at
+        self.preview_every = preview_every
+        self.previews: List[Image] = []
+
+    def progress(self, step: int, total: int, stage: str = "denoise") -> None:
+        self.events.append(("progress", step, total, stage))
+        if self.cancel_at is not None and step >= self.cancel_at:
+            raise Cancelled(job_id=self.job_id)
+
+    def wants_preview(self, step: int) -> bool:
+        return bool(self.preview_every) and step % self.preview_every == 0
+
+    def preview(self, step: int, image: Image) -> None:
+        self.previews.append(image)
+        self.events.append(("preview", step, image.width, image.height))
+
+    def check_cancelled(self) -> None:
+        if self.cancel_at is not None and self.steps_done() >= self.cancel_at:
+            raise Cancelled(job_id=self.job_id)
+
+    def steps_done(self) -> int:
+        return sum(1 for e in self.events if e[0] == "progress")
+
+
+def random_rgba(width: int, height: int, seed: int = 0, opaque: bool = True) -> Image:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    if opaque:
+        array[..., 3] = 255
+    return Image(width, height, array.tobytes())
+
+
+def _root(tmp_path_factory) -> Path:
+    if "root" not in _CACHE:
+        from backend import tiny
+
+        root = tmp_path_factory.mktemp("tiny-models")
+        for family in tiny.FAMILIES:
+            tiny.ensure_tiny(family, root)
+        _CACHE["root"] = root
+    return _CACHE["root"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """Folder holding the tiny sd15 and sdxl stacks (``backend.tiny.tiny_dir(family, root)``)."""
+    return _root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_catalogue(tiny_root):
+    """A Catalogue with no config except where the tiny models live (no hub cache used)."""
+    from backend.models import Catalogue, ModelConfig
+
+    return Catalogue(ModelConfig(tiny_root=str(tiny_root),
+                                 cache_dir=str(tiny_root / "empty-hf-cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_catalogue):
+    """A CPU DiffusersEngine over the tiny models, shared by the session (caches warm)."""
+    if "engine" not in _CACHE:
+        from backend.diffusers_engine import DiffusersEngine
+
+        _CACHE["engine"] = DiffusersEngine(tiny_catalogue, device="cpu")
+    return _CACHE["engine"]
+
+
+@pytest.fixture
+def fresh_engine(tiny_catalogue):
+    """A DiffusersEngine of its own (for tests that break or instrument it)."""
+    from backend.diffusers_engine import DiffusersEngine
+
+    engine = DiffusersEngine(tiny_catalogue, device="cpu")
+    yield engine
+    engine.close()
