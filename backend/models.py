@@ -467,8 +467,9 @@ class Catalogue:
         if not _HUB_ID.match(name) or Path(name).exists():
             raise ModelMissing(f"{name!r} is a local path, not a hub id: nothing to download.",
                                field="model")
+        # A guess for names outside the catalogue; download() checks the repo's files.
         kind = "controlnet" if any(name == v for t in CONTROLNETS.values() for v in t.values()) \
-            or "controlnet" in name.lower() or "control_" in name.lower() else "base"
+            or "control" in name.lower() else "base"
         return name, kind
 
     def download(self, name: str, *, progress: bool = True) -> Path:
@@ -477,9 +478,10 @@ class Catalogue:
         if _HUB_ID.match(repo_id) is None:
             raise ModelMissing(f"{repo_id!r} is a local path, not a hub id: nothing to download.",
                                field="model")
-        folder = self.cached_snapshot(repo_id, kind)
-        if folder is not None:
-            return folder
+        for guess in (kind, "base" if kind == "controlnet" else "controlnet"):
+            folder = self.cached_snapshot(repo_id, guess)
+            if folder is not None:
+                return folder
         from huggingface_hub import HfApi, constants, snapshot_download
         from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
                                             OfflineModeIsEnabled, RepositoryNotFoundError)
@@ -491,6 +493,7 @@ class Catalogue:
                 f"model folder here and put its path in config.toml.", field="model")
         try:
             files = set(HfApi().list_repo_files(repo_id))
+            kind = "base" if "model_index.json" in files else "controlnet"
             patterns = _choose_patterns(files, kind)
             if not progress:
                 from huggingface_hub.utils import disable_progress_bars

@@ -1,0 +1,330 @@
+"""Model catalogue and resolution: hub ids, folders, single files, config overrides,
+and the errors a user sees when a model is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend import tiny
+from backend.models import (CONTROLNETS, DEFAULT_BASES, Catalogue, ModelConfig,
+                            family_of_file, list_models)
+from shared.errors import ModelMissing
+from shared.messages import CONDITIONS, ControlUnit, GenerateRequest, Models
+
+from tiny_fixtures import (RecordingContext, tiny_catalogue, tiny_engine,  # noqa: F401
+                           tiny_root)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def empty_cache_catalogue(tmp_path, **config) -> Catalogue:
+    return Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"), **config))
+
+
+def fake_hub_snapshot(cache: Path, repo_id: str, files: dict) -> Path:
+    """Lay out a Hugging Face cache entry the way huggingface_hub writes it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, content in files.items():
+        path = snapshot / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return snapshot
+
+
+# -----------------------------------------------------------------------------
+# The catalogue
+# -----------------------------------------------------------------------------
+
+def test_every_condition_has_an_sd15_default_and_ids_are_well_formed():
+    assert set(CONTROLNETS["sd15"]) == set(CONDITIONS)
+    for family, table in CONTROLNETS.items():
+        for condition, repo in table.items():
+            assert condition in CONDITIONS
+            assert repo.count("/") == 1
+    assert CONTROLNETS["sd15"]["lineart"] == "lllyasviel/control_v11p_sd15_lineart"
+    assert CONTROLNETS["sdxl"]["canny"] == "diffusers/controlnet-canny-sdxl-1.0"
+
+
+def test_missing_hub_model_names_it_and_the_download_command(tmp_path):
+    catalogue = empty_cache_catalogue(tmp_path)
+    with pytest.raises(ModelMissing) as info:
+        catalogue.resolve_base()
+    repo = DEFAULT_BASES["sd15"]
+    assert repo in info.value.message
+    assert f"controlcanvas models download {repo}" in info.value.message
+    assert info.value.code == "model_missing"
+    base = catalogue.resolve_base("tiny-sd15")  # built in, always present
+    with pytest.raises(ModelMissing) as info:
+        catalogue.resolve_controlnet("openpose", base, "someone/controlnet-openpose")
+    assert "controlcanvas models download someone/controlnet-openpose" in info.value.message
+
+
+def test_engine_reports_a_missing_model_as_typed_error(tmp_path, tiny_root):
+    from backend.diffusers_engine import DiffusersEngine
+
+    engine = DiffusersEngine(Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"),
+                                                   tiny_root=str(tiny_root))), device="cpu")
+    request = GenerateRequest(width=64, height=64, seed=1, steps=2, base_model="tiny-sd15",
+                              controls=(ControlUnit(condition="canny", image=0,
+                                                    model="lllyasviel/control_v11p_sd15_canny"),))
+    from tiny_fixtures import random_rgba
+    with pytest.raises(ModelMissing) as info:
+        engine.generate(request, {0: random_rgba(64, 64)}, RecordingContext())
+    assert "controlcanvas models download lllyasviel/control_v11p_sd15_canny" in \
+        info.value.message
+
+
+def test_hub_model_in_the_cache_resolves_to_its_snapshot(tmp_path, tiny_root):
+    cache = tmp_path / "hf"
+    repo = CONTROLNETS["sd15"]["scribble"]
+    snapshot = fake_hub_snapshot(cache, repo, {
+        "config.json": "{}", "diffusion_pytorch_model.safetensors": b"x"})
+    catalogue = empty_cache_catalogue(tmp_path)
+    # an SD1.5 base in a folder uses the catalogue's ControlNets (the built-in tiny name
+    # would use its own)
+    base = catalogue.resolve_base(str(tiny.tiny_dir("sd15", tiny_root)))
+    assert base.source == "folder" and base.family == "sd15"
+    resolved = catalogue.resolve_controlnet("scribble", base)
+    assert resolved.source == "hub" and resolved.repo_id == repo
+    assert Path(resolved.path) == snapshot
+    # config alone (an interrupted download) is not "present"
+    fake_hub_snapshot(cache, "owner/half-done", {"config.json": "{}"})
+    with pytest.raises(ModelMissing):
+        catalogue.resolve_controlnet("scribble", base, "owner/half-done")
+
+
+def test_hub_base_needs_every_component(tmp_path):
+    cache = tmp_path / "hf"
+    index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "U"],
+             "vae": ["diffusers", "V"], "text_encoder": ["transformers", "T"],
+             "text_encoder_2": ["transformers", "T"], "tokenizer": ["transformers", "K"],
+             "tokenizer_2": ["transformers", "K"], "scheduler": ["diffusers", "S"]}
+    files = {"model_index.json": json.dumps(index)}
+    for sub, weight in (("unet", "diffusion_pytorch_model.safetensors"),
+                        ("vae", "diffusion_pytorch_model.safetensors"),
+                        ("text_encoder", "model.safetensors"),
+                        ("text_encoder_2", "model.safetensors")):
+        files[f"{sub}/config.json"] = "{}"
+        files[f"{sub}/{weight}"] = b"w"
+    files["tokenizer/vocab.json"] = "{}"
+    files["scheduler/scheduler_config.json"] = "{}"
+    fake_hub_snapshot(cache, "me/xl-model", files)
+    catalogue = empty_cache_catalogue(tmp_path)
+    with pytest.raises(ModelMissing):  # tokenizer_2 folder missing
+        catalogue.resolve_base("me/xl-model")
+    snapshot = next((cache / "models--me--xl-model" / "snapshots").iterdir())
+    (snapshot / "tokenizer_2").mkdir()
+    resolved = catalogue.resolve_base("me/xl-model")
+    assert resolved.family == "sdxl" and resolved.native_size == 1024
+
+
+# -----------------------------------------------------------------------------
+# Local folders and single files
+# -----------------------------------------------------------------------------
+
+def test_local_folder_base_loads_through_the_engine(tiny_root, tiny_engine):
+    folder = tiny.tiny_dir("sdxl", tiny_root)
+    resolved = tiny_engine.catalogue.resolve_base(str(folder))
+    assert resolved.source == "folder" and resolved.family == "sdxl"
+    request = GenerateRequest(width=72, height=40, seed=3, steps=2, base_model=str(folder),
+                              controls=(ControlUnit(condition="canny", image=0, model=str(
+                                  folder / "controlnets" / "lines")),))
+    from tiny_fixtures import random_rgba
+    out = tiny_engine.generate(request, {0: random_rgba(72, 40)}, RecordingContext())
+    assert out[0].image.size == (72, 40)
+
+
+def test_incomplete_or_absent_local_paths_are_clear_errors(tmp_path, tiny_catalogue):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model_index.json").write_text('{"unet": ["diffusers", "U"]}')
+    with pytest.raises(ModelMissing, match="incomplete"):
+        tiny_catalogue.resolve_base(str(tmp_path / "half"))
+    with pytest.raises(ModelMissing, match="does not exist"):
+        tiny_catalogue.resolve_base(str(tmp_path / "nope.safetensors"))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ModelMissing, match="not a model file"):
+        tiny_catalogue.resolve_base(str(tmp_path / "notes.txt"))
+
+
+def _write_safetensors(path: Path, keys) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(1) for k in keys}, str(path))
+
+
+def test_single_file_family_is_read_from_the_tensor_names(tmp_path, tiny_catalogue):
+    xl = tmp_path / "juggernaut.safetensors"
+    _write_safetensors(xl, ["conditioner.embedders.1.model.ln_final.weight",
+                            "model.diffusion_model.input_blocks.0.0.weight"])
+    sd = tmp_path / "anything.safetensors"
+    _write_safetensors(sd, ["cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                            "model.diffusion_model.input_blocks.0.0.weight"])
+    assert family_of_file(xl) == "sdxl" and family_of_file(sd) == "sd15"
+    resolved = tiny_catalogue.resolve_base(str(xl))
+    assert (resolved.source, resolved.family, resolved.native_size) == ("file", "sdxl", 1024)
+    assert tiny_catalogue.resolve_base(str(sd)).family == "sd15"
+    # the config can say what a name cannot
+    catalogue = Catalogue(ModelConfig(bases={"mine": (str(sd), "sdxl")},
+                                      tiny_root=tiny_catalogue.config.tiny_root))
+    assert catalogue.resolve_base("mine").family == "sdxl"
+
+
+def test_single_file_controlnet_loads_and_matches_its_folder(tmp_path, tiny_root, tiny_engine):
+    import shutil
+
+    folder = tiny.tiny_dir("sd15", tiny_root) / "controlnets" / "lines"
+    single = tmp_path / "my_lineart.safetensors"
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", single)
+    shutil.copy(folder / "config.json", tmp_path / "config.json")  # its config beside it
+    resolved = tiny_engine.catalogue.resolve_controlnet(
+        "lineart", tiny_engine.catalogue.resolve_base("tiny-sd15"), str(single))
+    assert resolved.source == "file"
+    from tiny_fixtures import random_rgba
+    control = {0: random_rgba(64, 48, seed=9)}
+
+    def generate(model):
+        request = GenerateRequest(width=64, height=48, seed=5, steps=3, base_model="tiny-sd15",
+                                  controls=(ControlUnit(condition="lineart", image=0,
+                                                        model=model),))
+        return tiny_engine.generate(request, control, RecordingContext())[0].image.data
+
+    assert generate(str(single)) == generate(str(folder)) == generate("")
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+# -----------------------------------------------------------------------------
+
+def test_toml_overrides_base_and_controlnets(tmp_path, tiny_root):
+    lines = tiny.tiny_dir("sd15", tiny_root) / "controlnets" / "lines"
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[server]
+port = 1234
+[models]
+base = "tiny-sd15"
+cache_dir = "{(tmp_path / 'hf').as_posix()}"
+tiny_root = "{tiny_root.as_posix()}"
+[models.bases]
+xl = {{ path = "tiny-sdxl", family = "sdxl" }}
+[controlnets]
+depth = "{lines.as_posix()}"
+[controlnets.sdxl]
+canny = "someone/sdxl-canny"
+""")
+    catalogue = Catalogue(ModelConfig.from_toml(config))
+    base = catalogue.resolve_base()
+    assert base.name == "tiny-sd15" and base.source == "builtin"
+    assert Path(catalogue.resolve_controlnet("depth", base).path) == lines
+    # conditions not overridden keep the tiny model's own nets
+    assert catalogue.resolve_controlnet("openpose", base).source == "builtin"
+    xl = catalogue.resolve_base("xl")
+    assert xl.family == "sdxl"
+    assert catalogue.controlnet_name("canny", "sdxl") == "someone/sdxl-canny"
+    assert catalogue.controlnet_name("canny", "sd15") == CONTROLNETS["sd15"]["canny"]
+    assert catalogue.controlnet_name("depth", "sdxl") == str(lines.as_posix())
+    assert catalogue.download_target("sdxl:canny") == ("someone/sdxl-canny", "controlnet")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[models]\nbse = 'x'\n", "unknown setting"),
+    ("[models]\nfamily = 'sd3'\n", "family"),
+    ("[controlnets]\nlinework = 'x'\n", "unknown condition"),
+    ("[controlnets.sd3]\ncanny = 'x'\n", "family"),
+    ("[models.bases]\nmine = 3\n", "must be a string"),
+])
+def test_bad_config_says_what_is_wrong(tmp_path, text, message):
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_toml(config)
+
+
+def test_missing_config_file_means_defaults(tmp_path):
+    config = ModelConfig.from_toml(tmp_path / "absent.toml")
+    assert Catalogue(config).default_base == DEFAULT_BASES["sd15"]
+
+
+def test_sdxl_condition_without_default_explains_how_to_configure(tmp_path):
+    catalogue = empty_cache_catalogue(tmp_path)
+    with pytest.raises(ModelMissing, match=r"\[controlnets.sdxl\] lineart"):
+        catalogue.controlnet_name("lineart", "sdxl")
+
+
+# -----------------------------------------------------------------------------
+# Listing and downloading
+# -----------------------------------------------------------------------------
+
+def test_models_message_says_what_is_present(tmp_path, tiny_root):
+    cache = tmp_path / "hf"
+    fake_hub_snapshot(cache, CONTROLNETS["sd15"]["canny"], {
+        "config.json": "{}", "diffusion_pytorch_model.safetensors": b"x"})
+    message = list_models(ModelConfig(cache_dir=str(cache), tiny_root=str(tiny_root)))
+    assert isinstance(message, Models)
+    by_name = {(m.name, m.kind): m for m in message.models}
+    assert by_name[(CONTROLNETS["sd15"]["canny"], "controlnet")].present
+    assert not by_name[(CONTROLNETS["sd15"]["depth"], "controlnet")].present
+    assert not by_name[(DEFAULT_BASES["sd15"], "base")].present
+    assert by_name[("tiny-sd15", "base")].present
+    assert message.default_base == DEFAULT_BASES["sd15"]
+    sdxl_nets = {m.condition for m in message.models if m.kind == "controlnet"
+                 and m.family == "sdxl"}
+    assert sdxl_nets == set(CONTROLNETS["sdxl"])
+
+
+def test_download_aliases_and_offline_message(tmp_path, monkeypatch):
+    catalogue = empty_cache_catalogue(tmp_path)
+    assert catalogue.download_target("sd15") == (DEFAULT_BASES["sd15"], "base")
+    assert catalogue.download_target("lineart") == (CONTROLNETS["sd15"]["lineart"],
+                                                    "controlnet")
+    assert catalogue.download_target("sdxl:depth") == (CONTROLNETS["sdxl"]["depth"],
+                                                       "controlnet")
+    with pytest.raises(ModelMissing, match="built in"):
+        catalogue.download_target("tiny-sd15")
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelMissing, match="offline") as info:
+        catalogue.download("lineart")
+    assert CONTROLNETS["sd15"]["lineart"] in info.value.message
+
+
+def test_download_of_a_cached_model_is_a_no_op(tmp_path):
+    snapshot = fake_hub_snapshot(tmp_path / "hf", "me/net", {
+        "config.json": "{}", "diffusion_pytorch_model.safetensors": b"x"})
+    assert empty_cache_catalogue(tmp_path).download("me/net") == snapshot
+
+
+# -----------------------------------------------------------------------------
+# The tiny model itself
+# -----------------------------------------------------------------------------
+
+def test_tiny_build_is_deterministic_and_cached(tmp_path):
+    a = tiny.ensure_tiny("sd15", tmp_path / "a")
+    b = tiny.ensure_tiny("sd15", tmp_path / "b")
+    for rel in ("unet/diffusion_pytorch_model.safetensors",
+                "controlnets/lines/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    stamp = (a / ".complete").stat().st_mtime_ns
+    assert tiny.ensure_tiny("sd15", tmp_path / "a") == a
+    assert (a / ".complete").stat().st_mtime_ns == stamp  # not rebuilt
+    assert tiny.VERSION in a.name
+
+
+def test_import_backend_does_not_import_torch():
+    code = ("import sys, backend, backend.models, backend.tiny, backend.engine; "
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, "
+            "[m for m in ('torch', 'diffusers') if m in sys.modules]")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
