@@ -18,8 +18,8 @@ import threading
 import time
 from typing import Callable, Iterator, Mapping, Optional
 
-from .errors import (ConnectionLost, ControlCanvasError, ProtocolError, ServerUnavailable,
-                     error_from_code)
+from .errors import (ConnectionLost, ControlCanvasError, LimitError, ProtocolError,
+                     ServerUnavailable, error_from_code)
 from .images import Image
 from .messages import Error, GenerateRequest, Models, Status, Welcome
 from .session import ClientSession, ResultReady
@@ -131,6 +131,11 @@ class Client:
     # -- receiving -----------------------------------------------------------------
 
     def _lost(self, err: Exception) -> ControlCanvasError:
+        rcvd = getattr(err, "rcvd", None)
+        if rcvd is not None and rcvd.code == 1009:
+            return LimitError(f"The server at {self.url} closed the connection because a "
+                              f"message was larger than its limit ({rcvd.reason}). Send a "
+                              f"smaller image, or start the server with a larger --max-pixels.")
         return ConnectionLost(f"The connection to {self.url} was lost ({err}). Jobs keep "
                               f"running on the server; reconnect and resume them.")
 
