@@ -96,6 +96,14 @@ async def _receive(ws: ServerConnection):
     return tuple(parts)
 
 
+async def _discard_incoming(ws: ServerConnection) -> None:
+    try:
+        while True:
+            await ws.recv()
+    except ConnectionClosed:
+        pass
+
+
 class Server:
     def __init__(self, config: ServerConfig, engine: Engine, token: str) -> None:
         self.config = config
@@ -119,6 +127,7 @@ class Server:
             max_size=cfg.max_frame_bytes,
             max_queue=4,
             compression=None,
+            close_timeout=2,
             server_header=f"ControlCanvas/{backend.__version__}",
             ping_interval=20, ping_timeout=60,
         )
@@ -214,7 +223,11 @@ class Server:
                 writer.cancel()
             except Exception:  # a write failed on a dead socket
                 log.debug("writer ended with an error", exc_info=True)
+            # Keep reading (and discarding) while closing: a client that sent more than
+            # the receive queue holds would otherwise never see our close frame.
+            drain = asyncio.create_task(_discard_incoming(ws))
             await ws.close(close_code, close_reason)
+            drain.cancel()
 
     def _dispatch(self, conn: Connection, events: List[object]) -> None:
         manager = self.manager

@@ -159,7 +159,8 @@ def test_real_server_keeps_serving_after_garbage(fake_server):
             json.dumps({"type": "ack", "job_ids": [JOB]}),
             json.dumps({"type": "cancel", "job_id": JOB})]
     for round_ in range(4):
-        with connect(fake_server.url, max_size=None, compression=None) as ws:
+        with connect(fake_server.url, max_size=None, compression=None, max_queue=None,
+                     close_timeout=1) as ws:
             if round_:
                 ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION,
                                     "token": fake_server.token}))
