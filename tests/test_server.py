@@ -413,3 +413,13 @@ class _NullCtx:
 
     def check_cancelled(self):
         pass
+
+
+def test_client_maps_oversize_close_to_limit_error(make_server):
+    from shared.errors import LimitError
+    server = make_server(max_pixels=32 * 32)
+    with Client.connect(server.url, server.token) as client:
+        client.session.limits = None  # skip the client's own check, as an old client would
+        job = client.preprocess("none", Image.filled(64, 64))
+        with pytest.raises(LimitError, match="larger than its limit"):
+            client.wait(job)
