@@ -385,7 +385,8 @@ class _Base:
     scheduler_config: Dict[str, Any]
     nbytes: int
     pipes: Dict[type, Any] = field(default_factory=dict)
-    offload_owner: Any = None
+    schedulers: Dict[str, Any] = field(default_factory=dict)  # sampler -> scheduler (reused:
+    offload_owner: Any = None                                  # set_timesteps resets state)
 
 
 @dataclass
@@ -861,7 +862,11 @@ class DiffusersEngine:
                   ctx: JobContext, state: Dict[str, int], total: int) -> np.ndarray:
         controls = bool(request.controls)
         pipe = self._pipeline(entry, p.kind, controls, units)
-        pipe.scheduler = make_scheduler(request.sampler, entry.scheduler_config)
+        scheduler = entry.schedulers.get(request.sampler)
+        if scheduler is None:
+            scheduler = make_scheduler(request.sampler, entry.scheduler_config)
+            entry.schedulers[request.sampler] = scheduler
+        pipe.scheduler = scheduler
         if p.vae_tiling:
             pipe.vae.enable_tiling()
         else:

@@ -114,7 +114,7 @@ def test_each_mode_single_and_multi_controlnet(tiny_engine, base, mode):
 
 
 def test_pipelines_are_shared_between_modes(tiny_engine):
-    run(tiny_engine, make_request(controls=(unit(),)))
+    first = run(tiny_engine, make_request(controls=(unit(),)))[0].image.data
     run(tiny_engine, make_request(mode="img2img", controls=(unit(),)))
     entry = next(e for e in tiny_engine._bases.values() if e.family == "sd15"
                  and e.resolved.name == "tiny-sd15")
@@ -123,6 +123,8 @@ def test_pipelines_are_shared_between_modes(tiny_engine):
     loads = tiny_engine.stats["loads"]
     run(tiny_engine, make_request(mode="inpaint", controls=(unit(),)))
     assert tiny_engine.stats["loads"] == loads  # nothing reloaded for another mode
+    # shared pipelines and schedulers carry no state from one job to the next
+    assert run(tiny_engine, make_request(controls=(unit(),)))[0].image.data == first
 
 
 # -----------------------------------------------------------------------------
