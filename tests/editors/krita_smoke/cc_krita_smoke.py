@@ -7,19 +7,23 @@ with ``CC_DONE <n_ok> <n_fail>``; the same data is written to OUT_DIR/results.js
 kritarunner itself always exits 0 (even when Python raises), so callers must
 parse these lines.
 """
+import faulthandler
 import json
 import os
 import socket
 import sys
+import time
 import traceback
 
 from krita import InfoObject, Krita, Selection
 from PyQt5.QtCore import PYQT_VERSION_STR, QT_VERSION_STR
 from PyQt5.QtGui import QColor, QImage
+from PyQt5.QtWidgets import QApplication
 
 W, H = 64, 48
 DPI = 144.0  # not 72, so points and pixels differ (factor 2)
 RESULTS = []
+faulthandler.enable()  # a segfault in Krita prints the Python stack
 
 
 def check(name):
@@ -46,6 +50,11 @@ def names(node):
     return [n.name() for n in node.childNodes()]  # bottom to top
 
 
+def tree(node):
+    """Nested names, bottom to top: ['a', ['grp', [...]], ...]."""
+    return [[n.name(), tree(n)] if n.childNodes() else n.name() for n in node.childNodes()]
+
+
 @check("environment")
 def check_env():
     import pykrita
@@ -69,11 +78,18 @@ def check_create(ctx):
     doc = Krita.instance().createDocument(W, H, "cc_smoke", "RGBA", "U8", "", DPI)
     doc.setBatchmode(True)
     ctx["doc"] = doc
+    view = None
+    if ctx.get("gui"):
+        # A view makes it Krita.activeDocument() (needed by addShapesFromSvg, undo action).
+        view = Krita.instance().activeWindow().addView(doc)
+    active = Krita.instance().activeDocument()
     top = [(n.name(), n.type()) for n in doc.topLevelNodes()]
     assert doc.width() == W and doc.height() == H
     assert doc.resolution() == int(DPI), doc.resolution()
     return {"top_level_nodes": top, "resolution": doc.resolution(),
-            "selection_when_none": repr(doc.selection())}
+            "selection_when_none": repr(doc.selection()), "view": repr(view),
+            "activeDocument_is_doc": active is not None
+            and active.rootNode().uniqueId() == doc.rootNode().uniqueId()}
 
 
 @check("paint_layer_pixels_bgra")
@@ -126,78 +142,136 @@ def check_selection(ctx):
     outside = data[0]
     assert inside == 255 and outside == 0, (inside, outside)
     bbox = (s.x(), s.y(), s.width(), s.height())
-    try:
-        doc.setSelection(None)  # deselect?
-        after_none = repr(doc.selection())
-    except Exception as exc:
-        after_none = "setSelection(None) raised %r" % exc
+    # Deselect. NOTE: doc.setSelection(None) SEGFAULTS here (Krita 5.1.5, after
+    # layers were added); setting an empty Selection() is safe.
+    doc.setSelection(Selection())
+    after = doc.selection()
+    after_desc = None if after is None else bytes(after.pixelData(0, 0, W, H)).count(255)
     return {"len": len(data), "inside": inside, "outside": outside, "bbox": bbox,
-            "count_255": data.count(255), "selection_after_setSelection_None": after_none}
+            "count_255": data.count(255), "after_empty_selection_count_255": after_desc,
+            "after_empty_selection_is_none": after is None}
 
 
-SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="64" height="48" viewBox="0 0 64 48">
+SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="64pt" height="48pt" viewBox="0 0 64 48">
   <rect id="cc_rect" x="10" y="4" width="12" height="6" fill="#00ff00"/>
   <path id="cc_path" d="M 2 40 L 20 40 L 20 46 Z" fill="#0000ff" stroke="none"/>
 </svg>"""
 
 
-@check("vector_layer_shapes")
+def shape_info(shapes):
+    out = []
+    for sh in shapes:
+        bb, pos = sh.boundingBox(), sh.position()
+        out.append({"name": sh.name(), "type": sh.type(),
+                    "bbox_pt": [bb.x(), bb.y(), bb.width(), bb.height()],
+                    "pos_pt": [pos.x(), pos.y()], "svg": sh.toSvg()})
+    return out
+
+
+def green_bbox(doc, timeout=3.0):
+    """Pixel bbox [x0, y0, x1, y1) of the green rect in the projection, and the
+    seconds it took: vector layers rasterize asynchronously (needs the Qt event
+    loop), so poll with processEvents."""
+    t0 = time.time()
+    while True:
+        QApplication.processEvents()
+        doc.waitForDone()
+        doc.refreshProjection()
+        img = doc.projection(0, 0, doc.width(), doc.height())
+        pts = [(x, y) for y in range(doc.height()) for x in range(doc.width())
+               if QColor(img.pixel(x, y)).green() > 200 and QColor(img.pixel(x, y)).red() < 50]
+        if pts or time.time() - t0 > timeout:
+            break
+        time.sleep(0.05)
+    if not pts:
+        return None
+    return {"bbox": [min(p[0] for p in pts), min(p[1] for p in pts),
+                     max(p[0] for p in pts) + 1, max(p[1] for p in pts) + 1],
+            "after_s": round(time.time() - t0, 2)}
+
+
+@check("vector_layer_addShapesFromSvg")
 def check_vector(ctx):
+    """Krita 5.1.5's VectorLayer.addShapesFromSvg dereferences
+    Krita.activeDocument(), which is None without a view (always in kritarunner):
+    it SEGFAULTS. So only call it when the document is active (GUI + view)."""
     doc = ctx["doc"]
-    root = doc.rootNode()
+    active = Krita.instance().activeDocument()
+    if active is None or active.rootNode().uniqueId() != doc.rootNode().uniqueId():
+        return {"skipped": "Krita.activeDocument() is not this document (no view): "
+                           "addShapesFromSvg would segfault in 5.1.5"}
     vec = doc.createVectorLayer("cc_vector")
-    root.addChildNode(vec, None)
+    doc.rootNode().addChildNode(vec, None)
     added = vec.addShapesFromSvg(SVG)
     doc.waitForDone()
-    shapes = vec.shapes()
-    info = []
-    for sh in shapes:
-        bb = sh.boundingBox()
-        pos = sh.position()
-        info.append({"name": sh.name(), "type": sh.type(),
-                     "bbox": [bb.x(), bb.y(), bb.width(), bb.height()],
-                     "pos": [pos.x(), pos.y()], "svg": sh.toSvg()})
-    doc.refreshProjection()
-    # Where did the green rect land in pixels? Scan projection.
-    img = doc.projection(0, 0, W, H)
-    green = [(x, y) for y in range(H) for x in range(W)
-             if QColor(img.pixel(x, y)).green() > 200 and QColor(img.pixel(x, y)).red() < 50]
-    gx = (min(p[0] for p in green), min(p[1] for p in green),
-          max(p[0] for p in green), max(p[1] for p in green)) if green else None
+    info = shape_info(vec.shapes())
     ctx["vector"] = vec
     assert [s["name"] for s in info] == ["cc_rect", "cc_path"], [s["name"] for s in info]
-    return {"added_len": len(added), "shapes": info, "green_pixel_bbox": gx,
-            "points_to_pixels": doc.resolution() / 72.0,
-            "layer_toSvg": vec.toSvg()[:400]}
+    gb = green_bbox(doc)
+    # Unit-less SVG (no pt, no viewBox): are user units points or pixels?
+    vec2 = doc.createVectorLayer("cc_vector_unitless")
+    doc.rootNode().addChildNode(vec2, None)
+    vec2.addShapesFromSvg('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="48">'
+                          '<rect id="cc_u" x="10" y="4" width="12" height="6" fill="#ff00ff"/></svg>')
+    bb = vec2.shapes()[0].boundingBox()
+    unitless = [bb.x(), bb.y(), bb.width(), bb.height()]
+    vec2.remove()
+    return {"added_len": len(added), "shapes": info, "green_pixel_bbox_px": gb,
+            "points_to_pixels": doc.resolution() / 72.0, "layer_toSvg": vec.toSvg(),
+            "unitless_svg_rect_x10_y4_w12_h6_bbox_pt": unitless}
+
+
+@check("vector_layer_from_svg_file")
+def check_vector_file(ctx, out):
+    """Works everywhere: open an SVG file (needs Krita batchmode, else a
+    resolution dialog blocks) and read its vector layer's shapes."""
+    path = os.path.join(out, "cc_shapes.svg")
+    with open(path, "w") as f:
+        f.write(SVG)
+    d = Krita.instance().openDocument(path)
+    d.setBatchmode(True)
+    layers = [(n.name(), n.type()) for n in d.topLevelNodes()]
+    vec = [n for n in d.topLevelNodes() if n.type() == "vectorlayer"][0]
+    info = shape_info(vec.shapes())
+    res = {"doc_size_px": [d.width(), d.height()], "resolution": d.resolution(),
+           "layers": layers, "shapes": info, "green_pixel_bbox_px": green_bbox(d)}
+    d.close()
+    assert [s["name"] for s in info] == ["cc_rect", "cc_path"], [s["name"] for s in info]
+    return res
 
 
 @check("layer_order")
 def check_order(ctx):
+    """addChildNode(node, above): node goes directly above `above`; None -> top.
+    (Node.setChildNodes is broken in 5.1.5: SAFE ASSERTs and wrong order.)"""
     doc = ctx["doc"]
     root = doc.rootNode()
     paint = ctx["paint"]
     start = names(root)
     above = doc.createNode("cc_above_paint", "paintlayer")
-    root.addChildNode(above, paint)          # placed directly above `paint`
+    root.addChildNode(above, paint)
     after_above = names(root)
-    # "below paint": pass the node that is currently below `paint` as `above`
     kids = root.childNodes()
     idx = [n.name() for n in kids].index("cc_paint")
     below = doc.createNode("cc_below_paint", "paintlayer")
-    root.addChildNode(below, kids[idx - 1] if idx > 0 else None)
+    root.addChildNode(below, kids[idx - 1])  # "below X" = above X's lower sibling
     after_below = names(root)
     top = doc.createNode("cc_top", "paintlayer")
-    root.addChildNode(top, None)             # None -> on top
+    root.addChildNode(top, None)
     after_top = names(root)
+    # Very bottom: put new above the old bottom, then re-add the old bottom above it.
+    bottom = doc.createNode("cc_bottom", "paintlayer")
+    old_bottom = root.childNodes()[0]
+    root.addChildNode(bottom, old_bottom)
+    old_bottom.remove()
+    root.addChildNode(old_bottom, bottom)
+    doc.waitForDone()
+    after_bottom = names(root)
     assert after_above.index("cc_above_paint") == after_above.index("cc_paint") + 1
     assert after_below.index("cc_below_paint") == after_below.index("cc_paint") - 1
-    assert after_top[-1] == "cc_top"
-    # The very bottom: addChildNode cannot place at index 0 directly; try setChildNodes.
-    bottom = doc.createNode("cc_bottom", "paintlayer")
-    root.setChildNodes([bottom] + root.childNodes())
-    after_bottom = names(root)
+    assert after_top[-1] == "cc_top" and after_bottom[0] == "cc_bottom", after_bottom
     return {"start": start, "after_above": after_above, "after_below": after_below,
-            "after_top": after_top, "after_setChildNodes_bottom": after_bottom}
+            "after_top": after_top, "after_bottom_trick": after_bottom}
 
 
 @check("group_layer")
@@ -255,9 +329,44 @@ def check_export(ctx, out):
 def check_undo(ctx):
     k = Krita.instance()
     act = k.action("edit_undo")
-    return {"action_edit_undo": repr(act), "n_actions": len(k.actions()),
-            "windows": len(k.windows()),
-            "note": "kritarunner has no main window, so no actions; openWindow() segfaults"}
+    res = {"action_edit_undo": repr(act), "n_actions": len(k.actions()),
+           "windows": len(k.windows())}
+    if act is None:
+        res["note"] = "no main window (kritarunner): no actions, no undo from scripting"
+        return res
+    doc = ctx["doc"]
+    root = doc.rootNode()
+
+    def undo(action="edit_undo"):
+        k.action(action).trigger()
+        doc.waitForDone()
+        QApplication.processEvents()
+
+    paint = doc.nodeByName("cc_paint")
+    before_px = bytes(paint.pixelData(3, 2, 1, 1))
+    layers0 = names(root)
+    tree0 = tree(root)
+    paint.setPixelData(bgra(99, 99, 99, 255), 3, 2, 1, 1)
+    undo()
+    res["setPixelData_then_undo"] = {
+        "pixel_before": list(before_px),
+        "pixel_after_undo": list(bytes(paint.pixelData(3, 2, 1, 1))),
+        "tree_before": tree0, "tree_after_undo": tree(root)}
+    undo("edit_redo")
+    res["setPixelData_then_undo"]["tree_after_redo"] = tree(root)
+    probe = doc.createNode("cc_undo_probe", "paintlayer")
+    root.addChildNode(probe, None)
+    doc.waitForDone()
+    with_probe = names(root)
+    undo()
+    after_undo = names(root)
+    undo("edit_redo")
+    after_redo = names(root)
+    res["addChildNode_undo"] = {"with": with_probe, "after_undo": after_undo,
+                                "after_redo": after_redo}
+    assert "cc_undo_probe" in with_probe and "cc_undo_probe" not in after_undo
+    assert "cc_undo_probe" in after_redo
+    return res
 
 
 @check("tcp_to_host")
@@ -286,10 +395,12 @@ def check_plugins():
 
 
 def main(args):
+    """args: [OUT_DIR, TCP_PORT or "", "gui" when run inside the full krita]."""
     out = args[0] if args else "/tmp"
     port = args[1] if len(args) > 1 else None
+    ctx = {"gui": len(args) > 2 and args[2] == "gui"}
     os.makedirs(out, exist_ok=True)
-    ctx = {}
+    Krita.instance().setBatchmode(True)  # else importers (SVG...) open dialogs and hang
     check_env()
     check_create(ctx)
     if "doc" in ctx:
@@ -300,7 +411,8 @@ def main(args):
             check_order(ctx)
         check_group(ctx)
         check_export(ctx, out)
-    check_undo(ctx)
+        check_undo(ctx)
+    check_vector_file(ctx, out)
     if port:
         check_tcp(port)
     check_plugins()
@@ -309,8 +421,6 @@ def main(args):
                   indent=1, default=str)
     n_ok = sum(1 for _, ok, _ in RESULTS if ok)
     print("CC_DONE %d %d" % (n_ok, len(RESULTS) - n_ok))
-    if "doc" in ctx:
-        ctx["doc"].close()
 
 
 def fail(args):
