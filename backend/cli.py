@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
-    p.add_argument("name", choices=["transport"])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--side", type=int, default=2048)
+    p.add_argument("name", choices=["transport", "soak"])
+    p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
+    p.add_argument("--side", type=int, default=2048, help="transport: image side")
+    p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
+    p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -120,14 +120,24 @@ class FakeEngine:
         out = []
         for index, seed in enumerate(seeds):
             for step in range(1, request.steps + 1):
-                if self.step_seconds:
-                    time.sleep(self.step_seconds)
+                self._pretend_work(ctx)
                 ctx.progress(index * request.steps + step, total)
                 if ctx.wants_preview(step):
                     ctx.preview(step, Image.filled(8, 8, (*_colour(request.prompt, seed)
                                                             .astype(np.uint8).tolist(), 255)))
             out.append(Generated(self._picture(request, images, seed), seed))
         return out
+
+    def _pretend_work(self, ctx: JobContext) -> None:
+        """Sleep one step, noticing a cancel within ~2 ms (as a real engine would
+        within one step)."""
+        end = time.monotonic() + self.step_seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.002))
+            ctx.check_cancelled()
 
     def _picture(self, request: GenerateRequest, images: Mapping[int, Image],
                  seed: int) -> Image:

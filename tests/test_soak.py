@@ -1,0 +1,18 @@
+"""A small, bounded run of the soak benchmark: its figures must show no losses."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_soak_small_run_loses_nothing():
+    from backend.bench_soak import bench_soak
+    figures = bench_soak(fuzz_cases=400, clients=12, jobs=24, load_clients=4, cancel_trials=5,
+                         step_seconds=0.01)
+    assert figures["fuzz"]["crashes"] == 0 and figures["fuzz"]["server_alive_after"]
+    d = figures["disconnect"]
+    assert d["results_lost"] == 0 and d["results_duplicated"] == 0 and not d["client_errors"]
+    assert d["results_delivered"] == 12 - d["disconnect_points"].get("before_submit", 0)
+    load = figures["load"]
+    assert load["failures"] == 0 and load["first_half_share_min"] > 0
+    assert figures["cancel"]["cancelled"] == 5
+    assert figures["retention"]["resume_says_expired"]
