@@ -1,0 +1,259 @@
+"""What each Filters ▸ ControlNet procedure does, written against :class:`host.Host`.
+
+Shape of every action: read what is needed from the editor (main thread), talk
+to the server on a worker thread (:mod:`worker`), then change the image in one
+undo group (main thread).  Nothing in the image changes unless the job succeeded.
+
+:func:`run` is the single entry point; it turns every failure into
+:class:`Failed`, whose message is the sentence GIMP shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from shared.client import Client
+from shared.messages import GenerateRequest, Progress, Queued
+
+from . import generation, pose, procedures, settings, worker
+from .generation import GenerateOptions
+from .host import Host, NewLayer
+from .problems import PoseUnavailable, UsageError, describe
+from .procedures import ProcedureSpec
+from .settings import Connection
+
+CONNECT_TIMEOUT = 10.0
+POSE_ANNOTATOR = "openpose"  # a preprocess job whose result info carries "keypoints"
+
+Connect = Callable[[Connection, str], Client]
+
+
+def default_connect(conn: Connection, client_name: str) -> Client:
+    return Client.connect(conn.url, conn.token, client=client_name, timeout=CONNECT_TIMEOUT)
+
+
+@dataclass
+class Outcome:
+    """What a procedure returns to GIMP (and to tests)."""
+
+    seed: int = -1
+    seeds: Tuple[Optional[int], ...] = ()
+    layer: Any = None  # the first new layer, or the new group
+    path: Any = None
+    report: str = ""
+    request: Optional[GenerateRequest] = None
+
+
+class Failed(Exception):
+    """A procedure failed; ``message`` says what happened and what to do."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+
+    @property
+    def is_bug(self) -> bool:
+        """True when the cause is not an error the plug-in expects (log its traceback)."""
+        from shared.errors import ControlCanvasError
+        return not isinstance(self.cause, (ControlCanvasError, OSError, TimeoutError))
+
+
+@dataclass
+class _Run:
+    spec: ProcedureSpec
+    host: Host
+    values: Dict[str, Any]
+    connect: Connect
+    conn: Optional[Connection] = None
+    doing: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def connection(self) -> Connection:
+        saved = settings.load_saved(self.host.settings_path())
+        self.conn = settings.resolve(self.values, saved)
+        return self.conn
+
+    def open(self) -> Client:
+        return self.connect(self.conn, self.host.client_name())
+
+
+def run(spec: ProcedureSpec, host: Host, values: Mapping[str, Any],
+        connect: Connect = default_connect) -> Outcome:
+    """Run procedure ``spec`` with argument ``values``; raises :class:`Failed`."""
+    ctx = _Run(spec, host, {}, connect)
+    try:
+        ctx.values = procedures.check_values(spec, values)
+        return ACTIONS[spec.action](ctx)
+    except Exception as err:
+        conn = ctx.conn
+        raise Failed(describe(err, url=conn.url if conn else "",
+                              token_source=conn.token_source if conn else "",
+                              action=ctx.doing), err) from err
+
+
+def _reporter(host: Host, what: str) -> Callable[[Any], None]:
+    """Turn server events into progress-bar updates (runs on the main thread)."""
+    def on_event(event: Any) -> None:
+        if isinstance(event, Queued):
+            host.progress(text=f"ControlCanvas: waiting in the server's queue "
+                               f"(position {event.position})")
+        elif isinstance(event, Progress):
+            if event.total > 0:
+                host.progress(text=f"ControlCanvas: {what}, step {event.step} of {event.total}",
+                              fraction=min(1.0, event.step / event.total))
+            else:
+                host.progress(text=f"ControlCanvas: {what}…", fraction=0.0)
+    return on_event
+
+
+# -- the actions --------------------------------------------------------------------
+
+def generate(ctx: _Run) -> Outcome:
+    """Generate from layer / Colourise line art / Figure from pose."""
+    opts = GenerateOptions.from_values(ctx.values)
+    host = ctx.host
+    layer = host.active_layer()
+    new_skeleton = None
+    if opts.condition == "openpose" and ctx.values.get("pose-source") == "path":
+        found = host.find_skeleton()
+        if found is None:  # start from a default figure filling the layer
+            keypoints = pose.default_pose(layer.width, layer.height, layer.x, layer.y)
+            new_skeleton = keypoints
+        else:
+            keypoints = pose.from_strokes(found.strokes, found.meta, found.name)
+        control = pose.render(pose.transformed(keypoints, dx=-layer.x, dy=-layer.y),
+                              layer.width, layer.height)
+    else:
+        control = host.read_pixels(layer)
+    seed = generation.choose_seed(opts.seed, opts.batch)
+    conn = ctx.connection()
+    host.progress(text=f"ControlCanvas: connecting to {conn.url}", fraction=0.0)
+    ctx.doing = "while generating"
+
+    def work(emit):
+        with ctx.open() as client:
+            models = client.models()
+            request = generation.build_request(opts, layer.width, layer.height, seed=seed,
+                                               models=models, limits=client.welcome.limits)
+            job = client.submit(request, {0: control}, cancel_on_disconnect=True)
+            return request, client.wait(job, on_event=emit)
+
+    request, result = worker.run(work, _reporter(host, "generating"))
+    seeds = result.seeds
+    new = [NewLayer(generation.layer_name(opts.prompt, s), image, layer.width, layer.height,
+                    layer.x, layer.y) for (_, image), s in zip(result.images, seeds)]
+    group = generation.group_name(opts.prompt, seeds) if len(new) > 1 else None
+    path = None
+    with host.undo_group():
+        if new_skeleton is not None:
+            path = host.add_skeleton(pose.PATH_NAME, pose.to_strokes(new_skeleton),
+                                     pose.path_meta(new_skeleton))
+        handles = host.insert_layers(layer, new, below=ctx.spec.below, group=group)
+    host.progress(text=f"ControlCanvas: done, seed {seeds[0]}", fraction=1.0)
+    return Outcome(seed=seeds[0] if seeds[0] is not None else -1, seeds=seeds,
+                   layer=handles[0] if handles else None, path=path, request=request)
+
+
+def control_image(ctx: _Run) -> Outcome:
+    """Make control image: run an annotator, add its output as a layer above."""
+    host = ctx.host
+    condition = ctx.values["condition"]
+    annotator = ctx.values["annotator"].strip()
+    layer = host.active_layer()
+    pixels = host.read_pixels(layer)
+    ctx.connection()
+    ctx.doing = "while annotating"
+
+    def work(emit):
+        with ctx.open() as client:
+            name = annotator or generation.default_annotator(client.models(), condition)
+            if not name:
+                raise UsageError(f"The server has no annotator for {condition!r}; name one in "
+                                 f"'Annotator'.", field="annotator")
+            job = client.preprocess(name, pixels, cancel_on_disconnect=True)
+            return name, client.wait(job, on_event=emit)
+
+    name, result = worker.run(work, _reporter(host, "annotating"))
+    (_, image), = result.images
+    new = NewLayer(f"Control image · {condition} ({name})", image, layer.width, layer.height,
+                   layer.x, layer.y)
+    with host.undo_group():
+        handles = host.insert_layers(layer, [new], below=False)
+    host.progress(text="ControlCanvas: done", fraction=1.0)
+    return Outcome(layer=handles[0])
+
+
+def pose_from_photo(ctx: _Run) -> Outcome:
+    """Pose from photo: detect the skeleton, add it as a path and an OpenPose layer."""
+    host = ctx.host
+    layer = host.active_layer()
+    photo = host.read_pixels(layer)
+    ctx.connection()
+    ctx.doing = "while detecting the pose"
+
+    def work(emit):
+        with ctx.open() as client:
+            models = client.models()
+            if not any(a.name == POSE_ANNOTATOR and a.available for a in models.annotators):
+                raise PoseUnavailable()
+            job = client.preprocess(POSE_ANNOTATOR, photo, cancel_on_disconnect=True)
+            return client.wait(job, on_event=emit)
+
+    result = worker.run(work, _reporter(host, "detecting the pose"))
+    text = result.info.get("keypoints")
+    if not isinstance(text, str) or not text:
+        raise PoseUnavailable(
+            "The server's pose annotator sent a picture but no keypoints, so there is nothing "
+            "to edit. Update the ControlCanvas server; meanwhile Filters ▸ ControlNet ▸ Figure "
+            "from pose… starts from a default skeleton.")
+    person = pose.main_person(pose.from_openpose_json(text, layer.width, layer.height))
+    if person is None:
+        raise UsageError("No person was found in the layer; try a photo where the whole body "
+                         "is visible, or use Figure from pose with the default skeleton.")
+    keypoints = pose.transformed(person, dx=layer.x, dy=layer.y)
+    (_, image), = result.images
+    with host.undo_group():
+        path = host.add_skeleton(pose.PATH_NAME, pose.to_strokes(keypoints),
+                                 pose.path_meta(keypoints))
+        handles = host.insert_layers(layer, [NewLayer("Pose (OpenPose)", image, layer.width,
+                                                      layer.height, layer.x, layer.y)],
+                                     below=False)
+    return Outcome(layer=handles[0], path=path)
+
+
+def settings_action(ctx: _Run) -> Outcome:
+    """Settings / connection test: save the address and token, then test them."""
+    host = ctx.host
+    path = host.settings_path()
+    if path is not None:
+        settings.save(path, ctx.values["server-url"], ctx.values["token"])
+    conn = ctx.connection()
+    ctx.doing = "while testing the connection"
+
+    def work(emit):
+        with ctx.open() as client:
+            return client.welcome, client.status(), client.models()
+
+    welcome, status, models = worker.run(work, lambda event: None)
+    family = generation.family_of(models) or "unknown family"
+    controlnets = sum(1 for m in models.models if m.kind == "controlnet" and m.present)
+    annotators = sorted(a.name for a in models.annotators if a.available)
+    report = (f"ControlCanvas: connected to {welcome.server} at {conn.url} (engine "
+              f"{welcome.engine}, protocol {welcome.protocol}). Default model: "
+              f"{models.default_base or 'none'} ({family}); {controlnets} ControlNet model(s) "
+              f"present; annotators: {', '.join(annotators) or 'none'}; jobs in the queue: "
+              f"{status.queue_length}. Token: {conn.token_source}.")
+    if path is not None:
+        report += " Settings saved."
+    host.message(report)
+    return Outcome(report=report)
+
+
+ACTIONS: Dict[str, Callable[[_Run], Outcome]] = {
+    "generate": generate,
+    "control_image": control_image,
+    "pose_from_photo": pose_from_photo,
+    "settings": settings_action,
+}

@@ -1,0 +1,165 @@
+"""Dialog values → the :class:`GenerateRequest` the server runs, and result naming.
+
+Size rule (WORKFLOWS "canvas size"): a ControlNet works at its model's native
+scale, so by default the request has the layer's aspect ratio at about the
+native pixel count (512² for SD1.5, 1024² for SDXL), sides multiples of 8; the
+result is scaled back to the layer's exact size by the editor.  ``size='layer'``
+asks for the layer's own size instead (rounded to multiples of 8).  Either way
+the server's limits are respected.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+from shared.messages import ControlUnit, GenerateRequest, Limits, Models
+
+from .problems import UsageError, short
+
+NATIVE_SIDE = {"sd15": 512, "sdxl": 1024}
+DEFAULT_NATIVE_SIDE = 512
+SEED_LIMIT = 2**31 - 1  # seeds the plug-in picks fit GIMP's int arguments, so they can be reused
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    condition: str
+    annotate: bool
+    annotator: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    batch: int
+    steps: int
+    cfg: float
+    sampler: str
+    control_weight: float
+    control_start: float
+    control_end: float
+    control_mode: str
+    size: str
+    base_model: str
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "GenerateOptions":
+        """From checked procedure values (see procedures.check_values)."""
+        opts = cls(
+            condition=values["condition"], annotate=values["annotate"],
+            annotator=values["annotator"].strip(), prompt=values["prompt"].strip(),
+            negative_prompt=values["negative-prompt"].strip(), seed=values["seed"],
+            batch=values["batch"], steps=values["steps"], cfg=values["cfg"],
+            sampler=values["sampler"], control_weight=values["control-weight"],
+            control_start=values["control-start"], control_end=values["control-end"],
+            control_mode=values["control-mode"], size=values["size"],
+            base_model=values["base-model"].strip())
+        if opts.control_start >= opts.control_end:
+            raise UsageError(f"Control start ({opts.control_start:g}) must be smaller than "
+                             f"control end ({opts.control_end:g}).", field="control-start")
+        return opts
+
+
+def _round8(value: float) -> int:
+    return max(8, int(math.floor(value / 8.0 + 0.5)) * 8)
+
+
+def _floor8(value: float) -> int:
+    return max(8, int(math.floor(value / 8.0)) * 8)
+
+
+def generation_size(width: int, height: int, size: str, native_side: int,
+                    limits: Optional[Limits] = None) -> Tuple[int, int]:
+    """The (width, height) to generate at for a layer of ``width`` x ``height``."""
+    if width <= 0 or height <= 0:
+        raise UsageError("The layer is empty (0 pixels); select a layer with content.")
+    if size == "layer":
+        w, h = _round8(width), _round8(height)
+    else:
+        scale = native_side / math.sqrt(width * height)
+        w, h = _round8(width * scale), _round8(height * scale)
+    if limits is not None:
+        shrink = min(1.0, limits.max_image_side / max(w, h),
+                     math.sqrt(limits.max_pixels / (w * h)))
+        if shrink < 1.0:
+            w, h = _floor8(w * shrink), _floor8(h * shrink)
+    return w, h
+
+
+def family_of(models: Optional[Models], base_model: str = "") -> str:
+    """The family (sd15, sdxl, ...) of the base model a request will use; '' if unknown."""
+    if models is None:
+        return ""
+    name = base_model or models.default_base
+    for info in models.models:
+        if info.kind == "base" and info.name == name:
+            return info.family
+    return ""
+
+
+def native_side(models: Optional[Models], base_model: str = "") -> int:
+    return NATIVE_SIDE.get(family_of(models, base_model), DEFAULT_NATIVE_SIDE)
+
+
+def default_annotator(models: Optional[Models], condition: str) -> Optional[str]:
+    """The server's first available annotator for ``condition``, or None."""
+    if models is None:
+        return None
+    for info in models.annotators:
+        if info.condition == condition and info.available:
+            return info.name
+    return None
+
+
+def preprocessor_for(opts: GenerateOptions, models: Optional[Models]) -> str:
+    """The control unit's preprocessor: 'none' when the layer is already the control image."""
+    if not opts.annotate:
+        return "none"
+    if opts.annotator:
+        return opts.annotator
+    name = default_annotator(models, opts.condition)
+    if name is None:
+        raise UsageError(
+            f"The server has no annotator for {opts.condition!r}. If the layer already is a "
+            f"{opts.condition} control image, switch 'Annotate the layer first' off; otherwise "
+            f"name an annotator the server has.", field="annotator")
+    return name
+
+
+def choose_seed(seed: int, batch: int, rng: Optional[random.Random] = None) -> int:
+    """``seed``, or for -1 a random one such that seed..seed+batch-1 all fit GIMP's ints."""
+    if seed >= 0:
+        return seed
+    return (rng or random.SystemRandom()).randint(0, SEED_LIMIT - (batch - 1))
+
+
+def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
+                  models: Optional[Models] = None,
+                  limits: Optional[Limits] = None) -> GenerateRequest:
+    """The request for a layer of ``width`` x ``height`` whose pixels go in slot 0."""
+    w, h = generation_size(width, height, opts.size, native_side(models, opts.base_model),
+                           limits)
+    unit = ControlUnit(condition=opts.condition, image=0,
+                       preprocessor=preprocessor_for(opts, models),
+                       weight=opts.control_weight, start=opts.control_start,
+                       end=opts.control_end, control_mode=opts.control_mode,
+                       resize_mode="just_resize")
+    return GenerateRequest(width=w, height=h, mode="txt2img", prompt=opts.prompt,
+                           negative_prompt=opts.negative_prompt, seed=seed, steps=opts.steps,
+                           cfg=opts.cfg, sampler=opts.sampler, batch=opts.batch,
+                           base_model=opts.base_model, controls=(unit,))
+
+
+def layer_name(prompt: str, seed: Optional[int]) -> str:
+    """A result layer's name: the prompt (shortened) and its seed, e.g. 'red coat · seed 7'."""
+    head = short(prompt) or "ControlCanvas"
+    return head if seed is None else f"{head} · seed {seed}"
+
+
+def group_name(prompt: str, seeds: Sequence[Optional[int]]) -> str:
+    known = [s for s in seeds if s is not None]
+    head = short(prompt) or "ControlCanvas"
+    if not known:
+        return f"{head} · {len(seeds)} variants"
+    return f"{head} · seeds {min(known)}–{max(known)}"

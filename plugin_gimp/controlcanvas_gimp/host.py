@@ -1,0 +1,79 @@
+"""The editor interface the actions need: what ``canvas.GimpHost`` implements over GIMP.
+
+Tests implement the same interface in memory, so every action runs without GIMP.
+Handles (``LayerInfo.handle``, the values ``insert_layers`` returns) are opaque:
+only the host looks inside them.  Every method is called on the main thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ContextManager, List, Optional, Protocol, Sequence, Tuple
+
+from shared.images import Image
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    width: int
+    height: int
+    x: int  # offsets in the image
+    y: int
+    handle: Any = None
+
+
+@dataclass(frozen=True)
+class NewLayer:
+    """A layer to add: ``image`` is scaled to width x height if its size differs."""
+
+    name: str
+    image: Image
+    width: int
+    height: int
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class SkeletonPath:
+    """A skeleton path found in the image: its strokes' points and stored metadata."""
+
+    name: str
+    strokes: Tuple[Tuple[float, ...], ...]
+    meta: str
+    handle: Any = None
+
+
+class Host(Protocol):
+    def active_layer(self) -> LayerInfo:
+        """The one selected layer; raises UsageError when there is none or several."""
+
+    def read_pixels(self, layer: LayerInfo) -> Image:
+        """The layer's pixels as straight 8-bit RGBA at its own size."""
+
+    def undo_group(self) -> ContextManager[None]:
+        """Everything done inside is one undo step."""
+
+    def insert_layers(self, anchor: LayerInfo, layers: Sequence[NewLayer], *, below: bool,
+                      group: Optional[str] = None) -> List[Any]:
+        """Add ``layers`` next to ``anchor`` (above it, or below it), in a new layer group
+        called ``group`` when given; returns handles (the group's first when grouped)."""
+
+    def find_skeleton(self) -> Optional[SkeletonPath]:
+        """The image's skeleton path (the selected one first), or None."""
+
+    def add_skeleton(self, name: str, strokes: Sequence[Sequence[float]], meta: str) -> Any:
+        """Add a path with these strokes and metadata; returns its handle."""
+
+    def progress(self, text: Optional[str] = None, fraction: Optional[float] = None) -> None:
+        """Show progress on the editor's progress bar."""
+
+    def message(self, text: str) -> None:
+        """Show an informational message (not an error)."""
+
+    def settings_path(self) -> Optional[str]:
+        """Where Settings saves the address and token (None: nowhere)."""
+
+    def client_name(self) -> str:
+        """How the plug-in introduces itself to the server, e.g. 'gimp 3.0.4'."""

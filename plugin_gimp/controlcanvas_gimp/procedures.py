@@ -1,0 +1,280 @@
+"""Every procedure the plug-in registers, with its menu label and arguments, as data.
+
+``canvas`` turns these specs into ``Gimp.ImageProcedure`` arguments and dialogs;
+``actions`` reads the values back by the same names.  A script calls the same
+procedures non-interactively with the same argument names, e.g.::
+
+    proc = Gimp.get_pdb().lookup_procedure("python-fu-controlcanvas-generate")
+    cfg = proc.create_config()
+    cfg.set_property("image", image)
+    cfg.set_core_object_array("drawables", [layer])
+    cfg.set_property("prompt", "knight in armour")
+    cfg.set_property("seed", 1234)
+    result = proc.run(cfg)          # values: status, seed, layer
+
+:func:`check_values` validates a mapping of values against a spec exactly as
+GIMP would clamp them, so the logic tests call procedures the way GIMP does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from shared.messages import SAMPLERS
+
+from .problems import UsageError
+
+MENU_PATH = "<Image>/Filters/ControlNet"
+PREFIX = "python-fu-controlcanvas-"
+GINT_MAX = 2**31 - 1  # GIMP's int arguments are 32-bit signed
+
+# Condition nick -> label, in the order the dialog lists them (inpaint is not a
+# layer-driven condition, so it is not offered here).
+CONDITION_CHOICES: Tuple[Tuple[str, str], ...] = (
+    ("lineart", "Line art"),
+    ("lineart_anime", "Anime line art"),
+    ("scribble", "Scribble"),
+    ("softedge", "Soft edge"),
+    ("canny", "Canny edges"),
+    ("depth", "Depth"),
+    ("normal", "Normal map"),
+    ("openpose", "Pose (OpenPose)"),
+    ("mlsd", "Straight lines (MLSD)"),
+    ("seg", "Segmentation"),
+    ("tile", "Tile (detail)"),
+    ("shuffle", "Shuffle (style)"),
+)
+SAMPLER_LABELS = {
+    "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC",
+    "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "lcm": "LCM (few-step models)",
+}
+SAMPLER_CHOICES = tuple((name, SAMPLER_LABELS.get(name, name)) for name in SAMPLERS)
+CONTROL_MODE_CHOICES = (
+    ("balanced", "Balanced"),
+    ("prompt", "My prompt is more important"),
+    ("control", "ControlNet is more important"),
+)
+SIZE_CHOICES = (
+    ("model", "The model's native size (aspect kept, result scaled to the layer)"),
+    ("layer", "The layer's own size (rounded to multiples of 8)"),
+)
+POSE_SOURCE_CHOICES = (
+    ("path", "The image's skeleton path (a default skeleton is added if there is none)"),
+    ("layer", "The selected layer (already an OpenPose image)"),
+)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One procedure argument: kind is string, int, double, boolean or choice."""
+
+    name: str
+    kind: str
+    label: str
+    help: str
+    default: Any
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    choices: Tuple[Tuple[str, str], ...] = ()
+    in_dialog: bool = True
+
+    def check(self, value: Any) -> Any:
+        """The value GIMP would hand to the procedure, or UsageError naming the argument."""
+        if self.kind == "string":
+            if not isinstance(value, str):
+                raise UsageError(f"Argument {self.name!r} must be text; got {value!r}.",
+                                 field=self.name)
+            return value
+        if self.kind == "boolean":
+            if not isinstance(value, bool):
+                raise UsageError(f"Argument {self.name!r} must be true or false; got {value!r}.",
+                                 field=self.name)
+            return value
+        if self.kind == "choice":
+            nicks = [nick for nick, _ in self.choices]
+            if value not in nicks:
+                raise UsageError(f"Argument {self.name!r} must be one of {', '.join(nicks)}; "
+                                 f"got {value!r}.", field=self.name)
+            return value
+        if self.kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value)
+        if not ok or value < self.minimum or value > self.maximum:
+            raise UsageError(f"Argument {self.name!r} must be a number from {self.minimum:g} to "
+                             f"{self.maximum:g}; got {value!r}.", field=self.name)
+        return int(value) if self.kind == "int" else float(value)
+
+
+@dataclass(frozen=True)
+class ProcedureSpec:
+    """A menu entry: ``action`` names the function in :mod:`actions` that runs it."""
+
+    name: str
+    label: str
+    blurb: str
+    help: str
+    action: str
+    args: Tuple[Arg, ...]
+    returns: Tuple[str, ...] = ()
+    fixed: Dict[str, Any] = field(default_factory=dict)  # values the preset decides
+    below: bool = False  # result goes below the source layer (colourise)
+    needs_drawable: bool = True
+
+    def arg(self, name: str) -> Arg:
+        for arg in self.args:
+            if arg.name == name:
+                return arg
+        raise KeyError(name)
+
+    @property
+    def dialog_args(self) -> Tuple[str, ...]:
+        return tuple(a.name for a in self.args if a.in_dialog)
+
+
+def _string(name, label, help, default="", in_dialog=True) -> Arg:
+    return Arg(name, "string", label, help, default, in_dialog=in_dialog)
+
+
+def _int(name, label, help, default, lo, hi) -> Arg:
+    return Arg(name, "int", label, help, default, lo, hi)
+
+
+def _double(name, label, help, default, lo, hi) -> Arg:
+    return Arg(name, "double", label, help, default, lo, hi)
+
+
+def _bool(name, label, help, default) -> Arg:
+    return Arg(name, "boolean", label, help, default)
+
+
+def _choice(name, label, help, choices, default) -> Arg:
+    return Arg(name, "choice", label, help, default, choices=choices)
+
+
+def connection_args(in_dialog: bool = False) -> Tuple[Arg, ...]:
+    return (
+        _string("server-url", "Server address",
+                "ws://HOST:PORT of the ControlCanvas server; blank: the address saved by "
+                "Settings, else ws://127.0.0.1:7351", in_dialog=in_dialog),
+        _string("token", "Token",
+                "Access token; blank: the token saved by Settings, else the server's token "
+                "file on this machine", in_dialog=in_dialog),
+    )
+
+
+def condition_arg(default: str = "lineart") -> Arg:
+    return _choice("condition", "Condition", "What the layer shows: the kind of ControlNet "
+                   "to steer the picture with", CONDITION_CHOICES, default)
+
+
+def annotator_args(annotate: bool, annotator: str) -> Tuple[Arg, ...]:
+    return (
+        _bool("annotate", "Annotate the layer first",
+              "On: the server turns the layer into a control image (e.g. photo → line art). "
+              "Off: the layer already is the control image", annotate),
+        _string("annotator", "Annotator", "Annotator name on the server; blank: the server's "
+                "default for the condition", annotator),
+    )
+
+
+def generation_args() -> Tuple[Arg, ...]:
+    return (
+        _string("prompt", "Prompt", "What the picture should show"),
+        _string("negative-prompt", "Negative prompt", "What it should not show"),
+        _int("seed", "Seed", "Same seed + same settings = same picture; -1 picks a random "
+             "seed (shown in the new layer's name)", -1, -1, GINT_MAX),
+        _int("batch", "Variants", "How many pictures (seed, seed+1, ...); more than one "
+             "arrive in a layer group", 1, 1, 16),
+        _int("steps", "Steps", "Denoising steps", 20, 1, 150),
+        _double("cfg", "Guidance (CFG)", "How strictly to follow the prompt", 7.0, 0.0, 30.0),
+        _choice("sampler", "Sampler", "Sampling method", SAMPLER_CHOICES, "dpmpp_2m_karras"),
+        _double("control-weight", "Control weight", "How strongly the control image steers "
+                "(0-2)", 1.0, 0.0, 2.0),
+        _double("control-start", "Control start", "Fraction of the steps at which the "
+                "control starts", 0.0, 0.0, 1.0),
+        _double("control-end", "Control end", "Fraction of the steps at which the control "
+                "stops", 1.0, 0.0, 1.0),
+        _choice("control-mode", "Control mode", "Balance between prompt and control image",
+                CONTROL_MODE_CHOICES, "balanced"),
+        _choice("size", "Work at", "Generation size; the result always comes back at the "
+                "layer's exact size and position", SIZE_CHOICES, "model"),
+        _string("base-model", "Base model", "Model name on the server; blank: the server's "
+                "default"),
+    )
+
+
+def _generating(name, label, blurb, help, head, fixed=None, below=False) -> ProcedureSpec:
+    return ProcedureSpec(name=PREFIX + name, label=label, blurb=blurb, help=help,
+                         action="generate", args=tuple(head) + generation_args()
+                         + connection_args(), returns=("seed", "layer"),
+                         fixed=dict(fixed or {}), below=below)
+
+
+PROCEDURES: Tuple[ProcedureSpec, ...] = (
+    _generating(
+        "generate", "Generate from layer…",
+        "Generate a picture steered by the selected layer (ControlNet)",
+        "Sends the selected layer to the ControlCanvas server as a control image and adds "
+        "the result as a new layer above it, at its position and size, in one undo step.",
+        (condition_arg("lineart"),) + annotator_args(True, "")),
+    _generating(
+        "colourise", "Colourise line art…",
+        "Colour the selected line-art layer; the colours go in a new layer below it",
+        "Line-art preset: the selected layer (dark lines, transparent or white paper) steers "
+        "the picture; the result goes below it so the lines stay crisp on top.",
+        annotator_args(True, "lineart_from_drawing"), fixed={"condition": "lineart"},
+        below=True),
+    _generating(
+        "figure-from-pose", "Figure from pose…",
+        "Generate a figure in the pose of the image's skeleton path",
+        "OpenPose preset: the skeleton path (one stroke per limb; move its joints with the "
+        "Paths tool, then run again with the same seed) or an OpenPose layer steers the "
+        "figure. Without a skeleton path a default one is added to the image.",
+        (_choice("pose-source", "Pose from", "Where the pose comes from",
+                 POSE_SOURCE_CHOICES, "path"),),
+        fixed={"condition": "openpose", "annotate": False, "annotator": ""}),
+    ProcedureSpec(
+        name=PREFIX + "control-image", label="Make control image…",
+        blurb="Run an annotator on the selected layer and add the control image as a layer",
+        help="Shows what the ControlNet will see (line art, edges, depth...) so it can be "
+             "inspected or edited first, then used with 'Generate from layer' with "
+             "'Annotate' off.",
+        action="control_image",
+        args=(condition_arg("lineart"),
+              _string("annotator", "Annotator", "Annotator name on the server; blank: the "
+                      "server's default for the condition"))
+        + connection_args(),
+        returns=("layer",)),
+    ProcedureSpec(
+        name=PREFIX + "pose-from-photo", label="Pose from photo…",
+        blurb="Detect the pose in the selected photo layer as an editable skeleton path",
+        help="Adds the detected skeleton as a path (one stroke per limb) and its OpenPose "
+             "image as a layer. Needs a server with pose detection.",
+        action="pose_from_photo", args=connection_args(), returns=("layer",)),
+    ProcedureSpec(
+        name=PREFIX + "settings", label="Settings / connection test…",
+        blurb="Set the ControlCanvas server address and token, and test the connection",
+        help="Blank fields use the defaults: ws://127.0.0.1:7351 and the token file that "
+             "`controlcanvas serve` writes on this machine. Saved for all ControlNet filters.",
+        action="settings", args=connection_args(in_dialog=True), returns=("report",),
+        needs_drawable=False),
+)
+BY_NAME: Dict[str, ProcedureSpec] = {spec.name: spec for spec in PROCEDURES}
+
+
+def check_values(spec: ProcedureSpec, values: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every argument of ``spec`` with its checked value; missing ones get defaults.
+
+    The preset's ``fixed`` values win over anything given.
+    """
+    unknown = set(values) - {a.name for a in spec.args} - set(spec.fixed)
+    if unknown:
+        raise UsageError(f"{spec.name} has no argument(s) {', '.join(sorted(unknown))}.",
+                         field=sorted(unknown)[0])
+    out = {a.name: a.check(values.get(a.name, a.default)) for a in spec.args}
+    out.update(spec.fixed)
+    return out

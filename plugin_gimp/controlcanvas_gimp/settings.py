@@ -1,0 +1,107 @@
+"""Where the server is and which token to use.
+
+Order, for both the address and the token: the procedure's argument (scripts) >
+what *Settings / connection test…* saved > the default (``ws://127.0.0.1:7351``
+and the token file the server writes on this machine).
+
+The token file is found exactly as ``backend.config.config_dir`` finds it (a copy:
+the plug-in cannot import the backend): ``$CONTROLCANVAS_CONFIG_DIR/token``, else
+the per-user config folder + ``controlcanvas/token``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+from shared.client import DEFAULT_URL
+
+SETTINGS_FILE = "controlcanvas.json"  # in GIMP's per-version user folder
+
+
+def config_dir(environ: Optional[Mapping[str, str]] = None,
+               platform: Optional[str] = None) -> Path:
+    """The server's per-user config folder (same rules as backend.config.config_dir)."""
+    env = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    override = env.get("CONTROLCANVAS_CONFIG_DIR")
+    if override:
+        return Path(override)
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if platform == "win32":
+        base = Path(env.get("APPDATA") or home / "AppData" / "Roaming")
+    elif platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        base = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+    return base / "controlcanvas"
+
+
+def token_file(environ: Optional[Mapping[str, str]] = None,
+               platform: Optional[str] = None) -> Path:
+    return config_dir(environ, platform) / "token"
+
+
+def read_token(path: Path) -> str:
+    """The token in ``path``, or '' when the file is missing or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+@dataclass(frozen=True)
+class Connection:
+    url: str
+    token: str
+    token_source: str  # for messages: where the token came from
+
+    def __repr__(self) -> str:  # keep the token out of logs
+        return f"Connection(url={self.url!r}, token=***, token_source={self.token_source!r})"
+
+
+def load_saved(path: Optional[Path]) -> dict:
+    """What Settings saved: {'server-url': ..., 'token': ...}; {} when nothing is saved."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if k in ("server-url", "token") and isinstance(v, str)}
+
+
+def save(path: Path, url: str, token: str) -> None:
+    """Save the address and token (readable by this user only); blank values are dropped."""
+    data = {k: v.strip() for k, v in (("server-url", url), ("token", token)) if v.strip()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def resolve(values: Mapping[str, str], saved: Mapping[str, str],
+            environ: Optional[Mapping[str, str]] = None) -> Connection:
+    """The address and token to use for one run."""
+    url = (values.get("server-url") or "").strip() or saved.get("server-url", "").strip() \
+        or DEFAULT_URL
+    token = (values.get("token") or "").strip()
+    if token:
+        return Connection(url, token, "the token given to the filter")
+    token = saved.get("token", "").strip()
+    if token:
+        return Connection(url, token, "the token saved in Settings")
+    path = token_file(environ)
+    token = read_token(path)
+    if token:
+        return Connection(url, token, f"the token file {path}")
+    return Connection(url, "", f"no token (there is no token file at {path})")

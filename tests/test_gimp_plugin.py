@@ -1,0 +1,705 @@
+"""The GIMP plug-in's logic, without GIMP: procedures, requests, poses, errors, threading.
+
+Actions run against an in-memory host (tests/gimp_support/fake_host.py, the same
+interface canvas.py implements over GIMP) and a real server with the fake engine
+on 127.0.0.1; expected pixels come from running FakeEngine directly.  The real
+GIMP tier is tests/test_gimp_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "plugin_gimp"))
+
+from backend.config import ServerConfig, config_dir as backend_config_dir  # noqa: E402
+from backend.engine import FakeEngine  # noqa: E402
+from backend.local import ServerThread  # noqa: E402
+from controlcanvas_gimp import (actions, generation, pose, problems, procedures,  # noqa: E402
+                                settings, worker)
+from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
+from gimp_support.fake_host import FakeHost, FakeLayer, FakePath  # noqa: E402
+from shared.client import Client  # noqa: E402
+from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
+                           ServerUnavailable)
+from shared.images import Image  # noqa: E402
+from shared.messages import (AnnotatorInfo, ControlUnit, GenerateRequest, Limits,  # noqa: E402
+                             ModelInfo, Models, Progress, Queued)
+
+TOKEN = "gimp-test-token"
+
+
+def spec(short_name: str) -> procedures.ProcedureSpec:
+    return procedures.BY_NAME[procedures.PREFIX + short_name]
+
+
+def line_art(width: int = 64, height: int = 48) -> Image:
+    """Dark lines on transparent paper: a frame and a diagonal."""
+    data = bytearray(width * height * 4)
+    for y in range(height):
+        for x in range(width):
+            if x in (4, width - 5) or y in (4, height - 5) or abs(x * height - y * width) < width:
+                i = (y * width + x) * 4
+                data[i:i + 4] = b"\x10\x10\x10\xff"
+    return Image(width, height, bytes(data))
+
+
+class _Ctx:
+    job_id = "0" * 32
+
+    def progress(self, step, total, stage="denoise"):
+        pass
+
+    def wants_preview(self, step):
+        return False
+
+    def preview(self, step, image):
+        pass
+
+    def check_cancelled(self):
+        pass
+
+
+def flat(keypoints):
+    """Keypoints as one flat list (None as NaN pairs), for pytest.approx."""
+    return [v for p in keypoints for v in ((math.nan, math.nan) if p is None else p)]
+
+
+def fake_pixels(request: GenerateRequest, control: Image):
+    return [g.image for g in FakeEngine().generate(request, {0: control}, _Ctx())]
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(FakeEngine(), ServerConfig(port=0), token=TOKEN) as running:
+        yield running
+
+
+@pytest.fixture
+def token_dir(tmp_path, monkeypatch):
+    """The backend's config folder with its token file, as `controlcanvas serve` leaves it."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "token").write_text(TOKEN + "\n")
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def host(tmp_path, token_dir):
+    source = FakeLayer("lines", line_art(), x=13, y=7)
+    paper = FakeLayer("paper", Image.filled(96, 72, (255, 255, 255, 255)))
+    return FakeHost([source, paper], selected=source,
+                    settings_file=str(tmp_path / "gimp" / "controlcanvas.json"))
+
+
+def values(server, **kw):
+    out = {"server-url": server.url, "prompt": "girl in a red coat", "seed": 1234,
+           "steps": 6, "size": "layer"}
+    out.update(kw)
+    return out
+
+
+# -- procedures: the menu and the scripting interface --------------------------------
+
+def test_six_procedures_under_filters_controlnet():
+    labels = {s.name: s.label for s in procedures.PROCEDURES}
+    assert labels == {
+        "python-fu-controlcanvas-generate": "Generate from layer…",
+        "python-fu-controlcanvas-colourise": "Colourise line art…",
+        "python-fu-controlcanvas-figure-from-pose": "Figure from pose…",
+        "python-fu-controlcanvas-control-image": "Make control image…",
+        "python-fu-controlcanvas-pose-from-photo": "Pose from photo…",
+        "python-fu-controlcanvas-settings": "Settings / connection test…",
+    }
+    assert procedures.MENU_PATH == "<Image>/Filters/ControlNet"
+    for s in procedures.PROCEDURES:
+        names = [a.name for a in s.args]
+        assert len(names) == len(set(names)), s.name
+        assert {"server-url", "token"} <= set(names), "every procedure can name its server"
+        for arg in s.args:  # GIMP would refuse a default outside its own range
+            assert arg.check(arg.default) == arg.default, (s.name, arg.name)
+            if arg.kind == "int":
+                assert -2**31 <= arg.minimum <= arg.maximum <= procedures.GINT_MAX
+
+
+def test_connection_arguments_stay_out_of_dialogs_except_settings():
+    assert "server-url" not in spec("generate").dialog_args
+    assert spec("settings").dialog_args == ("server-url", "token")
+
+
+def test_check_values_fills_defaults_and_rejects_mistakes():
+    got = procedures.check_values(spec("colourise"), {"prompt": "x", "condition": "depth"})
+    assert got["condition"] == "lineart", "the preset decides the condition"
+    assert got["seed"] == -1 and got["steps"] == 20 and got["cfg"] == 7.0
+    with pytest.raises(problems.UsageError, match="'steps'"):
+        procedures.check_values(spec("generate"), {"steps": 0})
+    with pytest.raises(problems.UsageError, match="one of"):
+        procedures.check_values(spec("generate"), {"condition": "smell"})
+    with pytest.raises(problems.UsageError, match="no argument"):
+        procedures.check_values(spec("generate"), {"denoise": 0.5})
+    assert spec("generate").arg("cfg").check(7) == 7.0
+
+
+# -- settings: address and token --------------------------------------------------------
+
+@pytest.mark.parametrize("env", [
+    {"CONTROLCANVAS_CONFIG_DIR": "/somewhere/cc"},
+    {"XDG_CONFIG_HOME": "/xdg"},
+    {},
+])
+def test_token_file_is_where_the_backend_writes_it(env, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("CONTROLCANVAS_CONFIG_DIR", "XDG_CONFIG_HOME", "APPDATA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert settings.config_dir() == backend_config_dir()
+    assert settings.token_file() == backend_config_dir() / "token"
+
+
+def test_token_file_on_windows_and_macos():
+    env = {"HOME": "/home/u", "APPDATA": r"C:\Users\u\AppData\Roaming"}
+    assert settings.config_dir(env, "win32") == Path(env["APPDATA"]) / "controlcanvas"
+    assert settings.config_dir({"HOME": "/Users/u"}, "darwin") == \
+        Path("/Users/u/Library/Application Support/controlcanvas")
+
+
+def test_connection_order_argument_then_saved_then_token_file(token_dir, tmp_path):
+    conn = settings.resolve({}, {})
+    assert (conn.url, conn.token) == ("ws://127.0.0.1:7351", TOKEN)
+    assert str(token_dir / "token") in conn.token_source
+    assert TOKEN not in repr(conn)
+    saved = {"server-url": "ws://gpu-box:7351", "token": "saved"}
+    conn = settings.resolve({}, saved)
+    assert (conn.url, conn.token, conn.token_source) == ("ws://gpu-box:7351", "saved",
+                                                         "the token saved in Settings")
+    conn = settings.resolve({"server-url": " ws://x:1 ", "token": "arg"}, saved)
+    assert (conn.url, conn.token) == ("ws://x:1", "arg")
+    (token_dir / "token").unlink()
+    conn = settings.resolve({}, {})
+    assert conn.token == "" and "no token file" in conn.token_source
+
+
+def test_saved_settings_are_private_and_blank_values_dropped(tmp_path):
+    path = tmp_path / "gimp" / "controlcanvas.json"
+    settings.save(path, "ws://gpu:7351", "")
+    assert settings.load_saved(path) == {"server-url": "ws://gpu:7351"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text("not json")
+    assert settings.load_saved(path) == {}
+    assert settings.load_saved(None) == {}
+
+
+# -- generation: request building ---------------------------------------------------------
+
+@pytest.mark.parametrize("size,mode,native,expected", [
+    ((64, 48), "layer", 512, (64, 48)),
+    ((61, 47), "layer", 512, (64, 48)),
+    ((3, 2), "layer", 512, (8, 8)),
+    ((4000, 3000), "model", 512, (592, 440)),
+    ((512, 512), "model", 512, (512, 512)),
+    ((100, 100), "model", 1024, (1024, 1024)),
+    ((1920, 1080), "model", 1024, (1368, 768)),
+])
+def test_generation_size(size, mode, native, expected):
+    got = generation.generation_size(*size, mode, native)
+    assert got == expected
+    assert got[0] % 8 == 0 and got[1] % 8 == 0
+    if mode == "model":  # the layer's aspect ratio within rounding, at about native² pixels
+        assert abs(got[0] / got[1] - size[0] / size[1]) < 0.03
+        assert abs(math.sqrt(got[0] * got[1]) - native) < 16
+
+
+def test_generation_size_respects_server_limits():
+    limits = Limits(max_frame_bytes=1 << 30, max_text_bytes=1 << 20, max_image_side=1000,
+                    max_pixels=500_000, max_queue=4, max_batch=4, max_images_per_job=4)
+    w, h = generation.generation_size(4000, 2000, "layer", 512, limits)
+    assert w <= 1000 and w * h <= 500_000 and w % 8 == 0 and h % 8 == 0
+
+
+def test_native_size_and_default_annotator_come_from_the_server():
+    models = Models(models=(ModelInfo(name="xl", kind="base", family="sdxl", present=True),
+                            ModelInfo(name="v15", kind="base", family="sd15", present=True)),
+                    annotators=(AnnotatorInfo(name="canny_cv", condition="canny", available=False),
+                                AnnotatorInfo(name="canny", condition="canny")),
+                    default_base="xl")
+    assert generation.native_side(models) == 1024
+    assert generation.native_side(models, "v15") == 512
+    assert generation.native_side(None) == 512
+    assert generation.default_annotator(models, "canny") == "canny"
+    assert generation.default_annotator(models, "depth") is None
+
+
+def options(**kw) -> GenerateOptions:
+    base = procedures.check_values(spec("generate"), kw)
+    return GenerateOptions.from_values(base)
+
+
+def test_build_request_maps_every_dialog_value():
+    opts = options(condition="depth", annotate=False, prompt=" a cat ", **{
+        "negative-prompt": "blur", "steps": 12, "cfg": 5.5, "sampler": "unipc", "batch": 2,
+        "control-weight": 1.5, "control-start": 0.1, "control-end": 0.8,
+        "control-mode": "control", "base-model": "anime", "size": "layer"})
+    request = generation.build_request(opts, 61, 47, seed=99)
+    assert request == GenerateRequest(
+        width=64, height=48, prompt="a cat", negative_prompt="blur", seed=99, steps=12,
+        cfg=5.5, sampler="unipc", batch=2, base_model="anime",
+        controls=(ControlUnit(condition="depth", image=0, preprocessor="none", weight=1.5,
+                              start=0.1, end=0.8, control_mode="control",
+                              resize_mode="just_resize"),))
+
+
+def test_annotate_without_a_server_annotator_says_what_to_do():
+    with pytest.raises(problems.UsageError, match="switch 'Annotate the layer first' off"):
+        generation.build_request(options(condition="scribble", annotate=True), 64, 48, seed=1,
+                                 models=Models())
+    with pytest.raises(problems.UsageError, match="smaller than"):
+        options(**{"control-start": 0.5, "control-end": 0.5})
+
+
+def test_random_seeds_can_be_typed_back_into_gimp():
+    import random
+    rng = random.Random(5)
+    for batch in (1, 16):
+        seed = generation.choose_seed(-1, batch, rng)
+        assert 0 <= seed and seed + batch - 1 <= procedures.GINT_MAX
+    assert generation.choose_seed(42, 3) == 42
+
+
+def test_layer_names_show_prompt_and_seed():
+    assert generation.layer_name("girl in a red coat", 7) == "girl in a red coat · seed 7"
+    long = generation.layer_name("a " * 40, 3)
+    assert long.endswith("… · seed 3") and len(long) < 60
+    assert generation.layer_name("", 1) == "ControlCanvas · seed 1"
+    assert generation.group_name("cat", [5, 6, 7]) == "cat · seeds 5–7"
+
+
+# -- pose ---------------------------------------------------------------------------------
+
+def test_openpose_colours_and_layout():
+    assert pose.COLOURS[:4] == ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0))
+    assert pose.COLOURS[-1] == (255, 0, 85)
+    assert len(pose.LIMBS) == 17 and len(pose.KEYPOINT_NAMES) == 18
+    kps = pose.default_pose(200, 400)
+    names = dict(zip(pose.KEYPOINT_NAMES, kps))
+    assert names["right_shoulder"][0] < names["neck"][0] < names["left_shoulder"][0], \
+        "facing the viewer: the person's right is on the image's left"
+    assert names["nose"][1] < names["neck"][1] < names["right_hip"][1] < names["right_ankle"][1]
+    ys = [p[1] for p in kps]
+    assert 0 <= min(ys) and max(ys) <= 400
+
+
+def test_skeleton_path_round_trip_and_moving_a_shared_joint():
+    kps = pose.default_pose(300, 300, 10, 20)
+    strokes = pose.to_strokes(kps)
+    meta = pose.path_meta(kps)
+    assert len(strokes) == 17 and all(len(s) == 12 for s in strokes)
+    assert pose.from_strokes(strokes, meta) == kps
+    # The neck ends five strokes; the artist drags it in one of them (the third neck stroke).
+    neck_strokes = [i for i, limb in enumerate(pose.LIMBS) if 1 in limb]
+    moved = [list(s) for s in strokes]
+    i = neck_strokes[2]
+    a, b = pose.LIMBS[i]
+    at = 0 if a == 1 else 6
+    moved[i][at:at + 6] = [150.0, 40.0] * 3
+    got = pose.from_strokes(moved, meta)
+    assert got[1] == (150.0, 40.0)
+    assert got[0] == kps[0] and got[2] == kps[2], "other joints stay put"
+
+
+def test_skeleton_with_hidden_joints_and_damaged_paths():
+    kps = list(pose.default_pose(100, 100))
+    kps[16] = kps[17] = None  # ears not visible
+    strokes = pose.to_strokes(kps)
+    assert len(strokes) == 15
+    assert pose.from_strokes(strokes, pose.path_meta(kps)) == tuple(kps)
+    with pytest.raises(problems.UsageError, match="one per limb"):
+        pose.from_strokes(strokes[:-1], pose.path_meta(kps))
+    with pytest.raises(problems.UsageError, match="damaged"):
+        pose.from_strokes(strokes, "{}")
+
+
+def test_mirror_swaps_sides():
+    kps = pose.default_pose(100, 200)
+    flipped = pose.mirrored(kps, 50.0)
+    assert flipped[2] == pytest.approx((100 - kps[5][0], kps[5][1]))
+    assert flat(pose.mirrored(flipped, 50.0)) == pytest.approx(flat(kps))
+    assert pose.transformed(kps, 2.0, origin=(50, 100))[1] == \
+        pytest.approx((50 + (kps[1][0] - 50) * 2, 100 + (kps[1][1] - 100) * 2))
+
+
+def test_openpose_json_round_trip_and_normalised_input():
+    kps = list(pose.default_pose(64, 128))
+    kps[3] = None
+    text = pose.to_openpose_json([kps], 64, 128)
+    (back,) = pose.from_openpose_json(text, 128, 256)
+    assert back[3] is None and back[1] == pytest.approx((kps[1][0] * 2, kps[1][1] * 2))
+    flat = []
+    for p in kps:
+        flat += [0, 0, 0] if p is None else [p[0] / 64, p[1] / 128, 0.9]
+    (norm,) = pose.from_openpose_json(json.dumps({"people": [{"pose_keypoints_2d": flat}]}),
+                                      64, 128)
+    assert norm[0] == pytest.approx(kps[0])
+    with pytest.raises(problems.UsageError, match="OpenPose"):
+        pose.from_openpose_json("[]", 1, 1)
+
+
+def test_render_draws_the_skeleton_in_openpose_colours():
+    kps = pose.default_pose(256, 256)
+    image = pose.render(kps, 256, 256)
+    assert image.size == (256, 256)
+    assert image.pixel(2, 2) == (0, 0, 0, 255), "black paper"
+    lwx, lwy = kps[7]  # left wrist: the end of the last left-arm limb, joint colour 7 under it
+    px = image.pixel(int(lwx), int(lwy))
+    assert px != (0, 0, 0, 255) and px[3] == 255
+    coloured = sum(1 for i in range(0, len(image.data), 4) if image.data[i:i + 3] != b"\0\0\0")
+    assert 0.01 < coloured / (256 * 256) < 0.2
+
+
+# -- worker: network off the main thread ------------------------------------------------------
+
+def test_worker_hands_events_to_the_calling_thread():
+    main = threading.get_ident()
+    seen = []
+
+    def work(emit):
+        assert threading.get_ident() != main
+        for i in range(5):
+            emit(i)
+        return "done"
+
+    assert worker.run(work, lambda e: seen.append((e, threading.get_ident()))) == "done"
+    assert seen == [(i, main) for i in range(5)]
+
+    def broken(emit):
+        emit("before")
+        raise ServerUnavailable("down")
+
+    with pytest.raises(ServerUnavailable):
+        worker.run(broken, seen.append)
+
+
+# -- problems: every failure as a sentence --------------------------------------------------
+
+@pytest.mark.parametrize("err,expected", [
+    (ServerUnavailable("x"), "controlcanvas serve"),
+    (AuthError(), "refused the access token"),
+    (ModelMissing("ControlNet 'lineart' is not downloaded: run `controlcanvas models "
+                  "download lineart`."), "models download lineart"),
+    (OutOfMemory(), "native size"),
+    (Cancelled(), "cancelled"),
+    (problems.PoseUnavailable(), "Figure from pose"),
+    (TimeoutError("slow"), "did not answer in time"),
+    (KeyError("oops"), "bug in the plug-in"),
+])
+def test_describe_says_what_to_do(err, expected):
+    text = problems.describe(err, url="ws://127.0.0.1:7351", token_source="the token file x")
+    assert expected in text
+    assert text.startswith("ControlCanvas")
+    assert "Traceback" not in text and "File \"" not in text
+
+
+# -- actions against a real server (fake engine) -------------------------------------------
+
+def test_generate_adds_the_servers_pixels_above_the_layer(server, host):
+    source = host.selected
+    before = source.image
+    outcome = actions.run(spec("generate"), host, values(server))
+    # Exactly one layer, directly above the source, in one undo group, at the same offsets.
+    assert host.names() == ["girl in a red coat · seed 1234", "lines", "paper"]
+    new = host.layers[0]
+    assert (new.x, new.y, new.width, new.height) == (13, 7, 64, 48)
+    assert new.undo_group == 1 and host.undo_groups == 1
+    assert source.image is before and source.image == line_art(), "the source is untouched"
+    # The request the plug-in built, and the pixels the fake engine makes for it.
+    request = outcome.request
+    assert (request.width, request.height, request.seed, request.steps) == (64, 48, 1234, 6)
+    assert request.controls[0].preprocessor == "invert", "the server's default for line art"
+    assert new.image == fake_pixels(request, before)[0]
+    assert outcome.seed == 1234 and outcome.layer is new
+    # Progress reached the progress bar (from the main thread: FakeHost checks).
+    fractions = [f for _, f in host.progress_log if f is not None]
+    assert fractions[-1] == 1.0 and any(0 < f < 1 for f in fractions)
+    assert any(t and "step 6 of 6" in t for t, _ in host.progress_log)
+
+
+def test_random_seed_is_reported_and_reproducible(server, host):
+    outcome = actions.run(spec("generate"), host, values(server, seed=-1))
+    assert 0 <= outcome.seed <= procedures.GINT_MAX
+    assert host.layers[0].name.endswith(f"seed {outcome.seed}")
+    again = FakeHost([FakeLayer("lines", line_art(), 13, 7)], settings_file=host.settings_file)
+    again.selected = again.layers[0]
+    actions.run(spec("generate"), again, values(server, seed=outcome.seed))
+    assert again.layers[0].image == host.layers[0].image
+
+
+def test_odd_sized_layer_comes_back_at_its_exact_size(server, host):
+    host.selected.image = line_art(61, 47)
+    outcome = actions.run(spec("generate"), host, values(server, size="model"))
+    assert (outcome.request.width, outcome.request.height) == (584, 448)
+    new = host.layers[0]
+    assert new.generated_size == (584, 448)
+    assert (new.width, new.height, new.x, new.y) == (61, 47, 13, 7)
+
+
+def test_variants_arrive_in_a_group_with_consecutive_seeds(server, host):
+    outcome = actions.run(spec("generate"), host, values(server, batch=3, seed=40))
+    group = host.layers[0]
+    assert group.name == "girl in a red coat · seeds 40–42"
+    assert [c.name for c in group.children] == [f"girl in a red coat · seed {s}"
+                                                 for s in (40, 41, 42)]
+    assert outcome.seeds == (40, 41, 42) and outcome.layer is group
+    assert host.undo_groups == 1 and all(c.undo_group == 1 for c in group.children)
+
+
+def test_colourise_puts_the_colours_below_the_line_art(server, host):
+    outcome = actions.run(spec("colourise"), host, values(server))
+    assert host.names() == ["lines", "girl in a red coat · seed 1234", "paper"]
+    unit = outcome.request.controls[0]
+    assert (unit.condition, unit.preprocessor) == ("lineart", "lineart_from_drawing")
+
+
+def test_figure_from_pose_adds_a_skeleton_path_and_regenerates_from_it(server, host):
+    layer = host.selected
+    first = actions.run(spec("figure-from-pose"), host, values(server, seed=7))
+    (path,) = host.paths
+    assert path.name == pose.PATH_NAME and len(path.strokes) == 17
+    assert path.undo_group == host.layers[0].undo_group == 1, "path + layer: one undo step"
+    default = pose.default_pose(layer.width, layer.height, layer.x, layer.y)
+    assert pose.from_strokes(path.strokes, path.meta) == default
+    control = pose.render(pose.transformed(default, dx=-layer.x, dy=-layer.y), 64, 48)
+    assert first.request.controls[0].condition == "openpose"
+    assert first.request.controls[0].preprocessor == "none"
+    assert host.layers[0].image == fake_pixels(first.request, control)[0]
+    # The artist drags the right wrist with the Paths tool and runs it again, same seed.
+    wrist_stroke = pose.LIMBS.index((3, 4))
+    path.strokes[wrist_stroke][6:12] = [layer.x + 2.0, layer.y + 2.0] * 3
+    second = actions.run(spec("figure-from-pose"), host, values(server, seed=7))
+    assert len(host.paths) == 1, "the existing skeleton is reused"
+    moved = list(default)
+    moved[4] = (layer.x + 2.0, layer.y + 2.0)
+    control2 = pose.render(pose.transformed(moved, dx=-layer.x, dy=-layer.y), 64, 48)
+    assert control2 != control
+    newest = host.layers[1]
+    assert newest.undo_group == 2, "directly above the source, under the first result"
+    assert newest.image == fake_pixels(second.request, control2)[0]
+    assert second.request.seed == first.request.seed
+
+
+def test_figure_from_an_openpose_layer(server, host):
+    host.selected.image = pose.render(pose.default_pose(64, 48), 64, 48)
+    outcome = actions.run(spec("figure-from-pose"), host,
+                          values(server, **{"pose-source": "layer"}))
+    assert host.paths == []
+    assert host.layers[0].image == fake_pixels(outcome.request, host.selected.image)[0]
+
+
+def test_make_control_image_uses_the_servers_annotator(server, host):
+    actions.run(spec("control-image"), host, {"server-url": server.url})
+    new = host.layers[0]
+    assert new.name == "Control image · lineart (invert)"
+    src = line_art()
+    inverted = bytearray(src.data)
+    for i in range(0, len(inverted), 4):
+        inverted[i:i + 3] = bytes(255 - v for v in inverted[i:i + 3])
+    assert new.image.data == bytes(inverted) and (new.x, new.y) == (13, 7)
+
+
+def test_pose_from_photo_says_the_server_cannot_detect_poses(server, host):
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("pose-from-photo"), host, {"server-url": server.url})
+    assert "cannot detect poses" in info.value.message
+    assert "Figure from pose" in info.value.message
+    assert host.added() == [] and host.paths == [] and host.undo_groups == 0
+
+
+class _PoseClient:
+    """Stands in for a server that detects poses (the backend's pose model is not done)."""
+
+    def __init__(self, keypoints_json):
+        self.info = {"keypoints": keypoints_json} if keypoints_json else {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def models(self):
+        return Models(annotators=(AnnotatorInfo(name="openpose", condition="openpose"),))
+
+    def preprocess(self, annotator, image, **kw):
+        assert annotator == "openpose" and kw["cancel_on_disconnect"] is True
+        self.size = image.size
+        return "job"
+
+    def wait(self, job, on_event=None):
+        from shared.messages import ResultImage
+        from shared.session import ResultReady
+        w, h = self.size
+        return ResultReady(job, ((ResultImage(slot=0, width=w, height=h),
+                                  Image.filled(w, h, (0, 0, 0, 255))),), info=self.info)
+
+
+def test_pose_from_photo_adds_the_detected_skeleton(host):
+    detected = pose.default_pose(32, 24)
+    text = pose.to_openpose_json([detected], 32, 24)  # detector ran at half size
+    outcome = actions.run(spec("pose-from-photo"), host, {},
+                          connect=lambda conn, name: _PoseClient(text))
+    (path,) = host.paths
+    expected = pose.transformed(pose.transformed(detected, 2.0), dx=13, dy=7)
+    assert flat(pose.from_strokes(path.strokes, path.meta)) == pytest.approx(flat(expected))
+    assert host.layers[0].name == "Pose (OpenPose)" and outcome.path is path
+    assert host.undo_groups == 1
+    with pytest.raises(actions.Failed, match="no keypoints"):
+        actions.run(spec("pose-from-photo"), host, {},
+                    connect=lambda conn, name: _PoseClient(None))
+
+
+def test_settings_saves_and_reports_the_server(server, host, tmp_path):
+    outcome = actions.run(spec("settings"), host, {"server-url": server.url, "token": ""})
+    assert "engine fake" in outcome.report and server.url in outcome.report
+    assert "token file" in outcome.report and host.messages == [outcome.report]
+    assert settings.load_saved(Path(host.settings_file)) == {"server-url": server.url}
+    # Other filters now find the server without being told.
+    actions.run(spec("generate"), host, {"prompt": "x", "seed": 1, "steps": 2})
+    assert host.layers[0].name == "x · seed 1"
+
+
+# -- failures: a message that says what to do, and the image unchanged ---------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_unchanged(host):
+    assert host.added() == [] and host.undo_groups == 0 and host.paths == []
+
+
+def test_server_down(host):
+    url = f"ws://127.0.0.1:{_free_port()}"
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("generate"), host, {"server-url": url})
+    text = info.value.message
+    assert text.startswith(f"ControlCanvas: no server answers at {url}.")
+    assert "`controlcanvas serve`" in text and "Settings" in text
+    assert not info.value.is_bug
+    assert_unchanged(host)
+
+
+def test_wrong_token(server, host):
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("generate"), host, {"server-url": server.url, "token": "nope"})
+    assert "refused the access token" in info.value.message
+    assert "the token given to the filter" in info.value.message
+    assert_unchanged(host)
+
+
+def test_missing_token_file_is_named(server, host, token_dir):
+    (token_dir / "token").unlink()
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("generate"), host, {"server-url": server.url})
+    assert f"no token file at {token_dir / 'token'}" in info.value.message
+    assert "controlcanvas serve" in info.value.message
+
+
+class _FailingEngine(FakeEngine):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def generate(self, request, images, ctx):
+        raise self.error
+
+
+@pytest.mark.parametrize("error,expected", [
+    (ModelMissing("The ControlNet for 'lineart' is not downloaded; run `controlcanvas models "
+                  "download lineart`."), "controlcanvas models download lineart"),
+    (OutOfMemory(), "ran out of GPU memory while generating"),
+])
+def test_engine_failures(error, expected, host):
+    with ServerThread(_FailingEngine(error), ServerConfig(port=0), token=TOKEN) as failing:
+        with pytest.raises(actions.Failed) as info:
+            actions.run(spec("generate"), host, {"server-url": failing.url})
+    assert expected in info.value.message
+    assert_unchanged(host)
+
+
+def test_usage_problems(server, host):
+    host.selected = None
+    with pytest.raises(actions.Failed, match="Select exactly one layer"):
+        actions.run(spec("generate"), host, {"server-url": server.url})
+    with pytest.raises(actions.Failed, match="'steps' must be a number from 1 to 150"):
+        actions.run(spec("generate"), host, {"steps": 500})
+
+
+def test_a_bug_becomes_a_message_not_a_traceback(host):
+    def broken(conn, name):
+        raise KeyError("surprise")
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("generate"), host, {}, connect=broken)
+    assert info.value.is_bug and "bug in the plug-in" in info.value.message
+    assert "Traceback" not in info.value.message
+
+
+class _CountingEngine(FakeEngine):
+    def __init__(self):
+        super().__init__(step_seconds=0.02)
+        self.steps = 0
+        self.stopped = threading.Event()
+
+    def generate(self, request, images, ctx):
+        try:
+            def counted(step, total, stage="denoise"):
+                self.steps += 1
+                real(step, total, stage)
+            real = ctx.progress
+            ctx.progress = counted
+            return super().generate(request, images, ctx)
+        except Cancelled:
+            self.stopped.set()
+            raise
+
+
+def test_gimp_cancel_kills_the_plugin_and_the_server_stops_the_job(host):
+    """GIMP's Cancel ends the plug-in process; the dropped socket cancels the job."""
+    engine = _CountingEngine()
+    clients = []
+
+    def connect(conn, name):
+        clients.append(Client.connect(conn.url, conn.token, client=name))
+        return clients[0]
+
+    class Killed(Exception):
+        pass
+
+    def progress(text=None, fraction=None):
+        if fraction and fraction > 0:
+            clients[0]._ws.socket.close()  # the process dies: no goodbye, no cancel message
+            raise Killed()
+
+    host.progress = progress
+    with ServerThread(engine, ServerConfig(port=0), token=TOKEN) as slow:
+        with pytest.raises(actions.Failed) as info:
+            actions.run(spec("generate"), host, {"server-url": slow.url, "steps": 100},
+                        connect=connect)
+        assert isinstance(info.value.cause, Killed)
+        assert engine.stopped.wait(5), "the server did not cancel the orphaned job"
+    assert engine.steps < 20
+    assert_unchanged(host)
