@@ -169,7 +169,7 @@ def _still_serving(server: ServerProcess) -> bool:
 
 def _raw_client(server: ServerProcess):
     from websockets.sync.client import connect
-    ws = connect(server.url, max_size=None, compression=None, close_timeout=1)
+    ws = connect(server.url, max_size=None, compression=None, close_timeout=1, legacy=True)
     ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "token": server.token}))
     assert json.loads(ws.recv(10))["type"] == "welcome"
     return ws
