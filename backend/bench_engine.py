@@ -129,8 +129,13 @@ def bench_controlnet_cost(steps: int = 2, batch: int = 2, latent: int = 64,
                    "fp16": torch.float16}[dtype]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768,
-                                attention_head_dim=8).to(device, torch_dtype).eval()
-    net = ControlNetModel.from_unet(unet).to(device, torch_dtype).eval()
+                                attention_head_dim=8).eval()
+    net = ControlNetModel.from_unet(unet).eval()
+    if torch_dtype != torch.float32:
+        unet.to(dtype=torch_dtype)
+        net.to(dtype=torch_dtype)
+    unet.to(device)
+    net.to(device)
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, 4, latent, latent, generator=g).to(device, torch_dtype)
     text = torch.randn(batch, 77, 768, generator=g).to(device, torch_dtype)

@@ -204,12 +204,16 @@ def fit_image(array: np.ndarray, width: int, height: int, mode: str) -> np.ndarr
 
 def rgb_on_black(rgba: np.ndarray) -> np.ndarray:
     """RGBA8 -> RGB8 composited on black (transparent = no control)."""
+    if rgba[..., 3].min() == 255:  # opaque: the common case, no arithmetic
+        return np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3:4].astype(np.uint16)
     return ((rgba[..., :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
 
 
 def rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     """RGBA8 -> RGB8 composited on white (a canvas' paper)."""
+    if rgba[..., 3].min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = rgba[..., :3].astype(np.uint16)
     return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
@@ -915,10 +919,7 @@ class DiffusersEngine:
         x0, y0, x1, y1 = plan.region
         region = resize(rgb, x1 - x0, y1 - y0)
         if plan.weights is None:
-            out = np.empty((H, W, 4), np.uint8)
-            out[..., :3] = region
-            out[..., 3] = 255
-            return from_array(out)
+            return from_array(cv2.cvtColor(np.ascontiguousarray(region), cv2.COLOR_RGB2RGBA))
         out = plan.init_canvas.copy()
         old = out[y0:y1, x0:x1].astype(np.float32)
         wgt = plan.weights[..., None]
