@@ -84,6 +84,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+    from .config import DEFAULT_HOST, DEFAULT_PORT, default_token_file
+    return doctor.main(args.token_file or default_token_file(), args.host or DEFAULT_HOST,
+                       args.port or DEFAULT_PORT)
+
+
+def _build_bundle(editor: str, out: Path) -> Path:
+    """Build the plug-in bundle from this source checkout (packaging/build.py)."""
+    import importlib.util
+    script = Path(__file__).resolve().parent.parent / "packaging" / "build.py"
+    if not script.is_file():
+        raise SystemExit("controlcanvas: this installation has no packaging/build.py; download "
+                         "the plug-in zip from the release page and pass it with --from ZIP.")
+    spec = importlib.util.spec_from_file_location("controlcanvas_packaging_build", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, f"build_{editor}")(out)
+
+
+def cmd_install_plugin(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from . import install
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.source or _build_bundle(args.editor, Path(tmp))
+        installer = install.install_krita if args.editor == "krita" else install.install_gimp
+        for done in installer(Path(bundle), args.profile_dir):
+            print(f"Installed the {done.editor} plug-in in {done.path}")
+            print(f"Next: {done.next_steps}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlcanvas",
                                      description="ControlNet for the editors you paint in.")
@@ -98,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="folder for the canvas and result PNGs")
     p.add_argument("--engine", default="fake", choices=["fake"])
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("doctor", help="check the installation, one line per item")
+    p.add_argument("--token-file", type=Path)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("install-plugin", help="install the Krita or GIMP plug-in")
+    p.add_argument("editor", choices=["krita", "gimp"])
+    p.add_argument("--profile-dir", type=Path, help="the editor's resource/config folder "
+                   "(Krita: the folder holding pykrita/; GIMP: e.g. ~/.config/GIMP/3.0); "
+                   "default: every one found")
+    p.add_argument("--from", dest="source", type=Path,
+                   help="a built bundle (folder or zip) instead of building from source")
+    p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
     p.add_argument("name", choices=["transport", "soak"])
