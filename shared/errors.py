@@ -40,32 +40,39 @@ class MalformedMessage(ProtocolError):
 
 class UnknownMessage(ProtocolError):
     code = "unknown_type"
+    default_message = "Unknown message type; update the plug-in and the server together."
 
 
 class FieldError(ProtocolError):
     """A field is unknown, missing, mistyped or out of range; ``field`` names it."""
 
     code = "bad_field"
+    default_message = "A field of the message is missing, unknown or has a wrong value."
 
 
 class VersionMismatch(ProtocolError):
     code = "version"
+    default_message = ("The plug-in and the server speak different protocol versions; update "
+                       "both to the same release.")
 
 
 class FrameError(ProtocolError):
     """A binary image frame is malformed or unexpected."""
 
     code = "bad_frame"
+    default_message = "An image frame is malformed or was not announced by a request."
 
 
 class StateError(ProtocolError):
     """A message arrived that is not allowed in the session's current state."""
 
     code = "out_of_order"
+    default_message = "The message is not allowed at this point; send 'hello' first, once."
 
 
 class MissingImage(ProtocolError):
     code = "missing_image"
+    default_message = "The request refers to an image slot that was not sent."
 
 
 # -- access and limits ----------------------------------------------------------
@@ -78,6 +85,7 @@ class AuthError(ControlCanvasError):
 
 class LimitError(ControlCanvasError):
     code = "limit"
+    default_message = "The request exceeds one of the server's size limits."
 
 
 class QueueFull(LimitError):
@@ -89,10 +97,12 @@ class QueueFull(LimitError):
 
 class UnknownJob(ControlCanvasError):
     code = "unknown_job"
+    default_message = "No such job on this server for this connection."
 
 
 class DuplicateJob(ControlCanvasError):
     code = "duplicate_job"
+    default_message = "That job id is already in use; give every job a new random id."
 
 
 class Cancelled(ControlCanvasError):
@@ -120,10 +130,13 @@ class OutOfMemory(EngineError):
 
 class ModelMissing(EngineError):
     code = "model_missing"
+    default_message = ("A model the request needs is not on the server; see "
+                       "`controlcanvas models` for what is missing and how to fetch it.")
 
 
 class Unsupported(EngineError):
     code = "unsupported"
+    default_message = "This server's engine cannot do what the request asks."
 
 
 # -- client side only -------------------------------------------------------------
