@@ -151,6 +151,7 @@ def test_check_values_fills_defaults_and_rejects_mistakes():
     with pytest.raises(problems.UsageError, match="no argument"):
         procedures.check_values(spec("generate"), {"denoise": 0.5})
     assert spec("generate").arg("cfg").check(7) == 7.0
+    assert spec("generate").arg("token").check(None) == "", "GIMP passes unset text as NULL"
 
 
 # -- settings: address and token --------------------------------------------------------
@@ -318,6 +319,10 @@ def test_skeleton_path_round_trip_and_moving_a_shared_joint():
     got = pose.from_strokes(moved, meta)
     assert got[1] == (150.0, 40.0)
     assert got[0] == kps[0] and got[2] == kps[2], "other joints stay put"
+    # Saved as XCF, path points become 32-bit floats: that is not a move.
+    import struct
+    rounded = [[struct.unpack("f", struct.pack("f", v))[0] for v in s] for s in strokes]
+    assert rounded != strokes and pose.from_strokes(rounded, meta) == kps
 
 
 def test_skeleton_with_hidden_joints_and_damaged_paths():

@@ -48,6 +48,7 @@ MIRROR: Tuple[int, ...] = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14,
 META_FORMAT = "controlcanvas-pose"
 PARASITE_NAME = "controlcanvas-pose"
 PATH_NAME = "Pose skeleton"
+MOVE_TOLERANCE = 0.01  # pixels: a joint closer than this to where it was written has not moved
 
 
 def _hue_wheel(n: int) -> Tuple[Tuple[int, int, int], ...]:
@@ -180,6 +181,8 @@ def from_strokes(strokes: Sequence[Sequence[float]], meta: str,
             out.append((sum(p[0] for p in seen) / len(seen), sum(p[1] for p in seen) / len(seen)))
             continue
         moved = max(seen, key=lambda p: math.hypot(p[0] - origin[0], p[1] - origin[1]))
+        if math.hypot(moved[0] - origin[0], moved[1] - origin[1]) <= MOVE_TOLERANCE:
+            moved = origin  # XCF keeps path points as 32-bit floats
         out.append(moved)
     return tuple(out)
 

@@ -27,9 +27,9 @@ class PoseUnavailable(Unsupported):
     """The server cannot detect poses (no pose annotator, or it sends no keypoints)."""
 
     default_message = (
-        "This ControlCanvas server cannot detect poses yet. Use Filters ▸ ControlNet ▸ "
-        "Figure from pose…: it starts from a default skeleton path whose joints you move "
-        "with the Paths tool.")
+        "the server cannot detect poses yet (it offers no 'openpose' pose annotator). Use "
+        "Filters ▸ ControlNet ▸ Figure from pose…: it starts from a default skeleton path "
+        "whose joints you move with the Paths tool.")
 
 
 def describe(err: BaseException, *, url: str = "", token_source: str = "",

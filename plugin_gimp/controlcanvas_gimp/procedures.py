@@ -83,6 +83,8 @@ class Arg:
     def check(self, value: Any) -> Any:
         """The value GIMP would hand to the procedure, or UsageError naming the argument."""
         if self.kind == "string":
+            if value is None:  # GIMP hands over an unset text argument as NULL
+                return ""
             if not isinstance(value, str):
                 raise UsageError(f"Argument {self.name!r} must be text; got {value!r}.",
                                  field=self.name)

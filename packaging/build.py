@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""Build the editor plug-in bundles, reproducibly.
+
+    python packaging/build.py [--out dist] [--cache DIR]
+
+writes into ``--out`` (default ``dist/`` in the checkout):
+
+- ``controlcanvas/``: the GIMP 3 plug-in folder, ready to copy into GIMP's
+  ``plug-ins`` folder (folder name == entry file name, entry file executable):
+  ``controlcanvas.py``, the ``controlcanvas_gimp`` package, a copy of ``shared``
+  and a pure-Python ``websockets`` (no compiled speedups), plus ``BUILD.json``;
+- ``controlcanvas-gimp-<version>.zip``: the same folder as a zip (Unix modes
+  kept, so the exec bit survives ``unzip``).
+
+The same sources give byte-identical zips: files are sorted, timestamps fixed
+(``SOURCE_DATE_EPOCH`` or 1980-01-01), modes normalised (755/644).  websockets
+comes from its sdist on PyPI, fetched once with ``pip download`` into the cache
+(``--cache``, ``$CONTROLCANVAS_BUILD_CACHE`` or ``~/.cache/controlcanvas-build``)
+and checked against a pinned sha256.
+
+The helpers (``fetch_sdist``, ``extract_package``, ``copy_python_package``,
+``normalise_tree``, ``write_zip``, ``write_stamp``) are meant for every bundle:
+the Krita plug-in zip (``build_krita``) is to be built from them too.
+
+Never add ``packaging/__init__.py``: a top-level ``packaging`` package would
+shadow the PyPI ``packaging`` module that pip and pytest import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Dict, Iterable, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+GIMP_FOLDER = "controlcanvas"  # GIMP loads plug-ins/<name>/<name>.py only
+GIMP_ENTRY = "controlcanvas.py"
+COMPILED_SUFFIXES = (".so", ".pyd", ".dll", ".dylib", ".c", ".h", ".pyc", ".pyo")
+ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip can hold
+
+
+@dataclass(frozen=True)
+class Vendored:
+    """A pure-Python dependency copied from its sdist into a bundle."""
+
+    name: str
+    version: str
+    sha256: str  # of the sdist
+    package_dir: str  # inside the sdist's top folder
+    license_file: str = "LICENSE"
+
+    @property
+    def sdist_name(self) -> str:
+        return f"{self.name}-{self.version}.tar.gz"
+
+
+# websockets 16 is the newest release that supports Python 3.10 (GIMP 3 on some
+# systems, Krita 5.2); its C speedup is optional and dropped.
+WEBSOCKETS = Vendored(
+    name="websockets", version="16.0",
+    sha256="5f6261a5e56e8d5c42a4497b364ea24d94d9563e8fbd44e78ac40879c60179b5",
+    package_dir="src/websockets")
+
+
+class BuildError(Exception):
+    """The build cannot go on; the message says why and what to do."""
+
+
+# -- helpers shared by every bundle ---------------------------------------------------------
+
+def default_cache() -> Path:
+    override = os.environ.get("CONTROLCANVAS_BUILD_CACHE")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "controlcanvas-build"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_sdist(dep: Vendored, cache: Path) -> Path:
+    """The dependency's sdist in ``cache``, downloaded with pip once, hash checked."""
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / dep.sdist_name
+    if target.exists() and sha256_of(target) == dep.sha256:
+        return target
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        command = [sys.executable, "-m", "pip", "download", f"{dep.name}=={dep.version}",
+                   "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+                   "--quiet", "--dest", tmp]
+        done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"`{' '.join(command[2:])}` failed (is PyPI reachable?):\n"
+                             f"{(done.stderr or done.stdout).strip()[-2000:]}")
+        got = Path(tmp) / dep.sdist_name
+        if not got.exists():
+            raise BuildError(f"pip did not produce {dep.sdist_name} (got "
+                             f"{sorted(p.name for p in Path(tmp).iterdir())}).")
+        digest = sha256_of(got)
+        if digest != dep.sha256:
+            raise BuildError(f"{dep.sdist_name} has sha256 {digest}, expected the pinned "
+                             f"{dep.sha256}; refusing to bundle it.")
+        os.replace(got, target)
+    return target
+
+
+def extract_package(sdist: Path, dep: Vendored, dest: Path) -> List[str]:
+    """Copy the dependency's Python package (no compiled files) from its sdist into
+    ``dest/<name>/``, with its licence; returns the relative paths written."""
+    top = f"{dep.name}-{dep.version}"
+    prefix = PurePosixPath(top, dep.package_dir)
+    written = []
+    with tarfile.open(sdist, "r:gz") as archive:
+        for member in archive.getmembers():
+            path = PurePosixPath(member.name)
+            if path == PurePosixPath(top, dep.license_file) and member.isfile():
+                rel = PurePosixPath(dep.name, "LICENSE")
+            elif prefix in path.parents and member.isfile():
+                rel = PurePosixPath(dep.name, *path.relative_to(prefix).parts)
+            else:
+                continue
+            if ".." in rel.parts or rel.suffix in COMPILED_SUFFIXES \
+                    or "__pycache__" in rel.parts:
+                continue
+            out = dest.joinpath(*rel.parts)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as source:
+                out.write_bytes(source.read())
+            written.append(str(rel))
+    if f"{dep.name}/__init__.py" not in written:
+        raise BuildError(f"{sdist.name} has no {dep.package_dir}/__init__.py; wrong sdist?")
+    return sorted(written)
+
+
+def copy_python_package(source: Path, dest: Path) -> List[Path]:
+    """Copy the .py files of package ``source`` (recursively) into ``dest``."""
+    if not (source / "__init__.py").exists():
+        raise BuildError(f"{source} is not a Python package (no __init__.py).")
+    copied = []
+    for path in sorted(source.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        out = dest / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out)
+        copied.append(out)
+    return copied
+
+
+def source_date_epoch() -> int:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    return max(ZIP_EPOCH, int(value)) if value else ZIP_EPOCH
+
+
+def normalise_tree(root: Path, executables: Iterable[str] = ()) -> List[Path]:
+    """Modes 755 (folders, executables) / 644 (files) and fixed timestamps below ``root``;
+    returns every file, sorted.  ``executables`` are paths relative to ``root``."""
+    executable = {PurePosixPath(e) for e in executables}
+    epoch = source_date_epoch()
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+        if path.is_dir():
+            path.chmod(0o755)
+        else:
+            path.chmod(0o755 if rel in executable else 0o644)
+            files.append(path)
+        os.utime(path, (epoch, epoch))
+    root.chmod(0o755)
+    os.utime(root, (epoch, epoch))
+    return files
+
+
+def write_zip(root: Path, zip_path: Path, arc_root: str) -> Path:
+    """Zip folder ``root`` as ``arc_root/...``: sorted entries, fixed times, Unix modes."""
+    stamp = time.gmtime(source_date_epoch())[:6]
+    entries: List[Tuple[str, Path]] = [(arc_root + "/", root)]
+    for path in sorted(root.rglob("*")):
+        name = f"{arc_root}/{path.relative_to(root).as_posix()}"
+        entries.append((name + "/" if path.is_dir() else name, path))
+    entries.sort(key=lambda e: e[0])
+    tmp = zip_path.with_name(zip_path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w") as archive:
+        for name, path in entries:
+            info = zipfile.ZipInfo(name, date_time=stamp)
+            info.create_system = 3  # Unix: unzip restores the modes
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if path.is_dir():
+                info.external_attr = ((stat.S_IFDIR | mode) << 16) | 0x10
+                archive.writestr(info, b"")
+            else:
+                info.external_attr = (stat.S_IFREG | mode) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, path.read_bytes(), compresslevel=9)
+    os.replace(tmp, zip_path)
+    return zip_path
+
+
+def write_stamp(folder: Path, info: Dict[str, object]) -> Path:
+    path = folder / "BUILD.json"
+    path.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def check_sources(files: Iterable[Path]) -> None:
+    """Every bundled .py compiles, and nothing compiled slipped in."""
+    for path in files:
+        if path.suffix in COMPILED_SUFFIXES:
+            raise BuildError(f"{path} is a compiled file; bundles are pure Python.")
+        if path.suffix == ".py":
+            try:
+                compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+            except SyntaxError as err:
+                raise BuildError(f"{path} does not compile: {err}") from None
+
+
+def read_version(path: Path, name: str = "__version__") -> str:
+    match = re.search(rf'^{name}\s*=\s*["\']([^"\']+)["\']', path.read_text(encoding="utf-8"),
+                      re.M)
+    if not match:
+        raise BuildError(f"no {name} in {path}")
+    return match.group(1)
+
+
+def project_version() -> str:
+    """The release version; the plug-in and shared must carry the same one."""
+    project = re.search(r'^version\s*=\s*"([^"]+)"',
+                        (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    versions = {
+        "pyproject.toml": project.group(1) if project else "?",
+        "shared/__init__.py": read_version(REPO / "shared" / "__init__.py"),
+        "plugin_gimp/controlcanvas_gimp/__init__.py":
+            read_version(REPO / "plugin_gimp" / "controlcanvas_gimp" / "__init__.py"),
+    }
+    if len(set(versions.values())) != 1:
+        raise BuildError("Version numbers disagree: " + ", ".join(f"{k} {v}" for k, v in
+                                                                  versions.items()))
+    return versions["pyproject.toml"]
+
+
+def protocol_version() -> int:
+    match = re.search(r"^PROTOCOL_VERSION\s*=\s*(\d+)",
+                      (REPO / "shared" / "messages.py").read_text(encoding="utf-8"), re.M)
+    return int(match.group(1))
+
+
+# -- the bundles --------------------------------------------------------------------------
+
+def build_gimp(out: Path, cache: Path) -> Tuple[Path, Path]:
+    """The GIMP 3 plug-in folder ``out/controlcanvas`` and its zip."""
+    version = project_version()
+    sdist = fetch_sdist(WEBSOCKETS, cache)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / GIMP_FOLDER
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    source = REPO / "plugin_gimp"
+    shutil.copyfile(source / GIMP_ENTRY, folder / GIMP_ENTRY)
+    copy_python_package(source / "controlcanvas_gimp", folder / "controlcanvas_gimp")
+    copy_python_package(REPO / "shared", folder / "shared")
+    extract_package(sdist, WEBSOCKETS, folder)
+    write_stamp(folder, {
+        "name": "controlcanvas-gimp", "version": version, "protocol": protocol_version(),
+        "editor": "GIMP 3.0 / 3.2", "python": ">=3.10",
+        "bundled": {WEBSOCKETS.name: WEBSOCKETS.version, "shared": version},
+    })
+    files = normalise_tree(folder, executables=[GIMP_ENTRY])
+    check_sources(files)
+    archive = write_zip(folder, out / f"controlcanvas-gimp-{version}.zip", GIMP_FOLDER)
+    return folder, archive
+
+
+def build_krita(out: Path, cache: Path) -> Path:
+    """The Krita plug-in zip: not written yet (the Krita plug-in is another issue).
+
+    Build it from the same helpers: ``fetch_sdist(WEBSOCKETS, cache)`` +
+    ``extract_package`` for websockets, ``copy_python_package`` for the plug-in
+    package and ``shared``, the ``.desktop`` file beside them, then
+    ``normalise_tree`` + ``write_stamp`` + ``write_zip``.
+    """
+    raise NotImplementedError("build_krita: the Krita plug-in bundle is not implemented yet")
+
+
+BUILDERS = {"gimp": build_gimp}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "dist",
+                        help="output folder (default: dist/ in the checkout)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="download cache (default: $CONTROLCANVAS_BUILD_CACHE or "
+                             "~/.cache/controlcanvas-build)")
+    parser.add_argument("--editor", choices=sorted(BUILDERS), action="append",
+                        help="build only this editor's bundle (repeatable; default: all)")
+    args = parser.parse_args(argv)
+    cache = args.cache or default_cache()
+    try:
+        for editor in args.editor or sorted(BUILDERS):
+            folder, archive = BUILDERS[editor](args.out.resolve(), cache)
+            print(f"{editor}: {folder}")
+            print(f"{editor}: {archive} (sha256 {sha256_of(archive)})")
+    except BuildError as err:
+        print(f"build.py: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

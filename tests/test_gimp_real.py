@@ -1,0 +1,368 @@
+"""The real GIMP tier: the packaged plug-in inside GIMP 3.0.4, driven in batch mode.
+
+Builds the bundle with packaging/build.py, installs it into the GIMP chroot built
+(once, cached) by tests/editors/setup_gimp.sh, starts a real server with the fake
+engine on 127.0.0.1 and a token file the plug-in finds by itself, then runs
+gimp-console-3.0 once with tests/gimp_support/gimp_batch.py: every case loads a
+PNG, runs one Filters ▸ ControlNet procedure non-interactively, and records what
+GIMP ended up with.  The tests below assert on that record: pixels equal to what
+FakeEngine makes for the same request, offsets, stacking, paths, messages.
+
+Skips (with the reason) only where the chroot cannot be built or used: not Linux,
+not root, or setup_gimp.sh failing (no debootstrap, no mirror, no mount rights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "plugin_gimp"))
+
+from backend.config import ServerConfig  # noqa: E402
+from backend.engine import FakeEngine  # noqa: E402
+from backend.local import ServerThread  # noqa: E402
+from controlcanvas_gimp import pose  # noqa: E402
+from shared.images import Image  # noqa: E402
+from shared.messages import ControlUnit, GenerateRequest  # noqa: E402
+
+pytestmark = [pytest.mark.editor, pytest.mark.slow]
+
+SETUP = ROOT / "tests" / "editors" / "setup_gimp.sh"
+BATCH = ROOT / "tests" / "gimp_support" / "gimp_batch.py"
+TOKEN = "real-gimp-test-token"
+PREFIX = "python-fu-controlcanvas-"
+PROMPT = "girl in a red coat"
+SIZE = (64, 48)
+OFFSETS = (13, 7)
+CANVAS = (96, 72)
+
+
+def line_art(width: int, height: int) -> Image:
+    data = bytearray(width * height * 4)
+    for y in range(height):
+        for x in range(width):
+            if x in (4, width - 5) or y in (4, height - 5) or abs(x * height - y * width) < width:
+                data[(y * width + x) * 4:(y * width + x) * 4 + 4] = b"\x20\x18\x10\xff"
+            elif (x + y) % 11 == 0:
+                data[(y * width + x) * 4:(y * width + x) * 4 + 4] = b"\x80\x80\x80\x80"
+    return Image(width, height, bytes(data))
+
+
+def chroot_root() -> Path:
+    """The GIMP chroot, built or reused; pytest.skip when it cannot be."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the GIMP chroot needs Linux")
+    if os.geteuid() != 0:
+        pytest.skip("the GIMP chroot needs root (debootstrap, chroot, mount); run as root "
+                    "or in a privileged container")
+    if shutil.which("chroot") is None:
+        pytest.skip("no chroot command on this machine")
+    done = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        pytest.skip(f"the GIMP chroot cannot be built/used here: {reason}")
+    root = subprocess.run(["bash", str(SETUP), "--print-root"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    return Path(root)
+
+
+def load_build_module():
+    spec = importlib.util.spec_from_file_location("cc_packaging_build",
+                                                  ROOT / "packaging" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """One test run at a time installs into and drives the shared chroot."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cases(server_url: str, down_url: str):
+    base = {"server-url": server_url, "prompt": PROMPT, "steps": 8, "size": "layer"}
+
+    def case(cid, proc, save=False, **args):
+        merged = dict(base) if proc != "control-image" else {"server-url": server_url}
+        merged.update(args)
+        return {"id": cid, "proc": PREFIX + proc, "args": merged, "save": save}
+
+    return [
+        case("generate", "generate", save=True, seed=12345),
+        case("colourise", "colourise", seed=5),
+        case("random-seed", "generate", seed=-1),
+        case("model-size", "generate", seed=3, size="model"),
+        case("variants", "generate", seed=40, batch=2),
+        case("control-image", "control-image"),
+        case("figure-from-pose", "figure-from-pose", save=True, seed=7),
+        case("server-down", "generate", **{"server-url": down_url}),
+        case("wrong-token", "generate", token="not-the-token"),
+        {"id": "pose-from-photo", "proc": PREFIX + "pose-from-photo",
+         "args": {"server-url": server_url}},
+        {"id": "settings", "proc": PREFIX + "settings", "args": {"server-url": server_url}},
+    ]
+
+
+class GimpRun:
+    def __init__(self, results: dict, work: Path, stderr: str, returncode: int,
+                 source: Image, settings_saved: str) -> None:
+        self.results = results
+        self.work = work
+        self.stderr = stderr
+        self.returncode = returncode
+        self.source = source
+        self.settings_saved = settings_saved
+
+    def case(self, cid: str) -> dict:
+        c = self.results["cases"][cid]
+        assert "exception" not in c, c["exception"]
+        return c
+
+    def pixels(self, name: str, width: int, height: int) -> Image:
+        return Image(width, height, (self.work / name).read_bytes())
+
+    def layer_image(self, node: dict) -> Image:
+        return self.pixels(node["pixels"], node["w"], node["h"])
+
+
+@pytest.fixture(scope="module")
+def gimp(tmp_path_factory):
+    root = chroot_root()
+    build = load_build_module()
+    out = tmp_path_factory.mktemp("bundle")
+    folder, _ = build.build_gimp(out, build.default_cache())
+    gimp_dir = root / "root" / ".config" / "GIMP" / "3.0"
+    plugin = gimp_dir / "plug-ins" / "controlcanvas"
+    saved_settings = gimp_dir / "controlcanvas.json"
+    inside = f"/tmp/cc-gimp-test-{uuid.uuid4().hex[:12]}"
+    work = root / inside.lstrip("/")
+    source = line_art(*SIZE)
+    with locked(root.with_name(root.name + ".controlcanvas-plugin.lock")):
+        try:
+            if plugin.exists():
+                shutil.rmtree(plugin)
+            shutil.copytree(folder, plugin)  # keeps the exec bit
+            saved_settings.unlink(missing_ok=True)
+            (work / "config").mkdir(parents=True)
+            (work / "config" / "token").write_text(TOKEN + "\n")
+            from PIL import Image as PILImage
+            PILImage.frombytes("RGBA", source.size, source.data).save(work / "lines.png")
+            shutil.copy(BATCH, work / "gimp_batch.py")
+            with ServerThread(FakeEngine(), ServerConfig(port=0), token=TOKEN) as server:
+                params = {"work": inside, "input": f"{inside}/lines.png",
+                          "offsets": list(OFFSETS), "canvas": list(CANVAS),
+                          "cases": cases(server.url, f"ws://127.0.0.1:{free_port()}")}
+                (work / "params.json").write_text(json.dumps(params))
+                command = (f"p='{inside}/gimp_batch.py'; exec(compile(open(p).read(), p, "
+                           f"'exec'), {{'PARAMS': '{inside}/params.json'}})")
+                done = subprocess.run(
+                    ["chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin",
+                     "HOME=/root", "LANG=C.UTF-8", f"CONTROLCANVAS_CONFIG_DIR={inside}/config",
+                     "gimp-console-3.0", "-i", "--batch-interpreter=python-fu-eval",
+                     "-b", command, "--quit"],
+                    capture_output=True, text=True, timeout=600)
+            results_file = work / "results.json"
+            assert results_file.exists(), f"GIMP wrote no results (exit {done.returncode}):\n" \
+                                          f"{done.stderr[-3000:]}"
+            saved = saved_settings.read_text() if saved_settings.exists() else ""
+            yield GimpRun(json.loads(results_file.read_text()), work, done.stderr,
+                          done.returncode, source, saved)
+        finally:
+            saved_settings.unlink(missing_ok=True)
+            shutil.rmtree(plugin, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+class _Ctx:
+    job_id = "0" * 32
+
+    def progress(self, *args, **kwargs):
+        pass
+
+    def wants_preview(self, step):
+        return False
+
+    def preview(self, step, image):
+        pass
+
+    def check_cancelled(self):
+        pass
+
+
+def expected(control: Image, seed: int, *, condition="lineart", width=SIZE[0],
+             height=SIZE[1], batch=1):
+    """What the fake engine returns for the request the plug-in should have sent."""
+    request = GenerateRequest(width=width, height=height, prompt=PROMPT, seed=seed, steps=8,
+                              batch=batch, controls=(ControlUnit(condition=condition, image=0),))
+    return [g.image for g in FakeEngine().generate(request, {0: control}, _Ctx())]
+
+
+def names(layers):
+    return [layer["name"] for layer in layers]
+
+
+# -- the menu -----------------------------------------------------------------------------
+
+def test_gimp_ran_cleanly(gimp):
+    assert gimp.returncode == 0, gimp.stderr[-3000:]
+    assert "Traceback" not in gimp.stderr, "a Python traceback reached GIMP's output"
+    assert "batch command executed successfully" in gimp.stderr
+
+
+def test_every_procedure_is_in_filters_controlnet(gimp):
+    procs = gimp.results["procedures"]
+    assert {name: p["label"] for name, p in procs.items()} == {
+        PREFIX + "generate": "Generate from layer…",
+        PREFIX + "colourise": "Colourise line art…",
+        PREFIX + "figure-from-pose": "Figure from pose…",
+        PREFIX + "control-image": "Make control image…",
+        PREFIX + "pose-from-photo": "Pose from photo…",
+        PREFIX + "settings": "Settings / connection test…",
+    }
+    for name, p in procs.items():
+        assert p["menu_paths"] == ["<Image>/Filters/ControlNet"], name
+        assert p["arguments"][:3] == ["run-mode", "image", "drawables"]
+    assert procs[PREFIX + "generate"]["return_values"] == ["seed", "layer"]
+
+
+# -- generating -------------------------------------------------------------------------------
+
+def test_generate_adds_exactly_the_servers_pixels_above_the_source(gimp):
+    c = gimp.case("generate")
+    assert c["status"] == "success", c.get("error")
+    read = gimp.pixels(c["source_before"], *SIZE)
+    assert read == gimp.source, "GIMP read the PNG's pixels exactly"
+    assert names(c["layers"]) == [f"{PROMPT} · seed 12345", "lines", "paper"]
+    new = c["layers"][0]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    assert gimp.layer_image(new) == expected(read, 12345)[0]
+    assert c["source_unchanged"] and c["source_offsets"] == list(OFFSETS)
+    assert c["returned"] == {"seed": 12345, "layer": f"{PROMPT} · seed 12345"}
+
+
+def test_saved_xcf_keeps_the_result(gimp):
+    c = gimp.case("generate")
+    assert c["saved"] is True
+    assert names(c["reloaded"]) == names(c["layers"])
+    assert gimp.layer_image(c["reloaded"][0]) == gimp.layer_image(c["layers"][0])
+
+
+def test_colourise_puts_the_result_below_the_line_art(gimp):
+    c = gimp.case("colourise")
+    assert c["status"] == "success", c.get("error")
+    assert names(c["layers"]) == ["lines", f"{PROMPT} · seed 5", "paper"]
+    assert gimp.layer_image(c["layers"][1]) == expected(gimp.source, 5)[0]
+
+
+def test_random_seed_is_reported_and_reproducible(gimp):
+    c = gimp.case("random-seed")
+    seed = c["returned"]["seed"]
+    assert 0 <= seed < 2**31
+    assert c["layers"][0]["name"] == f"{PROMPT} · seed {seed}"
+    assert gimp.layer_image(c["layers"][0]) == expected(gimp.source, seed)[0]
+
+
+def test_model_size_result_is_scaled_back_to_the_layer(gimp):
+    c = gimp.case("model-size")
+    new = c["layers"][0]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    assert new["name"] == f"{PROMPT} · seed 3"
+    # Generated at 592x440 and scaled by GIMP: the colour matches the fake engine's roughly.
+    big = expected(gimp.source, 3, width=592, height=440)[0]
+    got = gimp.layer_image(new)
+    assert abs(got.pixel(32, 2)[0] - big.pixel(296, 18)[0]) < 24
+
+
+def test_variants_arrive_in_a_layer_group(gimp):
+    c = gimp.case("variants")
+    group = c["layers"][0]
+    assert group["group"] and group["name"] == f"{PROMPT} · seeds 40–41"
+    assert names(group["children"]) == [f"{PROMPT} · seed 40", f"{PROMPT} · seed 41"]
+    want = expected(gimp.source, 40, batch=2)
+    assert [gimp.layer_image(child) for child in group["children"]] == want
+    assert names(c["layers"])[1:] == ["lines", "paper"]
+
+
+def test_make_control_image(gimp):
+    c = gimp.case("control-image")
+    new = c["layers"][0]
+    assert new["name"] == "Control image · lineart (invert)"
+    inverted = bytearray(gimp.source.data)
+    for i in range(0, len(inverted), 4):
+        inverted[i:i + 3] = bytes(255 - v for v in inverted[i:i + 3])
+    assert gimp.layer_image(new).data == bytes(inverted)
+    assert (new["x"], new["y"]) == OFFSETS
+
+
+def test_figure_from_pose_adds_an_editable_skeleton_path(gimp):
+    c = gimp.case("figure-from-pose")
+    assert c["status"] == "success", c.get("error")
+    (path,) = c["paths"]
+    assert path["name"] == pose.PATH_NAME and len(path["strokes"]) == 17
+    default = pose.default_pose(*SIZE, *OFFSETS)
+    assert pose.from_strokes(path["strokes"], path["meta"]) == default
+    control = pose.render(pose.transformed(default, dx=-OFFSETS[0], dy=-OFFSETS[1]), *SIZE)
+    assert gimp.layer_image(c["layers"][0]) == expected(control, 7, condition="openpose")[0]
+    (kept,) = c["reloaded_paths"]  # XCF stores path points as 32-bit floats
+    assert kept["meta"] == path["meta"] and kept["name"] == path["name"]
+    assert pose.from_strokes(kept["strokes"], kept["meta"]) == default, \
+        "the skeleton and its data survive saving as XCF"
+
+
+# -- failing well ---------------------------------------------------------------------------
+
+def test_server_down_is_a_clean_message(gimp):
+    c = gimp.case("server-down")
+    assert c["status"] == "execution-error"
+    assert c["error"].startswith("ControlCanvas: no server answers at ws://127.0.0.1:")
+    assert "`controlcanvas serve`" in c["error"]
+    assert "Traceback" not in c["error"]
+    assert names(c["layers"]) == ["lines", "paper"] and c["source_unchanged"]
+
+
+def test_wrong_token_is_a_clean_message(gimp):
+    c = gimp.case("wrong-token")
+    assert c["status"] == "execution-error"
+    assert "refused the access token" in c["error"]
+    assert names(c["layers"]) == ["lines", "paper"]
+
+
+def test_pose_from_photo_reports_that_the_server_cannot_detect_poses(gimp):
+    c = gimp.case("pose-from-photo")
+    assert c["status"] == "execution-error"
+    assert "cannot detect poses" in c["error"] and "Figure from pose" in c["error"]
+    assert c["paths"] == [] and names(c["layers"]) == ["lines", "paper"]
+
+
+def test_settings_finds_the_token_file_and_saves_the_address(gimp):
+    c = gimp.case("settings")
+    assert c["status"] == "success", c.get("error")
+    report = c["returned"]["report"]
+    assert "engine fake" in report and "token file" in report
+    assert json.loads(gimp.settings_saved)["server-url"].startswith("ws://127.0.0.1:")
