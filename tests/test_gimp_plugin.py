@@ -708,3 +708,63 @@ def test_gimp_cancel_kills_the_plugin_and_the_server_stops_the_job(host):
         assert engine.stopped.wait(5), "the server did not cancel the orphaned job"
     assert engine.steps < 20
     assert_unchanged(host)
+
+
+# -- the packaged plug-in (packaging/build.py) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from gimp_support.packaging_build import load_build
+    build = load_build()
+    folder, archive = build.build_gimp(tmp_path_factory.mktemp("dist"), build.default_cache())
+    return build, folder, archive
+
+
+def test_bundle_is_a_gimp_plugin_folder(bundle):
+    build, folder, _ = bundle
+    assert folder.name == "controlcanvas" and (folder / "controlcanvas.py").is_file()
+    assert (folder / "controlcanvas.py").stat().st_mode & 0o111, "GIMP runs only executables"
+    assert (folder / "controlcanvas.py").read_text().startswith("#!/usr/bin/env python3\n")
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    plugin = {"controlcanvas_gimp/" + p.name
+              for p in (ROOT / "plugin_gimp" / "controlcanvas_gimp").glob("*.py")}
+    shared = {"shared/" + p.name for p in (ROOT / "shared").glob("*.py")}
+    assert plugin | shared <= files
+    assert {"websockets/__init__.py", "websockets/sync/client.py", "websockets/LICENSE",
+            "BUILD.json"} <= files
+    compiled = [f for f in files if f.endswith(build.COMPILED_SUFFIXES) or "__pycache__" in f]
+    assert compiled == [], "bundles are pure Python"
+    stamp = json.loads((folder / "BUILD.json").read_text())
+    assert stamp["version"] == "0.1.0" and stamp["protocol"] == 1
+    assert stamp["bundled"]["websockets"] == "16.0"
+
+
+def test_bundle_zip_is_reproducible_and_keeps_the_exec_bit(bundle, tmp_path):
+    import zipfile
+    build, _, archive = bundle
+    _, again = build.build_gimp(tmp_path / "again", build.default_cache())
+    assert build.sha256_of(again) == build.sha256_of(archive)
+    with zipfile.ZipFile(archive) as z:
+        infos = {i.filename: i for i in z.infolist()}
+    assert all(name.startswith("controlcanvas/") for name in infos)
+    assert (infos["controlcanvas/controlcanvas.py"].external_attr >> 16) & 0o777 == 0o755
+    assert (infos["controlcanvas/shared/client.py"].external_attr >> 16) & 0o777 == 0o644
+
+
+def test_bundle_runs_on_the_standard_library_alone(bundle, server):
+    """A clean interpreter (no site-packages) talks to the server with the bundled files."""
+    import subprocess
+    _, folder, _ = bundle
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "assert not any('site-packages' in p for p in sys.path), sys.path\n"
+        "import controlcanvas_gimp.actions, websockets, shared\n"
+        "from shared.client import Client\n"
+        "for m in (controlcanvas_gimp, websockets, shared):\n"
+        "    assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
+        "with Client.connect(sys.argv[2], sys.argv[3], client='bundle-test') as c:\n"
+        "    print(c.welcome.engine, c.status().queue_length)\n")
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(folder), server.url,
+                           TOKEN], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["fake", "0"]

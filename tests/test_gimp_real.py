@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from backend.config import ServerConfig  # noqa: E402
 from backend.engine import FakeEngine  # noqa: E402
 from backend.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import pose  # noqa: E402
+from gimp_support.packaging_build import load_build  # noqa: E402
 from shared.images import Image  # noqa: E402
 from shared.messages import ControlUnit, GenerateRequest  # noqa: E402
 
@@ -77,15 +77,6 @@ def chroot_root() -> Path:
     root = subprocess.run(["bash", str(SETUP), "--print-root"], capture_output=True,
                           text=True, check=True).stdout.strip()
     return Path(root)
-
-
-def load_build_module():
-    spec = importlib.util.spec_from_file_location("cc_packaging_build",
-                                                  ROOT / "packaging" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -154,7 +145,7 @@ class GimpRun:
 @pytest.fixture(scope="module")
 def gimp(tmp_path_factory):
     root = chroot_root()
-    build = load_build_module()
+    build = load_build()
     out = tmp_path_factory.mktemp("bundle")
     folder, _ = build.build_gimp(out, build.default_cache())
     gimp_dir = root / "root" / ".config" / "GIMP" / "3.0"
