@@ -571,3 +571,83 @@ def test_cuda_out_of_memory_retry_turns_on_offload(tiny_catalogue):
         handle.remove()
     assert out[0].image.size == (W, H) and engine.offload
     engine.close()
+
+
+# -----------------------------------------------------------------------------
+# Special ControlNets
+# -----------------------------------------------------------------------------
+
+def test_pooled_controlnet_is_conditional_only_and_keeps_others_balanced(tiny_engine, tiny_root,
+                                                                         tmp_path):
+    """A shuffle-style net (global_pool_conditions) puts diffusers' whole pipeline in guess
+    mode when it is the first net; the engine orders units so it only affects itself."""
+    from diffusers import ControlNetModel
+
+    from backend import tiny
+    net = ControlNetModel.from_pretrained(tiny.tiny_dir("sd15", tiny_root) / "controlnets" /
+                                          "maps")
+    net.register_to_config(global_pool_conditions=True)
+    net.save_pretrained(tmp_path / "pooled")
+    pooled = ControlNetModel.from_pretrained(tmp_path / "pooled")
+    _, sample, text, cond = _units_inputs(tiny_engine)
+    with torch.no_grad():
+        down, mid = ControlUnits([pooled], ["balanced"], cfg=True)(
+            sample, torch.tensor(300), text, [cond], [1.0])
+    assert torch.count_nonzero(mid[0]) == 0 and torch.count_nonzero(mid[1]) > 0
+    assert down[0].shape[-2:] == (1, 1)  # globally pooled
+    request = make_request(controls=(unit("shuffle", 0, model=str(tmp_path / "pooled")),
+                                      unit("lineart", 1)))
+    out = run(tiny_engine, request)
+    assert out[0].image.size == (W, H)
+    entry = next(e for e in tiny_engine._bases.values() if e.resolved.name == "tiny-sd15")
+    from diffusers import StableDiffusionControlNetPipeline
+    nets = entry.pipes[StableDiffusionControlNetPipeline].controlnet.nets
+    assert not nets[0].config.global_pool_conditions and nets[1].config.global_pool_conditions
+
+
+def test_inpaint_condition_marks_the_selection_with_minus_one(tiny_engine):
+    out = run(tiny_engine, make_request(mode="inpaint", controls=(unit("inpaint", 10),)))
+    control = tiny_engine.last_plan.first.controls[0]
+    mask = tiny_engine.last_plan.first.mask > 127
+    assert torch.is_tensor(control) and control.shape[-2:] == mask.shape
+    assert (control[0, :, mask] == -1).all() and (control[0, :, ~mask] >= 0).all()
+    assert out[0].image.size == (W, H)
+
+
+def test_hires_inpaint_keeps_unselected_pixels(tiny_engine):
+    width, height = 300, 200
+    imgs = images(width, height)
+    out = run(tiny_engine, make_request(width=width, height=height, mode="inpaint", hires=True,
+                                        controls=(unit(),)), imgs)
+    assert tiny_engine.last_plan.hires is not None
+    outside = to_array(imgs[11])[..., 0] == 0
+    assert np.array_equal(pixels(out[0])[outside], to_array(imgs[10])[outside])
+
+
+# -----------------------------------------------------------------------------
+# Model cache
+# -----------------------------------------------------------------------------
+
+def test_loaded_models_are_evicted_by_the_memory_budget(tiny_catalogue):
+    engine = DiffusersEngine(tiny_catalogue, device="cpu")
+    run(engine, make_request(controls=(unit(),)))
+    assert [e.resolved.name for e in engine._bases.values()] == ["tiny-sd15"]
+    used = sum(e.nbytes for e in engine._bases.values()) + \
+        sum(n.nbytes for n in engine._nets.values())
+    engine.memory_budget = used + (1 << 20)  # room for the loaded stack, not a second one
+    run(engine, make_request(base_model="tiny-sdxl", controls=(unit(),)))
+    names = [e.resolved.name for e in engine._bases.values()]
+    assert names == ["tiny-sdxl"]  # the SD1.5 stack made room
+    assert all(key.startswith("controlnet:") and "sdxl" in key for key in engine._nets)
+    engine.close()
+
+
+def test_engine_from_options_reads_models_from_the_config_file(tmp_path, tiny_root):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[models]\nbase = "tiny-sdxl"\ntiny_root = "{tiny_root.as_posix()}"\n')
+    engine = DiffusersEngine.from_options({"device": "cpu", "memory_budget_gb": 1},
+                                          config_file=config)
+    assert engine.memory_budget == 1 << 30 and engine.dtype == torch.float32
+    out = run(engine, make_request(base_model="", controls=(unit(),)))
+    assert out[0].image.size == (W, H) and engine.last_plan.family == "sdxl"
+    engine.close()
