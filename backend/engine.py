@@ -163,22 +163,16 @@ class FakeEngine:
 
     def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Image:
         ctx.progress(0, 1, stage="preprocess")
-        if message.annotator == "none" and not message.width:
-            ctx.progress(1, 1, stage="preprocess")
-            return image
-        array = to_array(image)
-        if message.annotator == "none":
-            out = array
-        elif message.annotator == "invert":
-            out = array.copy()
-            out[..., :3] = 255 - out[..., :3]
-        else:
-            raise Unsupported(f"The fake engine has no annotator {message.annotator!r}; it "
-                              f"knows 'none' and 'invert'.", field="annotator")
-        if message.width:
-            out = resize_nearest(out, message.width, message.height)
+        if message.annotator == "none":  # as it always was: the layer, nearest-resized
+            out = image
+            if message.width:
+                out = from_array(resize_nearest(to_array(image), message.width, message.height))
+        else:  # every other annotator is the real one from the registry (numpy/OpenCV)
+            from .preprocess import run
+            size = (message.width, message.height) if message.width else None
+            out = run(message.annotator, image, message.params, size)
         ctx.progress(1, 1, stage="preprocess")
-        return from_array(out)
+        return out
 
     def models(self) -> Models:
         return Models(

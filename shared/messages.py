@@ -201,6 +201,37 @@ def _check_job_id(job_id: str, name: str = "job_id") -> None:
 # -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Pose(_Checked):
+    """OpenPose-18 body keypoints, in place of a control image (see backend.pose).
+
+    ``keypoints`` holds 18 ``(x, y, confidence)`` triples per person, people one
+    after the other, in canvas pixels of a ``width`` x ``height`` canvas (pixel
+    centres; the first pixel's centre is 0.0), in the OpenPose/COCO-18 order:
+    nose, neck, right shoulder, elbow, wrist, left shoulder, elbow, wrist, right
+    hip, knee, ankle, left hip, knee, ankle, right eye, left eye, right ear, left
+    ear.  Confidence is 0..1; 0 means the joint is missing (not drawn).
+    """
+    BODY_POINTS: ClassVar[int] = 18
+
+    width: int
+    height: int
+    keypoints: Tuple[Tuple[float, ...], ...]
+
+    def _check(self) -> None:
+        for name in ("width", "height"):
+            if not 1 <= getattr(self, name) <= 1 << 20:
+                raise FieldError(f"{name} must be the canvas size in pixels (1 or more); "
+                                 f"got {getattr(self, name)}.", field=name)
+        if not self.keypoints or len(self.keypoints) % self.BODY_POINTS:
+            raise FieldError(f"keypoints must hold 18 (x, y, confidence) triples per person; "
+                             f"got {len(self.keypoints)} triples.", field="keypoints")
+        for i, point in enumerate(self.keypoints):
+            if len(point) != 3 or not 0.0 <= point[2] <= 1.0:
+                raise FieldError(f"keypoints[{i}] must be [x, y, confidence] with confidence "
+                                 f"0..1; got {list(point)}.", field=f"keypoints[{i}]")
+
+
+@dataclass(frozen=True)
 class ControlUnit(_Checked):
     condition: Condition
     image: Optional[int] = None
@@ -212,15 +243,18 @@ class ControlUnit(_Checked):
     end: float = _range(1.0, 0.0, 1.0)
     control_mode: ControlMode = "balanced"
     resize_mode: ResizeMode = "crop_and_resize"
+    pose: Optional[Pose] = None
 
     def _check(self) -> None:
         if self.start >= self.end:
             raise FieldError(f"start ({self.start}) must be smaller than end ({self.end}).",
                              field="start")
-        if self.image is None:
-            raise FieldError("image must name the slot of this unit's control image.",
-                             field="image")
-        if self.image < 0:
+        if self.image is None and self.pose is None:
+            raise FieldError("image must name the slot of this unit's control image (or give "
+                             "a pose instead).", field="image")
+        if self.image is not None and self.pose is not None:
+            raise FieldError("give either image (a slot) or pose, not both.", field="pose")
+        if self.image is not None and self.image < 0:
             raise FieldError("image slot must be 0 or more.", field="image")
 
 
