@@ -1,0 +1,460 @@
+"""What the docker's buttons do, without any widget: the plug-in's generate path.
+
+The docker calls these methods and runs :meth:`Controller.poll` from a QTimer; a
+batch script (the real-Krita tests) calls the same methods and :meth:`run_until_idle`.
+Everything that touches the document happens inside ``poll`` on the caller's
+(GUI) thread; the network stays on the :class:`~controlcanvas.worker.Worker` thread.
+Every failure ends as a sentence in :attr:`Controller.message`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional
+
+from . import pixels, plan, pose as pose_mod
+from .plan import CanvasPort, HistoryItem, Placement, PlanError
+from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
+    messages
+from .settings import Settings, is_local_url, read_local_token
+from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
+
+log = logging.getLogger(__name__)
+HISTORY_SIZE = 20
+POSE_DETECT_SIDE = 512
+
+
+@dataclass
+class _Active:
+    kind: str  # "generate" | "control-preview" | "pose-detect"
+    canvas: CanvasPort
+    plan: Optional[plan.Plan] = None
+    name: str = ""
+    anchor_id: str = ""
+    box: plan.Box = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class Status:
+    state: str  # "offline" | "connecting" | "online" | "error"
+    message: str
+
+
+class Controller:
+    def __init__(self, canvas: Callable[[], Optional[CanvasPort]], *,
+                 settings: Optional[Settings] = None,
+                 save_settings: Optional[Callable[[str], None]] = None,
+                 worker_factory=Worker) -> None:
+        self._canvas = canvas
+        self.settings = settings or Settings()
+        self._save = save_settings
+        self._worker_factory = worker_factory
+        self.worker: Optional[Worker] = None
+        self.status = Status("offline", "Not connected.")
+        self.models: Optional[messages.Models] = None
+        self.active: Dict[str, _Active] = {}
+        self.progress = (0, 0)
+        self.preview: Optional[Image] = None
+        self.history: List[HistoryItem] = []
+        self.message = ""
+        self.level = "info"  # "info" | "warning" | "error"
+        self.listeners: List[Callable[[str], None]] = []
+        self.token_note = ""
+
+    # -- notifications ------------------------------------------------------------------
+
+    def _changed(self, what: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(what)
+            except Exception:  # a broken view must not break the plug-in
+                log.exception("listener failed")
+
+    def _say(self, message: str, level: str = "info") -> None:
+        self.message, self.level = message, level
+        self._changed("message")
+
+    # -- connection ---------------------------------------------------------------------
+
+    def resolve_token(self, url: str, token: str) -> str:
+        """The token to use: the one given, else the local server's token file."""
+        if token.strip():
+            self.token_note = ""
+            return token.strip()
+        if is_local_url(url):
+            found, self.token_note = read_local_token()
+            return found
+        self.token_note = "A remote server needs its token: paste it here."
+        return ""
+
+    def connect(self, url: Optional[str] = None, token: Optional[str] = None) -> None:
+        if WEBSOCKETS_PROBLEM:
+            self.status = Status("error", WEBSOCKETS_PROBLEM)
+            self._changed("status")
+            return
+        if url is not None:
+            self.settings.url = url.strip()
+        if token is not None:
+            self.settings.token = token.strip()
+        use = self.resolve_token(self.settings.url, self.settings.token)
+        if self.worker is None:
+            self.worker = self._worker_factory(self.settings.url, use).start()
+        else:
+            self.worker.reconnect(self.settings.url, use)
+        self.status = Status("connecting", f"Connecting to {self.settings.url}…")
+        self._changed("status")
+        self.save()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        self.status = Status("offline", "Not connected.")
+
+    @property
+    def online(self) -> bool:
+        return self.status.state == "online"
+
+    @property
+    def busy(self) -> bool:
+        return any(a.kind == "generate" for a in self.active.values())
+
+    def annotators(self, condition: str = "") -> List[str]:
+        """Annotator names the server offers (for a condition: its own and generic ones)."""
+        if self.models is None:
+            return ["none"]
+        names = [a.name for a in self.models.annotators if a.available and
+                 (not condition or a.condition in ("", condition))]
+        return names if "none" in names else ["none"] + names
+
+    def pose_detector(self) -> str:
+        """The server's pose-detection annotator, "" when it has none available."""
+        if self.models is None:
+            return ""
+        for info in self.models.annotators:
+            if info.condition == "openpose" and info.available:
+                return info.name
+        return ""
+
+    def save(self) -> None:
+        if self._save is not None:
+            try:
+                self._save(self.settings.to_json())
+            except Exception:
+                log.exception("saving settings failed")
+
+    # -- actions ------------------------------------------------------------------------
+
+    def _current_canvas(self) -> Optional[CanvasPort]:
+        canvas = self._canvas()
+        if canvas is None:
+            self._say("Open a document first.", "warning")
+        return canvas
+
+    def _ready(self) -> bool:
+        if self.worker is None:
+            self.connect()
+        if self.status.state == "error":
+            self._say(self.status.message, "error")
+            return False
+        return True
+
+    def generate(self, *, seed: Optional[int] = None, batch: Optional[int] = None) -> Optional[str]:
+        """Read the canvas, send the request; returns the job id (None + message on error)."""
+        canvas = self._current_canvas()
+        if canvas is None or not self._ready():
+            return None
+        try:
+            job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch)
+        except (PlanError, pixels.PixelError, pose_mod.PoseError) as err:
+            self._say(str(err), "error")
+            return None
+        except ControlCanvasError as err:
+            self._say(err.message, "error")
+            return None
+        request = job_plan.request
+        if not self.settings.seed_locked:
+            self.settings.seed = request.seed
+        self.save()
+        job_id = self.worker.submit(request, job_plan.images,
+                                    preview_every=self.settings.preview_every)
+        self.active[job_id] = _Active("generate", canvas, job_plan)
+        self.progress = (0, request.steps * request.batch)
+        self.preview = None
+        note = " ".join(job_plan.notes)
+        waiting = "" if self.online else " (waiting for the server)"
+        self._say(f"Generating {request.batch} image(s), seed {request.seed}{waiting}."
+                  + (f" {note}" if note else ""), "warning" if note else "info")
+        self._changed("busy")
+        return job_id
+
+    def cancel(self) -> None:
+        jobs = [job_id for job_id, a in self.active.items() if a.kind == "generate"]
+        if not jobs or self.worker is None:
+            return
+        for job_id in jobs:
+            self.worker.cancel(job_id)
+        self._say("Cancelling…")
+
+    def selected_seed(self, index: int) -> Optional[int]:
+        if 0 <= index < len(self.history):
+            seeds = [s for s in self.history[index].seeds if s is not None]
+            return seeds[0] if seeds else None
+        return None
+
+    def reuse_seed(self, index: int) -> Optional[int]:
+        """Lock the seed of a history entry, so the next Generate repeats it."""
+        seed = self.selected_seed(index)
+        if seed is None:
+            self._say("Pick a result in the history first.", "warning")
+            return None
+        self.settings.seed, self.settings.seed_locked = seed, True
+        self.save()
+        self._changed("settings")
+        return seed
+
+    def regenerate_same_seed(self, index: int = 0) -> Optional[str]:
+        """Same seed as a history entry (default: the newest), one image: the figure changes
+        only as the pose (or prompt) did."""
+        seed = self.selected_seed(index) if self.history else self.settings.seed
+        if seed is None:
+            seed = self.settings.seed
+        return self.generate(seed=seed, batch=1)
+
+    def variants(self, count: int = 4) -> Optional[str]:
+        seed = plan.choose_seed(replace(self.settings, seed_locked=False))
+        return self.generate(seed=seed, batch=max(1, min(16, count)))
+
+    def apply_history(self, index: int) -> None:
+        """Insert a remembered result again (e.g. after deleting or undoing it)."""
+        if not 0 <= index < len(self.history):
+            self._say("Pick a result in the history first.", "warning")
+            return
+        canvas = self._current_canvas()
+        if canvas is None:
+            return
+        item = self.history[index]
+        self._insert(canvas, item.prompt, item.images, item.placement)
+
+    def preview_control(self, unit_index: int) -> Optional[str]:
+        """Run a unit's annotator on the server and insert the control image as a layer."""
+        units = self.settings.units
+        if not 0 <= unit_index < len(units):
+            self._say("Add a control unit first.", "warning")
+            return None
+        canvas = self._current_canvas()
+        if canvas is None or not self._ready():
+            return None
+        unit = units[unit_index]
+        doc = canvas.info()
+        box = (0, 0, doc.width, doc.height)
+        try:
+            image, annotator = plan._unit_image(canvas, doc, unit, box, unit_index)
+        except (PlanError, pose_mod.PoseError) as err:
+            self._say(str(err), "error")
+            return None
+        layer = doc.layer(unit.layer_id)
+        source = layer.name if layer else "visible image"
+        job_id = self.worker.preprocess(annotator or "none", image)
+        self.active[job_id] = _Active("control-preview", canvas,
+                                      name=f"Control: {annotator} of {source}",
+                                      anchor_id=unit.layer_id, box=box)
+        self._say(f"Making the control image ({annotator}) of {source}…")
+        return job_id
+
+    def insert_pose(self, layer_id: str = "") -> Optional[str]:
+        """Default skeleton as an editable vector layer; or, with ``layer_id``, detect the
+        pose in that layer on the server (when it can)."""
+        canvas = self._current_canvas()
+        if canvas is None:
+            return None
+        doc = canvas.info()
+        if not layer_id:
+            return self._insert_pose_layer(canvas, pose_mod.default_pose(doc.width, doc.height),
+                                           doc.active_id)
+        if not self._ready():
+            return None
+        detector = self.pose_detector()
+        if not detector:
+            self._say("Pose detection is not available on this server (it offers no openpose "
+                      "annotator); start from the default skeleton and move its joints.",
+                      "warning")
+            return None
+        k = min(1.0, POSE_DETECT_SIDE / max(doc.width, doc.height))
+        w, h = max(8, int(round(doc.width * k))), max(8, int(round(doc.height * k)))
+        image = canvas.read_layer(layer_id, (0, 0, doc.width, doc.height))
+        job_id = self.worker.preprocess(detector, image, width=w, height=h)
+        self.active[job_id] = _Active("pose-detect", canvas, anchor_id=layer_id,
+                                      box=(0, 0, doc.width, doc.height))
+        self._say("Detecting the pose…")
+        return job_id
+
+    def _insert_pose_layer(self, canvas: CanvasPort, skeleton: pose_mod.Pose,
+                           anchor_id: str) -> Optional[str]:
+        doc = canvas.info()
+        svg = pose_mod.to_svg(skeleton, doc.width, doc.height, doc.resolution)
+        try:
+            layer_id = canvas.insert_pose_layer(svg, pose_mod.LAYER_NAME, anchor_id)
+        except Exception as err:
+            self._say(f"The pose layer could not be added ({err}).", "error")
+            return None
+        self._say("Pose skeleton added: move its joints with the shape tools, then "
+                  "generate with an openpose unit bound to it.")
+        return layer_id
+
+    # -- events ---------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """Handle what the worker reported; returns how many events were handled."""
+        if self.worker is None:
+            return 0
+        events = self.worker.drain()
+        for event in events:
+            try:
+                self._handle(event)
+            except Exception as err:  # never let one event stop the docker
+                log.exception("handling %r failed", type(event).__name__)
+                self._say(f"ControlCanvas could not handle the server's reply ({err}).",
+                          "error")
+        return len(events)
+
+    def run_until_idle(self, timeout: float = 60.0) -> bool:
+        """Batch use: poll until no job is active (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            if not self.active:
+                return True
+            time.sleep(0.01)
+        self.poll()
+        return not self.active
+
+    def wait_online(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            if self.online:
+                return True
+            time.sleep(0.01)
+        return self.online
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, Connecting):
+            if self.status.state != "online":
+                self.status = Status("connecting", f"Connecting to {event.url}…")
+                self._changed("status")
+        elif isinstance(event, Connected):
+            self.models = event.models or self.models
+            resumed = f"; resumed {event.resumed} job(s)" if event.resumed else ""
+            self.status = Status("online", f"Connected to {event.server or event.url} "
+                                           f"({event.engine} engine){resumed}.")
+            self._changed("status")
+            self._changed("models")
+        elif isinstance(event, Disconnected):
+            retry = f" Retrying in {event.retry_in:g} s." if event.retry_in else ""
+            keep = f" {len(self.active)} job(s) will resume." if self.active and \
+                event.retry_in else ""
+            self.status = Status("offline" if event.retry_in else "error",
+                                 event.message + retry + keep)
+            self._changed("status")
+        elif isinstance(event, messages.Queued):
+            if event.job_id in self.active and event.position > 0:
+                self._say(f"Queued (position {event.position}).")
+        elif isinstance(event, messages.Progress):
+            if event.job_id in self.active and self.active[event.job_id].kind == "generate":
+                self.progress = (event.step, event.total)
+                self._changed("progress")
+        elif isinstance(event, PreviewReady):
+            if event.job_id in self.active:
+                self.preview = event.image
+                self._changed("preview")
+        elif isinstance(event, ResultReady):
+            active = self.active.pop(event.job_id, None)
+            if active is not None:
+                self._finished(active, event)
+                self._changed("busy")
+        elif isinstance(event, JobFailed):
+            active = self.active.pop(event.job_id, None) if event.job_id else None
+            if event.code == "cancelled":
+                self._say("Cancelled.")
+            else:
+                self._say(event.message, "error")
+            if active is not None:
+                self.progress = (0, 0)
+                self._changed("busy")
+
+    def _finished(self, active: _Active, event: ResultReady) -> None:
+        if active.kind == "generate":
+            job_plan = active.plan
+            images = [(image, meta.seed) for meta, image in event.images]
+            item = HistoryItem(event.job_id, job_plan.prompt, images, job_plan.placement,
+                               self.settings.to_json())
+            item.layer_ids = self._insert(active.canvas, job_plan.prompt, images,
+                                          job_plan.placement)
+            self.history.insert(0, item)
+            del self.history[HISTORY_SIZE:]
+            self.progress = (self.progress[1], self.progress[1])
+            self._changed("history")
+        elif active.kind == "control-preview":
+            if not event.images:
+                self._say("The server returned no control image.", "error")
+                return
+            image = event.images[0][1]
+            x, y, w, h = active.box
+            if image.size != (w, h):
+                image = pixels.scale_nearest(image, w, h)
+            where = "above" if active.anchor_id else "top"
+            ids, note = active.canvas.insert_results(
+                Placement(where, active.anchor_id, active.box), [(image, active.name)])
+            self._say(f"Added the layer {active.name!r}." + (f" {note}" if note else ""))
+        elif active.kind == "pose-detect":
+            self._pose_detected(active, event)
+
+    def _pose_detected(self, active: _Active, event: ResultReady) -> None:
+        info = event.info or {}
+        x, y, w, h = active.box
+        skeleton = None
+        raw = info.get("keypoints") or info.get("pose")
+        if isinstance(raw, str):
+            try:
+                import json
+                people = json.loads(raw)
+                skeleton = pose_mod.check_pose(people)
+            except (ValueError, TypeError, pose_mod.PoseError):
+                skeleton = None
+        if skeleton is None and event.images:
+            image = event.images[0][1]
+            try:
+                found = pose_mod.keypoints_from_image(image.data, image.width, image.height)
+            except pose_mod.PoseError as err:
+                self._say(str(err), "warning")
+                return
+            skeleton = pose_mod.scale(found, w / image.width, h / image.height)
+        if not skeleton:
+            self._say("No pose was found in that layer.", "warning")
+            return
+        self._insert_pose_layer(active.canvas, skeleton, active.anchor_id)
+
+    def _insert(self, canvas: CanvasPort, prompt: str, images, placement: Placement) -> List[str]:
+        layers = []
+        for image, seed in images:
+            x, y, w, h = placement.box
+            if image.size != (w, h):  # a server may answer at another size: fit the box
+                image = pixels.scale_nearest(image, w, h)
+            if placement.mask is not None:
+                image = pixels.apply_mask_alpha(image, placement.mask)
+            layers.append((image, plan.layer_name(prompt, seed)))
+        group = plan.group_name(prompt, [s for _, s in images]) if len(layers) > 1 else ""
+        try:
+            ids, note = canvas.insert_results(placement, layers, group)
+        except Exception as err:
+            log.exception("inserting results failed")
+            self._say(f"The result could not be added to the document ({err}); it is kept "
+                      f"in the history.", "error")
+            return []
+        seeds = ", ".join(str(s) for _, s in images)
+        self._say(f"Added {len(layers)} layer(s), seed {seeds}." + (f" {note}" if note else ""),
+                  "warning" if note else "info")
+        return ids

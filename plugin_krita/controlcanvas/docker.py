@@ -1,0 +1,618 @@
+"""The docker's widgets (Qt only, through the compat module); logic lives in Controller.
+
+The panel never blocks: buttons call the controller, a QTimer drains the worker's
+events every 50 ms, and the controller's notifications update the widgets.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from . import plan
+from .controller import Controller
+from .proto import messages
+from .qt import Qt, QtCore, QtGui, QtWidgets, qimage_from_rgba
+from .settings import (CONTROL_MODE_LABELS, CONTROL_MODES, MODE_LABELS, MODES, Settings,
+                       UnitSettings)
+
+W = QtWidgets
+CONDITION_LABELS = {
+    "lineart": "Line art", "lineart_anime": "Anime line art", "scribble": "Scribble",
+    "softedge": "Soft edge", "canny": "Canny edges", "depth": "Depth", "normal": "Normal map",
+    "openpose": "Pose", "mlsd": "Straight lines", "seg": "Segmentation", "tile": "Tile",
+    "shuffle": "Shuffle", "inpaint": "Inpaint",
+}
+STATE_COLOURS = {"online": "#3fb950", "connecting": "#d29922", "offline": "#8b949e",
+                 "error": "#f85149"}
+MESSAGE_COLOURS = {"info": "palette(text)", "warning": "#d29922", "error": "#f85149"}
+VISIBLE_IMAGE = "(visible image)"
+
+
+def _narrow(box: W.QComboBox, chars: int = 6) -> W.QComboBox:
+    """Let a combo box shrink with the docker instead of forcing its width."""
+    box.setSizeAdjustPolicy(W.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    box.setMinimumContentsLength(chars)
+    box.setSizePolicy(W.QSizePolicy.Policy.Expanding, W.QSizePolicy.Policy.Fixed)
+    return box
+
+
+def _combo(items, current=None) -> W.QComboBox:
+    box = _narrow(W.QComboBox())
+    for key, label in items:
+        box.addItem(label, key)
+    if current is not None:
+        _select(box, current)
+    return box
+
+
+def _select(box: W.QComboBox, key) -> None:
+    index = box.findData(key)
+    if index >= 0:
+        box.setCurrentIndex(index)
+
+
+def _spin(lo, hi, value, step=1.0, decimals=None) -> W.QAbstractSpinBox:
+    if decimals is None:
+        box = W.QSpinBox()
+        box.setRange(int(lo), int(hi))
+        box.setValue(int(value))
+        box.setSingleStep(int(step))
+    else:
+        box = W.QDoubleSpinBox()
+        box.setDecimals(decimals)
+        box.setRange(lo, hi)
+        box.setSingleStep(step)
+        box.setValue(value)
+    box.setKeyboardTracking(False)
+    return box
+
+
+def _small_label(text: str) -> W.QLabel:
+    label = W.QLabel(text)
+    font = label.font()
+    font.setPointSizeF(max(7.0, font.pointSizeF() * 0.9))
+    label.setFont(font)
+    return label
+
+
+def _section(title: str) -> W.QLabel:
+    label = W.QLabel(title.upper())
+    font = label.font()
+    font.setBold(True)
+    font.setPointSizeF(max(7.0, font.pointSizeF() * 0.85))
+    label.setFont(font)
+    label.setStyleSheet("color: palette(mid); padding-top: 4px;")
+    return label
+
+
+class UnitWidget(W.QFrame):
+    """One control unit: condition, layer, annotator (+ preview), weight, range, mode."""
+
+    def __init__(self, panel: "DockerPanel", unit: UnitSettings) -> None:
+        super().__init__()
+        self.panel = panel
+        self.setFrameShape(W.QFrame.Shape.StyledPanel)
+        grid = W.QGridLayout(self)
+        grid.setContentsMargins(4, 4, 4, 4)
+        grid.setHorizontalSpacing(4)
+        grid.setVerticalSpacing(2)
+        self.enabled = W.QCheckBox()
+        self.enabled.setChecked(unit.enabled)
+        self.enabled.setToolTip("Use this unit")
+        self.condition = _combo([(c, CONDITION_LABELS.get(c, c)) for c in messages.CONDITIONS
+                                 if c != "inpaint"], unit.condition)
+        self.condition.setToolTip("What the control image shows (picks the ControlNet)")
+        self.remove = W.QToolButton()
+        self.remove.setText("✕")
+        self.remove.setToolTip("Remove this control unit")
+        self.remove.setAutoRaise(True)
+        self.layer = _narrow(W.QComboBox())
+        self.layer.setToolTip("The layer this unit reads")
+        self.annotator = _narrow(W.QComboBox())
+        self.annotator.setToolTip("How the layer is turned into the control image (on the "
+                                  "server); 'none' uses it as it is")
+        self.preview = W.QToolButton()
+        self.preview.setText("Preview")
+        self.preview.setToolTip("Insert the control image as a layer, to check or edit it")
+        self.weight = _spin(0.0, 2.0, unit.weight, 0.05, 2)
+        self.weight.setToolTip("Control weight (0-2)")
+        self.start = _spin(0.0, 1.0, unit.start, 0.05, 2)
+        self.start.setToolTip("Start: fraction of the steps before the control applies")
+        self.end = _spin(0.0, 1.0, unit.end, 0.05, 2)
+        self.end.setToolTip("End: fraction of the steps after which the control stops")
+        self.mode = _combo([(m, CONTROL_MODE_LABELS[m]) for m in CONTROL_MODES],
+                           unit.control_mode)
+        grid.addWidget(self.enabled, 0, 0)
+        grid.addWidget(self.condition, 0, 1, 1, 2)
+        grid.addWidget(self.layer, 0, 3, 1, 3)
+        grid.addWidget(self.remove, 0, 6)
+        grid.addWidget(_small_label("Annotator"), 1, 1)
+        grid.addWidget(self.annotator, 1, 2, 1, 3)
+        grid.addWidget(self.preview, 1, 5, 1, 2)
+        grid.addWidget(_small_label("Weight"), 2, 1)
+        grid.addWidget(self.weight, 2, 2)
+        grid.addWidget(_small_label("Range"), 2, 3)
+        grid.addWidget(self.start, 2, 4)
+        grid.addWidget(self.end, 2, 5, 1, 2)
+        grid.addWidget(self.mode, 3, 1, 1, 6)
+        grid.setColumnStretch(2, 1)
+        grid.setColumnStretch(4, 1)
+        self._layer_id = unit.layer_id
+        self._annotator = unit.annotator
+        self.condition.currentIndexChanged.connect(self.fill_annotators)
+        self.layer.currentIndexChanged.connect(self._layer_changed)
+        self.remove.clicked.connect(lambda: panel.remove_unit(self))
+        self.preview.clicked.connect(lambda: panel.preview_unit(self))
+
+    def _layer_changed(self) -> None:
+        if self.layer.currentIndex() >= 0:
+            self._layer_id = self.layer.currentData() or ""
+
+    def fill_layers(self, layers: List[plan.LayerInfo]) -> None:
+        keep = self._layer_id
+        self.layer.blockSignals(True)
+        self.layer.clear()
+        self.layer.addItem(VISIBLE_IMAGE, "")
+        for info in layers:
+            self.layer.addItem("  " * info.depth + info.name, info.id)
+        index = self.layer.findData(keep)
+        self.layer.setCurrentIndex(index if index >= 0 else 0)
+        self.layer.blockSignals(False)
+
+    def fill_annotators(self) -> None:
+        keep = self.annotator.currentText() or self._annotator
+        names = self.panel.controller.annotators(self.condition.currentData())
+        if keep and keep not in names:
+            names.append(keep)
+        self.annotator.blockSignals(True)
+        self.annotator.clear()
+        self.annotator.addItems(names)
+        self.annotator.setCurrentText(keep if keep in names else "none")
+        self.annotator.blockSignals(False)
+
+    def value(self) -> UnitSettings:
+        start, end = self.start.value(), self.end.value()
+        return UnitSettings(layer_id=self._layer_id, condition=self.condition.currentData(),
+                            annotator=self.annotator.currentText() or "none",
+                            weight=self.weight.value(), start=start, end=end,
+                            control_mode=self.mode.currentData(),
+                            enabled=self.enabled.isChecked())
+
+
+class DockerPanel(W.QWidget):
+    def __init__(self, controller: Controller, parent: Optional[W.QWidget] = None) -> None:
+        super().__init__(parent)
+        self.controller = controller
+        self.units: List[UnitWidget] = []
+        self._layers: List[plan.LayerInfo] = []
+        self._layer_key = None
+        self._build()
+        self.load(controller.settings)
+        controller.listeners.append(self._on_change)
+        self.timer = QtCore.QTimer(self)
+        self.timer.setInterval(50)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
+        self._ticks = 0
+        self._on_change("status")
+        self.refresh_layers()
+
+    # -- building -------------------------------------------------------------------
+
+    def _build(self) -> None:
+        outer = W.QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = W.QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(W.QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        outer.addWidget(scroll)
+        body = W.QWidget()
+        scroll.setWidget(body)
+        col = W.QVBoxLayout(body)
+        col.setContentsMargins(6, 6, 6, 6)
+        col.setSpacing(4)
+
+        # connection
+        row = W.QHBoxLayout()
+        self.state_dot = W.QLabel("●")
+        self.state_text = W.QLabel("Not connected.")
+        self.state_text.setWordWrap(True)
+        self.server_toggle = W.QToolButton()
+        self.server_toggle.setText("Server")
+        self.server_toggle.setCheckable(True)
+        self.server_toggle.setAutoRaise(True)
+        row.addWidget(self.state_dot)
+        row.addWidget(self.state_text, 1)
+        row.addWidget(self.server_toggle)
+        col.addLayout(row)
+        self.server_box = W.QWidget()
+        form = W.QFormLayout(self.server_box)
+        form.setContentsMargins(0, 0, 0, 0)
+        self.url = W.QLineEdit()
+        self.url.setPlaceholderText("ws://127.0.0.1:7351")
+        self.token = W.QLineEdit()
+        self.token.setEchoMode(W.QLineEdit.EchoMode.Password)
+        self.token.setPlaceholderText("read from the local token file")
+        self.connect_button = W.QPushButton("Connect")
+        self.token_note = _small_label("")
+        self.token_note.setWordWrap(True)
+        form.addRow("Address", self.url)
+        form.addRow("Token", self.token)
+        form.addRow("", self.connect_button)
+        form.addRow(self.token_note)
+        self.server_box.setVisible(False)
+        col.addWidget(self.server_box)
+
+        # preset + prompt
+        col.addWidget(_section("Prompt"))
+        row = W.QHBoxLayout()
+        self.preset = _combo([("", "Preset…")] + [(p.key, p.label) for p in plan.PRESETS])
+        self.preset.setToolTip("Set up the control units for a workflow, using the selected "
+                               "layer")
+        self.mode = _combo([(m, MODE_LABELS[m]) for m in MODES])
+        row.addWidget(self.preset, 1)
+        row.addWidget(self.mode, 1)
+        col.addLayout(row)
+        self.prompt = W.QPlainTextEdit()
+        self.prompt.setPlaceholderText("What to paint, e.g. flat colours, girl in a red coat")
+        self.prompt.setFixedHeight(54)
+        self.negative = W.QLineEdit()
+        self.negative.setPlaceholderText("Negative prompt")
+        col.addWidget(self.prompt)
+        col.addWidget(self.negative)
+        row = W.QHBoxLayout()
+        self.strength_label = _small_label("Strength")
+        self.strength = _spin(0.0, 1.0, 0.75, 0.05, 2)
+        self.strength.setToolTip("How much of the canvas is repainted (img2img/inpaint)")
+        row.addWidget(self.strength_label)
+        row.addWidget(self.strength)
+        row.addStretch(1)
+        row.addWidget(_small_label("Result"))
+        self.place = _combo([("above", "Above layer"),
+                             ("below", "Under line art")])
+        self.place.setToolTip("Where new layers go: above the selected layer, or under the "
+                              "line-art layer of the first control unit (lines stay on top)")
+        row.addWidget(self.place)
+        col.addLayout(row)
+
+        # control units
+        head = W.QHBoxLayout()
+        head.addWidget(_section("Control"))
+        head.addStretch(1)
+        self.add_unit_button = W.QToolButton()
+        self.add_unit_button.setText("+ Unit")
+        self.add_unit_button.setAutoRaise(True)
+        self.add_unit_button.setToolTip("Add a control unit bound to the selected layer")
+        head.addWidget(self.add_unit_button)
+        col.addLayout(head)
+        self.units_box = W.QVBoxLayout()
+        self.units_box.setSpacing(3)
+        col.addLayout(self.units_box)
+
+        # pose
+        row = W.QHBoxLayout()
+        self.pose_add = W.QPushButton("Add skeleton")
+        self.pose_add.setToolTip("Insert an editable pose skeleton (vector layer)")
+        self.pose_detect = W.QPushButton("Pose from layer")
+        self.pose_detect.setToolTip("Detect the pose in the selected layer (photo) on the "
+                                    "server")
+        row.addWidget(self.pose_add)
+        row.addWidget(self.pose_detect)
+        col.addLayout(row)
+        row = W.QHBoxLayout()
+        self.same_seed = W.QPushButton("Same seed, new pose")
+        self.same_seed.setToolTip("Regenerate with the seed of the selected result: only "
+                                  "what you changed changes")
+        self.variants = W.QPushButton("Variants ×4")
+        self.variants.setToolTip("Four images with new seeds, as a group of layers")
+        row.addWidget(self.same_seed)
+        row.addWidget(self.variants)
+        col.addLayout(row)
+
+        # sampling
+        col.addWidget(_section("Sampling"))
+        grid = W.QGridLayout()
+        grid.setHorizontalSpacing(4)
+        grid.setVerticalSpacing(2)
+        self.seed = _spin(0, messages.MAX_SEED, 0, 1.0, 0)  # QSpinBox stops at 2**31-1
+        self.seed.setToolTip("Seed of the next image")
+        self.seed_lock = W.QCheckBox("Lock")
+        self.seed_lock.setToolTip("Keep this seed; otherwise every Generate picks a new one")
+        self.steps = _spin(1, 150, 20)
+        self.cfg = _spin(0.0, 30.0, 7.0, 0.5, 1)
+        self.sampler = _combo([(s, s) for s in messages.SAMPLERS])
+        self.batch = _spin(1, 16, 1)
+        grid.addWidget(_small_label("Seed"), 0, 0)
+        grid.addWidget(self.seed, 0, 1, 1, 2)
+        grid.addWidget(self.seed_lock, 0, 3)
+        grid.addWidget(_small_label("Steps"), 1, 0)
+        grid.addWidget(self.steps, 1, 1)
+        grid.addWidget(_small_label("CFG"), 1, 2)
+        grid.addWidget(self.cfg, 1, 3)
+        grid.addWidget(_small_label("Sampler"), 2, 0)
+        grid.addWidget(self.sampler, 2, 1)
+        grid.addWidget(_small_label("Batch"), 2, 2)
+        grid.addWidget(self.batch, 2, 3)
+        grid.setColumnStretch(1, 1)
+        grid.setColumnStretch(3, 1)
+        col.addLayout(grid)
+
+        # generate
+        row = W.QHBoxLayout()
+        self.generate_button = W.QPushButton("Generate")
+        self.generate_button.setDefault(True)
+        font = self.generate_button.font()
+        font.setBold(True)
+        self.generate_button.setFont(font)
+        self.generate_button.setMinimumHeight(28)
+        self.cancel_button = W.QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        row.addWidget(self.generate_button, 3)
+        row.addWidget(self.cancel_button, 1)
+        col.addLayout(row)
+        self.progress = W.QProgressBar()
+        self.progress.setTextVisible(True)
+        self.progress.setFixedHeight(14)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m")
+        col.addWidget(self.progress)
+        self.preview_image = W.QLabel()
+        self.preview_image.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.preview_image.setVisible(False)
+        col.addWidget(self.preview_image)
+        self.message = W.QLabel("")
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        col.addWidget(self.message)
+
+        # history
+        col.addWidget(_section("History"))
+        self.history = W.QListWidget()
+        self.history.setIconSize(QtCore.QSize(40, 40))
+        self.history.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.history.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        self.history.setUniformItemSizes(True)
+        self.history.setMinimumHeight(96)
+        self.history.setMaximumHeight(150)
+        col.addWidget(self.history)
+        row = W.QHBoxLayout()
+        self.apply_button = W.QPushButton("Apply again")
+        self.apply_button.setToolTip("Insert the selected result as new layer(s) again")
+        self.reuse_button = W.QPushButton("Reuse seed")
+        self.reuse_button.setToolTip("Lock the seed of the selected result")
+        row.addWidget(self.apply_button)
+        row.addWidget(self.reuse_button)
+        col.addLayout(row)
+        col.addStretch(1)
+
+        # wiring
+        self.server_toggle.toggled.connect(self.server_box.setVisible)
+        self.connect_button.clicked.connect(self.on_connect)
+        self.preset.activated.connect(self.on_preset)
+        self.mode.currentIndexChanged.connect(self._mode_changed)
+        self.add_unit_button.clicked.connect(self.on_add_unit)
+        self.pose_add.clicked.connect(lambda: self.controller.insert_pose(""))
+        self.pose_detect.clicked.connect(self.on_detect_pose)
+        self.same_seed.clicked.connect(self.on_same_seed)
+        self.variants.clicked.connect(self.on_variants)
+        self.generate_button.clicked.connect(self.on_generate)
+        self.cancel_button.clicked.connect(self.controller.cancel)
+        self.apply_button.clicked.connect(
+            lambda: self.controller.apply_history(self.history.currentRow()))
+        self.reuse_button.clicked.connect(self.on_reuse_seed)
+
+    # -- settings <-> widgets ---------------------------------------------------------
+
+    def load(self, s: Settings) -> None:
+        self.url.setText(s.url)
+        self.token.setText(s.token)
+        self.prompt.setPlainText(s.prompt)
+        self.negative.setText(s.negative_prompt)
+        _select(self.mode, s.mode)
+        self.strength.setValue(s.strength)
+        _select(self.place, s.place)
+        self.seed.setValue(s.seed)
+        self.seed_lock.setChecked(s.seed_locked)
+        self.steps.setValue(s.steps)
+        self.cfg.setValue(s.cfg)
+        _select(self.sampler, s.sampler)
+        self.batch.setValue(s.batch)
+        for widget in list(self.units):
+            self._drop_unit(widget)
+        for unit in s.units:
+            self._add_unit(unit)
+        self._mode_changed()
+
+    def collect(self) -> Settings:
+        s = self.controller.settings
+        s.url = self.url.text().strip() or s.url
+        s.token = self.token.text().strip()
+        s.prompt = self.prompt.toPlainText().strip()
+        s.negative_prompt = self.negative.text().strip()
+        s.mode = self.mode.currentData()
+        s.strength = self.strength.value()
+        s.place = self.place.currentData()
+        s.seed = int(self.seed.value())
+        s.seed_locked = self.seed_lock.isChecked()
+        s.steps = self.steps.value()
+        s.cfg = self.cfg.value()
+        s.sampler = self.sampler.currentData()
+        s.batch = self.batch.value()
+        s.units = [w.value() for w in self.units]
+        return s
+
+    def _mode_changed(self) -> None:
+        show = self.mode.currentData() in ("img2img", "inpaint")
+        self.strength.setEnabled(show)
+        self.strength_label.setEnabled(show)
+
+    # -- units ----------------------------------------------------------------------
+
+    def _add_unit(self, unit: UnitSettings) -> UnitWidget:
+        widget = UnitWidget(self, unit)
+        widget.fill_layers(self._layers)
+        widget.fill_annotators()
+        self.units.append(widget)
+        self.units_box.addWidget(widget)
+        return widget
+
+    def _drop_unit(self, widget: UnitWidget) -> None:
+        self.units.remove(widget)
+        self.units_box.removeWidget(widget)
+        widget.setParent(None)
+        widget.deleteLater()
+
+    def remove_unit(self, widget: UnitWidget) -> None:
+        self._drop_unit(widget)
+        self.collect()
+
+    def on_add_unit(self) -> None:
+        active = self._active_layer_id()
+        self._add_unit(UnitSettings(layer_id=active))
+        self.collect()
+
+    def preview_unit(self, widget: UnitWidget) -> None:
+        self.collect()
+        self.controller.preview_control(self.units.index(widget))
+
+    def _active_layer_id(self) -> str:
+        canvas = self.controller._canvas()
+        return canvas.info().active_id if canvas is not None else ""
+
+    def refresh_layers(self) -> None:
+        canvas = self.controller._canvas()
+        layers = list(canvas.info().layers) if canvas is not None else []
+        key = tuple((info.id, info.name, info.depth) for info in layers)
+        if key == self._layer_key:
+            return
+        self._layer_key = key
+        self._layers = layers
+        for widget in self.units:
+            widget.fill_layers(layers)
+
+    # -- actions ----------------------------------------------------------------------
+
+    def on_connect(self) -> None:
+        self.collect()
+        self.controller.connect(self.url.text(), self.token.text())
+
+    def on_preset(self) -> None:
+        key = self.preset.currentData()
+        self.preset.setCurrentIndex(0)
+        if not key:
+            return
+        self.collect()
+        layer = self._active_layer_id()
+        if key == "pose":
+            canvas = self.controller._canvas()
+            info = canvas.info() if canvas is not None else None
+            poses = [l.id for l in (info.layers if info else ()) if l.kind == "vectorlayer"]
+            layer = layer if info and info.layer(layer) and info.layer(layer).kind == \
+                "vectorlayer" else (poses[0] if poses else layer)
+        names = self.controller.annotators(plan.preset(key).condition)
+        settings = plan.apply_preset(self.controller.settings, key, layer, names)
+        self.controller.settings = settings
+        self.load(settings)
+        self.controller._say(plan.preset(key).notes or plan.preset(key).label)
+
+    def on_generate(self) -> None:
+        self.collect()
+        self.controller.generate()
+        self._sync_seed()
+
+    def on_same_seed(self) -> None:
+        self.collect()
+        row = max(0, self.history.currentRow())
+        self.controller.regenerate_same_seed(row)
+
+    def on_variants(self) -> None:
+        self.collect()
+        self.controller.variants(4)
+        self._sync_seed()
+
+    def on_reuse_seed(self) -> None:
+        seed = self.controller.reuse_seed(self.history.currentRow())
+        if seed is not None:
+            self.seed.setValue(float(seed))
+            self.seed_lock.setChecked(True)
+
+    def on_detect_pose(self) -> None:
+        self.collect()
+        layer = self._active_layer_id()
+        if not layer:
+            self.controller._say("Select the photo layer to detect a pose in.", "warning")
+            return
+        self.controller.insert_pose(layer)
+
+    def _sync_seed(self) -> None:
+        if not self.seed_lock.isChecked():
+            self.seed.setValue(self.controller.settings.seed)
+
+    # -- updates ----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self.controller.poll()
+        self._ticks += 1
+        if self._ticks % 20 == 0:  # once a second: the layer lists follow the document
+            self.refresh_layers()
+
+    def _on_change(self, what: str) -> None:
+        c = self.controller
+        if what == "status":
+            colour = STATE_COLOURS.get(c.status.state, "#8b949e")
+            self.state_dot.setStyleSheet(f"color: {colour};")
+            self.state_text.setText(c.status.message)
+            self.token_note.setText(c.token_note)
+            if c.status.state == "error":
+                self.server_toggle.setChecked(True)
+        elif what == "models":
+            for widget in self.units:
+                widget.fill_annotators()
+        elif what == "message":
+            self.message.setStyleSheet(f"color: {MESSAGE_COLOURS.get(c.level, '')};")
+            self.message.setText(c.message)
+        elif what == "progress":
+            step, total = c.progress
+            self.progress.setRange(0, max(1, total))
+            self.progress.setValue(min(step, max(1, total)))
+        elif what == "preview" and c.preview is not None:
+            image = qimage_from_rgba(c.preview.width, c.preview.height, c.preview.data)
+            pix = QtGui.QPixmap.fromImage(image).scaled(
+                96, 96, Qt.AspectRatioMode.KeepAspectRatio,
+                Qt.TransformationMode.SmoothTransformation)
+            self.preview_image.setPixmap(pix)
+            self.preview_image.setVisible(True)
+        elif what == "busy":
+            busy = c.busy
+            self.cancel_button.setEnabled(busy)
+            self.generate_button.setText("Generate (queue)" if busy else "Generate")
+            if not busy:
+                self.preview_image.setVisible(False)
+        elif what == "history":
+            self._fill_history()
+        elif what == "settings":
+            self.seed.setValue(c.settings.seed)
+            self.seed_lock.setChecked(c.settings.seed_locked)
+
+    def _fill_history(self) -> None:
+        self.history.clear()
+        for item in self.controller.history:
+            entry = W.QListWidgetItem(item.label())
+            if item.images:
+                image = item.images[0][0]
+                qimage = qimage_from_rgba(image.width, image.height, image.data)
+                pix = QtGui.QPixmap.fromImage(qimage).scaled(
+                    40, 40, Qt.AspectRatioMode.KeepAspectRatio,
+                    Qt.TransformationMode.SmoothTransformation)
+                entry.setIcon(QtGui.QIcon(pix))
+            entry.setToolTip(item.prompt)
+            self.history.addItem(entry)
+        if self.controller.history:
+            self.history.setCurrentRow(0)
+
+    def closeEvent(self, event) -> None:  # pragma: no cover - Krita owns the lifetime
+        self.timer.stop()
+        self.controller.shutdown()
+        super().closeEvent(event)

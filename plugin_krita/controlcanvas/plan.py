@@ -1,0 +1,287 @@
+"""From what the docker shows and what the document holds to one GenerateRequest.
+
+Pure logic: the canvas is reached through the small :class:`CanvasPort` interface
+(``canvas.KritaCanvas`` in Krita, a mock in tests), so every decision here - which
+pixels are sent, at which size, where the result goes and what it is called - is
+tested without Krita.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import pixels, pose as pose_mod
+from .proto import Image, errors, messages
+from .settings import Settings, UnitSettings
+
+Box = Tuple[int, int, int, int]
+INPAINT_MARGIN = 64  # context pixels around a selection, each side
+
+
+class PlanError(ValueError):
+    """The request cannot be built; the message tells the artist what to change."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    id: str
+    name: str
+    kind: str  # Krita's Node.type(): paintlayer, vectorlayer, grouplayer, ...
+    depth: int = 0  # nesting level, for indenting the layer lists
+
+
+@dataclass(frozen=True)
+class DocInfo:
+    width: int
+    height: int
+    resolution: float = 72.0
+    color_model: str = "RGBA"
+    color_depth: str = "U8"
+    name: str = ""
+    layers: Tuple[LayerInfo, ...] = ()  # top to bottom, masks left out
+    active_id: str = ""
+
+    def layer(self, layer_id: str) -> Optional[LayerInfo]:
+        return next((layer for layer in self.layers if layer.id == layer_id), None)
+
+
+class CanvasPort:
+    """What planning and result insertion need from the editor (see canvas.py)."""
+
+    def info(self) -> DocInfo:
+        raise NotImplementedError
+
+    def read_layer(self, layer_id: str, box: Box) -> Image:
+        """RGBA8 pixels of a layer (its own pixels, not the stack) inside ``box``."""
+        raise NotImplementedError
+
+    def read_projection(self, box: Box) -> Image:
+        raise NotImplementedError
+
+    def read_selection(self) -> Optional[bytes]:
+        """One byte per document pixel, or None without a selection."""
+        raise NotImplementedError
+
+    def read_pose(self, layer_id: str) -> Optional[pose_mod.Pose]:
+        """The skeleton of a vector layer, None when the layer is not a vector layer."""
+        raise NotImplementedError
+
+    def insert_results(self, placement: "Placement", layers: Sequence[Tuple[Image, str]],
+                       group: str = "") -> Tuple[List[str], str]:
+        """Add result layers in one undoable step (a group when ``group`` is given);
+        returns (new layer ids, a note for the artist or "")."""
+        raise NotImplementedError
+
+    def insert_pose_layer(self, svg: str, name: str, anchor_id: str = "") -> str:
+        """Add a vector layer holding ``svg`` above ``anchor_id`` (top when ""); its id."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where results go: next to ``anchor_id`` ("above"/"below") or on top ("top")."""
+    where: str = "top"
+    anchor_id: str = ""
+    box: Box = (0, 0, 0, 0)  # document rectangle the result covers
+    mask: Optional[bytes] = None  # 1 byte/px alpha for the box (inpaint), None = opaque
+    note: str = ""  # shown in the docker when the placement differs from what was asked
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: messages.GenerateRequest
+    images: Dict[int, Image]
+    placement: Placement
+    prompt: str
+    notes: Tuple[str, ...] = ()
+    kind: str = "generate"
+
+
+def short_prompt(prompt: str, limit: int = 48) -> str:
+    text = " ".join(prompt.split())
+    if len(text) > limit:
+        text = text[:limit - 1].rstrip() + "…"
+    return text or "ControlCanvas"
+
+
+def layer_name(prompt: str, seed: Optional[int]) -> str:
+    """The name of a result layer: the prompt and the seed that made it."""
+    return f"{short_prompt(prompt)} [seed {seed if seed is not None else '?'}]"
+
+
+def group_name(prompt: str, seeds: Sequence[Optional[int]]) -> str:
+    known = [s for s in seeds if s is not None]
+    span = f"seeds {known[0]}-{known[-1]}" if len(known) > 1 else f"seed {known[0]}" \
+        if known else "seeds ?"
+    return f"{short_prompt(prompt)} [{len(seeds)} variants, {span}]"
+
+
+def choose_seed(settings: Settings, rng: Optional[random.Random] = None) -> int:
+    if settings.seed_locked:
+        return max(0, min(messages.MAX_SEED, settings.seed))
+    return (rng or random.Random()).randint(0, messages.MAX_SEED)
+
+
+def _unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
+                index: int) -> Tuple[Image, str]:
+    """The control image of a unit and the preprocessor the server should run."""
+    if not unit.layer_id:
+        return canvas.read_projection(box), unit.annotator
+    layer = doc.layer(unit.layer_id)
+    if layer is None:
+        raise PlanError(f"Control unit {index + 1} is bound to a layer that no longer exists; "
+                        f"pick its layer again.")
+    if layer.kind == "vectorlayer" and unit.condition == "openpose":
+        skeleton = canvas.read_pose(unit.layer_id)
+        if skeleton:
+            x, y, w, h = box
+            moved = tuple(tuple(None if p is None else (p[0] - x, p[1] - y) for p in person)
+                          for person in skeleton)
+            return Image(w, h, pose_mod.render(moved, w, h)), "none"
+    return canvas.read_layer(unit.layer_id, box), unit.annotator
+
+
+def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
+          batch: Optional[int] = None) -> Plan:
+    """Read the canvas and build the request the docker's Generate button sends."""
+    doc = canvas.info()
+    notes: List[str] = []
+    note = pixels.depth_note(doc.color_model, doc.color_depth)
+    if note:
+        notes.append(note)
+    full: Box = (0, 0, doc.width, doc.height)
+    box, mask_plane = full, None
+    mode = settings.mode
+    if mode == "inpaint":
+        selection = canvas.read_selection()
+        bbox = None if selection is None else pixels.selection_bbox(doc.width, doc.height,
+                                                                    selection)
+        if bbox is None:
+            raise PlanError("Inpaint changes the selected pixels only: select the area to "
+                            "regenerate first (or choose another mode).")
+        box = pixels.grow(bbox, INPAINT_MARGIN, doc.width, doc.height)
+        mask_plane = pixels.crop_plane(selection, doc.width, box)
+    x, y, w, h = box
+    images: Dict[int, Image] = {}
+    init_slot = mask_slot = None
+    if mode in ("img2img", "inpaint"):
+        init_slot = 0
+        images[init_slot] = canvas.read_projection(box)  # the visible image
+    if mode == "inpaint":
+        mask_slot = 1
+        images[mask_slot] = pixels.mask_image(w, h, mask_plane)
+    units = []
+    for index, unit in enumerate(u for u in settings.units if u.enabled):
+        slot = len(images)
+        image, preprocessor = _unit_image(canvas, doc, unit, box, index)
+        if image.is_transparent() and preprocessor != "none":
+            layer = doc.layer(unit.layer_id)
+            raise PlanError(f"Control unit {index + 1}: the layer "
+                            f"{layer.name if layer else 'image'!r} is empty here; draw on it "
+                            f"or bind the unit to another layer.")
+        images[slot] = image
+        units.append(messages.ControlUnit(
+            condition=unit.condition, image=slot, preprocessor=preprocessor or "none",
+            weight=unit.weight, start=unit.start, end=unit.end,
+            control_mode=unit.control_mode))
+    seed = choose_seed(settings) if seed is None else seed
+    try:
+        request = messages.GenerateRequest(
+            width=w, height=h, mode=mode, prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt, seed=seed, steps=settings.steps,
+            cfg=settings.cfg, sampler=settings.sampler, strength=settings.strength,
+            batch=batch or settings.batch, base_model=settings.base_model,
+            init_image=init_slot, mask_image=mask_slot, controls=tuple(units))
+    except errors.ControlCanvasError as err:
+        raise PlanError(f"A setting is out of range: {err}") from None
+    placement = place_results(settings, doc, box, mask_plane)
+    if placement.note:
+        notes.append(placement.note)
+    return Plan(request, images, placement, settings.prompt, tuple(notes))
+
+
+def place_results(settings: Settings, doc: DocInfo, box: Box,
+                  mask: Optional[bytes] = None) -> Placement:
+    """Above the source layer; below the first unit's layer when asked (line art)."""
+    bound = [u.layer_id for u in settings.units if u.enabled and u.layer_id]
+    if settings.place == "below" and bound and doc.layer(bound[0]) is not None:
+        return Placement("below", bound[0], box, mask)
+    if settings.place == "below":
+        return Placement("top", "", box, mask,
+                         note="Bind a control unit to the line-art layer to place the colours "
+                              "under it; the result went on top.")
+    anchor = doc.active_id if doc.layer(doc.active_id) else (bound[0] if bound else "")
+    return Placement("above" if anchor else "top", anchor, box, mask)
+
+
+def with_seed(plan: Plan, seed: int, batch: int = 1) -> Plan:
+    return replace(plan, request=replace(plan.request, seed=seed, batch=batch))
+
+
+@dataclass(frozen=True)
+class Preset:
+    key: str
+    label: str
+    condition: str
+    place: str
+    prompt: str = ""
+    annotators: Tuple[str, ...] = ()  # preferred, first available wins
+    notes: str = ""
+
+
+PRESETS: Tuple[Preset, ...] = (
+    Preset("colourise", "Colourise line art", "lineart", "below",
+           "flat colours, soft shading",
+           ("lineart_from_drawing", "lineart_drawing", "invert", "none"),
+           "Line art unit on the selected layer; colours go under the lines."),
+    Preset("pose", "Figure from pose", "openpose", "above", "full body figure",
+           ("none",), "Openpose unit on the pose skeleton layer."),
+    Preset("scribble", "Sketch to image", "scribble", "above", "",
+           ("scribble", "none")),
+)
+
+
+def preset(key: str) -> Preset:
+    for p in PRESETS:
+        if p.key == key:
+            return p
+    raise KeyError(key)
+
+
+def pick_annotator(preferred: Sequence[str], available: Sequence[str]) -> str:
+    for name in preferred:
+        if name in available:
+            return name
+    return "none"
+
+
+def apply_preset(settings: Settings, key: str, layer_id: str,
+                 annotators: Sequence[str]) -> Settings:
+    p = preset(key)
+    unit = UnitSettings(layer_id=layer_id, condition=p.condition,
+                        annotator=pick_annotator(p.annotators, annotators))
+    out = replace(settings, units=[unit], place=p.place, mode="txt2img")
+    if not out.prompt and p.prompt:
+        out = replace(out, prompt=p.prompt)
+    return out
+
+
+@dataclass
+class HistoryItem:
+    """One finished job: its images (RGBA8) with seeds, and where they went."""
+    job_id: str
+    prompt: str
+    images: List[Tuple[Image, Optional[int]]]
+    placement: Placement
+    settings_json: str = ""
+    layer_ids: List[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> List[Optional[int]]:
+        return [seed for _, seed in self.images]
+
+    def label(self) -> str:
+        seeds = ", ".join(str(s) for s in self.seeds)
+        return f"{short_prompt(self.prompt, 36)} · seed {seeds}"

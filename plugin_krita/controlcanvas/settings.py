@@ -1,0 +1,137 @@
+"""What the docker remembers, and where the local server keeps its token.
+
+The token file location mirrors ``backend/config.py`` (the plug-in cannot import
+the backend): ``CONTROLCANVAS_CONFIG_DIR`` if set, else the per-user config folder
+(``%APPDATA%`` on Windows, ``~/Library/Application Support`` on macOS,
+``$XDG_CONFIG_HOME`` or ``~/.config`` elsewhere) + ``controlcanvas/token``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+DEFAULT_URL = "ws://127.0.0.1:7351"
+MODES = ("txt2img", "img2img", "inpaint")
+MODE_LABELS = {"txt2img": "Text to image", "img2img": "Image to image (canvas)",
+               "inpaint": "Inpaint selection"}
+CONTROL_MODES = ("balanced", "prompt", "control")
+CONTROL_MODE_LABELS = {"balanced": "Balanced", "prompt": "Prompt is more important",
+                       "control": "Control is more important"}
+PLACES = ("above", "below")
+
+
+def config_dir() -> Path:
+    override = os.environ.get("CONTROLCANVAS_CONFIG_DIR")
+    if override:
+        return Path(override)
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "controlcanvas"
+
+
+def token_file() -> Path:
+    return config_dir() / "token"
+
+
+def is_local_url(url: str) -> bool:
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def read_local_token() -> Tuple[str, str]:
+    """(token, note): the token of the server on this machine, or "" and why not."""
+    path = token_file()
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return "", (f"No token file at {path}; start the server once with "
+                    f"`controlcanvas serve`, or paste its token here.")
+    except OSError as err:
+        return "", f"The token file {path} cannot be read ({err.strerror})."
+    if not token:
+        return "", f"The token file {path} is empty; restart `controlcanvas serve`."
+    return token, f"Token read from {path}."
+
+
+@dataclass
+class UnitSettings:
+    """One control unit as the docker shows it, bound to a layer by its unique id."""
+    layer_id: str = ""  # "" = the visible image (projection)
+    condition: str = "lineart"
+    annotator: str = "none"
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    control_mode: str = "balanced"
+    enabled: bool = True
+
+
+@dataclass
+class Settings:
+    url: str = DEFAULT_URL
+    token: str = ""
+    prompt: str = ""
+    negative_prompt: str = ""
+    mode: str = "txt2img"
+    strength: float = 0.75
+    seed: int = 0
+    seed_locked: bool = False
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "dpmpp_2m_karras"
+    batch: int = 1
+    units: List[UnitSettings] = field(default_factory=list)
+    place: str = "above"  # "below": under the first unit's layer (colourising line art)
+    preview_every: int = 4
+    base_model: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: Optional[str]) -> "Settings":
+        """Tolerant: unknown keys are dropped and bad values fall back to defaults."""
+        try:
+            raw: Dict[str, Any] = json.loads(text or "{}")
+        except ValueError:
+            return cls()
+        if not isinstance(raw, dict):
+            return cls()
+        out = cls()
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            if f.name == "units":
+                units = []
+                for item in value if isinstance(value, list) else []:
+                    if isinstance(item, dict):
+                        unit = UnitSettings()
+                        for uf in dataclasses.fields(UnitSettings):
+                            if uf.name in item and isinstance(item[uf.name],
+                                                              type(getattr(unit, uf.name))):
+                                setattr(unit, uf.name, item[uf.name])
+                        units.append(unit)
+                out.units = units
+            elif isinstance(value, type(getattr(out, f.name))) or \
+                    (isinstance(getattr(out, f.name), float) and type(value) is int):
+                setattr(out, f.name, type(getattr(out, f.name))(value))
+        if out.mode not in MODES:
+            out.mode = "txt2img"
+        if out.place not in PLACES:
+            out.place = "above"
+        return out

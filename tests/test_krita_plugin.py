@@ -1,0 +1,599 @@
+"""The Krita plug-in's logic against a mock ``krita`` module and a real server.
+
+The server is the real websocket server with the fake engine on 127.0.0.1; the
+docker is the real PyQt6 widget under the offscreen platform.  What is asserted is
+what an artist would see: layers, their pixels and order, undo steps, messages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "plugin_krita"))
+
+from tests.krita_support import mock_krita  # noqa: E402
+
+sys.modules["krita"] = mock_krita  # before the plug-in is imported: canvas.py uses it
+
+import controlcanvas  # noqa: E402
+from controlcanvas import canvas as cc_canvas  # noqa: E402
+from controlcanvas import pixels, plan, pose  # noqa: E402
+from controlcanvas.controller import Controller  # noqa: E402
+from controlcanvas.proto import Image  # noqa: E402
+from controlcanvas.settings import Settings, UnitSettings, read_local_token  # noqa: E402
+
+from tests.krita_support.engines import RecordingEngine  # noqa: E402
+from tests.krita_support.proxy import CuttableProxy  # noqa: E402
+
+W, H = 48, 32
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def bgra(r, g, b, a=255):
+    return bytes((b, g, r, a))
+
+
+def line_art_doc(with_background=True, resolution=72.0):
+    """A document like the artist's: white Background (optional) + a line-art layer
+    (dark lines on transparency) on top, the line art active."""
+    doc = mock_krita.Document(W, H, "lines", resolution=resolution)
+    root = doc.rootNode()
+    if with_background:
+        bg = doc.createNode("Background", "paintlayer")
+        bg.setPixelData(bgra(255, 255, 255) * (W * H), 0, 0, W, H)
+        root.addChildNode(bg, None)
+    lines = doc.createNode("lineart", "paintlayer")
+    for y in range(4, H - 4):
+        lines.setPixelData(bgra(20, 20, 20), 10, y, 1, 1)  # a vertical stroke
+        lines.setPixelData(bgra(20, 20, 20), 30, y, 1, 1)
+    lines.setPixelData(bgra(20, 20, 20) * 30, 5, 16, 30, 1)  # a horizontal stroke
+    root.addChildNode(lines, None)
+    doc.setActiveNode(lines)
+    doc._undo.clear()
+    doc.unundoable_writes = 0
+    return doc, lines
+
+
+def uid(node):
+    return node.uniqueId().toString()
+
+
+def node_image(node, doc):
+    return Image.from_bgra(doc.width(), doc.height(), node.pixelData(0, 0, doc.width(),
+                                                                      doc.height()))
+
+
+def new_layers(doc, before):
+    return [n for n in doc.rootNode().childNodes() if n not in before]
+
+
+@pytest.fixture
+def krita_app():
+    app = mock_krita.Krita.instance()
+    app.reset()
+    yield app
+    app.reset()
+
+
+@pytest.fixture
+def server(make_server):
+    engine = RecordingEngine(step_seconds=0.002)
+    srv = make_server(engine)
+    srv.recorder = engine
+    return srv
+
+
+@pytest.fixture
+def controller_for():
+    made = []
+
+    def make(doc, server, **settings):
+        c = Controller(lambda: cc_canvas.KritaCanvas(doc) if doc is not None else None,
+                       settings=Settings(url=server.url, token=server.token, **settings))
+        made.append(c)
+        c.connect()
+        assert c.wait_online(20), c.status
+        return c
+
+    yield make
+    for c in made:
+        c.shutdown()
+
+
+def colourise(c, doc, lines, prompt="flat colours, red coat", **extra):
+    c.settings = plan.apply_preset(c.settings, "colourise", uid(lines), c.annotators("lineart"))
+    c.settings.prompt = prompt
+    for key, value in extra.items():
+        setattr(c.settings, key, value)
+    return c
+
+
+# -- pixels ------------------------------------------------------------------------------------
+
+def test_bgra_to_rgba_swaps_red_and_blue_once():
+    data = bgra(1, 2, 3, 4) + bgra(250, 128, 0, 255)
+    rgba = pixels.bgra_to_rgba(data)
+    assert rgba == bytes((1, 2, 3, 4, 250, 128, 0, 255))
+    assert pixels.rgba_to_bgra(rgba) == data
+    image = pixels.image_from_bgra(2, 1, data)
+    assert image.pixel(1, 0) == (250, 128, 0, 255)
+    assert image.to_bgra() == data
+
+
+def test_short_buffer_is_a_clear_error():
+    with pytest.raises(pixels.PixelError, match="8-bit RGBA needs 8"):
+        pixels.image_from_bgra(2, 1, b"\x00" * 7)
+
+
+def test_colour_depths_converted_with_a_note_or_refused():
+    assert pixels.depth_note("RGBA", "U8") is None
+    assert "16-bit" in pixels.depth_note("RGBA", "U16")
+    with pytest.raises(pixels.PixelError, match="Convert Image Color Space"):
+        pixels.depth_note("RGBA", "F32")
+    with pytest.raises(pixels.PixelError, match="CMYKA"):
+        pixels.depth_note("CMYKA", "U8")
+    u8 = bytes((0, 1, 128, 255))
+    u16 = pixels.from_u8(u8, "U16")
+    assert u16 == bytes((0, 0, 1, 1, 128, 128, 255, 255))  # v * 257, little-endian
+    assert pixels.to_u8(u16, "U16") == u8
+
+
+def test_selection_mask_bbox_and_alpha():
+    sel = bytearray(6 * 4)
+    sel[1 * 6 + 2] = 255
+    sel[2 * 6 + 3] = 128
+    assert pixels.selection_bbox(6, 4, bytes(sel)) == (2, 1, 2, 2)
+    assert pixels.selection_bbox(6, 4, bytes(24)) is None
+    mask = pixels.mask_image(6, 4, bytes(sel))
+    assert mask.pixel(2, 1) == (255, 255, 255, 255) and mask.pixel(0, 0) == (0, 0, 0, 255)
+    assert pixels.grow((2, 1, 2, 2), 3, 6, 4) == (0, 0, 6, 4)
+    solid = Image.filled(2, 1, (10, 20, 30, 255))
+    assert pixels.apply_mask_alpha(solid, bytes((0, 200))).data == \
+        bytes((10, 20, 30, 0, 10, 20, 30, 200))
+
+
+# -- pose ----------------------------------------------------------------------------------------
+
+def test_pose_svg_roundtrip_through_krita_shapes(krita_app):
+    doc = mock_krita.Document(300, 200, resolution=144.0)  # points != pixels
+    krita_app.open_with_view(doc)
+    skeleton = pose.default_pose(300, 200)
+    layer = doc.createVectorLayer(pose.LAYER_NAME)
+    doc.rootNode().addChildNode(layer, None)
+    layer.addShapesFromSvg(pose.to_svg(skeleton, 300, 200, 144.0))
+    names = [s.name() for s in layer.shapes()]
+    assert "cc-p0-j03-right_elbow" in names and "cc-p0-l01-02" in names
+    back = cc_canvas.KritaCanvas(doc).read_pose(uid(layer))
+    for p, q in zip(skeleton[0], back[0]):
+        assert abs(p[0] - q[0]) < 0.01 and abs(p[1] - q[1]) < 0.01
+    # the artist drags the right wrist 10 px right (5 pt at 144 dpi)
+    wrist = next(s for s in layer.shapes() if s.name().startswith("cc-p0-j04"))
+    wrist.move_by(5.0, 0.0)
+    moved = cc_canvas.KritaCanvas(doc).read_pose(uid(layer))
+    assert moved[0][4][0] == pytest.approx(skeleton[0][4][0] + 10.0)
+    assert moved[0][3] == pytest.approx(skeleton[0][3])
+
+
+def test_pose_from_krita_svg_with_transforms():
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="50pt" height="40pt" '
+           'viewBox="0 0 50 40"><defs/>'
+           '<circle id="cc-p0-j00-nose" transform="translate(10, 4)" cx="2" cy="2" r="2"/>'
+           '<g transform="matrix(1 0 0 1 5 5)">'
+           '<ellipse id="cc-p0-j01-neck" cx="10" cy="10" rx="2" ry="2"/></g>'
+           '<path id="cc-p0-j02-right_shoulder" transform="translate(20, 20)" '
+           'd="M0 2C0 0.9 0.9 0 2 0C3.1 0 4 0.9 4 2C4 3.1 3.1 4 2 4C0.9 4 0 3.1 0 2Z"/>'
+           '<path id="cc-p0-l01-02" d="M0 0L5 5"/></svg>')
+    skeleton = pose.keypoints_from_svg(svg, resolution=144.0)  # 1 pt = 2 px
+    person = skeleton[0]
+    assert person[0] == pytest.approx((24.0, 12.0))
+    assert person[1] == pytest.approx((30.0, 30.0))
+    assert person[2] == pytest.approx((44.0, 44.0))
+    assert person[3] is None
+    with pytest.raises(pose.PoseError, match="insert a pose skeleton"):
+        pose.keypoints_from_svg('<svg xmlns="http://www.w3.org/2000/svg"/>')
+
+
+def test_pose_render_reads_back_and_mirrors():
+    skeleton = pose.default_pose(128, 128)
+    data = pose.render(skeleton, 128, 128)
+    assert len(data) == 128 * 128 * 4
+    nose = skeleton[0][0]
+    i = (int(nose[1]) * 128 + int(nose[0])) * 4
+    assert data[i:i + 4] == bytes(pose.COLOURS[0]) + b"\xff"
+    back = pose.keypoints_from_image(data, 128, 128)
+    for p, q in zip(skeleton[0], back[0]):
+        assert abs(p[0] - q[0]) <= 1.0 and abs(p[1] - q[1]) <= 1.0
+    twice = pose.mirror(pose.mirror(skeleton, 128), 128)
+    assert [c for p in twice[0] for c in p] == pytest.approx([c for p in skeleton[0] for c in p])
+    mirrored = pose.mirror(skeleton, 128)
+    assert mirrored[0][2][0] == pytest.approx(128 - skeleton[0][5][0])
+
+
+# -- settings --------------------------------------------------------------------------------
+
+def test_token_found_where_the_backend_writes_it(tmp_path, monkeypatch):
+    from backend.config import default_token_file, load_or_create_token
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert read_local_token()[0] == ""
+    token, created = load_or_create_token(default_token_file())
+    assert created
+    assert read_local_token() == (token, f"Token read from {default_token_file()}.")
+
+
+def test_settings_roundtrip_and_tolerate_junk():
+    s = Settings(prompt="knight", seed=7, units=[UnitSettings(layer_id="x", weight=1.5)])
+    assert Settings.from_json(s.to_json()) == s
+    odd = Settings.from_json('{"prompt": 3, "steps": "many", "mode": "warp", "units": [1, {}]}')
+    assert odd.prompt == "" and odd.steps == 20 and odd.mode == "txt2img"
+    assert odd.units == [UnitSettings()]
+    assert Settings.from_json("not json") == Settings()
+
+
+# -- planning ------------------------------------------------------------------------------
+
+def test_colourise_plan_reads_line_art_and_places_results_below(krita_app):
+    doc, lines = line_art_doc()
+    canvas = cc_canvas.KritaCanvas(doc)
+    settings = plan.apply_preset(Settings(prompt="red coat"), "colourise", uid(lines),
+                                 ["none", "invert"])
+    job = plan.build(settings, canvas, seed=42)
+    req = job.request
+    assert (req.width, req.height, req.seed, req.mode) == (W, H, 42, "txt2img")
+    assert [(u.condition, u.preprocessor) for u in req.controls] == [("lineart", "invert")]
+    assert job.images[0] == node_image(lines, doc)
+    assert job.placement.where == "below" and job.placement.anchor_id == uid(lines)
+    assert plan.layer_name("red coat", 42) == "red coat [seed 42]"
+
+
+def test_inpaint_plan_crops_to_selection_with_context(krita_app):
+    doc = mock_krita.Document(200, 160)
+    sel = mock_krita.Selection(doc)
+    sel.select(100, 90, 20, 10, 255)
+    doc.setSelection(sel)
+    job = plan.build(Settings(mode="inpaint"), cc_canvas.KritaCanvas(doc), seed=1)
+    assert job.placement.box == (36, 26, 148, 134)
+    assert (job.request.width, job.request.height) == (148, 134)
+    mask = job.images[job.request.mask_image]
+    assert mask.pixel(100 - 36, 90 - 26) == (255, 255, 255, 255)
+    assert mask.pixel(0, 0) == (0, 0, 0, 255)
+    doc.setSelection(None)
+    with pytest.raises(plan.PlanError, match="select the area"):
+        plan.build(Settings(mode="inpaint"), cc_canvas.KritaCanvas(doc))
+
+
+def test_refuses_float_documents_clearly(krita_app):
+    doc = mock_krita.Document(8, 8, depth="F32")
+    with pytest.raises(pixels.PixelError, match="Convert Image Color Space"):
+        plan.build(Settings(), cc_canvas.KritaCanvas(doc))
+
+
+# -- against the real server -------------------------------------------------------------------
+
+def test_plugin_registers_its_docker_with_krita():
+    app = mock_krita.Krita.instance()
+    assert controlcanvas.REGISTERED
+    assert any(f.ident == cc_canvas.DOCKER_ID for f in app.docker_factories)
+    assert any(isinstance(e, cc_canvas.ControlCanvasExtension) for e in app.extensions)
+
+
+def test_colourise_line_art_adds_one_undoable_layer_below_the_lines(server, controller_for,
+                                                                    krita_app):
+    doc, lines = line_art_doc()
+    before_lines = lines.pixelData(0, 0, W, H)
+    c = colourise(controller_for(doc, server), doc, lines, seed=1234, seed_locked=True)
+    assert c.generate()
+    assert c.run_until_idle(20), c.message
+    names = doc.layer_names()
+    assert names == ["Background", "flat colours, red coat [seed 1234]", "lineart"], names
+    result = doc.nodeByName("flat colours, red coat [seed 1234]")
+    request, images, outputs = server.recorder.calls[-1]
+    assert node_image(result, doc) == outputs[0].image  # exactly the engine's pixels
+    assert images[0] == node_image(lines, doc)  # the line art was sent, converted once
+    assert lines.pixelData(0, 0, W, H) == before_lines  # the source is untouched
+    assert doc.unundoable_writes == 0 and doc.undo_steps == 1
+    doc.undo()
+    assert doc.layer_names() == ["Background", "lineart"]
+    assert "seed 1234" in c.message and c.history[0].seeds == [1234]
+
+
+def test_line_art_as_lowest_layer_gets_colours_in_multiply_with_a_note(server, controller_for,
+                                                                       krita_app):
+    doc, lines = line_art_doc(with_background=False)
+    c = colourise(controller_for(doc, server), doc, lines)
+    c.generate()
+    assert c.run_until_idle(20)
+    assert doc.layer_names()[0] == "lineart"
+    result = doc.rootNode().childNodes()[1]
+    assert result.blendingMode() == "multiply" and doc.undo_steps == 1
+    assert "Multiply" in c.message and c.level == "warning"
+    # dark lines stay dark in the composite
+    assert max(doc.pixelData(10, 8, 1, 1)[:3]) <= 20
+
+
+def test_batch_arrives_as_a_group_in_one_undo_step(server, controller_for, krita_app):
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, server), doc, lines, prompt="girl")
+    c.variants(4)
+    assert c.run_until_idle(20), c.message
+    group = doc.rootNode().childNodes()[1]
+    assert group.type() == "grouplayer" and group.name().startswith("girl [4 variants")
+    kids = group.childNodes()
+    assert len(kids) == 4 and [k.visible() for k in kids] == [False, False, False, True]
+    seeds = c.history[0].seeds
+    assert kids[-1].name() == f"girl [seed {seeds[0]}]"
+    assert seeds == [seeds[0] + i for i in range(4)]
+    assert doc.undo_steps == 1 and doc.unundoable_writes == 0
+    doc.undo()
+    assert doc.layer_names() == ["Background", "lineart"]
+    c.apply_history(0)  # the history brings it back
+    assert doc.layer_names()[1][0].startswith("girl [4 variants")
+
+
+def test_inpaint_changes_only_the_selected_pixels(server, controller_for, krita_app):
+    doc, lines = line_art_doc()
+    sel = mock_krita.Selection(doc)
+    sel.select(12, 10, 6, 5, 255)
+    doc.setSelection(sel)
+    before = doc.pixelData(0, 0, W, H)
+    c = controller_for(doc, server, mode="inpaint", prompt="sky", strength=1.0)
+    c.generate()
+    assert c.run_until_idle(20), c.message
+    after = doc.pixelData(0, 0, W, H)
+    changed = {(i // 4) % W for i in range(0, len(after), 4) if after[i:i + 4] != before[i:i + 4]}
+    rows = {(i // 4) // W for i in range(0, len(after), 4) if after[i:i + 4] != before[i:i + 4]}
+    assert changed and changed <= set(range(12, 18)) and rows <= set(range(10, 15))
+
+
+def test_cancel_stops_the_job_and_adds_nothing(make_server, controller_for, krita_app):
+    engine = RecordingEngine(step_seconds=0.2)
+    srv = make_server(engine)
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, srv), doc, lines, steps=50)
+    c.generate()
+    assert engine.started.wait(10)
+    t0 = time.monotonic()
+    c.cancel()
+    assert c.run_until_idle(10)
+    assert time.monotonic() - t0 < 2.0
+    assert c.message == "Cancelled." and not engine.calls
+    assert doc.layer_names() == ["Background", "lineart"]
+
+
+def test_dropped_connection_reconnects_and_the_result_still_arrives(make_server, controller_for,
+                                                                    krita_app):
+    engine = RecordingEngine(step_seconds=0.05)
+    srv = make_server(engine)
+    proxy = CuttableProxy(srv.server.port)
+    try:
+        doc, lines = line_art_doc()
+        c = Controller(lambda: cc_canvas.KritaCanvas(doc),
+                       settings=Settings(url=proxy.url, token=srv.token))
+        c.connect()
+        assert c.wait_online(20)
+        colourise(c, doc, lines, steps=20, seed=77, seed_locked=True)
+        c.generate()
+        assert engine.started.wait(10)
+        proxy.accepting = False
+        assert proxy.cut() == 1
+        deadline = time.monotonic() + 10
+        while c.status.state == "online" and time.monotonic() < deadline:
+            c.poll()
+            time.sleep(0.01)
+        assert c.status.state == "offline" and "will resume" in c.status.message
+        time.sleep(1.2)  # the job finishes on the server meanwhile
+        assert engine.calls
+        proxy.accepting = True
+        assert c.run_until_idle(20), c.status
+        assert "resumed 1 job" in c.status.message
+        result = doc.nodeByName("flat colours, red coat [seed 77]")
+        assert result is not None and node_image(result, doc) == engine.calls[-1][2][0].image
+    finally:
+        c.shutdown()
+        proxy.close()
+
+
+def test_token_comes_from_the_token_file_and_errors_are_sentences(make_server, tmp_path,
+                                                                  monkeypatch, krita_app):
+    from backend.config import ServerConfig
+    srv = make_server(RecordingEngine())
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "token").write_text(srv.token + "\n")
+    c = Controller(lambda: None, settings=Settings(url=srv.url, token=""))
+    try:
+        c.connect()
+        assert c.wait_online(20), c.status
+        assert "Token read from" in c.token_note
+        c.connect(token="wrong")
+        deadline = time.monotonic() + 10
+        while c.status.state != "error" and time.monotonic() < deadline:
+            c.poll()
+            time.sleep(0.01)
+        assert c.status.state == "error" and "token" in c.status.message.lower()
+        assert "Traceback" not in c.status.message
+        c.generate()
+        assert c.message  # no document: says so
+    finally:
+        c.shutdown()
+    down = Controller(lambda: None, settings=Settings(url="ws://127.0.0.1:9", token="x"))
+    try:
+        down.connect()
+        deadline = time.monotonic() + 10
+        while "controlcanvas serve" not in down.status.message and time.monotonic() < deadline:
+            down.poll()
+            time.sleep(0.01)
+        assert down.status.state == "offline" and "Retrying" in down.status.message
+    finally:
+        down.shutdown()
+    del ServerConfig
+
+
+def test_preview_control_inserts_the_annotated_layer(server, controller_for, krita_app):
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, server), doc, lines)
+    c.preview_control(0)
+    assert c.run_until_idle(20), c.message
+    layer = doc.nodeByName("Control: invert of lineart")
+    assert layer is not None
+    assert doc.layer_names() == ["Background", "lineart", "Control: invert of lineart"]
+    src = node_image(lines, doc)
+    got = node_image(layer, doc)
+    assert got.pixel(10, 8) == (235, 235, 235, 255) == tuple(
+        [255 - v for v in src.pixel(10, 8)[:3]] + [255])
+
+
+def test_pose_iteration_same_seed_changes_only_the_control(server, controller_for, krita_app):
+    doc = mock_krita.Document(64, 64, resolution=144.0)
+    krita_app.open_with_view(doc)
+    c = controller_for(doc, server, prompt="knight in armour")
+    layer_id = c.insert_pose("")
+    assert layer_id and doc.layer_names() == [pose.LAYER_NAME]
+    c.settings = plan.apply_preset(c.settings, "pose", layer_id, c.annotators("openpose"))
+    c.variants(2)
+    assert c.run_until_idle(20), c.message
+    first_request, first_images, _ = server.recorder.calls[-1]
+    control = first_images[first_request.controls[0].image]
+    expected = pose.render(cc_canvas.KritaCanvas(doc).read_pose(layer_id), 64, 64)
+    assert control.data == expected
+    seed = c.history[0].seeds[1]
+    vector = doc.nodeByName(pose.LAYER_NAME)
+    elbow = next(s for s in vector.shapes() if s.name().startswith("cc-p0-j06"))
+    elbow.move_by(6.0, -3.0)
+    c.regenerate_same_seed(0)
+    assert c.run_until_idle(20), c.message
+    request, images, _ = server.recorder.calls[-1]
+    assert request.seed == c.history[1].seeds[0] and request.batch == 1
+    assert images[request.controls[0].image].data != control.data
+    del seed
+
+
+def test_pose_detection_missing_on_server_says_so(server, controller_for, krita_app):
+    doc, lines = line_art_doc()
+    c = controller_for(doc, server)
+    assert c.insert_pose(uid(lines)) is None
+    assert "not available on this server" in c.message
+
+
+def test_vector_shapes_need_a_view_and_the_message_says_so(server, controller_for, krita_app):
+    doc, lines = line_art_doc()  # no view: Krita 5 would crash in addShapesFromSvg
+    c = controller_for(doc, server)
+    assert c.insert_pose("") is None
+    assert "open in a window" in c.message and c.level == "error"
+
+
+# -- the docker ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def qapp():
+    from PyQt6 import QtWidgets
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["test"])
+    yield app
+
+
+def pump(qapp, until, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        qapp.processEvents()
+        if until():
+            return True
+        time.sleep(0.01)
+    return until()
+
+
+def krita_dark_palette():
+    """Roughly Krita's default "Krita dark" theme, for a screenshot that looks at home."""
+    from PyQt6 import QtGui
+    pal = QtGui.QPalette()
+    R = QtGui.QPalette.ColorRole
+    for role, rgb in ((R.Window, (49, 49, 49)), (R.WindowText, (210, 210, 210)),
+                      (R.Base, (35, 35, 35)), (R.AlternateBase, (42, 42, 42)),
+                      (R.Text, (210, 210, 210)), (R.Button, (60, 60, 60)),
+                      (R.ButtonText, (220, 220, 220)), (R.Highlight, (64, 108, 150)),
+                      (R.HighlightedText, (255, 255, 255)), (R.Mid, (120, 120, 120)),
+                      (R.PlaceholderText, (120, 120, 120)), (R.ToolTipBase, (60, 60, 60)),
+                      (R.ToolTipText, (220, 220, 220))):
+        pal.setColor(role, QtGui.QColor(*rgb))
+    return pal
+
+
+def test_docker_generates_cancels_and_looks_tidy(make_server, qapp, krita_app, tmp_path,
+                                                 monkeypatch):
+    from PyQt6 import QtWidgets
+    engine = RecordingEngine(step_seconds=0.01)
+    srv = make_server(engine)
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "token").write_text(srv.token)
+    doc, lines = line_art_doc()
+    krita_app.open_with_view(doc)
+    krita_app.writeSetting(cc_canvas.SETTINGS_GROUP, "settings",
+                           Settings(url=srv.url, steps=12).to_json())
+    docker = cc_canvas.ControlCanvasDocker()  # what Krita's factory builds
+    panel = docker.panel
+    try:
+        docker.resize(300, 900)
+        panel.on_connect()
+        assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+        assert "Connected" in panel.state_text.text()
+        panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+        panel.on_preset()
+        assert len(panel.units) == 1 and panel.units[0].layer.currentText() == "lineart"
+        assert panel.units[0].annotator.currentText() == "invert"
+        panel.prompt.setPlainText("flat colours, girl in a red coat")
+        panel.generate_button.click()
+        assert pump(qapp, lambda: len(doc.rootNode().childNodes()) == 3)
+        result = doc.rootNode().childNodes()[1]
+        assert result.name().startswith("flat colours, girl in a red coat [seed ")
+        assert node_image(result, doc) == engine.calls[-1][2][0].image
+        assert panel.history.count() == 1 and panel.progress.value() == panel.progress.maximum()
+        assert f"seed {int(panel.seed.value())}]" in result.name()
+        # a long job, cancelled from the button
+        panel.steps.setValue(150)
+        engine.step_seconds = 0.05
+        engine.started.clear()
+        panel.generate_button.click()
+        assert pump(qapp, lambda: engine.started.is_set() and panel.cancel_button.isEnabled())
+        pump(qapp, lambda: panel.progress.value() > 2, 5)
+        panel.cancel_button.click()
+        assert pump(qapp, lambda: panel.message.text() == "Cancelled.", 10)
+        assert len(doc.rootNode().childNodes()) == 3 and not panel.cancel_button.isEnabled()
+        # screenshot for the docs, in a state worth showing
+        engine.step_seconds = 0.0
+        panel.steps.setValue(20)
+        panel.generate_button.click()
+        assert pump(qapp, lambda: panel.history.count() == 2)
+        panel.controller._say("Added 1 layer(s), seed "
+                              f"{panel.controller.history[0].seeds[0]}.")
+        docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
+        docker.setPalette(krita_dark_palette())
+        for child in docker.findChildren(QtWidgets.QWidget):
+            child.setPalette(krita_dark_palette())
+        docker.resize(320, 860)
+        qapp.processEvents()
+        out = ROOT / "docs" / "img" / "krita-docker.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        assert docker.grab().save(str(out))
+        assert out.stat().st_size > 5000
+    finally:
+        panel.timer.stop()
+        panel.controller.shutdown()
+        docker.deleteLater()
+        qapp.processEvents()
+
+
+def test_module_boundaries():
+    """Only qt.py imports PyQt, only canvas.py imports krita."""
+    pkg = ROOT / "plugin_krita" / "controlcanvas"
+    for path in pkg.glob("*.py"):
+        text = path.read_text()
+        if path.name != "qt.py":
+            assert "PyQt5" not in text.replace("PyQt5/", "") or path.name == "qt.py", path
+            assert "import PyQt" not in text and "from PyQt" not in text, path
+        if path.name != "canvas.py":
+            assert "import krita" not in text and "from krita" not in text, path
+    assert os.path.exists(pkg.parent / "controlcanvas.desktop")
