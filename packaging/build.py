@@ -10,7 +10,11 @@ writes into ``--out`` (default ``dist/`` in the checkout):
   ``controlcanvas.py``, the ``controlcanvas_gimp`` package, a copy of ``shared``
   and a pure-Python ``websockets`` (no compiled speedups), plus ``BUILD.json``;
 - ``controlcanvas-gimp-<version>.zip``: the same folder as a zip (Unix modes
-  kept, so the exec bit survives ``unzip``).
+  kept, so the exec bit survives ``unzip``);
+- ``controlcanvas-krita.zip``: the Krita plug-in for *Tools > Scripts > Import
+  Python Plugin from File...* (``controlcanvas.desktop`` + ``controlcanvas/`` with
+  ``shared`` and websockets inside it, under ``_vendor/``), and its unzipped tree
+  ``controlcanvas-krita/``.
 
 The same sources give byte-identical zips: files are sorted, timestamps fixed
 (``SOURCE_DATE_EPOCH`` or 1980-01-01), modes normalised (755/644).  websockets
@@ -290,18 +294,59 @@ def build_gimp(out: Path, cache: Path) -> Tuple[Path, Path]:
     return folder, archive
 
 
-def build_krita(out: Path, cache: Path) -> Path:
-    """The Krita plug-in zip: not written yet (the Krita plug-in is another issue).
+KRITA_PACKAGE = "controlcanvas"  # pykrita/<name>/ + <name>.desktop (X-KDE-Library)
+KRITA_ZIP = "controlcanvas-krita.zip"
+KRITA_STAGE = "controlcanvas-krita"
 
-    Build it from the same helpers: ``fetch_sdist(WEBSOCKETS, cache)`` +
-    ``extract_package`` for websockets, ``copy_python_package`` for the plug-in
-    package and ``shared``, the ``.desktop`` file beside them, then
-    ``normalise_tree`` + ``write_stamp`` + ``write_zip``.
+
+def build_krita(out: Path, cache: Path) -> Tuple[Path, Path]:
+    """The Krita plug-in for *Tools > Scripts > Import Python Plugin from File...*:
+    ``out/controlcanvas-krita.zip`` holding ``controlcanvas.desktop`` and the package
+    folder ``controlcanvas/``; the protocol and websockets go *inside* the package, in
+    ``controlcanvas/_vendor/`` (imported as ``controlcanvas._vendor.shared``; see
+    plugin_krita/controlcanvas/proto.py), so the zip adds no other top-level name to
+    Krita's pykrita folder.  Also leaves the unzipped tree in ``out/controlcanvas-krita``.
     """
-    raise NotImplementedError("build_krita: the Krita plug-in bundle is not implemented yet")
+    version = project_version()
+    plugin_version = read_version(REPO / "plugin_krita" / KRITA_PACKAGE / "__init__.py")
+    if plugin_version != version:
+        raise BuildError(f"plugin_krita/{KRITA_PACKAGE}/__init__.py says {plugin_version}, "
+                         f"the project {version}; make them agree.")
+    sdist = fetch_sdist(WEBSOCKETS, cache)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / KRITA_STAGE
+    if stage.exists():
+        shutil.rmtree(stage)
+    package = stage / KRITA_PACKAGE
+    copy_python_package(REPO / "plugin_krita" / KRITA_PACKAGE, package)
+    vendor = package / "_vendor"
+    copy_python_package(REPO / "shared", vendor / "shared")
+    (vendor / "__init__.py").write_text(
+        '"""The protocol and pure-Python websockets, bundled (see ../proto.py)."""\n',
+        encoding="utf-8")
+    extract_package(sdist, WEBSOCKETS, vendor)
+    desktop = f"{KRITA_PACKAGE}.desktop"
+    shutil.copyfile(REPO / "plugin_krita" / desktop, stage / desktop)
+    write_stamp(package, {
+        "name": "controlcanvas-krita", "version": version, "protocol": protocol_version(),
+        "editor": "Krita 5.1+ (PyQt5) / Krita 6 (PyQt6)", "python": ">=3.10",
+        "bundled": {WEBSOCKETS.name: WEBSOCKETS.version, "shared": version},
+    })
+    files = normalise_tree(stage)
+    check_sources(files)
+    archive = write_zip(package, out / KRITA_ZIP, KRITA_PACKAGE)
+    # The .desktop file sits beside the package folder, at the top of the zip.
+    stamp = time.gmtime(source_date_epoch())[:6]
+    with zipfile.ZipFile(archive, "a") as zf:
+        info = zipfile.ZipInfo(desktop, date_time=stamp)
+        info.create_system = 3
+        info.external_attr = (stat.S_IFREG | 0o644) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        zf.writestr(info, (stage / desktop).read_bytes(), compresslevel=9)
+    return stage, archive
 
 
-BUILDERS = {"gimp": build_gimp}
+BUILDERS = {"gimp": build_gimp, "krita": build_krita}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
