@@ -14,7 +14,6 @@ All run on CPU unless told otherwise and never download anything.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import threading

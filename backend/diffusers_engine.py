@@ -82,12 +82,13 @@ from diffusers import (ControlNetModel, DDIMScheduler, DPMSolverMultistepSchedul
                        StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
                        UniPCMultistepScheduler)
 
-from shared.errors import Cancelled, EngineError, ModelMissing, OutOfMemory, Unsupported
+from shared.errors import EngineError, ModelMissing, OutOfMemory, Unsupported
 from shared.images import Image
-from shared.messages import (AnnotatorInfo, ControlUnit, GenerateRequest, Models, Preprocess)
+from shared.messages import AnnotatorInfo, GenerateRequest, Models, Preprocess
 
 from .engine import Generated, JobContext, from_array, to_array
 from .models import DEFAULT_BASES, Catalogue, ModelConfig, Resolved
+from .tiny import quiet_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -615,24 +616,19 @@ class DiffusersEngine:
             kwargs.update(safety_checker=None, feature_extractor=None,
                           requires_safety_checker=False)
         try:
-            if resolved.source == "file":
-                config = self.catalogue.cached_snapshot(DEFAULT_BASES[family], "base")
-                if config is not None:
-                    kwargs["config"] = str(config)
-                from huggingface_hub import constants
-                pipe = cls.from_single_file(resolved.path,
-                                            local_files_only=bool(constants.HF_HUB_OFFLINE),
-                                            **kwargs)
-            else:
-                pipe = cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as err:
+            with quiet_progress_bars():
+                pipe = self._read_base(resolved, cls, kwargs)
+        except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
+            if is_out_of_memory(err):
+                raise
             hint = ""
             if resolved.source == "file":
                 hint = (f" Loading a single file needs the small diffusers config of "
                         f"{family.upper()}: run it once online, or `controlcanvas models "
                         f"download {family}`.")
             raise ModelMissing(f"Could not load the base model {resolved.name!r} from "
-                               f"{resolved.path}: {err}.{hint}", field="base_model") from None
+                               f"{resolved.path}: {type(err).__name__}: {err}.{hint}",
+                               field="base_model") from None
         pipe.set_progress_bar_config(disable=True)
         if not self.offload:
             pipe.to(self.device)
@@ -644,6 +640,20 @@ class DiffusersEngine:
         log.info("loaded base %s (%s, %.0f MB)", resolved.name, family, entry.nbytes / 2**20)
         return entry
 
+    def _read_base(self, resolved: Resolved, cls, kwargs: Dict[str, Any]):
+        if resolved.source != "file":
+            return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
+        from huggingface_hub import constants
+
+        # A single file carries weights only; the component configs come from the
+        # family's default repo when it is cached, else diffusers fetches just those
+        # small config files (online).
+        config = self.catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base")
+        if config is not None:
+            kwargs = dict(kwargs, config=str(config))
+        return cls.from_single_file(resolved.path,
+                                    local_files_only=bool(constants.HF_HUB_OFFLINE), **kwargs)
+
     def _load_net(self, resolved: Resolved, keep: Sequence[str]) -> ControlNetModel:
         key = resolved.key
         entry = self._nets.get(key)
@@ -652,27 +662,36 @@ class DiffusersEngine:
             return entry.model
         self._make_room(_disk_bytes(resolved.path), keep=keep)
         try:
-            if resolved.source == "file":
-                from huggingface_hub import constants
-                kwargs: Dict[str, Any] = {}
-                sibling = Path(resolved.path).with_name("config.json")
-                if sibling.is_file():
-                    kwargs["config"] = str(sibling.parent)
-                model = ControlNetModel.from_single_file(
-                    resolved.path, dtype=self.dtype,
-                    local_files_only=bool(constants.HF_HUB_OFFLINE), **kwargs)
-            else:
-                model = ControlNetModel.from_pretrained(resolved.path, dtype=self.dtype,
-                                                        local_files_only=True)
-        except (OSError, ValueError, EnvironmentError) as err:
+            with quiet_progress_bars():
+                model = self._read_net(resolved)
+        except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
+            if is_out_of_memory(err):
+                raise
             raise ModelMissing(f"Could not load the ControlNet {resolved.name!r} from "
-                               f"{resolved.path}: {err}.", field="model") from None
+                               f"{resolved.path}: {type(err).__name__}: {err}.",
+                               field="model") from None
         if not self.offload:
             model.to(self.device)
         model.eval()
         self._nets[key] = _Net(model, _module_bytes(model))
         self.stats["loads"] += 1
         return model
+
+    def _read_net(self, resolved: Resolved) -> ControlNetModel:
+        if resolved.source != "file":
+            return ControlNetModel.from_pretrained(resolved.path, dtype=self.dtype,
+                                                   local_files_only=True)
+        from huggingface_hub import constants
+
+        # A diffusers-keyed file may sit beside its config.json; an original
+        # (lllyasviel-format) file gets its config inferred by diffusers.
+        kwargs: Dict[str, Any] = {}
+        sibling = Path(resolved.path).with_name("config.json")
+        if sibling.is_file():
+            kwargs["config"] = str(sibling.parent)
+        return ControlNetModel.from_single_file(
+            resolved.path, dtype=self.dtype, local_files_only=bool(constants.HF_HUB_OFFLINE),
+            **kwargs)
 
     def _make_room(self, needed: int, keep: Sequence[str]) -> None:
         """Evict least recently used models until ``needed`` more bytes fit the budget."""

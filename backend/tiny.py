@@ -23,6 +23,7 @@ Layout of a built stack (``build(folder, "sd15")``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -103,6 +104,23 @@ def ensure_tiny(family: str = "sd15", root: Optional[Path] = None) -> Path:
 # Building
 # -----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """Turn off diffusers' and transformers' tqdm bars (loading/saving), then restore."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
+
+
 def _bytes_to_unicode() -> Dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
@@ -165,12 +183,16 @@ def _perturb_zero_convs(controlnet, generator) -> None:
 
 def build(folder: Path, family: str = "sd15") -> Path:
     """Build the tiny ``family`` stack into ``folder`` (deterministic, offline)."""
+    with quiet_progress_bars():
+        return _build(Path(folder), family)
+
+
+def _build(folder: Path, family: str) -> Path:
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler,
                            UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sdxl = family == "sdxl"
     cpu_state = torch.random.get_rng_state()

@@ -19,7 +19,8 @@ from shared.images import Image
 from shared.messages import SAMPLERS, ControlUnit, GenerateRequest, Preprocess
 
 from tiny_fixtures import (RecordingContext, random_rgba, tiny_catalogue,  # noqa: F401
-                           tiny_engine, tiny_root, fresh_engine)
+                           tiny_engine, tiny_root, fresh_engine,
+                           torch_threads)
 
 W, H = 80, 56
 
@@ -615,7 +616,7 @@ def test_inpaint_condition_marks_the_selection_with_minus_one(tiny_engine):
 
 
 def test_hires_inpaint_keeps_unselected_pixels(tiny_engine):
-    width, height = 300, 200
+    width, height = 200, 140
     imgs = images(width, height)
     out = run(tiny_engine, make_request(width=width, height=height, mode="inpaint", hires=True,
                                         controls=(unit(),)), imgs)

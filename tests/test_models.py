@@ -18,7 +18,7 @@ from shared.errors import ModelMissing
 from shared.messages import CONDITIONS, ControlUnit, GenerateRequest, Models
 
 from tiny_fixtures import (RecordingContext, tiny_catalogue, tiny_engine,  # noqa: F401
-                           tiny_root)
+                           tiny_root, torch_threads)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,6 +154,23 @@ def test_incomplete_or_absent_local_paths_are_clear_errors(tmp_path, tiny_catalo
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ModelMissing, match="not a model file"):
         tiny_catalogue.resolve_base(str(tmp_path / "notes.txt"))
+
+
+def test_unloadable_models_are_typed_errors_naming_the_model(tmp_path, tiny_engine):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"this is not a checkpoint")
+    request = GenerateRequest(width=64, height=64, seed=1, steps=2, base_model=str(broken))
+    with pytest.raises(ModelMissing, match="broken.safetensors"):
+        tiny_engine.generate(request, {}, RecordingContext())
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "config.json").write_text("{ not json")
+    (net / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    from tiny_fixtures import random_rgba
+    request = GenerateRequest(width=64, height=64, seed=1, steps=2, base_model="tiny-sd15",
+                              controls=(ControlUnit(condition="depth", image=0, model=str(net)),))
+    with pytest.raises(ModelMissing, match="Could not load the ControlNet"):
+        tiny_engine.generate(request, {0: random_rgba(64, 64)}, RecordingContext())
 
 
 def _write_safetensors(path: Path, keys) -> None:
