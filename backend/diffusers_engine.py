@@ -543,6 +543,14 @@ class DiffusersEngine:
             options["memory_budget"] = int(float(budget) * (1 << 30))
         return cls(catalogue, **options)
 
+    @classmethod
+    def embedded(cls, device: Optional[str] = None, family: str = "sd15",
+                 tiny_root: Optional[str] = None) -> "DiffusersEngine":
+        """The engine on the embedded default (tiny, random weights, built locally): what
+        ``controlcanvas demo`` runs; requests with an empty base_model use it."""
+        return cls(Catalogue(ModelConfig(base=f"tiny-{family}", tiny_root=tiny_root)),
+                   device=device)
+
     # -- Engine protocol -----------------------------------------------------
 
     def generate(self, request: GenerateRequest, images: Mapping[int, Image],
@@ -834,6 +842,8 @@ class DiffusersEngine:
         keep = [base.key] + [r.key for r in resolved_nets]
         entry = self._load_base(base, keep)
         nets = [self._load_net(r, keep) for r in resolved_nets]
+        for resolved, net in zip(resolved_nets, nets):
+            _check_compatible(resolved, net, entry)
         plan = self._plan(request, images, entry, low_memory)
         self.last_plan = plan
         seeds = request.seeds(request.seed)
@@ -954,6 +964,19 @@ class DiffusersEngine:
 # -----------------------------------------------------------------------------
 # Helpers
 # -----------------------------------------------------------------------------
+
+def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: _Base) -> None:
+    """A ControlNet must match its base's text-embedding width and conditioning type."""
+    unet = entry.pipe.unet.config
+    ours = (net.config.cross_attention_dim, net.config.addition_embed_type)
+    theirs = (unet.cross_attention_dim, unet.addition_embed_type)
+    if ours != theirs:
+        raise Unsupported(
+            f"The ControlNet {resolved.name!r} was made for another model family than the base "
+            f"model {entry.resolved.name!r} ({entry.family.upper()}): use a "
+            f"{entry.family.upper()} ControlNet for this base, or pick another base model.",
+            field="model")
+
 
 def _image(images: Mapping[int, Image], slot: Optional[int], name: str) -> Image:
     if slot is None or slot not in images:

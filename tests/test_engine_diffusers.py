@@ -606,6 +606,20 @@ def test_pooled_controlnet_is_conditional_only_and_keeps_others_balanced(tiny_en
     assert not nets[0].config.global_pool_conditions and nets[1].config.global_pool_conditions
 
 
+def test_controlnet_of_another_family_is_refused_with_a_clear_error(tiny_engine, tiny_root):
+    from backend import tiny
+    sdxl_net = tiny.tiny_dir("sdxl", tiny_root) / "controlnets" / "lines"
+    with pytest.raises(Unsupported, match="another model family"):
+        run(tiny_engine, make_request(controls=(unit(model=str(sdxl_net)),)))
+
+
+def test_embedded_engine_uses_the_tiny_model_by_default(tiny_root):
+    engine = DiffusersEngine.embedded(device="cpu", tiny_root=str(tiny_root))
+    out = run(engine, make_request(base_model="", controls=(unit(),)))
+    assert out[0].image.size == (W, H) and engine.last_plan.native == 64
+    engine.close()
+
+
 def test_inpaint_condition_marks_the_selection_with_minus_one(tiny_engine):
     out = run(tiny_engine, make_request(mode="inpaint", controls=(unit("inpaint", 10),)))
     control = tiny_engine.last_plan.first.controls[0]
