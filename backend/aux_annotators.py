@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from shared.errors import ModelMissing
+from shared.errors import EngineError, ModelMissing
 from shared.messages import ParamInfo
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,26 @@ def weights_present(filenames: Tuple[str, ...]) -> bool:
     return all(find_weight(f) is not None for f in filenames)
 
 
+def load_weights(path: str):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers, never code."""
+    import pickle
+
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise EngineError(
+            f"{path} could not be read as plain weights ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). ControlCanvas only loads tensor "
+            f"files (weights_only); delete the file and fetch it again from {HUB_REPO}.",
+            field="annotator") from None
+
+
 def _load(path: Optional[str], key: Optional[str] = None, strip: str = "module.") -> Optional[dict]:
     """State dict from a checkpoint, tensors only (``weights_only=True``)."""
     if path is None:
         return None
-    import torch
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     if key is not None and isinstance(state, dict) and key in state:
         state = state[key]
     return {(k[len(strip):] if strip and k.startswith(strip) else k): v for k, v in state.items()}
@@ -215,9 +229,7 @@ def _build_openpose(paths):
         obj = cls.__new__(cls)
         obj.model = net_cls()
         if path is not None:
-            import torch
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-            obj.model.load_state_dict(util.transfer(obj.model, raw))
+            obj.model.load_state_dict(util.transfer(obj.model, load_weights(path)))
         obj.model.float().eval()
         return obj
 
