@@ -425,6 +425,8 @@ class Catalogue:
         for name in DEFAULT_BASES.values():
             add(name, "base")
         for tiny_name, family in TINY_BASES.items():
+            if any(m.name == tiny_name for m in out):
+                continue
             out.append(ModelInfo(name=tiny_name, kind="base", family=family, present=True,
                                  source="built in (random weights, for the demo and tests)"))
         for family in FAMILIES:

@@ -295,6 +295,12 @@ def test_models_message_says_what_is_present(tmp_path, tiny_root):
     assert not by_name[(DEFAULT_BASES["sd15"], "base")].present
     assert by_name[("tiny-sd15", "base")].present
     assert message.default_base == DEFAULT_BASES["sd15"]
+    names = [(m.name, m.kind, m.family) for m in message.models]
+    assert len(names) == len(set(names))
+    tiny_default = list_models(ModelConfig(base="tiny-sd15", tiny_root=str(tiny_root),
+                                           cache_dir=str(cache)))
+    assert tiny_default.default_base == "tiny-sd15"
+    assert [m.name for m in tiny_default.models].count("tiny-sd15") == 1
     sdxl_nets = {m.condition for m in message.models if m.kind == "controlnet"
                  and m.family == "sdxl"}
     assert sdxl_nets == set(CONTROLNETS["sdxl"])
