@@ -1,0 +1,250 @@
+"""Runs INSIDE the real Krita 5 of the test chroot (Python 3.11 + PyQt5); see
+tests/test_krita_real.py, which installs the packaged plug-in and reads the output.
+
+Two entry points:
+
+* ``main`` for ``kritarunner -s krita_real_runner -f main WORK URL`` (no window): the
+  plug-in's generate path - Controller + KritaCanvas, the same code the docker's
+  Generate button runs - on a line-art PNG opened from WORK;
+* ``gui_main`` called by the cc_test_driver plug-in inside the full ``krita`` under
+  Xvfb: the real docker's buttons, Krita's undo action, vector-layer skeletons and
+  a screenshot of the window.
+
+Every finding is one line ``CC_RESULT <name> <json>``; raw pixels are written to
+WORK as files; the run ends with ``CC_END``.  (kritarunner always exits 0, so the
+test reads these lines, not the exit code.)
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+
+from krita import Krita
+
+W_NAME = "lineart"
+
+
+def say(name, value):
+    print("CC_RESULT %s %s" % (name, json.dumps(value, default=str)))
+    sys.stdout.flush()
+
+
+def tree(node):
+    return [[n.name(), tree(n)] if n.type() == "grouplayer" else n.name()
+            for n in node.childNodes() if n.type() != "selectionmask"]
+
+
+def dump(node, doc, path):
+    data = bytes(node.pixelData(0, 0, doc.width(), doc.height()))
+    with open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def artist_document(png):
+    """What an artist has: a white Background and the line art on its own layer above."""
+    app = Krita.instance()
+    src = app.openDocument(png)
+    src.setBatchmode(True)
+    w, h = src.width(), src.height()
+    lines_px = bytes(src.topLevelNodes()[0].pixelData(0, 0, w, h))
+    src.close()
+    doc = app.createDocument(w, h, "artist", "RGBA", "U8", "", 72.0)
+    doc.setBatchmode(True)
+    root = doc.rootNode()
+    bg = root.childNodes()[0]
+    bg.setPixelData(b"\xff\xff\xff\xff" * (w * h), 0, 0, w, h)
+    lines = doc.createNode(W_NAME, "paintlayer")
+    lines.setPixelData(lines_px, 0, 0, w, h)
+    root.addChildNode(lines, None)
+    doc.setActiveNode(lines)
+    doc.waitForDone()
+    return doc, lines
+
+
+def controller_for(doc, url):
+    from controlcanvas.canvas import KritaCanvas
+    from controlcanvas.controller import Controller
+    from controlcanvas.settings import Settings
+    c = Controller(lambda: KritaCanvas(doc), settings=Settings(url=url, token=""))
+    c.connect()
+    ok = c.wait_online(30)
+    say("connect", {"online": ok, "status": c.status.message, "token_note": c.token_note})
+    return c
+
+
+def colourise(c, doc, lines, seed):
+    from controlcanvas import plan
+    from controlcanvas.canvas import _uid
+    c.settings = plan.apply_preset(c.settings, "colourise", _uid(lines), c.annotators("lineart"))
+    c.settings.prompt = "flat colours, girl in a red coat"
+    c.settings.seed, c.settings.seed_locked, c.settings.steps = seed, True, 8
+    t0 = time.time()
+    c.generate()
+    done = c.run_until_idle(60)
+    return {"done": done, "seconds": round(time.time() - t0, 3), "message": c.message,
+            "level": c.level, "units": [(u.condition, u.annotator) for u in c.settings.units]}
+
+
+def main(args):
+    work, url = args[0], args[1]
+    try:
+        Krita.instance().setBatchmode(True)
+        import controlcanvas
+        from controlcanvas import proto, qt
+        import websockets
+        say("plugin", {"file": controlcanvas.__file__, "registered": controlcanvas.REGISTERED,
+                       "bundled": proto.BUNDLED, "qt": qt.API,
+                       "websockets": [websockets.__version__, websockets.__file__],
+                       "shared_top_level": "shared" in sys.modules,
+                       "python": "%d.%d.%d" % sys.version_info[:3]})
+        png = os.path.join(work, "lineart.png")
+
+        # 1. the artist's document: colours go directly under the line art
+        doc, lines = artist_document(png)
+        before = dump(lines, doc, os.path.join(work, "lines_before.bgra"))
+        c = controller_for(doc, url)
+        run = colourise(c, doc, lines, 1234)
+        name = "flat colours, girl in a red coat [seed 1234]"
+        result = doc.nodeByName(name)
+        run.update(tree=tree(doc.rootNode()), size=[doc.width(), doc.height()],
+                   result_type=result.type() if result else None,
+                   lines_after=dump(lines, doc, os.path.join(work, "lines_after.bgra")),
+                   lines_before=before)
+        if result is not None:
+            run["result_sha"] = dump(result, doc, os.path.join(work, "result_below.bgra"))
+        say("colourise_below", run)
+
+        # 2. the bare PNG: the line art is the lowest layer
+        bare = Krita.instance().openDocument(png)
+        bare.setBatchmode(True)
+        bare_lines = bare.topLevelNodes()[0]
+        bare_before = dump(bare_lines, bare, os.path.join(work, "bare_before.bgra"))
+        c2 = controller_for(bare, url)
+        run = colourise(c2, bare, bare_lines, 99)
+        top = bare.rootNode().childNodes()[-1]
+        run.update(tree=tree(bare.rootNode()), top_blending=top.blendingMode(),
+                   result_sha=dump(top, bare, os.path.join(work, "result_bare.bgra")),
+                   lines_before=bare_before,
+                   lines_after=dump(bare_lines, bare, os.path.join(work, "bare_after.bgra")))
+        say("colourise_bare_png", run)
+
+        # 3. a pose skeleton cannot be added without a view: a sentence, not a crash
+        layer_id = c.insert_pose("")
+        say("pose_without_view", {"layer": layer_id, "message": c.message, "level": c.level})
+        c.shutdown()
+        c2.shutdown()
+    except Exception:
+        say("exception", traceback.format_exc())
+    print("CC_END")
+    sys.stdout.flush()
+
+
+# -- the full GUI ------------------------------------------------------------------------------
+
+def _pump(until, timeout=30.0):
+    from PyQt5.QtWidgets import QApplication
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        QApplication.processEvents()
+        if until():
+            return True
+        time.sleep(0.02)
+    return until()
+
+
+def _undo(doc):
+    from PyQt5.QtWidgets import QApplication
+    Krita.instance().action("edit_undo").trigger()
+    doc.waitForDone()
+    QApplication.processEvents()
+
+
+def gui_main(work, url, screenshot):
+    try:
+        app = Krita.instance()
+        app.setBatchmode(True)
+        window = app.activeWindow()
+        doc, lines = artist_document(os.path.join(work, "lineart.png"))
+        window.addView(doc)
+        doc.setActiveNode(lines)
+        from controlcanvas import canvas, pose as pose_mod
+        dockers = [d for d in canvas._DOCKERS]
+        say("gui_dockers", {"count": len(dockers), "titles": [d.windowTitle() for d in dockers]})
+        docker = dockers[-1]
+        docker.show()
+        docker.raise_()
+        panel = docker.panel
+        panel.url.setText(url)
+        panel.token.setText("")
+        panel.on_connect()
+        online = _pump(lambda: panel.controller.online)
+        panel.refresh_layers()
+        say("gui_connect", {"online": online, "status": panel.state_text.text()})
+
+        # colourise through the docker's own widgets
+        panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+        panel.on_preset()
+        panel.prompt.setPlainText("flat colours, girl in a red coat")
+        panel.seed.setValue(4321)
+        panel.seed_lock.setChecked(True)
+        panel.steps.setValue(8)
+        panel.generate_button.click()
+        done = _pump(lambda: panel.history.count() == 1)
+        with_result = tree(doc.rootNode())
+        name = "flat colours, girl in a red coat [seed 4321]"
+        result = doc.nodeByName(name)
+        sha = dump(result, doc, os.path.join(work, "gui_result.bgra")) if result else None
+        _undo(doc)
+        after_undo = tree(doc.rootNode())
+        say("gui_generate_undo", {"done": done, "with_result": with_result, "sha": sha,
+                                  "after_one_undo": after_undo, "message": panel.message.text(),
+                                  "unit_layer": panel.units[0].layer.currentText()
+                                  if panel.units else None})
+
+        # a batch: one group, one undo step
+        panel.variants.click()
+        done = _pump(lambda: panel.history.count() == 2)
+        with_group = tree(doc.rootNode())
+        _undo(doc)
+        say("gui_variants_undo", {"done": done, "with_group": with_group,
+                                  "after_one_undo": tree(doc.rootNode())})
+
+        # pose skeleton as an editable vector layer, read back
+        panel.pose_add.click()
+        _pump(lambda: doc.nodeByName(pose_mod.LAYER_NAME) is not None, 10)
+        vector = doc.nodeByName(pose_mod.LAYER_NAME)
+        shapes = [s.name() for s in vector.shapes()] if vector else []
+        back = canvas.KritaCanvas(doc).read_pose(canvas._uid(vector)) if vector else None
+        expected = pose_mod.default_pose(doc.width(), doc.height())
+        err = max(abs(a - b) for p, q in zip(expected[0], back[0]) for a, b in zip(p, q)) \
+            if back else None
+        say("gui_pose", {"layer": vector.type() if vector else None, "shapes": len(shapes),
+                         "first": shapes[:3], "max_error_px": err,
+                         "message": panel.message.text()})
+
+        # figure from that pose (openpose unit bound to the skeleton layer)
+        panel.preset.setCurrentIndex(panel.preset.findData("pose"))
+        doc.setActiveNode(vector)
+        panel.refresh_layers()
+        panel.on_preset()
+        panel.prompt.setPlainText("knight in armour, full body")
+        panel.seed_lock.setChecked(False)
+        panel.generate_button.click()
+        done = _pump(lambda: panel.history.count() == 3)
+        say("gui_pose_generate", {"done": done, "tree": tree(doc.rootNode()),
+                                  "message": panel.message.text()})
+        _pump(lambda: False, 1.0)
+        qwin = window.qwindow()
+        qwin.resize(1280, 800)
+        _pump(lambda: False, 0.5)
+        ok = qwin.grab().save(screenshot)
+        say("gui_screenshot", {"saved": ok, "path": screenshot})
+        panel.controller.shutdown()
+    except Exception:
+        say("exception", traceback.format_exc())
+    print("CC_END")
+    sys.stdout.flush()
