@@ -39,14 +39,6 @@ setup_annotators() {
     # the pair first, so controlnet-aux's "torch"/"torchvision" are met by it
     "$AUX_VENV/bin/python" -m pip install -q "${TORCH_PAIR[@]}"
     "$AUX_VENV/bin/python" -m pip install -q -e ".[test,annotators]" "${TORCH_PAIR[@]}"
-    # controlnet-aux depends on opencv-python (needs libGL); both wheels write the same
-    # cv2 package, so put the headless build back on top (the project's own dependency).
-    if "$AUX_VENV/bin/python" -m pip show -q opencv-python >/dev/null 2>&1; then
-        "$AUX_VENV/bin/python" -m pip uninstall -q -y opencv-python
-        "$AUX_VENV/bin/python" -m pip install -q --force-reinstall --no-deps \
-            "$("$AUX_VENV/bin/python" -m pip show opencv-python-headless \
-               | sed -n 's/^Version: /opencv-python-headless==/p')"
-    fi
     "$AUX_VENV/bin/python" -c 'import controlnet_aux, cv2, torch, torchvision;
 print("annotators venv:", "torch", torch.__version__, "torchvision", torchvision.__version__,
       "cv2", cv2.__version__)'
@@ -70,6 +62,7 @@ run_tests() {
     local rc=0
     if [ "${SKIP_MEDIAPIPE:-0}" != 1 ]; then
         export CONTROLCANVAS_MEDIAPIPE_PYTHON="$PWD/$MP_VENV/bin/python"
+        export CONTROLCANVAS_REQUIRE_MEDIAPIPE=1  # here a missing MediaPipe fails, not skips
     fi
     HF_HUB_OFFLINE=1 QT_QPA_PLATFORM=offscreen CONTROLCANVAS_REQUIRE_ANNOTATORS=1 \
         "$AUX_VENV/bin/python" -m pytest -q -p no:cacheprovider \

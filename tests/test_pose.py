@@ -314,7 +314,7 @@ def _photo_path():
 
 
 needs_mediapipe = pytest.mark.skipif(
-    P.mediapipe_python() is None and not os.environ.get("CONTROLCANVAS_REQUIRE_ANNOTATORS"),
+    P.mediapipe_python() is None and not os.environ.get("CONTROLCANVAS_REQUIRE_MEDIAPIPE"),
     reason="MediaPipe is not set up (tests/annotators_env.sh setup creates .venv-mediapipe, or "
            "set CONTROLCANVAS_MEDIAPIPE_PYTHON)")
 
