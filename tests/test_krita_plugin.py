@@ -573,7 +573,7 @@ def test_docker_generates_cancels_and_looks_tidy(make_server, qapp, krita_app, t
         docker.setPalette(krita_dark_palette())
         for child in docker.findChildren(QtWidgets.QWidget):
             child.setPalette(krita_dark_palette())
-        docker.resize(320, 860)
+        docker.resize(270, 790)
         qapp.processEvents()
         out = ROOT / "docs" / "img" / "krita-docker.png"
         out.parent.mkdir(parents=True, exist_ok=True)

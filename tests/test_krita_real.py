@@ -129,6 +129,25 @@ def line_art_png(path: Path) -> None:
     img.save(path)
 
 
+def big_line_art_png(path: Path) -> None:
+    """A house under a tree, for the screenshot."""
+    from PIL import Image as PILImage, ImageDraw
+    img = PILImage.new("RGBA", (640, 420), (0, 0, 0, 0))
+    d = ImageDraw.Draw(img)
+    ink = dict(fill=(25, 25, 35, 255), width=4)
+    d.line((20, 380, 620, 380), **ink)  # ground
+    d.rectangle((90, 220, 330, 380), outline=ink["fill"], width=4)  # house
+    d.line((70, 230, 210, 110, 350, 230), **ink)  # roof
+    d.rectangle((185, 290, 235, 380), outline=ink["fill"], width=4)  # door
+    d.rectangle((115, 250, 165, 295), outline=ink["fill"], width=4)  # windows
+    d.rectangle((255, 250, 305, 295), outline=ink["fill"], width=4)
+    d.line((470, 380, 470, 250), **ink)  # trunk
+    d.line((500, 380, 500, 250), **ink)
+    d.ellipse((400, 120, 570, 270), outline=ink["fill"], width=4)  # crown
+    d.ellipse((520, 30, 590, 100), outline=ink["fill"], width=4)  # sun
+    img.save(path)
+
+
 def run_in_chroot(root: Path, home: str, env: dict, command: list, timeout: int = 300):
     base = ["chroot", str(root), "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin",
             f"HOME=/{home}", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
@@ -161,6 +180,7 @@ def krita_env(krita_zip, tmp_path_factory):
     shutil.copy(krita_zip, work / krita_zip.name)
     shutil.copy(SUPPORT / "krita_real_runner.py", work / "mod")
     line_art_png(work / "lineart.png")
+    big_line_art_png(work / "lineart_big.png")
     pykrita = home / ".local/share/krita/pykrita"
     pykrita.mkdir(parents=True, exist_ok=True)
     for stale in ("controlcanvas", "controlcanvas.desktop", "cc_test_driver",

@@ -135,9 +135,9 @@ class KritaCanvas(CanvasPort):
             return parent, siblings[index - 1], ""
         # Krita's scripting API cannot insert under the lowest layer in one undoable
         # step; Multiply above it keeps dark lines visible without touching the layer.
-        return parent, anchor, ("The line art is the lowest layer, so the colours were added "
-                                "above it in Multiply mode; put a background layer under the "
-                                "line art to get them below it.")
+        return parent, anchor, (f"{anchor.name()!r} is the lowest layer, so the result was "
+                                f"added above it in Multiply mode (dark lines stay visible); "
+                                f"put a background layer under it to get results below it.")
 
     def insert_results(self, placement: Placement, layers: Sequence[Tuple[Image, str]],
                        group: str = "") -> Tuple[List[str], str]:

@@ -122,21 +122,27 @@ class UnitWidget(W.QFrame):
         self.end.setToolTip("End: fraction of the steps after which the control stops")
         self.mode = _combo([(m, CONTROL_MODE_LABELS[m]) for m in CONTROL_MODES],
                            unit.control_mode)
-        grid.addWidget(self.enabled, 0, 0)
-        grid.addWidget(self.condition, 0, 1, 1, 2)
-        grid.addWidget(self.layer, 0, 3, 1, 3)
-        grid.addWidget(self.remove, 0, 6)
-        grid.addWidget(_small_label("Annotator"), 1, 1)
-        grid.addWidget(self.annotator, 1, 2, 1, 3)
-        grid.addWidget(self.preview, 1, 5, 1, 2)
-        grid.addWidget(_small_label("Weight"), 2, 1)
-        grid.addWidget(self.weight, 2, 2)
-        grid.addWidget(_small_label("Range"), 2, 3)
-        grid.addWidget(self.start, 2, 4)
-        grid.addWidget(self.end, 2, 5, 1, 2)
-        grid.addWidget(self.mode, 3, 1, 1, 6)
+        self.mode.setToolTip("Control mode: balanced, prompt is more important, or control is "
+                             "more important")
+        # laid out for a narrow docker (~240 px): at most two fields per row
+        top = W.QHBoxLayout()
+        top.setSpacing(3)
+        top.addWidget(self.enabled)
+        top.addWidget(self.condition, 2)
+        top.addWidget(self.layer, 3)
+        top.addWidget(self.remove)
+        grid.addLayout(top, 0, 0, 1, 4)
+        grid.addWidget(_small_label("Annotator"), 1, 0)
+        grid.addWidget(self.annotator, 1, 1, 1, 2)
+        grid.addWidget(self.preview, 1, 3)
+        grid.addWidget(_small_label("Weight"), 2, 0)
+        grid.addWidget(self.weight, 2, 1)
+        grid.addWidget(self.mode, 2, 2, 1, 2)
+        grid.addWidget(_small_label("Range"), 3, 0)
+        grid.addWidget(self.start, 3, 1)
+        grid.addWidget(self.end, 3, 2, 1, 2)
+        grid.setColumnStretch(1, 1)
         grid.setColumnStretch(2, 1)
-        grid.setColumnStretch(4, 1)
         self._layer_id = unit.layer_id
         self._annotator = unit.annotator
         self.condition.currentIndexChanged.connect(self.fill_annotators)
@@ -205,7 +211,7 @@ class DockerPanel(W.QWidget):
         scroll = W.QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(W.QFrame.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         outer.addWidget(scroll)
         body = W.QWidget()
         scroll.setWidget(body)
@@ -266,14 +272,13 @@ class DockerPanel(W.QWidget):
         self.strength = _spin(0.0, 1.0, 0.75, 0.05, 2)
         self.strength.setToolTip("How much of the canvas is repainted (img2img/inpaint)")
         row.addWidget(self.strength_label)
-        row.addWidget(self.strength)
-        row.addStretch(1)
+        row.addWidget(self.strength, 1)
         row.addWidget(_small_label("Result"))
         self.place = _combo([("above", "Above layer"),
                              ("below", "Under line art")])
         self.place.setToolTip("Where new layers go: above the selected layer, or under the "
                               "line-art layer of the first control unit (lines stay on top)")
-        row.addWidget(self.place)
+        row.addWidget(self.place, 2)
         col.addLayout(row)
 
         # control units
@@ -291,24 +296,23 @@ class DockerPanel(W.QWidget):
         col.addLayout(self.units_box)
 
         # pose
-        row = W.QHBoxLayout()
+        poses = W.QGridLayout()
+        poses.setSpacing(3)
         self.pose_add = W.QPushButton("Add skeleton")
         self.pose_add.setToolTip("Insert an editable pose skeleton (vector layer)")
-        self.pose_detect = W.QPushButton("Pose from layer")
+        self.pose_detect = W.QPushButton("Detect pose")
         self.pose_detect.setToolTip("Detect the pose in the selected layer (photo) on the "
                                     "server")
-        row.addWidget(self.pose_add)
-        row.addWidget(self.pose_detect)
-        col.addLayout(row)
-        row = W.QHBoxLayout()
-        self.same_seed = W.QPushButton("Same seed, new pose")
-        self.same_seed.setToolTip("Regenerate with the seed of the selected result: only "
-                                  "what you changed changes")
+        self.same_seed = W.QPushButton("Same seed")
+        self.same_seed.setToolTip("Same seed, new pose: regenerate with the seed of the "
+                                  "selected result, so only what you changed changes")
         self.variants = W.QPushButton("Variants ×4")
         self.variants.setToolTip("Four images with new seeds, as a group of layers")
-        row.addWidget(self.same_seed)
-        row.addWidget(self.variants)
-        col.addLayout(row)
+        for i, button in enumerate((self.pose_add, self.pose_detect, self.same_seed,
+                                    self.variants)):
+            button.setSizePolicy(W.QSizePolicy.Policy.Ignored, W.QSizePolicy.Policy.Fixed)
+            poses.addWidget(button, i // 2, i % 2)
+        col.addLayout(poses)
 
         # sampling
         col.addWidget(_section("Sampling"))
@@ -324,8 +328,10 @@ class DockerPanel(W.QWidget):
         self.sampler = _combo([(s, s) for s in messages.SAMPLERS])
         self.batch = _spin(1, 16, 1)
         grid.addWidget(_small_label("Seed"), 0, 0)
-        grid.addWidget(self.seed, 0, 1, 1, 2)
-        grid.addWidget(self.seed_lock, 0, 3)
+        seed_row = W.QHBoxLayout()
+        seed_row.addWidget(self.seed, 1)
+        seed_row.addWidget(self.seed_lock)
+        grid.addLayout(seed_row, 0, 1, 1, 3)
         grid.addWidget(_small_label("Steps"), 1, 0)
         grid.addWidget(self.steps, 1, 1)
         grid.addWidget(_small_label("CFG"), 1, 2)
@@ -348,6 +354,8 @@ class DockerPanel(W.QWidget):
         self.generate_button.setMinimumHeight(28)
         self.cancel_button = W.QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
+        self.cancel_button.setSizePolicy(W.QSizePolicy.Policy.Minimum,
+                                         W.QSizePolicy.Policy.Fixed)
         row.addWidget(self.generate_button, 3)
         row.addWidget(self.cancel_button, 1)
         col.addLayout(row)
@@ -382,8 +390,9 @@ class DockerPanel(W.QWidget):
         self.apply_button.setToolTip("Insert the selected result as new layer(s) again")
         self.reuse_button = W.QPushButton("Reuse seed")
         self.reuse_button.setToolTip("Lock the seed of the selected result")
-        row.addWidget(self.apply_button)
-        row.addWidget(self.reuse_button)
+        for button in (self.apply_button, self.reuse_button):
+            button.setSizePolicy(W.QSizePolicy.Policy.Ignored, W.QSizePolicy.Policy.Fixed)
+            row.addWidget(button)
         col.addLayout(row)
         col.addStretch(1)
 

@@ -236,8 +236,9 @@ PRESETS: Tuple[Preset, ...] = (
            "flat colours, soft shading",
            ("lineart_from_drawing", "lineart_drawing", "invert", "none"),
            "Line art unit on the selected layer; colours go under the lines."),
-    Preset("pose", "Figure from pose", "openpose", "above", "full body figure",
-           ("none",), "Openpose unit on the pose skeleton layer."),
+    Preset("pose", "Figure from pose", "openpose", "below", "full body figure",
+           ("none",), "Openpose unit on the pose skeleton layer; figures go under the "
+                      "skeleton, so it stays on top to edit."),
     Preset("scribble", "Sketch to image", "scribble", "above", "",
            ("scribble", "none")),
 )

@@ -237,12 +237,50 @@ def gui_main(work, url, screenshot):
         done = _pump(lambda: panel.history.count() == 3)
         say("gui_pose_generate", {"done": done, "tree": tree(doc.rootNode()),
                                   "message": panel.message.text()})
-        _pump(lambda: False, 1.0)
+        say("gui_tree_after_pose", {"tree": tree(doc.rootNode()),
+                                    "active_view_doc": window.activeView().document().name()
+                                    if window.activeView() else None})
+
+        # the screenshot: a bigger drawing, coloured under its lines, docker in view
+        doc.setModified(False)
+        doc.close()  # one document, one tab
+        big, big_lines = artist_document(os.path.join(work, "lineart_big.png"))
+        window.addView(big)
+        big.setActiveNode(big_lines)
+        _pump(lambda: False, 0.5)
+        panel.refresh_layers()
+        panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+        panel.on_preset()
+        panel.prompt.setPlainText("flat colours, soft shading, house under a tree")
+        panel.seed_lock.setChecked(False)
+        panel.steps.setValue(20)
+        panel.generate_button.click()
+        done = _pump(lambda: panel.history.count() == 4)
+        # Krita's own Layers docker does not follow script-made changes under Xvfb
+        # without a window manager (it keeps showing "Background"), so leave the right
+        # column to ControlCanvas; the canvas shows the layers.
+        for dock in app.dockers():
+            if dock.objectName() != canvas.DOCKER_ID:
+                dock.hide()
+        docker.show()
+        for name in ("zoom_to_fit", "view_zoom_to_fit"):
+            action = app.action(name)
+            if action is not None:
+                action.trigger()
+                break
         qwin = window.qwindow()
         qwin.resize(1280, 800)
-        _pump(lambda: False, 0.5)
+        from PyQt5.QtCore import Qt
+        qwin.resizeDocks([docker], [330], Qt.Horizontal)
+        _pump(lambda: False, 1.5)
+        say("gui_docker_size", {"docker": [docker.width(), docker.height()],
+                                "panel_min": [panel.minimumSizeHint().width(),
+                                              panel.minimumSizeHint().height()]})
         ok = qwin.grab().save(screenshot)
-        say("gui_screenshot", {"saved": ok, "path": screenshot})
+        say("gui_screenshot", {"saved": ok, "path": screenshot, "done": done,
+                               "tree": tree(big.rootNode()),
+                               "dockers": [d.objectName() for d in app.dockers()
+                                           if d.isVisible()]})
         panel.controller.shutdown()
     except Exception:
         say("exception", traceback.format_exc())
