@@ -20,6 +20,9 @@ sys.path.insert(0, str(ROOT / "plugin_krita"))
 from tests.krita_support import mock_krita  # noqa: E402
 
 sys.modules["krita"] = mock_krita  # before the plug-in is imported: canvas.py uses it
+_loaded = sys.modules.get("controlcanvas")
+if _loaded is not None and "plugin_krita" not in str(getattr(_loaded, "__file__", "")):
+    del sys.modules["controlcanvas"]  # plugin_gimp/controlcanvas.py has the same name
 
 import controlcanvas  # noqa: E402
 from controlcanvas import canvas as cc_canvas  # noqa: E402
@@ -287,9 +290,14 @@ def test_colourise_line_art_adds_one_undoable_layer_below_the_lines(server, cont
                                                                     krita_app):
     doc, lines = line_art_doc()
     before_lines = lines.pixelData(0, 0, W, H)
-    c = colourise(controller_for(doc, server), doc, lines, seed=1234, seed_locked=True)
+    c = colourise(controller_for(doc, server), doc, lines, seed=1234, seed_locked=True,
+                  preview_every=2)
+    seen = []
+    c.listeners.append(seen.append)
     assert c.generate()
     assert c.run_until_idle(20), c.message
+    assert "preview" in seen and c.preview is not None  # live previews arrived
+    assert "progress" in seen and c.progress == (20, 20)
     names = doc.layer_names()
     assert names == ["Background", "flat colours, red coat [seed 1234]", "lineart"], names
     result = doc.nodeByName("flat colours, red coat [seed 1234]")
@@ -597,3 +605,63 @@ def test_module_boundaries():
         if path.name != "canvas.py":
             assert "import krita" not in text and "from krita" not in text, path
     assert os.path.exists(pkg.parent / "controlcanvas.desktop")
+
+
+def test_sixteen_bit_document_is_converted_both_ways(server, controller_for, krita_app):
+    doc = mock_krita.Document(W, H, depth="U16")
+    lines = doc.createNode("lineart", "paintlayer")
+    lines.setPixelData(bytes((20, 20, 20, 20, 20, 20, 255, 255)) * (W * H), 0, 0, W, H)
+    doc.rootNode().addChildNode(lines, None)
+    doc.setActiveNode(lines)
+    c = colourise(controller_for(doc, server), doc, lines, seed=5, seed_locked=True)
+    c.generate()
+    assert "16-bit" in c.message and c.level == "warning"  # said before the result lands
+    assert c.run_until_idle(20), c.message
+    request, images, outputs = server.recorder.calls[-1]
+    assert images[0].pixel(0, 0) == (20, 20, 20, 255)  # the high bytes, red/blue swapped
+    result = doc.nodeByName("flat colours, red coat [seed 5]")
+    assert bytes(result.pixelData(0, 0, W, H)) == pixels.from_u8(outputs[0].image.to_bgra(),
+                                                                 "U16")
+
+
+class PoseDetectingEngine(RecordingEngine):
+    """A server that detects a pose: it answers with a rendered skeleton."""
+
+    def __init__(self, skeleton):
+        super().__init__()
+        self.skeleton = skeleton
+
+    def models(self):
+        from shared.messages import AnnotatorInfo
+        base = super().models()
+        return type(base)(models=base.models, default_base=base.default_base,
+                          annotators=base.annotators + (AnnotatorInfo(
+                              name="pose_from_photo", condition="openpose"),))
+
+    def preprocess(self, message, image, ctx):
+        if message.annotator != "pose_from_photo":
+            return super().preprocess(message, image, ctx)
+        k = message.width / image.width
+        scaled = pose.scale(self.skeleton, k, k)
+        return Image(message.width, message.height,
+                     pose.render(scaled, message.width, message.height))
+
+
+def test_pose_from_a_photo_layer_becomes_an_editable_skeleton(make_server, controller_for,
+                                                              krita_app):
+    doc = mock_krita.Document(800, 600, resolution=144.0)
+    photo = doc.createNode("photo", "paintlayer")
+    photo.setPixelData(bgra(120, 100, 90) * (800 * 600), 0, 0, 800, 600)
+    doc.rootNode().addChildNode(photo, None)
+    krita_app.open_with_view(doc)
+    truth = pose.default_pose(800, 600)
+    srv = make_server(PoseDetectingEngine(truth))
+    c = controller_for(doc, srv)
+    assert c.pose_detector() == "pose_from_photo"
+    c.insert_pose(uid(photo))
+    assert c.run_until_idle(20), c.message
+    layer = doc.nodeByName(pose.LAYER_NAME)
+    assert layer is not None and layer.type() == "vectorlayer", doc.layer_names()
+    found = cc_canvas.KritaCanvas(doc).read_pose(uid(layer))
+    for p, q in zip(truth[0], found[0]):  # detected at 512 px, scaled back to 800
+        assert abs(p[0] - q[0]) <= 3.0 and abs(p[1] - q[1]) <= 3.0

@@ -102,7 +102,7 @@ def test_plugin_sources_run_on_python_310():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-# -- the real Krita ---------------------------------------------------------------------------------
+# -- the real Krita ------------------------------------------------------------------------------
 
 def chroot_root() -> Path:
     if os.geteuid() != 0:

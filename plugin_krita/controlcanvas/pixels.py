@@ -80,7 +80,8 @@ def mask_image(width: int, height: int, selection: bytes) -> Image:
     return Image(width, height, bytes(out))
 
 
-def selection_bbox(width: int, height: int, selection: bytes) -> Optional[Tuple[int, int, int, int]]:
+def selection_bbox(width: int, height: int,
+                   selection: bytes) -> Optional[Tuple[int, int, int, int]]:
     """(x, y, w, h) of the selected pixels, None when nothing is selected."""
     rows = [y for y in range(height) if selection[y * width:(y + 1) * width].strip(b"\x00")]
     if not rows:

@@ -244,7 +244,8 @@ def _local_centre(el: ET.Element) -> Optional[Point]:
     if tag in ("circle", "ellipse"):
         return (_length(g("cx")), _length(g("cy")))
     if tag == "rect":
-        return (_length(g("x")) + _length(g("width")) / 2, _length(g("y")) + _length(g("height")) / 2)
+        return (_length(g("x")) + _length(g("width")) / 2,
+                _length(g("y")) + _length(g("height")) / 2)
     if tag == "path":
         nums = [float(x) for x in _NUMBER.findall(g("d") or "")]
         xs, ys = nums[0::2], nums[1::2]
