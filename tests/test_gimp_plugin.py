@@ -135,6 +135,17 @@ def test_six_procedures_under_filters_controlnet():
                 assert -2**31 <= arg.minimum <= arg.maximum <= procedures.GINT_MAX
 
 
+def test_dialog_labels_have_mnemonics():
+    for s in procedures.PROCEDURES:
+        labels = procedures.mnemonic_labels(s)
+        for name, label in labels.items():
+            assert label.count("_") == 1 and label.replace("_", "") == s.arg(name).label
+        keys = [label[label.index("_") + 1].lower() for name, label in labels.items()
+                if s.arg(name).in_dialog]
+        assert "o" not in keys and "c" not in keys, "OK and Cancel keep Alt+O / Alt+C"
+    assert procedures.mnemonic_labels(spec("generate"))["prompt"] == "_Prompt"
+
+
 def test_connection_arguments_stay_out_of_dialogs_except_settings():
     assert "server-url" not in spec("generate").dialog_args
     assert spec("settings").dialog_args == ("server-url", "token")

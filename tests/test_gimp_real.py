@@ -42,6 +42,7 @@ pytestmark = [pytest.mark.editor, pytest.mark.slow]
 
 SETUP = ROOT / "tests" / "editors" / "setup_gimp.sh"
 BATCH = ROOT / "tests" / "gimp_support" / "gimp_batch.py"
+GUI = ROOT / "tests" / "gimp_support" / "gui_dialog.sh"
 TOKEN = "real-gimp-test-token"
 PREFIX = "python-fu-controlcanvas-"
 PROMPT = "girl in a red coat"
@@ -357,3 +358,17 @@ def test_settings_finds_the_token_file_and_saves_the_address(gimp):
     report = c["returned"]["report"]
     assert "engine fake" in report and "token file" in report
     assert json.loads(gimp.settings_saved)["server-url"].startswith("ws://127.0.0.1:")
+
+
+# -- the GUI: GIMP's dialog, OK, one undo step ---------------------------------------------------
+
+def test_dialog_ok_and_one_undo_in_the_gui(tmp_path):
+    """gimp-3.0 under Xvfb: the ProcedureDialog appears, OK generates, Ctrl+Z removes it all."""
+    chroot_root()
+    done = subprocess.run(["bash", str(GUI), str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    if done.returncode == 3:
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "one Ctrl+Z removes exactly the new layer      ok" in done.stdout
+    assert (tmp_path / "gimp-dialog.png").stat().st_size > 10_000

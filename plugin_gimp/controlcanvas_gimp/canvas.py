@@ -158,22 +158,22 @@ class GimpHost:
 
 # -- procedures ---------------------------------------------------------------------
 
-def _add_argument(proc, arg: procedures.Arg) -> None:
+def _add_argument(proc, arg: procedures.Arg, label: str) -> None:
     if arg.kind == "string":
-        proc.add_string_argument(arg.name, arg.label, arg.help, arg.default, READWRITE)
+        proc.add_string_argument(arg.name, label, arg.help, arg.default, READWRITE)
     elif arg.kind == "int":
-        proc.add_int_argument(arg.name, arg.label, arg.help, int(arg.minimum), int(arg.maximum),
+        proc.add_int_argument(arg.name, label, arg.help, int(arg.minimum), int(arg.maximum),
                               arg.default, READWRITE)
     elif arg.kind == "double":
-        proc.add_double_argument(arg.name, arg.label, arg.help, arg.minimum, arg.maximum,
+        proc.add_double_argument(arg.name, label, arg.help, arg.minimum, arg.maximum,
                                  arg.default, READWRITE)
     elif arg.kind == "boolean":
-        proc.add_boolean_argument(arg.name, arg.label, arg.help, arg.default, READWRITE)
+        proc.add_boolean_argument(arg.name, label, arg.help, arg.default, READWRITE)
     elif arg.kind == "choice":
         choice = Gimp.Choice.new()
-        for index, (nick, label) in enumerate(arg.choices):
-            choice.add(nick, index, label, "")
-        proc.add_choice_argument(arg.name, arg.label, arg.help, choice, arg.default, READWRITE)
+        for index, (nick, text) in enumerate(arg.choices):
+            choice.add(nick, index, text, "")
+        proc.add_choice_argument(arg.name, label, arg.help, choice, arg.default, READWRITE)
     else:  # pragma: no cover - procedures.py declares only the kinds above
         raise ValueError(f"unknown argument kind {arg.kind!r}")
 
@@ -210,8 +210,9 @@ def create_procedure(plug_in, spec: ProcedureSpec):
     proc.add_menu_path(procedures.MENU_PATH)
     proc.set_documentation(spec.blurb, spec.help, spec.name)
     proc.set_attribution("ControlCanvas", "ControlCanvas contributors", "2026")
+    labels = procedures.mnemonic_labels(spec)
     for arg in spec.args:
-        _add_argument(proc, arg)
+        _add_argument(proc, arg, labels[arg.name])
     for name in spec.returns:
         _add_return_value(proc, name)
     return proc
@@ -237,7 +238,10 @@ def run(procedure, run_mode, image, drawables, config, data):
         if run_mode == Gimp.RunMode.INTERACTIVE and spec.dialog_args:
             if not _show_dialog(procedure, config, spec):
                 return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
-        values = {arg.name: config.get_property(arg.name) for arg in spec.args}
+        # Interactive runs use only what the dialog shows: GIMP restores last-used values
+        # for every argument, and a hidden address or token must not linger from a script.
+        values = {arg.name: config.get_property(arg.name) for arg in spec.args
+                  if arg.in_dialog or run_mode != Gimp.RunMode.INTERACTIVE}
         Gimp.progress_init("ControlCanvas: " + spec.label.rstrip("…"))
         try:
             outcome = actions.run(spec, GimpHost(image, drawables), values)

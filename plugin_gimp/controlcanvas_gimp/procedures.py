@@ -57,12 +57,12 @@ CONTROL_MODE_CHOICES = (
     ("control", "ControlNet is more important"),
 )
 SIZE_CHOICES = (
-    ("model", "The model's native size (aspect kept, result scaled to the layer)"),
-    ("layer", "The layer's own size (rounded to multiples of 8)"),
+    ("model", "The model's native size"),
+    ("layer", "The layer's own size"),
 )
 POSE_SOURCE_CHOICES = (
-    ("path", "The image's skeleton path (a default skeleton is added if there is none)"),
-    ("layer", "The selected layer (already an OpenPose image)"),
+    ("path", "The skeleton path"),
+    ("layer", "The selected layer (an OpenPose image)"),
 )
 
 
@@ -202,7 +202,9 @@ def generation_args() -> Tuple[Arg, ...]:
                 "stops", 1.0, 0.0, 1.0),
         _choice("control-mode", "Control mode", "Balance between prompt and control image",
                 CONTROL_MODE_CHOICES, "balanced"),
-        _choice("size", "Work at", "Generation size; the result always comes back at the "
+        _choice("size", "Work at", "Generation size. Native: the model's own scale (512 px "
+                "for SD1.5, 1024 px for SDXL) with the layer's aspect ratio. Layer: the layer's "
+                "size rounded to multiples of 8. Either way the result comes back at the "
                 "layer's exact size and position", SIZE_CHOICES, "model"),
         _string("base-model", "Base model", "Model name on the server; blank: the server's "
                 "default"),
@@ -236,8 +238,9 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
         "OpenPose preset: the skeleton path (one stroke per limb; move its joints with the "
         "Paths tool, then run again with the same seed) or an OpenPose layer steers the "
         "figure. Without a skeleton path a default one is added to the image.",
-        (_choice("pose-source", "Pose from", "Where the pose comes from",
-                 POSE_SOURCE_CHOICES, "path"),),
+        (_choice("pose-source", "Pose from", "The image's skeleton path (a default skeleton "
+                 "is added when there is none), or the selected layer when it already is an "
+                 "OpenPose image", POSE_SOURCE_CHOICES, "path"),),
         fixed={"condition": "openpose", "annotate": False, "annotator": ""}),
     ProcedureSpec(
         name=PREFIX + "control-image", label="Make control image…",
@@ -266,6 +269,23 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
         needs_drawable=False),
 )
 BY_NAME: Dict[str, ProcedureSpec] = {spec.name: spec for spec in PROCEDURES}
+
+
+def mnemonic_labels(spec: ProcedureSpec) -> Dict[str, str]:
+    """Each argument's label with a keyboard mnemonic ("_Prompt"): distinct letters while
+    they last (dialog arguments first), never those of the dialog's buttons (Help, Reset,
+    Cancel, OK, Save/Load settings) unless a label has no other letter."""
+    buttons = set("hrcosl")
+    taken = set(buttons)
+    out = {}
+    for arg in sorted(spec.args, key=lambda a: not a.in_dialog):
+        letters = [i for i, ch in enumerate(arg.label) if ch.isalnum()]
+        free = [i for i in letters if arg.label[i].lower() not in taken]
+        clear = [i for i in letters if arg.label[i].lower() not in buttons]
+        index = (free or clear or letters)[0]
+        taken.add(arg.label[index].lower())
+        out[arg.name] = arg.label[:index] + "_" + arg.label[index:]
+    return {arg.name: out[arg.name] for arg in spec.args}
 
 
 def check_values(spec: ProcedureSpec, values: Mapping[str, Any]) -> Dict[str, Any]:
