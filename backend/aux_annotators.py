@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 HUB_REPO = "lllyasviel/Annotators"
 DIR_ENV = "CONTROLCANVAS_ANNOTATORS_DIR"
+HAND_FILE = "hand_pose_model.pth"  # optional companion of body_pose_model.pth
 INSTALL_HINT = ("install the optional extra: pip install 'controlcanvas[annotators]' with "
                 "torch==2.14.1 torchvision==0.29.1 (see tests/annotators_env.sh).")
 
@@ -233,7 +234,14 @@ def _build_openpose(paths):
         obj.model.float().eval()
         return obj
 
-    hand = make(Hand, handpose_model, paths[1]) if len(paths) > 1 else None
+    # the hand network is optional: built when its file is here (or for random weights)
+    hand = None
+    if _random_weights:
+        hand = make(Hand, handpose_model, None)
+    else:
+        hand_path = find_weight(HAND_FILE)
+        if hand_path is not None:
+            hand = make(Hand, handpose_model, str(hand_path))
     return OpenposeDetector(make(Body, bodypose_model, paths[0]), hand, None)
 
 
@@ -285,6 +293,8 @@ def _call_midas(det, rgb, size, p):
 
 def _call_openpose(det, rgb, size, p):
     from . import pose as pose_mod
+    if p["hands"] and det.hand_estimation is None:
+        raise ModelMissing(missing_message("OpenPose hand", [HAND_FILE]), field="annotator")
     found = detect_openpose_with(det, rgb, hands=p["hands"])
     return pose_mod.render(found.resized(*size))
 
@@ -371,7 +381,7 @@ SPECS: Dict[str, AuxSpec] = {s.name: s for s in (
             refuse_empty="transparent"),
     AuxSpec("normal_bae", "normal", ("scannet.pt",), _build_normal_bae, _call_plain, (DETECT,),
             "NormalBae surface normals (controlnet-aux).", refuse_empty="transparent"),
-    AuxSpec("openpose", "openpose", ("body_pose_model.pth", "hand_pose_model.pth"),
+    AuxSpec("openpose", "openpose", ("body_pose_model.pth",),
             _build_openpose, _call_openpose,
             (_P("hands", "bool", False, help="also detect hands"),),
             "OpenPose body (and hand) detection, drawn as the standard skeleton."),

@@ -660,7 +660,7 @@ def _hands_to_person(hands: List[Dict[str, Any]], body: Points, width: int,
 def _aux_openpose_ready() -> bool:
     from . import aux_annotators as aux
     return aux.aux_installed() and (aux._random_weights or
-                                    aux.weights_present(aux.SPECS["openpose"].files[:1]))
+                                    aux.weights_present(aux.SPECS["openpose"].files))
 
 
 def detector_available() -> bool:
@@ -682,7 +682,11 @@ def detect(image: Image, hands: bool = False, min_confidence: float = 0.5,
                          field="method")
     if method == "openpose" or (method == "auto" and _aux_openpose_ready()):
         from . import aux_annotators as aux
-        pose = aux.detect_openpose_with(aux.openpose_detector(), rgb, hands=hands)
+        detector = aux.openpose_detector()
+        if hands and detector.hand_estimation is None:
+            raise ModelMissing(aux.missing_message("OpenPose hand", [aux.HAND_FILE]),
+                               field="annotator")
+        pose = aux.detect_openpose_with(detector, rgb, hands=hands)
         people = tuple(Person(tuple(p if p[2] >= min_confidence else MISSING for p in person.body),
                               person.left_hand, person.right_hand) for person in pose.people)
         return Pose(pose.width, pose.height, people)

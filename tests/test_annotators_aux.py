@@ -184,3 +184,11 @@ def test_pose_from_photo_uses_openpose_when_its_weights_are_present():
         assert pose_mod._aux_openpose_ready()
         found = pose_mod.detect(picture(), method="openpose")
     assert (found.width, found.height) == (128, 96)  # random weights: maybe nobody, but a Pose
+
+
+def test_openpose_hands_without_the_hand_file_is_a_clear_error():
+    class BodyOnly:
+        hand_estimation = None
+
+    with pytest.raises(ModelMissing, match="hand_pose_model.pth"):
+        aux._call_openpose(BodyOnly(), np.zeros((8, 8, 3), np.uint8), (8, 8), {"hands": True})
