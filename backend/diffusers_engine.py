@@ -582,26 +582,22 @@ class DiffusersEngine:
             f"programs using the GPU.")
 
     def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Image:
+        """The annotator registry (backend.preprocess); "none" is the layer itself."""
         ctx.progress(0, 1, stage="preprocess")
-        array = to_array(image)
+        size = (message.width, message.height) if message.width else None
         if message.annotator == "none":
-            out = array
-        elif message.annotator == "invert":
-            out = array.copy()
-            out[..., :3] = 255 - out[..., :3]
+            out = image
+            if size is not None:
+                out = from_array(resize(np.ascontiguousarray(to_array(image)), *size))
         else:
-            raise Unsupported(f"No annotator {message.annotator!r} in this engine yet; it knows "
-                              f"'none' and 'invert'.", field="annotator")
-        if message.width:
-            out = resize(np.ascontiguousarray(out), message.width, message.height)
+            from .preprocess import run as run_annotator
+            out = run_annotator(message.annotator, image, message.params, size)
         ctx.progress(1, 1, stage="preprocess")
-        return from_array(out)
+        return out
 
     def models(self) -> Models:
-        return self.catalogue.models_message(annotators=(
-            AnnotatorInfo(name="none", condition="", help="Use the layer as it is."),
-            AnnotatorInfo(name="invert", condition="lineart", help="Swap dark and light."),
-        ))
+        from .preprocess import list_annotators
+        return self.catalogue.models_message(annotators=list_annotators())
 
     def close(self) -> None:
         self._bases.clear()
@@ -751,6 +747,30 @@ class DiffusersEngine:
 
     # -- planning ------------------------------------------------------------
 
+    def _annotate(self, request: GenerateRequest, images: Mapping[int, Image],
+                  entry: _Base) -> Tuple[GenerateRequest, Mapping[int, Image]]:
+        """Run units' annotators (and render poses) at the scale the region is generated at
+        (with the hires pass: its scale), never above the canvas' own resolution."""
+        if not any(u.preprocessor != "none" or getattr(u, "pose", None) is not None
+                   for u in request.controls):
+            return request, images
+        from .preprocess import prepare_controls
+
+        W, H = request.width, request.height
+        side = math.sqrt(W * H)
+        if request.mode == "inpaint" and request.mask_image in images:
+            mask = mask_values(to_array(images[request.mask_image]))
+            found = region_of(mask, self.inpaint_margin, self.inpaint_min_margin)
+            if found is not None:
+                x0, y0, x1, y1 = found
+                # the mask may be another size than the canvas: measure in canvas pixels
+                side = math.sqrt((x1 - x0) * (y1 - y0) * (W * H) / mask.size)
+        target = entry.native * self.max_work_scale * (self.hires_scale if request.hires
+                                                        else 1.0)
+        scale = min(1.0, target / side)
+        size = (max(8, int(round(W * scale))), max(8, int(round(H * scale))))
+        return prepare_controls(request, images, size)
+
     def _plan(self, request: GenerateRequest, images: Mapping[int, Image], entry: _Base,
               low_memory: bool) -> Plan:
         W, H = request.width, request.height
@@ -844,6 +864,7 @@ class DiffusersEngine:
         nets = [self._load_net(r, keep) for r in resolved_nets]
         for resolved, net in zip(resolved_nets, nets):
             _check_compatible(resolved, net, entry)
+        request, images = self._annotate(request, images, entry)
         plan = self._plan(request, images, entry, low_memory)
         self.last_plan = plan
         seeds = request.seeds(request.seed)

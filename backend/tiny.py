@@ -5,9 +5,9 @@ download or a GPU.  This module builds one from a fixed torch seed: a UNet, a
 VAE with SD's 8x downsampling (4 blocks, so control images are downsampled
 exactly as for real models), a CLIP text encoder with a tokenizer made from an
 in-memory byte-level vocabulary, a scheduler and ControlNets made with
-``ControlNetModel.from_unet``.  The ControlNets' zero convolutions are then set
-to small random values: a fresh ControlNet has no effect at all, and the demo
-should show the control image steering the picture.
+``ControlNetModel.from_unet``.  The ControlNets' zero convolutions are then given
+random values (see ``_perturb_zero_convs``): a fresh ControlNet has no effect at
+all, and the demo should show the control image steering the picture.
 
 The weights are random, so pictures are coloured noise shaped by the control
 image.  The files are small (a few MB) and build in well under a second.
@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-VERSION = "tiny-v1"
+VERSION = "tiny-v2"
 FAMILIES = ("sd15", "sdxl")
 SEED = 20241
 # The tiny ControlNets: one per group of conditions that look alike, so a
@@ -172,10 +172,22 @@ def _text_config(vocab_size: int, eos: int, projection_dim: int = 32):
 
 
 def _perturb_zero_convs(controlnet, generator) -> None:
-    """Give the zero convolutions small random weights so control has a visible effect."""
+    """Make the control image matter in an untrained ControlNet.
+
+    ``from_unet`` zero-initialises the output convolutions (so a fresh ControlNet has
+    no effect at all) and the conditioning embedding's last conv (so the control
+    image has none either); torch's default init also shrinks the signal through
+    the embedding's stack of small convs.  So: He-normal weights through the
+    embedding (its last conv included) and small random output convolutions."""
     import torch
 
     with torch.no_grad():
+        emb = controlnet.controlnet_cond_embedding
+        for conv in [emb.conv_in, *emb.blocks, emb.conv_out]:
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator)
+                              * (2.0 / fan_in) ** 0.5)
+            conv.bias.zero_()
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.05)

@@ -99,10 +99,13 @@ def test_each_mode_single_and_multi_controlnet(tiny_engine, base, mode):
     two = pixels(run(tiny_engine, make_request(
         mode=mode, base_model=base,
         controls=(unit("lineart", 0), unit("depth", 1, weight=1.5))), imgs)[0])
-    for array in (plain, one, two):
+    other = pixels(run(tiny_engine, make_request(mode=mode, base_model=base,
+                                                 controls=(unit("lineart", 1),)), imgs)[0])
+    for array in (plain, one, two, other):
         assert array.shape == (H, W, 4)
-    # The control steers the picture, and a second unit adds to it.
+    # The picture follows the control image, and a second unit adds to it.
     assert np.abs(one.astype(int) - plain).mean() > 0.5
+    assert np.abs(other.astype(int) - one).mean() > 0.1  # (0.27 .. 1.1 measured)
     assert np.abs(two.astype(int) - one).mean() > 0.5
     if mode == "inpaint":
         canvas = to_array(imgs[10])
@@ -514,7 +517,7 @@ def test_out_of_memory_twice_is_a_typed_error_and_the_engine_survives(fresh_engi
 # Preprocess and models
 # -----------------------------------------------------------------------------
 
-def test_preprocess_none_invert_and_unknown(tiny_engine):
+def test_preprocess_uses_the_annotator_registry(tiny_engine):
     image = random_rgba(20, 10)
     ctx = RecordingContext()
     msg = Preprocess(job_id="0" * 32, annotator="invert", image=0)
@@ -523,14 +526,39 @@ def test_preprocess_none_invert_and_unknown(tiny_engine):
     msg = Preprocess(job_id="0" * 32, annotator="none", image=0, width=40, height=30)
     assert tiny_engine.preprocess(msg, image, ctx).size == (40, 30)
     with pytest.raises(Unsupported):
-        tiny_engine.preprocess(Preprocess(job_id="0" * 32, annotator="hed", image=0), image, ctx)
+        tiny_engine.preprocess(Preprocess(job_id="0" * 32, annotator="no-such-annotator",
+                                          image=0), image, ctx)
+
+
+def test_units_with_annotators_and_poses_are_prepared_at_work_scale(tiny_engine):
+    from backend.pose import default_pose
+
+    width, height = 640, 448
+    drawing = np.full((height, width, 4), 255, np.uint8)
+    drawing[100:110, 50:600, :3] = 0  # a dark stroke on white paper
+    imgs = {0: from_array(drawing)}
+    pose = default_pose(width, height).to_message()
+    raw = run(tiny_engine, make_request(width=width, height=height, controls=(
+        unit("lineart", 0), ControlUnit(condition="openpose", pose=pose))), imgs)[0]
+    annotated = run(tiny_engine, make_request(width=width, height=height, controls=(
+        unit("lineart", 0, preprocessor="invert"),
+        ControlUnit(condition="openpose", pose=pose))), imgs)[0]
+    assert annotated.image.size == raw.image.size == (width, height)
+    assert annotated.image.data != raw.image.data
+    plan = tiny_engine.last_plan
+    lines, skeleton = plan.first.controls
+    w, h = plan.work
+    # inverted: a white stroke on black, at the stroke's place in the work frame
+    row = int(round(105 * h / height))
+    assert lines[row, w // 2].min() > 128 and lines[h - 2, w // 2].max() < 64
+    assert skeleton.shape == (h, w, 3) and skeleton.max() > 128
 
 
 def test_models_message_lists_tiny_as_present(tiny_engine):
     models = tiny_engine.models()
     tiny_models = {m.name: m for m in models.models if m.name.startswith("tiny-")}
     assert tiny_models["tiny-sd15"].present and tiny_models["tiny-sdxl"].family == "sdxl"
-    assert {a.name for a in models.annotators} == {"none", "invert"}
+    assert {"none", "invert", "canny"} <= {a.name for a in models.annotators}
 
 
 # -----------------------------------------------------------------------------
