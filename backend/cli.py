@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="fake", choices=["fake"])
     p.set_defaults(func=cmd_demo)
 
+    from .preprocess_cli import add_parsers as add_preprocess_parsers
+    add_preprocess_parsers(sub)
+
     p = sub.add_parser("doctor", help="check the installation, one line per item")
     p.add_argument("--token-file", type=Path)
     p.add_argument("--host")

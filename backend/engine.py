@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.errors import Unsupported
 from shared.images import Image
-from shared.messages import AnnotatorInfo, GenerateRequest, ModelInfo, Models, Preprocess
+from shared.messages import GenerateRequest, ModelInfo, Models, Preprocess
 
 
 class JobContext(Protocol):
@@ -175,13 +175,11 @@ class FakeEngine:
         return out
 
     def models(self) -> Models:
+        from .preprocess import list_annotators
         return Models(
             models=(ModelInfo(name="fake", kind="base", family="sd15", present=True,
                               source="built in"),),
-            annotators=(
-                AnnotatorInfo(name="none", condition="", help="Use the layer as it is."),
-                AnnotatorInfo(name="invert", condition="lineart", help="Swap dark and light."),
-            ),
+            annotators=list_annotators(),
             default_base="fake")
 
     def close(self) -> None:

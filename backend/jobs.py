@@ -342,7 +342,15 @@ class JobManager:
         ctx.check_cancelled()
         message = job.message
         if isinstance(message, Generate):
-            generated = self.engine.generate(message.request, job.images, ctx)
+            request, images = message.request, job.images
+            if any(u.preprocessor != "none" or u.pose is not None for u in request.controls):
+                # Annotate (or render poses) at the size the engine will use: pixel perfect.
+                from .preprocess import prepare_controls
+                ctx.progress(0, 1, stage="preprocess")
+                size_of = getattr(self.engine, "control_size", None)
+                request, images = prepare_controls(request, images,
+                                                   size_of(request) if size_of else None)
+            generated = self.engine.generate(request, images, ctx)
             ctx.check_cancelled()
             return tuple((ResultImage(slot=i, width=g.image.width, height=g.image.height,
                                       seed=g.seed), g.image)

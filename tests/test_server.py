@@ -423,3 +423,33 @@ def test_client_maps_oversize_close_to_limit_error(make_server):
         job = client.preprocess("none", Image.filled(64, 64))
         with pytest.raises(LimitError, match="larger than its limit"):
             client.wait(job)
+
+
+def test_preprocessor_runs_before_the_engine(fake_server):
+    """Dark strokes on a transparent layer + lineart_from_drawing: the engine sees white
+    lines on black (pixel perfect, at the output size), and the picture follows them."""
+    w, h = 64, 48
+    layer = bytearray(w * h * 4)
+    for x in range(w):  # one dark horizontal stroke at y = 20..23
+        for y in range(20, 24):
+            layer[(y * w + x) * 4:(y * w + x) * 4 + 4] = b"\x10\x10\x10\xff"
+    drawn = Image(w, h, bytes(layer))
+    unit = ControlUnit(condition="lineart", image=0, preprocessor="lineart_from_drawing")
+    req = GenerateRequest(width=w, height=h, steps=2, seed=3, controls=(unit,))
+    with Client.connect(fake_server.url, fake_server.token) as client:
+        annotated = client.wait(client.preprocess("lineart_from_drawing", drawn))
+        result = client.wait(client.submit(req, {0: drawn}))
+    lines = to_array(annotated.images[0][1])
+    assert lines[21, 10, 0] > 200 and lines[5, 10, 0] < 50  # white on black
+    out = to_array(result.images[0][1]).astype(int)
+    assert out[21, 10, :3].sum() < out[5, 10, :3].sum()  # the stroke steers the picture
+
+
+def test_pose_unit_without_image(fake_server):
+    from backend.pose import default_pose
+    pose = default_pose(64, 64).to_message()
+    req = GenerateRequest(width=64, height=64, steps=2, seed=1,
+                          controls=(ControlUnit(condition="openpose", pose=pose),))
+    with Client.connect(fake_server.url, fake_server.token) as client:
+        result = client.wait(client.submit(req, {}))
+    assert result.images[0][1].size == (64, 64)
