@@ -2,7 +2,7 @@
 
 Every other module does ``from .qt import QtCore, QtGui, QtWidgets, Signal``.
 The choice, in order: ``CONTROLCANVAS_QT=5|6`` (tests), ``pykrita.qt_major_version()``
-(Krita >= 5.3/6), whichever PyQt is already loaded, then PyQt5 and finally PyQt6
+(Krita 6; Krita 5.1 lacks it), whichever PyQt is already loaded, then PyQt5 and finally PyQt6
 (Krita 6 refuses ``import PyQt5``, so a failure there falls through).
 
 Code written against this module uses fully qualified enums

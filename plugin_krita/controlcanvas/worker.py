@@ -102,7 +102,7 @@ class Worker:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
         self._wake.set()
         client = self._client
