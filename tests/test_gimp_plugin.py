@@ -28,6 +28,7 @@ from backend.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import (actions, generation, pose, problems, procedures,  # noqa: E402
                                 settings, worker)
 from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
+from gimp_support import expect  # noqa: E402
 from gimp_support.fake_host import FakeHost, FakeLayer, FakePath  # noqa: E402
 from shared.client import Client  # noqa: E402
 from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
@@ -54,36 +55,21 @@ def line_art(width: int = 64, height: int = 48) -> Image:
     return Image(width, height, bytes(data))
 
 
-class _Ctx:
-    job_id = "0" * 32
-
-    def progress(self, step, total, stage="denoise"):
-        pass
-
-    def wants_preview(self, step):
-        return False
-
-    def preview(self, step, image):
-        pass
-
-    def check_cancelled(self):
-        pass
-
-
 def flat(keypoints):
     """Keypoints as one flat list (None as NaN pairs), for pytest.approx."""
     return [v for p in keypoints for v in ((math.nan, math.nan) if p is None else p)]
 
 
 def fake_pixels(request: GenerateRequest, control: Image):
-    return [g.image for g in FakeEngine().generate(request, {0: control}, _Ctx())]
+    """What the server (fake engine) makes of ``request`` with ``control`` in slot 0."""
+    return expect.generated(request, {0: control})
 
 
 # -- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread(FakeEngine(), ServerConfig(port=0), token=TOKEN) as running:
+    with ServerThread(expect.NoPoseEngine(), ServerConfig(port=0), token=TOKEN) as running:
         yield running
 
 
@@ -378,11 +364,40 @@ def test_render_draws_the_skeleton_in_openpose_colours():
     image = pose.render(kps, 256, 256)
     assert image.size == (256, 256)
     assert image.pixel(2, 2) == (0, 0, 0, 255), "black paper"
-    lwx, lwy = kps[7]  # left wrist: the end of the last left-arm limb, joint colour 7 under it
-    px = image.pixel(int(lwx), int(lwy))
-    assert px != (0, 0, 0, 255) and px[3] == 255
+    for index in (0, 1, 7, 13):  # joints on top, in full colour
+        x, y = kps[index]
+        assert image.pixel(round(x), round(y)) == (*pose.COLOURS[index], 255)
+    mid = [(a + b) / 2 for a, b in zip(kps[8], kps[9])]  # right thigh: limb 7 at 60 %
+    assert image.pixel(round(mid[0]), round(mid[1])) == \
+        (*(int(c * 0.6) for c in pose.COLOURS[7]), 255)
     coloured = sum(1 for i in range(0, len(image.data), 4) if image.data[i:i + 3] != b"\0\0\0")
     assert 0.01 < coloured / (256 * 256) < 0.2
+
+
+def test_parse_reads_a_rendered_skeleton_back():
+    kps = list(pose.default_pose(300, 400))
+    kps[16] = None
+    back = pose.parse(pose.render(kps, 300, 400))
+    assert back[16] is None
+    assert max(math.hypot(a[0] - b[0], a[1] - b[1])
+               for a, b in zip(kps, back) if a is not None) < 0.5
+    assert pose.parse(Image.filled(20, 20, (0, 0, 0, 255))) == (None,) * 18
+
+
+def test_render_matches_the_backend_renderer():
+    """Plug-in and server draw the same picture (the server's uses OpenCV)."""
+    bp = pytest.importorskip("backend.pose")
+    pytest.importorskip("cv2")
+    import numpy as np
+    kps = pose.default_pose(200, 260)
+    person = bp.Person(tuple((x, y, 1.0) for x, y in kps))
+    theirs = bp.render(bp.Pose(200, 260, (person,)), hands=False, face=False)
+    ours = np.frombuffer(pose.render(kps, 200, 260).data, np.uint8).reshape(260, 200, 4)
+    drawn = (theirs.max(axis=2) > 0) | (ours[..., :3].max(axis=2) > 0)
+    same = (np.abs(theirs.astype(int) - ours[..., :3].astype(int)).max(axis=2) == 0)
+    assert same[drawn].mean() > 0.9, "edge pixels may differ, the figure may not"
+    parsed = bp.parse(pose.render(kps, 200, 260)).people[0].body
+    assert max(math.hypot(x - a, y - b) for (x, y), (a, b, _) in zip(kps, parsed)) < 1.0
 
 
 # -- worker: network off the main thread ------------------------------------------------------
@@ -443,7 +458,8 @@ def test_generate_adds_the_servers_pixels_above_the_layer(server, host):
     # The request the plug-in built, and the pixels the fake engine makes for it.
     request = outcome.request
     assert (request.width, request.height, request.seed, request.steps) == (64, 48, 1234, 6)
-    assert request.controls[0].preprocessor == "invert", "the server's default for line art"
+    assert request.controls[0].preprocessor == "lineart_from_drawing", \
+        "the line-art annotator this server has (it lacks controlnet-aux's 'lineart')"
     assert new.image == fake_pixels(request, before)[0]
     assert outcome.seed == 1234 and outcome.layer is new
     # Progress reached the progress bar (from the main thread: FakeHost checks).
@@ -494,20 +510,23 @@ def test_figure_from_pose_adds_a_skeleton_path_and_regenerates_from_it(server, h
     (path,) = host.paths
     assert path.name == pose.PATH_NAME and len(path.strokes) == 17
     assert path.undo_group == host.layers[0].undo_group == 1, "path + layer: one undo step"
-    default = pose.default_pose(layer.width, layer.height, layer.x, layer.y)
-    assert pose.from_strokes(path.strokes, path.meta) == default
-    control = pose.render(pose.transformed(default, dx=-layer.x, dy=-layer.y), 64, 48)
+    default = pose.default_pose(layer.width, layer.height)
+    on_image = pose.from_strokes(path.strokes, path.meta)
+    assert on_image == pose.layer_to_path(default, layer.x, layer.y)
+    assert on_image[1] == (layer.x + 0.5 + default[1][0], layer.y + 0.5 + default[1][1]), \
+        "GIMP's pixel centres are at +0.5"
+    control = pose.render(default, 64, 48)
     assert first.request.controls[0].condition == "openpose"
     assert first.request.controls[0].preprocessor == "none"
     assert host.layers[0].image == fake_pixels(first.request, control)[0]
     # The artist drags the right wrist with the Paths tool and runs it again, same seed.
     wrist_stroke = pose.LIMBS.index((3, 4))
-    path.strokes[wrist_stroke][6:12] = [layer.x + 2.0, layer.y + 2.0] * 3
+    path.strokes[wrist_stroke][6:12] = [layer.x + 2.5, layer.y + 3.5] * 3
     second = actions.run(spec("figure-from-pose"), host, values(server, seed=7))
     assert len(host.paths) == 1, "the existing skeleton is reused"
     moved = list(default)
-    moved[4] = (layer.x + 2.0, layer.y + 2.0)
-    control2 = pose.render(pose.transformed(moved, dx=-layer.x, dy=-layer.y), 64, 48)
+    moved[4] = (2.0, 3.0)
+    control2 = pose.render(moved, 64, 48)
     assert control2 != control
     newest = host.layers[1]
     assert newest.undo_group == 2, "directly above the source, under the first result"
@@ -526,12 +545,9 @@ def test_figure_from_an_openpose_layer(server, host):
 def test_make_control_image_uses_the_servers_annotator(server, host):
     actions.run(spec("control-image"), host, {"server-url": server.url})
     new = host.layers[0]
-    assert new.name == "Control image · lineart (invert)"
-    src = line_art()
-    inverted = bytearray(src.data)
-    for i in range(0, len(inverted), 4):
-        inverted[i:i + 3] = bytes(255 - v for v in inverted[i:i + 3])
-    assert new.image.data == bytes(inverted) and (new.x, new.y) == (13, 7)
+    assert new.name == "Control image · lineart (lineart_from_drawing)"
+    assert new.image == expect.annotated("lineart_from_drawing", line_art())
+    assert new.image != line_art() and (new.x, new.y) == (13, 7)
 
 
 def test_pose_from_photo_says_the_server_cannot_detect_poses(server, host):
@@ -543,10 +559,13 @@ def test_pose_from_photo_says_the_server_cannot_detect_poses(server, host):
 
 
 class _PoseClient:
-    """Stands in for a server that detects poses (the backend's pose model is not done)."""
+    """A server that detects poses (the fake engine cannot): answers pose_from_photo with a
+    rendered skeleton, with or without the keypoints in the result's info."""
 
-    def __init__(self, keypoints_json):
+    def __init__(self, detected, size, keypoints_json=None, available=True):
+        self.detected, self.size = detected, size
         self.info = {"keypoints": keypoints_json} if keypoints_json else {}
+        self.available = available
 
     def __enter__(self):
         return self
@@ -555,34 +574,55 @@ class _PoseClient:
         pass
 
     def models(self):
-        return Models(annotators=(AnnotatorInfo(name="openpose", condition="openpose"),))
+        return Models(annotators=(AnnotatorInfo(
+            name="pose_from_photo", condition="openpose", available=self.available,
+            help="It needs MediaPipe (see tests/annotators_env.sh)."),))
 
     def preprocess(self, annotator, image, **kw):
-        assert annotator == "openpose" and kw["cancel_on_disconnect"] is True
-        self.size = image.size
+        assert annotator == "pose_from_photo" and kw["cancel_on_disconnect"] is True
         return "job"
 
     def wait(self, job, on_event=None):
         from shared.messages import ResultImage
         from shared.session import ResultReady
         w, h = self.size
-        return ResultReady(job, ((ResultImage(slot=0, width=w, height=h),
-                                  Image.filled(w, h, (0, 0, 0, 255))),), info=self.info)
+        picture = pose.render(self.detected, w, h)
+        return ResultReady(job, ((ResultImage(slot=0, width=w, height=h), picture),),
+                           info=self.info)
 
 
-def test_pose_from_photo_adds_the_detected_skeleton(host):
-    detected = pose.default_pose(32, 24)
-    text = pose.to_openpose_json([detected], 32, 24)  # detector ran at half size
+def test_pose_from_photo_reads_the_skeleton_picture_into_a_path(host):
+    detected = pose.default_pose(256, 192)  # the server answered at 4x the layer's size
     outcome = actions.run(spec("pose-from-photo"), host, {},
-                          connect=lambda conn, name: _PoseClient(text))
+                          connect=lambda conn, name: _PoseClient(detected, (256, 192)))
     (path,) = host.paths
-    expected = pose.transformed(pose.transformed(detected, 2.0), dx=13, dy=7)
-    assert flat(pose.from_strokes(path.strokes, path.meta)) == pytest.approx(flat(expected))
+    expected = pose.layer_to_path(pose.resized(detected, (256, 192), (64, 48)), 13, 7)
+    got = pose.from_strokes(path.strokes, path.meta)
+    assert flat(got) == pytest.approx(flat(expected), abs=1.0)
     assert host.layers[0].name == "Pose (OpenPose)" and outcome.path is path
+    assert (host.layers[0].width, host.layers[0].height) == (64, 48)
     assert host.undo_groups == 1
-    with pytest.raises(actions.Failed, match="no keypoints"):
+
+
+def test_pose_from_photo_prefers_keypoints_the_server_sends(host):
+    detected = pose.default_pose(64, 48)
+    text = pose.to_openpose_json([detected], 64, 48)
+    elsewhere = pose.transformed(detected, 0.5)  # the picture says otherwise: not used
+    actions.run(spec("pose-from-photo"), host, {},
+                connect=lambda conn, name: _PoseClient(elsewhere, (64, 48), text))
+    got = pose.from_strokes(host.paths[0].strokes, host.paths[0].meta)
+    assert flat(got) == pytest.approx(flat(pose.layer_to_path(detected, 13, 7)))
+
+
+def test_pose_from_photo_when_detection_is_unavailable(host):
+    with pytest.raises(actions.Failed, match="needs MediaPipe"):
         actions.run(spec("pose-from-photo"), host, {},
-                    connect=lambda conn, name: _PoseClient(None))
+                    connect=lambda c, n: _PoseClient(None, (1, 1), available=False))
+    empty = (None,) * 18
+    with pytest.raises(actions.Failed, match="No person"):
+        actions.run(spec("pose-from-photo"), host, {},
+                    connect=lambda c, n: _PoseClient(empty, (64, 48)))
+    assert_unchanged(host)
 
 
 def test_settings_saves_and_reports_the_server(server, host, tmp_path):

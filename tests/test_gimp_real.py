@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "plugin_gimp"))
 
 from backend.config import ServerConfig  # noqa: E402
-from backend.engine import FakeEngine  # noqa: E402
 from backend.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import pose  # noqa: E402
+from gimp_support import expect  # noqa: E402
 from gimp_support.packaging_build import load_build  # noqa: E402
 from shared.images import Image  # noqa: E402
 from shared.messages import ControlUnit, GenerateRequest  # noqa: E402
@@ -97,7 +97,7 @@ def locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cases(server_url: str, down_url: str):
+def cases(server_url: str, down_url: str, pose_url: str):
     base = {"server-url": server_url, "prompt": PROMPT, "steps": 8, "size": "layer"}
 
     def case(cid, proc, save=False, **args):
@@ -117,6 +117,8 @@ def cases(server_url: str, down_url: str):
         case("wrong-token", "generate", token="not-the-token"),
         {"id": "pose-from-photo", "proc": PREFIX + "pose-from-photo",
          "args": {"server-url": server_url}},
+        {"id": "pose-detected", "proc": PREFIX + "pose-from-photo",
+         "args": {"server-url": pose_url}, "save": True},
         {"id": "settings", "proc": PREFIX + "settings", "args": {"server-url": server_url}},
     ]
 
@@ -166,10 +168,13 @@ def gimp(tmp_path_factory):
             from PIL import Image as PILImage
             PILImage.frombytes("RGBA", source.size, source.data).save(work / "lines.png")
             shutil.copy(BATCH, work / "gimp_batch.py")
-            with ServerThread(FakeEngine(), ServerConfig(port=0), token=TOKEN) as server:
+            with ServerThread(expect.NoPoseEngine(), ServerConfig(port=0),
+                              token=TOKEN) as server, \
+                    ServerThread(expect.PoseEngine(), ServerConfig(port=0), token=TOKEN) as poser:
                 params = {"work": inside, "input": f"{inside}/lines.png",
                           "offsets": list(OFFSETS), "canvas": list(CANVAS),
-                          "cases": cases(server.url, f"ws://127.0.0.1:{free_port()}")}
+                          "cases": cases(server.url, f"ws://127.0.0.1:{free_port()}",
+                                         poser.url)}
                 (work / "params.json").write_text(json.dumps(params))
                 command = (f"p='{inside}/gimp_batch.py'; exec(compile(open(p).read(), p, "
                            f"'exec'), {{'PARAMS': '{inside}/params.json'}})")
@@ -191,28 +196,17 @@ def gimp(tmp_path_factory):
             shutil.rmtree(work, ignore_errors=True)
 
 
-class _Ctx:
-    job_id = "0" * 32
-
-    def progress(self, *args, **kwargs):
-        pass
-
-    def wants_preview(self, step):
-        return False
-
-    def preview(self, step, image):
-        pass
-
-    def check_cancelled(self):
-        pass
-
-
 def expected(control: Image, seed: int, *, condition="lineart", width=SIZE[0],
              height=SIZE[1], batch=1):
-    """What the fake engine returns for the request the plug-in should have sent."""
-    request = GenerateRequest(width=width, height=height, prompt=PROMPT, seed=seed, steps=8,
-                              batch=batch, controls=(ControlUnit(condition=condition, image=0),))
-    return [g.image for g in FakeEngine().generate(request, {0: control}, _Ctx())]
+    """What the server returns for the request the plug-in should have sent: line art is
+    annotated with 'lineart_from_drawing' (the server has no controlnet-aux 'lineart'),
+    poses arrive drawn already."""
+    annotator = "lineart_from_drawing" if condition == "lineart" else "none"
+    request = GenerateRequest(
+        width=width, height=height, prompt=PROMPT, seed=seed, steps=8, batch=batch,
+        controls=(ControlUnit(condition=condition, image=0, preprocessor=annotator,
+                              resize_mode="just_resize"),))
+    return expect.generated(request, {0: control})
 
 
 def names(layers):
@@ -285,10 +279,13 @@ def test_model_size_result_is_scaled_back_to_the_layer(gimp):
     new = c["layers"][0]
     assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
     assert new["name"] == f"{PROMPT} · seed 3"
-    # Generated at 592x440 and scaled by GIMP: the colour matches the fake engine's roughly.
+    # Generated at 592x440 and scaled by GIMP: on average the fake engine's colours.
     big = expected(gimp.source, 3, width=592, height=440)[0]
     got = gimp.layer_image(new)
-    assert abs(got.pixel(32, 2)[0] - big.pixel(296, 18)[0]) < 24
+    for channel in range(3):
+        mean_got = sum(got.data[channel::4]) / (SIZE[0] * SIZE[1])
+        mean_big = sum(big.data[channel::4]) / (592 * 440)
+        assert abs(mean_got - mean_big) < 6, channel
 
 
 def test_variants_arrive_in_a_layer_group(gimp):
@@ -304,11 +301,8 @@ def test_variants_arrive_in_a_layer_group(gimp):
 def test_make_control_image(gimp):
     c = gimp.case("control-image")
     new = c["layers"][0]
-    assert new["name"] == "Control image · lineart (invert)"
-    inverted = bytearray(gimp.source.data)
-    for i in range(0, len(inverted), 4):
-        inverted[i:i + 3] = bytes(255 - v for v in inverted[i:i + 3])
-    assert gimp.layer_image(new).data == bytes(inverted)
+    assert new["name"] == "Control image · lineart (lineart_from_drawing)"
+    assert gimp.layer_image(new) == expect.annotated("lineart_from_drawing", gimp.source)
     assert (new["x"], new["y"]) == OFFSETS
 
 
@@ -317,13 +311,14 @@ def test_figure_from_pose_adds_an_editable_skeleton_path(gimp):
     assert c["status"] == "success", c.get("error")
     (path,) = c["paths"]
     assert path["name"] == pose.PATH_NAME and len(path["strokes"]) == 17
-    default = pose.default_pose(*SIZE, *OFFSETS)
-    assert pose.from_strokes(path["strokes"], path["meta"]) == default
-    control = pose.render(pose.transformed(default, dx=-OFFSETS[0], dy=-OFFSETS[1]), *SIZE)
+    default = pose.default_pose(*SIZE)
+    on_image = pose.layer_to_path(default, *OFFSETS)
+    assert pose.from_strokes(path["strokes"], path["meta"]) == on_image
+    control = pose.render(default, *SIZE)
     assert gimp.layer_image(c["layers"][0]) == expected(control, 7, condition="openpose")[0]
     (kept,) = c["reloaded_paths"]  # XCF stores path points as 32-bit floats
     assert kept["meta"] == path["meta"] and kept["name"] == path["name"]
-    assert pose.from_strokes(kept["strokes"], kept["meta"]) == default, \
+    assert pose.from_strokes(kept["strokes"], kept["meta"]) == on_image, \
         "the skeleton and its data survive saving as XCF"
 
 
@@ -350,6 +345,23 @@ def test_pose_from_photo_reports_that_the_server_cannot_detect_poses(gimp):
     assert c["status"] == "execution-error"
     assert "cannot detect poses" in c["error"] and "Figure from pose" in c["error"]
     assert c["paths"] == [] and names(c["layers"]) == ["lines", "paper"]
+
+
+def test_pose_from_photo_adds_the_detected_skeleton_as_path_and_layer(gimp):
+    c = gimp.case("pose-detected")
+    assert c["status"] == "success", c.get("error")
+    assert names(c["layers"]) == ["Pose (OpenPose)", "lines", "paper"]
+    assert c["returned"]["layer"] == "Pose (OpenPose)"
+    detected = pose.render(pose.default_pose(*SIZE), *SIZE)
+    assert gimp.layer_image(c["layers"][0]) == detected
+    (path,) = c["paths"]
+    got = pose.path_to_layer(pose.from_strokes(path["strokes"], path["meta"]), *OFFSETS)
+    flat = [v for point in got for v in point]
+    assert flat == pytest.approx([v for point in pose.parse(detected) for v in point]), \
+        "the joints read from the picture"
+    body = zip(got[:14], pose.default_pose(*SIZE)[:14])  # (the tiny face overlaps itself)
+    assert max(abs(a - b) for p, q in body for a, b in zip(p, q)) < 1.5  # 2-px joints
+    assert [p["name"] for p in c["reloaded_paths"]] == [pose.PATH_NAME]
 
 
 def test_settings_finds_the_token_file_and_saves_the_address(gimp):

@@ -24,7 +24,7 @@ from .procedures import ProcedureSpec
 from .settings import Connection
 
 CONNECT_TIMEOUT = 10.0
-POSE_ANNOTATOR = "openpose"  # a preprocess job whose result info carries "keypoints"
+POSE_ANNOTATOR = "pose_from_photo"  # backend.preprocess: photo → rendered OpenPose skeleton
 
 Connect = Callable[[Connection, str], Client]
 
@@ -119,12 +119,12 @@ def generate(ctx: _Run) -> Outcome:
     if opts.condition == "openpose" and ctx.values.get("pose-source") == "path":
         found = host.find_skeleton()
         if found is None:  # start from a default figure filling the layer
-            keypoints = pose.default_pose(layer.width, layer.height, layer.x, layer.y)
-            new_skeleton = keypoints
+            local = pose.default_pose(layer.width, layer.height)
+            new_skeleton = pose.layer_to_path(local, layer.x, layer.y)
         else:
-            keypoints = pose.from_strokes(found.strokes, found.meta, found.name)
-        control = pose.render(pose.transformed(keypoints, dx=-layer.x, dy=-layer.y),
-                              layer.width, layer.height)
+            local = pose.path_to_layer(pose.from_strokes(found.strokes, found.meta, found.name),
+                                       layer.x, layer.y)
+        control = pose.render(local, layer.width, layer.height)
     else:
         control = host.read_pixels(layer)
     seed = generation.choose_seed(opts.seed, opts.batch)
@@ -196,24 +196,29 @@ def pose_from_photo(ctx: _Run) -> Outcome:
     def work(emit):
         with ctx.open() as client:
             models = client.models()
-            if not any(a.name == POSE_ANNOTATOR and a.available for a in models.annotators):
+            info = next((a for a in models.annotators if a.name == POSE_ANNOTATOR), None)
+            if info is None:
                 raise PoseUnavailable()
+            if not info.available:
+                raise PoseUnavailable(
+                    f"the server cannot detect poses right now. {info.help} Meanwhile, "
+                    f"Filters ▸ ControlNet ▸ Figure from pose… starts from a default skeleton.")
             job = client.preprocess(POSE_ANNOTATOR, photo, cancel_on_disconnect=True)
             return client.wait(job, on_event=emit)
 
     result = worker.run(work, _reporter(host, "detecting the pose"))
+    (_, image), = result.images
     text = result.info.get("keypoints")
-    if not isinstance(text, str) or not text:
-        raise PoseUnavailable(
-            "The server's pose annotator sent a picture but no keypoints, so there is nothing "
-            "to edit. Update the ControlCanvas server; meanwhile Filters ▸ ControlNet ▸ Figure "
-            "from pose… starts from a default skeleton.")
-    person = pose.main_person(pose.from_openpose_json(text, layer.width, layer.height))
+    if isinstance(text, str) and text:  # a server that sends the keypoints themselves
+        person = pose.main_person(pose.from_openpose_json(text, layer.width, layer.height))
+    else:  # read them back from the skeleton picture
+        found = pose.parse(image)
+        person = None if sum(p is not None for p in found) < 2 else pose.resized(
+            found, image.size, (layer.width, layer.height))
     if person is None:
         raise UsageError("No person was found in the layer; try a photo where the whole body "
                          "is visible, or use Figure from pose with the default skeleton.")
-    keypoints = pose.transformed(person, dx=layer.x, dy=layer.y)
-    (_, image), = result.images
+    keypoints = pose.layer_to_path(person, layer.x, layer.y)
     with host.undo_group():
         path = host.add_skeleton(pose.PATH_NAME, pose.to_strokes(keypoints),
                                  pose.path_meta(keypoints))

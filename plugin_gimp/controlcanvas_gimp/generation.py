@@ -102,14 +102,34 @@ def native_side(models: Optional[Models], base_model: str = "") -> int:
     return NATIVE_SIDE.get(family_of(models, base_model), DEFAULT_NATIVE_SIDE)
 
 
+# Which annotator "Annotate the layer first" means when none is named: the detector the
+# ControlNet was trained with first, then weight-free stand-ins (backend.preprocess names);
+# any other available annotator of the condition comes after these.
+PREFERRED_ANNOTATORS = {
+    "lineart": ("lineart", "lineart_from_drawing"),
+    "lineart_anime": ("lineart_anime", "lineart_from_drawing"),
+    "scribble": ("scribble",),
+    "softedge": ("pidinet", "hed"),
+    "canny": ("canny",),
+    "depth": ("midas", "zoe"),
+    "normal": ("normal_bae",),
+    "openpose": ("openpose", "pose_from_photo"),
+    "mlsd": ("mlsd", "straight_lines"),
+    "seg": ("seg_passthrough",),
+    "tile": ("tile",),
+    "shuffle": ("shuffle",),
+}
+
+
 def default_annotator(models: Optional[Models], condition: str) -> Optional[str]:
-    """The server's first available annotator for ``condition``, or None."""
+    """The annotator to use for ``condition`` on this server, or None if it has none."""
     if models is None:
         return None
-    for info in models.annotators:
-        if info.condition == condition and info.available:
-            return info.name
-    return None
+    available = [a.name for a in models.annotators if a.condition == condition and a.available]
+    for name in PREFERRED_ANNOTATORS.get(condition, ()):
+        if name in available:
+            return name
+    return available[0] if available else None
 
 
 def preprocessor_for(opts: GenerateOptions, models: Optional[Models]) -> str:

@@ -13,8 +13,15 @@ moved furthest from where the plug-in wrote it wins, so dragging any one copy of
 a joint moves the joint.  What the plug-in wrote is kept with the path (a
 parasite holding :func:`path_meta`), which also records which stroke is which limb.
 
-Rendering follows the OpenPose convention: black canvas, joints as filled
-circles in 18 hue-wheel colours, limbs as ellipses blended at 60 % on top.
+Coordinates are canvas pixels with pixel-centre coordinates (the first pixel's
+centre is 0.0), as in ``shared.messages.Pose`` and ``backend.pose``; GIMP puts
+that centre at 0.5, so :func:`layer_to_path` / :func:`path_to_layer` convert.
+
+:func:`render` draws what ``backend.pose.render`` draws (the convention of the
+openpose ControlNets): black canvas, the 17 limbs as ellipses in their colours at
+60 % intensity, then the joints as discs in full colour.  :func:`parse` reads a
+rendered image back (joints by their full-intensity colours), for servers that
+send a detected pose only as a picture.
 """
 
 from __future__ import annotations
@@ -103,6 +110,23 @@ def transformed(keypoints: Sequence[Optional[Point]], scale: float = 1.0,
     return tuple(None if p is None else (ox + (p[0] - ox) * scale + dx,
                                          oy + (p[1] - oy) * scale + dy)
                  for p in _check(keypoints))
+
+
+def resized(keypoints: Sequence[Optional[Point]], old_size: Tuple[int, int],
+            new_size: Tuple[int, int]) -> Keypoints:
+    """The same pose on a canvas of another size (pixel centres stay pixel centres)."""
+    sx, sy = new_size[0] / old_size[0], new_size[1] / old_size[1]
+    return tuple(None if p is None else ((p[0] + 0.5) * sx - 0.5, (p[1] + 0.5) * sy - 0.5)
+                 for p in _check(keypoints))
+
+
+def layer_to_path(keypoints: Sequence[Optional[Point]], x: int, y: int) -> Keypoints:
+    """Layer pixel-centre coordinates → GIMP image coordinates (pixel centres at +0.5)."""
+    return transformed(keypoints, dx=x + 0.5, dy=y + 0.5)
+
+
+def path_to_layer(keypoints: Sequence[Optional[Point]], x: int, y: int) -> Keypoints:
+    return transformed(keypoints, dx=-(x + 0.5), dy=-(y + 0.5))
 
 
 # -- paths ----------------------------------------------------------------------
@@ -240,33 +264,42 @@ def main_person(people: Sequence[Keypoints]) -> Optional[Keypoints]:
     return max(people, key=area) if people else None
 
 
-# -- rendering --------------------------------------------------------------------
+# -- rendering and parsing -----------------------------------------------------------
+
+LIMB_DIM = 0.6
+EDGE = 0.5  # OpenCV's fills take in the boundary pixels: ~half a pixel more all round
+
 
 def stick_width(width: int, height: int) -> float:
-    """Limb half-thickness: OpenPose's 4 px at 512 px, scaled with the canvas."""
-    return max(2.0, 4.0 * min(width, height) / 512.0)
+    """Limb half-width and joint radius: 4 px at a 512-px short side, as in the reference."""
+    return max(1.5, 4.0 * min(width, height) / 512.0)
 
 
 def _ellipse_rows(cx: float, cy: float, a: float, b: float, angle: float, width: int,
                   height: int):
-    """(y, x0, x1) pixel spans (x1 exclusive) whose centres lie inside the ellipse."""
+    """(y, x0, x1) spans (x1 exclusive) of the pixels whose centres lie in the ellipse."""
+    a, b = max(a, 0.5), max(b, 0.5)
     c, s = math.cos(angle), math.sin(angle)
     qa = c * c / (a * a) + s * s / (b * b)
     extent = max(a, b)
-    for y in range(max(0, int(cy - extent) - 1), min(height, int(cy + extent) + 2)):
-        dy = y + 0.5 - cy
+    for y in range(max(0, int(math.floor(cy - extent))), min(height, int(cy + extent) + 2)):
+        dy = y - cy
         qb = 2 * dy * c * s * (1 / (a * a) - 1 / (b * b))
         qc = dy * dy * (s * s / (a * a) + c * c / (b * b)) - 1
         disc = qb * qb - 4 * qa * qc
         if disc < 0:
             continue
         root = math.sqrt(disc)
-        lo = cx + (-qb - root) / (2 * qa)
-        hi = cx + (-qb + root) / (2 * qa)
-        x0 = max(0, int(math.ceil(lo - 0.5)))
-        x1 = min(width, int(math.floor(hi - 0.5)) + 1)
+        x0 = max(0, int(math.ceil(cx + (-qb - root) / (2 * qa))))
+        x1 = min(width, int(math.floor(cx + (-qb + root) / (2 * qa))) + 1)
         if x1 > x0:
             yield y, x0, x1
+
+
+def _fill(buf: bytearray, width: int, spans, colour: bytes) -> None:
+    for y, x0, x1 in spans:
+        start = (y * width + x0) * 4
+        buf[start:start + (x1 - x0) * 4] = colour * (x1 - x0)
 
 
 def render(keypoints: Sequence[Optional[Point]], width: int, height: int) -> Image:
@@ -274,24 +307,65 @@ def render(keypoints: Sequence[Optional[Point]], width: int, height: int) -> Ima
     kps = _check(keypoints)
     buf = bytearray(b"\x00\x00\x00\xff" * (width * height))
     stick = stick_width(width, height)
-    for index, p in enumerate(kps):  # joints first, as OpenPose draws them
-        if p is None:
-            continue
-        colour = bytes(COLOURS[index]) + b"\xff"
-        for y, x0, x1 in _ellipse_rows(p[0], p[1], stick, stick, 0.0, width, height):
-            start = (y * width + x0) * 4
-            buf[start:start + (x1 - x0) * 4] = colour * (x1 - x0)
-    for index, (a, b) in enumerate(LIMBS):  # limbs blended at 60 % on top
+    for index, (a, b) in enumerate(LIMBS):
         pa, pb = kps[a], kps[b]
         if pa is None or pb is None:
             continue
         length = math.hypot(pb[0] - pa[0], pb[1] - pa[1])
         angle = math.atan2(pb[1] - pa[1], pb[0] - pa[0])
-        r, g, bl = COLOURS[index]
-        for y, x0, x1 in _ellipse_rows((pa[0] + pb[0]) / 2, (pa[1] + pb[1]) / 2,
-                                       max(length / 2, stick), stick, angle, width, height):
-            for i in range((y * width + x0) * 4, (y * width + x1) * 4, 4):
-                buf[i] = (buf[i] * 4 + r * 6 + 5) // 10
-                buf[i + 1] = (buf[i + 1] * 4 + g * 6 + 5) // 10
-                buf[i + 2] = (buf[i + 2] * 4 + bl * 6 + 5) // 10
+        colour = bytes(int(c * LIMB_DIM) for c in COLOURS[index]) + b"\xff"
+        _fill(buf, width, _ellipse_rows((pa[0] + pb[0]) / 2, (pa[1] + pb[1]) / 2,
+                                        length / 2 + EDGE, stick + EDGE, angle, width, height),
+              colour)
+    for index, p in enumerate(kps):
+        if p is not None:
+            _fill(buf, width, _ellipse_rows(p[0], p[1], stick + EDGE, stick + EDGE, 0.0, width,
+                                            height), bytes(COLOURS[index]) + b"\xff")
     return Image(width, height, bytes(buf))
+
+
+def parse(image: Image, tolerance: int = 40) -> Keypoints:
+    """The joints of one skeleton in a rendered OpenPose image (None where not found).
+
+    A joint is the largest connected patch of its full-intensity colour (limbs are
+    drawn at 60 %, so they never match); its position is the patch's centroid.
+    With several people, each joint comes from the biggest figure's patch, so the
+    result describes one person.
+    """
+    width, height, data = image.width, image.height, image.data
+    threshold = 255 - tolerance
+    bright = bytearray(data.translate(bytes(1 if v >= threshold else 0 for v in range(256))))
+    bright[3::4] = bytes(len(bright) // 4)  # alpha does not count
+    pixels: Dict[int, List[int]] = {}
+    pos = bright.find(1)
+    while pos != -1:
+        pixel = pos // 4
+        i = pixel * 4
+        r, g, b = data[i], data[i + 1], data[i + 2]
+        for index, (cr, cg, cb) in enumerate(COLOURS):
+            if abs(r - cr) <= tolerance and abs(g - cg) <= tolerance and abs(b - cb) <= tolerance:
+                pixels.setdefault(index, []).append(pixel)
+                break
+        pos = bright.find(1, i + 4)
+    out: List[Optional[Point]] = [None] * N_KEYPOINTS
+    for index, members in pixels.items():
+        todo = set(members)
+        best: List[int] = []
+        while todo:  # connected patches (8-neighbourhood); keep the largest
+            seed = todo.pop()
+            patch, stack = [seed], [seed]
+            while stack:
+                p = stack.pop()
+                px, py = p % width, p // width
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        q = p + dy * width + dx
+                        if q in todo and 0 <= px + dx < width and 0 <= py + dy < height:
+                            todo.discard(q)
+                            patch.append(q)
+                            stack.append(q)
+            if len(patch) > len(best):
+                best = patch
+        out[index] = (sum(p % width for p in best) / len(best),
+                      sum(p // width for p in best) / len(best))
+    return tuple(out)

@@ -1,0 +1,67 @@
+"""What the server makes of a request, computed in-process: the expectations of the GIMP tests.
+
+``generated`` mirrors backend.jobs (annotate the control units at the generation size,
+then the engine); ``annotated`` is a preprocess job.  NoPoseEngine is a fake engine on a
+server that cannot detect poses; PoseEngine one whose pose detector answers with the
+default skeleton (the real one needs MediaPipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from backend.engine import FakeEngine
+from backend.preprocess import prepare_controls
+from controlcanvas_gimp import pose
+from shared.messages import Preprocess, new_job_id
+
+
+class Ctx:
+    job_id = "0" * 32
+
+    def progress(self, *args, **kwargs):
+        pass
+
+    def wants_preview(self, step):
+        return False
+
+    def preview(self, step, image):
+        pass
+
+    def check_cancelled(self):
+        pass
+
+
+def generated(request, images, engine=None):
+    engine = engine or FakeEngine()
+    if any(u.preprocessor != "none" or u.pose is not None for u in request.controls):
+        size_of = getattr(engine, "control_size", None)
+        request, images = prepare_controls(request, images,
+                                           size_of(request) if size_of else None)
+    return [g.image for g in engine.generate(request, images, Ctx())]
+
+
+def annotated(annotator, image, **params):
+    message = Preprocess(job_id=new_job_id(), annotator=annotator, image=0, params=params)
+    return FakeEngine().preprocess(message, image, Ctx())
+
+
+class NoPoseEngine(FakeEngine):
+    def models(self):
+        base = super().models()
+        return replace(base, annotators=tuple(a for a in base.annotators
+                                              if a.condition != "openpose"))
+
+
+class PoseEngine(FakeEngine):
+    def models(self):
+        base = super().models()
+        return replace(base, annotators=tuple(
+            replace(a, available=True) if a.name == "pose_from_photo" else a
+            for a in base.annotators))
+
+    def preprocess(self, message, image, ctx):
+        if message.annotator != "pose_from_photo":
+            return super().preprocess(message, image, ctx)
+        return pose.render(pose.default_pose(image.width, image.height), image.width,
+                           image.height)
