@@ -303,7 +303,9 @@ def test_colourise_line_art_adds_one_undoable_layer_below_the_lines(server, cont
     result = doc.nodeByName("flat colours, red coat [seed 1234]")
     request, images, outputs = server.recorder.calls[-1]
     assert node_image(result, doc) == outputs[0].image  # exactly the engine's pixels
-    assert images[0] == node_image(lines, doc)  # the line art was sent, converted once
+    # the preset picked the server's own line-art annotator (the server runs it)
+    assert c.settings.units[0].annotator == "lineart_from_drawing"
+    assert request.controls[0].condition == "lineart"
     assert lines.pixelData(0, 0, W, H) == before_lines  # the source is untouched
     assert doc.unundoable_writes == 0 and doc.undo_steps == 1
     doc.undo()
@@ -445,15 +447,18 @@ def test_token_comes_from_the_token_file_and_errors_are_sentences(make_server, t
 def test_preview_control_inserts_the_annotated_layer(server, controller_for, krita_app):
     doc, lines = line_art_doc()
     c = colourise(controller_for(doc, server), doc, lines)
+    for unit in c.settings.units:
+        unit.annotator = "invert"
     c.preview_control(0)
     assert c.run_until_idle(20), c.message
-    layer = doc.nodeByName("Control: invert of lineart")
-    assert layer is not None
-    assert doc.layer_names() == ["Background", "lineart", "Control: invert of lineart"]
+    name = "Control: invert of lineart"
+    assert doc.layer_names() == ["Background", "lineart", name]
+    message, sent, returned = server.recorder.preprocessed[-1]
+    assert message.annotator == "invert" and sent == node_image(lines, doc)
+    got = node_image(doc.nodeByName(name), doc)
+    assert got == returned  # the server's control image, as a layer
     src = node_image(lines, doc)
-    got = node_image(layer, doc)
-    assert got.pixel(10, 8) == (235, 235, 235, 255) == tuple(
-        [255 - v for v in src.pixel(10, 8)[:3]] + [255])
+    assert got.pixel(10, 8)[:3] == tuple(255 - v for v in src.pixel(10, 8)[:3])
 
 
 def test_pose_iteration_same_seed_changes_only_the_control(server, controller_for, krita_app):
@@ -481,11 +486,31 @@ def test_pose_iteration_same_seed_changes_only_the_control(server, controller_fo
     del seed
 
 
-def test_pose_detection_missing_on_server_says_so(server, controller_for, krita_app):
+class NoPoseEngine(RecordingEngine):
+    def models(self):
+        base = super().models()
+        return type(base)(models=base.models, default_base=base.default_base,
+                          annotators=tuple(a for a in base.annotators
+                                           if a.condition != "openpose"))
+
+
+def test_pose_detection_missing_on_server_says_so(make_server, controller_for, krita_app):
     doc, lines = line_art_doc()
-    c = controller_for(doc, server)
+    c = controller_for(doc, make_server(NoPoseEngine()))
     assert c.insert_pose(uid(lines)) is None
     assert "not available on this server" in c.message
+
+
+def test_pose_detection_that_finds_nobody_is_a_sentence(server, controller_for, krita_app):
+    doc, lines = line_art_doc()
+    krita_app.open_with_view(doc)
+    c = controller_for(doc, server)
+    if not c.pose_detector():
+        pytest.skip("this server lists no pose detector")
+    assert c.insert_pose(uid(lines))
+    assert c.run_until_idle(60), c.message
+    assert c.level in ("error", "warning") and c.message and "Traceback" not in c.message
+    assert doc.nodeByName(pose.LAYER_NAME) is None
 
 
 def test_vector_shapes_need_a_view_and_the_message_says_so(server, controller_for, krita_app):
@@ -551,7 +576,7 @@ def test_docker_generates_cancels_and_looks_tidy(make_server, qapp, krita_app, t
         panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
         panel.on_preset()
         assert len(panel.units) == 1 and panel.units[0].layer.currentText() == "lineart"
-        assert panel.units[0].annotator.currentText() == "invert"
+        assert panel.units[0].annotator.currentText() == "lineart_from_drawing"
         panel.prompt.setPlainText("flat colours, girl in a red coat")
         panel.generate_button.click()
         assert pump(qapp, lambda: len(doc.rootNode().childNodes()) == 3)
@@ -610,7 +635,7 @@ def test_module_boundaries():
 def test_sixteen_bit_document_is_converted_both_ways(server, controller_for, krita_app):
     doc = mock_krita.Document(W, H, depth="U16")
     lines = doc.createNode("lineart", "paintlayer")
-    lines.setPixelData(bytes((20, 20, 20, 20, 20, 20, 255, 255)) * (W * H), 0, 0, W, H)
+    lines.setPixelData(bytes((20, 20, 20, 20, 20, 20, 255, 255)) * W, 0, 16, W, 1)  # a line
     doc.rootNode().addChildNode(lines, None)
     doc.setActiveNode(lines)
     c = colourise(controller_for(doc, server), doc, lines, seed=5, seed_locked=True)
@@ -618,7 +643,9 @@ def test_sixteen_bit_document_is_converted_both_ways(server, controller_for, kri
     assert "16-bit" in c.message and c.level == "warning"  # said before the result lands
     assert c.run_until_idle(20), c.message
     request, images, outputs = server.recorder.calls[-1]
-    assert images[0].pixel(0, 0) == (20, 20, 20, 255)  # the high bytes, red/blue swapped
+    sent = plan.build(c.settings, cc_canvas.KritaCanvas(doc), seed=5).images[0]
+    assert sent.pixel(0, 16) == (20, 20, 20, 255)  # the high bytes of each channel
+    assert sent.pixel(0, 0) == (0, 0, 0, 0)
     result = doc.nodeByName("flat colours, red coat [seed 5]")
     assert bytes(result.pixelData(0, 0, W, H)) == pixels.from_u8(outputs[0].image.to_bgra(),
                                                                  "U16")
