@@ -411,7 +411,6 @@ def test_dropped_connection_reconnects_and_the_result_still_arrives(make_server,
 
 def test_token_comes_from_the_token_file_and_errors_are_sentences(make_server, tmp_path,
                                                                   monkeypatch, krita_app):
-    from backend.config import ServerConfig
     srv = make_server(RecordingEngine())
     monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
     (tmp_path / "token").write_text(srv.token + "\n")
@@ -441,7 +440,6 @@ def test_token_comes_from_the_token_file_and_errors_are_sentences(make_server, t
         assert down.status.state == "offline" and "Retrying" in down.status.message
     finally:
         down.shutdown()
-    del ServerConfig
 
 
 def test_preview_control_inserts_the_annotated_layer(server, controller_for, krita_app):
@@ -474,7 +472,6 @@ def test_pose_iteration_same_seed_changes_only_the_control(server, controller_fo
     control = first_images[first_request.controls[0].image]
     expected = pose.render(cc_canvas.KritaCanvas(doc).read_pose(layer_id), 64, 64)
     assert control.data == expected
-    seed = c.history[0].seeds[1]
     vector = doc.nodeByName(pose.LAYER_NAME)
     elbow = next(s for s in vector.shapes() if s.name().startswith("cc-p0-j06"))
     elbow.move_by(6.0, -3.0)
@@ -483,7 +480,6 @@ def test_pose_iteration_same_seed_changes_only_the_control(server, controller_fo
     request, images, _ = server.recorder.calls[-1]
     assert request.seed == c.history[1].seeds[0] and request.batch == 1
     assert images[request.controls[0].image].data != control.data
-    del seed
 
 
 class NoPoseEngine(RecordingEngine):
