@@ -100,7 +100,9 @@ def _reporter(host: Host, what: str) -> Callable[[Any], None]:
             host.progress(text=f"ControlCanvas: waiting in the server's queue "
                                f"(position {event.position})")
         elif isinstance(event, Progress):
-            if event.total > 0:
+            if event.stage == "preprocess":
+                host.progress(text="ControlCanvas: annotating the layer…")
+            elif event.total > 0:
                 host.progress(text=f"ControlCanvas: {what}, step {event.step} of {event.total}",
                               fraction=min(1.0, event.step / event.total))
             else:

@@ -238,10 +238,11 @@ def run(procedure, run_mode, image, drawables, config, data):
         if run_mode == Gimp.RunMode.INTERACTIVE and spec.dialog_args:
             if not _show_dialog(procedure, config, spec):
                 return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
-        # Interactive runs use only what the dialog shows: GIMP restores last-used values
-        # for every argument, and a hidden address or token must not linger from a script.
+        # Interactive and repeat runs use only what the dialog shows: GIMP restores
+        # last-used values for every argument, and a hidden address or token given by a
+        # script once must not linger (the address and token come from Settings).
         values = {arg.name: config.get_property(arg.name) for arg in spec.args
-                  if arg.in_dialog or run_mode != Gimp.RunMode.INTERACTIVE}
+                  if arg.in_dialog or run_mode == Gimp.RunMode.NONINTERACTIVE}
         Gimp.progress_init("ControlCanvas: " + spec.label.rstrip("…"))
         try:
             outcome = actions.run(spec, GimpHost(image, drawables), values)
