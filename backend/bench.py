@@ -71,9 +71,21 @@ def _soak(args) -> Dict:
     return bench_soak(fuzz_cases=args.cases, clients=args.clients)
 
 
+def _engine_bench(name: str):
+    def run(args) -> Dict:
+        from . import bench_engine
+        figures = bench_engine.run(name)
+        figures.setdefault("name", name)
+        return figures
+    return run
+
+
 BENCHES = {
     "transport": lambda args: bench_transport(args.repeats, args.side),
     "soak": _soak,
+    "engine": _engine_bench("engine"),
+    "controlnet-cost": _engine_bench("controlnet-cost"),
+    "scaling": _engine_bench("scaling"),
 }
 
 

@@ -1,4 +1,9 @@
-"""``controlcanvas`` command line: serve, demo, bench."""
+"""``controlcanvas`` command line.
+
+serve · generate · demo · models [download] · preprocess · pose · doctor ·
+install-plugin · bench.  Every command that fails on bad input prints one line
+saying what to do (and its error code), never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from shared.errors import ControlCanvasError
 
-from .engine import create_engine
 from .config import build_config, is_loopback_host, load_or_create_token
+from .engine import ENGINES, create_engine
 
 log = logging.getLogger("controlcanvas")
 
@@ -25,6 +30,10 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "max_pixels": args.max_pixels, "max_queue": args.max_queue,
         "step_seconds": args.step_seconds,
     }
+    engine_options = {"device": args.device, "dtype": args.dtype,
+                      "offload": True if args.offload else None,
+                      "config_file": args.config}
+    overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
     if args.host is not None and not is_loopback_host(args.host):
         overrides["allow_remote"] = True
     return overrides
@@ -36,7 +45,13 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default 7351; 0 picks a free one)")
     parser.add_argument("--token-file", type=Path, help="where the access token lives "
                         "(default: token in the user config folder)")
-    parser.add_argument("--engine", choices=["fake"], help="image engine")
+    parser.add_argument("--engine", choices=ENGINES, help="diffusers (default): your models; "
+                        "tiny: the embedded demo model; fake: test pixels without torch")
+    parser.add_argument("--device", help="torch device (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                        help="weights precision (default fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--offload", action="store_true",
+                        help="model CPU offload: less VRAM, slower (CUDA only)")
     parser.add_argument("--max-image-side", type=int, help="largest image side accepted")
     parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
     parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")
@@ -50,7 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = build_config(_server_overrides(args), args.config)
     token, created = (config.token, False) if config.token else \
         load_or_create_token(config.token_file)
-    engine = create_engine(config.engine, step_seconds=config.step_seconds)
+    engine = create_engine(config.engine, step_seconds=config.step_seconds,
+                           **config.engine_options)
+    _warn_without_cuda(engine)
 
     def ready(server) -> None:
         print(f"ControlCanvas server listening on {server.url} (engine: {engine.name})",
@@ -72,9 +89,122 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_without_cuda(engine) -> None:
+    device = getattr(engine, "device", None)
+    if device is not None and getattr(device, "type", "") != "cuda":
+        print("No CUDA GPU in use: running on the CPU, which takes minutes per image at "
+              "SD1.5 size. With an NVIDIA GPU, install the CUDA build of torch (see README).",
+              file=sys.stderr, flush=True)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(Path(args.out), engine=args.engine)
+
+
+def _parse_control(text: str):
+    """CONDITION=FILE[:WEIGHT][@PREPROCESSOR] -> (condition, path, weight, preprocessor)."""
+    if "=" not in text:
+        raise ValueError(f"--control {text!r}: use CONDITION=FILE[:WEIGHT][@ANNOTATOR], e.g. "
+                         f"lineart=sketch.png:0.8@lineart_from_drawing")
+    condition, rest = text.split("=", 1)
+    preprocessor = "none"
+    if "@" in rest:
+        rest, preprocessor = rest.rsplit("@", 1)
+    weight = 1.0
+    head, _, tail = rest.rpartition(":")
+    if head and not Path(rest).exists():
+        try:
+            weight = float(tail)
+            rest = head
+        except ValueError:
+            pass
+    return condition, Path(rest), weight, preprocessor
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One generation through the same request object and socket path as the plug-ins."""
+    from shared.client import Client
+    from shared.messages import ControlUnit, GenerateRequest, Progress
+
+    from .preprocess_cli import load_image, parse_size, save_image
+
+    images = {}
+    controls = []
+    for text in args.control or []:
+        condition, path, weight, preprocessor = _parse_control(text)
+        slot = len(images)
+        images[slot] = load_image(path)
+        controls.append(ControlUnit(condition=condition, image=slot, weight=weight,
+                                    preprocessor=preprocessor))
+    init = mask = None
+    if args.init:
+        init = len(images)
+        images[init] = load_image(args.init)
+    if args.mask:
+        mask = len(images)
+        images[mask] = load_image(args.mask)
+    if args.size:
+        width, height = parse_size(args.size)
+    elif init is not None or images:
+        width, height = images[init if init is not None else 0].size
+    else:
+        width = height = 512
+    mode = "inpaint" if mask is not None else "img2img" if init is not None else "txt2img"
+    request = GenerateRequest(
+        width=width, height=height, mode=mode, prompt=args.prompt,
+        negative_prompt=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+        sampler=args.sampler, strength=args.strength, batch=args.batch,
+        base_model=args.base or "", init_image=init, mask_image=mask,
+        controls=tuple(controls), hires=args.hires)
+
+    def show(event) -> None:
+        if isinstance(event, Progress) and event.total:
+            sys.stderr.write(f"\r{event.stage} {event.step}/{event.total}")
+            sys.stderr.flush()
+
+    def run(client) -> None:
+        result = client.wait(client.submit(request, images), on_event=show)
+        sys.stderr.write("\n")
+        out = Path(args.output)
+        for i, (meta, image) in enumerate(result.images):
+            path = out if len(result.images) == 1 else \
+                out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+            save_image(path, image)
+            print(f"{path} seed {meta.seed} ({image.width}x{image.height})")
+
+    if args.url:
+        from .config import default_token_file
+        token = args.token or default_token_file().read_text(encoding="utf-8").strip()
+        with Client.connect(args.url, token, client="controlcanvas-generate") as client:
+            run(client)
+        return 0
+    from .local import ServerThread
+    engine = create_engine(args.engine, device=args.device, config_file=args.config)
+    _warn_without_cuda(engine)
+    with ServerThread(engine) as server, \
+            Client.connect(server.url, server.token, client="controlcanvas-generate") as client:
+        run(client)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import Catalogue, ModelConfig, download_command
+
+    catalogue = Catalogue(ModelConfig.from_toml(args.config))
+    if args.action == "download":
+        if not args.name:
+            raise ValueError("controlcanvas models download NAME: name a hub id, sd15, sdxl, "
+                             "a condition (lineart) or sdxl:CONDITION")
+        path = catalogue.download(args.name)
+        print(f"{args.name}: ready in {path}")
+        return 0
+    for entry in catalogue.entries():
+        where = entry.source if entry.present else f"missing: {download_command(entry.name)}"
+        what = entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
+        print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
+              f"({where})")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -127,10 +257,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(p)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("generate", help="one image from the command line (same path as the "
+                       "plug-ins)")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative", default="")
+    p.add_argument("--control", action="append", metavar="COND=FILE[:W][@ANNOTATOR]",
+                   help="a control unit, e.g. lineart=sketch.png:0.8@lineart_from_drawing "
+                   "(repeat for several)")
+    p.add_argument("--init", type=Path, help="img2img: the canvas image")
+    p.add_argument("--mask", type=Path, help="inpaint: the selection mask (white = change)")
+    p.add_argument("--strength", type=float, default=0.75)
+    p.add_argument("--size", help="WxH (default: the first image's size)")
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--sampler", default="dpmpp_2m_karras")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--base", help="base model: hub id, folder, single file, tiny-sd15")
+    p.add_argument("--hires", action="store_true", help="add a full-size detail pass")
+    p.add_argument("--engine", default="diffusers", choices=ENGINES)
+    p.add_argument("--device")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--url", help="use a running server (ws://...) instead of one in-process")
+    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.add_argument("-o", "--output", default="out.png")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("demo", help="the whole editor path on the embedded default model")
     p.add_argument("--out", default="out/demo", help="folder for the canvas and result PNGs")
-    p.add_argument("--engine", default="fake", choices=["fake"])
+    p.add_argument("--engine", default="tiny", choices=ENGINES)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list configured models, or download one")
+    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.set_defaults(func=cmd_models)
 
     from .preprocess_cli import add_parsers as add_preprocess_parsers
     add_preprocess_parsers(sub)
@@ -151,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
-    p.add_argument("name", choices=["transport", "soak"])
+    p.add_argument("name", choices=["transport", "soak", "engine", "controlnet-cost",
+                                     "scaling"])
     p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
     p.add_argument("--side", type=int, default=2048, help="transport: image side")
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")

@@ -83,7 +83,7 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     token_file: Path = field(default_factory=default_token_file)
     token: Optional[str] = None  # given directly (tests); else read/created from token_file
-    engine: str = "fake"
+    engine: str = "diffusers"
     step_seconds: float = 0.0  # fake engine: pretend each step takes this long
     max_image_side: int = 8192
     max_pixels: int = 40_000_000

@@ -49,7 +49,7 @@ def image_to_pil(image: Image) -> PILImage.Image:
     return PILImage.frombytes("RGBA", image.size, image.data)
 
 
-def run_demo(out: Path, engine: str = "fake", steps: int = 20, seed: int = 1234) -> int:
+def run_demo(out: Path, engine: str = "tiny", steps: int = 20, seed: int = 1234) -> int:
     out.mkdir(parents=True, exist_ok=True)
     canvas = draw_line_art()
     canvas.save(out / "canvas.png")

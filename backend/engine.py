@@ -115,6 +115,10 @@ class FakeEngine:
 
     def generate(self, request: GenerateRequest, images: Mapping[int, Image],
                  ctx: JobContext) -> Sequence[Generated]:
+        if any(u.preprocessor != "none" or u.pose is not None for u in request.controls):
+            from .preprocess import prepare_controls
+            ctx.progress(0, 1, stage="preprocess")
+            request, images = prepare_controls(request, images, None)
         total = request.steps * request.batch
         seeds = request.seeds(request.seed)
         out = []
@@ -186,8 +190,25 @@ class FakeEngine:
         pass
 
 
+ENGINES = ("diffusers", "tiny", "fake")
+
+
 def create_engine(name: str, **options) -> Engine:
-    """The engine called ``name``; heavy engines are imported only when chosen."""
+    """The engine called ``name``; heavy engines are imported only when chosen.
+
+    ``diffusers``: the real engine on the configured models (options: device, dtype,
+    offload, memory_budget_gb, ... and config_file); ``tiny``: the real engine on the
+    embedded default model (no download, no GPU); ``fake``: deterministic pixels
+    without torch (option: step_seconds).
+    """
     if name == "fake":
-        return FakeEngine(step_seconds=float(options.get("step_seconds", 0.0)))
-    raise Unsupported(f"Unknown engine {name!r}; choose 'fake'.", field="engine")
+        return FakeEngine(step_seconds=float(options.get("step_seconds") or 0.0))
+    if name in ("diffusers", "tiny"):
+        from .diffusers_engine import DiffusersEngine
+        options = {k: v for k, v in options.items() if v is not None and k != "step_seconds"}
+        if name == "tiny":
+            return DiffusersEngine.embedded(device=options.get("device"))
+        config_file = options.pop("config_file", None)
+        return DiffusersEngine.from_options(options, config_file)
+    raise Unsupported(f"Unknown engine {name!r}; choose one of {', '.join(ENGINES)}.",
+                      field="engine")

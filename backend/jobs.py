@@ -342,15 +342,9 @@ class JobManager:
         ctx.check_cancelled()
         message = job.message
         if isinstance(message, Generate):
-            request, images = message.request, job.images
-            if any(u.preprocessor != "none" or u.pose is not None for u in request.controls):
-                # Annotate (or render poses) at the size the engine will use: pixel perfect.
-                from .preprocess import prepare_controls
-                ctx.progress(0, 1, stage="preprocess")
-                size_of = getattr(self.engine, "control_size", None)
-                request, images = prepare_controls(request, images,
-                                                   size_of(request) if size_of else None)
-            generated = self.engine.generate(request, images, ctx)
+            # The engine annotates control images itself (backend.preprocess.prepare_controls)
+            # at the size it generates at: only it knows that size.
+            generated = self.engine.generate(message.request, job.images, ctx)
             ctx.check_cancelled()
             return tuple((ResultImage(slot=i, width=g.image.width, height=g.image.height,
                                       seed=g.seed), g.image)

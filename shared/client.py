@@ -105,11 +105,13 @@ class Client:
         return job
 
     def preprocess(self, annotator: str, image: Image, *, params: Optional[dict] = None,
-                   width: int = 0, height: int = 0, cancel_on_disconnect: bool = False) -> str:
+                   width: int = 0, height: int = 0, cancel_on_disconnect: bool = False,
+                   job_id: Optional[str] = None) -> str:
         with self._lock:
             job = self.session.preprocess(annotator, image, params=params, width=width,
                                           height=height,
-                                          cancel_on_disconnect=cancel_on_disconnect)
+                                          cancel_on_disconnect=cancel_on_disconnect,
+                                          job_id=job_id)
             self._flush()
         return job
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def start_serve(tmp_path, *extra):
     env = dict(os.environ, CONTROLCANVAS_CONFIG_DIR=str(tmp_path / "cfg"), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", "0",
-                             "--step-seconds", "0.02", *extra],
+                             "--engine", "fake", "--step-seconds", "0.02", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines = []
@@ -124,3 +124,73 @@ def test_bench_transport_prints_json_with_ratio():
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
     assert figures["ratio"] > 0 and figures["frame_bytes"] == 512 * 512 * 4
+
+
+def _line_art(path, size=(70, 45)):
+    from PIL import Image as PILImage, ImageDraw
+    layer = PILImage.new("RGBA", size, (0, 0, 0, 0))
+    ImageDraw.Draw(layer).ellipse((10, 5, 50, 40), outline=(0, 0, 0, 255), width=2)
+    layer.save(path)
+    return path
+
+
+def test_generate_on_the_embedded_model(tmp_path):
+    sketch = _line_art(tmp_path / "sketch.png")
+    out = subprocess.run([sys.executable, "-m", "backend", "generate", "--engine", "tiny",
+                          "--prompt", "a red ball", "--seed", "5", "--steps", "2", "--batch", "2",
+                          "--control", f"lineart={sketch}:0.8@lineart_from_drawing",
+                          "-o", str(tmp_path / "out.png")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr
+    assert "out-1.png seed 5 (70x45)" in out.stdout and "out-2.png seed 6" in out.stdout
+    from PIL import Image as PILImage
+    assert PILImage.open(tmp_path / "out-1.png").size == (70, 45)
+
+
+def test_generate_against_a_running_server(tmp_path):
+    sketch = _line_art(tmp_path / "sketch.png")
+    proc, lines = start_serve(tmp_path)
+    try:
+        url = re.search(r"listening on (ws://\S+)", lines[0]).group(1)
+        env = dict(os.environ, CONTROLCANVAS_CONFIG_DIR=str(tmp_path / "cfg"))
+        out = subprocess.run([sys.executable, "-m", "backend", "generate", "--url", url,
+                              "--control", f"scribble={sketch}", "--steps", "3", "--seed", "9",
+                              "-o", str(tmp_path / "r.png")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        stop(proc)
+    assert out.returncode == 0, out.stderr
+    assert "r.png seed 9 (70x45)" in out.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--control", "lineart"], "CONDITION=FILE"),
+    (["--control", "lasers=missing.png"], "missing.png"),
+    (["--steps", "0"], "steps must be at least 1"),
+])
+def test_generate_bad_input_is_one_clear_line(tmp_path, args, words):
+    out = subprocess.run([sys.executable, "-m", "backend", "generate", "--engine", "fake",
+                          *args, "-o", str(tmp_path / "x.png")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert words in out.stderr and "Traceback" not in out.stderr
+
+
+def test_models_list_offline(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "backend", "models"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                  CONTROLCANVAS_CONFIG_DIR=str(tmp_path)))
+    assert out.returncode == 0
+    assert "tiny-sd15" in out.stdout and "controlcanvas models download" in out.stdout
+
+
+def test_models_download_offline_says_so(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "backend", "models", "download", "lineart"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                  CONTROLCANVAS_CONFIG_DIR=str(tmp_path),
+                                  HF_HOME=str(tmp_path / "hf")))
+    assert out.returncode == 1 and "offline" in out.stderr.lower()
+    assert "Traceback" not in out.stderr

@@ -270,13 +270,9 @@ class Worker:
                 client.submit(job.request, job.images, job_id=job.job_id,
                               preview_every=job.preview_every)
             else:
-                # Client.preprocess takes no job_id (the id must be known before sending,
-                # to resume after a disconnect), so go through its session under its lock.
-                with client._lock:
-                    client.session.preprocess(job.annotator, job.images[0], params=job.params,
-                                              width=job.width, height=job.height,
-                                              job_id=job.job_id)
-                    client._flush()
+                # the id is chosen before sending, so the job can be resumed after a drop
+                client.preprocess(job.annotator, job.images[0], params=job.params,
+                                  width=job.width, height=job.height, job_id=job.job_id)
             job.sent = True
         except errors.ConnectionLost:
             raise
