@@ -230,8 +230,13 @@ def _build_bundle(editor: str, out: Path) -> Path:
                          "the plug-in zip from the release page and pass it with --from ZIP.")
     spec = importlib.util.spec_from_file_location("controlcanvas_packaging_build", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
-    return getattr(module, f"build_{editor}")(out)
+    try:
+        folder, _archive = module.BUILDERS[editor](out, module.default_cache())
+    except module.BuildError as err:
+        raise SystemExit(f"controlcanvas: cannot build the {editor} plug-in: {err}") from None
+    return folder
 
 
 def cmd_install_plugin(args: argparse.Namespace) -> int:

@@ -147,3 +147,23 @@ def test_doctor_ready_with_the_embedded_model(tmp_path, home):
     out = run_doctor(cfg, home)
     assert out.returncode == 0, out.stdout
     assert out.stdout.splitlines()[-1] == "ready"
+
+
+@pytest.mark.parametrize("editor", ["gimp", "krita"])
+def test_install_plugin_builds_from_source_and_installs(tmp_path, editor):
+    profile = tmp_path / "profile"
+    out = subprocess.run([sys.executable, "-m", "backend", "install-plugin", editor,
+                          "--profile-dir", str(profile)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "Installed the" in out.stdout and "Next:" in out.stdout
+    if editor == "gimp":
+        entry = profile / "plug-ins" / "controlcanvas" / "controlcanvas.py"
+        assert os.access(entry, os.X_OK)
+        assert (entry.parent / "websockets" / "__init__.py").is_file()
+        assert (entry.parent / "shared" / "messages.py").is_file()
+    else:
+        pykrita = profile / "pykrita"
+        assert (pykrita / "controlcanvas.desktop").is_file()
+        assert (pykrita / "controlcanvas" / "_vendor" / "shared" / "client.py").is_file()
+    assert not list(profile.rglob("*.so"))
