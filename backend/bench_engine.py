@@ -13,6 +13,7 @@ All run on CPU unless told otherwise and never download anything.
 """
 
 from __future__ import annotations
+from .engine import NullContext
 
 import os
 import statistics
@@ -30,21 +31,6 @@ def _tiny_engine(tiny_root: Optional[str], device: str):
 
     return DiffusersEngine(Catalogue(ModelConfig(tiny_root=tiny_root)), device=device)
 
-
-class _NullContext:
-    job_id = "0" * 32
-
-    def progress(self, step, total, stage="denoise"):
-        pass
-
-    def wants_preview(self, step):
-        return False
-
-    def preview(self, step, image):
-        pass
-
-    def check_cancelled(self):
-        pass
 
 
 def _control_image(width: int, height: int):
@@ -92,7 +78,7 @@ def bench_engine(repeats: int = 21, steps: int = 10, size: int = 64,
                               steps=steps, cfg=7.0, sampler="dpmpp_2m_karras",
                               base_model="tiny-sd15",
                               controls=(ControlUnit(condition="lineart", image=0),))
-    ctx = _NullContext()
+    ctx = NullContext()
 
     net = ControlNetModel.from_pretrained(folder / "controlnets" / "lines",
                                           local_files_only=True)
@@ -247,7 +233,7 @@ def bench_scaling(sizes: Sequence[int] = (256, 512, 1024, 2048), steps: int = 4,
 
     _set_threads(threads)
     engine = _tiny_engine(tiny_root, device)
-    ctx = _NullContext()
+    ctx = NullContext()
     out: Dict[str, Any] = {"bench": "scaling", "steps": steps, "repeats": repeats,
                            "sizes": list(sizes)}
     for series, hires in (("default", False), ("hires", True)):

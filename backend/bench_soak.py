@@ -221,27 +221,12 @@ def _one_disconnect(server: ServerProcess, index: int, rng: random.Random, expec
 
 
 def disconnect_soak(server: ServerProcess, clients: int, seed: int = 11) -> Dict:
-    from .engine import FakeEngine
-
-    class _Ctx:
-        job_id = "0" * 32
-
-        def progress(self, *a, **k):
-            pass
-
-        def wants_preview(self, step):
-            return False
-
-        def preview(self, *a):
-            pass
-
-        def check_cancelled(self):
-            pass
+    from .engine import FakeEngine, NullContext
 
     engine = FakeEngine()
 
     def expected(s):
-        return engine.generate(_request(s, 12), {0: _canvas()}, _Ctx())[0].image
+        return engine.generate(_request(s, 12), {0: _canvas()}, NullContext())[0].image
 
     rng = random.Random(seed)
     plans = [random.Random(rng.random()) for _ in range(clients)]

@@ -12,12 +12,12 @@ import ipaddress
 import logging
 import os
 import secrets
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from shared.messages import Limits
+from shared.paths import config_dir, token_file  # noqa: F401 (config_dir re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +26,8 @@ DEFAULT_PORT = 7351
 LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
-def config_dir() -> Path:
-    """Per-user folder for the token and config (override: CONTROLCANVAS_CONFIG_DIR)."""
-    override = os.environ.get("CONTROLCANVAS_CONFIG_DIR")
-    if override:
-        return Path(override)
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "controlcanvas"
-
-
 def default_token_file() -> Path:
-    return config_dir() / "token"
+    return token_file()
 
 
 def load_or_create_token(path: Path) -> tuple:

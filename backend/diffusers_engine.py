@@ -84,7 +84,7 @@ from diffusers import (ControlNetModel, DDIMScheduler, DPMSolverMultistepSchedul
 
 from shared.errors import EngineError, ModelMissing, OutOfMemory, Unsupported
 from shared.images import Image
-from shared.messages import AnnotatorInfo, GenerateRequest, Models, Preprocess
+from shared.messages import GenerateRequest, Models, Preprocess
 
 from .engine import Generated, JobContext, from_array, to_array
 from .models import DEFAULT_BASES, Catalogue, ModelConfig, Resolved

@@ -38,6 +38,25 @@ class JobContext(Protocol):
         """Raise Cancelled if the job was cancelled."""
 
 
+class NullContext:
+    """A JobContext that reports nowhere and is never cancelled: for running an engine
+    directly (benchmarks, tests, computing the expected pixels of a request)."""
+
+    job_id = "0" * 32
+
+    def progress(self, step: int, total: int, stage: str = "denoise") -> None:
+        pass
+
+    def wants_preview(self, step: int) -> bool:
+        return False
+
+    def preview(self, step: int, image: Image) -> None:
+        pass
+
+    def check_cancelled(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Generated:
     image: Image

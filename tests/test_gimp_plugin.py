@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import stat
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,13 +27,13 @@ from controlcanvas_gimp import (actions, generation, pose, problems, procedures,
                                 settings, worker)
 from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
 from gimp_support import expect  # noqa: E402
-from gimp_support.fake_host import FakeHost, FakeLayer, FakePath  # noqa: E402
+from gimp_support.fake_host import FakeHost, FakeLayer  # noqa: E402
 from shared.client import Client  # noqa: E402
 from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
                            ServerUnavailable)
 from shared.images import Image  # noqa: E402
 from shared.messages import (AnnotatorInfo, ControlUnit, GenerateRequest, Limits,  # noqa: E402
-                             ModelInfo, Models, Progress, Queued)
+                             ModelInfo, Models)
 
 TOKEN = "gimp-test-token"
 

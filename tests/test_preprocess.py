@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from backend import preprocess as pp
-from backend.engine import FakeEngine, to_array
+from backend.engine import FakeEngine, NullContext, to_array
 from backend.preprocess_cli import load_image, main as cli_main, save_image
 from shared.errors import FieldError, MissingImage, Unsupported
 from shared.images import Image
@@ -336,7 +336,7 @@ def test_prepare_controls_annotates_units_and_renders_poses():
     skeleton = arr(images[u[2].image])
     assert skeleton.shape == (120, 160, 4) and skeleton[..., :3].max() == 255
     # every engine can use the result as is
-    FakeEngine().generate(new, images, _Ctx())
+    FakeEngine().generate(new, images, NullContext())
 
 
 def test_prepare_controls_without_size_uses_the_request_size():
@@ -391,32 +391,18 @@ def test_prepare_controls_errors_name_the_unit():
 
 # -- the fake engine and the server ----------------------------------------------------------
 
-class _Ctx:
-    job_id = "0" * 32
-
-    def progress(self, step, total, stage="denoise"):
-        pass
-
-    def wants_preview(self, step):
-        return False
-
-    def preview(self, step, image):
-        pass
-
-    def check_cancelled(self):
-        pass
-
 
 def test_fake_engine_preprocess_uses_the_registry():
     engine = FakeEngine()
     image = img(drawing())
     msg = Preprocess(job_id="0" * 32, annotator="canny", params={"low": 50}, width=160,
                      height=120)
-    out = engine.preprocess(msg, image, _Ctx())
+    out = engine.preprocess(msg, image, NullContext())
     assert out.size == (160, 120) and arr(out)[..., 0].any()
-    assert engine.preprocess(Preprocess(job_id="0" * 32, annotator="none"), image, _Ctx()) is image
+    none = Preprocess(job_id="0" * 32, annotator="none")
+    assert engine.preprocess(none, image, NullContext()) is image
     with pytest.raises(Unsupported):
-        engine.preprocess(Preprocess(job_id="0" * 32, annotator="lasers"), image, _Ctx())
+        engine.preprocess(Preprocess(job_id="0" * 32, annotator="lasers"), image, NullContext())
 
 
 def test_preprocess_over_the_real_server(fake_server):

@@ -8,7 +8,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from backend.engine import FakeEngine, to_array
+from backend.engine import FakeEngine, NullContext, to_array
 from shared import codec
 from shared.client import Client
 from shared.errors import (AuthError, Cancelled, ConnectionLost, EngineError, FieldError,
@@ -131,7 +131,7 @@ def test_generate_round_trip_with_progress_and_previews(fake_server):
         result = client.wait(job, on_event=events.append)
     assert result.seeds == (11, 12, 13)
     expected = FakeEngine().generate(request(seed=11, batch=3, steps=4), {0: canvas()},
-                                     _NullCtx())
+                                     NullContext())
     assert [img for _, img in result.images] == [g.image for g in expected]
     steps = [e.step for e in events if isinstance(e, Progress) and e.stage == "denoise"]
     assert steps == list(range(1, 13))
@@ -398,21 +398,6 @@ def test_field_error_from_client_side_checks(fake_server):
         with pytest.raises(FieldError):
             client.submit(request(), {0: canvas(), 7: canvas()})
 
-
-class _NullCtx:
-    job_id = "0" * 32
-
-    def progress(self, *a, **k):
-        pass
-
-    def wants_preview(self, step):
-        return False
-
-    def preview(self, *a):
-        pass
-
-    def check_cancelled(self):
-        pass
 
 
 def test_client_maps_oversize_close_to_limit_error(make_server):

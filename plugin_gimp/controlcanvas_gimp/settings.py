@@ -4,54 +4,21 @@ Order, for both the address and the token: the procedure's argument (scripts) >
 what *Settings / connection test…* saved > the default (``ws://127.0.0.1:7351``
 and the token file the server writes on this machine).
 
-The token file is found exactly as ``backend.config.config_dir`` finds it (a copy:
-the plug-in cannot import the backend): ``$CONTROLCANVAS_CONFIG_DIR/token``, else
-the per-user config folder + ``controlcanvas/token``.
+The token file is found by ``shared.paths``, exactly as the server finds it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
 from shared.client import DEFAULT_URL
+from shared.paths import config_dir, read_token, token_file  # noqa: F401 (re-exported)
 
 SETTINGS_FILE = "controlcanvas.json"  # in GIMP's per-version user folder
-
-
-def config_dir(environ: Optional[Mapping[str, str]] = None,
-               platform: Optional[str] = None) -> Path:
-    """The server's per-user config folder (same rules as backend.config.config_dir)."""
-    env = os.environ if environ is None else environ
-    platform = sys.platform if platform is None else platform
-    override = env.get("CONTROLCANVAS_CONFIG_DIR")
-    if override:
-        return Path(override)
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    if platform == "win32":
-        base = Path(env.get("APPDATA") or home / "AppData" / "Roaming")
-    elif platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        base = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
-    return base / "controlcanvas"
-
-
-def token_file(environ: Optional[Mapping[str, str]] = None,
-               platform: Optional[str] = None) -> Path:
-    return config_dir(environ, platform) / "token"
-
-
-def read_token(path: Path) -> str:
-    """The token in ``path``, or '' when the file is missing or unreadable."""
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
 
 
 @dataclass(frozen=True)

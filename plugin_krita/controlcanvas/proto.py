@@ -67,7 +67,8 @@ def _load_websockets() -> None:
 _load_websockets()
 
 if BUNDLED:
-    from ._vendor.shared import client, codec, errors, images, messages, session  # noqa: F401
+    from ._vendor.shared import (client, codec, errors, images, messages,  # noqa: F401
+                                 paths, session)
 else:
     client = importlib.import_module("shared.client")
     codec = importlib.import_module("shared.codec")
@@ -75,6 +76,7 @@ else:
     images = importlib.import_module("shared.images")
     messages = importlib.import_module("shared.messages")
     session = importlib.import_module("shared.session")
+    paths = importlib.import_module("shared.paths")
 
 Image = images.Image
 Client = client.Client

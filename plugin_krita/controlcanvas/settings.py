@@ -1,21 +1,19 @@
 """What the docker remembers, and where the local server keeps its token.
 
-The token file location mirrors ``backend/config.py`` (the plug-in cannot import
-the backend): ``CONTROLCANVAS_CONFIG_DIR`` if set, else the per-user config folder
-(``%APPDATA%`` on Windows, ``~/Library/Application Support`` on macOS,
-``$XDG_CONFIG_HOME`` or ``~/.config`` elsewhere) + ``controlcanvas/token``.
+The token file is found by the protocol's ``shared.paths``, exactly as the server
+finds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
+
+from . import proto
 
 DEFAULT_URL = "ws://127.0.0.1:7351"
 MODES = ("txt2img", "img2img", "inpaint")
@@ -28,20 +26,11 @@ PLACES = ("above", "below")
 
 
 def config_dir() -> Path:
-    override = os.environ.get("CONTROLCANVAS_CONFIG_DIR")
-    if override:
-        return Path(override)
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "controlcanvas"
+    return proto.paths.config_dir()
 
 
 def token_file() -> Path:
-    return config_dir() / "token"
+    return proto.paths.token_file()
 
 
 def is_local_url(url: str) -> bool:

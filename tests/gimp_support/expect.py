@@ -14,22 +14,8 @@ from backend.engine import FakeEngine
 from backend.preprocess import prepare_controls
 from controlcanvas_gimp import pose
 from shared.messages import Preprocess, new_job_id
+from backend.engine import NullContext
 
-
-class Ctx:
-    job_id = "0" * 32
-
-    def progress(self, *args, **kwargs):
-        pass
-
-    def wants_preview(self, step):
-        return False
-
-    def preview(self, step, image):
-        pass
-
-    def check_cancelled(self):
-        pass
 
 
 def generated(request, images, engine=None):
@@ -38,12 +24,12 @@ def generated(request, images, engine=None):
         size_of = getattr(engine, "control_size", None)
         request, images = prepare_controls(request, images,
                                            size_of(request) if size_of else None)
-    return [g.image for g in engine.generate(request, images, Ctx())]
+    return [g.image for g in engine.generate(request, images, NullContext())]
 
 
 def annotated(annotator, image, **params):
     message = Preprocess(job_id=new_job_id(), annotator=annotator, image=0, params=params)
-    return FakeEngine().preprocess(message, image, Ctx())
+    return FakeEngine().preprocess(message, image, NullContext())
 
 
 class NoPoseEngine(FakeEngine):

@@ -11,7 +11,7 @@ import traceback
 import gi
 gi.require_version('Gimp', '3.0')
 gi.require_version('Gegl', '0.4')
-from gi.repository import Gimp, Gegl, Gio, GObject
+from gi.repository import Gimp, Gegl, Gio
 
 DIR = '/tmp/cc_smoke'
 P = json.load(open(DIR + '/params.json'))
