@@ -86,7 +86,7 @@ from shared.errors import EngineError, ModelMissing, OutOfMemory, Unsupported
 from shared.images import Image
 from shared.messages import GenerateRequest, Models, Preprocess
 
-from .engine import Generated, JobContext, from_array, to_array
+from .engine import Annotated, Generated, JobContext, from_array, to_array
 from .models import DEFAULT_BASES, Catalogue, ModelConfig, Resolved
 from .tiny import quiet_progress_bars
 
@@ -581,19 +581,10 @@ class DiffusersEngine:
             f"the size or the batch, turn off hires, use fewer control units, or close other "
             f"programs using the GPU.")
 
-    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Image:
+    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
         """The annotator registry (backend.preprocess); "none" is the layer itself."""
-        ctx.progress(0, 1, stage="preprocess")
-        size = (message.width, message.height) if message.width else None
-        if message.annotator == "none":
-            out = image
-            if size is not None:
-                out = from_array(resize(np.ascontiguousarray(to_array(image)), *size))
-        else:
-            from .preprocess import run as run_annotator
-            out = run_annotator(message.annotator, image, message.params, size)
-        ctx.progress(1, 1, stage="preprocess")
-        return out
+        from .preprocess import annotate
+        return annotate(message, image, ctx)
 
     def models(self) -> Models:
         from .preprocess import list_annotators

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
@@ -63,6 +63,14 @@ class Generated:
     seed: int
 
 
+@dataclass(frozen=True)
+class Annotated:
+    """A preprocess result: the control image, and what else the annotator found (sent
+    to the client as the result's ``info``, e.g. detected pose keypoints)."""
+    image: Image
+    info: Mapping[str, object] = field(default_factory=dict)
+
+
 class Engine(Protocol):
     name: str
 
@@ -70,8 +78,8 @@ class Engine(Protocol):
                  ctx: JobContext) -> Sequence[Generated]:
         """Run one request (``request.seed`` is already resolved, never -1)."""
 
-    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Image:
-        """Turn a canvas image into a control image."""
+    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
+        """Turn a canvas image into a control image (usually ``preprocess.annotate``)."""
 
     def models(self) -> Models:
         """What this engine can use."""
@@ -184,18 +192,9 @@ class FakeEngine:
             result[keep] = init[keep]
         return from_array(result)
 
-    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Image:
-        ctx.progress(0, 1, stage="preprocess")
-        if message.annotator == "none":  # as it always was: the layer, nearest-resized
-            out = image
-            if message.width:
-                out = from_array(resize_nearest(to_array(image), message.width, message.height))
-        else:  # every other annotator is the real one from the registry (numpy/OpenCV)
-            from .preprocess import run
-            size = (message.width, message.height) if message.width else None
-            out = run(message.annotator, image, message.params, size)
-        ctx.progress(1, 1, stage="preprocess")
-        return out
+    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
+        from .preprocess import annotate
+        return annotate(message, image, ctx)
 
     def models(self) -> Models:
         from .preprocess import list_annotators

@@ -30,7 +30,7 @@ from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineEr
 from shared.images import Image
 from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, ResultImage
 
-from .engine import Engine
+from .engine import Annotated, Engine
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     result: Tuple[Tuple[ResultImage, Image], ...] = ()
     error: Optional[ControlCanvasError] = None
+    info: Dict[str, object] = field(default_factory=dict)  # sent with the result
     last_progress: Tuple[int, int, str] = (0, 0, "queued")
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
@@ -349,8 +350,13 @@ class JobManager:
             return tuple((ResultImage(slot=i, width=g.image.width, height=g.image.height,
                                       seed=g.seed), g.image)
                          for i, g in enumerate(generated))
-        image = self.engine.preprocess(message, job.images[message.image], ctx)
+        annotated = self.engine.preprocess(message, job.images[message.image], ctx)
         ctx.check_cancelled()
+        if isinstance(annotated, Image):  # a bare image: an engine with nothing to add
+            annotated = Annotated(annotated)
+        image = annotated.image
+        job.info = {k: v for k, v in annotated.info.items()
+                    if isinstance(v, (bool, int, float, str))}
         return ((ResultImage(slot=0, width=image.width, height=image.height), image),)
 
 

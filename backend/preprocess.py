@@ -44,7 +44,7 @@ import numpy as np
 
 from shared.errors import FieldError, MissingImage, Unsupported
 from shared.images import Image
-from shared.messages import CONDITIONS, AnnotatorInfo, GenerateRequest, ParamInfo
+from shared.messages import CONDITIONS, AnnotatorInfo, GenerateRequest, ParamInfo, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,13 @@ def check_not_empty(annotator: Annotator, rgba: np.ndarray) -> None:
 def run(name: str, image: Image, params: Optional[Mapping[str, Any]] = None,
         size: Optional[Size] = None) -> Image:
     """Run annotator ``name`` on ``image``; the result is ``size`` (default: the image's)."""
+    return run_with_info(name, image, params, size)[0]
+
+
+def run_with_info(name: str, image: Image, params: Optional[Mapping[str, Any]] = None,
+                  size: Optional[Size] = None) -> Tuple[Image, Dict[str, Any]]:
+    """Like :func:`run`, plus what the annotator found besides pixels (for
+    ``pose_from_photo``: ``{"keypoints": <OpenPose JSON>}``), for the result's ``info``."""
     annotator = get(name)
     values = validate_params(annotator, params)
     size = _check_size(size) if size is not None else image.size
@@ -237,7 +244,24 @@ def run(name: str, image: Image, params: Optional[Mapping[str, Any]] = None,
     rgba = np.frombuffer(image.data, dtype=np.uint8).reshape(image.height, image.width, 4)
     check_not_empty(annotator, rgba)
     out = annotator.fn(rgba, size, values)
-    return _to_image(out, size, annotator.name)
+    info: Dict[str, Any] = {}
+    if isinstance(out, tuple):  # (pixels, info)
+        out, info = out
+    return _to_image(out, size, annotator.name), info
+
+
+def annotate(message: Preprocess, image: Image, ctx) -> "Annotated":
+    """A ``preprocess`` job for any engine: the annotator at the requested size (or the
+    layer's); ``none`` without a size hands the layer back untouched."""
+    from .engine import Annotated
+    ctx.progress(0, 1, stage="preprocess")
+    size = (message.width, message.height) if message.width else None
+    if message.annotator == "none" and size is None:
+        out, info = image, {}
+    else:
+        out, info = run_with_info(message.annotator, image, message.params, size)
+    ctx.progress(1, 1, stage="preprocess")
+    return Annotated(out, info)
 
 
 def _to_image(out: np.ndarray, size: Size, name: str) -> Image:
@@ -560,7 +584,8 @@ def _pose_from_photo(rgba, size, p):
     if not detected.people:
         raise EmptyLayer("No person was found in the layer; use a clearer photo of a whole "
                          "figure, or start from the default skeleton.", field="image")
-    return pose_mod.render(detected.resized(*size))
+    fitted = detected.resized(*size)
+    return pose_mod.render(fitted), {"keypoints": fitted.to_json()}
 
 
 def _pose_available() -> bool:

@@ -65,7 +65,8 @@ class Connection:
 
     def job_finished(self, job: Job) -> None:
         if job.state == DONE:
-            self.session.send_result(job.job_id, job.result, elapsed=round(job.elapsed, 4))
+            self.session.send_result(job.job_id, job.result, elapsed=round(job.elapsed, 4),
+                                     info=job.info)
         else:
             self.session.send_error(job.error, job_id=job.job_id)
         self.flush()

@@ -521,10 +521,10 @@ def test_preprocess_uses_the_annotator_registry(tiny_engine):
     image = random_rgba(20, 10)
     ctx = RecordingContext()
     msg = Preprocess(job_id="0" * 32, annotator="invert", image=0)
-    inverted = to_array(tiny_engine.preprocess(msg, image, ctx))
+    inverted = to_array(tiny_engine.preprocess(msg, image, ctx).image)
     assert np.array_equal(inverted[..., :3], 255 - to_array(image)[..., :3])
     msg = Preprocess(job_id="0" * 32, annotator="none", image=0, width=40, height=30)
-    assert tiny_engine.preprocess(msg, image, ctx).size == (40, 30)
+    assert tiny_engine.preprocess(msg, image, ctx).image.size == (40, 30)
     with pytest.raises(Unsupported):
         tiny_engine.preprocess(Preprocess(job_id="0" * 32, annotator="no-such-annotator",
                                           image=0), image, ctx)

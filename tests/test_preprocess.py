@@ -397,10 +397,10 @@ def test_fake_engine_preprocess_uses_the_registry():
     image = img(drawing())
     msg = Preprocess(job_id="0" * 32, annotator="canny", params={"low": 50}, width=160,
                      height=120)
-    out = engine.preprocess(msg, image, NullContext())
+    out = engine.preprocess(msg, image, NullContext()).image
     assert out.size == (160, 120) and arr(out)[..., 0].any()
     none = Preprocess(job_id="0" * 32, annotator="none")
-    assert engine.preprocess(none, image, NullContext()) is image
+    assert engine.preprocess(none, image, NullContext()).image is image
     with pytest.raises(Unsupported):
         engine.preprocess(Preprocess(job_id="0" * 32, annotator="lasers"), image, NullContext())
 

@@ -438,3 +438,17 @@ def test_pose_unit_without_image(fake_server):
     with Client.connect(fake_server.url, fake_server.token) as client:
         result = client.wait(client.submit(req, {}))
     assert result.images[0][1].size == (64, 64)
+
+
+def test_preprocess_result_carries_the_annotators_info(make_server):
+    """Pose detection sends the keypoints with the picture, so plug-ins need not parse it."""
+    from backend.engine import Annotated
+
+    class Detecting(FakeEngine):
+        def preprocess(self, message, image, ctx):
+            return Annotated(image, {"keypoints": '{"people": []}', "people": 0, "bad": [1]})
+
+    server = make_server(Detecting())
+    with Client.connect(server.url, server.token) as client:
+        result = client.wait(client.preprocess("pose_from_photo", canvas()))
+    assert result.info == {"keypoints": '{"people": []}', "people": 0}

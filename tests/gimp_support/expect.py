@@ -29,7 +29,7 @@ def generated(request, images, engine=None):
 
 def annotated(annotator, image, **params):
     message = Preprocess(job_id=new_job_id(), annotator=annotator, image=0, params=params)
-    return FakeEngine().preprocess(message, image, NullContext())
+    return FakeEngine().preprocess(message, image, NullContext()).image
 
 
 class NoPoseEngine(FakeEngine):

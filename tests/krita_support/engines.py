@@ -22,5 +22,5 @@ class RecordingEngine(FakeEngine):
 
     def preprocess(self, message, image, ctx):
         out = super().preprocess(message, image, ctx)
-        self.preprocessed.append((message, image, out))
+        self.preprocessed.append((message, image, out.image))
         return out
