@@ -11,6 +11,7 @@ writes into ``--out`` (default ``dist/`` in the checkout):
   and a pure-Python ``websockets`` (no compiled speedups), plus ``BUILD.json``;
 - ``controlcanvas-gimp-<version>.zip``: the same folder as a zip (Unix modes
   kept, so the exec bit survives ``unzip``);
+- ``controlcanvas-<version>-py3-none-any.whl``: the backend wheel;
 - ``controlcanvas-krita.zip``: the Krita plug-in for *Tools > Scripts > Import
   Python Plugin from File...* (``controlcanvas.desktop`` + ``controlcanvas/`` with
   ``shared`` and websockets inside it, under ``_vendor/``), and its unzipped tree
@@ -346,7 +347,27 @@ def build_krita(out: Path, cache: Path) -> Tuple[Path, Path]:
     return stage, archive
 
 
-BUILDERS = {"gimp": build_gimp, "krita": build_krita}
+def build_backend(out: Path, cache: Path) -> Tuple[Path, Path]:
+    """The backend wheel (``controlcanvas-<version>-py3-none-any.whl``), built with
+    pip from this checkout; ``SOURCE_DATE_EPOCH`` fixes its timestamps."""
+    version = project_version()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SOURCE_DATE_EPOCH=str(source_date_epoch()))
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                               "--no-build-isolation", "-q", "-w", tmp, str(REPO)],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"pip wheel failed: {done.stderr.strip()[-500:]}")
+        (wheel,) = Path(tmp).glob("controlcanvas-*.whl")
+        if f"-{version}-" not in wheel.name:
+            raise BuildError(f"the wheel {wheel.name} does not carry version {version}")
+        target = out / wheel.name
+        shutil.copyfile(wheel, target)
+    return target, target
+
+
+BUILDERS = {"gimp": build_gimp, "krita": build_krita, "backend": build_backend}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
