@@ -52,33 +52,22 @@ import numpy as np
 
 from shared.errors import EngineError, FieldError, ModelMissing
 from shared.images import Image
+from shared.pose import COLOURS, KEYPOINT_NAMES, LIMB_DIM, LIMBS, MIRROR, N_KEYPOINTS
 
 Triple = Tuple[float, float, float]
 Points = Tuple[Triple, ...]
 MISSING: Triple = (0.0, 0.0, 0.0)
 
-BODY: Tuple[str, ...] = (
-    "nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder",
-    "left_elbow", "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip",
-    "left_knee", "left_ankle", "right_eye", "left_eye", "right_ear", "left_ear")
-N_BODY, N_HAND, N_FACE = 18, 21, 70
-
-# The 17 limbs in the reference drawing order (0-based joint indices); limb i has colour i.
-LIMBS: Tuple[Tuple[int, int], ...] = (
-    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11),
-    (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
-# The reference colour of joint i (and of limb i, drawn at 60 %), RGB.
-COLOURS: Tuple[Tuple[int, int, int], ...] = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
-    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
-    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
-LIMB_DIM = 0.6
+# The body keypoints, limbs (limb i has colour i), reference colours and left/right swap
+# are the protocol's (shared.pose, which the plug-ins render with too).
+BODY: Tuple[str, ...] = KEYPOINT_NAMES
+N_BODY, N_HAND, N_FACE = N_KEYPOINTS, 21, 70
 HAND_EDGES: Tuple[Tuple[int, int], ...] = (
     (0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10),
     (10, 11), (11, 12), (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19),
     (19, 20))
 
-_BODY_MIRROR = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16)
+_BODY_MIRROR = MIRROR
 
 
 def _face_mirror() -> Tuple[int, ...]:

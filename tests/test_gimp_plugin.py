@@ -28,6 +28,7 @@ from controlcanvas_gimp import (actions, generation, pose, problems, procedures,
 from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from gimp_support.fake_host import FakeHost, FakeLayer  # noqa: E402
+from shared import pose as openpose  # noqa: E402
 from shared.client import Client  # noqa: E402
 from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
                            ServerUnavailable)
@@ -283,32 +284,19 @@ def test_layer_names_show_prompt_and_seed():
     assert generation.group_name("cat", [5, 6, 7]) == "cat · seeds 5–7"
 
 
-# -- pose ---------------------------------------------------------------------------------
-
-def test_openpose_colours_and_layout():
-    assert pose.COLOURS[:4] == ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0))
-    assert pose.COLOURS[-1] == (255, 0, 85)
-    assert len(pose.LIMBS) == 17 and len(pose.KEYPOINT_NAMES) == 18
-    kps = pose.default_pose(200, 400)
-    names = dict(zip(pose.KEYPOINT_NAMES, kps))
-    assert names["right_shoulder"][0] < names["neck"][0] < names["left_shoulder"][0], \
-        "facing the viewer: the person's right is on the image's left"
-    assert names["nose"][1] < names["neck"][1] < names["right_hip"][1] < names["right_ankle"][1]
-    ys = [p[1] for p in kps]
-    assert 0 <= min(ys) and max(ys) <= 400
-
+# -- pose: the skeleton as a GIMP path (the rest is shared.pose, tests/test_pose.py) ---------
 
 def test_skeleton_path_round_trip_and_moving_a_shared_joint():
-    kps = pose.default_pose(300, 300, 10, 20)
+    kps = openpose.default_person(300, 300, 10, 20)
     strokes = pose.to_strokes(kps)
     meta = pose.path_meta(kps)
     assert len(strokes) == 17 and all(len(s) == 12 for s in strokes)
     assert pose.from_strokes(strokes, meta) == kps
     # The neck ends five strokes; the artist drags it in one of them (the third neck stroke).
-    neck_strokes = [i for i, limb in enumerate(pose.LIMBS) if 1 in limb]
+    neck_strokes = [i for i, limb in enumerate(openpose.LIMBS) if 1 in limb]
     moved = [list(s) for s in strokes]
     i = neck_strokes[2]
-    a, b = pose.LIMBS[i]
+    a, b = openpose.LIMBS[i]
     at = 0 if a == 1 else 6
     moved[i][at:at + 6] = [150.0, 40.0] * 3
     got = pose.from_strokes(moved, meta)
@@ -321,7 +309,7 @@ def test_skeleton_path_round_trip_and_moving_a_shared_joint():
 
 
 def test_skeleton_with_hidden_joints_and_damaged_paths():
-    kps = list(pose.default_pose(100, 100))
+    kps = list(openpose.default_person(100, 100))
     kps[16] = kps[17] = None  # ears not visible
     strokes = pose.to_strokes(kps)
     assert len(strokes) == 15
@@ -332,70 +320,11 @@ def test_skeleton_with_hidden_joints_and_damaged_paths():
         pose.from_strokes(strokes, "{}")
 
 
-def test_mirror_swaps_sides():
-    kps = pose.default_pose(100, 200)
-    flipped = pose.mirrored(kps, 50.0)
-    assert flipped[2] == pytest.approx((100 - kps[5][0], kps[5][1]))
-    assert flat(pose.mirrored(flipped, 50.0)) == pytest.approx(flat(kps))
-    assert pose.transformed(kps, 2.0, origin=(50, 100))[1] == \
-        pytest.approx((50 + (kps[1][0] - 50) * 2, 100 + (kps[1][1] - 100) * 2))
-
-
-def test_openpose_json_round_trip_and_normalised_input():
-    kps = list(pose.default_pose(64, 128))
-    kps[3] = None
-    text = pose.to_openpose_json([kps], 64, 128)
-    (back,) = pose.from_openpose_json(text, 128, 256)
-    assert back[3] is None and back[1] == pytest.approx((kps[1][0] * 2, kps[1][1] * 2))
-    flat = []
-    for p in kps:
-        flat += [0, 0, 0] if p is None else [p[0] / 64, p[1] / 128, 0.9]
-    (norm,) = pose.from_openpose_json(json.dumps({"people": [{"pose_keypoints_2d": flat}]}),
-                                      64, 128)
-    assert norm[0] == pytest.approx(kps[0])
-    with pytest.raises(problems.UsageError, match="OpenPose"):
-        pose.from_openpose_json("[]", 1, 1)
-
-
-def test_render_draws_the_skeleton_in_openpose_colours():
-    kps = pose.default_pose(256, 256)
-    image = pose.render(kps, 256, 256)
-    assert image.size == (256, 256)
-    assert image.pixel(2, 2) == (0, 0, 0, 255), "black paper"
-    for index in (0, 1, 7, 13):  # joints on top, in full colour
-        x, y = kps[index]
-        assert image.pixel(round(x), round(y)) == (*pose.COLOURS[index], 255)
-    mid = [(a + b) / 2 for a, b in zip(kps[8], kps[9])]  # right thigh: limb 7 at 60 %
-    assert image.pixel(round(mid[0]), round(mid[1])) == \
-        (*(int(c * 0.6) for c in pose.COLOURS[7]), 255)
-    coloured = sum(1 for i in range(0, len(image.data), 4) if image.data[i:i + 3] != b"\0\0\0")
-    assert 0.01 < coloured / (256 * 256) < 0.2
-
-
-def test_parse_reads_a_rendered_skeleton_back():
-    kps = list(pose.default_pose(300, 400))
-    kps[16] = None
-    back = pose.parse(pose.render(kps, 300, 400))
-    assert back[16] is None
-    assert max(math.hypot(a[0] - b[0], a[1] - b[1])
-               for a, b in zip(kps, back) if a is not None) < 0.5
-    assert pose.parse(Image.filled(20, 20, (0, 0, 0, 255))) == (None,) * 18
-
-
-def test_render_matches_the_backend_renderer():
-    """Plug-in and server draw the same picture (the server's uses OpenCV)."""
-    bp = pytest.importorskip("backend.pose")
-    pytest.importorskip("cv2")
-    import numpy as np
-    kps = pose.default_pose(200, 260)
-    person = bp.Person(tuple((x, y, 1.0) for x, y in kps))
-    theirs = bp.render(bp.Pose(200, 260, (person,)), hands=False, face=False)
-    ours = np.frombuffer(pose.render(kps, 200, 260).data, np.uint8).reshape(260, 200, 4)
-    drawn = (theirs.max(axis=2) > 0) | (ours[..., :3].max(axis=2) > 0)
-    same = (np.abs(theirs.astype(int) - ours[..., :3].astype(int)).max(axis=2) == 0)
-    assert same[drawn].mean() > 0.9, "edge pixels may differ, the figure may not"
-    parsed = bp.parse(pose.render(kps, 200, 260)).people[0].body
-    assert max(math.hypot(x - a, y - b) for (x, y), (a, b, _) in zip(kps, parsed)) < 1.0
+def test_path_coordinates_put_pixel_centres_at_one_half():
+    kps = openpose.default_person(64, 48)
+    on_image = pose.layer_to_path(kps, 13, 7)
+    assert on_image[1] == (kps[1][0] + 13.5, kps[1][1] + 7.5)
+    assert flat(pose.path_to_layer(on_image, 13, 7)) == pytest.approx(flat(kps))
 
 
 # -- worker: network off the main thread ------------------------------------------------------
@@ -508,23 +437,23 @@ def test_figure_from_pose_adds_a_skeleton_path_and_regenerates_from_it(server, h
     (path,) = host.paths
     assert path.name == pose.PATH_NAME and len(path.strokes) == 17
     assert path.undo_group == host.layers[0].undo_group == 1, "path + layer: one undo step"
-    default = pose.default_pose(layer.width, layer.height)
+    default = openpose.default_person(layer.width, layer.height)
     on_image = pose.from_strokes(path.strokes, path.meta)
     assert on_image == pose.layer_to_path(default, layer.x, layer.y)
     assert on_image[1] == (layer.x + 0.5 + default[1][0], layer.y + 0.5 + default[1][1]), \
         "GIMP's pixel centres are at +0.5"
-    control = pose.render(default, 64, 48)
+    control = openpose.render((default,), 64, 48)
     assert first.request.controls[0].condition == "openpose"
     assert first.request.controls[0].preprocessor == "none"
     assert host.layers[0].image == fake_pixels(first.request, control)[0]
     # The artist drags the right wrist with the Paths tool and runs it again, same seed.
-    wrist_stroke = pose.LIMBS.index((3, 4))
+    wrist_stroke = openpose.LIMBS.index((3, 4))
     path.strokes[wrist_stroke][6:12] = [layer.x + 2.5, layer.y + 3.5] * 3
     second = actions.run(spec("figure-from-pose"), host, values(server, seed=7))
     assert len(host.paths) == 1, "the existing skeleton is reused"
     moved = list(default)
     moved[4] = (2.0, 3.0)
-    control2 = pose.render(moved, 64, 48)
+    control2 = openpose.render((moved,), 64, 48)
     assert control2 != control
     newest = host.layers[1]
     assert newest.undo_group == 2, "directly above the source, under the first result"
@@ -533,7 +462,7 @@ def test_figure_from_pose_adds_a_skeleton_path_and_regenerates_from_it(server, h
 
 
 def test_figure_from_an_openpose_layer(server, host):
-    host.selected.image = pose.render(pose.default_pose(64, 48), 64, 48)
+    host.selected.image = openpose.render((openpose.default_person(64, 48),), 64, 48)
     outcome = actions.run(spec("figure-from-pose"), host,
                           values(server, **{"pose-source": "layer"}))
     assert host.paths == []
@@ -584,17 +513,17 @@ class _PoseClient:
         from shared.messages import ResultImage
         from shared.session import ResultReady
         w, h = self.size
-        picture = pose.render(self.detected, w, h)
+        picture = openpose.render((self.detected,), w, h)
         return ResultReady(job, ((ResultImage(slot=0, width=w, height=h), picture),),
                            info=self.info)
 
 
 def test_pose_from_photo_reads_the_skeleton_picture_into_a_path(host):
-    detected = pose.default_pose(256, 192)  # the server answered at 4x the layer's size
+    detected = openpose.default_person(256, 192)  # the server answered at 4x the layer's size
     outcome = actions.run(spec("pose-from-photo"), host, {},
                           connect=lambda conn, name: _PoseClient(detected, (256, 192)))
     (path,) = host.paths
-    expected = pose.layer_to_path(pose.resized(detected, (256, 192), (64, 48)), 13, 7)
+    expected = pose.layer_to_path(openpose.resized(detected, (256, 192), (64, 48)), 13, 7)
     got = pose.from_strokes(path.strokes, path.meta)
     assert flat(got) == pytest.approx(flat(expected), abs=1.0)
     assert host.layers[0].name == "Pose (OpenPose)" and outcome.path is path
@@ -603,9 +532,9 @@ def test_pose_from_photo_reads_the_skeleton_picture_into_a_path(host):
 
 
 def test_pose_from_photo_prefers_keypoints_the_server_sends(host):
-    detected = pose.default_pose(64, 48)
-    text = pose.to_openpose_json([detected], 64, 48)
-    elsewhere = pose.transformed(detected, 0.5)  # the picture says otherwise: not used
+    detected = openpose.default_person(64, 48)
+    text = openpose.to_openpose_json([detected], 64, 48)
+    elsewhere = openpose.transformed(detected, 0.5)  # the picture says otherwise: not used
     actions.run(spec("pose-from-photo"), host, {},
                 connect=lambda conn, name: _PoseClient(elsewhere, (64, 48), text))
     got = pose.from_strokes(host.paths[0].strokes, host.paths[0].meta)

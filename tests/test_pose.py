@@ -367,3 +367,136 @@ def test_cli_pose_default_render_parse_mirror(tmp_path):
     assert cli_main(["pose", "render", str(j), "-o", str(tmp_path / "r.png"),
                      "--size", "160x240"]) == 0
     assert load_image(tmp_path / "r.png").size == (160, 240)
+
+
+# -- shared.pose: the pure-Python copy the plug-ins ship -----------------------------------------
+
+from shared import pose as S  # noqa: E402
+
+
+def flat(person):
+    """A person's keypoints as one flat list (None as NaN pairs), for pytest.approx."""
+    return [v for p in person for v in ((math.nan, math.nan) if p is None else p)]
+
+
+def test_shared_and_backend_agree_on_the_openpose_layout():
+    assert (P.BODY, P.LIMBS, P.COLOURS, P.LIMB_DIM) == \
+        (S.KEYPOINT_NAMES, S.LIMBS, S.COLOURS, S.LIMB_DIM)
+    assert S.COLOURS[:4] == ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0))
+    assert S.COLOURS[-1] == (255, 0, 85)
+    assert len(S.LIMBS) == 17 and len(S.KEYPOINT_NAMES) == 18
+    assert all(S.MIRROR[S.MIRROR[i]] == i for i in range(18))
+    assert S.KEYPOINT_NAMES[S.MIRROR[2]] == "left_shoulder"
+
+
+def test_shared_default_skeleton_stands_facing_the_viewer_inside_its_box():
+    kps = S.default_person(200, 400)
+    names = dict(zip(S.KEYPOINT_NAMES, kps))
+    assert names["right_shoulder"][0] < names["neck"][0] < names["left_shoulder"][0], \
+        "facing the viewer: the person's right is on the image's left"
+    assert names["nose"][1] < names["neck"][1] < names["right_hip"][1] < names["right_ankle"][1]
+    assert names["neck"][0] == pytest.approx(99.5), "centred on the box (pixel centres)"
+    for w, h, x, y in ((200, 400, 0, 0), (40, 400, 10, 20), (900, 90, 0, 0)):
+        xs, ys = [p[0] for p in S.default_person(w, h, x, y)], \
+            [p[1] for p in S.default_person(w, h, x, y)]
+        assert x <= min(xs) and max(xs) <= x + w - 1 and y <= min(ys) and max(ys) <= y + h - 1
+
+
+def test_shared_mirror_scale_translate_resize():
+    kps = S.default_person(100, 200)
+    flipped = S.mirrored(kps, 49.5)
+    assert flipped[2] == pytest.approx((99 - kps[5][0], kps[5][1]))
+    assert flat(S.mirrored(flipped, 49.5)) == pytest.approx(flat(kps))
+    # the backend's canvas mirror is the same flip about the canvas centre
+    theirs = P.Pose(100, 200, (P.Person(tuple((x, y, 1.0) for x, y in kps)),)).mirrored()
+    assert flat(flipped) == pytest.approx([v for x, y, _ in theirs.people[0].body
+                                           for v in (x, y)])
+    assert S.transformed(kps, 2.0, origin=(50, 100))[1] == \
+        pytest.approx((50 + (kps[1][0] - 50) * 2, 100 + (kps[1][1] - 100) * 2))
+    assert S.transformed(kps, dx=3, dy=-4)[0] == pytest.approx((kps[0][0] + 3, kps[0][1] - 4))
+    assert S.resized(((0.0, 0.0),) + (None,) * 17, (10, 10), (20, 40))[0] == (0.5, 1.5), \
+        "pixel centres stay pixel centres"
+    with pytest.raises(S.PoseError, match="18 keypoints"):
+        S.mirrored(kps[:5], 0)
+
+
+def test_shared_pose_message_round_trip_and_what_the_server_draws():
+    a = list(S.default_person(64, 48))
+    a[3] = None
+    b = S.transformed(a, 0.5, dx=20)
+    message = S.to_message([a, b, (None,) * 18], 64, 48)
+    assert (message.width, message.height, len(message.keypoints)) == (64, 48, 36), \
+        "an empty person is left out"
+    assert message.keypoints[3] == (0.0, 0.0, 0.0)
+    assert S.from_message(message) == (tuple(a), b)
+    unit = ControlUnit(condition="openpose", pose=message)
+    assert from_json(to_json(Generate(job_id="0" * 32, request=GenerateRequest(
+        controls=(unit,)))), CLIENT_MESSAGES).request.controls[0].pose == message
+    server = np.frombuffer(P.render_message_pose(message, (64, 48)).data,
+                           np.uint8).reshape(48, 64, 4)
+    ours = np.frombuffer(S.render([a, b], 64, 48).data, np.uint8).reshape(48, 64, 4)
+    assert (np.abs(server.astype(int) - ours.astype(int)).max(axis=2) == 0).mean() > 0.97
+    with pytest.raises(S.PoseError, match="no visible joints"):
+        S.to_message([(None,) * 18], 64, 48)
+
+
+def test_shared_openpose_json_from_the_server_and_from_editors():
+    kps = list(S.default_person(64, 128))
+    kps[3] = None
+    text = S.to_openpose_json([kps], 64, 128)
+    (back,) = S.from_openpose_json(text, 128, 256)
+    assert back[3] is None
+    assert back[1] == pytest.approx(((kps[1][0] + 0.5) * 2 - 0.5, (kps[1][1] + 0.5) * 2 - 0.5))
+    # what backend.preprocess's pose_from_photo sends in the result's info
+    theirs = P.Pose(64, 128, (P.Person(tuple(P.MISSING if p is None else (p[0], p[1], 0.9)
+                                             for p in kps)),))
+    assert flat(S.from_openpose_json(theirs.to_json(), 64, 128)[0]) == \
+        pytest.approx(flat(kps), abs=1e-3, nan_ok=True)
+    normalised = []
+    for p in kps:
+        normalised += [0, 0, 0] if p is None else [p[0] / 64, p[1] / 128, 0.9]
+    (norm,) = S.from_openpose_json(json.dumps({"people": [{"pose_keypoints_2d": normalised}]}),
+                                   64, 128)
+    assert norm[0] == pytest.approx(kps[0])
+    with pytest.raises(S.PoseError, match="OpenPose"):
+        S.from_openpose_json("[]", 1, 1)
+    small, big = S.transformed(kps, 0.2), tuple(kps)
+    assert S.main_person([small, big]) is big
+
+
+def test_shared_render_draws_the_skeleton_in_openpose_colours():
+    kps = S.default_person(256, 256)
+    image = S.render((kps,), 256, 256)
+    assert image.size == (256, 256)
+    assert image.pixel(2, 2) == (0, 0, 0, 255), "black paper"
+    for index in (0, 1, 7, 13):  # joints on top, in full colour
+        x, y = kps[index]
+        assert image.pixel(round(x), round(y)) == (*S.COLOURS[index], 255)
+    mid = [(a + b) / 2 for a, b in zip(kps[8], kps[9])]  # right thigh: limb 7 at 60 %
+    assert image.pixel(round(mid[0]), round(mid[1])) == \
+        (*(int(c * 0.6) for c in S.COLOURS[7]), 255)
+    coloured = sum(1 for i in range(0, len(image.data), 4) if image.data[i:i + 3] != b"\0\0\0")
+    assert 0.01 < coloured / (256 * 256) < 0.2
+
+
+def test_shared_parse_reads_a_rendered_skeleton_back():
+    kps = list(S.default_person(300, 400))
+    kps[16] = None
+    back = S.parse(S.render((kps,), 300, 400))
+    assert back[16] is None
+    assert max(math.hypot(a[0] - b[0], a[1] - b[1])
+               for a, b in zip(kps, back) if a is not None) < 0.5
+    assert S.parse(Image.filled(20, 20, (0, 0, 0, 255))) == (None,) * 18
+
+
+def test_shared_render_matches_the_backend_renderer():
+    """Plug-ins and server draw the same picture (the server's uses OpenCV)."""
+    kps = S.default_person(200, 260)
+    person = P.Person(tuple((x, y, 1.0) for x, y in kps))
+    theirs = P.render(P.Pose(200, 260, (person,)), hands=False, face=False)
+    ours = np.frombuffer(S.render((kps,), 200, 260).data, np.uint8).reshape(260, 200, 4)
+    drawn = (theirs.max(axis=2) > 0) | (ours[..., :3].max(axis=2) > 0)
+    same = (np.abs(theirs.astype(int) - ours[..., :3].astype(int)).max(axis=2) == 0)
+    assert same[drawn].mean() > 0.9, "edge pixels may differ, the figure may not"
+    parsed = P.parse(S.render((kps,), 200, 260)).people[0].body
+    assert max(math.hypot(x - a, y - b) for (x, y), (a, b, _) in zip(kps, parsed)) < 1.0

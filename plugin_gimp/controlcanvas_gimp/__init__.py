@@ -5,7 +5,7 @@ Layout (one job per module; only ``canvas`` imports GIMP):
 - ``procedures`` every procedure, its menu label and its arguments, as plain data;
 - ``settings``   where the server is and which token to use;
 - ``generation`` dialog values → a :class:`shared.messages.GenerateRequest`;
-- ``pose``       the OpenPose-18 skeleton: defaults, paths ↔ keypoints, rendering;
+- ``pose``       the skeleton as a GIMP path (the rest of the skeleton is ``shared.pose``);
 - ``worker``     network I/O on a worker thread, events handed to the main thread;
 - ``actions``    what each procedure does, written against the ``host.Host`` interface;
 - ``problems``   the plug-in's own errors, and every error as a sentence for the user;

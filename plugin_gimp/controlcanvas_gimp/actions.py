@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from shared import pose as openpose
 from shared.client import Client
 from shared.messages import GenerateRequest, Progress, Queued
 
@@ -121,12 +122,12 @@ def generate(ctx: _Run) -> Outcome:
     if opts.condition == "openpose" and ctx.values.get("pose-source") == "path":
         found = host.find_skeleton()
         if found is None:  # start from a default figure filling the layer
-            local = pose.default_pose(layer.width, layer.height)
+            local = openpose.default_person(layer.width, layer.height)
             new_skeleton = pose.layer_to_path(local, layer.x, layer.y)
         else:
             local = pose.path_to_layer(pose.from_strokes(found.strokes, found.meta, found.name),
                                        layer.x, layer.y)
-        control = pose.render(local, layer.width, layer.height)
+        control = openpose.render((local,), layer.width, layer.height)
     else:
         control = host.read_pixels(layer)
     seed = generation.choose_seed(opts.seed, opts.batch)
@@ -212,10 +213,11 @@ def pose_from_photo(ctx: _Run) -> Outcome:
     (_, image), = result.images
     text = result.info.get("keypoints")
     if isinstance(text, str) and text:  # a server that sends the keypoints themselves
-        person = pose.main_person(pose.from_openpose_json(text, layer.width, layer.height))
+        person = openpose.main_person(openpose.from_openpose_json(text, layer.width,
+                                                                 layer.height))
     else:  # read them back from the skeleton picture
-        found = pose.parse(image)
-        person = None if sum(p is not None for p in found) < 2 else pose.resized(
+        found = openpose.parse(image)
+        person = None if openpose.visible(found) < 2 else openpose.resized(
             found, image.size, (layer.width, layer.height))
     if person is None:
         raise UsageError("No person was found in the layer; try a photo where the whole body "

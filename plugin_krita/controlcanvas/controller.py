@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 from . import pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
-    messages
+    messages, pose as openpose
 from .settings import Settings, is_local_url, read_local_token
 from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 
@@ -168,7 +168,7 @@ class Controller:
             return None
         try:
             job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch)
-        except (PlanError, pixels.PixelError, pose_mod.PoseError) as err:
+        except (PlanError, pixels.PixelError, openpose.PoseError) as err:
             self._say(str(err), "error")
             return None
         except ControlCanvasError as err:
@@ -252,7 +252,7 @@ class Controller:
         box = (0, 0, doc.width, doc.height)
         try:
             image, annotator = plan._unit_image(canvas, doc, unit, box, unit_index)
-        except (PlanError, pose_mod.PoseError) as err:
+        except (PlanError, openpose.PoseError) as err:
             self._say(str(err), "error")
             return None
         layer = doc.layer(unit.layer_id)
@@ -291,7 +291,7 @@ class Controller:
         self._say("Detecting the pose…")
         return job_id
 
-    def _insert_pose_layer(self, canvas: CanvasPort, skeleton: pose_mod.Pose,
+    def _insert_pose_layer(self, canvas: CanvasPort, skeleton: openpose.People,
                            anchor_id: str) -> Optional[str]:
         doc = canvas.info()
         svg = pose_mod.to_svg(skeleton, doc.width, doc.height, doc.resolution)
@@ -413,25 +413,22 @@ class Controller:
             self._pose_detected(active, event)
 
     def _pose_detected(self, active: _Active, event: ResultReady) -> None:
-        info = event.info or {}
+        """The server's keypoints (OpenPose JSON in the result's info) when it sends them,
+        else the joints read back from the skeleton picture; either way on the document."""
         x, y, w, h = active.box
-        skeleton = None
-        raw = info.get("keypoints") or info.get("pose")
-        if isinstance(raw, str):
-            try:
-                import json
-                people = json.loads(raw)
-                skeleton = pose_mod.check_pose(people)
-            except (ValueError, TypeError, pose_mod.PoseError):
-                skeleton = None
-        if skeleton is None and event.images:
-            image = event.images[0][1]
-            try:
-                found = pose_mod.keypoints_from_image(image.data, image.width, image.height)
-            except pose_mod.PoseError as err:
-                self._say(str(err), "warning")
-                return
-            skeleton = pose_mod.scale(found, w / image.width, h / image.height)
+        text = (event.info or {}).get("keypoints")
+        try:
+            if isinstance(text, str) and text:
+                people = openpose.from_openpose_json(text, w, h)
+            elif event.images:
+                image = event.images[0][1]
+                people = [openpose.resized(openpose.parse(image), image.size, (w, h))]
+            else:
+                people = []
+        except openpose.PoseError as err:
+            self._say(str(err), "warning")
+            return
+        skeleton = tuple(p for p in people if openpose.visible(p) >= 2)
         if not skeleton:
             self._say("No pose was found in that layer.", "warning")
             return

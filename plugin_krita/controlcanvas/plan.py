@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import pixels, pose as pose_mod
-from .proto import Image, errors, messages
+from . import pixels
+from .proto import Image, errors, messages, pose as openpose
 from .settings import Settings, UnitSettings
 
 Box = Tuple[int, int, int, int]
@@ -64,7 +64,7 @@ class CanvasPort:
         """One byte per document pixel, or None without a selection."""
         raise NotImplementedError
 
-    def read_pose(self, layer_id: str) -> Optional[pose_mod.Pose]:
+    def read_pose(self, layer_id: str) -> Optional[openpose.People]:
         """The skeleton of a vector layer, None when the layer is not a vector layer."""
         raise NotImplementedError
 
@@ -137,9 +137,8 @@ def _unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
         skeleton = canvas.read_pose(unit.layer_id)
         if skeleton:
             x, y, w, h = box
-            moved = tuple(tuple(None if p is None else (p[0] - x, p[1] - y) for p in person)
-                          for person in skeleton)
-            return Image(w, h, pose_mod.render(moved, w, h)), "none"
+            moved = tuple(openpose.transformed(person, dx=-x, dy=-y) for person in skeleton)
+            return openpose.render(moved, w, h), "none"
     return canvas.read_layer(unit.layer_id, box), unit.annotator
 
 

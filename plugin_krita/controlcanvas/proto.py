@@ -68,7 +68,7 @@ _load_websockets()
 
 if BUNDLED:
     from ._vendor.shared import (client, codec, errors, images, messages,  # noqa: F401
-                                 paths, session)
+                                 paths, pose, session)
 else:
     client = importlib.import_module("shared.client")
     codec = importlib.import_module("shared.codec")
@@ -77,6 +77,7 @@ else:
     messages = importlib.import_module("shared.messages")
     session = importlib.import_module("shared.session")
     paths = importlib.import_module("shared.paths")
+    pose = importlib.import_module("shared.pose")
 
 Image = images.Image
 Client = client.Client

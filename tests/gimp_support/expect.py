@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from backend.engine import FakeEngine
 from backend.preprocess import prepare_controls
-from controlcanvas_gimp import pose
+from shared import pose as openpose
 from shared.messages import Preprocess, new_job_id
 from backend.engine import NullContext
 
@@ -49,5 +49,5 @@ class PoseEngine(FakeEngine):
     def preprocess(self, message, image, ctx):
         if message.annotator != "pose_from_photo":
             return super().preprocess(message, image, ctx)
-        return pose.render(pose.default_pose(image.width, image.height), image.width,
-                           image.height)
+        return openpose.render((openpose.default_person(image.width, image.height),),
+                               image.width, image.height)

@@ -63,14 +63,14 @@ rm -rf "$PROFILE/plug-ins/controlcanvas"
 cp -a "$W/dist/controlcanvas" "$PROFILE/plug-ins/"
 rm -f "$PROFILE/controlcanvas.json"
 
-# The picture: an OpenPose skeleton drawn by the plug-in's own renderer; a server with the
-# fake engine (0.15 s per step, so the progress bar is visible) and its token file.
+# The picture: an OpenPose skeleton drawn by the plug-ins' renderer (shared.pose); a server
+# with the fake engine (0.15 s per step, so the progress bar is visible) and its token file.
 "$PY" - "$W" <<'PY'
 import sys
 sys.path[:0] = ["plugin_gimp", "."]
-from controlcanvas_gimp import pose
+from shared import pose
 from PIL import Image
-img = pose.render(pose.default_pose(320, 400), 320, 400)
+img = pose.render((pose.default_person(320, 400),), 320, 400)
 Image.frombytes("RGBA", img.size, img.data).save(sys.argv[1] + "/pose.png")
 PY
 setsid "$PY" - "$W" 9>&- <<'PY' &
