@@ -28,6 +28,20 @@ setup() {
     fi
 }
 
+# Test-only system packages: headless Chromium for the hostile-web-page tests (the
+# editor chroots install their own tools). Only as root with apt; else those tests skip.
+system_test_packages() {
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+            && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            chromium >/dev/null || echo "dev.sh: could not install chromium" >&2
+    fi
+    if [ "${CI:-}" = true ]; then
+        export CONTROLCANVAS_REQUIRE_BROWSER=1  # in CI a missing browser fails, not skips
+    fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -42,6 +56,7 @@ case "$cmd" in
         #    another torch build, MediaPipe needs numpy<2): tests/annotators_env.sh.
         # CC_SKIP_ANNOTATORS=1 skips tier 2 (only for quick local runs; CI runs both).
         setup
+        system_test_packages
         set +e
         HF_HUB_OFFLINE=1 QT_QPA_PLATFORM=offscreen "$VENV/bin/python" -m pytest "$@"
         rc=$?
