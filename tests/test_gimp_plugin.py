@@ -442,10 +442,12 @@ def test_figure_from_pose_adds_a_skeleton_path_and_regenerates_from_it(server, h
     assert on_image == pose.layer_to_path(default, layer.x, layer.y)
     assert on_image[1] == (layer.x + 0.5 + default[1][0], layer.y + 0.5 + default[1][1]), \
         "GIMP's pixel centres are at +0.5"
-    control = openpose.render((default,), 64, 48)
-    assert first.request.controls[0].condition == "openpose"
-    assert first.request.controls[0].preprocessor == "none"
-    assert host.layers[0].image == fake_pixels(first.request, control)[0]
+    unit = first.request.controls[0]
+    assert (unit.condition, unit.preprocessor, unit.image) == ("openpose", "none", None)
+    assert unit.pose == openpose.to_message((default,), 64, 48), \
+        "the keypoints travel, on the layer's canvas"
+    assert first.request.slots() == (), "no picture is sent: the server draws the pose"
+    assert host.layers[0].image == expect.generated(first.request, {})[0]
     # The artist drags the right wrist with the Paths tool and runs it again, same seed.
     wrist_stroke = openpose.LIMBS.index((3, 4))
     path.strokes[wrist_stroke][6:12] = [layer.x + 2.5, layer.y + 3.5] * 3
@@ -453,12 +455,27 @@ def test_figure_from_pose_adds_a_skeleton_path_and_regenerates_from_it(server, h
     assert len(host.paths) == 1, "the existing skeleton is reused"
     moved = list(default)
     moved[4] = (2.0, 3.0)
-    control2 = openpose.render((moved,), 64, 48)
-    assert control2 != control
+    sent = second.request.controls[0].pose
+    assert (sent.width, sent.height) == (64, 48)
+    assert [v for k in sent.keypoints for v in k] == pytest.approx(
+        [v for k in openpose.to_message((moved,), 64, 48).keypoints for v in k])
     newest = host.layers[1]
     assert newest.undo_group == 2, "directly above the source, under the first result"
-    assert newest.image == fake_pixels(second.request, control2)[0]
+    assert newest.image == expect.generated(second.request, {})[0]
+    assert newest.image != host.layers[0].image, "the figure follows the moved wrist"
     assert second.request.seed == first.request.seed
+
+
+def test_figure_from_pose_is_drawn_by_the_server_at_its_working_size(server, host):
+    outcome = actions.run(spec("figure-from-pose"), host, values(server, seed=3, size="model"))
+    request = outcome.request
+    assert (request.width, request.height) == (592, 440)
+    pose_sent = request.controls[0].pose
+    assert (pose_sent.width, pose_sent.height) == (64, 48)
+    new = host.layers[0]
+    assert new.generated_size == (592, 440) and (new.width, new.height) == (64, 48)
+    from gimp_support.fake_host import resize_nearest
+    assert new.image == resize_nearest(expect.generated(request, {})[0], 64, 48)
 
 
 def test_figure_from_an_openpose_layer(server, host):

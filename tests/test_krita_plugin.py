@@ -453,18 +453,37 @@ def test_pose_iteration_same_seed_changes_only_the_control(server, controller_fo
     c.settings = plan.apply_preset(c.settings, "pose", layer_id, c.annotators("openpose"))
     c.variants(2)
     assert c.run_until_idle(20), c.message
-    first_request, first_images, _ = server.recorder.calls[-1]
-    control = first_images[first_request.controls[0].image]
-    expected = openpose.render(cc_canvas.KritaCanvas(doc).read_pose(layer_id), 64, 64)
-    assert control == expected
+    first_request, first_images, first_out = server.recorder.calls[-1]
+    unit = first_request.controls[0]
+    skeleton = cc_canvas.KritaCanvas(doc).read_pose(layer_id)
+    assert unit.image is None and first_images == {}, "no picture: the keypoints travel"
+    assert unit.pose == openpose.to_message(skeleton, 64, 64)
     vector = doc.nodeByName(pose.LAYER_NAME)
     elbow = next(s for s in vector.shapes() if s.name().startswith("cc-p0-j06"))
-    elbow.move_by(6.0, -3.0)
+    elbow.move_by(6.0, -3.0)  # points at 144 dpi: 12 px right, 6 px up
     c.regenerate_same_seed(0)
     assert c.run_until_idle(20), c.message
-    request, images, _ = server.recorder.calls[-1]
+    request, images, out = server.recorder.calls[-1]
     assert request.seed == c.history[1].seeds[0] and request.batch == 1
-    assert images[request.controls[0].image].data != control.data
+    moved = openpose.from_message(request.controls[0].pose)[0]
+    assert moved[6] == pytest.approx((skeleton[0][6][0] + 12, skeleton[0][6][1] - 6))
+    assert moved[:6] == skeleton[0][:6]
+    assert out[0].image != first_out[0].image, "the figure follows the moved elbow"
+    newest = doc.nodeByName(f"knight in armour [seed {request.seed}]")
+    assert node_image(newest, doc) == out[0].image
+
+
+def test_openpose_unit_on_a_paint_layer_sends_its_pixels(krita_app):
+    """An OpenPose picture painted on an ordinary layer is sent as it is."""
+    doc = mock_krita.Document(W, H)
+    layer = doc.createNode("openpose picture", "paintlayer")
+    picture = openpose.render((openpose.default_person(W, H),), W, H)
+    layer.setPixelData(picture.to_bgra(), 0, 0, W, H)
+    doc.rootNode().addChildNode(layer, None)
+    settings = Settings(units=[UnitSettings(layer_id=uid(layer), condition="openpose")])
+    job = plan.build(settings, cc_canvas.KritaCanvas(doc), seed=1)
+    (unit,) = job.request.controls
+    assert unit.pose is None and job.images[unit.image] == picture
 
 
 class NoPoseEngine(RecordingEngine):
@@ -633,11 +652,14 @@ def test_sixteen_bit_document_is_converted_both_ways(server, controller_for, kri
 
 
 class PoseDetectingEngine(RecordingEngine):
-    """A server that detects a pose: it answers with a rendered skeleton."""
+    """A server that detects a pose: it answers with a rendered skeleton and, like
+    backend.preprocess's pose_from_photo, the keypoints as OpenPose JSON in the result's
+    info (or, ``with_keypoints=False``, an older server: the picture only)."""
 
-    def __init__(self, skeleton):
+    def __init__(self, people, with_keypoints=True):
         super().__init__()
-        self.skeleton = skeleton
+        self.people = people
+        self.with_keypoints = with_keypoints
 
     def models(self):
         from shared.messages import AnnotatorInfo
@@ -647,22 +669,36 @@ class PoseDetectingEngine(RecordingEngine):
                               name="pose_from_photo", condition="openpose"),))
 
     def preprocess(self, message, image, ctx):
+        from backend import pose as backend_pose
+        from backend.engine import Annotated
         if message.annotator != "pose_from_photo":
             return super().preprocess(message, image, ctx)
         size = (message.width, message.height)
-        scaled = [openpose.resized(p, image.size, size) for p in self.skeleton]
-        return openpose.render(scaled, *size)
+        scaled = [openpose.resized(p, image.size, size) for p in self.people]
+        info = {}
+        if self.with_keypoints:
+            found = backend_pose.Pose(*size, tuple(backend_pose.Person(tuple(
+                backend_pose.MISSING if p is None else (p[0], p[1], 0.9) for p in person))
+                for person in scaled))
+            info = {"keypoints": found.to_json()}
+        return Annotated(openpose.render(scaled, *size), info)
 
 
+@pytest.mark.parametrize("with_keypoints,tolerance", [(True, 0.01), (False, 3.0)],
+                         ids=["keypoints", "picture-only"])
 def test_pose_from_a_photo_layer_becomes_an_editable_skeleton(make_server, controller_for,
-                                                              krita_app):
+                                                              krita_app, with_keypoints,
+                                                              tolerance):
     doc = mock_krita.Document(800, 600, resolution=144.0)
     photo = doc.createNode("photo", "paintlayer")
     photo.setPixelData(bgra(120, 100, 90) * (800 * 600), 0, 0, 800, 600)
     doc.rootNode().addChildNode(photo, None)
     krita_app.open_with_view(doc)
-    truth = pose.default_pose(800, 600)
-    srv = make_server(PoseDetectingEngine(truth))
+    truth = (openpose.default_person(800, 600),
+             openpose.transformed(openpose.default_person(800, 600), 0.5, dx=300))
+    if not with_keypoints:  # a picture is read as one person
+        truth = truth[:1]
+    srv = make_server(PoseDetectingEngine(truth, with_keypoints))
     c = controller_for(doc, srv)
     assert c.pose_detector() == "pose_from_photo"
     c.insert_pose(uid(photo))
@@ -670,5 +706,7 @@ def test_pose_from_a_photo_layer_becomes_an_editable_skeleton(make_server, contr
     layer = doc.nodeByName(pose.LAYER_NAME)
     assert layer is not None and layer.type() == "vectorlayer", doc.layer_names()
     found = cc_canvas.KritaCanvas(doc).read_pose(uid(layer))
-    for p, q in zip(truth[0], found[0]):  # detected at 512 px, scaled back to 800
-        assert abs(p[0] - q[0]) <= 3.0 and abs(p[1] - q[1]) <= 3.0
+    assert len(found) == len(truth)  # detected at 512 px, scaled back to 800
+    for want, got in zip(truth, found):
+        for p, q in zip(want, got):
+            assert abs(p[0] - q[0]) <= tolerance and abs(p[1] - q[1]) <= tolerance

@@ -290,6 +290,10 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
     assert pose["layer"] == "vectorlayer" and pose["shapes"] == 18 + 17, pose
     assert pose["max_error_px"] < 0.5, pose
     assert found["gui_pose_generate"]["done"], found["gui_pose_generate"]
+    (request, images), = [(r, i) for r, i, _ in env["engine"].calls
+                          if r.prompt == "knight in armour, full body"]
+    assert request.controls[0].pose is not None and images == {}, \
+        "the skeleton travels as keypoints, not as a picture"
 
     assert found["gui_screenshot"]["saved"]
     png = env["work"] / "krita-real.png"

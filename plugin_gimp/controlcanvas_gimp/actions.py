@@ -118,7 +118,7 @@ def generate(ctx: _Run) -> Outcome:
     opts = GenerateOptions.from_values(ctx.values)
     host = ctx.host
     layer = host.active_layer()
-    new_skeleton = None
+    new_skeleton = skeleton = None
     if opts.condition == "openpose" and ctx.values.get("pose-source") == "path":
         found = host.find_skeleton()
         if found is None:  # start from a default figure filling the layer
@@ -127,9 +127,11 @@ def generate(ctx: _Run) -> Outcome:
         else:
             local = pose.path_to_layer(pose.from_strokes(found.strokes, found.meta, found.name),
                                        layer.x, layer.y)
-        control = openpose.render((local,), layer.width, layer.height)
+        # The keypoints themselves: the server draws them at the size it generates at.
+        skeleton = openpose.to_message((local,), layer.width, layer.height)
+        images = {}
     else:
-        control = host.read_pixels(layer)
+        images = {0: host.read_pixels(layer)}
     seed = generation.choose_seed(opts.seed, opts.batch)
     conn = ctx.connection()
     host.progress(text=f"ControlCanvas: connecting to {conn.url}", fraction=0.0)
@@ -139,8 +141,9 @@ def generate(ctx: _Run) -> Outcome:
         with ctx.open() as client:
             models = client.models()
             request = generation.build_request(opts, layer.width, layer.height, seed=seed,
-                                               models=models, limits=client.welcome.limits)
-            job = client.submit(request, {0: control}, cancel_on_disconnect=True)
+                                               models=models, limits=client.welcome.limits,
+                                               pose=skeleton)
+            job = client.submit(request, images, cancel_on_disconnect=True)
             return request, client.wait(job, on_event=emit)
 
     request, result = worker.run(work, _reporter(host, "generating"))

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
-from shared.messages import ControlUnit, GenerateRequest, Limits, Models
+from shared.messages import ControlUnit, GenerateRequest, Limits, Models, Pose
 
 from .problems import UsageError, short
 
@@ -155,16 +155,18 @@ def choose_seed(seed: int, batch: int, rng: Optional[random.Random] = None) -> i
 
 
 def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
-                  models: Optional[Models] = None,
-                  limits: Optional[Limits] = None) -> GenerateRequest:
-    """The request for a layer of ``width`` x ``height`` whose pixels go in slot 0."""
+                  models: Optional[Models] = None, limits: Optional[Limits] = None,
+                  pose: Optional[Pose] = None) -> GenerateRequest:
+    """The request for a layer of ``width`` x ``height``: its pixels go in slot 0, or,
+    given a ``pose`` (keypoints on the layer), the unit carries the pose itself and the
+    server draws it at the size it generates at."""
     w, h = generation_size(width, height, opts.size, native_side(models, opts.base_model),
                            limits)
-    unit = ControlUnit(condition=opts.condition, image=0,
-                       preprocessor=preprocessor_for(opts, models),
-                       weight=opts.control_weight, start=opts.control_start,
-                       end=opts.control_end, control_mode=opts.control_mode,
-                       resize_mode="just_resize")
+    source = dict(pose=pose, preprocessor="none") if pose is not None else \
+        dict(image=0, preprocessor=preprocessor_for(opts, models))
+    unit = ControlUnit(condition=opts.condition, weight=opts.control_weight,
+                       start=opts.control_start, end=opts.control_end,
+                       control_mode=opts.control_mode, resize_mode="just_resize", **source)
     return GenerateRequest(width=w, height=h, mode="txt2img", prompt=opts.prompt,
                            negative_prompt=opts.negative_prompt, seed=seed, steps=opts.steps,
                            cfg=opts.cfg, sampler=opts.sampler, batch=opts.batch,

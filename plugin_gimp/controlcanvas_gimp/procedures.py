@@ -237,7 +237,8 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
         "Generate a figure in the pose of the image's skeleton path",
         "OpenPose preset: the skeleton path (one stroke per limb; move its joints with the "
         "Paths tool, then run again with the same seed) or an OpenPose layer steers the "
-        "figure. Without a skeleton path a default one is added to the image.",
+        "figure. The path's joints travel as keypoints and the server draws them at the "
+        "size it generates at. Without a skeleton path a default one is added to the image.",
         (_choice("pose-source", "Pose from", "The image's skeleton path (a default skeleton "
                  "is added when there is none), or the selected layer when it already is an "
                  "OpenPose image", POSE_SOURCE_CHOICES, "path"),),

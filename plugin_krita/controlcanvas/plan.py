@@ -124,21 +124,32 @@ def choose_seed(settings: Settings, rng: Optional[random.Random] = None) -> int:
     return (rng or random.Random()).randint(0, messages.MAX_SEED)
 
 
+def _unit_skeleton(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings,
+                   box: Box) -> Optional[openpose.People]:
+    """The pose of an openpose unit bound to a skeleton (vector) layer, in ``box``
+    coordinates; None for any other unit (it sends a picture)."""
+    layer = doc.layer(unit.layer_id) if unit.layer_id else None
+    if layer is None or layer.kind != "vectorlayer" or unit.condition != "openpose":
+        return None
+    skeleton = canvas.read_pose(unit.layer_id)
+    if not skeleton:
+        return None
+    x, y = box[0], box[1]
+    return tuple(openpose.transformed(person, dx=-x, dy=-y) for person in skeleton)
+
+
 def _unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
                 index: int) -> Tuple[Image, str]:
-    """The control image of a unit and the preprocessor the server should run."""
+    """The control image of a unit and the preprocessor the server should run (a skeleton
+    is drawn here: the control preview shows what the server will draw)."""
     if not unit.layer_id:
         return canvas.read_projection(box), unit.annotator
-    layer = doc.layer(unit.layer_id)
-    if layer is None:
+    if doc.layer(unit.layer_id) is None:
         raise PlanError(f"Control unit {index + 1} is bound to a layer that no longer exists; "
                         f"pick its layer again.")
-    if layer.kind == "vectorlayer" and unit.condition == "openpose":
-        skeleton = canvas.read_pose(unit.layer_id)
-        if skeleton:
-            x, y, w, h = box
-            moved = tuple(openpose.transformed(person, dx=-x, dy=-y) for person in skeleton)
-            return openpose.render(moved, w, h), "none"
+    skeleton = _unit_skeleton(canvas, doc, unit, box)
+    if skeleton:
+        return openpose.render(skeleton, box[2], box[3]), "none"
     return canvas.read_layer(unit.layer_id, box), unit.annotator
 
 
@@ -173,6 +184,13 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
         images[mask_slot] = pixels.mask_image(w, h, mask_plane)
     units = []
     for index, unit in enumerate(u for u in settings.units if u.enabled):
+        common = dict(condition=unit.condition, weight=unit.weight, start=unit.start,
+                      end=unit.end, control_mode=unit.control_mode)
+        skeleton = _unit_skeleton(canvas, doc, unit, box)
+        if skeleton:  # the keypoints travel; the server draws them at its working size
+            units.append(messages.ControlUnit(pose=openpose.to_message(skeleton, w, h),
+                                              **common))
+            continue
         slot = len(images)
         image, preprocessor = _unit_image(canvas, doc, unit, box, index)
         if image.is_transparent() and preprocessor != "none":
@@ -181,10 +199,8 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
                             f"{layer.name if layer else 'image'!r} is empty here; draw on it "
                             f"or bind the unit to another layer.")
         images[slot] = image
-        units.append(messages.ControlUnit(
-            condition=unit.condition, image=slot, preprocessor=preprocessor or "none",
-            weight=unit.weight, start=unit.start, end=unit.end,
-            control_mode=unit.control_mode))
+        units.append(messages.ControlUnit(image=slot, preprocessor=preprocessor or "none",
+                                          **common))
     seed = choose_seed(settings) if seed is None else seed
     try:
         request = messages.GenerateRequest(

@@ -3,19 +3,19 @@
 ``generated`` mirrors backend.jobs (annotate the control units at the generation size,
 then the engine); ``annotated`` is a preprocess job.  NoPoseEngine is a fake engine on a
 server that cannot detect poses; PoseEngine one whose pose detector answers with the
-default skeleton (the real one needs MediaPipe).
+default skeleton, as picture and as OpenPose JSON keypoints in the result's info, like
+backend.preprocess's pose_from_photo (the real detector needs MediaPipe).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from backend.engine import FakeEngine
+from backend import pose as backend_pose
+from backend.engine import Annotated, FakeEngine, NullContext
 from backend.preprocess import prepare_controls
 from shared import pose as openpose
 from shared.messages import Preprocess, new_job_id
-from backend.engine import NullContext
-
 
 
 def generated(request, images, engine=None):
@@ -49,5 +49,8 @@ class PoseEngine(FakeEngine):
     def preprocess(self, message, image, ctx):
         if message.annotator != "pose_from_photo":
             return super().preprocess(message, image, ctx)
-        return openpose.render((openpose.default_person(image.width, image.height),),
-                               image.width, image.height)
+        w, h = (message.width, message.height) if message.width else image.size
+        person = openpose.default_person(w, h)
+        found = backend_pose.Pose(w, h, (backend_pose.Person(tuple((x, y, 1.0)
+                                                                   for x, y in person)),))
+        return Annotated(openpose.render((person,), w, h), {"keypoints": found.to_json()})
