@@ -642,11 +642,11 @@ class DiffusersEngine:
 
         # A single file carries weights only; the component configs come from the
         # family's default repo when it is cached, else diffusers fetches just those
-        # small config files (online).
+        # small config files (online) - into, and later from, the configured cache.
         config = self.catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base")
         if config is not None:
             kwargs = dict(kwargs, config=str(config))
-        return cls.from_single_file(resolved.path,
+        return cls.from_single_file(resolved.path, cache_dir=self.catalogue.config.cache_dir,
                                     local_files_only=bool(constants.HF_HUB_OFFLINE), **kwargs)
 
     def _load_net(self, resolved: Resolved, keep: Sequence[str]) -> ControlNetModel:
@@ -686,7 +686,7 @@ class DiffusersEngine:
             kwargs["config"] = str(sibling.parent)
         return ControlNetModel.from_single_file(
             resolved.path, dtype=self.dtype, local_files_only=bool(constants.HF_HUB_OFFLINE),
-            **kwargs)
+            cache_dir=self.catalogue.config.cache_dir, **kwargs)
 
     def _make_room(self, needed: int, keep: Sequence[str]) -> None:
         """Evict least recently used models until ``needed`` more bytes fit the budget."""

@@ -219,6 +219,111 @@ def test_single_file_controlnet_loads_and_matches_its_folder(tmp_path, tiny_root
     assert generate(str(single)) == generate(str(folder)) == generate("")
 
 
+def _default_repo(cache: Path, folder: Path, weights: bool = True) -> Path:
+    """The family's default repo in a hub cache, with ``folder``'s configs, tokenizer and
+    scheduler: where a single file's component configs come from.  ``weights``: with
+    *other* (random) weights, as after ``models download sd15`` (a component silently
+    read from here instead of the file would change the picture, so the test below
+    cannot pass by accident); else only the small files diffusers itself fetches online
+    for a single file (``*.json``, ``*.txt``)."""
+    import torch
+    from safetensors.torch import load_file, save
+
+    generator = torch.Generator().manual_seed(99)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if not path.is_file() or rel.startswith(("controlnets/", ".")):
+            continue
+        if path.suffix == ".safetensors":
+            if weights:
+                files[rel] = save({k: torch.randn(v.shape, generator=generator).to(v.dtype)
+                                   for k, v in load_file(str(path)).items()})
+        elif path.suffix in (".json", ".txt") or weights:
+            files[rel] = path.read_bytes()
+    return fake_hub_snapshot(cache, DEFAULT_BASES["sd15"], files)
+
+
+@pytest.mark.parametrize("suffix, repo", [(".safetensors", "downloaded"), (".ckpt", "downloaded"),
+                                          (".safetensors", "configs only")])
+def test_original_format_single_file_base_matches_its_folder(tmp_path, tiny_root, suffix, repo):
+    """An original-format (LDM) checkpoint configured as the base in config.toml loads
+    through from_single_file, offline, and gives the same pixels as the same weights in
+    a diffusers folder; its component configs come from [models] cache_dir."""
+    import torch
+
+    from backend.diffusers_engine import DiffusersEngine
+    from single_file_support import write_checkpoint
+    from tiny_fixtures import random_rgba
+
+    folder = tiny.tiny_dir("sd15", tiny_root)
+    single = write_checkpoint(folder, tmp_path / f"my-model{suffix}")
+    if suffix == ".safetensors":
+        assert family_of_file(single) == "sd15"  # from the real tensor names
+    cache = tmp_path / "hf"
+    _default_repo(cache, folder, weights=repo == "downloaded")
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[models]
+base = "{single.as_posix()}"
+family = "sd15"
+cache_dir = "{cache.as_posix()}"
+tiny_root = "{tiny_root.as_posix()}"
+""")
+    engine = DiffusersEngine.from_options({"device": "cpu"}, config_file=config)
+    resolved = engine.catalogue.resolve_base()
+    assert (resolved.source, resolved.family, Path(resolved.path)) == ("file", "sd15", single)
+    lines = str(folder / "controlnets" / "lines")
+    imgs = {0: random_rgba(72, 48, seed=4), 10: random_rgba(72, 48, seed=5)}
+
+    def generate(base, **kw):
+        request = GenerateRequest(width=72, height=48, seed=11, steps=3, base_model=base, **kw)
+        return engine.generate(request, imgs, RecordingContext())[0].image.data
+
+    txt = {"controls": (ControlUnit(condition="lineart", image=0, model=lines),)}
+    img = {"mode": "img2img", "init_image": 10, "strength": 0.7}  # the VAE encoder too
+    from_file = [generate("", **txt), generate("", **img)]
+    from_folder = [generate(str(folder), **txt), generate(str(folder), **img)]
+    assert from_file == from_folder  # bit-identical: same fp32 tensors, only renamed
+    # every weight came from the file (none from the config repo's other weights)
+    bases = {e.resolved.source: e.pipe for e in engine._bases.values()}
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = (getattr(bases[s], name).state_dict() for s in ("file", "folder"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    engine.close()
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls os.makedirs(marker): harmless, but visible."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+def test_a_ckpt_that_would_run_code_is_refused_not_run(tmp_path, tiny_root):
+    """.ckpt files are pickles: they are read with torch.load(weights_only=True), so a
+    checkpoint carrying code is an error naming the file, and the code never runs."""
+    import torch
+
+    from backend.diffusers_engine import DiffusersEngine
+    from single_file_support import ldm_state_dict
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": ldm_state_dict(tiny.tiny_dir("sd15", tiny_root)),
+                "payload": _RunsCodeWhenUnpickled(marker)}, str(evil))
+    engine = DiffusersEngine(empty_cache_catalogue(tmp_path, tiny_root=str(tiny_root)),
+                             device="cpu")
+    request = GenerateRequest(width=64, height=64, seed=1, steps=2, base_model=str(evil))
+    with pytest.raises(ModelMissing, match="evil.ckpt"):
+        engine.generate(request, {}, RecordingContext())
+    assert not marker.exists()
+
+
 # -----------------------------------------------------------------------------
 # Configuration
 # -----------------------------------------------------------------------------
