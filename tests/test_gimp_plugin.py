@@ -27,7 +27,8 @@ from controlcanvas_gimp import (actions, generation, pose, problems, procedures,
                                 settings, worker)
 from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
 from gimp_support import expect  # noqa: E402
-from gimp_support.fake_host import FakeHost, FakeLayer  # noqa: E402
+from controlcanvas_gimp.host import LayerInfo  # noqa: E402
+from gimp_support.fake_host import FakeHost, FakeLayer, resize_nearest  # noqa: E402
 from shared import pose as openpose  # noqa: E402
 from shared.client import Client  # noqa: E402
 from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
@@ -99,10 +100,11 @@ def values(server, **kw):
 
 # -- procedures: the menu and the scripting interface --------------------------------
 
-def test_six_procedures_under_filters_controlnet():
+def test_seven_procedures_under_filters_controlnet():
     labels = {s.name: s.label for s in procedures.PROCEDURES}
     assert labels == {
         "python-fu-controlcanvas-generate": "Generate from layer…",
+        "python-fu-controlcanvas-inpaint": "Regenerate selection…",
         "python-fu-controlcanvas-colourise": "Colourise line art…",
         "python-fu-controlcanvas-figure-from-pose": "Figure from pose…",
         "python-fu-controlcanvas-control-image": "Make control image…",
@@ -474,7 +476,6 @@ def test_figure_from_pose_is_drawn_by_the_server_at_its_working_size(server, hos
     assert (pose_sent.width, pose_sent.height) == (64, 48)
     new = host.layers[0]
     assert new.generated_size == (592, 440) and (new.width, new.height) == (64, 48)
-    from gimp_support.fake_host import resize_nearest
     assert new.image == resize_nearest(expect.generated(request, {})[0], 64, 48)
 
 
@@ -484,6 +485,103 @@ def test_figure_from_an_openpose_layer(server, host):
                           values(server, **{"pose-source": "layer"}))
     assert host.paths == []
     assert host.layers[0].image == fake_pixels(outcome.request, host.selected.image)[0]
+
+
+def big_host(tmp_path, canvas=(240, 180)):
+    """A 200 x 150 line-art layer at (13, 7) on a bigger canvas, over white paper."""
+    source = FakeLayer("lines", line_art(200, 150), x=13, y=7)
+    paper = FakeLayer("paper", Image.filled(*canvas, (255, 255, 255, 255)))
+    return FakeHost([source, paper], selected=source, canvas=canvas,
+                    settings_file=str(tmp_path / "gimp" / "controlcanvas.json"))
+
+
+def seen(host, x, y):
+    """The colour at image pixel (x, y) as GIMP shows it (layers over each other, layer
+    masks applied; the fake engine's results and the paper are opaque)."""
+    def walk(stack):
+        for layer in stack:
+            if layer.children is not None:
+                found = walk(layer.children)
+                if found is not None:
+                    return found
+                continue
+            lx, ly = x - layer.x, y - layer.y
+            if not (0 <= lx < layer.width and 0 <= ly < layer.height):
+                continue
+            alpha = layer.image.pixel(lx, ly)[3]
+            if layer.mask is not None:
+                alpha = alpha * layer.mask[ly * layer.width + lx] // 255
+            if alpha == 255:
+                return layer.image.pixel(lx, ly)
+            assert alpha == 0, "these tests composite hard edges only"
+        return None
+    return walk(host.layers)
+
+
+def test_regenerate_selection_changes_only_the_selected_pixels(server, tmp_path, token_dir):
+    host = big_host(tmp_path)
+    host.select_rectangle(100, 90, 20, 10)  # image pixels: layer pixels (87, 83)
+    host.select_rectangle(120, 90, 4, 10, value=128)  # a feathered edge on the right
+    before = {(x, y): seen(host, x, y) for x in range(240) for y in range(180)}
+    outcome = actions.run(spec("inpaint"), host, values(server, prompt="sky", seed=5))
+    request = outcome.request
+    assert (request.mode, request.init_image, request.mask_image, request.controls) == \
+        ("inpaint", 0, 1, ()), "no ControlNet unless one is chosen"
+    assert request.strength == 0.75
+    # The selection's box plus 64 px of context, inside the layer, was sent ...
+    box = (87 - 64, 83 - 64, (87 + 24 + 64) - (87 - 64), 150 - (83 - 64))  # (150: the edge)
+    assert (request.width, request.height) == generation.generation_size(*box[2:], "layer",
+                                                                         512)
+    sent_init = host.layers[1].image.crop(*box)
+    coverage = host.read_selection(LayerInfo("lines", 200, 150, 13, 7), box)
+    sent = {0: sent_init, 1: generation.mask_image(box[2], box[3], coverage)}
+    # ... and came back as one layer over that box, masked by the selection.
+    assert host.names() == ["sky · seed 5", "lines", "paper"] and host.undo_groups == 1
+    new = host.layers[0]
+    assert (new.x, new.y, new.width, new.height) == (13 + box[0], 7 + box[1], *box[2:])
+    assert new.image == resize_nearest(expect.generated(request, sent)[0], *box[2:])
+    assert new.mask == coverage
+    assert new.mask[(90 - 26) * box[2] + (100 - 36)] == 255
+    assert new.mask[(90 - 26) * box[2] + (121 - 36)] == 128, "soft edges stay soft"
+    # What the artist sees: outside the selection, exactly the image as it was.
+    changed = {xy for xy, colour in before.items()
+               if coverage_at(host, *xy) == 0 and seen(host, *xy) != colour}
+    assert changed == set()
+    inside = seen(host, 105, 95)
+    assert inside == new.image.pixel(105 - new.x, 95 - new.y) and inside != before[(105, 95)]
+    assert host.layers[1].image == line_art(200, 150), "the source layer is untouched"
+
+
+def coverage_at(host, x, y):
+    return host.selection[y * host.canvas[0] + x]
+
+
+def test_regenerate_selection_steered_by_a_controlnet_in_variants(server, tmp_path, token_dir):
+    host = big_host(tmp_path)
+    host.select_rectangle(0, 0, 40, 30)  # partly outside the layer (it starts at 13, 7)
+    outcome = actions.run(spec("inpaint"), host, values(server, condition="lineart", batch=2,
+                                                        strength=1.0))
+    (unit,) = outcome.request.controls
+    assert (unit.condition, unit.image, unit.preprocessor) == \
+        ("lineart", 0, "lineart_from_drawing"), "the ControlNet reads the same pixels"
+    assert outcome.request.slots() == (0, 1)
+    group = host.layers[0]
+    assert [c.name for c in group.children] == ["girl in a red coat · seed 1234",
+                                                "girl in a red coat · seed 1235"]
+    box = (0, 0, 27 + 64, 23 + 64)  # the selection covers layer pixels (0, 0)-(27, 23)
+    for child in group.children:
+        assert (child.x, child.y, child.width, child.height) == (13, 7, *box[2:])
+        assert child.mask[:27] == b"\xff" * 27 and child.mask[27] == 0
+
+
+def test_regenerate_selection_needs_a_selection_on_the_layer(server, tmp_path, token_dir):
+    host = big_host(tmp_path)
+    with pytest.raises(actions.Failed, match="Select the part of 'lines' to regenerate"):
+        actions.run(spec("inpaint"), host, values(server))
+    host.select_rectangle(220, 160, 10, 10)  # on the paper only
+    with pytest.raises(actions.Failed, match="only the selected pixels change"):
+        actions.run(spec("inpaint"), host, values(server))
+    assert_unchanged(host)
 
 
 def test_make_control_image_uses_the_servers_annotator(server, host):

@@ -51,6 +51,7 @@ PROMPT = "girl in a red coat"
 SIZE = (64, 48)
 OFFSETS = (13, 7)
 CANVAS = (96, 72)
+SELECTED = (30, 20, 12, 10)  # image pixels: x, y, width, height
 
 
 def line_art(width: int, height: int) -> Image:
@@ -116,19 +117,23 @@ def locked(path: Path):
 def cases(server_url: str, down_url: str, pose_url: str):
     base = {"server-url": server_url, "prompt": PROMPT, "steps": 8, "size": "layer"}
 
-    def case(cid, proc, save=False, **args):
+    def case(cid, proc, save=False, select=None, **args):
         merged = dict(base) if proc != "control-image" else {"server-url": server_url}
         merged.update(args)
-        return {"id": cid, "proc": PREFIX + proc, "args": merged, "save": save}
+        return {"id": cid, "proc": PREFIX + proc, "args": merged, "save": save,
+                "select": select}
 
     return [
         case("generate", "generate", save=True, seed=12345),
+        case("generate-selection-elsewhere", "generate", select=list(SELECTED), seed=12345),
         case("colourise", "colourise", seed=5),
         case("random-seed", "generate", seed=-1),
         case("model-size", "generate", seed=3, size="model"),
         case("variants", "generate", seed=40, batch=2),
         case("control-image", "control-image"),
         case("figure-from-pose", "figure-from-pose", save=True, seed=7),
+        case("inpaint", "inpaint", save=True, select=list(SELECTED), seed=21),
+        case("inpaint-nothing-selected", "inpaint", seed=21),
         case("server-down", "generate", **{"server-url": down_url}),
         case("wrong-token", "generate", token="not-the-token"),
         {"id": "pose-from-photo", "proc": PREFIX + "pose-from-photo",
@@ -180,6 +185,10 @@ def gimp(tmp_path_factory):
             plugin.parent.mkdir(parents=True, exist_ok=True)
             install_zip(archive, plugin.parent)
             assert os.access(plugin / "controlcanvas.py", os.X_OK), "the zip lost the exec bit"
+            # GIMP re-queries a plug-in only when its entry file's mtime changes (pluginrc),
+            # and the reproducible zip dates every file 1980-01-01: without this an upgrade
+            # keeps the previous release's procedures and arguments.
+            (plugin / "controlcanvas.py").touch()
             saved_settings.unlink(missing_ok=True)
             (work / "config").mkdir(parents=True)
             (work / "config" / "token").write_text(TOKEN + "\n")
@@ -246,6 +255,7 @@ def test_every_procedure_is_in_filters_controlnet(gimp):
     procs = gimp.results["procedures"]
     assert {name: p["label"] for name, p in procs.items()} == {
         PREFIX + "generate": "Generate from layer…",
+        PREFIX + "inpaint": "Regenerate selection…",
         PREFIX + "colourise": "Colourise line art…",
         PREFIX + "figure-from-pose": "Figure from pose…",
         PREFIX + "control-image": "Make control image…",
@@ -271,6 +281,13 @@ def test_generate_adds_exactly_the_servers_pixels_above_the_source(gimp):
     assert gimp.layer_image(new) == expected(read, 12345)[0]
     assert c["source_unchanged"] and c["source_offsets"] == list(OFFSETS)
     assert c["returned"] == {"seed": 12345, "layer": f"{PROMPT} · seed 12345"}
+
+
+def test_a_selection_does_not_clip_a_generated_layer(gimp):
+    """Whatever the artist has selected, Generate adds the whole result."""
+    c = gimp.case("generate-selection-elsewhere")
+    assert c["status"] == "success", c.get("error")
+    assert gimp.layer_image(c["layers"][0]) == expected(gimp.source, 12345)[0]
 
 
 def test_saved_xcf_keeps_the_result(gimp):
@@ -342,6 +359,48 @@ def test_figure_from_pose_adds_an_editable_skeleton_path(gimp):
     assert kept["meta"] == path["meta"] and kept["name"] == path["name"]
     assert pose.from_strokes(kept["strokes"], kept["meta"]) == on_image, \
         "the skeleton and its data survive saving as XCF"
+
+
+def test_regenerate_selection_changes_only_the_selected_pixels(gimp):
+    """The new layer carries the selection as its layer mask: outside the selection the
+    image looks exactly as before, inside it shows the server's pixels."""
+    c = gimp.case("inpaint")
+    assert c["status"] == "success", c.get("error")
+    assert names(c["layers"]) == [f"{PROMPT} · seed 21", "lines", "paper"]
+    new = c["layers"][0]
+    # The selection plus 64 px of context covers this small layer: the box is the layer.
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    sx, sy, sw, sh = SELECTED[0] - OFFSETS[0], SELECTED[1] - OFFSETS[1], *SELECTED[2:]
+    inside = {(x, y) for x in range(sx, sx + sw) for y in range(sy, sy + sh)}
+    mask = (gimp.work / new["mask"]).read_bytes()
+    assert all(mask[y * SIZE[0] + x] == (255 if (x, y) in inside else 0)
+               for x in range(SIZE[0]) for y in range(SIZE[1])), "the mask is the selection"
+    coverage = bytes(255 if (x, y) in inside else 0 for y in range(SIZE[1])
+                     for x in range(SIZE[0]))
+    from controlcanvas_gimp import generation
+    request = GenerateRequest(width=SIZE[0], height=SIZE[1], mode="inpaint", prompt=PROMPT,
+                              seed=21, steps=8, strength=0.75, init_image=0, mask_image=1)
+    want = expect.generated(request, {0: gimp.source, 1: generation.mask_image(
+        *SIZE, coverage)})[0]
+    assert gimp.layer_image(new) == want
+    before = gimp.pixels(c["looks_before"], *CANVAS)
+    after = gimp.pixels(c["looks_after"], *CANVAS)
+    changed = {(x, y) for x in range(CANVAS[0]) for y in range(CANVAS[1])
+               if before.pixel(x, y) != after.pixel(x, y)}
+    selected = {(x + OFFSETS[0], y + OFFSETS[1]) for x, y in inside}
+    assert changed and changed <= selected, "only selected pixels change"
+    assert all(after.pixel(x, y) == want.pixel(x - OFFSETS[0], y - OFFSETS[1])
+               for x, y in selected), "inside: the server's pixels, no blending"
+    assert c["source_unchanged"]
+    assert gimp.layer_image(c["reloaded"][0]) == gimp.layer_image(new)
+    assert (gimp.work / c["reloaded"][0]["mask"]).read_bytes() == mask, "XCF keeps the mask"
+
+
+def test_regenerate_selection_without_a_selection_says_what_to_do(gimp):
+    c = gimp.case("inpaint-nothing-selected")
+    assert c["status"] == "execution-error"
+    assert "Select the part of 'lines' to regenerate first" in c["error"]
+    assert names(c["layers"]) == ["lines", "paper"]
 
 
 # -- failing well ---------------------------------------------------------------------------

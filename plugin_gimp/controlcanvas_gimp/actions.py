@@ -132,25 +132,60 @@ def generate(ctx: _Run) -> Outcome:
         images = {}
     else:
         images = {0: host.read_pixels(layer)}
+    request, result = _run_job(ctx, opts, (layer.width, layer.height), images, "generating",
+                               pose=skeleton)
+    return _add_results(ctx, layer, (0, 0, layer.width, layer.height), request, result,
+                        new_skeleton=new_skeleton)
+
+
+def inpaint(ctx: _Run) -> Outcome:
+    """Regenerate selection: repaint the selected pixels of the layer, nothing else."""
+    opts = GenerateOptions.from_values(ctx.values)
+    host = ctx.host
+    layer = host.active_layer()
+    bounds = host.selection_bounds(layer)
+    if bounds is None:
+        raise UsageError(f"Select the part of {layer.name!r} to regenerate first (any "
+                         f"selection tool), then run Regenerate selection again: only the "
+                         f"selected pixels change.")
+    box = generation.context_box(bounds, layer.width, layer.height)
+    coverage = host.read_selection(layer, box)
+    images = {0: host.read_pixels(layer, box), 1: generation.mask_image(box[2], box[3],
+                                                                        coverage)}
+    request, result = _run_job(ctx, opts, box[2:], images, "regenerating the selection",
+                               inpaint_strength=ctx.values["strength"])
+    return _add_results(ctx, layer, box, request, result, mask=coverage)
+
+
+def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra):
+    """Connect, build the request for a region of ``size`` with the server's models and
+    limits, send it with ``images`` and wait, progress on GIMP's bar; (request, result)."""
     seed = generation.choose_seed(opts.seed, opts.batch)
     conn = ctx.connection()
-    host.progress(text=f"ControlCanvas: connecting to {conn.url}", fraction=0.0)
-    ctx.doing = "while generating"
+    ctx.host.progress(text=f"ControlCanvas: connecting to {conn.url}", fraction=0.0)
+    ctx.doing = f"while {what}"
 
     def work(emit):
         with ctx.open() as client:
-            models = client.models()
-            request = generation.build_request(opts, layer.width, layer.height, seed=seed,
-                                               models=models, limits=client.welcome.limits,
-                                               pose=skeleton)
+            request = generation.build_request(opts, size[0], size[1], seed=seed,
+                                               models=client.models(),
+                                               limits=client.welcome.limits, **extra)
             job = client.submit(request, images, cancel_on_disconnect=True)
             return request, client.wait(job, on_event=emit)
 
-    request, result = worker.run(work, _reporter(host, "generating"))
+    return worker.run(work, _reporter(ctx.host, what))
+
+
+def _add_results(ctx: _Run, layer, box, request: GenerateRequest, result, *,
+                 new_skeleton=None, mask: Optional[bytes] = None) -> Outcome:
+    """The results as new layers over ``box`` of ``layer`` (a group for several), with the
+    new skeleton path if any, in one undo step."""
+    host, prompt = ctx.host, request.prompt
+    x, y, w, h = box
     seeds = result.seeds
-    new = [NewLayer(generation.layer_name(opts.prompt, s), image, layer.width, layer.height,
-                    layer.x, layer.y) for (_, image), s in zip(result.images, seeds)]
-    group = generation.group_name(opts.prompt, seeds) if len(new) > 1 else None
+    new = [NewLayer(generation.layer_name(prompt, s), image, w, h, layer.x + x, layer.y + y,
+                    mask) for (_, image), s in zip(result.images, seeds)]
+    group = generation.group_name(prompt, seeds) if len(new) > 1 else None
     path = None
     with host.undo_group():
         if new_skeleton is not None:
@@ -265,6 +300,7 @@ def settings_action(ctx: _Run) -> Outcome:
 
 ACTIONS: Dict[str, Callable[[_Run], Outcome]] = {
     "generate": generate,
+    "inpaint": inpaint,
     "control_image": control_image,
     "pose_from_photo": pose_from_photo,
     "settings": settings_action,

@@ -3,8 +3,10 @@
 It registers the procedures described in :mod:`procedures` under
 Filters ▸ ControlNet, shows GIMP's own dialog for them (last-used values are kept
 by GIMP), and implements :class:`host.Host` over GIMP's API: 8-bit RGBA pixels
-through GEGL, new layers through a shadow buffer inside one undo group, skeleton
-paths, the progress bar.  All of it runs on the plug-in's main thread.
+through GEGL, new layers filled through their buffers inside one undo group, skeleton
+paths, the selection (read as coverage; a regenerated selection comes back as a
+layer with that coverage as its layer mask), the progress bar.  All of it runs on
+the plug-in's main thread.
 """
 
 from __future__ import annotations
@@ -29,10 +31,24 @@ from .problems import UsageError, describe  # noqa: E402
 from .procedures import ProcedureSpec  # noqa: E402
 
 FORMAT = "R'G'B'A u8"  # straight 8-bit RGBA with the sRGB curve, as the protocol wants
+MASK_FORMAT = "Y u8"  # selection coverage and layer masks: 0 = not at all, 255 = fully
 READWRITE = GObject.ParamFlags.READWRITE
 
 
 # -- the host: GIMP behind the interface the actions use ---------------------------
+
+def _write(drawable, width: int, height: int, babl_format: str, data: bytes) -> None:
+    """Fill a drawable the plug-in has just created (adding it is the undo step).
+
+    Straight into its buffer: the shadow buffer route (``merge_shadow``) writes only
+    where the image's selection is, which would clip results to whatever the artist
+    had selected.
+    """
+    buffer = drawable.get_buffer()
+    buffer.set(Gegl.Rectangle.new(0, 0, width, height), babl_format, data)
+    buffer.flush()
+    drawable.update(0, 0, width, height)
+
 
 class GimpHost:
     def __init__(self, image: Optional[Gimp.Image], drawables: Sequence[Any]) -> None:
@@ -59,10 +75,23 @@ class GimpHost:
         return LayerInfo(drawable.get_name(), drawable.get_width(), drawable.get_height(),
                          x, y, drawable)
 
-    def read_pixels(self, layer: LayerInfo) -> Image:
-        rect = Gegl.Rectangle.new(0, 0, layer.width, layer.height)
+    def read_pixels(self, layer: LayerInfo, box=None) -> Image:
+        x, y, w, h = box or (0, 0, layer.width, layer.height)
+        rect = Gegl.Rectangle.new(x, y, w, h)
         data = layer.handle.get_buffer().get(rect, 1.0, FORMAT, Gegl.AbyssPolicy.CLAMP)
-        return Image(layer.width, layer.height, bytes(data))
+        return Image(w, h, bytes(data))
+
+    def selection_bounds(self, layer: LayerInfo):
+        if Gimp.Selection.is_empty(self.image):
+            return None  # (mask_intersect would answer with the whole layer)
+        found, x, y, w, h = layer.handle.mask_intersect()  # in the layer's pixels
+        return (x, y, w, h) if found and w > 0 and h > 0 else None
+
+    def read_selection(self, layer: LayerInfo, box) -> bytes:
+        x, y, w, h = box  # the selection channel covers the image: add the layer's offsets
+        rect = Gegl.Rectangle.new(layer.x + x, layer.y + y, w, h)
+        buffer = self.image.get_selection().get_buffer()
+        return bytes(buffer.get(rect, 1.0, MASK_FORMAT, Gegl.AbyssPolicy.NONE))
 
     def find_skeleton(self) -> Optional[SkeletonPath]:
         if self.image is None:
@@ -99,15 +128,14 @@ class GimpHost:
         layer = Gimp.Layer.new(self.image, new.name, picture.width, picture.height,
                                self._layer_type(), 100.0, Gimp.LayerMode.NORMAL)
         self.image.insert_layer(layer, parent, position)
-        rect = Gegl.Rectangle.new(0, 0, picture.width, picture.height)
-        shadow = layer.get_shadow_buffer()
-        shadow.set(rect, FORMAT, picture.data)
-        shadow.flush()
-        layer.merge_shadow(True)
-        layer.update(0, 0, picture.width, picture.height)
+        _write(layer, picture.width, picture.height, FORMAT, picture.data)
         if (picture.width, picture.height) != (new.width, new.height):
             layer.scale(new.width, new.height, False)
         layer.set_offsets(new.x, new.y)
+        if new.mask is not None:  # a regenerated selection: the layer shows only there
+            mask = layer.create_mask(Gimp.AddMaskType.BLACK)
+            layer.add_mask(mask)
+            _write(mask, new.width, new.height, MASK_FORMAT, new.mask)
         return layer
 
     def insert_layers(self, anchor: LayerInfo, layers: Sequence[NewLayer], *, below: bool,

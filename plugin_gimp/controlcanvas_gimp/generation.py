@@ -6,6 +6,10 @@ native pixel count (512² for SD1.5, 1024² for SDXL), sides multiples of 8; the
 result is scaled back to the layer's exact size by the editor.  ``size='layer'``
 asks for the layer's own size instead (rounded to multiples of 8).  Either way
 the server's limits are respected.
+
+*Regenerate selection* works on the selection's bounding box plus
+:data:`INPAINT_MARGIN` pixels of context (inside the layer): that box is what is
+sent, sized by the same rule, and what comes back.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
+from shared.images import Image
 from shared.messages import ControlUnit, GenerateRequest, Limits, Models, Pose
 
 from .problems import UsageError, short
 
+Box = Tuple[int, int, int, int]  # x, y, width, height
 NATIVE_SIDE = {"sd15": 512, "sdxl": 1024}
 DEFAULT_NATIVE_SIDE = 512
 SEED_LIMIT = 2**31 - 1  # seeds the plug-in picks fit GIMP's int arguments, so they can be reused
+INPAINT_MARGIN = 64  # context pixels around a selection, each side
 
 
 @dataclass(frozen=True)
@@ -156,21 +163,49 @@ def choose_seed(seed: int, batch: int, rng: Optional[random.Random] = None) -> i
 
 def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
                   models: Optional[Models] = None, limits: Optional[Limits] = None,
-                  pose: Optional[Pose] = None) -> GenerateRequest:
-    """The request for a layer of ``width`` x ``height``: its pixels go in slot 0, or,
-    given a ``pose`` (keypoints on the layer), the unit carries the pose itself and the
-    server draws it at the size it generates at."""
+                  pose: Optional[Pose] = None,
+                  inpaint_strength: Optional[float] = None) -> GenerateRequest:
+    """The request for a layer (or a region of it) of ``width`` x ``height``.
+
+    Its pixels go in slot 0 and steer the control unit, or, given a ``pose`` (keypoints
+    on the layer), the unit carries the pose itself and the server draws it at the size
+    it generates at.  With ``inpaint_strength`` the request repaints slot 0 where the
+    mask in slot 1 is white; the control unit is left out for condition ``none``.
+    """
     w, h = generation_size(width, height, opts.size, native_side(models, opts.base_model),
                            limits)
-    source = dict(pose=pose, preprocessor="none") if pose is not None else \
-        dict(image=0, preprocessor=preprocessor_for(opts, models))
-    unit = ControlUnit(condition=opts.condition, weight=opts.control_weight,
-                       start=opts.control_start, end=opts.control_end,
-                       control_mode=opts.control_mode, resize_mode="just_resize", **source)
-    return GenerateRequest(width=w, height=h, mode="txt2img", prompt=opts.prompt,
+    units = ()
+    if opts.condition != "none":
+        source = dict(pose=pose, preprocessor="none") if pose is not None else \
+            dict(image=0, preprocessor=preprocessor_for(opts, models))
+        units = (ControlUnit(condition=opts.condition, weight=opts.control_weight,
+                             start=opts.control_start, end=opts.control_end,
+                             control_mode=opts.control_mode, resize_mode="just_resize",
+                             **source),)
+    mode = {} if inpaint_strength is None else dict(
+        mode="inpaint", init_image=0, mask_image=1, strength=inpaint_strength)
+    return GenerateRequest(width=w, height=h, prompt=opts.prompt,
                            negative_prompt=opts.negative_prompt, seed=seed, steps=opts.steps,
                            cfg=opts.cfg, sampler=opts.sampler, batch=opts.batch,
-                           base_model=opts.base_model, controls=(unit,))
+                           base_model=opts.base_model, controls=units, **mode)
+
+
+def context_box(bounds: Box, width: int, height: int,
+                margin: int = INPAINT_MARGIN) -> Box:
+    """The selection's bounding box plus ``margin`` pixels of context on every side,
+    inside the layer (``width`` x ``height``)."""
+    x, y, w, h = bounds
+    left, top = max(0, x - margin), max(0, y - margin)
+    return (left, top, min(width, x + w + margin) - left, min(height, y + h + margin) - top)
+
+
+_GREY_TO_RGBA = tuple(bytes((v, v, v, 255)) for v in range(256))
+
+
+def mask_image(width: int, height: int, coverage: bytes) -> Image:
+    """The protocol's inpaint mask (opaque, white = repaint) from selection coverage,
+    one byte per pixel."""
+    return Image(width, height, b"".join(map(_GREY_TO_RGBA.__getitem__, coverage)))
 
 
 def layer_name(prompt: str, seed: Optional[int]) -> str:

@@ -23,9 +23,16 @@ class LayerInfo:
     handle: Any = None
 
 
+Box = Tuple[int, int, int, int]  # x, y, width, height, in the layer's own pixels
+
+
 @dataclass(frozen=True)
 class NewLayer:
-    """A layer to add: ``image`` is scaled to width x height if its size differs."""
+    """A layer to add: ``image`` is scaled to width x height if its size differs.
+
+    ``mask`` (one byte per pixel of width x height) becomes the new layer's layer mask:
+    the layer shows only where it is not 0 (a regenerated selection).
+    """
 
     name: str
     image: Image
@@ -33,6 +40,7 @@ class NewLayer:
     height: int
     x: int
     y: int
+    mask: Optional[bytes] = None
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,16 @@ class Host(Protocol):
     def active_layer(self) -> LayerInfo:
         """The one selected layer; raises UsageError when there is none or several."""
 
-    def read_pixels(self, layer: LayerInfo) -> Image:
-        """The layer's pixels as straight 8-bit RGBA at its own size."""
+    def read_pixels(self, layer: LayerInfo, box: Optional[Box] = None) -> Image:
+        """The layer's pixels as straight 8-bit RGBA: all of them, or those in ``box``."""
+
+    def selection_bounds(self, layer: LayerInfo) -> Optional[Box]:
+        """The bounding box of the selected part of the layer, or None when nothing of
+        it is selected (no selection, or one elsewhere in the image)."""
+
+    def read_selection(self, layer: LayerInfo, box: Box) -> bytes:
+        """How selected each pixel of ``box`` is (0..255, one byte per pixel, rows top
+        to bottom)."""
 
     def undo_group(self) -> ContextManager[None]:
         """Everything done inside is one undo step."""

@@ -46,6 +46,8 @@ CONDITION_CHOICES: Tuple[Tuple[str, str], ...] = (
     ("tile", "Tile (detail)"),
     ("shuffle", "Shuffle (style)"),
 )
+INPAINT_CONDITION_CHOICES = (("none", "None: repaint from the prompt alone"),) + \
+    CONDITION_CHOICES
 SAMPLER_LABELS = {
     "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC",
     "euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "lcm": "LCM (few-step models)",
@@ -243,6 +245,24 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
                  "is added when there is none), or the selected layer when it already is an "
                  "OpenPose image", POSE_SOURCE_CHOICES, "path"),),
         fixed={"condition": "openpose", "annotate": False, "annotator": ""}),
+    ProcedureSpec(
+        name=PREFIX + "inpaint", label="Regenerate selection…",
+        blurb="Repaint the selected part of the layer; nothing outside the selection changes",
+        help="Select an area of the layer first (any selection tool; feathered edges blend "
+             "in). The server repaints it, seeing some of the layer around it, and the "
+             "result is added above the layer as a new layer whose layer mask is the "
+             "selection: outside it the image stays exactly as it was, and the mask can be "
+             "painted to show more or less of the result. Optionally a ControlNet reading "
+             "the same layer steers the new pixels.",
+        action="inpaint",
+        args=(_choice("condition", "Control", "A ControlNet that reads the layer (for "
+                      "example line art) to steer the repainted area, or none",
+                      INPAINT_CONDITION_CHOICES, "none"),)
+        + annotator_args(True, "")
+        + (_double("strength", "Strength", "How much the selected area changes: 1 paints "
+                   "it anew, lower values keep more of what is there", 0.75, 0.0, 1.0),)
+        + generation_args() + connection_args(),
+        returns=("seed", "layer")),
     ProcedureSpec(
         name=PREFIX + "control-image", label="Make control image…",
         blurb="Run an annotator on the selected layer and add the control image as a layer",

@@ -1,8 +1,9 @@
 """An in-memory GIMP for the plug-in's logic tests: implements controlcanvas_gimp.host.Host.
 
 It keeps a layer stack (top first; groups hold children), paths with strokes and
-metadata, undo groups, progress and messages, and asserts that every call comes
-from the thread that created it (GIMP's rule: no Gimp call off the main thread).
+metadata, a selection (one byte per pixel of the image's canvas), undo groups,
+progress and messages, and asserts that every call comes from the thread that
+created it (GIMP's rule: no Gimp call off the main thread).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class FakeLayer:
     undo_group: int = 0  # the undo group that added it (0: present from the start)
     generated_size: tuple = ()  # the size the result arrived at, before scaling
     children: Optional[List["FakeLayer"]] = None  # a layer group
+    mask: Optional[bytes] = None  # the layer mask, one byte per pixel
 
     @property
     def width(self) -> int:
@@ -67,6 +69,18 @@ class FakeHost:
     progress_log: list = field(default_factory=list)
     messages: List[str] = field(default_factory=list)
     thread: int = field(default_factory=threading.get_ident)
+    canvas: tuple = (96, 72)  # the image's size
+    selection: Optional[bytes] = None  # canvas-sized coverage, None = nothing selected
+
+    def select_rectangle(self, x: int, y: int, width: int, height: int,
+                         value: int = 255) -> None:
+        """Add a rectangle to the selection, as the Rectangle Select tool does."""
+        cw, ch = self.canvas
+        plane = bytearray(self.selection or bytes(cw * ch))
+        for row in range(max(0, y), min(ch, y + height)):
+            left, right = max(0, x), min(cw, x + width)
+            plane[row * cw + left:row * cw + right] = bytes((value,)) * (right - left)
+        self.selection = bytes(plane)
 
     def _main_thread_only(self) -> None:
         assert threading.get_ident() == self.thread, "a GIMP call off the main thread"
@@ -85,9 +99,33 @@ class FakeHost:
         layer = self.selected
         return LayerInfo(layer.name, layer.width, layer.height, layer.x, layer.y, layer)
 
-    def read_pixels(self, layer: LayerInfo) -> Image:
+    def read_pixels(self, layer: LayerInfo, box=None) -> Image:
         self._main_thread_only()
-        return layer.handle.image
+        image = layer.handle.image
+        return image if box is None else image.crop(*box)
+
+    def read_selection(self, layer: LayerInfo, box) -> bytes:
+        self._main_thread_only()
+        cw, ch = self.canvas
+        x, y, w, h = box
+        out = bytearray(w * h)  # outside the canvas nothing is selected
+        for row in range(h):
+            for col in range(w):
+                cx, cy = layer.x + x + col, layer.y + y + row
+                if self.selection and 0 <= cx < cw and 0 <= cy < ch:
+                    out[row * w + col] = self.selection[cy * cw + cx]
+        return bytes(out)
+
+    def selection_bounds(self, layer: LayerInfo):
+        self._main_thread_only()
+        if self.selection is None or not any(self.selection):
+            return None
+        plane = self.read_selection(layer, (0, 0, layer.width, layer.height))
+        picked = [(i % layer.width, i // layer.width) for i, v in enumerate(plane) if v]
+        if not picked:
+            return None
+        xs, ys = [p[0] for p in picked], [p[1] for p in picked]
+        return (min(xs), min(ys), max(xs) + 1 - min(xs), max(ys) + 1 - min(ys))
 
     @contextmanager
     def undo_group(self):
@@ -122,9 +160,10 @@ class FakeHost:
             stack, position = folder.children, 0
         for index, new in enumerate(layers):
             assert isinstance(new, NewLayer)
+            assert new.mask is None or len(new.mask) == new.width * new.height
             layer = FakeLayer(new.name, resize_nearest(new.image, new.width, new.height),
                               new.x, new.y, undo_group=group_id,
-                              generated_size=new.image.size)
+                              generated_size=new.image.size, mask=new.mask)
             stack.insert(position + index, layer)
             handles.append(layer)
         return handles

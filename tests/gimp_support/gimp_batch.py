@@ -2,10 +2,11 @@
 #   gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
 #     -b "p='/tmp/W/gimp_batch.py'; exec(compile(open(p).read(), p, 'exec'), {'PARAMS': '/tmp/W/params.json'})" --quit
 # For each case it loads the PNG, moves its layer to the given offsets on a bigger canvas
-# with a white "paper" layer below, runs one Filters > ControlNet procedure
-# non-interactively with the given arguments, and records the status, the PDB error, the
-# return values, the layer tree (new layers' pixels dumped as raw RGBA files), the source
-# layer before/after and the paths.  Writes PARAMS' "work"/results.json.
+# with a white "paper" layer below, selects a rectangle when the case says so, runs one
+# Filters > ControlNet procedure non-interactively with the given arguments, and records
+# the status, the PDB error, the return values, the layer tree (new layers' pixels and
+# layer masks dumped as raw files), the source layer before/after, what the whole image
+# looks like before/after (merged copies) and the paths.  Writes PARAMS' "work"/results.json.
 import json
 import os
 import traceback
@@ -28,6 +29,15 @@ def pixels(drawable):
                                            Gegl.AbyssPolicy.CLAMP))
 
 
+def looks(image):
+    """The image as GIMP shows it: the visible layers of a copy, merged."""
+    copy = image.duplicate()
+    merged = copy.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
+    data = pixels(merged)
+    copy.delete()
+    return data
+
+
 def dump(name, data):
     with open(os.path.join(WORK, name), 'wb') as handle:
         handle.write(data)
@@ -45,6 +55,11 @@ def tree(case_id, items, counter):
         else:
             counter[0] += 1
             node['pixels'] = dump('%s-layer%d.rgba' % (case_id, counter[0]), pixels(item))
+            mask = item.get_mask()
+            if mask is not None:
+                rect = Gegl.Rectangle.new(0, 0, node['w'], node['h'])
+                node['mask'] = dump('%s-mask%d.y' % (case_id, counter[0]), bytes(
+                    mask.get_buffer().get(rect, 1.0, 'Y u8', Gegl.AbyssPolicy.CLAMP)))
         out.append(node)
     return out
 
@@ -92,8 +107,11 @@ for case in P['cases']:
     image = None
     try:
         image, source = setup_image()
+        if case.get('select'):
+            image.select_rectangle(Gimp.ChannelOps.REPLACE, *case['select'])
         before = pixels(source)
         c['source_before'] = dump(cid + '-source.rgba', before)
+        c['looks_before'] = dump(cid + '-looks-before.rgba', looks(image))
         proc = pdb.lookup_procedure(case['proc'])
         cfg = proc.create_config()
         cfg.set_property('run-mode', Gimp.RunMode.NONINTERACTIVE)
@@ -112,6 +130,7 @@ for case in P['cases']:
                 returned[arg.name] = value.get_name() if hasattr(value, 'get_name') else value
             c['returned'] = returned
         c['layers'] = tree(cid, image.get_layers(), [0])
+        c['looks_after'] = dump(cid + '-looks-after.rgba', looks(image))
         c['source_unchanged'] = pixels(source) == before
         _, sx, sy = source.get_offsets()
         c['source_offsets'] = [sx, sy]
