@@ -394,7 +394,31 @@ def test_generate_adds_the_servers_pixels_above_the_layer(server, host):
     # Progress reached the progress bar (from the main thread: FakeHost checks).
     fractions = [f for _, f in host.progress_log if f is not None]
     assert fractions[-1] == 1.0 and any(0 < f < 1 for f in fractions)
-    assert any(t and "step 6 of 6" in t for t, _ in host.progress_log)
+    assert any(t and t.startswith("Step 6/6 · generating") for t, _ in host.progress_log)
+
+
+def test_progress_text_says_the_step_and_the_time_left(host):
+    from shared.messages import Progress, Queued
+    now = [100.0]
+    report = actions.Reporter(host, "generating", clock=lambda: now[0])
+    report(Queued(job_id="0" * 32, position=2))
+    report(Progress(job_id="0" * 32, step=0, total=1, stage="preprocess"))
+    for step in range(1, 21):
+        report(Progress(job_id="0" * 32, step=step, total=20))
+        now[0] += 0.5  # half a second a step
+    texts = [t for t, _ in host.progress_log]
+    assert texts[:3] == ["ControlCanvas: waiting in the server's queue (position 2)",
+                         "ControlCanvas: preparing the control image…",
+                         "Step 1/20 · generating (ControlCanvas)"]
+    assert texts[3] == "Step 2/20, ~9 s left · generating (ControlCanvas)"
+    assert texts[-2] == "Step 19/20, ~1 s left · generating (ControlCanvas)"
+    assert texts[-1] == "Step 20/20 · generating (ControlCanvas)"
+    assert [f for _, f in host.progress_log][-1] == 1.0
+    slow = actions.Reporter(host, "generating", clock=lambda: now[0])
+    slow(Progress(job_id="0" * 32, step=1, total=150))
+    now[0] += 3.0
+    slow(Progress(job_id="0" * 32, step=2, total=150))
+    assert host.progress_log[-1][0] == "Step 2/150, ~7 min left · generating (ControlCanvas)"
 
 
 def test_random_seed_is_reported_and_reproducible(server, host):

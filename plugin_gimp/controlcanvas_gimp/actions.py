@@ -10,6 +10,7 @@ undo group (main thread).  Nothing in the image changes unless the job succeeded
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -94,21 +95,49 @@ def run(spec: ProcedureSpec, host: Host, values: Mapping[str, Any],
                               action=ctx.doing), err) from err
 
 
-def _reporter(host: Host, what: str) -> Callable[[Any], None]:
-    """Turn server events into progress-bar updates (runs on the main thread)."""
-    def on_event(event: Any) -> None:
+class Reporter:
+    """Server events → GIMP's progress bar (called on the main thread).
+
+    The text names the stage and, while denoising, starts with "Step N/M" and, once
+    two steps have come in, about how long is left.  There are no picture previews: a
+    preview layer would be written into the artist's image at every update (undo
+    history, a dirty image), and it would stay there when Cancel on the progress bar
+    ends the plug-in process, which runs no clean-up.  So the plug-in does not ask
+    the server for previews either.
+    """
+
+    def __init__(self, host: Host, what: str, clock: Callable[[], float] = time.monotonic):
+        self.host, self.what, self.clock = host, what, clock
+        self.first: Optional[Tuple[float, int]] = None  # (time, step) of the first step seen
+
+    def __call__(self, event: Any) -> None:
+        host, what = self.host, self.what
         if isinstance(event, Queued):
             host.progress(text=f"ControlCanvas: waiting in the server's queue "
                                f"(position {event.position})")
         elif isinstance(event, Progress):
             if event.stage == "preprocess":
-                host.progress(text="ControlCanvas: annotating the layer…")
+                host.progress(text="ControlCanvas: preparing the control image…")
             elif event.total > 0:
-                host.progress(text=f"ControlCanvas: {what}, step {event.step} of {event.total}",
+                # the step first: GIMP's status bar shows only the start of a long text
+                host.progress(text=f"Step {event.step}/{event.total}"
+                                   f"{self._time_left(event.step, event.total)} · {what} "
+                                   f"(ControlCanvas)",
                               fraction=min(1.0, event.step / event.total))
             else:
                 host.progress(text=f"ControlCanvas: {what}…", fraction=0.0)
-    return on_event
+
+    def _time_left(self, step: int, total: int) -> str:
+        now = self.clock()
+        if self.first is None or step < self.first[1]:
+            self.first = (now, step)
+            return ""
+        then, first_step = self.first
+        if step == first_step or step >= total:
+            return ""
+        left = (now - then) / (step - first_step) * (total - step)
+        return f", ~{max(1, round(left))} s left" if left < 90 else \
+            f", ~{round(left / 60)} min left"
 
 
 # -- the actions --------------------------------------------------------------------
@@ -173,7 +202,7 @@ def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra)
             job = client.submit(request, images, cancel_on_disconnect=True)
             return request, client.wait(job, on_event=emit)
 
-    return worker.run(work, _reporter(ctx.host, what))
+    return worker.run(work, Reporter(ctx.host, what))
 
 
 def _add_results(ctx: _Run, layer, box, request: GenerateRequest, result, *,
@@ -216,7 +245,7 @@ def control_image(ctx: _Run) -> Outcome:
             job = client.preprocess(name, pixels, cancel_on_disconnect=True)
             return name, client.wait(job, on_event=emit)
 
-    name, result = worker.run(work, _reporter(host, "annotating"))
+    name, result = worker.run(work, Reporter(host, "annotating"))
     (_, image), = result.images
     new = NewLayer(f"Control image · {condition} ({name})", image, layer.width, layer.height,
                    layer.x, layer.y)
@@ -247,7 +276,7 @@ def pose_from_photo(ctx: _Run) -> Outcome:
             job = client.preprocess(POSE_ANNOTATOR, photo, cancel_on_disconnect=True)
             return client.wait(job, on_event=emit)
 
-    result = worker.run(work, _reporter(host, "detecting the pose"))
+    result = worker.run(work, Reporter(host, "detecting the pose"))
     (_, image), = result.images
     text = result.info.get("keypoints")
     if isinstance(text, str) and text:  # a server that sends the keypoints themselves

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GUI GIMP under Xvfb, in the chroot of tests/editors/setup_gimp.sh: opens an image,
 # calls Filters > ControlNet > Generate from layer INTERACTIVELY, screenshots GIMP's own
-# dialog (GimpUi.ProcedureDialog), presses OK, screenshots the result, presses Ctrl+Z in
-# the image window and checks that one undo removed exactly the new layer.
+# dialog (GimpUi.ProcedureDialog), presses OK, screenshots the image window while the job
+# runs (progress text) and the result, presses Ctrl+Z in the image window and checks that
+# one undo removed exactly the new layer.
 #
 # Usage (as root, from the checkout):
 #   bash tests/gimp_support/gui_dialog.sh [OUT_DIR]     (default OUT_DIR: docs/img)
-# Writes OUT_DIR/gimp-dialog.png and OUT_DIR/gimp-result.png; exit 0 when every check passed,
+# Writes OUT_DIR/gimp-dialog.png, gimp-progress.png (when the job was caught running) and
+# gimp-result.png; exit 0 when every check passed,
 # 3 when the X tools cannot be installed into the chroot.
 # Installs xvfb, xdotool and imagemagick into the chroot the first time (~20 s). Uses its
 # own GIMP profile (GIMP3_DIRECTORY=/var/lib/controlcanvas-gimp-gui in the chroot, kept
@@ -127,7 +129,13 @@ for _ in $(seq 60); do DIALOG="$(window 'ControlNet: Generate from layer')"; [[ 
 sleep 1.5  # let it draw
 X import -window "$DIALOG" "/$REL/dialog.png"
 cp "$W/dialog.png" "$OUT/gimp-dialog.png"
+RUNNING="$(window 'RGB color.* – GIMP')"  # wide enough for the status bar's progress text
+[[ -z "$RUNNING" ]] || X xdotool windowsize --sync "$RUNNING" 1100 720
 X xdotool windowfocus --sync "$DIALOG" key Return
+sleep 1.2  # mid-job (12 steps of 0.15 s): GIMP's progress bar says "step N/M"
+if [[ -n "$RUNNING" && ! -e "$W/generated" ]]; then
+    X import -window "$RUNNING" "/$REL/progress.png" && cp "$W/progress.png" "$OUT/gimp-progress.png"
+fi
 
 wait_file generated 120
 sleep 1
