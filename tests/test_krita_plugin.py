@@ -256,6 +256,43 @@ def test_inpaint_plan_crops_to_selection_with_context(krita_app):
         plan.build(Settings(mode="inpaint"), cc_canvas.KritaCanvas(doc))
 
 
+def test_openpose_unit_on_a_vector_layer_without_a_skeleton_sends_its_pixels(krita_app):
+    doc = mock_krita.Document(W, H)
+    krita_app.open_with_view(doc)
+    vector = doc.createVectorLayer("shapes")
+    doc.rootNode().addChildNode(vector, None)
+    vector.addShapesFromSvg('<svg xmlns="http://www.w3.org/2000/svg" width="48pt" '
+                            'height="32pt" viewBox="0 0 48 32"><rect id="box" x="4" y="4" '
+                            'width="10" height="8" fill="#ff0000"/></svg>')
+    assert cc_canvas.KritaCanvas(doc).read_pose(uid(vector)) is None
+    settings = Settings(units=[UnitSettings(layer_id=uid(vector), condition="openpose")])
+    job = plan.build(settings, cc_canvas.KritaCanvas(doc), seed=1)
+    (unit,) = job.request.controls
+    assert unit.pose is None and unit.image in job.images
+
+
+def test_plan_sends_resize_mode_annotator_params_hires_and_base_model(krita_app):
+    doc, lines = line_art_doc()
+    unit = UnitSettings(layer_id=uid(lines), condition="lineart",
+                        annotator="lineart_from_drawing", resize_mode="just_resize",
+                        params={"threshold": 150, "invert": False, "stale": 1})
+    settings = Settings(units=[unit, UnitSettings(layer_id=uid(lines), annotator="none",
+                                                  params={"threshold": 9})],
+                        hires=True, base_model=" anime-v3 ")
+    declared = {"lineart_from_drawing": ("mode", "threshold", "invert")}
+    req = plan.build(settings, cc_canvas.KritaCanvas(doc), seed=1, declared=declared).request
+    first, second = req.controls
+    assert (first.resize_mode, first.params) == ("just_resize",
+                                                 {"threshold": 150, "invert": False}), \
+        "parameters the annotator does not take are dropped"
+    assert second.params == {} and second.resize_mode == "crop_and_resize"
+    assert req.hires is True and req.base_model == "anime-v3"
+    back = Settings.from_json(settings.to_json())
+    assert back.units[0].params == unit.params and back.units[0].resize_mode == "just_resize"
+    odd = Settings.from_json('{"units": [{"resize_mode": "zoom", "params": {"a": [1]}}]}')
+    assert odd.units[0].resize_mode == "crop_and_resize" and odd.units[0].params == {}
+
+
 def test_refuses_float_documents_clearly(krita_app):
     doc = mock_krita.Document(8, 8, depth="F32")
     with pytest.raises(pixels.PixelError, match="Convert Image Color Space"):
@@ -555,68 +592,132 @@ def krita_dark_palette():
     return pal
 
 
-def test_docker_generates_cancels_and_looks_tidy(make_server, qapp, krita_app, tmp_path,
-                                                 monkeypatch):
+@pytest.fixture
+def docker_on(make_server, qapp, krita_app, tmp_path, monkeypatch):
+    """open(engine, steps): the line-art document in a window and the docker Krita's
+    factory builds, its settings pointing at a server with ``engine`` (token file)."""
+    made = []
+
+    def open_docker(engine, steps):
+        srv = make_server(engine)
+        monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+        (tmp_path / "token").write_text(srv.token)
+        doc, lines = line_art_doc()
+        krita_app.open_with_view(doc)
+        krita_app.writeSetting(cc_canvas.SETTINGS_GROUP, "settings",
+                               Settings(url=srv.url, steps=steps).to_json())
+        docker = cc_canvas.ControlCanvasDocker()
+        made.append(docker)
+        return doc, docker, docker.panel
+
+    yield open_docker
+    for docker in made:
+        docker.panel.timer.stop()
+        docker.panel.controller.shutdown()
+        docker.deleteLater()
+    qapp.processEvents()
+
+
+def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp):
     from PyQt6 import QtWidgets
     engine = RecordingEngine(step_seconds=0.01)
-    srv = make_server(engine)
-    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
-    (tmp_path / "token").write_text(srv.token)
-    doc, lines = line_art_doc()
-    krita_app.open_with_view(doc)
-    krita_app.writeSetting(cc_canvas.SETTINGS_GROUP, "settings",
-                           Settings(url=srv.url, steps=12).to_json())
-    docker = cc_canvas.ControlCanvasDocker()  # what Krita's factory builds
-    panel = docker.panel
-    try:
-        docker.resize(300, 900)
-        panel.on_connect()
-        assert pump(qapp, lambda: panel.controller.online), panel.controller.status
-        assert "Connected" in panel.state_text.text()
-        panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
-        panel.on_preset()
-        assert len(panel.units) == 1 and panel.units[0].layer.currentText() == "lineart"
-        assert panel.units[0].annotator.currentText() == "lineart_from_drawing"
-        panel.prompt.setPlainText("flat colours, girl in a red coat")
-        panel.generate_button.click()
-        assert pump(qapp, lambda: len(doc.rootNode().childNodes()) == 3)
-        result = doc.rootNode().childNodes()[1]
-        assert result.name().startswith("flat colours, girl in a red coat [seed ")
-        assert node_image(result, doc) == engine.calls[-1][2][0].image
-        assert panel.history.count() == 1 and panel.progress.value() == panel.progress.maximum()
-        assert f"seed {int(panel.seed.value())}]" in result.name()
-        # a long job, cancelled from the button
-        panel.steps.setValue(150)
-        engine.step_seconds = 0.05
-        engine.started.clear()
-        panel.generate_button.click()
-        assert pump(qapp, lambda: engine.started.is_set() and panel.cancel_button.isEnabled())
-        pump(qapp, lambda: panel.progress.value() > 2, 5)
-        panel.cancel_button.click()
-        assert pump(qapp, lambda: panel.message.text() == "Cancelled.", 10)
-        assert len(doc.rootNode().childNodes()) == 3 and not panel.cancel_button.isEnabled()
-        # screenshot for the docs, in a state worth showing
-        engine.step_seconds = 0.0
-        panel.steps.setValue(20)
-        panel.generate_button.click()
-        assert pump(qapp, lambda: panel.history.count() == 2)
-        panel.controller._say("Added 1 layer(s), seed "
-                              f"{panel.controller.history[0].seeds[0]}.")
-        docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
-        docker.setPalette(krita_dark_palette())
-        for child in docker.findChildren(QtWidgets.QWidget):
-            child.setPalette(krita_dark_palette())
-        docker.resize(270, 790)
-        qapp.processEvents()
-        out = ROOT / "docs" / "img" / "krita-docker.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        assert docker.grab().save(str(out))
-        assert out.stat().st_size > 5000
-    finally:
-        panel.timer.stop()
-        panel.controller.shutdown()
-        docker.deleteLater()
-        qapp.processEvents()
+    doc, docker, panel = docker_on(engine, 12)
+    docker.resize(300, 900)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    assert "Connected" in panel.state_text.text()
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    assert len(panel.units) == 1 and panel.units[0].layer.currentText() == "lineart"
+    assert panel.units[0].annotator.currentText() == "lineart_from_drawing"
+    panel.prompt.setPlainText("flat colours, girl in a red coat")
+    panel.generate_button.click()
+    assert pump(qapp, lambda: len(doc.rootNode().childNodes()) == 3)
+    result = doc.rootNode().childNodes()[1]
+    assert result.name().startswith("flat colours, girl in a red coat [seed ")
+    assert node_image(result, doc) == engine.calls[-1][2][0].image
+    assert panel.history.count() == 1 and panel.progress.value() == panel.progress.maximum()
+    assert f"seed {int(panel.seed.value())}]" in result.name()
+    # a long job, cancelled from the button
+    panel.steps.setValue(150)
+    engine.step_seconds = 0.05
+    engine.started.clear()
+    panel.generate_button.click()
+    assert pump(qapp, lambda: engine.started.is_set() and panel.cancel_button.isEnabled())
+    pump(qapp, lambda: panel.progress.value() > 2, 5)
+    panel.cancel_button.click()
+    assert pump(qapp, lambda: panel.message.text() == "Cancelled.", 10)
+    assert len(doc.rootNode().childNodes()) == 3 and not panel.cancel_button.isEnabled()
+    # screenshot for the docs, in a state worth showing
+    engine.step_seconds = 0.0
+    panel.steps.setValue(20)
+    panel.generate_button.click()
+    assert pump(qapp, lambda: panel.history.count() == 2)
+    panel.controller._say("Added 1 layer(s), seed "
+                          f"{panel.controller.history[0].seeds[0]}.")
+    panel.units[0].options.setChecked(True)  # the line-art annotator's settings, open
+    docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
+    docker.setPalette(krita_dark_palette())
+    for child in docker.findChildren(QtWidgets.QWidget):
+        child.setPalette(krita_dark_palette())
+    docker.resize(270, 1000)
+    qapp.processEvents()
+    body = panel.findChild(QtWidgets.QScrollArea).widget()
+    scrollbar = docker.style().pixelMetric(QtWidgets.QStyle.PixelMetric.PM_ScrollBarExtent)
+    assert body.minimumSizeHint().width() <= 262 and \
+        body.minimumSizeHint().width() + scrollbar <= 276, \
+        "the docker stays narrow: no horizontal scrolling at 270 px (276 px scrolling down)"
+    docker.resize(270, body.sizeHint().height())  # all of it, no vertical scrolling
+    qapp.processEvents()
+    out = ROOT / "docs" / "img" / "krita-docker.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    assert docker.grab().save(str(out))
+    assert out.stat().st_size > 5000
+
+
+def test_docker_shows_what_the_protocol_offers(docker_on, qapp, krita_app):
+    """Base model (free text, the server's list as suggestions), hi-res pass, each unit's
+    fit (resize mode) and its annotator's settings, built from the server's description."""
+    from PyQt6 import QtWidgets
+    engine = RecordingEngine()
+    doc, docker, panel = docker_on(engine, 4)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    assert [panel.base_model.itemText(i) for i in range(panel.base_model.count())] == \
+        ["", "fake"]
+    assert panel.base_model.lineEdit().placeholderText() == "server default (fake)"
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    unit = panel.units[0]
+    assert unit.options.isEnabled() and unit.form is not None
+    form = unit.form.widgets
+    assert set(form) == {"mode", "threshold", "block", "offset", "thickness", "invert"}
+    assert isinstance(form["mode"], QtWidgets.QComboBox) and \
+        isinstance(form["invert"], QtWidgets.QCheckBox)
+    assert (form["threshold"].minimum(), form["threshold"].maximum(),
+            form["threshold"].value()) == (1, 255, 192)
+    unit.options.setChecked(True)
+    form["threshold"].setValue(150)
+    form["invert"].setChecked(False)
+    unit.resize.setCurrentIndex(unit.resize.findData("resize_and_fill"))
+    panel.hires.setChecked(True)
+    panel.base_model.setEditText("fake")
+    panel.generate_button.click()
+    assert pump(qapp, lambda: panel.history.count() == 1), panel.message.text()
+    request = engine.calls[-1][0]
+    (sent,) = request.controls
+    assert sent.params == {"threshold": 150, "invert": False}
+    assert sent.resize_mode == "resize_and_fill"
+    assert request.hires and request.base_model == "fake"
+    # another annotator starts from its own defaults; coming back keeps what was set
+    unit.annotator.setCurrentText("invert")
+    assert unit.form is None and not unit.options.isEnabled()
+    assert panel.collect().units[0].params == {}
+    unit.annotator.setCurrentText("lineart_from_drawing")
+    assert unit.form.widgets["threshold"].value() == 150
+    saved = Settings.from_json(krita_app.readSetting(cc_canvas.SETTINGS_GROUP,
+                                                     "settings", ""))
+    assert saved.hires and saved.units[0].params == {"threshold": 150, "invert": False}
 
 
 def test_module_boundaries():

@@ -110,11 +110,11 @@ class KritaCanvas(CanvasPort):
             shapes.append((shape.name(), (rect.x(), rect.y(), rect.width(), rect.height())))
         try:
             return pose_mod.keypoints_from_shapes(shapes, self.doc.resolution() or 72)
-        except openpose.PoseError:
+        except pose_mod.PoseError:
             pass
         try:
             return pose_mod.keypoints_from_svg(node.toSvg(), self.doc.resolution() or 72)
-        except openpose.PoseError:
+        except pose_mod.PoseError:
             return None
 
     # -- writing --------------------------------------------------------------------

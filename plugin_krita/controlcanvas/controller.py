@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
@@ -129,6 +129,25 @@ class Controller:
                  (not condition or a.condition in ("", condition))]
         return names if "none" in names else ["none"] + names
 
+    def annotator_info(self, name: str) -> Optional[messages.AnnotatorInfo]:
+        """What the server says about an annotator (its parameters), None if unknown."""
+        if self.models is None:
+            return None
+        return next((a for a in self.models.annotators if a.name == name), None)
+
+    def declared_params(self) -> Optional[Dict[str, Tuple[str, ...]]]:
+        """Each annotator's parameter names, None before the server listed them."""
+        if self.models is None:
+            return None
+        return {a.name: tuple(p.name for p in a.params) for a in self.models.annotators}
+
+    def base_models(self) -> List[str]:
+        """Base model names the server knows, the downloaded ones first."""
+        if self.models is None:
+            return []
+        bases = [m for m in self.models.models if m.kind == "base"]
+        return [m.name for m in sorted(bases, key=lambda m: not m.present)]
+
     def pose_detector(self) -> str:
         """The server's pose-detection annotator, "" when it has none available."""
         if self.models is None:
@@ -167,7 +186,8 @@ class Controller:
         if canvas is None or not self._ready():
             return None
         try:
-            job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch)
+            job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch,
+                                  declared=self.declared_params())
         except (PlanError, pixels.PixelError, openpose.PoseError) as err:
             self._say(str(err), "error")
             return None
@@ -257,7 +277,9 @@ class Controller:
             return None
         layer = doc.layer(unit.layer_id)
         source = layer.name if layer else "visible image"
-        job_id = self.worker.preprocess(annotator or "none", image)
+        annotator = annotator or "none"
+        job_id = self.worker.preprocess(annotator, image, params=plan.unit_params(
+            unit, annotator, self.declared_params()))
         self.active[job_id] = _Active("control-preview", canvas,
                                       name=f"Control: {annotator} of {source}",
                                       anchor_id=unit.layer_id, box=box)

@@ -6,14 +6,14 @@ events every 50 ms, and the controller's notifications update the widgets.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import plan
 from .controller import Controller
 from .proto import messages
 from .qt import Qt, QtCore, QtGui, QtWidgets, qimage_from_rgba
-from .settings import (CONTROL_MODE_LABELS, CONTROL_MODES, MODE_LABELS, MODES, Settings,
-                       UnitSettings)
+from .settings import (CONTROL_MODE_LABELS, CONTROL_MODES, MODE_LABELS, MODES,
+                       RESIZE_MODE_LABELS, RESIZE_MODES, Settings, UnitSettings)
 
 W = QtWidgets
 CONDITION_LABELS = {
@@ -26,9 +26,10 @@ STATE_COLOURS = {"online": "#3fb950", "connecting": "#d29922", "offline": "#8b94
                  "error": "#f85149"}
 MESSAGE_COLOURS = {"info": "palette(text)", "warning": "#d29922", "error": "#f85149"}
 VISIBLE_IMAGE = "(visible image)"
+INT_LIMIT = 2**31 - 1  # what a QSpinBox holds
 
 
-def _narrow(box: W.QComboBox, chars: int = 6) -> W.QComboBox:
+def _narrow(box: W.QComboBox, chars: int = 5) -> W.QComboBox:
     """Let a combo box shrink with the docker instead of forcing its width."""
     box.setSizeAdjustPolicy(W.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     box.setMinimumContentsLength(chars)
@@ -85,6 +86,68 @@ def _section(title: str) -> W.QLabel:
     return label
 
 
+class ParamsForm(W.QWidget):
+    """Widgets for one annotator's parameters, built from the server's ParamInfo list:
+    int and float as spin boxes within their range, bool as a check box, choice as a
+    combo box, anything else as text.  :meth:`values` gives what differs from the
+    defaults (the server fills in the rest)."""
+
+    def __init__(self, annotator: str, params: Sequence[messages.ParamInfo],
+                 values: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.annotator = annotator
+        self.params = tuple(params)
+        self.widgets: Dict[str, W.QWidget] = {}
+        form = W.QFormLayout(self)
+        form.setContentsMargins(0, 2, 0, 0)
+        form.setHorizontalSpacing(4)
+        form.setVerticalSpacing(2)
+        form.setFieldGrowthPolicy(W.QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        for info in self.params:
+            widget = self._widget(info, values.get(info.name, info.default))
+            widget.setToolTip(info.help or info.name)
+            self.widgets[info.name] = widget
+            form.addRow(_small_label(info.name.replace("_", " ").capitalize()), widget)
+
+    @staticmethod
+    def _widget(info: messages.ParamInfo, value: Any) -> W.QWidget:
+        if info.kind == "bool":
+            box = W.QCheckBox()
+            box.setChecked(bool(value))
+            return box
+        if info.kind in ("int", "float"):
+            lo = -INT_LIMIT if info.min is None else info.min
+            hi = INT_LIMIT if info.max is None else info.max
+            if info.kind == "int":
+                return _spin(max(lo, -INT_LIMIT), min(hi, INT_LIMIT), int(value))
+            step = 0.05 if hi - lo <= 2 else 0.5
+            return _spin(float(lo), float(hi), float(value), step, 2)
+        if info.kind == "choice":
+            return _combo([(c, c) for c in info.choices], value)
+        return W.QLineEdit(str(value))
+
+    def values(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for info in self.params:
+            widget = self.widgets[info.name]
+            if info.kind == "bool":
+                value: Any = widget.isChecked()
+            elif info.kind == "int":
+                value = int(widget.value())
+            elif info.kind == "float":
+                value = float(widget.value())
+            elif info.kind == "choice":
+                value = widget.currentData()
+            else:
+                value = widget.text()
+            default = info.default
+            if info.kind == "float" and abs(value - float(default)) < 0.005:
+                continue
+            if value != default:
+                out[info.name] = value
+        return out
+
+
 class UnitWidget(W.QFrame):
     """One control unit: condition, layer, annotator (+ preview), weight, range, mode."""
 
@@ -108,12 +171,24 @@ class UnitWidget(W.QFrame):
         self.remove.setAutoRaise(True)
         self.layer = _narrow(W.QComboBox())
         self.layer.setToolTip("The layer this unit reads")
-        self.annotator = _narrow(W.QComboBox())
+        self.annotator = _narrow(W.QComboBox(), 4)
         self.annotator.setToolTip("How the layer is turned into the control image (on the "
                                   "server); 'none' uses it as it is")
         self.preview = W.QToolButton()
         self.preview.setText("Preview")
         self.preview.setToolTip("Insert the control image as a layer, to check or edit it")
+        self.options = W.QToolButton()
+        self.options.setText("⚙")
+        self.options.setCheckable(True)
+        self.options.setAutoRaise(True)
+        self.options.setToolTip("The annotator's settings")
+        self.params_box = W.QVBoxLayout()
+        self.params_box.setContentsMargins(0, 0, 0, 0)
+        self.form: Optional[ParamsForm] = None
+        self.resize = _combo([(m, RESIZE_MODE_LABELS[m]) for m in RESIZE_MODES],
+                             unit.resize_mode)
+        self.resize.setToolTip("When the layer's shape differs from the generated image's: "
+                               "crop it to fit, stretch it, or fit it inside (padding)")
         self.weight = _spin(0.0, 2.0, unit.weight, 0.05, 2)
         self.weight.setToolTip("Control weight (0-2)")
         self.start = _spin(0.0, 1.0, unit.start, 0.05, 2)
@@ -133,19 +208,29 @@ class UnitWidget(W.QFrame):
         top.addWidget(self.remove)
         grid.addLayout(top, 0, 0, 1, 4)
         grid.addWidget(_small_label("Annotator"), 1, 0)
-        grid.addWidget(self.annotator, 1, 1, 1, 2)
+        annotator_row = W.QHBoxLayout()
+        annotator_row.setSpacing(2)
+        annotator_row.addWidget(self.annotator, 1)
+        annotator_row.addWidget(self.options)
+        grid.addLayout(annotator_row, 1, 1, 1, 2)
         grid.addWidget(self.preview, 1, 3)
-        grid.addWidget(_small_label("Weight"), 2, 0)
-        grid.addWidget(self.weight, 2, 1)
-        grid.addWidget(self.mode, 2, 2, 1, 2)
-        grid.addWidget(_small_label("Range"), 3, 0)
-        grid.addWidget(self.start, 3, 1)
-        grid.addWidget(self.end, 3, 2, 1, 2)
+        grid.addLayout(self.params_box, 2, 1, 1, 3)
+        grid.addWidget(_small_label("Weight"), 3, 0)
+        grid.addWidget(self.weight, 3, 1)
+        grid.addWidget(self.mode, 3, 2, 1, 2)
+        grid.addWidget(_small_label("Range"), 4, 0)
+        grid.addWidget(self.start, 4, 1)
+        grid.addWidget(self.end, 4, 2, 1, 2)
+        grid.addWidget(_small_label("Fit"), 5, 0)
+        grid.addWidget(self.resize, 5, 1, 1, 3)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(2, 1)
         self._layer_id = unit.layer_id
         self._annotator = unit.annotator
+        self._params, self._params_for = dict(unit.params), unit.annotator
         self.condition.currentIndexChanged.connect(self.fill_annotators)
+        self.annotator.currentIndexChanged.connect(self.fill_params)
+        self.options.toggled.connect(self._show_params)
         self.layer.currentIndexChanged.connect(self._layer_changed)
         self.remove.clicked.connect(lambda: panel.remove_unit(self))
         self.preview.clicked.connect(lambda: panel.preview_unit(self))
@@ -175,6 +260,36 @@ class UnitWidget(W.QFrame):
         self.annotator.addItems(names)
         self.annotator.setCurrentText(keep if keep in names else "none")
         self.annotator.blockSignals(False)
+        self.fill_params()
+
+    def fill_params(self) -> None:
+        """Rebuild the settings of the chosen annotator (from the server's description);
+        values set for it before are kept, another annotator starts from its defaults."""
+        if self.form is not None:
+            self._params, self._params_for = self.form.values(), self.form.annotator
+            self.params_box.removeWidget(self.form)
+            self.form.setParent(None)
+            self.form.deleteLater()
+            self.form = None
+        name = self.annotator.currentText() or "none"
+        info = self.panel.controller.annotator_info(name)
+        params = info.params if info is not None else ()
+        if params:
+            self.form = ParamsForm(name, params,
+                                   self._params if name == self._params_for else {})
+            self.params_box.addWidget(self.form)
+        self.options.setEnabled(bool(params))
+        self._show_params(self.options.isChecked() and bool(params))
+
+    def _show_params(self, show: bool) -> None:
+        if self.form is not None:
+            self.form.setVisible(show)
+
+    def params(self) -> Dict[str, Any]:
+        name = self.annotator.currentText() or "none"
+        if self.form is not None and self.form.annotator == name:
+            return self.form.values()
+        return dict(self._params) if name == self._params_for else {}
 
     def value(self) -> UnitSettings:
         start, end = self.start.value(), self.end.value()
@@ -182,7 +297,8 @@ class UnitWidget(W.QFrame):
                             annotator=self.annotator.currentText() or "none",
                             weight=self.weight.value(), start=start, end=end,
                             control_mode=self.mode.currentData(),
-                            enabled=self.enabled.isChecked())
+                            enabled=self.enabled.isChecked(),
+                            resize_mode=self.resize.currentData(), params=self.params())
 
 
 class DockerPanel(W.QWidget):
@@ -327,6 +443,15 @@ class DockerPanel(W.QWidget):
         self.cfg = _spin(0.0, 30.0, 7.0, 0.5, 1)
         self.sampler = _combo([(s, s) for s in messages.SAMPLERS])
         self.batch = _spin(1, 16, 1)
+        self.base_model = _narrow(W.QComboBox())
+        self.base_model.setEditable(True)
+        self.base_model.setInsertPolicy(W.QComboBox.InsertPolicy.NoInsert)
+        self.base_model.lineEdit().setPlaceholderText("server default")
+        self.base_model.setToolTip("Base model on the server (a name it lists, a hub id or a "
+                                   "path there); empty: the server's default")
+        self.hires = W.QCheckBox("Hi-res pass")
+        self.hires.setToolTip("Generate at the model's size, then repaint at the full size for "
+                              "detail (slower)")
         grid.addWidget(_small_label("Seed"), 0, 0)
         seed_row = W.QHBoxLayout()
         seed_row.addWidget(self.seed, 1)
@@ -340,6 +465,9 @@ class DockerPanel(W.QWidget):
         grid.addWidget(self.sampler, 2, 1)
         grid.addWidget(_small_label("Batch"), 2, 2)
         grid.addWidget(self.batch, 2, 3)
+        grid.addWidget(_small_label("Model"), 3, 0)
+        grid.addWidget(self.base_model, 3, 1, 1, 3)
+        grid.addWidget(self.hires, 4, 1, 1, 3)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(3, 1)
         col.addLayout(grid)
@@ -428,6 +556,8 @@ class DockerPanel(W.QWidget):
         self.cfg.setValue(s.cfg)
         _select(self.sampler, s.sampler)
         self.batch.setValue(s.batch)
+        self.base_model.setEditText(s.base_model)
+        self.hires.setChecked(s.hires)
         for widget in list(self.units):
             self._drop_unit(widget)
         for unit in s.units:
@@ -449,6 +579,8 @@ class DockerPanel(W.QWidget):
         s.cfg = self.cfg.value()
         s.sampler = self.sampler.currentData()
         s.batch = self.batch.value()
+        s.base_model = self.base_model.currentText().strip()
+        s.hires = self.hires.isChecked()
         s.units = [w.value() for w in self.units]
         return s
 
@@ -579,6 +711,7 @@ class DockerPanel(W.QWidget):
         elif what == "models":
             for widget in self.units:
                 widget.fill_annotators()
+            self._fill_base_models()
         elif what == "message":
             self.message.setStyleSheet(f"color: {MESSAGE_COLOURS.get(c.level, '')};")
             self.message.setText(c.message)
@@ -604,6 +737,19 @@ class DockerPanel(W.QWidget):
         elif what == "settings":
             self.seed.setValue(c.settings.seed)
             self.seed_lock.setChecked(c.settings.seed_locked)
+
+    def _fill_base_models(self) -> None:
+        """The server's base models as suggestions; the text stays free."""
+        keep = self.base_model.currentText()
+        self.base_model.blockSignals(True)
+        self.base_model.clear()
+        self.base_model.addItems([""] + self.controller.base_models())
+        self.base_model.setEditText(keep)
+        self.base_model.blockSignals(False)
+        models = self.controller.models
+        default = models.default_base if models is not None else ""
+        self.base_model.lineEdit().setPlaceholderText(
+            f"server default ({default})" if default else "server default")
 
     def _fill_history(self) -> None:
         self.history.clear()

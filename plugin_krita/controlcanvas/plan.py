@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import pixels
 from .proto import Image, errors, messages, pose as openpose
@@ -153,9 +153,21 @@ def _unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
     return canvas.read_layer(unit.layer_id, box), unit.annotator
 
 
+def unit_params(unit: UnitSettings, preprocessor: str,
+                declared: Optional[Mapping[str, Sequence[str]]] = None) -> Dict[str, Any]:
+    """The annotator parameters a unit sends: none for ``none``; with ``declared`` (each
+    annotator's parameter names, from the server), only those the annotator takes."""
+    if preprocessor == "none":
+        return {}
+    known = None if declared is None else set(declared.get(preprocessor, ()))
+    return {k: v for k, v in unit.params.items() if known is None or k in known}
+
+
 def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
-          batch: Optional[int] = None) -> Plan:
-    """Read the canvas and build the request the docker's Generate button sends."""
+          batch: Optional[int] = None,
+          declared: Optional[Mapping[str, Sequence[str]]] = None) -> Plan:
+    """Read the canvas and build the request the docker's Generate button sends
+    (``declared``: each annotator's parameter names, when the server listed them)."""
     doc = canvas.info()
     notes: List[str] = []
     note = pixels.depth_note(doc.color_model, doc.color_depth)
@@ -185,7 +197,8 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
     units = []
     for index, unit in enumerate(u for u in settings.units if u.enabled):
         common = dict(condition=unit.condition, weight=unit.weight, start=unit.start,
-                      end=unit.end, control_mode=unit.control_mode)
+                      end=unit.end, control_mode=unit.control_mode,
+                      resize_mode=unit.resize_mode)
         skeleton = _unit_skeleton(canvas, doc, unit, box)
         if skeleton:  # the keypoints travel; the server draws them at its working size
             units.append(messages.ControlUnit(pose=openpose.to_message(skeleton, w, h),
@@ -199,7 +212,9 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
                             f"{layer.name if layer else 'image'!r} is empty here; draw on it "
                             f"or bind the unit to another layer.")
         images[slot] = image
-        units.append(messages.ControlUnit(image=slot, preprocessor=preprocessor or "none",
+        preprocessor = preprocessor or "none"
+        units.append(messages.ControlUnit(image=slot, preprocessor=preprocessor,
+                                          params=unit_params(unit, preprocessor, declared),
                                           **common))
     seed = choose_seed(settings) if seed is None else seed
     try:
@@ -207,8 +222,9 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
             width=w, height=h, mode=mode, prompt=settings.prompt,
             negative_prompt=settings.negative_prompt, seed=seed, steps=settings.steps,
             cfg=settings.cfg, sampler=settings.sampler, strength=settings.strength,
-            batch=batch or settings.batch, base_model=settings.base_model,
-            init_image=init_slot, mask_image=mask_slot, controls=tuple(units))
+            batch=batch or settings.batch, base_model=settings.base_model.strip(),
+            init_image=init_slot, mask_image=mask_slot, controls=tuple(units),
+            hires=settings.hires)
     except errors.ControlCanvasError as err:
         raise PlanError(f"A setting is out of range: {err}") from None
     placement = place_results(settings, doc, box, mask_plane)

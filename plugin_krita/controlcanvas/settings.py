@@ -23,6 +23,9 @@ CONTROL_MODES = ("balanced", "prompt", "control")
 CONTROL_MODE_LABELS = {"balanced": "Balanced", "prompt": "Prompt is more important",
                        "control": "Control is more important"}
 PLACES = ("above", "below")
+RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
+RESIZE_MODE_LABELS = {"crop_and_resize": "Crop to fit", "just_resize": "Stretch",
+                      "resize_and_fill": "Fit inside (pad)"}
 
 
 def config_dir() -> Path:
@@ -67,6 +70,8 @@ class UnitSettings:
     end: float = 1.0
     control_mode: str = "balanced"
     enabled: bool = True
+    resize_mode: str = "crop_and_resize"  # how the layer is fitted to the generation size
+    params: Dict[str, Any] = field(default_factory=dict)  # the annotator's, non-defaults
 
 
 @dataclass
@@ -86,7 +91,8 @@ class Settings:
     units: List[UnitSettings] = field(default_factory=list)
     place: str = "above"  # "below": under the first unit's layer (colourising line art)
     preview_every: int = 4
-    base_model: str = ""
+    base_model: str = ""  # "" = the server's default
+    hires: bool = False  # a second, full-size pass for detail
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -114,6 +120,11 @@ class Settings:
                             if uf.name in item and isinstance(item[uf.name],
                                                               type(getattr(unit, uf.name))):
                                 setattr(unit, uf.name, item[uf.name])
+                        if unit.resize_mode not in RESIZE_MODES:
+                            unit.resize_mode = "crop_and_resize"
+                        unit.params = {k: v for k, v in unit.params.items()
+                                       if isinstance(k, str) and
+                                       isinstance(v, (bool, int, float, str))}
                         units.append(unit)
                 out.units = units
             elif isinstance(value, type(getattr(out, f.name))) or \
