@@ -142,6 +142,8 @@ def install_gimp(bundle: Path, profile_dir: Optional[Path] = None) -> List[Insta
             installed_entry = target / f"{PLUGIN_NAME}.py"
             mode = installed_entry.stat().st_mode
             installed_entry.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+            os.utime(installed_entry)  # GIMP re-queries a plug-in whose date changed
+
             done.append(Installed("gimp", target, (
                 "Restart GIMP; the commands are under Filters ▸ ControlNet. If they do not "
                 "appear, run `gimp --verbose` and look for 'controlcanvas'.")))

@@ -172,8 +172,18 @@ def copy_python_package(source: Path, dest: Path) -> List[Path]:
 
 
 def source_date_epoch() -> int:
+    """File dates inside the bundles: ``SOURCE_DATE_EPOCH``, else the time of the checkout's
+    last commit (the same sources give the same bytes), else 1980-01-01.  Not a constant:
+    GIMP re-reads a plug-in only when its entry file's date changes, so a constant date
+    would keep the previous release's menus after an upgrade."""
     value = os.environ.get("SOURCE_DATE_EPOCH")
-    return max(ZIP_EPOCH, int(value)) if value else ZIP_EPOCH
+    if not value:
+        try:
+            value = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%ct"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            value = ""
+    return max(ZIP_EPOCH, int(value)) if value.isdigit() else ZIP_EPOCH
 
 
 def normalise_tree(root: Path, executables: Iterable[str] = ()) -> List[Path]:

@@ -16,7 +16,6 @@ or debootstrap cannot be installed).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -297,8 +296,7 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
 
     assert found["gui_screenshot"]["saved"]
     png = env["work"] / "krita-real.png"
-    target = ROOT / "docs" / "img" / "krita-real.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(png, target)
-    assert hashlib.sha256(target.read_bytes()).hexdigest()
+    assert png.stat().st_size > 10_000
+    if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):  # refresh the docs' picture
+        shutil.copy(png, ROOT / "docs" / "img" / "krita-real.png")
     print(f"GUI tier: {seconds:.1f} s")
