@@ -171,7 +171,7 @@ def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
 def sampling_scheduler(scheduler_config: Mapping[str, Any]) -> DDIMScheduler:
     """DDIM on the model's noise schedule (what validation and the fidelity metric use)."""
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-            "prediction_type", "steps_offset", "timestep_spacing")
+            "prediction_type", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr")
     config = {k: scheduler_config[k] for k in keys if k in scheduler_config}
     return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
 

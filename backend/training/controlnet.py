@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,36 @@ ProgressFn = Callable[[TrainProgress], None]
 EvaluateFn = Callable[[int, Any], Dict[str, float]]
 
 
+class ConsoleProgress:
+    """A one-line progress bar with the loss, for ``controlcanvas train`` (writes to
+    ``stream``, default stderr)."""
+
+    def __init__(self, stream=None, width: int = 24) -> None:
+        self.stream, self.width = stream, width
+
+    def __call__(self, p: TrainProgress) -> None:
+        stream = self.stream or sys.stderr
+        if p.stage == "train":
+            done = int(self.width * p.step / max(1, p.total))
+            rate = p.step / p.seconds if p.seconds else 0.0
+            stream.write(f"\r[{'#' * done}{'.' * (self.width - done)}] step {p.step}/{p.total} "
+                         f"loss {p.loss:.4f} (avg {p.loss_avg:.4f}) {rate:.2f} steps/s ")
+        elif p.stage == "done":
+            stream.write(f"\rdone: {p.step} steps, {p.seconds:.0f} s{' ' * 40}\n")
+        else:
+            stream.write(f"\r{p.stage} (step {p.step}){' ' * 40}")
+        stream.flush()
+
+
+def job_progress(ctx) -> ProgressFn:
+    """Report training progress to a server job (``backend.engine.JobContext``); its
+    ``progress`` raises Cancelled when the job is cancelled, which stops training
+    after writing a checkpoint."""
+    def report(p: TrainProgress) -> None:
+        ctx.progress(p.step, p.total, stage="train" if p.stage == "train" else p.stage)
+    return report
+
+
 class _Order:
     """Epochs of seeded permutations; resumable from (perm, position)."""
 
@@ -148,9 +179,9 @@ class _Order:
 def drop_prompts(prompts: Sequence[str], rate: float, generator: torch.Generator
                  ) -> Tuple[List[str], int]:
     """Replace each prompt by "" with probability ``rate``; also return how many were."""
-    draws = torch.rand(len(prompts), generator=generator)
-    kept = [("" if float(d) < rate else p) for d, p in zip(draws, prompts)]
-    return kept, int((draws < rate).sum())
+    draws = torch.rand(len(prompts), generator=generator).tolist()
+    kept = [("" if d < rate else p) for d, p in zip(draws, prompts)]
+    return kept, sum(d < rate for d in draws)
 
 
 def default_conditioning_channels(vae_blocks: int) -> Tuple[int, ...]:
@@ -309,13 +340,7 @@ class _Run:
             loss = self.train_step()
             self.step += 1
             self.losses.append(loss)
-            try:
-                self._report("train", self.step, loss)
-            except BaseException:  # cancelled: keep what was learnt, resumable
-                if not self._has_checkpoint():
-                    log.info("training stopped at step %d; writing a checkpoint", self.step)
-                    self.save_checkpoint()
-                raise
+            self._report_or_stop("train", self.step, loss)
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 \
                     and self.step < c.steps:
                 self.save_checkpoint()
@@ -327,6 +352,16 @@ class _Run:
         self.save_final()
         self._report("done", self.step)
         return self.out
+
+    def _report_or_stop(self, stage: str, step: int, loss: float = math.nan) -> None:
+        """Report; if the callback raises (cancelled), checkpoint this step first."""
+        try:
+            self._report(stage, step, loss)
+        except BaseException:
+            if not self._has_checkpoint():
+                log.info("training stopped at step %d; writing a checkpoint", self.step)
+                self.save_checkpoint()
+            raise
 
     def _has_checkpoint(self) -> bool:
         return (self.out / "checkpoints" / f"step-{self.step:06d}").is_dir()
@@ -345,7 +380,7 @@ class _Run:
     @torch.no_grad()
     def validate(self) -> None:
         c = self.config
-        self._report("validate", self.step)
+        self._report_or_stop("validate", self.step)
         controlnet = self.accelerator.unwrap_model(self.controlnet)
         controlnet.eval()
         try:

@@ -143,8 +143,8 @@ def measure_train_cost(preset: str = "small", batch: int = 0, repeats: int = 6,
             times[name].append(time.perf_counter() - t0)
     static_c = _static_bytes([controlnet, unet_frozen], opt_c)
     static_u = _static_bytes([unet_tuned], opt_u)
-    peak_c = static_c + _peak_extra(step_controlnet, dev)
-    peak_u = static_u + _peak_extra(step_unet, dev)
+    extra_c, extra_u = _peak_extra(step_controlnet, dev), _peak_extra(step_unet, dev)
+    peak_c, peak_u = static_c + extra_c, static_u + extra_u
     med_c, med_u = statistics.median(times["controlnet"]), statistics.median(times["unet"])
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {
@@ -155,6 +155,10 @@ def measure_train_cost(preset: str = "small", batch: int = 0, repeats: int = 6,
         "controlnet_step_min_s": round(min(times["controlnet"]), 4),
         "unet_step_min_s": round(min(times["unet"]), 4),
         "controlnet_peak_mb": round(peak_c / 2**20, 1), "unet_peak_mb": round(peak_u / 2**20, 1),
+        "controlnet_static_mb": round(static_c / 2**20, 1),
+        "unet_static_mb": round(static_u / 2**20, 1),
+        "controlnet_step_extra_mb": round(extra_c / 2**20, 1),
+        "unet_step_extra_mb": round(extra_u / 2**20, 1),
         "ratio": round(med_c / med_u, 4), "memory_ratio": round(peak_c / peak_u, 4),
         "paper_ratio": 1.34, "paper_memory_ratio": 1.23,
         "memory_method": "cuda max_memory_allocated" if dev.type == "cuda" else

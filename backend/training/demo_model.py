@@ -38,8 +38,8 @@ FINAL_COUNT = 256    # held-out shapes for the final figures
 @dataclass
 class DemoRecipe:
     data_count: int = DATA_COUNT
-    vae_steps: int = 600
-    unet_steps: int = 2500
+    vae_steps: int = 500
+    unet_steps: int = 3000
     controlnet_steps: int = 2000
     controlnet_lr: float = 1e-4
     controlnet_batch: int = 32
@@ -170,7 +170,8 @@ Made by `python -m backend.training.demo_model --out backend/assets/shapes-demo`
 
 - `base/`: a tiny Stable-Diffusion-1.x-shaped model trained from scratch on
   {r['data_count']} synthetic 64x64 shapes (VAE {r['vae_steps']} steps, 4x downsampling to
-  16x16x4 latents; UNet (32, 64, 64) + CLIP text encoder {r['unet_steps']} steps at batch 32).
+  16x16x4 latents; UNet (32, 64, 64) + CLIP text encoder {r['unet_steps']} steps at batch 32,
+  v-prediction on a zero-terminal-SNR schedule).
   Load with `StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=...)`.
 - `controlnet/`: a ControlNet (`from_unet`, zero convolutions) trained with
   `backend.training.train_controlnet` for {r['controlnet_steps']} steps at batch
