@@ -80,12 +80,19 @@ def _engine_bench(name: str):
     return run
 
 
+def _training_bench(name: str) -> Dict:
+    from . import bench_training
+    return getattr(bench_training, name)()
+
+
 BENCHES = {
     "transport": lambda args: bench_transport(args.repeats, args.side),
     "soak": _soak,
     "engine": _engine_bench("engine"),
     "controlnet-cost": _engine_bench("controlnet-cost"),
     "scaling": _engine_bench("scaling"),
+    "fidelity": lambda args: _training_bench("bench_fidelity"),
+    "train-cost": lambda args: _training_bench("bench_train_cost"),
 }
 
 

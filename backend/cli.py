@@ -188,6 +188,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a ControlNet: in this process, or as a job of a running server (--url)."""
+    fields = dict(data=str(args.data), base=args.base, out=str(args.out), steps=args.steps,
+                  batch=args.batch, lr=args.lr, resolution=args.resolution,
+                  prompt_drop=args.prompt_drop, mixed_precision=args.mixed_precision,
+                  gradient_checkpointing=args.grad_checkpointing, resume=args.resume)
+    if args.url:
+        from shared.client import Client
+        from shared.messages import Progress
+
+        from .config import default_token_file
+        token = args.token or default_token_file().read_text(encoding="utf-8").strip()
+
+        def show(event) -> None:
+            if isinstance(event, Progress) and event.total:
+                sys.stderr.write(f"\r{event.stage} {event.step}/{event.total}")
+                sys.stderr.flush()
+
+        with Client.connect(args.url, token, client="controlcanvas-train") as client:
+            result = client.wait(client.train(**fields), on_event=show)
+        sys.stderr.write("\n")
+        print(f"trained ControlNet: {result.info.get('out')}")
+        return 0
+    from .training.controlnet import ConsoleProgress, TrainConfig, train_controlnet
+    config = TrainConfig(**{**fields, "resume": "latest" if args.resume else None},
+                         validation_every=args.validation_every, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every)
+    out = train_controlnet(config, progress=ConsoleProgress())
+    print(f"trained ControlNet: {out} (use it with [controlnets] CONDITION = \"{out}\" in "
+          f"config.toml, or as a control unit's model)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import Catalogue, ModelConfig, download_command
 
@@ -288,6 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="train a ControlNet on your own (condition, target) pairs")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder: source/, target/ "
+                   "and prompt.json lines (fill50k layout), or pairs by file name")
+    p.add_argument("--base", required=True, help="base model: folder, single file or name")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--prompt-drop", type=float, default=0.5,
+                   help="share of prompts replaced by \"\" (the paper: 0.5)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--validation-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", help="run as a job of a running server (ws://...)")
+    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help="the whole editor path on the embedded default model")
     p.add_argument("--out", default="out/demo", help="folder for the canvas and result PNGs")
     p.add_argument("--engine", default="tiny", choices=ENGINES)
@@ -319,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
     p.add_argument("name", choices=["transport", "soak", "engine", "controlnet-cost",
-                                     "scaling"])
+                                     "scaling", "fidelity", "train-cost"])
     p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
     p.add_argument("--side", type=int, default=2048, help="transport: image side")
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")

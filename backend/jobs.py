@@ -28,7 +28,7 @@ from typing import Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
                            MissingImage, QueueFull, UnknownJob)
 from shared.images import Image
-from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, ResultImage
+from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, ResultImage, Train
 
 from .engine import Annotated, Engine
 
@@ -50,7 +50,7 @@ class Owner(Protocol):
 
 @dataclass(eq=False)
 class Job:
-    message: Union[Generate, Preprocess]
+    message: Union[Generate, Preprocess, Train]
     images: Dict[int, Image]
     submitter: str
     owner: Optional[Owner] = None
@@ -101,7 +101,7 @@ class JobManager:
 
     # -- loop-thread API -------------------------------------------------------
 
-    def submit(self, message: Union[Generate, Preprocess], images: Dict[int, Image],
+    def submit(self, message: Union[Generate, Preprocess, Train], images: Dict[int, Image],
                owner: Owner) -> Job:
         job_id = message.job_id
         if job_id in self.jobs or job_id in self._expired:
@@ -350,6 +350,8 @@ class JobManager:
             return tuple((ResultImage(slot=i, width=g.image.width, height=g.image.height,
                                       seed=g.seed), g.image)
                          for i, g in enumerate(generated))
+        if isinstance(message, Train):
+            return self._train(job, message, ctx)
         annotated = self.engine.preprocess(message, job.images[message.image], ctx)
         ctx.check_cancelled()
         if isinstance(annotated, Image):  # a bare image: an engine with nothing to add
@@ -358,6 +360,21 @@ class JobManager:
         job.info = {k: v for k, v in annotated.info.items()
                     if isinstance(v, (bool, int, float, str))}
         return ((ResultImage(slot=0, width=image.width, height=image.height), image),)
+
+
+    def _train(self, job: Job, message: Train, ctx: "_Context") -> tuple:
+        """Training runs on the worker thread too: it owns the GPU, so generation and
+        training never compete for it. Cancel stops after writing a checkpoint."""
+        from .training.controlnet import TrainConfig, job_progress, train_controlnet
+        config = TrainConfig(
+            data=message.data, base=message.base, out=message.out, steps=message.steps,
+            batch=message.batch, lr=message.lr, resolution=message.resolution,
+            prompt_drop=message.prompt_drop, mixed_precision=message.mixed_precision,
+            gradient_checkpointing=message.gradient_checkpointing,
+            resume="latest" if message.resume else None)
+        out = train_controlnet(config, progress=job_progress(ctx))
+        job.info = {"out": str(out)}
+        return ()
 
 
 class _NobodyType:

@@ -115,6 +115,13 @@ class Client:
             self._flush()
         return job
 
+    def train(self, **fields) -> str:
+        """Start training a ControlNet on the server (fields of ``messages.Train``)."""
+        with self._lock:
+            job = self.session.train(**fields)
+            self._flush()
+        return job
+
     def _send(self, method: str, *args) -> None:
         with self._lock:
             getattr(self.session, method)(*args)

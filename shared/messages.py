@@ -425,6 +425,39 @@ class Preprocess(Message):
 
 
 @_message
+class Train(Message):
+    """Train a ControlNet on a dataset folder of the server's machine (see
+    ``controlcanvas train``); the result carries no image, its ``info["out"]`` names the
+    trained ControlNet folder, which the model catalogue can use at once."""
+    TYPE: ClassVar[str] = "train"
+    job_id: str
+    data: str
+    base: str
+    out: str
+    steps: int = _range(1000, 1, 10_000_000)
+    batch: int = _range(4, 1, 4096)
+    lr: float = _range(1e-5, 0.0, 1.0, exclusive_lo=True)
+    resolution: int = _range(512, 8, 4096)
+    prompt_drop: float = _range(0.5, 0.0, 1.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    cancel_on_disconnect: bool = False
+
+    def _check(self) -> None:
+        _check_job_id(self.job_id)
+        for name in ("data", "base", "out"):
+            if not getattr(self, name).strip():
+                raise FieldError(f"{name} must name a folder or model on the server.",
+                                 field=name)
+        if self.resolution % 8:
+            raise FieldError("resolution must be a multiple of 8.", field="resolution")
+
+    def slots(self) -> Tuple[int, ...]:
+        return ()
+
+
+@_message
 class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     job_id: str
@@ -524,7 +557,7 @@ class Models(Message):
 
 
 CLIENT_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
-    Hello, Generate, Preprocess, Cancel, Ack, Resume, StatusRequest, ModelsRequest)}
+    Hello, Generate, Preprocess, Train, Cancel, Ack, Resume, StatusRequest, ModelsRequest)}
 SERVER_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
     Welcome, Queued, Progress, Preview, Result, Error, Status, Models)}
 

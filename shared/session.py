@@ -28,7 +28,7 @@ from .errors import (AuthError, ControlCanvasError, FieldError, FrameError, Limi
 from .images import Image
 from .messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, SERVER_MESSAGES, Ack, Cancel,
                        Error, Generate, GenerateRequest, Hello, Limits, Message, ModelsRequest,
-                       Preprocess, Preview, Result, ResultImage, Resume, StatusRequest,
+                       Preprocess, Preview, Result, ResultImage, Resume, StatusRequest, Train,
                        Welcome, _JOB_ID, from_json, new_job_id, to_json)
 
 # A websocket message: text, binary, or binary as fragments (header, pixels) that
@@ -45,7 +45,7 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class Submit:
-    message: Union[Generate, Preprocess]
+    message: Union[Generate, Preprocess, Train]
     images: Dict[int, Image]
 
     @property
@@ -169,7 +169,7 @@ class ServerSession(_Session):
             return [Authenticated(message.client)]
         if isinstance(message, Hello):
             raise StateError("Already authenticated; send 'hello' only once per connection.")
-        if isinstance(message, (Generate, Preprocess)):
+        if isinstance(message, (Generate, Preprocess, Train)):
             try:
                 return self._begin_upload(message)
             except ControlCanvasError as err:
@@ -183,7 +183,7 @@ class ServerSession(_Session):
             err.job_id = job_id
             self._dropped_job = job_id
 
-    def _begin_upload(self, message: Union[Generate, Preprocess]) -> list:
+    def _begin_upload(self, message: Union[Generate, Preprocess, Train]) -> list:
         limits = self.limits
         if isinstance(message, Generate):
             req = message.request
@@ -192,7 +192,7 @@ class ServerSession(_Session):
                                  f"{limits.max_batch}.", field="request.batch",
                                  job_id=message.job_id)
             _check_size(req.width, req.height, limits, "request.width", message.job_id)
-        elif message.width:
+        elif isinstance(message, Preprocess) and message.width:
             _check_size(message.width, message.height, limits, "width", message.job_id)
         slots = message.slots()
         if len(slots) > limits.max_images_per_job:
@@ -282,7 +282,7 @@ def _job_id_of(text: str) -> Optional[str]:
         raw = json.loads(text)
     except ValueError:
         return None
-    if isinstance(raw, dict) and raw.get("type") in (Generate.TYPE, Preprocess.TYPE):
+    if isinstance(raw, dict) and raw.get("type") in (Generate.TYPE, Preprocess.TYPE, Train.TYPE):
         job_id = raw.get("job_id")
         if isinstance(job_id, str) and _JOB_ID.match(job_id):
             return job_id
@@ -407,6 +407,12 @@ class ClientSession(_Session):
         for slot in sorted(slots):
             self._outgoing.append(codec.encode_frame_parts(codec.KIND_INPUT, message.job_id,
                                                            slot, images[slot]))
+
+    def train(self, *, job_id: Optional[str] = None, **fields) -> str:
+        """Queue a training job (fields of :class:`~shared.messages.Train`)."""
+        message = Train(job_id=job_id or new_job_id(), **fields)
+        self._queue(message)
+        return message.job_id
 
     def cancel(self, job_id: str) -> None:
         self._queue(Cancel(job_id=job_id))

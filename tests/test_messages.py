@@ -180,3 +180,16 @@ def test_new_job_ids_are_valid_and_distinct():
     assert len(ids) == 100
     for job_id in ids:
         Generate(job_id=job_id, request=GenerateRequest())
+
+
+def test_train_message_checks_its_fields():
+    from shared.messages import Train
+    ok = {"type": "train", "job_id": JOB, "data": "/d", "base": "sd15", "out": "/o"}
+    msg = decode(ok)
+    assert isinstance(msg, Train) and msg.prompt_drop == 0.5 and msg.slots() == ()
+    for change, field in (({"resolution": 100}, "resolution"), ({"lr": 0}, "lr"),
+                          ({"out": " "}, "out"), ({"prompt_drop": 1.5}, "prompt_drop"),
+                          ({"mixed_precision": "fp8"}, "mixed_precision")):
+        with pytest.raises(FieldError) as info:
+            decode({**ok, **change})
+        assert info.value.field == field

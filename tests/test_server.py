@@ -452,3 +452,30 @@ def test_preprocess_result_carries_the_annotators_info(make_server):
     with Client.connect(server.url, server.token) as client:
         result = client.wait(client.preprocess("pose_from_photo", canvas()))
     assert result.info == {"keypoints": '{"people": []}', "people": 0}
+
+
+def test_train_job_through_the_server(fake_server, tmp_path):
+    """`train` runs as a job: progress over the socket, then the trained folder's path."""
+    from backend.training import shapes
+    from backend.tiny import ensure_tiny
+    data = tmp_path / "data"
+    shapes.write_dataset(data, count=4, seed=1, size=64)
+    with Client.connect(fake_server.url, fake_server.token) as client:
+        events = []
+        job = client.train(data=str(data), base=str(ensure_tiny("sd15")),
+                           out=str(tmp_path / "cn"), steps=2, batch=2, resolution=64, lr=1e-4)
+        result = client.wait(job, on_event=events.append, timeout=300)
+    assert result.images == () and result.info["out"] == str(tmp_path / "cn")
+    assert (tmp_path / "cn" / "config.json").is_file()
+    assert any(isinstance(e, Progress) and e.stage == "train" for e in events)
+
+
+def test_train_job_with_bad_data_is_a_typed_error(fake_server, tmp_path):
+    from backend.tiny import ensure_tiny
+    with Client.connect(fake_server.url, fake_server.token) as client:
+        job = client.train(data=str(tmp_path / "nope"), base=str(ensure_tiny("sd15")),
+                           out=str(tmp_path / "cn"), steps=2, resolution=64)
+        with pytest.raises(Exception) as info:
+            client.wait(job, timeout=120)
+    assert getattr(info.value, "code", "") == "bad_dataset"
+    assert "nope" in info.value.message
