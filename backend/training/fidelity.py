@@ -10,7 +10,9 @@ background) and compare with the filled shape the condition outlines:
 * ``colour_accuracy``: share of images whose shape colour (nearest palette
   colour to the median under the generated mask) is the prompt's colour;
 * ``iou_ceiling``: the same IoU for the true pictures passed through the VAE
-  (what a perfect diffusion model could reach with this VAE and segmentation).
+  (what a perfect diffusion model could reach with this VAE and segmentation);
+* ``iou_chance``: IoU of each held-out shape with another held-out shape (what
+  ignoring the condition scores by chance with this shape distribution).
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ def vae_ceiling(vae, samples: Sequence[ShapeSample]) -> float:
     return score(images, samples)["iou"]
 
 
+def chance_iou(samples: Sequence[ShapeSample]) -> float:
+    """Mean IoU of each held-out shape with the next one's: what a model that draws a
+    plausible shape anywhere, ignoring the condition, scores by chance."""
+    n = len(samples)
+    if n < 2:
+        return 0.0
+    return float(np.mean([iou(samples[i].mask, samples[(i + 1) % n].mask) for i in range(n)]))
+
+
 def without_control_pipeline(pipe: StableDiffusionControlNetPipeline) -> StableDiffusionPipeline:
     plain = StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
@@ -109,7 +120,8 @@ def measure(pipe: StableDiffusionControlNetPipeline, count: int = 64, steps: int
     result: Dict[str, Any] = {
         "iou_with_control": round(with_["iou"], 4),
         "colour_accuracy": round(with_["colour_accuracy"], 4),
-        "samples": len(samples), "steps": steps, "guidance": guidance, "sampler": "ddim",
+        "samples": len(samples), "steps": steps, "guidance": guidance,
+        "sampler": type(pipe.scheduler).__name__,
         "heldout_seed": None if given else HELDOUT_SEED}
     if without:
         plain = generate(without_control_pipeline(pipe), samples, False, steps, guidance, seed)
@@ -119,6 +131,7 @@ def measure(pipe: StableDiffusionControlNetPipeline, count: int = 64, steps: int
         if keep_images:
             result["images_without_control"] = plain
     result["iou_ceiling"] = round(vae_ceiling(pipe.vae, samples), 4)
+    result["iou_chance"] = round(chance_iou(samples), 4)
     result["seconds"] = round(time.perf_counter() - started, 2)
     if keep_images:
         result["images_with_control"] = made
