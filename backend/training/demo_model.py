@@ -170,6 +170,9 @@ def _base_losses(base_dir: Path) -> Dict[str, List[float]]:
 
 def write_readme(out: Path, figures: Dict[str, Any]) -> None:
     r, f = figures["recipe"], figures["final"]
+    unet_s = figures["base_seconds"] - figures["vae_seconds"]
+    net_s = figures["controlnet_seconds"] - figures["curve_eval_seconds"]
+    eval_s = figures["curve_eval_seconds"] + figures["final_eval_seconds"]
     reused = ("\nThe base was trained by an earlier run of the same command (`--reuse-base`); "
               "its times come from its own training log.\n" if figures.get("base_reused") else "")
     minutes = lambda s: f"{s / 60:.1f} min" if isinstance(s, (int, float)) else "reused"  # noqa
@@ -198,9 +201,9 @@ guidance 3).
 | stage | time |
 |---|---|
 | base: VAE | {minutes(figures['vae_seconds'])} |
-| base: UNet + text encoder (incl. encoding the latents) | {minutes(figures['base_seconds'] - figures['vae_seconds'])} |
-| ControlNet training | {minutes(figures['controlnet_seconds'] - figures['curve_eval_seconds'])} |
-| fidelity curve ({len(figures['curve'])} points) + final evaluation | {minutes(figures['curve_eval_seconds'] + figures['final_eval_seconds'])} |
+| base: UNet + text encoder (incl. encoding the latents) | {minutes(unet_s)} |
+| ControlNet training | {minutes(net_s)} |
+| fidelity curve ({len(figures['curve'])} points) + final evaluation | {minutes(eval_s)} |
 | total | {minutes(figures['total_seconds'])} |
 {reused}
 
