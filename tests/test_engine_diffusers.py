@@ -468,6 +468,51 @@ def test_cancel_stops_within_one_step_and_next_job_runs(fresh_engine):
     assert run(fresh_engine, request)[0].image.data == expected
 
 
+class _FlagContext(RecordingContext):
+    """Cancelled as soon as ``flag`` is set (by a test hook), not only at a step's end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flag = False
+
+    def check_cancelled(self) -> None:
+        if self.flag:
+            raise Cancelled(job_id=self.job_id)
+
+    def progress(self, step: int, total: int, stage: str = "denoise") -> None:
+        super().progress(step, total, stage)
+        self.check_cancelled()
+
+
+def test_cancel_lands_inside_a_step_not_at_its_end(fresh_engine):
+    """A cancel that arrives while the UNet runs stops before the UNet's next block:
+    the rest of that step (its up blocks) never runs, and the hooks are gone after."""
+    request = make_request(steps=10, controls=(unit(),))
+    run(fresh_engine, request)
+    unet = fresh_engine._bases[next(iter(fresh_engine._bases))].pipe.unet
+    hooks_before = {id(m): len(m._forward_pre_hooks) for m in unet.modules()}
+    ctx = _FlagContext()
+    down_calls, up_calls = [], []
+
+    def after_first_down_block(module, args, output):
+        down_calls.append(1)
+        if len(down_calls) == 2:  # step 2, in the middle of the UNet
+            ctx.flag = True
+
+    handles = [unet.down_blocks[0].register_forward_hook(after_first_down_block),
+               unet.up_blocks[-1].register_forward_pre_hook(lambda m, a: up_calls.append(1))]
+    try:
+        with pytest.raises(Cancelled):
+            run(fresh_engine, request, ctx=ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(down_calls) == 2 and len(up_calls) == 1  # step 2 stopped mid-UNet
+    assert ctx.steps_done() == 1
+    assert {id(m): len(m._forward_pre_hooks) for m in unet.modules()} == hooks_before
+    assert run(fresh_engine, request)[0].image.data  # the next job runs
+
+
 # -----------------------------------------------------------------------------
 # Out of memory
 # -----------------------------------------------------------------------------
