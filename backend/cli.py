@@ -191,7 +191,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a ControlNet: in this process, or as a job of a running server (--url)."""
     fields = dict(data=str(args.data), base=args.base, out=str(args.out), steps=args.steps,
-                  batch=args.batch, lr=args.lr, resolution=args.resolution,
+                  batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
+                  lr_warmup_steps=args.lr_warmup_steps, resolution=args.resolution,
                   prompt_drop=args.prompt_drop, mixed_precision=args.mixed_precision,
                   gradient_checkpointing=args.grad_checkpointing, resume=args.resume)
     if args.url:
@@ -329,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant, or a cosine decay to 0 at the last step")
+    p.add_argument("--lr-warmup-steps", type=int, default=0,
+                   help="linear warm-up from 0 over this many steps")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--prompt-drop", type=float, default=0.5,
                    help="share of prompts replaced by \"\" (the paper: 0.5)")

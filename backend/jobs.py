@@ -368,7 +368,8 @@ class JobManager:
         from .training.controlnet import TrainConfig, job_progress, train_controlnet
         config = TrainConfig(
             data=message.data, base=message.base, out=message.out, steps=message.steps,
-            batch=message.batch, lr=message.lr, resolution=message.resolution,
+            batch=message.batch, lr=message.lr, lr_schedule=message.lr_schedule,
+            lr_warmup_steps=message.lr_warmup_steps, resolution=message.resolution,
             prompt_drop=message.prompt_drop, mixed_precision=message.mixed_precision,
             gradient_checkpointing=message.gradient_checkpointing,
             resume="latest" if message.resume else None)

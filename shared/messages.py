@@ -437,6 +437,8 @@ class Train(Message):
     steps: int = _range(1000, 1, 10_000_000)
     batch: int = _range(4, 1, 4096)
     lr: float = _range(1e-5, 0.0, 1.0, exclusive_lo=True)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = _range(0, 0, 10_000_000)
     resolution: int = _range(512, 8, 4096)
     prompt_drop: float = _range(0.5, 0.0, 1.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

@@ -187,7 +187,11 @@ def test_train_message_checks_its_fields():
     ok = {"type": "train", "job_id": JOB, "data": "/d", "base": "sd15", "out": "/o"}
     msg = decode(ok)
     assert isinstance(msg, Train) and msg.prompt_drop == 0.5 and msg.slots() == ()
+    assert msg.lr_schedule == "constant" and msg.lr_warmup_steps == 0
+    assert decode({**ok, "lr_schedule": "cosine"}).lr_schedule == "cosine"
     for change, field in (({"resolution": 100}, "resolution"), ({"lr": 0}, "lr"),
+                          ({"lr_schedule": "step"}, "lr_schedule"),
+                          ({"lr_warmup_steps": -1}, "lr_warmup_steps"),
                           ({"out": " "}, "out"), ({"prompt_drop": 1.5}, "prompt_drop"),
                           ({"mixed_precision": "fp8"}, "mixed_precision")):
         with pytest.raises(FieldError) as info:

@@ -463,10 +463,13 @@ def test_train_job_through_the_server(fake_server, tmp_path):
     with Client.connect(fake_server.url, fake_server.token) as client:
         events = []
         job = client.train(data=str(data), base=str(ensure_tiny("sd15")),
-                           out=str(tmp_path / "cn"), steps=2, batch=2, resolution=64, lr=1e-4)
+                           out=str(tmp_path / "cn"), steps=2, batch=2, resolution=64, lr=1e-4,
+                           lr_schedule="cosine")
         result = client.wait(job, on_event=events.append, timeout=300)
     assert result.images == () and result.info["out"] == str(tmp_path / "cn")
     assert (tmp_path / "cn" / "config.json").is_file()
+    settings = json.loads((tmp_path / "cn" / "train_config.json").read_text())
+    assert settings["lr_schedule"] == "cosine" and settings["steps"] == 2
     assert any(isinstance(e, Progress) and e.stage == "train" for e in events)
 
 

@@ -265,6 +265,46 @@ def test_resume_refuses_other_settings_and_bad_options(tiny_base, shapes_data, t
         train_controlnet(config(shapes_data, tiny_base, tmp_path / "f", resume="latest"))
 
 
+def test_lr_schedules_warm_up_then_stay_or_decay_to_zero():
+    from backend.training.controlnet import TrainConfig, lr_factor
+    from backend.training.errors import TrainingError
+
+    flat = lr_factor(TrainConfig(data="d", base="b", out="o", steps=100, lr_warmup_steps=10))
+    assert [flat(s) for s in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = lr_factor(TrainConfig(data="d", base="b", out="o", steps=110, lr_warmup_steps=10,
+                                lr_schedule="cosine"))
+    assert cos(4) == 0.5 and cos(10) == 1.0
+    assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
+    assert all(cos(s) >= cos(s + 1) for s in range(10, 110))
+    with pytest.raises(TrainingError, match="lr_schedule must be one of constant, cosine"):
+        TrainConfig(data="d", base="b", out="o", lr_schedule="linear").check()
+
+
+def test_cosine_resume_keeps_the_trajectory_and_refuses_new_steps(tiny_base, shapes_data,
+                                                                  tmp_path):
+    from backend.training.controlnet import train_controlnet
+    from backend.training.errors import TrainingError
+
+    cos = dict(lr_schedule="cosine", steps=4)
+    straight = train_controlnet(config(shapes_data, tiny_base, tmp_path / "a", **cos))
+    from shared.errors import Cancelled
+
+    def stop_at_2(p):
+        if p.stage == "train" and p.step == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        train_controlnet(config(shapes_data, tiny_base, tmp_path / "b", **cos), progress=stop_at_2)
+    resumed = train_controlnet(config(shapes_data, tiny_base, tmp_path / "b", resume="latest",
+                                      **cos))
+    a = json.loads((straight / "training_log.json").read_text())["losses"]
+    b = json.loads((resumed / "training_log.json").read_text())["losses"]
+    assert a == b
+    with pytest.raises(TrainingError, match="steps was 4, now 8"):
+        train_controlnet(config(shapes_data, tiny_base, tmp_path / "b", resume="latest",
+                                lr_schedule="cosine", steps=8))
+
+
 def test_frozen_check_catches_a_trainable_base_parameter(tiny_base):
     import torch
 

@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Options that change the trajectory: a resume must use the same values.
-TRAJECTORY_KEYS = ("data", "base", "batch", "lr", "lr_warmup_steps", "resolution", "prompt_drop",
+LR_SCHEDULES = ("constant", "cosine")
+TRAJECTORY_KEYS = ("data", "base", "batch", "lr", "lr_warmup_steps", "lr_schedule", "resolution",
+                   "prompt_drop",
                    "mixed_precision", "seed", "cache_latents", "max_grad_norm", "weight_decay",
                    "conditioning_channels")
 
@@ -69,6 +71,7 @@ class TrainConfig:
     batch: int = 4
     lr: float = 1e-5
     lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"   # "constant" | "cosine" (decays to 0 at ``steps``)
     resolution: int = 512
     prompt_drop: float = 0.5
     mixed_precision: str = "no"     # "no" | "bf16" | "fp16" (fp16 needs a GPU)
@@ -99,6 +102,8 @@ class TrainConfig:
             problems.append("prompt_drop must be between 0 and 1")
         if self.resolution < 8 or self.resolution % 8:
             problems.append("resolution must be a multiple of 8")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
         if problems:
@@ -109,6 +114,21 @@ class TrainConfig:
         if d["conditioning_channels"] is not None:
             d["conditioning_channels"] = list(d["conditioning_channels"])
         return d
+
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate multiplier at optimizer step ``s`` (0-based): a linear warm-up,
+    then constant or a cosine decay that reaches 0 at ``config.steps``."""
+    warmup, steps, cosine = max(0, config.lr_warmup_steps), config.steps, \
+        config.lr_schedule == "cosine"
+
+    def factor(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if not cosine or steps <= warmup:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup) / (steps - warmup))))
+    return factor
 
 
 @dataclass(frozen=True)
@@ -258,9 +278,7 @@ class _Run:
             base.unet.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(self.controlnet.parameters(), lr=c.lr,
                                       weight_decay=c.weight_decay)
-        warmup = max(0, c.lr_warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(c))
         self.controlnet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.controlnet, optimizer, scheduler)
         check_frozen({"UNet": base.unet, "VAE": base.vae, "text encoder": base.text_encoder},
@@ -456,12 +474,15 @@ class _Run:
                                 field="resume")
         saved = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         mine = self.config.as_dict()
-        differ = [k for k in TRAJECTORY_KEYS if saved["config"].get(k) != mine.get(k)]
+        defaults = TrainConfig(data="", base="", out="").as_dict()
+        keys = TRAJECTORY_KEYS + (("steps",) if mine["lr_schedule"] == "cosine" else ())
+        differ = [k for k in keys if saved["config"].get(k, defaults[k]) != mine.get(k)]
         if differ:
             raise TrainingError(
                 "Cannot resume with different settings: " + ", ".join(
                     f"{k} was {saved['config'].get(k)!r}, now {mine.get(k)!r}" for k in differ)
-                + ". Resume with the checkpoint's settings (only steps may change).",
+                + ". Resume with the checkpoint's settings (only steps may change, and not "
+                "with the cosine schedule, which ends at steps).",
                 field="resume")
         state = torch.load(folder / "state.pt", weights_only=True)
         if state["step"] > self.config.steps:
