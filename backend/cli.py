@@ -46,7 +46,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", type=Path, help="where the access token lives "
                         "(default: token in the user config folder)")
     parser.add_argument("--engine", choices=ENGINES, help="diffusers (default): your models; "
-                        "tiny: the embedded demo model; fake: test pixels without torch")
+                        "demo: the embedded trained demo model (a coloured shape from its "
+                        "outline); tiny: random-weight tiny models (tests); fake: test pixels "
+                        "without torch")
     parser.add_argument("--device", help="torch device (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole editor path on the embedded default model")
     p.add_argument("--out", default="out/demo", help="folder for the canvas and result PNGs")
-    p.add_argument("--engine", default="tiny", choices=ENGINES)
+    p.add_argument("--engine", default="demo", choices=ENGINES)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("models", help="list configured models, or download one")

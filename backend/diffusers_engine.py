@@ -549,10 +549,19 @@ class DiffusersEngine:
     @classmethod
     def embedded(cls, device: Optional[str] = None, family: str = "sd15",
                  tiny_root: Optional[str] = None) -> "DiffusersEngine":
-        """The engine on the embedded default (tiny, random weights, built locally): what
-        ``controlcanvas demo`` runs; requests with an empty base_model use it."""
+        """The engine on the random-weight tiny models (built locally, every condition):
+        for tests and benchmarks; requests with an empty base_model use them."""
         return cls(Catalogue(ModelConfig(base=f"tiny-{family}", tiny_root=tiny_root)),
                    device=device)
+
+    @classmethod
+    def demo(cls, device: Optional[str] = None) -> "DiffusersEngine":
+        """The engine on the embedded trained demo model (``shapes-demo``: a coloured shape
+        where its outline is drawn): what ``controlcanvas demo`` runs. It generates at the
+        64-pixel size it was trained at (no larger work size), whatever the canvas."""
+        from .models import DEMO_BASE
+
+        return cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0)
 
     # -- Engine protocol -----------------------------------------------------
 

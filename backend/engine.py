@@ -208,24 +208,27 @@ class FakeEngine:
         pass
 
 
-ENGINES = ("diffusers", "tiny", "fake")
+ENGINES = ("diffusers", "demo", "tiny", "fake")
 
 
 def create_engine(name: str, **options) -> Engine:
     """The engine called ``name``; heavy engines are imported only when chosen.
 
     ``diffusers``: the real engine on the configured models (options: device, dtype,
-    offload, memory_budget_gb, ... and config_file); ``tiny``: the real engine on the
-    embedded default model (no download, no GPU); ``fake``: deterministic pixels
-    without torch (option: step_seconds).
+    offload, memory_budget_gb, ... and config_file); ``demo``: the real engine on the
+    embedded trained demo model (no download, no GPU; outline conditions only);
+    ``tiny``: the real engine on random-weight tiny models (every condition; tests and
+    benchmarks); ``fake``: deterministic pixels without torch (option: step_seconds).
     """
     if name == "fake":
         return FakeEngine(step_seconds=float(options.get("step_seconds") or 0.0))
-    if name in ("diffusers", "tiny"):
+    if name in ("diffusers", "demo", "tiny"):
         from .diffusers_engine import DiffusersEngine
         options = {k: v for k, v in options.items() if v is not None and k != "step_seconds"}
         if name == "tiny":
             return DiffusersEngine.embedded(device=options.get("device"))
+        if name == "demo":
+            return DiffusersEngine.demo(device=options.get("device"))
         config_file = options.pop("config_file", None)
         return DiffusersEngine.from_options(options, config_file)
     raise Unsupported(f"Unknown engine {name!r}; choose one of {', '.join(ENGINES)}.",

@@ -8,7 +8,11 @@ unit's ``model``, or ``controlcanvas models download NAME``):
 * a local diffusers folder (``model_index.json`` for a base, ``config.json`` for a
   ControlNet);
 * a single ``.safetensors`` / ``.ckpt`` file (loaded with ``from_single_file``);
-* ``tiny-sd15`` / ``tiny-sdxl``: the embedded default built by :mod:`backend.tiny`;
+* ``shapes-demo``: the embedded trained demo model (``backend/assets/shapes-demo``, a
+  tiny base and an outline ControlNet trained here on synthetic shapes; see
+  docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
+* ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.tiny`
+  (every condition; for tests and benchmarks);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``.
 
@@ -53,6 +57,15 @@ DEFAULT_BASES: Dict[str, str] = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+DEMO_BASE = "shapes-demo"
+# The demo ControlNet reads white outlines on black: what these conditions' annotators make.
+DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
+DEMO_NATIVE_SIZE = 64
+
+
+def demo_folder() -> Path:
+    """The embedded demo model: ``base/`` (diffusers pipeline) and ``controlnet/``."""
+    return Path(__file__).resolve().parent / "assets" / DEMO_BASE
 # Native generation size (pixels of a square side) per family; see diffusers_engine.
 NATIVE_SIZE: Dict[str, int] = {"sd15": 512, "sdxl": 1024}
 
@@ -362,6 +375,19 @@ class Catalogue:
     def _builtin(self, name: str, where: str, kind: str) -> Optional[Resolved]:
         from . import tiny
 
+        if kind == "base" and where == DEMO_BASE:
+            return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "base"),
+                            native_size=DEMO_NATIVE_SIZE)
+        if kind == "controlnet" and where.startswith(DEMO_BASE + ":"):
+            condition = where.split(":", 1)[1]
+            if condition not in DEMO_CONDITIONS:
+                raise ModelMissing(
+                    f"The embedded demo model only has an outline ControlNet (for "
+                    f"{', '.join(DEMO_CONDITIONS)}), not one for {condition!r}. Pick one of "
+                    f"those conditions, or a real Stable Diffusion base (controlcanvas models "
+                    f"download sd15 {condition}).", field="condition")
+            return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "controlnet"),
+                            native_size=DEMO_NATIVE_SIZE)
         root = Path(self.config.tiny_root) if self.config.tiny_root else None
         if kind == "base" and where in TINY_BASES:
             family = TINY_BASES[where]
@@ -424,6 +450,10 @@ class Catalogue:
             add(name, "base")
         for name in DEFAULT_BASES.values():
             add(name, "base")
+        if not any(m.name == DEMO_BASE for m in out):
+            out.append(ModelInfo(name=DEMO_BASE, kind="base", family="sd15", present=True,
+                                 source="built in (trained demo: a coloured shape from its "
+                                        "outline, 64 px)"))
         for tiny_name, family in TINY_BASES.items():
             if any(m.name == tiny_name for m in out):
                 continue
@@ -463,7 +493,7 @@ class Catalogue:
         family, _, condition = name.rpartition(":")
         if condition in CONDITIONS and family in ("", *FAMILIES):
             return self.controlnet_name(condition, family or "sd15"), "controlnet"
-        if name in TINY_BASES:
+        if name in TINY_BASES or name == DEMO_BASE:
             raise ModelMissing(f"{name} is built in; it needs no download.", field="model")
         if not _HUB_ID.match(name) or Path(name).exists():
             raise ModelMissing(f"{name!r} is a local path, not a hub id: nothing to download.",

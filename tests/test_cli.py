@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shared.client import Client
@@ -90,14 +91,24 @@ def test_bad_config_file_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "unknown setting [server] prot" in out.stderr
 
 
-def test_demo_writes_a_result_of_canvas_size(tmp_path):
+def test_demo_puts_the_shape_where_it_was_drawn(tmp_path):
+    """The embedded trained model, through a real server: a red disc inside the outline."""
     out = subprocess.run([sys.executable, "-m", "backend", "demo", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     from PIL import Image as PILImage
+
+    from backend.demo import drawn_disc, shape_agreement
     canvas = PILImage.open(tmp_path / "canvas.png")
     result = PILImage.open(tmp_path / "result.png")
-    assert result.size == canvas.size == (500, 375)
+    assert result.size == canvas.size == (500, 500)
+    iou, red = shape_agreement(result)
+    assert f"IoU {iou:.2f}" in out.stdout
+    assert iou > 0.6 and red > 0.6, out.stdout
+    # and the agreement measure itself: the drawn disc scores 1, an empty picture 0
+    disc = np.where(drawn_disc()[..., None], (220, 30, 30), 255).astype(np.uint8)
+    assert shape_agreement(PILImage.fromarray(disc)) == (1.0, 1.0)
+    assert shape_agreement(PILImage.new("RGB", (500, 500), "white"))[0] == 0.0
 
 
 def test_example_roundtrip_script(tmp_path):

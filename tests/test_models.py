@@ -411,6 +411,26 @@ def test_models_message_says_what_is_present(tmp_path, tiny_root):
     assert sdxl_nets == set(CONTROLNETS["sdxl"])
 
 
+def test_the_embedded_demo_model_resolves_for_outline_conditions_only(tmp_path):
+    from backend.models import DEMO_BASE, DEMO_CONDITIONS
+
+    catalogue = empty_cache_catalogue(tmp_path, base=DEMO_BASE)
+    base = catalogue.resolve_base("")
+    assert (base.name, base.source, base.family, base.native_size) == (
+        DEMO_BASE, "builtin", "sd15", 64)
+    assert (Path(base.path) / "model_index.json").is_file()
+    for condition in DEMO_CONDITIONS:
+        net = catalogue.resolve_controlnet(condition, base)
+        assert (Path(net.path) / "config.json").is_file() and net.source == "builtin"
+    with pytest.raises(ModelMissing, match="only has an outline ControlNet.*'depth'") as info:
+        catalogue.resolve_controlnet("depth", base)
+    assert info.value.field == "condition"
+    listed = {m.name: m for m in catalogue.models_message().models if m.kind == "base"}
+    assert listed[DEMO_BASE].present
+    with pytest.raises(ModelMissing, match="built in"):
+        catalogue.download_target(DEMO_BASE)
+
+
 def test_download_aliases_and_offline_message(tmp_path, monkeypatch):
     catalogue = empty_cache_catalogue(tmp_path)
     assert catalogue.download_target("sd15") == (DEFAULT_BASES["sd15"], "base")
