@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import ctypes.util
+import gc
 import logging
+import sys
 import secrets
 import threading
 import time
@@ -33,6 +37,27 @@ from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, ResultImage
 from .engine import Annotated, Engine
 
 log = logging.getLogger(__name__)
+
+TRIM_AFTER_BYTES = 32 << 20
+
+
+def release_heap() -> bool:
+    """Give freed memory back to the system (glibc's ``malloc_trim``).
+
+    Results are tens of MiB of bytes objects; after they are dropped glibc keeps the
+    pages in its arenas, so the server's RSS would stay at its high-water mark. True
+    if the trim ran (Linux with glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return False
+    gc.collect()
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
@@ -88,6 +113,7 @@ class JobManager:
         self.retention_bytes = retention_bytes
         self.jobs: Dict[str, Job] = {}
         self._expired: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self._unreleased = 0  # result bytes dropped since the heap was last trimmed
         self._tombstones = tombstones
         self._lock = threading.Condition()
         self._lanes: "collections.OrderedDict[str, Deque[Job]]" = collections.OrderedDict()
@@ -147,7 +173,15 @@ class JobManager:
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and job.owner is owner and job.state in FINISHED:
+                self._freed(job.kept_bytes)
                 del self.jobs[job_id]
+
+    def _freed(self, nbytes: int) -> None:
+        """Count dropped result bytes; past ``TRIM_AFTER_BYTES`` return them to the OS."""
+        self._unreleased += nbytes
+        if self._unreleased >= TRIM_AFTER_BYTES:
+            self._unreleased = 0
+            release_heap()
 
     def resume(self, job_ids: Sequence[str], owner: Owner) -> List[ControlCanvasError]:
         """Re-attach jobs to ``owner`` and replay their state; errors for unknown ids."""
@@ -203,6 +237,7 @@ class JobManager:
             if not too_old and kept <= self.retention_bytes:
                 break
             kept -= job.kept_bytes
+            self._freed(job.kept_bytes)
             del self.jobs[job.job_id]
             self._expired[job.job_id] = None
             dropped += 1

@@ -184,3 +184,31 @@ def test_inputs_released_after_finish(loop):
     wait_for(lambda: job.state == DONE)
     assert job.images == {}
     manager.close()
+
+
+def test_dropped_results_are_given_back_to_the_system(loop, monkeypatch):
+    """Acked or expired result bytes add up; past TRIM_AFTER_BYTES the heap is trimmed."""
+    from backend import jobs as jobs_module
+
+    trims = []
+    monkeypatch.setattr(jobs_module, "release_heap", lambda: trims.append(1) or True)
+    monkeypatch.setattr(jobs_module, "TRIM_AFTER_BYTES", 2 * 64 * 8 * 4)
+    manager = JobManager(FakeEngine(), loop, retention_seconds=60)
+    owner = Recorder("a")
+    done = []
+    for i in range(3):
+        done.append(on_loop(loop, manager.submit, gen(f"x{i}", width=64), {}, owner))
+        wait_for(lambda: done[-1].state == DONE)
+    on_loop(loop, manager.ack, [done[0].job_id], owner)
+    assert trims == []  # one result (2 KiB) is below the threshold
+    on_loop(loop, manager.expire, time.monotonic() + 61)  # the other two expire
+    assert trims == [1]  # after the second result dropped; the third counts afresh
+    assert manager._unreleased == 64 * 8 * 4
+    manager.close()
+
+
+def test_release_heap_runs_on_linux():
+    import sys
+
+    from backend.jobs import release_heap
+    assert release_heap() == sys.platform.startswith("linux")
