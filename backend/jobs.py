@@ -38,7 +38,7 @@ from .engine import Annotated, Engine
 
 log = logging.getLogger(__name__)
 
-TRIM_AFTER_BYTES = 32 << 20
+TRIM_AFTER_BYTES = 8 << 20
 
 
 def release_heap() -> bool:
