@@ -17,6 +17,7 @@ Deterministic: every random draw comes from fixed seeds and torch runs on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -38,10 +39,11 @@ FINAL_COUNT = 256    # held-out shapes for the final figures
 @dataclass
 class DemoRecipe:
     data_count: int = DATA_COUNT
-    vae_steps: int = 500
+    vae_steps: int = 1200
     unet_steps: int = 3000
     controlnet_steps: int = 2000
     controlnet_lr: float = 2e-4
+    controlnet_lr_schedule: str = "constant"
     controlnet_batch: int = 32
     eval_every: int = 250
     eval_count: int = EVAL_COUNT
@@ -90,7 +92,8 @@ def build_demo(out: Path, work: Path, recipe: DemoRecipe, reuse_base: bool = Fal
     base_dir = work / "base"
     if not (reuse_base and (base_dir / "model_index.json").is_file()):
         train_tiny_base(str(data), str(base_dir),
-                        TinyBaseConfig(vae_steps=recipe.vae_steps, unet_steps=recipe.unet_steps),
+                        TinyBaseConfig(vae_steps=recipe.vae_steps, unet_steps=recipe.unet_steps,
+                                       vae_crop_on_shape=True),
                         progress=_progress(100))
     else:
         figures["base_reused"] = True
@@ -123,7 +126,8 @@ def build_demo(out: Path, work: Path, recipe: DemoRecipe, reuse_base: bool = Fal
     t0 = time.monotonic()
     train_controlnet(TrainConfig(
         data=str(data), base=str(base_dir), out=str(net_dir), steps=recipe.controlnet_steps,
-        batch=recipe.controlnet_batch, lr=recipe.controlnet_lr, resolution=64, prompt_drop=0.5,
+        batch=recipe.controlnet_batch, lr=recipe.controlnet_lr,
+        lr_schedule=recipe.controlnet_lr_schedule, resolution=64, prompt_drop=0.5,
         seed=0, cache_latents=True, checkpoint_every=500, checkpoints_kept=1,
         validation_every=recipe.eval_every, validation_count=4, validation_guidance=3.0,
         conditioning_channels=(16, 32, 64)), progress=_progress(100), evaluate=evaluate)
@@ -188,7 +192,7 @@ Made by `python -m backend.training.demo_model --out backend/assets/shapes-demo`
   Load with `StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=...)`.
 - `controlnet/`: a ControlNet (`from_unet`, zero convolutions) trained with
   `backend.training.train_controlnet` for {r['controlnet_steps']} steps at batch
-  {r['controlnet_batch']}, lr {r['controlnet_lr']}, 50 % empty prompts, base frozen.
+  {r['controlnet_batch']}, lr {r['controlnet_lr']} ({r.get('controlnet_lr_schedule', 'constant')} schedule), 50 % empty prompts, base frozen.
   Load with `ControlNetModel.from_pretrained(controlnet)`.
 
 Condition: a white 1-pixel outline on black, 64x64. Prompt: "<colour> <shape> on a
@@ -228,6 +232,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="keep a base already trained in the work folder")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--plot", type=Path, help="write the training curve PNG here")
+    parser.add_argument("--controlnet-lr", type=float, help="override the recipe's ControlNet lr")
+    parser.add_argument("--controlnet-steps", type=int, help="override its ControlNet steps")
+    parser.add_argument("--controlnet-lr-schedule", choices=["constant", "cosine"],
+                        help="override its ControlNet LR schedule")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -235,7 +243,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     torch.set_num_threads(args.threads)
     work = args.work or args.out.with_name(args.out.name + ".work")
-    figures = build_demo(args.out, work, QUICK if args.quick else DemoRecipe(),
+    recipe = QUICK if args.quick else DemoRecipe()
+    overrides = {"controlnet_lr": args.controlnet_lr, "controlnet_steps": args.controlnet_steps,
+                 "controlnet_lr_schedule": args.controlnet_lr_schedule}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    figures = build_demo(args.out, work, recipe,
                          reuse_base=args.reuse_base, plot=args.plot)
     print(json.dumps(figures["final"], sort_keys=True))
     return 0

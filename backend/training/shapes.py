@@ -62,14 +62,14 @@ def _geometry(rng: np.random.Generator, shape: str, size: int) -> List[Tuple[flo
     """Bounding box (circle, square) or vertices (triangle), inside the margin."""
     lo, hi = MARGIN, size - 1 - MARGIN
     if shape == "circle":
-        r = rng.uniform(0.14, 0.31) * size
+        r = rng.uniform(0.11, 0.25) * size
         cx, cy = rng.uniform(lo + r, hi - r, size=2)
         return [(cx - r, cy - r), (cx + r, cy + r)]
     if shape == "square":
-        side = rng.uniform(0.26, 0.56) * size
+        side = rng.uniform(0.21, 0.45) * size
         x0, y0 = rng.uniform(lo, hi - side, size=2)
         return [(x0, y0), (x0 + side, y0 + side)]
-    width, height = rng.uniform(0.30, 0.62) * size, rng.uniform(0.26, 0.56) * size
+    width, height = rng.uniform(0.24, 0.50) * size, rng.uniform(0.21, 0.45) * size
     x0, y0 = rng.uniform(lo, hi - width), rng.uniform(lo, hi - height)
     apex = x0 + width * rng.uniform(0.3, 0.7)
     return [(apex, y0), (x0 + width, y0 + height), (x0, y0 + height)]

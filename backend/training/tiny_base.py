@@ -52,6 +52,8 @@ class TinyBaseConfig:
     vae_steps: int = 500
     vae_batch: int = 32
     vae_crop: int = 32        # train on random crops (the VAE is fully convolutional)
+    vae_crop_on_shape: bool = False   # crops hold the picture's non-background centre
+    vae_foreground_weight: float = 1.0  # loss weight of non-background pixels
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     unet_channels: Tuple[int, ...] = (32, 64, 64)
@@ -148,12 +150,19 @@ def train_vae(vae: AutoencoderKL, images: PairImages, config: TinyBaseConfig,
         for group in optimizer.param_groups:
             group["lr"] = lr
         _, target, _ = images.batch(order.take(config.vae_batch))
-        x = pixels(_crops(target, config.vae_crop, generator), device)
+        crops = _crops(target, config.vae_crop, generator, config.vae_crop_on_shape)
+        x = pixels(crops, device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape,
                                                          generator=generator).to(device)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + config.vae_kl_weight * posterior.kl().mean()
+        error = (recon - x).abs()
+        if config.vae_foreground_weight != 1.0:
+            # Shapes are a small share of the pixels; weigh them up so their colours
+            # are reproduced as well as the background is.
+            fg = torch.from_numpy(_foreground(crops)).to(device)[:, None].float()
+            error = error * (1.0 + (config.vae_foreground_weight - 1.0) * fg)
+        loss = error.mean() + config.vae_kl_weight * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
@@ -163,13 +172,35 @@ def train_vae(vae: AutoencoderKL, images: PairImages, config: TinyBaseConfig,
     return report.losses
 
 
-def _crops(batch: np.ndarray, size: int, generator: torch.Generator) -> np.ndarray:
-    """One random ``size`` x ``size`` crop per image (all of it when it is that small)."""
+def _foreground(batch: np.ndarray) -> np.ndarray:
+    """N x H x W bool: pixels that differ from the picture's corner (background) colour."""
+    corner = batch[:, :1, :1, :3]
+    return (np.abs(batch[..., :3].astype(np.int16) - corner).max(axis=-1) > 24)
+
+
+def _crops(batch: np.ndarray, size: int, generator: torch.Generator,
+           on_shape: bool = False) -> np.ndarray:
+    """One random ``size`` x ``size`` crop per image (all of it when it is that small);
+    ``on_shape``: among the crops that hold the centre of the picture's foreground."""
     n, h, w = batch.shape[:3]
     if size >= min(h, w):
         return batch
-    ys = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
-    xs = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    if not on_shape:
+        ys = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
+        xs = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+        return np.stack([img[y:y + size, x:x + size] for img, y, x in zip(batch, ys, xs)])
+    u = torch.rand((n, 2), generator=generator).numpy()
+    lo_y, hi_y = np.zeros(n, int), np.full(n, h - size)
+    lo_x, hi_x = np.zeros(n, int), np.full(n, w - size)
+    fg = _foreground(batch)
+    for i in range(n):
+        ys, xs = np.nonzero(fg[i])
+        if len(ys):
+            cy, cx = int(ys.mean()), int(xs.mean())
+            lo_y[i], hi_y[i] = max(0, cy - size + 1), min(h - size, cy)
+            lo_x[i], hi_x[i] = max(0, cx - size + 1), min(w - size, cx)
+    ys = (lo_y + np.floor(u[:, 0] * (hi_y - lo_y + 1))).astype(int)
+    xs = (lo_x + np.floor(u[:, 1] * (hi_x - lo_x + 1))).astype(int)
     return np.stack([img[y:y + size, x:x + size] for img, y, x in zip(batch, ys, xs)])
 
 
