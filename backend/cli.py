@@ -32,11 +32,19 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     }
     engine_options = {"device": args.device, "dtype": args.dtype,
                       "offload": True if args.offload else None,
+                      "cpu_threads": args.cpu_threads,
                       "config_file": args.config}
     overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
     if args.host is not None and not is_loopback_host(args.host):
         overrides["allow_remote"] = True
     return overrides
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +62,8 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--offload", action="store_true",
                         help="model CPU offload: less VRAM, slower (CUDA only)")
+    parser.add_argument("--cpu-threads", type=_positive_int, help="torch CPU threads (default: one per "
+                        "core; fewer keeps a CPU server responsive when the machine is busy)")
     parser.add_argument("--max-image-side", type=int, help="largest image side accepted")
     parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
     parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")

@@ -225,10 +225,10 @@ def create_engine(name: str, **options) -> Engine:
     if name in ("diffusers", "demo", "tiny"):
         from .diffusers_engine import DiffusersEngine
         options = {k: v for k, v in options.items() if v is not None and k != "step_seconds"}
-        if name == "tiny":
-            return DiffusersEngine.embedded(device=options.get("device"))
-        if name == "demo":
-            return DiffusersEngine.demo(device=options.get("device"))
+        if name in ("tiny", "demo"):
+            # the embedded models are small fp32 ones: only these options apply
+            kept = {k: options[k] for k in ("device", "cpu_threads") if k in options}
+            return (DiffusersEngine.embedded if name == "tiny" else DiffusersEngine.demo)(**kept)
         config_file = options.pop("config_file", None)
         return DiffusersEngine.from_options(options, config_file)
     raise Unsupported(f"Unknown engine {name!r}; choose one of {', '.join(ENGINES)}.",

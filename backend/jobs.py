@@ -167,7 +167,7 @@ class JobManager:
             self._finish(job, error=Cancelled(f"Job {job_id} was cancelled before it started.",
                                               job_id=job_id))
             self._announce_positions()
-        # a running job stops at its next progress report (within one step)
+        # a running job stops at the engine's next check (before its next UNet block)
 
     def ack(self, job_ids: Sequence[str], owner: Owner) -> None:
         for job_id in job_ids:

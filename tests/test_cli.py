@@ -205,3 +205,21 @@ def test_models_download_offline_says_so(tmp_path):
                                   HF_HOME=str(tmp_path / "hf")))
     assert out.returncode == 1 and "offline" in out.stderr.lower()
     assert "Traceback" not in out.stderr
+
+
+def test_cpu_threads_option_reaches_torch(tmp_path):
+    import torch
+
+    from backend.cli import _positive_int
+    from backend.engine import create_engine
+    before = torch.get_num_threads()
+    try:
+        create_engine("demo", cpu_threads=1, config_file=tmp_path / "none.toml")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="not a positive whole number"):
+        _positive_int("0")
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--cpu-threads", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--cpu-threads: 0 is not a positive whole number" in out.stderr
