@@ -173,12 +173,14 @@ class JobManager:
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and job.owner is owner and job.state in FINISHED:
-                self._freed(job.kept_bytes)
+                self._unreleased += job.kept_bytes
                 del self.jobs[job_id]
+        job = None  # noqa: F841 - no reference left while trimming
+        self._trim_if_worth_it()
 
-    def _freed(self, nbytes: int) -> None:
-        """Count dropped result bytes; past ``TRIM_AFTER_BYTES`` return them to the OS."""
-        self._unreleased += nbytes
+    def _trim_if_worth_it(self) -> None:
+        """Past ``TRIM_AFTER_BYTES`` of dropped result bytes, return them to the OS (called
+        once the results are unreferenced, so one trim frees them all)."""
         if self._unreleased >= TRIM_AFTER_BYTES:
             self._unreleased = 0
             release_heap()
@@ -227,6 +229,12 @@ class JobManager:
 
     def expire(self, now: Optional[float] = None) -> int:
         """Drop outcomes kept longer than the retention time or over the memory budget."""
+        dropped = self._drop_expired(now)
+        if dropped:  # the dropped jobs are unreferenced now (not while the loop held them)
+            self._trim_if_worth_it()
+        return dropped
+
+    def _drop_expired(self, now: Optional[float]) -> int:
         now = time.monotonic() if now is None else now
         finished = sorted((j for j in self.jobs.values() if j.state in FINISHED),
                           key=lambda j: j.finished_at)
@@ -237,7 +245,7 @@ class JobManager:
             if not too_old and kept <= self.retention_bytes:
                 break
             kept -= job.kept_bytes
-            self._freed(job.kept_bytes)
+            self._unreleased += job.kept_bytes
             del self.jobs[job.job_id]
             self._expired[job.job_id] = None
             dropped += 1
