@@ -207,8 +207,9 @@ guidance 3).
 | base: VAE | {minutes(figures['vae_seconds'])} |
 | base: UNet + text encoder (incl. encoding the latents) | {minutes(unet_s)} |
 | ControlNet training | {minutes(net_s)} |
+| **training total** | **{minutes(figures['vae_seconds'] + unet_s + net_s)}** |
 | fidelity curve ({len(figures['curve'])} points) + final evaluation | {minutes(eval_s)} |
-| total | {minutes(figures['total_seconds'])} |
+| total with evaluation | {minutes(figures['total_seconds'])} |
 {reused}
 
 Fidelity on {f['samples']} held-out shapes through `StableDiffusionControlNetPipeline`
