@@ -281,9 +281,9 @@ def load(server: ServerProcess, jobs: int, clients: int) -> Dict:
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
     for thread in threads:
         thread.start()
-    samples = []
+    samples = []  # (jobs finished so far, RSS)
     while any(t.is_alive() for t in threads):
-        samples.append(_rss_mb(server.pid))
+        samples.append((len(finish_order), _rss_mb(server.pid)))
         time.sleep(0.2)
     for thread in threads:
         thread.join()
@@ -296,7 +296,12 @@ def load(server: ServerProcess, jobs: int, clients: int) -> Dict:
             "failures": len(failures), "failure_examples": failures[:3],
             "first_half_share_min": round(min(shares), 3),
             "first_half_share_max": round(max(shares), 3),
-            "rss_mb_start": round(rss_start, 1), "rss_mb_peak": round(max(samples or [0]), 1),
+            "rss_mb_start": round(rss_start, 1),
+            # after the first tenth of the jobs (models loaded, buffers warm): growth from
+            # here to the end would be a leak, growth before it is warm-up
+            "rss_mb_after_tenth": round(next((r for n, r in samples if n >= jobs // 10),
+                                             rss_start), 1),
+            "rss_mb_peak": round(max([r for _, r in samples] or [0]), 1),
             "rss_mb_end": round(_rss_mb(server.pid), 1)}
 
 

@@ -14,6 +14,7 @@ def test_soak_small_run_loses_nothing():
     assert d["results_delivered"] == 12 - d["disconnect_points"].get("before_submit", 0)
     load = figures["load"]
     assert load["failures"] == 0 and load["first_half_share_min"] > 0
+    assert load["rss_mb_end"] - load["rss_mb_after_tenth"] < 20  # no growth after warm-up
     assert figures["cancel"]["cancelled"] == 5
     retention = figures["retention"]
     assert retention["resume_says_expired"]
