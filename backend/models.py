@@ -210,6 +210,7 @@ class Resolved:
     path: str        # local folder or file to load from
     repo_id: str = ""
     native_size: int = 512
+    builtin: str = ""  # the built-in model's own name (``shapes-demo``, ``tiny-sd15``)
 
     @property
     def key(self) -> str:
@@ -308,7 +309,7 @@ class Catalogue:
             if condition in table:
                 return table[condition]
         if base is not None and base.source == "builtin":
-            return f"{base.name}:{condition}"
+            return f"{base.builtin or base.name}:{condition}"
         name = CONTROLNETS.get(family, {}).get(condition)
         if not name:
             raise ModelMissing(
@@ -377,7 +378,7 @@ class Catalogue:
 
         if kind == "base" and where == DEMO_BASE:
             return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "base"),
-                            native_size=DEMO_NATIVE_SIZE)
+                            native_size=DEMO_NATIVE_SIZE, builtin=DEMO_BASE)
         if kind == "controlnet" and where.startswith(DEMO_BASE + ":"):
             condition = where.split(":", 1)[1]
             if condition not in DEMO_CONDITIONS:
@@ -393,7 +394,7 @@ class Catalogue:
             family = TINY_BASES[where]
             folder = tiny.ensure_tiny(family, root)
             return Resolved(name, kind, family, "builtin", str(folder),
-                            native_size=tiny.NATIVE_SIZE)
+                            native_size=tiny.NATIVE_SIZE, builtin=where)
         if kind == "controlnet" and ":" in where and where.split(":", 1)[0] in TINY_BASES:
             base, condition = where.split(":", 1)
             family = TINY_BASES[base]

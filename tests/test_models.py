@@ -429,6 +429,12 @@ def test_the_embedded_demo_model_resolves_for_outline_conditions_only(tmp_path):
     assert listed[DEMO_BASE].present
     with pytest.raises(ModelMissing, match="built in"):
         catalogue.download_target(DEMO_BASE)
+    # a named alias of a built-in base finds the built-in ControlNets too
+    aliased = empty_cache_catalogue(tmp_path, bases={"shapes": (DEMO_BASE, "")})
+    alias = aliased.resolve_base("shapes")
+    assert alias.name == "shapes" and alias.path == base.path
+    assert aliased.resolve_controlnet("lineart", alias).path == \
+        catalogue.resolve_controlnet("lineart", base).path
 
 
 def test_download_aliases_and_offline_message(tmp_path, monkeypatch):
