@@ -20,10 +20,10 @@ import asyncio
 import collections
 import ctypes
 import ctypes.util
-import gc
+import functools
 import logging
-import sys
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -41,23 +41,32 @@ log = logging.getLogger(__name__)
 TRIM_AFTER_BYTES = 8 << 20
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
+
+
 def release_heap() -> bool:
     """Give freed memory back to the system (glibc's ``malloc_trim``).
 
     Results are tens of MiB of bytes objects; after they are dropped glibc keeps the
-    pages in its arenas, so the server's RSS would stay at its high-water mark. True
-    if the trim ran (Linux with glibc)."""
-    if not sys.platform.startswith("linux"):
+    pages in its arenas, so the server's RSS would stay at its high-water mark. The
+    bytes are freed by reference counting as soon as they are dropped (no cycles), so
+    no garbage collection is needed first. True if the trim ran."""
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
-        return False
-    gc.collect()
-    trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)

@@ -61,13 +61,14 @@ DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
 DEMO_NATIVE_SIZE = 64
+# Native generation size (pixels of a square side) per family; see diffusers_engine.
+NATIVE_SIZE: Dict[str, int] = {"sd15": 512, "sdxl": 1024}
 
 
 def demo_folder() -> Path:
     """The embedded demo model: ``base/`` (diffusers pipeline) and ``controlnet/``."""
     return Path(__file__).resolve().parent / "assets" / DEMO_BASE
-# Native generation size (pixels of a square side) per family; see diffusers_engine.
-NATIVE_SIZE: Dict[str, int] = {"sd15": 512, "sdxl": 1024}
+
 
 # Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: only
 # ids known to exist in diffusers format; the rest need a [controlnets.sdxl] entry.
