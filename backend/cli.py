@@ -62,8 +62,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--offload", action="store_true",
                         help="model CPU offload: less VRAM, slower (CUDA only)")
-    parser.add_argument("--cpu-threads", type=_positive_int, help="torch CPU threads (default: one per "
-                        "core; fewer keeps a CPU server responsive when the machine is busy)")
+    parser.add_argument("--cpu-threads", type=_positive_int,
+                        help="torch CPU threads (default: one per core; fewer keeps a CPU "
+                        "server responsive when the machine is busy)")
     parser.add_argument("--max-image-side", type=int, help="largest image side accepted")
     parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
     parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")

@@ -40,23 +40,24 @@ COLOUR = (220, 30, 30)
 SAMPLER, CFG, STEPS = "ddim", 3.0, 20
 
 
+def _circle_box(size: Tuple[int, int]) -> Tuple[float, float, float, float]:
+    w, h = size
+    x0, y0, x1, y1 = CIRCLE
+    return (w * x0, h * y0, w * x1, h * y1)
+
+
 def draw_line_art(size: Tuple[int, int] = CANVAS_SIZE) -> PILImage.Image:
     """Dark strokes on a transparent layer: the outline of a circle."""
-    w, h = size
     layer = PILImage.new("RGBA", size, (0, 0, 0, 0))
-    pen = ImageDraw.Draw(layer)
-    x0, y0, x1, y1 = CIRCLE
-    pen.ellipse((w * x0, h * y0, w * x1, h * y1), outline=(20, 20, 20, 255),
-                width=max(2, w // 100))
+    ImageDraw.Draw(layer).ellipse(_circle_box(size), outline=(20, 20, 20, 255),
+                                  width=max(2, size[0] // 100))
     return layer
 
 
 def drawn_disc(size: Tuple[int, int] = CANVAS_SIZE) -> np.ndarray:
     """The filled disc the outline encloses (the shape the user means)."""
-    w, h = size
     layer = PILImage.new("L", size, 0)
-    x0, y0, x1, y1 = CIRCLE
-    ImageDraw.Draw(layer).ellipse((w * x0, h * y0, w * x1, h * y1), fill=255)
+    ImageDraw.Draw(layer).ellipse(_circle_box(size), fill=255)
     return np.asarray(layer) > 127
 
 
@@ -64,15 +65,16 @@ def shape_agreement(result: PILImage.Image, size: Tuple[int, int] = CANVAS_SIZE
                     ) -> Tuple[float, float]:
     """(IoU of the generated shape with the drawn disc, share of the shape's pixels
     nearer the prompt's colour than to white)."""
-    rgb = np.asarray(result.convert("RGB"), dtype=np.float32)
-    shape = np.linalg.norm(rgb - 255.0, axis=-1) > 60.0   # not background white
-    disc = drawn_disc(size)
-    union = np.logical_or(shape, disc).sum()
-    iou = float(np.logical_and(shape, disc).sum() / union) if union else 0.0
+    from .training.shapes import iou, segment
+
+    rgb = np.asarray(result.convert("RGB"))
+    shape = segment(rgb, "white", threshold=60.0)   # not background white
+    agreement = iou(shape, drawn_disc(size))
     if not shape.any():
-        return iou, 0.0
-    near = np.linalg.norm(rgb[shape] - np.array(COLOUR, np.float32), axis=-1) < 120.0
-    return iou, float(near.mean())
+        return agreement, 0.0
+    near = np.linalg.norm(rgb[shape].astype(np.float32) - np.array(COLOUR, np.float32),
+                          axis=-1) < 120.0
+    return agreement, float(near.mean())
 
 
 def pil_to_image(picture: PILImage.Image) -> Image:

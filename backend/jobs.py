@@ -179,13 +179,15 @@ class JobManager:
         # a running job stops at the engine's next check (before its next UNet block)
 
     def ack(self, job_ids: Sequence[str], owner: Owner) -> None:
+        self._drop_acked(job_ids, owner)
+        self._trim_if_worth_it()  # the acked jobs are unreferenced now
+
+    def _drop_acked(self, job_ids: Sequence[str], owner: Owner) -> None:
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and job.owner is owner and job.state in FINISHED:
                 self._unreleased += job.kept_bytes
                 del self.jobs[job_id]
-        job = None  # noqa: F841 - no reference left while trimming
-        self._trim_if_worth_it()
 
     def _trim_if_worth_it(self) -> None:
         """Past ``TRIM_AFTER_BYTES`` of dropped result bytes, return them to the OS (called
@@ -417,15 +419,8 @@ class JobManager:
     def _train(self, job: Job, message: Train, ctx: "_Context") -> tuple:
         """Training runs on the worker thread too: it owns the GPU, so generation and
         training never compete for it. Cancel stops after writing a checkpoint."""
-        from .training.controlnet import TrainConfig, job_progress, train_controlnet
-        config = TrainConfig(
-            data=message.data, base=message.base, out=message.out, steps=message.steps,
-            batch=message.batch, lr=message.lr, lr_schedule=message.lr_schedule,
-            lr_warmup_steps=message.lr_warmup_steps, resolution=message.resolution,
-            prompt_drop=message.prompt_drop, mixed_precision=message.mixed_precision,
-            gradient_checkpointing=message.gradient_checkpointing,
-            resume="latest" if message.resume else None)
-        out = train_controlnet(config, progress=job_progress(ctx))
+        from .training.controlnet import config_from_message, job_progress, train_controlnet
+        out = train_controlnet(config_from_message(message), progress=job_progress(ctx))
         job.info = {"out": str(out)}
         return ()
 

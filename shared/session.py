@@ -282,7 +282,8 @@ def _job_id_of(text: str) -> Optional[str]:
         raw = json.loads(text)
     except ValueError:
         return None
-    if isinstance(raw, dict) and raw.get("type") in (Generate.TYPE, Preprocess.TYPE, Train.TYPE):
+    if isinstance(raw, dict) and raw.get("type") in (Generate.TYPE, Preprocess.TYPE,
+                                                      Train.TYPE):
         job_id = raw.get("job_id")
         if isinstance(job_id, str) and _JOB_ID.match(job_id):
             return job_id

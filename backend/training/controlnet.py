@@ -56,10 +56,9 @@ log = logging.getLogger(__name__)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Options that change the trajectory: a resume must use the same values.
 LR_SCHEDULES = ("constant", "cosine")
-TRAJECTORY_KEYS = ("data", "base", "batch", "lr", "lr_warmup_steps", "lr_schedule", "resolution",
-                   "prompt_drop",
-                   "mixed_precision", "seed", "cache_latents", "max_grad_norm", "weight_decay",
-                   "conditioning_channels")
+TRAJECTORY_KEYS = ("data", "base", "batch", "lr", "lr_warmup_steps", "lr_schedule",
+                   "resolution", "prompt_drop", "mixed_precision", "seed", "cache_latents",
+                   "max_grad_norm", "weight_decay", "conditioning_channels")
 
 
 @dataclass
@@ -114,6 +113,18 @@ class TrainConfig:
         if d["conditioning_channels"] is not None:
             d["conditioning_channels"] = list(d["conditioning_channels"])
         return d
+
+
+# Fields of the ``train`` message that are about the job, not the training.
+_JOB_FIELDS = ("job_id", "cancel_on_disconnect", "resume")
+
+
+def config_from_message(message) -> TrainConfig:
+    """The :class:`TrainConfig` of a ``shared.messages.Train`` job: its fields carry over
+    by name (resume means the latest checkpoint)."""
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)
+              if f.name not in _JOB_FIELDS}
+    return TrainConfig(**fields, resume="latest" if message.resume else None)
 
 
 def lr_factor(config: TrainConfig) -> Callable[[int], float]:

@@ -105,12 +105,13 @@ def build_demo(out: Path, work: Path, recipe: DemoRecipe, reuse_base: bool = Fal
     held = fidelity.heldout(recipe.eval_count)
     curve: List[Dict[str, Any]] = []
 
-    eval_seconds = [0.0]
+    eval_seconds = 0.0
 
     def evaluate(step: int, pipe) -> Dict[str, float]:
+        nonlocal eval_seconds
         t_eval = time.monotonic()
         result = fidelity.measure(pipe, samples=held, without=not curve)
-        eval_seconds[0] += time.monotonic() - t_eval
+        eval_seconds += time.monotonic() - t_eval
         point = {"step": step, "iou_with_control": result["iou_with_control"],
                  "colour_accuracy": result["colour_accuracy"]}
         if "iou_without_control" in result:
@@ -132,7 +133,7 @@ def build_demo(out: Path, work: Path, recipe: DemoRecipe, reuse_base: bool = Fal
         validation_every=recipe.eval_every, validation_count=4, validation_guidance=3.0,
         conditioning_channels=(16, 32, 64)), progress=_progress(100), evaluate=evaluate)
     figures["controlnet_seconds"] = round(time.monotonic() - t0, 1)  # includes the curve
-    figures["curve_eval_seconds"] = round(eval_seconds[0], 1)
+    figures["curve_eval_seconds"] = round(eval_seconds, 1)
     net_log = json.loads((net_dir / "training_log.json").read_text(encoding="utf-8"))
     losses = net_log["losses"]
     figures["controlnet_prompt_drop_observed"] = round(
@@ -179,6 +180,7 @@ def write_readme(out: Path, figures: Dict[str, Any]) -> None:
     eval_s = figures["curve_eval_seconds"] + figures["final_eval_seconds"]
     reused = ("\nThe base was trained by an earlier run of the same command (`--reuse-base`); "
               "its times come from its own training log.\n" if figures.get("base_reused") else "")
+    schedule = r.get("controlnet_lr_schedule", "constant")
     minutes = lambda s: f"{s / 60:.1f} min" if isinstance(s, (int, float)) else "reused"  # noqa
     text = f"""# shapes-demo: a tiny trained ControlNet and its base
 
@@ -192,7 +194,8 @@ Made by `python -m backend.training.demo_model --out backend/assets/shapes-demo`
   Load with `StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=...)`.
 - `controlnet/`: a ControlNet (`from_unet`, zero convolutions) trained with
   `backend.training.train_controlnet` for {r['controlnet_steps']} steps at batch
-  {r['controlnet_batch']}, lr {r['controlnet_lr']} ({r.get('controlnet_lr_schedule', 'constant')} schedule), 50 % empty prompts, base frozen.
+  {r['controlnet_batch']}, lr {r['controlnet_lr']} ({schedule} schedule), 50 % empty prompts,
+  base frozen.
   Load with `ControlNetModel.from_pretrained(controlnet)`.
 
 Condition: a white 1-pixel outline on black, 64x64. Prompt: "<colour> <shape> on a

@@ -53,7 +53,6 @@ class TinyBaseConfig:
     vae_batch: int = 32
     vae_crop: int = 32        # train on random crops (the VAE is fully convolutional)
     vae_crop_on_shape: bool = False   # crops hold the picture's non-background centre
-    vae_foreground_weight: float = 1.0  # loss weight of non-background pixels
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     unet_channels: Tuple[int, ...] = (32, 64, 64)
@@ -150,19 +149,12 @@ def train_vae(vae: AutoencoderKL, images: PairImages, config: TinyBaseConfig,
         for group in optimizer.param_groups:
             group["lr"] = lr
         _, target, _ = images.batch(order.take(config.vae_batch))
-        crops = _crops(target, config.vae_crop, generator, config.vae_crop_on_shape)
-        x = pixels(crops, device)
+        x = pixels(_crops(target, config.vae_crop, generator, config.vae_crop_on_shape), device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape,
                                                          generator=generator).to(device)
         recon = vae.decode(z).sample
-        error = (recon - x).abs()
-        if config.vae_foreground_weight != 1.0:
-            # Shapes are a small share of the pixels; weigh them up so their colours
-            # are reproduced as well as the background is.
-            fg = torch.from_numpy(_foreground(crops)).to(device)[:, None].float()
-            error = error * (1.0 + (config.vae_foreground_weight - 1.0) * fg)
-        loss = error.mean() + config.vae_kl_weight * posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + config.vae_kl_weight * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
