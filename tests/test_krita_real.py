@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.editor_jail import editor_root, jail
+
 ROOT = Path(__file__).resolve().parent.parent
-SETUP = ROOT / "tests" / "editors" / "setup_krita.sh"
 SUPPORT = ROOT / "tests" / "krita_support"
 HOME_REL = "var/lib/cc-krita-plugin-home"  # persistent: a fresh Krita home costs ~8 s
 W, H = 96, 64
@@ -104,17 +105,7 @@ def test_plugin_sources_run_on_python_310():
 # -- the real Krita ------------------------------------------------------------------------------
 
 def chroot_root() -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("the real-Krita tier needs root (debootstrap, mount, chroot)")
-    done = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        if "debootstrap" in done.stderr and shutil.which("debootstrap") is None:
-            pytest.skip("the Krita chroot cannot be built here (debootstrap cannot be "
-                        "installed): " + done.stderr.strip()[-300:])
-        pytest.fail("tests/editors/setup_krita.sh failed:\n" + done.stderr[-3000:])
-    root = subprocess.run(["bash", str(SETUP), "--print-root"], capture_output=True,
-                          text=True).stdout.strip()
-    return Path(root)
+    return editor_root("setup_krita.sh")
 
 
 def line_art_png(path: Path) -> None:
@@ -148,10 +139,10 @@ def big_line_art_png(path: Path) -> None:
 
 
 def run_in_chroot(root: Path, home: str, env: dict, command: list, timeout: int = 300):
-    base = ["chroot", str(root), "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin",
-            f"HOME=/{home}", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
-    base += [f"{k}={v}" for k, v in env.items()]
-    return subprocess.run(base + command, capture_output=True, text=True, timeout=timeout)
+    settings = [f"HOME=/{home}", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"]
+    settings += [f"{k}={v}" for k, v in env.items()]
+    return subprocess.run(jail(root, *settings, *command), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def results(output: str) -> dict:

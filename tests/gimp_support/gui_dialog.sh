@@ -24,13 +24,11 @@ cd "$REPO"
 bash "$SETUP" >/dev/null
 ROOT="$(bash "$SETUP" --print-root)"
 
-in_chroot() {
-    chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-        DEBIAN_FRONTEND=noninteractive "$@"
-}
+JAIL="$REPO/tests/editors/jail.sh"  # bubblewrap: nothing is mounted on the host
+in_chroot() { bash "$JAIL" "$ROOT" "$@"; }
 if ! in_chroot sh -c "command -v Xvfb && command -v xdotool && command -v import" >/dev/null; then
     echo "gui_dialog.sh: installing xvfb, xdotool, imagemagick into the chroot" >&2
-    in_chroot apt-get install -y -qq --no-install-recommends xvfb xdotool imagemagick >/dev/null \
+    bash "$JAIL" --admin "$ROOT" apt-get install -y -qq --no-install-recommends xvfb xdotool imagemagick >/dev/null \
         || { echo "gui_dialog.sh: cannot install xvfb/xdotool/imagemagick in the chroot" >&2; exit 3; }
 fi
 
@@ -55,8 +53,7 @@ cleanup() {
 trap cleanup EXIT
 # bg_chroot VAR=VALUE... CMD...: run CMD in the chroot, in the background, in its own group
 bg_chroot() {
-    setsid chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-        LANG=C.UTF-8 "$@" 9>&- &
+    setsid bash "$JAIL" "$ROOT" "$@" 9>&- &
     GROUPS_STARTED+=($!)
 }
 

@@ -8,7 +8,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 SETUP="$HERE/../setup_gimp.sh"
 ROOT="$(bash "$SETUP" --print-root ${1:+"$1"})"
-bash "$SETUP" ${1:+"$1"} >/dev/null   # build if needed + mount
+bash "$SETUP" ${1:+"$1"} >/dev/null   # build if needed
+JAIL="$HERE/../jail.sh"               # bubblewrap: nothing is mounted on the host
 
 PLUG="$ROOT/root/.config/GIMP/3.0/plug-ins/cc_smoke"
 WORK="$ROOT/tmp/cc_smoke"
@@ -16,7 +17,7 @@ mkdir -p "$PLUG" "$WORK"
 install -m 755 "$HERE/cc_smoke/cc_smoke.py" "$PLUG/cc_smoke.py"
 install -m 644 "$HERE/batch.py" "$HERE/make_png.py" "$WORK/"
 rm -f "$WORK/result.json" "$WORK/out.png"
-chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin python3 /tmp/cc_smoke/make_png.py /tmp/cc_smoke/in.png 8 6
+bash "$JAIL" "$ROOT" python3 /tmp/cc_smoke/make_png.py /tmp/cc_smoke/in.png 8 6
 
 # Host-side HTTP server on 127.0.0.1 (the chroot shares the host's network namespace).
 PORTFILE="$(mktemp)"; rm -f "$PORTFILE"
@@ -31,8 +32,7 @@ gimp_batch() {  # gimp_batch FINAL -> runs batch.py, returns gimp's exit code
 {"input": "/tmp/cc_smoke/in.png", "output": "/tmp/cc_smoke/out.png",
  "cases": ["invert", "http://127.0.0.1:$PORT/pixels", "fail", "raise"], "final": "$1"}
 JSON
-    chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
-        gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
+    bash "$JAIL" "$ROOT" gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
         -b "p='/tmp/cc_smoke/batch.py'; exec(compile(open(p).read(), p, 'exec'), {})" --quit
 }
 

@@ -53,7 +53,7 @@ for _ in $(seq 50); do [ -s "$WORK/port" ] && break; sleep 0.1; done
 PORT="$(cat "$WORK/port")"
 
 krun() {  # [VAR=value...] command...   (inside the chroot, clean environment)
-    chroot "$ROOT" env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="/$SHOME_REL" LANG=C.UTF-8 \
+    bash "$HERE/../jail.sh" "$ROOT" HOME="/$SHOME_REL" \
         PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
         CC_SMOKE_PLUGIN_MARKER="/$REL/out/plugin_marker.txt" "$@"
 }
