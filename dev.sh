@@ -39,6 +39,7 @@ system_test_packages() {
     fi
     if [ "${CI:-}" = true ]; then
         export CONTROLCANVAS_REQUIRE_BROWSER=1  # in CI a missing browser fails, not skips
+        export CONTROLCANVAS_REQUIRE_EDITORS=1  # ... and so does a real-editor tier
     fi
 }
 

@@ -45,3 +45,27 @@ def make_server():
     yield make
     for server in started:
         server.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing the editor tiers started may outlive the run: no mount at or below the
+    chroot cache, no process still running inside a chroot."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return
+    from tests.editor_jail import cache_root, mounts_below
+
+    cache = cache_root()
+    left = [f"mounted: {m}" for m in mounts_below(cache)]
+    needle = str(cache).encode() + b"/"
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if needle in cmdline:
+                left.append(f"process {entry.name}: {cmdline[:200]!r}")
+    if left:
+        sys.stderr.write("\nERROR: the editor tiers left these behind:\n  "
+                         + "\n  ".join(left) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

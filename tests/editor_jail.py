@@ -60,3 +60,10 @@ def mounts_below(path: Path) -> list[str]:
                           text=True)
     assert done.returncode in (0, 1), done.stderr
     return done.stdout.splitlines()
+
+
+def cache_root() -> Path:
+    """Where the setup scripts keep the chroots (lib.sh's editor_cache, one owner)."""
+    done = subprocess.run(["bash", "-c", f"source {str(EDITORS / 'lib.sh')!r}; editor_cache"],
+                          capture_output=True, text=True, check=True)
+    return Path(done.stdout.strip())

@@ -169,6 +169,10 @@ def gimp(tmp_path_factory):
     source = line_art(*SIZE)
     with locked(root.with_name(root.name + ".controlcanvas-plugin.lock")):
         try:
+            # A run killed before its own clean-up left its folder (we hold the lock: any
+            # other cc-gimp-test folder is stale).
+            for stale in (root / "tmp").glob("cc-gimp-test-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             if plugin.exists():
                 shutil.rmtree(plugin)
             plugin.parent.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,9 @@ def krita_env(krita_zip, tmp_path_factory):
     home = root / HOME_REL
     rel = f"tmp/cc_krita_plugin.{os.getpid()}"
     work = root / rel
+    for stale in (root / "tmp").glob("cc_krita_plugin.*"):  # left by a killed run
+        if not Path(f"/proc/{stale.suffix[1:]}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     (work / "mod").mkdir(parents=True)
     shutil.copy(krita_zip, work / krita_zip.name)
