@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,16 +48,21 @@ def make_server():
         server.stop()
 
 
+def pytest_sessionstart(session):
+    # Marks the chroot sandboxes this session starts (tests/editors/jail.sh passes it in).
+    os.environ["CC_JAIL_OWNER"] = f"pytest-{os.getpid()}-{int(time.time())}"
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Nothing the editor tiers started may outlive the run: no mount at or below the
-    chroot cache, no process still running inside a chroot."""
+    chroot cache, no chroot sandbox of this session still running."""
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         return
     from tests.editor_jail import cache_root, mounts_below
 
     cache = cache_root()
     left = [f"mounted: {m}" for m in mounts_below(cache)]
-    needle = str(cache).encode() + b"/"
+    needle = f"CC_JAIL_OWNER={os.environ.get('CC_JAIL_OWNER', '')}".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:

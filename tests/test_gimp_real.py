@@ -1,9 +1,10 @@
-"""The real GIMP tier: the packaged plug-in inside GIMP 3.0.4, driven in batch mode.
+"""The real GIMP tier: the packaged plug-in inside GIMP 3.0 (Debian trixie) and 3.2 (sid),
+driven in batch mode.
 
 Builds the bundle with packaging/build.py, unzips its release zip into the GIMP chroot built
 (once, cached) by tests/editors/setup_gimp.sh, starts a real server with the fake
 engine on 127.0.0.1 and a token file the plug-in finds by itself, then runs
-gimp-console-3.0 once with tests/gimp_support/gimp_batch.py: every case loads a
+gimp-console-3 once with tests/gimp_support/gimp_batch.py: every case loads a
 PNG, runs one Filters ▸ ControlNet procedure non-interactively, and records what
 GIMP ended up with.  The tests below assert on that record: pixels equal to what
 FakeEngine makes for the same request, offsets, stacking, paths, messages.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "plugin_gimp"))
 from backend.config import ServerConfig  # noqa: E402
 from backend.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import pose  # noqa: E402
-from tests.editor_jail import editor_root, jail  # noqa: E402
+from tests.editor_jail import editor_root, jail, unavailable  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from gimp_support.packaging_build import load_build  # noqa: E402
 from shared import pose as openpose  # noqa: E402
@@ -67,9 +68,13 @@ def line_art(width: int, height: int) -> Image:
     return Image(width, height, bytes(data))
 
 
-def chroot_root() -> Path:
+# Debian suite -> the GIMP it ships (its user folder is ~/.config/GIMP/<major.minor>).
+SUITES = {"trixie": "3.0", "sid": "3.2"}
+
+
+def chroot_root(suite: str) -> Path:
     """The GIMP chroot, built or reused; skipped (failed in CI) when it cannot be."""
-    return editor_root("setup_gimp.sh")
+    return editor_root("setup_gimp.sh", "--suite", suite)
 
 
 def free_port() -> int:
@@ -155,13 +160,13 @@ class GimpRun:
         return self.pixels(node["pixels"], node["w"], node["h"])
 
 
-@pytest.fixture(scope="module")
-def gimp(tmp_path_factory):
-    root = chroot_root()
+@pytest.fixture(scope="module", params=sorted(SUITES))
+def gimp(request, tmp_path_factory):
+    root = chroot_root(request.param)
     build = load_build()
     out = tmp_path_factory.mktemp("bundle")
     _, archive = build.build_gimp(out, build.default_cache())
-    gimp_dir = root / "root" / ".config" / "GIMP" / "3.0"
+    gimp_dir = root / "root" / ".config" / "GIMP" / SUITES[request.param]
     plugin = gimp_dir / "plug-ins" / "controlcanvas"
     saved_settings = gimp_dir / "controlcanvas.json"
     inside = f"/tmp/cc-gimp-test-{uuid.uuid4().hex[:12]}"
@@ -200,7 +205,7 @@ def gimp(tmp_path_factory):
                            f"'exec'), {{'PARAMS': '{inside}/params.json'}})")
                 done = subprocess.run(
                     jail(root, f"CONTROLCANVAS_CONFIG_DIR={inside}/config",
-                         "gimp-console-3.0", "-i", "--batch-interpreter=python-fu-eval",
+                         "gimp-console-3", "-i", "--batch-interpreter=python-fu-eval",
                          "-b", command, "--quit"),
                     capture_output=True, text=True, timeout=600)
             results_file = work / "results.json"
@@ -445,13 +450,15 @@ def test_settings_finds_the_token_file_and_saves_the_address(gimp):
 
 # -- the GUI: GIMP's dialog, OK, one undo step ---------------------------------------------------
 
-def test_dialog_ok_and_one_undo_in_the_gui(tmp_path):
-    """gimp-3.0 under Xvfb: the ProcedureDialog appears, OK generates, Ctrl+Z removes it all."""
-    chroot_root()
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_dialog_ok_and_one_undo_in_the_gui(tmp_path, suite):
+    """gimp-3 under Xvfb: the ProcedureDialog appears, OK generates, Ctrl+Z removes it all."""
+    chroot_root(suite)
     done = subprocess.run(["bash", str(GUI), str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+                          text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable, "CC_GIMP_SUITE": suite})
     if done.returncode == 3:
-        pytest.skip(done.stderr.strip().splitlines()[-1])
+        unavailable(done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "one Ctrl+Z removes exactly the new layer      ok" in done.stdout
     assert (tmp_path / "gimp-dialog.png").stat().st_size > 10_000

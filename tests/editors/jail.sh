@@ -18,7 +18,9 @@
 # /dev/shm: never the host's), /sys read-only. Nothing is mounted in the host's namespace,
 # so nothing can outlive the command, even when it is killed with SIGKILL (--die-with-parent
 # and a pid namespace end every process of the sandbox with it). The network namespace is
-# shared, so the editors reach a server on the host's 127.0.0.1.
+# shared, so the editors reach a server on the host's 127.0.0.1. CC_JAIL_OWNER, when set,
+# is passed in (and so shows in the sandbox's command line): the test session sets it to
+# find what it started.
 set -euo pipefail
 
 die() { echo "jail.sh: ERROR: $*" >&2; exit 2; }
@@ -80,4 +82,5 @@ exec bwrap \
     --die-with-parent \
     "${CAPS[@]}" \
     -- /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"
+    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
+    ${CC_JAIL_OWNER:+CC_JAIL_OWNER="$CC_JAIL_OWNER"} "$@"

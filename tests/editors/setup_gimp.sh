@@ -50,8 +50,8 @@ case "$SUITE" in
     *) die "unknown suite '$SUITE' (trixie: GIMP 3.0, sid: GIMP 3.2)" ;;
 esac
 ROOT="$(normalise_root "${1:-$(editor_cache)/gimp-$SUITE}")"
-# Both 3.0 and 3.2 install gimp-console-3.0 (3.2 keeps the 3.0 API and binary names).
-CONSOLE=gimp-console-3.0
+# GIMP 3.0 and 3.2 both install gimp-console-3 (gimp-console-3.0 exists only in 3.0).
+CONSOLE=gimp-console-3
 
 print_usage_cmd() {
     cat <<EOF

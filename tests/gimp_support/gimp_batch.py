@@ -1,5 +1,5 @@
-# Runs INSIDE real GIMP 3 (gimp-console-3.0, python-fu-eval), driven by tests/test_gimp_real.py:
-#   gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
+# Runs INSIDE real GIMP 3 (gimp-console-3, python-fu-eval), driven by tests/test_gimp_real.py:
+#   gimp-console-3 -i --batch-interpreter=python-fu-eval \
 #     -b "p='/tmp/W/gimp_batch.py'; exec(compile(open(p).read(), p, 'exec'), {'PARAMS': '/tmp/W/params.json'})" --quit
 # For each case it loads the PNG, moves its layer to the given offsets on a bigger canvas
 # with a white "paper" layer below, selects a rectangle when the case says so, runs one

@@ -1,4 +1,4 @@
-# Runs INSIDE the GUI GIMP 3 (gimp-3.0 under Xvfb, python-fu-eval), driven by gui_dialog.sh:
+# Runs INSIDE the GUI GIMP 3 (gimp-3 under Xvfb, python-fu-eval), driven by gui_dialog.sh:
 # opens the PNG in a window, calls "Generate from layer" INTERACTIVELY (GIMP's own dialog
 # appears; the driver screenshots it and presses OK), records the layers, then waits for
 # the driver to press Ctrl+Z in the image window and records the layers again.

@@ -110,7 +110,7 @@ bg_chroot Xvfb "$DISPLAY_NUM" -screen 0 1400x1000x24 -nolisten tcp >/dev/null 2>
 sleep 1
 X() { in_chroot DISPLAY="$DISPLAY_NUM" "$@"; }
 bg_chroot DISPLAY="$DISPLAY_NUM" GIMP3_DIRECTORY="/$PROFILE_REL" \
-    CONTROLCANVAS_CONFIG_DIR="/$REL/config" gimp-3.0 --no-splash \
+    CONTROLCANVAS_CONFIG_DIR="/$REL/config" gimp-3 --no-splash \
     --batch-interpreter=python-fu-eval \
     -b "p='/$REL/gimp_support_gui_batch.py'; exec(compile(open(p).read(), p, 'exec'), {'PARAMS': '/$REL/params.json'})" \
     >"$W/gimp.log" 2>&1

@@ -1,4 +1,5 @@
-"""Runs INSIDE the real Krita 5 of the test chroot (Python 3.11 + PyQt5); see
+"""Runs INSIDE the real Krita of a test chroot (Krita 5 + PyQt5 or Krita 6 + PyQt6, through
+the plug-in's own controlcanvas.qt); see
 tests/test_krita_real.py, which installs the packaged plug-in and reads the output.
 
 Two entry points:
@@ -100,7 +101,8 @@ def main(args):
                        "bundled": proto.BUNDLED, "qt": qt.API,
                        "websockets": [websockets.__version__, websockets.__file__],
                        "shared_top_level": "shared" in sys.modules,
-                       "python": "%d.%d.%d" % sys.version_info[:3]})
+                       "python": "%d.%d.%d" % sys.version_info[:3],
+                       "krita": Krita.instance().version()})
         png = os.path.join(work, "lineart.png")
 
         # 1. the artist's document: colours go directly under the line art
@@ -146,10 +148,10 @@ def main(args):
 # -- the full GUI ------------------------------------------------------------------------------
 
 def _pump(until, timeout=30.0):
-    from PyQt5.QtWidgets import QApplication
+    from controlcanvas.qt import QtWidgets
     deadline = time.time() + timeout
     while time.time() < deadline:
-        QApplication.processEvents()
+        QtWidgets.QApplication.processEvents()
         if until():
             return True
         time.sleep(0.02)
@@ -157,10 +159,10 @@ def _pump(until, timeout=30.0):
 
 
 def _undo(doc):
-    from PyQt5.QtWidgets import QApplication
+    from controlcanvas.qt import QtWidgets
     Krita.instance().action("edit_undo").trigger()
     doc.waitForDone()
-    QApplication.processEvents()
+    QtWidgets.QApplication.processEvents()
 
 
 def gui_main(work, url, screenshot):
@@ -270,8 +272,8 @@ def gui_main(work, url, screenshot):
                 break
         qwin = window.qwindow()
         qwin.resize(1280, 800)
-        from PyQt5.QtCore import Qt
-        qwin.resizeDocks([docker], [330], Qt.Horizontal)
+        from controlcanvas.qt import QtCore
+        qwin.resizeDocks([docker], [330], QtCore.Qt.Orientation.Horizontal)
         _pump(lambda: False, 1.5)
         say("gui_docker_size", {"docker": [docker.width(), docker.height()],
                                 "panel_min": [panel.minimumSizeHint().width(),

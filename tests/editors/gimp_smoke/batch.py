@@ -1,5 +1,5 @@
-# Runs inside gimp-console-3.0 via python-fu-eval:
-#   gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
+# Runs inside gimp-console-3 via python-fu-eval:
+#   gimp-console-3 -i --batch-interpreter=python-fu-eval \
 #     -b "p='/tmp/cc_smoke/batch.py'; exec(compile(open(p).read(), p, 'exec'), {})" --quit
 # Reads /tmp/cc_smoke/params.json, writes /tmp/cc_smoke/result.json.
 # params: {"input": png, "output": png, "cases": [spec, ...], "server_url": url or null,

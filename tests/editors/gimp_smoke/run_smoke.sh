@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end smoke test of real GIMP 3 in the chroot built by ../setup_gimp.sh:
-# installs the cc_smoke plug-in, runs gimp-console-3.0 in batch mode (python-fu-eval),
+# installs the cc_smoke plug-in, runs gimp-console-3 in batch mode (python-fu-eval),
 # checks menu path, pixels read/written, new layer, undo group, host networking (127.0.0.1),
 # error statuses, and the exit code of a failing batch command.
 # Usage (as root): bash tests/editors/gimp_smoke/run_smoke.sh [ROOT]
@@ -32,7 +32,7 @@ gimp_batch() {  # gimp_batch FINAL -> runs batch.py, returns gimp's exit code
 {"input": "/tmp/cc_smoke/in.png", "output": "/tmp/cc_smoke/out.png",
  "cases": ["invert", "http://127.0.0.1:$PORT/pixels", "fail", "raise"], "final": "$1"}
 JSON
-    bash "$JAIL" "$ROOT" gimp-console-3.0 -i --batch-interpreter=python-fu-eval \
+    bash "$JAIL" "$ROOT" gimp-console-3 -i --batch-interpreter=python-fu-eval \
         -b "p='/tmp/cc_smoke/batch.py'; exec(compile(open(p).read(), p, 'exec'), {})" --quit
 }
 

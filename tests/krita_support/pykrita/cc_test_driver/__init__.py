@@ -10,7 +10,7 @@ import sys
 from krita import Krita
 
 if os.environ.get("CC_DRIVER_WORK"):
-    from PyQt5.QtCore import QTimer
+    from controlcanvas.qt import QtCore  # PyQt5 in Krita 5, PyQt6 in Krita 6
 
     def _run():
         try:
@@ -25,4 +25,4 @@ if os.environ.get("CC_DRIVER_WORK"):
 
     _notifier = Krita.instance().notifier()
     _notifier.setActive(True)
-    _notifier.windowCreated.connect(lambda: QTimer.singleShot(1500, _run))
+    _notifier.windowCreated.connect(lambda: QtCore.QTimer.singleShot(1500, _run))
