@@ -281,7 +281,7 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
 
     gen = found["gui_generate_undo"]
     name = "flat colours, girl in a red coat [seed 4321]"
-    assert gen["done"] and gen["with_result"] == ["Background", name, "lineart"], gen
+    assert gen["done"] and gen["with_result"] == ["Background", name, "lineart"], json.dumps(gen)
     assert (env["work"] / "gui_result.bgra").read_bytes() == engine_output(env["engine"], 4321)
     assert gen["after_one_undo"] == ["Background", "lineart"], gen  # ONE undo step
 

@@ -159,10 +159,12 @@ def _pump(until, timeout=30.0):
 
 
 def _undo(doc):
-    from controlcanvas.qt import QtWidgets
+    """Krita's own Undo action, once; then wait (events pumped) until the layer tree shows
+    it: Krita 5.2 applies it a few event-loop turns later than 5.1 and 5.3."""
+    before = tree(doc.rootNode())
     Krita.instance().action("edit_undo").trigger()
     doc.waitForDone()
-    QtWidgets.QApplication.processEvents()
+    _pump(lambda: tree(doc.rootNode()) != before, 5.0)
 
 
 def gui_main(work, url, screenshot):
