@@ -48,7 +48,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 GIMP_FOLDER = "controlcanvas"  # GIMP loads plug-ins/<name>/<name>.py only
@@ -84,6 +84,11 @@ class BuildError(Exception):
     """The build cannot go on; the message says why and what to do."""
 
 
+class MissingTools(BuildError):
+    """A bundle needs tools this Python lacks (the backend wheel: pip, setuptools, wheel).
+    When every bundle is built, this one is skipped with the message as a note."""
+
+
 # -- helpers shared by every bundle ---------------------------------------------------------
 
 def default_cache() -> Path:
@@ -102,20 +107,72 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tail(text: str, lines: int = 15) -> str:
+    """The last ``lines`` whole lines of a tool's output (never a line cut in the middle)."""
+    kept = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def python_tools(python: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """The versions of pip, setuptools and wheel that ``python`` (default: this one, as
+    the subprocesses below run it) can import; None for a missing one."""
+    code = ("import importlib.util as u, importlib.metadata as m, json\n"
+            "def v(n):\n"
+            "    if u.find_spec(n) is None: return None\n"
+            "    try: return m.version(n)\n"
+            "    except m.PackageNotFoundError: return '0'\n"
+            "print(json.dumps({n: v(n) for n in ('pip', 'setuptools', 'wheel')}))")
+    try:
+        done = subprocess.run([python or sys.executable, "-c", code], capture_output=True,
+                              text=True, timeout=60)
+        return json.loads(done.stdout)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"pip": None, "setuptools": None, "wheel": None}
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def wheel_tools_missing(tools: Mapping[str, Optional[str]]) -> List[str]:
+    """What ``pip wheel --no-build-isolation`` of this checkout still needs: pip, the
+    setuptools of pyproject.toml (>= 68), and ``wheel`` for a setuptools older than 70.1
+    (which has no ``bdist_wheel`` of its own)."""
+    missing = []
+    if not tools.get("pip"):
+        missing.append("pip")
+    setuptools = tools.get("setuptools")
+    if not setuptools or _version_tuple(setuptools) < (68,):
+        missing.append("setuptools>=68" + (f" (found {setuptools})" if setuptools else ""))
+    if (not setuptools or _version_tuple(setuptools) < (70, 1)) and not tools.get("wheel"):
+        missing.append("wheel")
+    return missing
+
+
 def fetch_sdist(dep: Vendored, cache: Path) -> Path:
-    """The dependency's sdist in ``cache``, downloaded with pip once, hash checked."""
+    """The dependency's sdist in ``cache``, downloaded with pip once, hash checked.
+    Only the download needs pip: with the sdist already in the cache (put there by any
+    Python's ``pip download``), a plain stdlib-only Python builds the plug-in bundles."""
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / dep.sdist_name
     if target.exists() and sha256_of(target) == dep.sha256:
         return target
+    manual = (f"`python3 -m pip download {dep.name}=={dep.version} --no-deps "
+              f"--no-binary :all: --dest \"{cache}\"`")
+    if not python_tools().get("pip"):
+        raise BuildError(f"{dep.sdist_name} is not in the build cache {cache} and "
+                         f"{sys.executable} has no pip to download it: run {manual} with "
+                         f"any Python that has pip, then run build.py again.")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         command = [sys.executable, "-m", "pip", "download", f"{dep.name}=={dep.version}",
                    "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
                    "--quiet", "--dest", tmp]
         done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
         if done.returncode != 0:
-            raise BuildError(f"`{' '.join(command[2:])}` failed (is PyPI reachable?):\n"
-                             f"{(done.stderr or done.stdout).strip()[-2000:]}")
+            raise BuildError(f"pip could not download {dep.sdist_name} into {cache} (is "
+                             f"PyPI reachable?); run {manual} where it is, then run "
+                             f"build.py again. pip said:\n"
+                             f"{tail(done.stderr or done.stdout)}")
         got = Path(tmp) / dep.sdist_name
         if not got.exists():
             raise BuildError(f"pip did not produce {dep.sdist_name} (got "
@@ -361,6 +418,13 @@ def build_backend(out: Path, cache: Path) -> Tuple[Path, Path]:
     """The backend wheel (``controlcanvas-<version>-py3-none-any.whl``), built with
     pip from this checkout; ``SOURCE_DATE_EPOCH`` fixes its timestamps."""
     version = project_version()
+    missing = wheel_tools_missing(python_tools())
+    if missing:
+        raise MissingTools(
+            f"the backend wheel needs pip, setuptools>=68 and wheel in {sys.executable}, "
+            f"which lacks {', '.join(missing)}: build the wheel with the project's "
+            f"environment (`./dev.sh setup && .venv/bin/python packaging/build.py "
+            f"--editor backend`).")
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(source_date_epoch()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -368,7 +432,8 @@ def build_backend(out: Path, cache: Path) -> Tuple[Path, Path]:
                                "--no-build-isolation", "-q", "-w", tmp, str(REPO)],
                               env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise BuildError(f"pip wheel failed: {done.stderr.strip()[-500:]}")
+            raise BuildError(f"`pip wheel` could not build the backend wheel; its last "
+                             f"lines:\n{tail(done.stderr or done.stdout)}")
         (wheel,) = Path(tmp).glob("controlcanvas-*.whl")
         if f"-{version}-" not in wheel.name:
             raise BuildError(f"the wheel {wheel.name} does not carry version {version}")
@@ -378,6 +443,7 @@ def build_backend(out: Path, cache: Path) -> Tuple[Path, Path]:
 
 
 BUILDERS = {"gimp": build_gimp, "krita": build_krita, "backend": build_backend}
+DEFAULT_ORDER = ("gimp", "krita", "backend")  # the stdlib-only plug-in bundles first
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -392,9 +458,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="build only this editor's bundle (repeatable; default: all)")
     args = parser.parse_args(argv)
     cache = args.cache or default_cache()
+    chosen = args.editor or DEFAULT_ORDER
     try:
-        for editor in args.editor or sorted(BUILDERS):
-            folder, archive = BUILDERS[editor](args.out.resolve(), cache)
+        for editor in chosen:
+            try:
+                folder, archive = BUILDERS[editor](args.out.resolve(), cache)
+            except MissingTools as err:
+                if args.editor:  # asked for by name: its absence is a failure
+                    raise
+                print(f"build.py: {editor} skipped: {err}", file=sys.stderr)
+                continue
             print(f"{editor}: {folder}")
             print(f"{editor}: {archive} (sha256 {sha256_of(archive)})")
     except BuildError as err:
