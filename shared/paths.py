@@ -4,6 +4,14 @@ both plug-ins (which cannot import the backend).
 ``$CONTROLCANVAS_CONFIG_DIR`` if set; else the per-user config folder —
 ``%APPDATA%`` on Windows, ``~/Library/Application Support`` on macOS,
 ``$XDG_CONFIG_HOME`` or ``~/.config`` elsewhere — plus ``controlcanvas``.
+
+Inside a Flatpak sandbox (a Krita or GIMP from Flathub; ``$FLATPAK_ID`` is set) Flatpak
+points ``$XDG_CONFIG_HOME`` at the app's own ``~/.var/app/<id>/config``, while the
+server, outside the sandbox, writes the token to the host's folder: so there the host's
+``$HOST_XDG_CONFIG_HOME`` (set by Flatpak when the host sets it) or ``~/.config`` is used.
+
+The table in docs/platforms.md lists these folders; tests/test_platform_paths.py checks
+that it and this code agree.
 """
 
 from __future__ import annotations
@@ -21,13 +29,19 @@ def config_dir(environ: Optional[Mapping[str, str]] = None,
     override = env.get("CONTROLCANVAS_CONFIG_DIR")
     if override:
         return Path(override)
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
     if platform == "win32":
-        base = Path(env.get("APPDATA") or home / "AppData" / "Roaming")
-    elif platform == "darwin":
-        base = home / "Library" / "Application Support"
+        # Path.home() on Windows reads USERPROFILE (not HOME); only used without APPDATA
+        home = env.get("USERPROFILE") or env.get("HOME")
+        base = Path(env.get("APPDATA") or
+                    (Path(home) if home else Path.home()) / "AppData" / "Roaming")
     else:
-        base = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+        home_path = Path(env["HOME"]) if env.get("HOME") else Path.home()
+        if platform == "darwin":
+            base = home_path / "Library" / "Application Support"
+        elif env.get("FLATPAK_ID"):
+            base = Path(env.get("HOST_XDG_CONFIG_HOME") or home_path / ".config")
+        else:
+            base = Path(env.get("XDG_CONFIG_HOME") or home_path / ".config")
     return base / "controlcanvas"
 
 
