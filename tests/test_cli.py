@@ -98,7 +98,7 @@ def test_demo_puts_the_shape_where_it_was_drawn(tmp_path):
     assert out.returncode == 0, out.stderr
     from PIL import Image as PILImage
 
-    from backend.demo import drawn_disc, shape_agreement
+    from backend.cli.demo import drawn_disc, shape_agreement
     canvas = PILImage.open(tmp_path / "canvas.png")
     result = PILImage.open(tmp_path / "result.png")
     assert result.size == canvas.size == (500, 500)
@@ -210,8 +210,8 @@ def test_models_download_offline_says_so(tmp_path):
 def test_cpu_threads_option_reaches_torch(tmp_path):
     import torch
 
-    from backend.cli import _positive_int
-    from backend.engine import create_engine
+    from backend.cli.main import _positive_int
+    from backend.engines.factory import create_engine
     before = torch.get_num_threads()
     try:
         create_engine("demo", cpu_threads=1, config_file=tmp_path / "none.toml")

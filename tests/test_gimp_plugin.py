@@ -20,9 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "plugin_gimp"))
 
-from backend.config import ServerConfig, config_dir as backend_config_dir  # noqa: E402
-from backend.engine import FakeEngine  # noqa: E402
-from backend.local import ServerThread  # noqa: E402
+from backend.server.config import ServerConfig, config_dir as backend_config_dir  # noqa: E402
+from backend.engines.fake import FakeEngine  # noqa: E402
+from backend.server.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import (actions, generation, pose, problems, procedures,  # noqa: E402
                                 settings, worker)
 from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402

@@ -208,7 +208,7 @@ def test_pose_from_krita_svg_with_transforms():
 # -- settings --------------------------------------------------------------------------------
 
 def test_token_found_where_the_backend_writes_it(tmp_path, monkeypatch):
-    from backend.config import default_token_file, load_or_create_token
+    from backend.server.config import default_token_file, load_or_create_token
     monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path / "cfg"))
     assert read_local_token()[0] == ""
     token, created = load_or_create_token(default_token_file())
@@ -756,7 +756,7 @@ def test_sixteen_bit_document_is_converted_both_ways(server, controller_for, kri
 
 class PoseDetectingEngine(RecordingEngine):
     """A server that detects a pose: it answers with a rendered skeleton and, like
-    backend.preprocess's pose_from_photo, the keypoints as OpenPose JSON in the result's
+    backend.annotators.builtin's pose_from_photo, the keypoints as OpenPose JSON in the result's
     info (or, ``with_keypoints=False``, an older server: the picture only)."""
 
     def __init__(self, people, with_keypoints=True):
@@ -772,8 +772,8 @@ class PoseDetectingEngine(RecordingEngine):
                               name="pose_from_photo", condition="openpose"),))
 
     def preprocess(self, message, image, ctx):
-        from backend import pose as backend_pose
-        from backend.engine import Annotated
+        from backend.pose import model as backend_pose
+        from backend.annotators.registry import Annotated
         if message.annotator != "pose_from_photo":
             return super().preprocess(message, image, ctx)
         size = (message.width, message.height)

@@ -157,8 +157,8 @@ def results(output: str) -> dict:
 @pytest.fixture(scope="module")
 def krita_env(krita_zip, tmp_path_factory):
     """Chroot ready, zip imported by Krita's importer, token file in place, server up."""
-    from backend.config import ServerConfig
-    from backend.local import ServerThread
+    from backend.server.config import ServerConfig
+    from backend.server.local import ServerThread
     from tests.krita_support.engines import RecordingEngine
 
     root = chroot_root()

@@ -8,8 +8,8 @@ import threading
 from typing import Optional
 
 from .config import ServerConfig
-from .engine import Engine
-from .server import Server
+from ..engines.base import Engine
+from .websocket import Server
 
 
 class ServerThread:

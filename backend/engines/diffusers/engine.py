@@ -7,7 +7,7 @@ GPU), so it keeps its caches without locks.
 How one request becomes pixels (``generate``):
 
 1. **Models.** The base model and each unit's ControlNet are resolved by
-   :class:`backend.models.Catalogue` (hub cache, folder, single file, or the
+   :class:`backend.engines.catalogue.Catalogue` (hub cache, folder, single file, or the
    built-in tiny stack) and loaded once.  Loaded bases and ControlNets live in
    one LRU bounded by a memory budget.  The pipelines for each mode are made
    from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
@@ -58,40 +58,37 @@ i of a batch is the same image as a single generation with its seed.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
-import os
 from collections import OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from diffusers import (ControlNetModel, DDIMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
-                       MultiControlNetModel, StableDiffusionControlNetImg2ImgPipeline,
-                       StableDiffusionControlNetInpaintPipeline,
-                       StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                       StableDiffusionXLControlNetImg2ImgPipeline,
-                       StableDiffusionXLControlNetInpaintPipeline,
-                       StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline,
-                       StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
-                       UniPCMultistepScheduler)
+from diffusers import ControlNetModel
 
 from shared.errors import EngineError, ModelMissing, OutOfMemory, Unsupported
 from shared.images import Image
 from shared.messages import GenerateRequest, Models, Preprocess
 
-from .engine import Annotated, Generated, JobContext, from_array, to_array
-from .models import DEFAULT_BASES, Catalogue, ModelConfig, Resolved
-from .tiny import quiet_progress_bars
+from ...annotators.controls import prepare_controls
+from ...annotators.library import annotate, list_annotators
+from ...annotators.registry import Annotated
+from ...imaging import from_array, to_array
+from ..base import Generated, JobContext
+from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolved
+from ..tiny import quiet_progress_bars
+from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
+                    is_out_of_memory, module_bytes)
+from .geometry import (Pass, Plan, denoise_steps, feather_weights, fit_image, mask_values,
+                       region_of, resize, rgb_on_black, rgb_on_white, work_size)
+from .pipelines import PIPELINES, cancel_points, inpaint_condition, latent_preview, to_pipeline_image
+from .samplers import make_scheduler
+from .units import ControlUnits
 
 log = logging.getLogger(__name__)
 
@@ -105,387 +102,6 @@ class _QuietCasts(logging.Filter):
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_QuietCasts())
-
-# -----------------------------------------------------------------------------
-# Samplers
-# -----------------------------------------------------------------------------
-
-# Only the noise-schedule keys of a model's scheduler config are carried over, so a
-# sampler means the same thing whatever scheduler the model shipped with.
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                  "trained_betas", "prediction_type", "steps_offset", "timestep_spacing",
-                  "rescale_betas_zero_snr")
-SAMPLERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler,
-                        dict(algorithm_type="dpmsolver++", solver_order=2,
-                             use_karras_sigmas=True)),
-    "dpmpp_2m": (DPMSolverMultistepScheduler,
-                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
-    "unipc": (UniPCMultistepScheduler, dict()),
-    "euler_a": (EulerAncestralDiscreteScheduler, dict()),
-    "euler": (EulerDiscreteScheduler, dict(use_karras_sigmas=False)),
-    "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False)),
-    "lcm": (LCMScheduler, dict()),
-}
-
-
-def make_scheduler(sampler: str, base_config: Mapping[str, Any]):
-    """A fresh scheduler for ``sampler`` on the model's noise schedule."""
-    try:
-        cls, options = SAMPLERS[sampler]
-    except KeyError:
-        raise Unsupported(f"Unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}.",
-                          field="sampler") from None
-    config = {k: base_config[k] for k in _SCHEDULE_KEYS if k in base_config}
-    return cls.from_config(config, **options)
-
-
-# -----------------------------------------------------------------------------
-# Geometry (numpy only; documented in the module docstring and tested directly)
-# -----------------------------------------------------------------------------
-
-def work_size(width: int, height: int, native: int, max_scale: float = 1.5,
-              multiple: int = 8) -> Tuple[int, int]:
-    """The size to generate a ``width`` x ``height`` region at.
-
-    Keeps the aspect ratio and brings the area into [native², (max_scale·native)²];
-    sides are rounded to ``multiple`` (at least ``max(multiple, native // 8)``).
-    """
-    side = math.sqrt(width * height)
-    if side < native:
-        scale = native / side
-    elif side > native * max_scale:
-        scale = native * max_scale / side
-    else:
-        scale = 1.0
-    least = max(multiple, (native // 8) // multiple * multiple)
-    w = max(least, int(round(width * scale / multiple)) * multiple)
-    h = max(least, int(round(height * scale / multiple)) * multiple)
-    return w, h
-
-
-def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Area-average when shrinking, bicubic when enlarging (uint8 saturates, floats don't)."""
-    h, w = array.shape[:2]
-    if (w, h) == (width, height):
-        return array
-    interp = cv2.INTER_AREA if width <= w and height <= h else cv2.INTER_CUBIC
-    out = cv2.resize(array, (width, height), interpolation=interp)
-    if array.ndim == 3 and out.ndim == 2:
-        out = out[..., None]
-    return out
-
-
-def fit_image(array: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
-    """Map an image onto a ``width`` x ``height`` frame with a resize mode.
-
-    * ``just_resize``: stretch each axis independently to the frame.
-    * ``crop_and_resize``: scale uniformly by ``max(W/w, H/h)`` so the image covers
-      the frame, then crop the overflow equally from both sides (centred).
-    * ``resize_and_fill``: scale uniformly by ``min(W/w, H/h)`` so the image fits
-      inside, centre it, and fill the bars with zeros (black = no control).
-    """
-    h, w = array.shape[:2]
-    if mode == "just_resize" or (w, h) == (width, height):
-        return resize(array, width, height)
-    if mode == "crop_and_resize":
-        scale = max(width / w, height / h)
-        nw, nh = max(width, int(round(w * scale))), max(height, int(round(h * scale)))
-        scaled = resize(array, nw, nh)
-        x0, y0 = (nw - width) // 2, (nh - height) // 2
-        return np.ascontiguousarray(scaled[y0:y0 + height, x0:x0 + width])
-    if mode == "resize_and_fill":
-        scale = min(width / w, height / h)
-        nw = min(width, max(1, int(round(w * scale))))
-        nh = min(height, max(1, int(round(h * scale))))
-        scaled = resize(array, nw, nh)
-        out = np.zeros((height, width) + array.shape[2:], dtype=array.dtype)
-        x0, y0 = (width - nw) // 2, (height - nh) // 2
-        out[y0:y0 + nh, x0:x0 + nw] = scaled
-        return out
-    raise Unsupported(f"Unknown resize mode {mode!r}.", field="resize_mode")
-
-
-def rgb_on_black(rgba: np.ndarray) -> np.ndarray:
-    """RGBA8 -> RGB8 composited on black (transparent = no control)."""
-    if rgba[..., 3].min() == 255:  # opaque: the common case, no arithmetic
-        return np.ascontiguousarray(rgba[..., :3])
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    return ((rgba[..., :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
-
-
-def rgb_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA8 -> RGB8 composited on white (a canvas' paper)."""
-    if rgba[..., 3].min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-
-
-def mask_values(rgba: np.ndarray) -> np.ndarray:
-    """0..1 selection strength of a mask image: luminance composited on black."""
-    rgb = rgb_on_black(rgba).astype(np.float32)
-    return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255.0
-
-
-def region_of(mask: np.ndarray, margin_fraction: float = 0.25,
-              min_margin: int = 32) -> Optional[Tuple[int, int, int, int]]:
-    """Bounding box (x0, y0, x1, y1) of ``mask > 0`` plus a margin, clamped; None if empty."""
-    ys, xs = np.nonzero(mask > 0)
-    if len(xs) == 0:
-        return None
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-    margin = max(min_margin, int(round(margin_fraction * max(x1 - x0, y1 - y0))))
-    h, w = mask.shape
-    return max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
-
-
-def feather_weights(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Paste-back weight: the mask value, faded in over ``radius`` pixels inside the
-    selection's edge.  Exactly 0 wherever ``mask`` is 0."""
-    inside = (mask > 0).astype(np.uint8)
-    if radius <= 0 or inside.all():
-        return mask.astype(np.float32)
-    dist = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
-    ramp = np.clip(dist / float(radius), 0.0, 1.0)
-    return (mask * ramp).astype(np.float32) * inside
-
-
-# -----------------------------------------------------------------------------
-# Per-unit control modes
-# -----------------------------------------------------------------------------
-
-SOFT_INJECTION_BASE = 0.825
-
-
-def soft_injection_scales(count: int) -> List[float]:
-    """A1111's "prompt is more important" scales for ``count`` residuals (mid last)."""
-    return [SOFT_INJECTION_BASE ** (count - 1 - k) for k in range(count)]
-
-
-class ControlUnits(MultiControlNetModel):
-    """MultiControlNetModel with a control mode per unit (see the module docstring).
-
-    ``cfg`` says whether the pipeline batches [unconditional, conditional]; it is set
-    per job.  Units with scale 0 at a step are skipped; when none runs the UNet gets
-    ``None`` residuals, exactly as without a ControlNet.
-    """
-
-    def __init__(self, controlnets: Sequence[ControlNetModel], modes: Sequence[str],
-                 cfg: bool) -> None:
-        super().__init__(list(controlnets))
-        self.modes = tuple(modes)
-        self.cfg = cfg
-
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond,
-                conditioning_scale, class_labels=None, timestep_cond=None, attention_mask=None,
-                added_cond_kwargs=None, cross_attention_kwargs=None, guess_mode=False,
-                return_dict=True):
-        down, mid = None, None
-        for image, scale, net, mode in zip(controlnet_cond, conditioning_scale, self.nets,
-                                           self.modes):
-            if float(scale) == 0.0:
-                continue
-            pooled = bool(net.config.global_pool_conditions)
-            split = self.cfg and not guess_mode and (mode == "control" or pooled)
-            args = dict(sample=sample, timestep=timestep,
-                        encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
-                        class_labels=class_labels, timestep_cond=timestep_cond,
-                        attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs)
-            if split:
-                args = {k: _cond_half(v, sample.shape[0]) for k, v in args.items()}
-            d, m = net(**args, conditioning_scale=scale,
-                       cross_attention_kwargs=cross_attention_kwargs,
-                       guess_mode=guess_mode or mode == "control", return_dict=False)
-            if mode == "prompt":
-                scales = soft_injection_scales(len(d) + 1)
-                d = [r * s for r, s in zip(d, scales)]
-                m = m * scales[-1]
-            if split:
-                d = [torch.cat([torch.zeros_like(r), r]) for r in d]
-                m = torch.cat([torch.zeros_like(m), m])
-            if down is None:
-                down, mid = list(d), m
-            else:
-                down = [a + b for a, b in zip(down, d)]
-                mid = mid + m
-        if down is None and guess_mode:
-            # The pipeline itself is in guess mode and will pad our output: it needs tensors.
-            d, m = self.nets[0](sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                                controlnet_cond=controlnet_cond[0], conditioning_scale=0.0,
-                                added_cond_kwargs=added_cond_kwargs, return_dict=False)
-            down, mid = list(d), m
-        return down, mid
-
-
-def _cond_half(value, batch: int):
-    """The conditional half of a CFG-batched tensor (or of a dict of them)."""
-    if isinstance(value, dict):
-        return {k: _cond_half(v, batch) for k, v in value.items()}
-    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch and batch % 2 == 0:
-        return value.chunk(2)[1]
-    return value
-
-
-# -----------------------------------------------------------------------------
-# Previews
-# -----------------------------------------------------------------------------
-
-# Linear latent -> RGB approximations (the usual "cheap preview" factors).
-_PREVIEW = {
-    "sd15": (np.array([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                       [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]], np.float32),
-             np.zeros(3, np.float32)),
-    "sdxl": (np.array([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
-                       [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]], np.float32),
-             np.array([0.1084, -0.0175, -0.0011], np.float32)),
-}
-
-
-def latent_preview(latents: torch.Tensor, family: str) -> Image:
-    """An RGBA preview at latent resolution from the first latent of a batch."""
-    lat = latents[0].detach().float().cpu().numpy()  # C x h x w
-    factors, bias = _PREVIEW.get(family, _PREVIEW["sd15"])
-    if lat.shape[0] != factors.shape[0]:
-        grey = lat.mean(axis=0, keepdims=True)
-        rgb = np.repeat(grey, 3, axis=0).transpose(1, 2, 0)
-    else:
-        rgb = np.einsum("chw,cr->hwr", lat, factors) + bias
-    rgb8 = np.clip((rgb + 1.0) * 127.5, 0, 255).astype(np.uint8)
-    out = np.empty(rgb8.shape[:2] + (4,), np.uint8)
-    out[..., :3] = rgb8
-    out[..., 3] = 255
-    return from_array(out)
-
-
-# -----------------------------------------------------------------------------
-# Loaded models and the LRU
-# -----------------------------------------------------------------------------
-
-def _module_bytes(*modules) -> int:
-    total = 0
-    for module in modules:
-        if isinstance(module, torch.nn.Module):
-            total += sum(p.numel() * p.element_size() for p in module.parameters())
-            total += sum(b.numel() * b.element_size() for b in module.buffers())
-    return total
-
-
-def _disk_bytes(path: str) -> int:
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    total = 0
-    for root, _, files in os.walk(p):
-        for name in files:
-            if name.endswith((".safetensors", ".bin", ".ckpt")):
-                total += (Path(root) / name).stat().st_size
-    return total
-
-
-@dataclass
-class _Base:
-    resolved: Resolved
-    pipe: Any                                   # the txt2img pipeline loaded from disk
-    family: str
-    native: int
-    scheduler_config: Dict[str, Any]
-    nbytes: int
-    pipes: Dict[type, Any] = field(default_factory=dict)
-    schedulers: Dict[str, Any] = field(default_factory=dict)  # sampler -> scheduler (reused:
-    offload_owner: Any = None                                  # set_timesteps resets state)
-
-
-@dataclass
-class _Net:
-    model: ControlNetModel
-    nbytes: int
-
-
-_PIPELINES = {
-    # (family, mode, with controls) -> class
-    ("sd15", "txt2img", False): StableDiffusionPipeline,
-    ("sd15", "img2img", False): StableDiffusionImg2ImgPipeline,
-    ("sd15", "inpaint", False): StableDiffusionInpaintPipeline,
-    ("sd15", "txt2img", True): StableDiffusionControlNetPipeline,
-    ("sd15", "img2img", True): StableDiffusionControlNetImg2ImgPipeline,
-    ("sd15", "inpaint", True): StableDiffusionControlNetInpaintPipeline,
-    ("sdxl", "txt2img", False): StableDiffusionXLPipeline,
-    ("sdxl", "img2img", False): StableDiffusionXLImg2ImgPipeline,
-    ("sdxl", "inpaint", False): StableDiffusionXLInpaintPipeline,
-    ("sdxl", "txt2img", True): StableDiffusionXLControlNetPipeline,
-    ("sdxl", "img2img", True): StableDiffusionXLControlNetImg2ImgPipeline,
-    ("sdxl", "inpaint", True): StableDiffusionXLControlNetInpaintPipeline,
-}
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):  # == torch.cuda.OutOfMemoryError
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
-
-
-def denoise_steps(steps: int, strength: float) -> Tuple[int, int]:
-    """(num_inference_steps to ask for, steps that actually run) for img2img/inpaint.
-
-    diffusers runs ``min(int(steps * strength), steps)`` steps; when that is 0 we ask
-    for ``ceil(1 / strength)`` steps so exactly one runs.
-    """
-    run = min(int(steps * strength), steps)
-    if run >= 1:
-        return steps, run
-    asked = int(math.ceil(1.0 / strength))
-    return asked, max(1, min(int(asked * strength), asked))
-
-
-# -----------------------------------------------------------------------------
-# The plan of one request
-# -----------------------------------------------------------------------------
-
-@dataclass
-class Pass:
-    """One pipeline call per image: what goes in, at which size."""
-
-    kind: str                         # "txt2img" | "img2img" | "inpaint"
-    size: Tuple[int, int]
-    steps: int                        # num_inference_steps
-    runs: int                         # steps that actually run
-    strength: float = 1.0
-    init: Optional[np.ndarray] = None     # RGB8 at size
-    mask: Optional[np.ndarray] = None     # uint8 0/255 at size
-    controls: List[Any] = field(default_factory=list)  # RGB8 arrays or tensors, unit order
-    vae_tiling: bool = False
-
-
-@dataclass
-class Plan:
-    """Everything decided before the first step (kept as ``engine.last_plan`` for tests)."""
-
-    canvas: Tuple[int, int]
-    region: Tuple[int, int, int, int]      # x0, y0, x1, y1 on the canvas
-    native: int
-    family: str
-    first: Pass
-    hires: Optional[Tuple[int, int]] = None
-    init_canvas: Optional[np.ndarray] = None   # RGBA8 canvas (img2img / inpaint)
-    weights: Optional[np.ndarray] = None       # inpaint paste-back weights, region size
-    unchanged: bool = False                    # nothing to do (empty selection, strength 0)
-
-    @property
-    def work(self) -> Tuple[int, int]:
-        return self.first.size
-
-    @property
-    def steps_per_image(self) -> int:
-        return self.first.runs + (self.hires_runs if self.hires else 0)
-
-    hires_runs: int = 0
-
-
-# -----------------------------------------------------------------------------
-# The engine
-# -----------------------------------------------------------------------------
 
 class DiffusersEngine:
     """The real engine; see the module docstring.
@@ -527,7 +143,7 @@ class DiffusersEngine:
         self.offload = bool(offload) and cuda
         if offload and not cuda:
             log.warning("CPU offload needs CUDA; ignored on %s", self.device)
-        self.memory_budget = memory_budget or _default_budget(self.device, self.offload)
+        self.memory_budget = memory_budget or default_budget(self.device, self.offload)
         self.vae_tiling_pixels = vae_tiling_pixels
         self.max_work_scale = max_work_scale
         self.hires_scale = hires_scale
@@ -535,8 +151,8 @@ class DiffusersEngine:
         self.inpaint_margin = inpaint_margin
         self.inpaint_min_margin = inpaint_min_margin
         self.feather = feather
-        self._bases: "OrderedDict[str, _Base]" = OrderedDict()
-        self._nets: "OrderedDict[str, _Net]" = OrderedDict()
+        self._bases: "OrderedDict[str, BaseEntry]" = OrderedDict()
+        self._nets: "OrderedDict[str, NetEntry]" = OrderedDict()
         self.last_plan: Optional[Plan] = None
         self.stats = {"oom_retries": 0, "loads": 0}
 
@@ -565,8 +181,6 @@ class DiffusersEngine:
         """The engine on the embedded trained demo model (``shapes-demo``: a coloured shape
         where its outline is drawn): what ``controlcanvas demo`` runs. It generates at the
         64-pixel size it was trained at (no larger work size), whatever the canvas."""
-        from .models import DEMO_BASE
-
         return cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0,
                    **options)
 
@@ -601,12 +215,10 @@ class DiffusersEngine:
             f"programs using the GPU.")
 
     def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
-        """The annotator registry (backend.preprocess); "none" is the layer itself."""
-        from .preprocess import annotate
+        """The annotator registry (backend.annotators.library); "none" is the layer itself."""
         return annotate(message, image, ctx)
 
     def models(self) -> Models:
-        from .preprocess import list_annotators
         return self.catalogue.models_message(annotators=list_annotators())
 
     def close(self) -> None:
@@ -616,15 +228,15 @@ class DiffusersEngine:
 
     # -- loading -------------------------------------------------------------
 
-    def _load_base(self, resolved: Resolved, keep: Sequence[str] = ()) -> _Base:
+    def _load_base(self, resolved: Resolved, keep: Sequence[str] = ()) -> BaseEntry:
         key = resolved.key
         entry = self._bases.get(key)
         if entry is not None:
             self._bases.move_to_end(key)
             return entry
-        self._make_room(_disk_bytes(resolved.path), keep=keep)
+        self._make_room(disk_bytes(resolved.path), keep=keep)
         family = resolved.family
-        cls = _PIPELINES[(family, "txt2img", False)]
+        cls = PIPELINES[(family, "txt2img", False)]
         kwargs: Dict[str, Any] = dict(dtype=self.dtype)
         if family == "sd15":
             kwargs.update(safety_checker=None, feature_extractor=None,
@@ -647,8 +259,8 @@ class DiffusersEngine:
         if not self.offload:
             pipe.to(self.device)
         native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-        entry = _Base(resolved, pipe, family, native, dict(pipe.scheduler.config),
-                      _module_bytes(*pipe.components.values()))
+        entry = BaseEntry(resolved, pipe, family, native, dict(pipe.scheduler.config),
+                      module_bytes(*pipe.components.values()))
         self._bases[key] = entry
         self.stats["loads"] += 1
         log.info("loaded base %s (%s, %.0f MB)", resolved.name, family, entry.nbytes / 2**20)
@@ -674,7 +286,7 @@ class DiffusersEngine:
         if entry is not None:
             self._nets.move_to_end(key)
             return entry.model
-        self._make_room(_disk_bytes(resolved.path), keep=keep)
+        self._make_room(disk_bytes(resolved.path), keep=keep)
         try:
             with quiet_progress_bars():
                 model = self._read_net(resolved)
@@ -687,7 +299,7 @@ class DiffusersEngine:
         if not self.offload:
             model.to(self.device)
         model.eval()
-        self._nets[key] = _Net(model, _module_bytes(model))
+        self._nets[key] = NetEntry(model, module_bytes(model))
         self.stats["loads"] += 1
         return model
 
@@ -731,12 +343,10 @@ class DiffusersEngine:
             self._free_memory()
 
     def _free_memory(self) -> None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
-    def _pipeline(self, entry: _Base, mode: str, controls: bool, units: Optional[ControlUnits]):
-        cls = _PIPELINES[(entry.family, mode, controls)]
+    def _pipeline(self, entry: BaseEntry, mode: str, controls: bool, units: Optional[ControlUnits]):
+        cls = PIPELINES[(entry.family, mode, controls)]
         pipe = entry.pipes.get(cls)
         if pipe is None:
             if cls is type(entry.pipe):
@@ -758,13 +368,12 @@ class DiffusersEngine:
     # -- planning ------------------------------------------------------------
 
     def _annotate(self, request: GenerateRequest, images: Mapping[int, Image],
-                  entry: _Base) -> Tuple[GenerateRequest, Mapping[int, Image]]:
+                  entry: BaseEntry) -> Tuple[GenerateRequest, Mapping[int, Image]]:
         """Run units' annotators (and render poses) at the scale the region is generated at
         (with the hires pass: its scale), never above the canvas' own resolution."""
         if not any(u.preprocessor != "none" or getattr(u, "pose", None) is not None
                    for u in request.controls):
             return request, images
-        from .preprocess import prepare_controls
 
         W, H = request.width, request.height
         side = math.sqrt(W * H)
@@ -781,7 +390,7 @@ class DiffusersEngine:
         size = (max(8, int(round(W * scale))), max(8, int(round(H * scale))))
         return prepare_controls(request, images, size)
 
-    def _plan(self, request: GenerateRequest, images: Mapping[int, Image], entry: _Base,
+    def _plan(self, request: GenerateRequest, images: Mapping[int, Image], entry: BaseEntry,
               low_memory: bool) -> Plan:
         W, H = request.width, request.height
         native = entry.native
@@ -856,7 +465,7 @@ class DiffusersEngine:
                 on_canvas = fit_image(array, W, H, unit.resize_mode)
                 control = resize(np.ascontiguousarray(on_canvas[y0:y1, x0:x1]), w, h)
             if unit.condition == "inpaint" and p.mask is not None and p.init is not None:
-                control = _inpaint_condition(p.init, p.mask)
+                control = inpaint_condition(p.init, p.mask)
             p.controls.append(control)
         threshold = self.vae_tiling_pixels or int((native * self.max_work_scale) ** 2)
         p.vae_tiling = low_memory or w * h > threshold
@@ -905,7 +514,7 @@ class DiffusersEngine:
             out.append(Generated(self._compose(plan, rgb), seed))
         return out
 
-    def _hires(self, request, images, plan: Plan, entry: _Base, units, order, rgb, seed, ctx,
+    def _hires(self, request, images, plan: Plan, entry: BaseEntry, units, order, rgb, seed, ctx,
                state, total, low_memory) -> np.ndarray:
         w, h = plan.hires
         kind = "inpaint" if request.mode == "inpaint" else "img2img"
@@ -922,7 +531,7 @@ class DiffusersEngine:
         p.init = resize(rgb, w, h)  # the first pass, enlarged, is what gets refined
         return self._run_pass(request, p, entry, units, order, seed, ctx, state, total)
 
-    def _run_pass(self, request: GenerateRequest, p: Pass, entry: _Base, units, order, seed: int,
+    def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order, seed: int,
                   ctx: JobContext, state: Dict[str, int], total: int) -> np.ndarray:
         controls = bool(request.controls)
         pipe = self._pipeline(entry, p.kind, controls, units)
@@ -953,7 +562,7 @@ class DiffusersEngine:
             height=h, width=w, output_type="np", callback_on_step_end=on_step,
             callback_on_step_end_tensor_inputs=["latents"])
         if controls:
-            images = [_to_pipeline_image(p.controls[i]) for i in order]
+            images = [to_pipeline_image(p.controls[i]) for i in order]
             units_ = request.controls
             kwargs.update(
                 controlnet_conditioning_scale=[units_[i].weight for i in order],
@@ -993,11 +602,8 @@ class DiffusersEngine:
         return from_array(out)
 
 
-# -----------------------------------------------------------------------------
-# Helpers
-# -----------------------------------------------------------------------------
 
-def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: _Base) -> None:
+def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry) -> None:
     """A ControlNet must match its base's text-embedding width and conditioning type."""
     unet = entry.pipe.unet.config
     ours = (net.config.cross_attention_dim, net.config.addition_embed_type)
@@ -1015,68 +621,3 @@ def _image(images: Mapping[int, Image], slot: Optional[int], name: str) -> Image
         raise EngineError(f"The request's {name} refers to image slot {slot}, which was not "
                           f"sent.", field=name)
     return images[slot]
-
-
-def _inpaint_condition(init_rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
-    """ControlNet-inpaint's condition: the image in [0, 1] with masked pixels set to -1."""
-    image = init_rgb.astype(np.float32) / 255.0
-    image[mask > 127] = -1.0
-    return torch.from_numpy(image.transpose(2, 0, 1)[None].copy())
-
-
-def _cancel_modules(pipe) -> Iterator[torch.nn.Module]:
-    """The blocks before which a running pipeline checks for cancel: each down, mid and
-    up block of the UNet and the ControlNet(s), the text encoder(s), the VAE coder."""
-    for name in ("unet", "controlnet"):
-        model = getattr(pipe, name, None)
-        if model is None:
-            continue
-        nets = getattr(model, "nets", None) or [model]  # MultiControlNetModel
-        for net in nets:
-            for blocks in ("down_blocks", "up_blocks"):
-                yield from getattr(net, blocks, None) or ()
-            if getattr(net, "mid_block", None) is not None:
-                yield net.mid_block
-    for name in ("text_encoder", "text_encoder_2"):
-        if getattr(pipe, name, None) is not None:
-            yield getattr(pipe, name)
-    vae = getattr(pipe, "vae", None)
-    if vae is not None:
-        for part in ("encoder", "decoder"):
-            if getattr(vae, part, None) is not None:
-                yield getattr(vae, part)
-
-
-@contextmanager
-def cancel_points(pipe, ctx: JobContext) -> Iterator[None]:
-    """While the block runs, every module of :func:`_cancel_modules` calls
-    ``ctx.check_cancelled()`` before its forward, so a cancel lands within a fraction of
-    a denoising step rather than at its end (the step callback alone would wait for the
-    whole UNet + ControlNet pass, or for the whole VAE decode)."""
-    def check(module, args) -> None:
-        ctx.check_cancelled()
-
-    handles = [module.register_forward_pre_hook(check) for module in _cancel_modules(pipe)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _to_pipeline_image(control):
-    if torch.is_tensor(control):
-        return control
-    return PILImage.fromarray(np.ascontiguousarray(control))
-
-
-def _default_budget(device: torch.device, offload: bool) -> int:
-    if device.type == "cuda" and not offload:
-        try:
-            return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30

@@ -11,7 +11,7 @@ unit's ``model``, or ``controlcanvas models download NAME``):
 * ``shapes-demo``: the embedded trained demo model (``backend/assets/shapes-demo``, a
   tiny base and an outline ControlNet trained here on synthetic shapes; see
   docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
-* ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.tiny`
+* ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.engines.tiny`
   (every condition; for tests and benchmarks);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``.
@@ -33,7 +33,7 @@ it::
     lineart = "owner/some-sdxl-lineart-controlnet"
 
 Nothing here imports torch or diffusers: listing models and resolving names is
-cheap; :mod:`backend.diffusers_engine` loads what this module resolves.
+cheap; :mod:`backend.engines.diffusers` loads what this module resolves.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from shared.errors import ModelMissing
 from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
+from shared.paths import config_dir
+
+from ..configfile import load_toml
+from . import tiny
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ NATIVE_SIZE: Dict[str, int] = {"sd15": 512, "sdxl": 1024}
 
 def demo_folder() -> Path:
     """The embedded demo model: ``base/`` (diffusers pipeline) and ``controlnet/``."""
-    return Path(__file__).resolve().parent / "assets" / DEMO_BASE
+    return Path(__file__).resolve().parents[1] / "assets" / DEMO_BASE
 
 
 # Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: only
@@ -183,8 +187,6 @@ class ModelConfig:
     @classmethod
     def from_toml(cls, path: Optional[Path] = None) -> "ModelConfig":
         """Read ``path`` (default: config.toml in the user config folder); missing = defaults."""
-        from .config import config_dir, load_toml
-
         path = Path(path) if path else config_dir() / "config.toml"
         return cls.from_tables(load_toml(path), str(path))
 
@@ -375,8 +377,6 @@ class Catalogue:
                         native_size=NATIVE_SIZE[family])
 
     def _builtin(self, name: str, where: str, kind: str) -> Optional[Resolved]:
-        from . import tiny
-
         if kind == "base" and where == DEMO_BASE:
             return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "base"),
                             native_size=DEMO_NATIVE_SIZE, builtin=DEMO_BASE)

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from ..engines.catalogue import Catalogue, ModelConfig, download_command
+from .install import installed_plugins
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 _MARKS = {OK: ("✓", "32"), WARN: ("!", "33"), FAIL: ("✗", "31")}
 
@@ -77,7 +80,6 @@ def check_diffusers() -> Check:
 
 
 def check_models() -> List[Check]:
-    from .models import Catalogue, ModelConfig, download_command
 
     try:
         catalogue = Catalogue(ModelConfig.from_toml())
@@ -131,7 +133,6 @@ def check_port(host: str, port: int) -> Check:
 
 
 def check_plugins() -> Check:
-    from .install import installed_plugins
 
     found = installed_plugins()
     if not found:

@@ -17,7 +17,6 @@ measured from outside.  Four parts, each bounded in count and time, all traffic 
 from __future__ import annotations
 
 import json
-import os
 import random
 import statistics
 import threading
@@ -32,7 +31,9 @@ from shared.messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, ControlUnit, Gen
                              GenerateRequest, Progress, Status, from_json, new_job_id,
                              to_dict, to_json)
 
-from .bench_process import ServerProcess
+from ..engines.base import NullContext
+from ..engines.fake import FakeEngine
+from .process import ServerProcess
 
 
 def _rss_mb(pid: int) -> float:
@@ -221,7 +222,6 @@ def _one_disconnect(server: ServerProcess, index: int, rng: random.Random, expec
 
 
 def disconnect_soak(server: ServerProcess, clients: int, seed: int = 11) -> Dict:
-    from .engine import FakeEngine, NullContext
 
     engine = FakeEngine()
 

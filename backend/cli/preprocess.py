@@ -8,7 +8,7 @@
     controlcanvas pose parse skeleton.png -o pose.json
     controlcanvas pose mirror|scale|move IN -o OUT [--factor F] [--dx X --dy Y]
 
-``backend.cli`` wires them with :func:`add_parsers`.  Image files are read with
+``backend.cli.main`` wires them with :func:`add_parsers`.  Image files are read with
 OpenCV: 8- or 16-bit, grey, grey+alpha, RGB or RGBA PNG/JPEG/TIFF/WebP all
 become the RGBA8 :class:`~shared.images.Image` the annotators take.
 """
@@ -20,70 +20,18 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 
 from shared.errors import FieldError
-from shared.images import Image
+
+from ..annotators import library
+from ..imaging import load_image, save_image
+from ..pose import detect as pose_detect
+from ..pose import model as pose_model
 
 
 # -----------------------------------------------------------------------------
 # Files
 # -----------------------------------------------------------------------------
-
-def array_to_rgba8(array: np.ndarray, where: str = "image") -> np.ndarray:
-    """Any OpenCV-decoded array (BGR order) -> RGBA8; 16-bit and float are scaled down."""
-    import cv2
-    if array.dtype == np.uint16:
-        array = ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    elif array.dtype in (np.float32, np.float64):
-        array = np.rint(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise FieldError(f"{where}: {array.dtype} pixels are not supported; save it as an 8- or "
-                         f"16-bit image.", field="image")
-    if array.ndim == 2:
-        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGBA)
-    channels = array.shape[2]
-    if channels == 1:
-        return cv2.cvtColor(array[..., 0], cv2.COLOR_GRAY2RGBA)
-    if channels == 2:  # grey + alpha
-        out = cv2.cvtColor(np.ascontiguousarray(array[..., 0]), cv2.COLOR_GRAY2RGBA)
-        out[..., 3] = array[..., 1]
-        return out
-    if channels == 3:
-        return cv2.cvtColor(array, cv2.COLOR_BGR2RGBA)
-    if channels == 4:
-        return cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA)
-    raise FieldError(f"{where}: {channels} channels are not supported.", field="image")
-
-
-def load_image(path) -> Image:
-    import cv2
-    path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise FieldError(f"{path}: no such file.", field="image")
-    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if array is None:
-        raise FieldError(f"{path}: not an image OpenCV can read (PNG, JPEG, TIFF, WebP...).",
-                         field="image")
-    rgba = np.ascontiguousarray(array_to_rgba8(array, str(path)))
-    return Image(rgba.shape[1], rgba.shape[0], rgba.tobytes())
-
-
-def save_image(path, image: Image) -> None:
-    import cv2
-    rgba = np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, 4)
-    if rgba[..., 3].min() == 255:
-        out = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGR)
-    else:
-        out = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ok, encoded = cv2.imencode(path.suffix or ".png", out)
-    if not ok:
-        raise FieldError(f"{path}: cannot write this image type; use .png.", field="output")
-    encoded.tofile(str(path))
-
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -132,10 +80,9 @@ def parse_params(items: Optional[List[str]]) -> Dict[str, Any]:
 # -----------------------------------------------------------------------------
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from . import preprocess
 
     if args.list or not args.name:
-        for info in preprocess.list_annotators():
+        for info in library.list_annotators():
             flags = ("weights" if info.needs_weights else "built in") + \
                     ("" if info.available else ", not installed")
             print(f"{info.name:22s} {info.condition or '-':14s} ({flags}) {info.help}")
@@ -148,7 +95,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         print("controlcanvas preprocess: give NAME in.png -o out.png", file=sys.stderr)
         return 2
     image = load_image(args.input)
-    out = preprocess.run(args.name, image, parse_params(args.param), args.size)
+    out = library.run(args.name, image, parse_params(args.param), args.size)
     save_image(args.output, out)
     print(f"{args.name}: {args.input} ({image.width}x{image.height}) -> {args.output} "
           f"({out.width}x{out.height})")
@@ -156,29 +103,27 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _write_pose(pose, args) -> None:
-    from . import pose as pose_mod
     if args.output:
         if str(args.output).lower().endswith(".json"):
             pose.save(args.output)
         else:
-            save_image(args.output, pose_mod.render_image(pose))
+            save_image(args.output, pose_model.render_image(pose))
     png = getattr(args, "png", None)
     if png:
-        save_image(png, pose_mod.render_image(pose))
+        save_image(png, pose_model.render_image(pose))
     if not args.output and not png:
         print(pose.to_json(indent=1))
 
 
 def cmd_pose(args: argparse.Namespace) -> int:
-    from . import pose as pose_mod
 
     action = args.action
     size = args.size
     if action == "default":
         w, h = size or (512, 512)
-        pose = pose_mod.default_pose(w, h)
+        pose = pose_model.default_pose(w, h)
     elif action == "detect":
-        pose = pose_mod.detect(load_image(args.input), hands=args.hands,
+        pose = pose_detect.detect(load_image(args.input), hands=args.hands,
                                min_confidence=args.min_confidence, method=args.method)
         if not pose.people:
             print(f"controlcanvas pose detect: no person found in {args.input}", file=sys.stderr)
@@ -187,7 +132,7 @@ def cmd_pose(args: argparse.Namespace) -> int:
         if not args.input:
             print(f"controlcanvas pose {action}: give an input file", file=sys.stderr)
             return 2
-        pose = pose_mod.load_any(args.input, *(size or (None, None)))
+        pose = pose_model.load_any(args.input, *(size or (None, None)))
         if action == "mirror":
             pose = pose.mirrored()
         elif action == "scale":
@@ -238,7 +183,7 @@ def add_parsers(subparsers) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Stand-alone entry (``python -m backend.preprocess_cli``), same as the wired commands."""
+    """Stand-alone entry (``python -m backend.cli.preprocess``), same as the wired commands."""
     from shared.errors import ControlCanvasError
     parser = argparse.ArgumentParser(prog="controlcanvas")
     add_parsers(parser.add_subparsers(dest="command", required=True))

@@ -29,8 +29,8 @@ from shared.messages import (Ack, Cancel, ModelsRequest, Progress, Queued, Resum
                              StatusRequest)
 from shared.session import Authenticated, ServerSession, Submit, Violation
 
+from ..engines.base import Engine
 from .config import ServerConfig, is_loopback_host
-from .engine import Engine
 from .jobs import DONE, Job, JobManager
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,17 @@ from typing import Any, Dict, List, Optional
 
 from shared.errors import ControlCanvasError
 
-from .config import build_config, is_loopback_host, load_or_create_token
-from .engine import ENGINES, create_engine
+from ..engines.catalogue import Catalogue, ModelConfig, download_command
+from ..engines.factory import ENGINES, create_engine
+from ..imaging import load_image, save_image
+from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
+                             is_loopback_host, load_or_create_token)
+from ..server.local import ServerThread
+from ..server.websocket import run_server
+from . import doctor, install
+from .demo import run_demo
+from .preprocess import add_parsers as add_preprocess_parsers
+from .preprocess import parse_size
 
 log = logging.getLogger("controlcanvas")
 
@@ -73,7 +82,6 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run_server
 
     config = build_config(_server_overrides(args), args.config)
     token, created = (config.token, False) if config.token else \
@@ -111,7 +119,6 @@ def _warn_without_cuda(engine) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
     return run_demo(Path(args.out), engine=args.engine)
 
 
@@ -140,7 +147,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from shared.client import Client
     from shared.messages import ControlUnit, GenerateRequest, Progress
 
-    from .preprocess_cli import load_image, parse_size, save_image
 
     images = {}
     controls = []
@@ -187,12 +193,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"{path} seed {meta.seed} ({image.width}x{image.height})")
 
     if args.url:
-        from .config import default_token_file
         token = args.token or default_token_file().read_text(encoding="utf-8").strip()
         with Client.connect(args.url, token, client="controlcanvas-generate") as client:
             run(client)
         return 0
-    from .local import ServerThread
     engine = create_engine(args.engine, device=args.device, config_file=args.config)
     _warn_without_cuda(engine)
     with ServerThread(engine) as server, \
@@ -212,7 +216,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         from shared.client import Client
         from shared.messages import Progress
 
-        from .config import default_token_file
         token = args.token or default_token_file().read_text(encoding="utf-8").strip()
 
         def show(event) -> None:
@@ -225,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
         print(f"trained ControlNet: {result.info.get('out')}")
         return 0
-    from .training.controlnet import ConsoleProgress, TrainConfig, train_controlnet
+    from ..training.controlnet import ConsoleProgress, TrainConfig, train_controlnet
     config = TrainConfig(**{**fields, "resume": "latest" if args.resume else None},
                          validation_every=args.validation_every, seed=args.seed,
                          checkpoint_every=args.checkpoint_every)
@@ -236,7 +239,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import Catalogue, ModelConfig, download_command
 
     catalogue = Catalogue(ModelConfig.from_toml(args.config))
     if args.action == "download":
@@ -255,15 +257,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from ..bench import main as bench
     result = bench.run(args.name, args)
     print(json.dumps(result, sort_keys=True))
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import doctor
-    from .config import DEFAULT_HOST, DEFAULT_PORT, default_token_file
     return doctor.main(args.token_file or default_token_file(), args.host or DEFAULT_HOST,
                        args.port or DEFAULT_PORT)
 
@@ -271,7 +271,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _build_bundle(editor: str, out: Path) -> Path:
     """Build the plug-in bundle from this source checkout (packaging/build.py)."""
     import importlib.util
-    script = Path(__file__).resolve().parent.parent / "packaging" / "build.py"
+    script = Path(__file__).resolve().parents[2] / "packaging" / "build.py"
     if not script.is_file():
         raise SystemExit("controlcanvas: this installation has no packaging/build.py; download "
                          "the plug-in zip from the release page and pass it with --from ZIP.")
@@ -289,7 +289,6 @@ def _build_bundle(editor: str, out: Path) -> Path:
 def cmd_install_plugin(args: argparse.Namespace) -> int:
     import tempfile
 
-    from . import install
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.source or _build_bundle(args.editor, Path(tmp))
         installer = install.install_krita if args.editor == "krita" else install.install_gimp
@@ -371,7 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML config file")
     p.set_defaults(func=cmd_models)
 
-    from .preprocess_cli import add_parsers as add_preprocess_parsers
     add_preprocess_parsers(sub)
 
     p = sub.add_parser("doctor", help="check the installation, one line per item")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "shapes-demo"
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes-demo"
 
 
 def bench_fidelity(base: Optional[str] = None, controlnet: Optional[str] = None,

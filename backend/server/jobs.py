@@ -34,7 +34,8 @@ from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineEr
 from shared.images import Image
 from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, ResultImage, Train
 
-from .engine import Annotated, Engine
+from ..annotators.registry import Annotated
+from ..engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +398,7 @@ class JobManager:
         ctx.check_cancelled()
         message = job.message
         if isinstance(message, Generate):
-            # The engine annotates control images itself (backend.preprocess.prepare_controls)
+            # The engine annotates control images itself (backend.annotators.controls.prepare_controls)
             # at the size it generates at: only it knows that size.
             generated = self.engine.generate(message.request, job.images, ctx)
             ctx.check_cancelled()
@@ -419,7 +420,7 @@ class JobManager:
     def _train(self, job: Job, message: Train, ctx: "_Context") -> tuple:
         """Training runs on the worker thread too: it owns the GPU, so generation and
         training never compete for it. Cancel stops after writing a checkpoint."""
-        from .training.controlnet import config_from_message, job_progress, train_controlnet
+        from ..training.controlnet import config_from_message, job_progress, train_controlnet
         out = train_controlnet(config_from_message(message), progress=job_progress(ctx))
         job.info = {"out": str(out)}
         return ()

@@ -11,9 +11,9 @@ from typing import Optional
 def _child(pipe, options: dict) -> None:
     import logging
 
-    from .config import ServerConfig
-    from .engine import create_engine
-    from .server import Server
+    from ..engines.factory import create_engine
+    from ..server.config import ServerConfig
+    from ..server.websocket import Server
 
     logging.disable(logging.INFO)
     echo_size = options.pop("echo_max_size", None)

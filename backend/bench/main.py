@@ -13,6 +13,11 @@ from typing import Callable, Dict
 from shared.client import Client
 from shared.images import Image
 
+from . import engine as bench_engine
+from . import training as bench_training
+from .process import ServerProcess
+from .soak import bench_soak
+
 
 def _interleave(ours: Callable[[], None], reference: Callable[[], None], repeats: int) -> Dict:
     ours(), reference()  # warm-up: connections, allocators, caches
@@ -36,7 +41,6 @@ def bench_transport(repeats: int = 15, side: int = 2048) -> Dict:
     """
     from websockets.sync.client import connect
 
-    from .bench_process import ServerProcess
 
     pixels = bytes(range(256)) * (side * side * 4 // 256)
     image = Image(side, side, pixels)
@@ -60,20 +64,18 @@ def bench_transport(repeats: int = 15, side: int = 2048) -> Dict:
         raw.close()
     figures.update({"name": "transport", "side": side, "frame_bytes": frame_bytes,
                     "ours": "preprocess job (identity annotator, fake engine) through "
-                            "shared.client + backend.server, server in its own process",
+                            "shared.client + backend.server.websocket, server in its own process",
                     "reference": "bare websockets echo of the same bytes, same process",
                     "target_ratio": 1.2})
     return figures
 
 
 def _soak(args) -> Dict:
-    from .bench_soak import bench_soak
     return bench_soak(fuzz_cases=args.cases, clients=args.clients)
 
 
 def _engine_bench(name: str):
     def run(args) -> Dict:
-        from . import bench_engine
         figures = bench_engine.run(name)
         figures.setdefault("name", name)
         return figures
@@ -81,7 +83,6 @@ def _engine_bench(name: str):
 
 
 def _training_bench(name: str) -> Dict:
-    from . import bench_training
     return getattr(bench_training, name)()
 
 

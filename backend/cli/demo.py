@@ -27,8 +27,9 @@ from shared.images import Image
 from shared.messages import ControlUnit, GenerateRequest, Progress
 from shared.session import PreviewReady
 
-from .engine import create_engine
-from .local import ServerThread
+from ..engines.factory import create_engine
+from ..server.local import ServerThread
+from ..training.shapes import iou, segment
 
 CANVAS_SIZE = (500, 500)  # deliberately not a multiple of 8
 # Where the circle is drawn (fractions of the canvas): left of centre and low, so a
@@ -65,7 +66,6 @@ def shape_agreement(result: PILImage.Image, size: Tuple[int, int] = CANVAS_SIZE
                     ) -> Tuple[float, float]:
     """(IoU of the generated shape with the drawn disc, share of the shape's pixels
     nearer the prompt's colour than to white)."""
-    from .training.shapes import iou, segment
 
     rgb = np.asarray(result.convert("RGB"))
     shape = segment(rgb, "white", threshold=60.0)   # not background white

@@ -13,7 +13,6 @@ All run on CPU unless told otherwise and never download anything.
 """
 
 from __future__ import annotations
-from .engine import NullContext
 
 import os
 import statistics
@@ -24,10 +23,14 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from ..engines import tiny
+from ..engines.base import NullContext
+from ..engines.catalogue import Catalogue, ModelConfig
+from ..imaging import to_array
+
 
 def _tiny_engine(tiny_root: Optional[str], device: str):
-    from .diffusers_engine import DiffusersEngine
-    from .models import Catalogue, ModelConfig
+    from ..engines.diffusers.engine import DiffusersEngine  # torch
 
     return DiffusersEngine(Catalogue(ModelConfig(tiny_root=tiny_root)), device=device)
 
@@ -67,8 +70,6 @@ def bench_engine(repeats: int = 21, steps: int = 10, size: int = 64,
 
     from shared.messages import ControlUnit, GenerateRequest
 
-    from . import tiny
-    from .engine import to_array
 
     _set_threads(threads)
     engine = _tiny_engine(tiny_root, device)

@@ -19,6 +19,8 @@ from typing import Any, Dict, Optional
 from shared.messages import Limits
 from shared.paths import config_dir, token_file  # noqa: F401 (config_dir re-exported)
 
+from ..configfile import load_toml
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -104,17 +106,6 @@ class ServerConfig:
     @property
     def remote_allowed(self) -> bool:
         return self.allow_remote or not is_loopback_host(self.host)
-
-
-def load_toml(path: Path) -> Dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    with path.open("rb") as handle:
-        return tomllib.load(handle)
 
 
 def build_config(overrides: Dict[str, Any], config_file: Optional[Path] = None) -> ServerConfig:
