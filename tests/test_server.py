@@ -484,3 +484,33 @@ def test_train_job_with_bad_data_is_a_typed_error(fake_server, tmp_path):
             client.wait(job, timeout=120)
     assert getattr(info.value, "code", "") == "bad_dataset"
     assert "nope" in info.value.message
+
+
+def test_one_log_line_per_job_and_never_the_token(fake_server, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    canvas = Image.filled(40, 24, (255, 255, 255, 255))
+    request = GenerateRequest(width=40, height=24, steps=2,
+                              controls=(ControlUnit(condition="scribble", image=0),))
+    with pytest.raises(AuthError):
+        Client.connect(fake_server.url, fake_server.token[::-1])  # a wrong token
+    with Client.connect(fake_server.url, fake_server.token, client="log-test") as client:
+        job_id = client.submit(request, {0: canvas})
+        client.wait(job_id, timeout=30)
+        bad = client.preprocess("no-such-annotator", canvas)
+        with pytest.raises(Exception):  # the annotator is unknown: the job fails
+            client.wait(bad, timeout=30)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(bad in r.getMessage() for r in caplog.records):
+        time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.server.jobs"
+             and r.getMessage().startswith("job ")]
+    mine = [line for line in lines if job_id in line]
+    assert len(mine) == 1, lines
+    assert "log-test" in mine[0] and "generate txt2img" in mine[0] and "size 40x24" in mine[0]
+    assert "steps 2" in mine[0] and mine[0].endswith(" s done")
+    failed = [line for line in lines if bad in line]
+    assert len(failed) == 1 and "preprocess no-such-annotator" in failed[0]
+    assert "failed (" in failed[0]
+    text = "\n".join(r.getMessage() for r in caplog.records) + caplog.text
+    assert fake_server.token not in text and fake_server.token[::-1] not in text

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -27,7 +28,7 @@ from ..server.websocket import run_server
 from . import doctor, install
 from .demo import run_demo
 from .preprocess import add_parsers as add_preprocess_parsers
-from .preprocess import parse_size
+from .preprocess import parse_size, write_result
 
 log = logging.getLogger("controlcanvas")
 
@@ -111,6 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _warn_without_cuda(engine) -> None:
+    if getattr(engine, "name", "") == "demo":  # 64-pixel model: quick on any CPU
+        return
     device = getattr(engine, "device", None)
     if device is not None and getattr(device, "type", "") != "cuda":
         print("No CUDA GPU in use: running on the CPU, which takes minutes per image at "
@@ -187,9 +190,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
         out = Path(args.output)
         for i, (meta, image) in enumerate(result.images):
-            path = out if len(result.images) == 1 else \
-                out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
-            save_image(path, image)
+            if out.is_dir() or args.output.endswith(("/", os.sep)):
+                path = out / f"generated-seed{meta.seed}.png"
+            else:
+                path = out if len(result.images) == 1 else \
+                    out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+            path = write_result(path, image)
             print(f"{path} seed {meta.seed} ({image.width}x{image.height})")
 
     if args.url:

@@ -16,12 +16,15 @@ become the RGBA8 :class:`~shared.images.Image` the annotators take.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 
 from shared.errors import FieldError
+from shared.images import Image
 
 from ..annotators import library
 from ..imaging import load_image, save_image
@@ -96,10 +99,29 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         return 2
     image = load_image(args.input)
     out = library.run(args.name, image, parse_params(args.param), args.size)
-    save_image(args.output, out)
-    print(f"{args.name}: {args.input} ({image.width}x{image.height}) -> {args.output} "
+    target = Path(args.output)
+    if target.is_dir() or str(args.output).endswith(("/", os.sep)):
+        target = target / f"{Path(args.input).stem}-{args.name}.png"
+    written = write_result(target, out)
+    print(f"{args.name}: {args.input} ({image.width}x{image.height}) -> {written} "
           f"({out.width}x{out.height})")
     return 0
+
+
+def write_result(path: Path, image: Image) -> Path:
+    """Save a finished result at ``path``; if that fails for any reason, save it to a temporary
+    file instead and say so on stderr (a result is never lost).  Returns where it went."""
+    try:
+        save_image(path, image)
+        return path
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, keep the pixels
+        reason = err.message if isinstance(err, FieldError) else f"{type(err).__name__}: {err}"
+        handle, name = tempfile.mkstemp(prefix="controlcanvas-", suffix=".png")
+        os.close(handle)
+        save_image(name, image)
+        print(f"controlcanvas: could not write {path} ({reason}); the result is in {name}",
+              file=sys.stderr)
+        return Path(name)
 
 
 def _write_pose(pose, args) -> None:

@@ -69,13 +69,40 @@ def release_heap() -> bool:
     return True
 
 
+def job_log_line(job: "Job", error: Optional[ControlCanvasError]) -> str:
+    """The one log line of a finished job: id, client, kind, size, steps, seconds, outcome."""
+    message = job.message
+    if isinstance(message, Generate):
+        r = message.request
+        kind = f"generate {r.mode}" + (f" x{r.batch}" if r.batch > 1 else "")
+        size, steps = f"{r.width}x{r.height}", str(r.steps)
+    elif isinstance(message, Preprocess):
+        image = job.images.get(message.image)
+        kind, steps = f"preprocess {message.annotator}", "-"
+        size = f"{message.width}x{message.height}" if message.width else \
+            f"{image.width}x{image.height}" if image is not None else "-"
+    else:
+        kind, size, steps = "train", str(getattr(message, "resolution", "-")), str(message.steps)
+    if error is None:
+        outcome = DONE
+    elif isinstance(error, Cancelled):
+        outcome = CANCELLED
+    else:
+        outcome = f"{FAILED} ({error.code})"
+    client = getattr(job.owner, "label", None) or job.submitter
+    seconds = max(0.0, job.finished_at - job.started_at) if job.started_at else 0.0
+    return (f"job {job.job_id} client {client} {kind} size {size} steps {steps} "
+            f"{seconds:.2f} s {outcome}")
+
+
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 
 
 class Owner(Protocol):
-    """What a job reports to: a live client connection (see backend.server)."""
+    """What a job reports to: a live client connection (see backend.server.websocket)."""
     key: str
+    label: str  # for the log: the connection and the client's name, never its token
 
     def job_queued(self, job: "Job", position: int) -> None: ...
     def job_progress(self, job: "Job", step: int, total: int, stage: str) -> None: ...
@@ -328,6 +355,7 @@ class JobManager:
     def _finish(self, job: Job, result: Tuple[Tuple[ResultImage, Image], ...] = (),
                 error: Optional[ControlCanvasError] = None) -> None:
         job.finished_at = time.monotonic()
+        log.info("%s", job_log_line(job, error))
         job.images = {}  # inputs are no longer needed
         if error is None:
             job.state, job.result = DONE, result

@@ -48,6 +48,7 @@ class Connection:
         self.ws = ws
         self.session = session
         self.key = f"conn-{next(self._ids)}"
+        self.label = self.key  # + the client's name once authenticated (the log's)
         self._outbox: asyncio.Queue = asyncio.Queue()
 
     # Job callbacks (loop thread): turn job events into frames.
@@ -252,6 +253,7 @@ class Server:
                     log.info("%s: refused: %s (%s)", conn.key, event.error.code,
                              event.error.message)
                 elif isinstance(event, Authenticated):
+                    conn.label = f"{conn.key} ({event.client})"
                     log.info("%s: client %r authenticated", conn.key, event.client)
             except ControlCanvasError as err:
                 conn.session.send_error(err)

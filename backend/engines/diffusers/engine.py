@@ -181,8 +181,10 @@ class DiffusersEngine:
         """The engine on the embedded trained demo model (``shapes-demo``: a coloured shape
         where its outline is drawn): what ``controlcanvas demo`` runs. It generates at the
         64-pixel size it was trained at (no larger work size), whatever the canvas."""
-        return cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0,
-                   **options)
+        engine = cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0,
+                     **options)
+        engine.name = "demo"  # what the log and the plug-ins' welcome call it
+        return engine
 
     # -- Engine protocol -----------------------------------------------------
 
