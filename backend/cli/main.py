@@ -20,7 +20,7 @@ from shared.errors import ControlCanvasError
 
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
-from ..imaging import load_image, save_image
+from ..imaging import load_image
 from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
                              is_loopback_host, load_or_create_token)
 from ..server.local import ServerThread

@@ -65,7 +65,7 @@ DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
 DEMO_NATIVE_SIZE = 64
-# Native generation size (pixels of a square side) per family; see diffusers_engine.
+# Native generation size (pixels of a square side) per family; see engines/diffusers/geometry.py.
 NATIVE_SIZE: Dict[str, int] = {"sd15": 512, "sdxl": 1024}
 
 

@@ -280,7 +280,7 @@ def _build(folder: Path, family: str) -> Path:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     (folder / "README.txt").write_text(
         f"ControlCanvas embedded default model ({VERSION}, {family}): random weights built "
-        f"locally by backend/tiny.py for the demo and tests. Not a trained model.\n",
+        f"locally by backend/engines/tiny.py for the demo and tests. Not a trained model.\n",
         encoding="utf-8")
     (folder / ".complete").write_text(VERSION, encoding="utf-8")
     return folder
