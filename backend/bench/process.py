@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 from typing import Optional
 
+from ..engines.factory import create_engine
+from ..server.config import ServerConfig
+from ..server.websocket import Server
+
 
 def _child(pipe, options: dict) -> None:
-    import logging
-
-    from ..engines.factory import create_engine
-    from ..server.config import ServerConfig
-    from ..server.websocket import Server
-
     logging.disable(logging.INFO)
     echo_size = options.pop("echo_max_size", None)
     engine_name = options.pop("engine", "fake")

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from shared.errors import ControlCanvasError
 
+from ..bench import main as bench
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
 from ..imaging import load_image
@@ -263,7 +264,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import main as bench
     result = bench.run(args.name, args)
     print(json.dumps(result, sort_keys=True))
     return 0
