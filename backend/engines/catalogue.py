@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from shared.errors import ModelMissing
 from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
+from shared.geometry import NATIVE_SIDE
 from shared.paths import config_dir
 
 from ..configfile import load_toml
@@ -65,8 +66,8 @@ DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
 DEMO_NATIVE_SIZE = 64
-# Native generation size (pixels of a square side) per family; see engines/diffusers/geometry.py.
-NATIVE_SIZE: Dict[str, int] = {"sd15": 512, "sdxl": 1024}
+# Native generation size (pixels of a square side) per family: the rule the plug-ins use too.
+NATIVE_SIZE: Dict[str, int] = NATIVE_SIDE
 
 
 def demo_folder() -> Path:

@@ -32,7 +32,7 @@ from typing import Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
                            MissingImage, QueueFull, UnknownJob)
 from shared.images import Image
-from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, ResultImage, Train
+from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, Train
 
 from ..annotators.registry import Annotated
 from ..engines.base import Engine
@@ -118,7 +118,7 @@ class Job:
     owner: Optional[Owner] = None
     state: str = QUEUED
     cancel_event: threading.Event = field(default_factory=threading.Event)
-    result: Tuple[Tuple[ResultImage, Image], ...] = ()
+    result: Tuple[Tuple[Optional[int], Image], ...] = ()  # (seed, image) per slot
     error: Optional[ControlCanvasError] = None
     info: Dict[str, object] = field(default_factory=dict)  # sent with the result
     last_progress: Tuple[int, int, str] = (0, 0, "queued")
@@ -352,7 +352,7 @@ class JobManager:
             if job is not None and job.owner is not None:
                 job.owner.job_queued(job, position)
 
-    def _finish(self, job: Job, result: Tuple[Tuple[ResultImage, Image], ...] = (),
+    def _finish(self, job: Job, result: Tuple[Tuple[Optional[int], Image], ...] = (),
                 error: Optional[ControlCanvasError] = None) -> None:
         job.finished_at = time.monotonic()
         log.info("%s", job_log_line(job, error))
@@ -421,7 +421,7 @@ class JobManager:
         if job.owner is not None:
             job.owner.job_progress(job, 0, 0, "start")
 
-    def _run(self, job: Job) -> Tuple[Tuple[ResultImage, Image], ...]:
+    def _run(self, job: Job) -> Tuple[Tuple[Optional[int], Image], ...]:
         ctx = _Context(self, job)
         ctx.check_cancelled()
         message = job.message
@@ -430,9 +430,7 @@ class JobManager:
             # at the size it generates at: only it knows that size.
             generated = self.engine.generate(message.request, job.images, ctx)
             ctx.check_cancelled()
-            return tuple((ResultImage(slot=i, width=g.image.width, height=g.image.height,
-                                      seed=g.seed), g.image)
-                         for i, g in enumerate(generated))
+            return tuple((g.seed, g.image) for g in generated)
         if isinstance(message, Train):
             return self._train(job, message, ctx)
         annotated = self.engine.preprocess(message, job.images[message.image], ctx)
@@ -442,7 +440,7 @@ class JobManager:
         image = annotated.image
         job.info = {k: v for k, v in annotated.info.items()
                     if isinstance(v, (bool, int, float, str))}
-        return ((ResultImage(slot=0, width=image.width, height=image.height), image),)
+        return ((None, image),)
 
 
     def _train(self, job: Job, message: Train, ctx: "_Context") -> tuple:

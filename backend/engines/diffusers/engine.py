@@ -84,7 +84,7 @@ from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolv
 from ..tiny import quiet_progress_bars
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
-from .geometry import (Pass, Plan, denoise_steps, feather_weights, fit_image, mask_values,
+from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps, feather_weights, fit_image, mask_values,
                        region_of, resize, rgb_on_black, rgb_on_white, work_size)
 from .pipelines import PIPELINES, cancel_points, inpaint_condition, latent_preview, to_pipeline_image
 from .samplers import make_scheduler
@@ -119,8 +119,9 @@ class DiffusersEngine:
                  dtype: Optional[str] = None, offload: bool = False,
                  memory_budget: Optional[int] = None, vae_tiling_pixels: Optional[int] = None,
                  max_work_scale: float = 1.5, hires_scale: float = 2.0,
-                 hires_strength: float = 0.35, inpaint_margin: float = 0.25,
-                 inpaint_min_margin: int = 32, feather: float = 0.015,
+                 hires_strength: float = 0.35,
+                 inpaint_margin: float = INPAINT_MARGIN_FRACTION,
+                 inpaint_min_margin: int = INPAINT_MIN_MARGIN, feather: float = 0.015,
                  cpu_threads: Optional[int] = None) -> None:
         if cpu_threads:
             # Process-wide. On a CPU that other programs keep busy, fewer intra-op threads

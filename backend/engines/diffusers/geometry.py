@@ -98,8 +98,14 @@ def mask_values(rgba: np.ndarray) -> np.ndarray:
     return (rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255.0
 
 
-def region_of(mask: np.ndarray, margin_fraction: float = 0.25,
-              min_margin: int = 32) -> Optional[Tuple[int, int, int, int]]:
+# Context the engine adds around an inpaint selection (inside the image it was sent):
+# a quarter of the selection's larger side, at least 32 pixels.
+INPAINT_MARGIN_FRACTION = 0.25
+INPAINT_MIN_MARGIN = 32
+
+
+def region_of(mask: np.ndarray, margin_fraction: float = INPAINT_MARGIN_FRACTION,
+              min_margin: int = INPAINT_MIN_MARGIN) -> Optional[Tuple[int, int, int, int]]:
     """Bounding box (x0, y0, x1, y1) of ``mask > 0`` plus a margin, clamped; None if empty."""
     ys, xs = np.nonzero(mask > 0)
     if len(xs) == 0:
