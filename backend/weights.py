@@ -114,7 +114,8 @@ def load_weights(path: str):
             field="annotator") from None
 
 
-def load_state(path: Optional[str], key: Optional[str] = None, strip: str = "module.") -> Optional[dict]:
+def load_state(path: Optional[str], key: Optional[str] = None,
+               strip: str = "module.") -> Optional[dict]:
     """State dict from a checkpoint, tensors only (``weights_only=True``)."""
     if path is None:
         return None
@@ -135,7 +136,8 @@ def using_random_weights() -> bool:
     return _random_weights
 
 
-def cached_detector(name: str, files: Tuple[str, ...], build: Callable[[Tuple[Optional[str], ...]], Any]):
+def cached_detector(name: str, files: Tuple[str, ...],
+                    build: Callable[[Tuple[Optional[str], ...]], Any]):
     """The detector ``name`` built by ``build(paths)`` once per (name, weight files)."""
     paths = resolve_weights(name, files)
     key = (name, paths)

@@ -80,7 +80,8 @@ def _build_zoe(paths):
     conf = get_config("zoedepth", "infer")
     conf["pretrained_resource"] = None  # never let the builder fetch anything
     model = ZoeDepth.build_from_config(conf)
-    return ZoeDetector(weights.ready(model, weights.load_state(paths[0], "model", strip=""), strict=False))
+    state = weights.load_state(paths[0], "model", strip="")
+    return ZoeDetector(weights.ready(model, state, strict=False))
 
 
 def _build_midas(paths):

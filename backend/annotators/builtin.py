@@ -162,7 +162,8 @@ ADE20K_PALETTE = np.array([
     255, 0, 122, 255, 245, 0, 10, 190, 212, 214, 255, 0, 0, 204, 255, 20, 0, 255,
     255, 255, 0, 0, 153, 255, 0, 41, 255, 0, 255, 204, 41, 0, 255, 41, 255, 0,
     173, 0, 255, 0, 245, 255, 71, 0, 255, 122, 0, 255, 0, 255, 184, 0, 92, 255,
-    184, 255, 0, 0, 133, 255, 255, 214, 0, 25, 194, 194, 102, 255, 0, 92, 0, 255], dtype=np.uint8).reshape(-1, 3)
+    184, 255, 0, 0, 133, 255, 255, 214, 0, 25, 194, 194, 102, 255, 0, 92, 0, 255],
+    dtype=np.uint8).reshape(-1, 3)
 assert ADE20K_PALETTE.shape == (150, 3)
 
 
@@ -273,7 +274,8 @@ def register_all(register) -> None:
                        help="Use the layer as it is (only resized)."))
     register(Annotator("invert", "lineart", _invert,
                        help="Swap dark and light (keeps transparency): black lines become white."))
-    register(Annotator("canny", "canny", _canny, refuse_empty="uniform", check=_check_canny, params=(
+    register(Annotator("canny", "canny", _canny, refuse_empty="uniform", check=_check_canny,
+                       params=(
         P("low", "int", 100, 1, 255, help="lower hysteresis threshold"),
         P("high", "int", 200, 1, 255, help="upper hysteresis threshold"),
         P("blur", "float", 0.0, 0, 10, help="Gaussian blur sigma before detection (pixels)"),

@@ -426,7 +426,7 @@ class JobManager:
         ctx.check_cancelled()
         message = job.message
         if isinstance(message, Generate):
-            # The engine annotates control images itself (backend.annotators.controls.prepare_controls)
+            # The engine annotates control images itself (annotators.controls.prepare_controls)
             # at the size it generates at: only it knows that size.
             generated = self.engine.generate(message.request, job.images, ctx)
             ctx.check_cancelled()

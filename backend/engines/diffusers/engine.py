@@ -84,9 +84,11 @@ from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolv
 from ..tiny import quiet_progress_bars
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
-from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps, feather_weights, fit_image, mask_values,
-                       region_of, resize, rgb_on_black, rgb_on_white, work_size)
-from .pipelines import PIPELINES, cancel_points, inpaint_condition, latent_preview, to_pipeline_image
+from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
+                       feather_weights, fit_image, mask_values, region_of, resize, rgb_on_black,
+                       rgb_on_white, work_size)
+from .pipelines import (PIPELINES, cancel_points, inpaint_condition, latent_preview,
+                        to_pipeline_image)
 from .samplers import make_scheduler
 from .units import ControlUnits
 
@@ -534,7 +536,8 @@ class DiffusersEngine:
         p.init = resize(rgb, w, h)  # the first pass, enlarged, is what gets refined
         return self._run_pass(request, p, entry, units, order, seed, ctx, state, total)
 
-    def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order, seed: int,
+    def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order,
+                  seed: int,
                   ctx: JobContext, state: Dict[str, int], total: int) -> np.ndarray:
         controls = bool(request.controls)
         pipe = self._pipeline(entry, p.kind, controls, units)
