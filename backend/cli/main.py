@@ -304,16 +304,8 @@ def cmd_install_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="controlcanvas",
-                                     description="ControlNet for the editors you paint in.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("serve", help="run the websocket server the plug-ins talk to")
-    _add_server_options(p)
-    p.set_defaults(func=cmd_serve)
-
+def _add_generate(sub) -> None:
+    """``controlcanvas generate``: one image."""
     p = sub.add_parser("generate", help="one image from the command line (same path as the "
                        "plug-ins)")
     p.add_argument("--prompt", default="")
@@ -340,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_train(sub) -> None:
+    """``controlcanvas train``: a ControlNet on your pairs."""
     p = sub.add_parser("train", help="train a ControlNet on your own (condition, target) pairs")
     p.add_argument("--data", type=Path, required=True, help="dataset folder: source/, target/ "
                    "and prompt.json lines (fill50k layout), or pairs by file name")
@@ -365,19 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="with --url: the token (default: the token file)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the whole editor path on the embedded default model")
-    p.add_argument("--out", default="out/demo", help="folder for the canvas and result PNGs")
-    p.add_argument("--engine", default="demo", choices=ENGINES)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("models", help="list configured models, or download one")
-    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
-    p.add_argument("name", nargs="?")
-    p.add_argument("--config", type=Path, help="TOML config file")
-    p.set_defaults(func=cmd_models)
-
-    add_preprocess_parsers(sub)
-
+def _add_tools(sub) -> None:
+    """``doctor``, ``install-plugin`` and ``bench``."""
     p = sub.add_parser("doctor", help="check the installation, one line per item")
     p.add_argument("--token-file", type=Path)
     p.add_argument("--host")
@@ -401,6 +386,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
     p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="controlcanvas",
+                                     description="ControlNet for the editors you paint in.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the websocket server the plug-ins talk to")
+    _add_server_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    _add_generate(sub)
+    _add_train(sub)
+
+    p = sub.add_parser("demo", help="the whole editor path on the embedded default model")
+    p.add_argument("--out", default="out/demo", help="folder for the canvas and result PNGs")
+    p.add_argument("--engine", default="demo", choices=ENGINES)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list configured models, or download one")
+    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.set_defaults(func=cmd_models)
+
+    add_preprocess_parsers(sub)
+
+    _add_tools(sub)
     return parser
 
 

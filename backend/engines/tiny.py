@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,20 @@ def _build(folder: Path, family: str) -> Path:
         net.save_pretrained(folder / "controlnets" / name)
     if sdxl:
         text_encoder_2.save_pretrained(folder / "text_encoder_2")
-        index = {
+    index = _model_index(sdxl)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    (folder / "README.txt").write_text(
+        f"ControlCanvas embedded default model ({VERSION}, {family}): random weights built "
+        f"locally by backend/engines/tiny.py for the demo and tests. Not a trained model.\n",
+        encoding="utf-8")
+    (folder / ".complete").write_text(VERSION, encoding="utf-8")
+    return folder
+
+
+def _model_index(sdxl: bool) -> Dict[str, Any]:
+    """model_index.json of the tiny SD1.5 or SDXL pipeline (a declarative table)."""
+    if sdxl:
+        return {
             "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.0",
             "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"],
@@ -266,21 +279,13 @@ def _build(folder: Path, family: str) -> Path:
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
             "force_zeros_for_empty_prompt": True,
         }
-    else:
-        index = {
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-            "safety_checker": [None, None], "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    (folder / "README.txt").write_text(
-        f"ControlCanvas embedded default model ({VERSION}, {family}): random weights built "
-        f"locally by backend/engines/tiny.py for the demo and tests. Not a trained model.\n",
-        encoding="utf-8")
-    (folder / ".complete").write_text(VERSION, encoding="utf-8")
-    return folder
+    return {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
