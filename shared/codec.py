@@ -48,8 +48,12 @@ class Frame:
     image: Image
 
 
-def frame_size(width: int, height: int) -> int:
-    return HEADER_SIZE + width * height * CHANNELS
+def frame_job_id(head: bytes) -> Optional[str]:
+    """The job id (hex) in a frame's header, or None when ``head`` is too short to hold
+    one; nothing else is checked (for skipping the frames of a job already refused)."""
+    if len(head) < HEADER_SIZE:
+        return None
+    return bytes(HEADER.unpack_from(head, 0)[6]).hex()
 
 
 def encode_frame_parts(kind: int, job_id: str, slot: int, image: Image) -> Tuple[bytes, bytes]:

@@ -214,8 +214,7 @@ class ServerSession(_Session):
         upload = self._upload
         if upload is None:
             head = data if isinstance(data, (bytes, bytearray)) else (data[0] if data else b"")
-            if self._dropped_job and len(head) >= codec.HEADER_SIZE and \
-                    bytes(head[12:28]).hex() == self._dropped_job:
+            if self._dropped_job and codec.frame_job_id(head) == self._dropped_job:
                 return []  # the rest of a refused job's images
             raise FrameError("An image frame arrived without a 'generate' or 'preprocess' "
                              "message announcing it; send the request first, then its images.")
@@ -266,11 +265,12 @@ class ServerSession(_Session):
         self._queue(Preview(job_id=job_id, step=step, width=image.width, height=image.height))
         self._outgoing.append(codec.encode_frame_parts(codec.KIND_PREVIEW, job_id, 0, image))
 
-    def send_result(self, job_id: str, images: Sequence[Tuple[ResultImage, Image]],
+    def send_result(self, job_id: str, images: Sequence[Tuple[Optional[int], Image]],
                     elapsed: float = 0.0, info: Optional[Mapping[str, object]] = None) -> None:
-        """One ``result`` message, then its images as frames, with nothing in between."""
-        metas = tuple(ResultImage(slot=i, width=img.width, height=img.height, seed=meta.seed)
-                      for i, (meta, img) in enumerate(images))
+        """One ``result`` message, then its images as frames, with nothing in between.
+        ``images``: (seed or None, image) in slot order; the metadata is made here only."""
+        metas = tuple(ResultImage(slot=i, width=img.width, height=img.height, seed=seed)
+                      for i, (seed, img) in enumerate(images))
         self._queue(Result(job_id=job_id, images=metas, elapsed=elapsed, info=dict(info or {})))
         for i, (_, img) in enumerate(images):
             self._outgoing.append(codec.encode_frame_parts(codec.KIND_RESULT, job_id, i, img))

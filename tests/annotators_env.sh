@@ -5,7 +5,7 @@
 # So each lives in a venv of its own and the main .venv is never touched:
 #
 #   .venv-annotators  torch==2.14.1 torchvision==0.29.1 + `pip install -e .[test,annotators]`
-#   .venv-mediapipe   mediapipe==0.10.21 only; backend.pose calls it in a subprocess
+#   .venv-mediapipe   mediapipe==0.10.21 only; backend.pose.detect calls it in a subprocess
 #
 # Usage (from anywhere; CI calls it as is):
 #   tests/annotators_env.sh               create/update both venvs, then run the tests

@@ -20,9 +20,9 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 @pytest.fixture
 def fake_server():
     """A running server (FakeEngine, 5 ms per step) and its token."""
-    from backend.config import ServerConfig
-    from backend.engine import FakeEngine
-    from backend.local import ServerThread
+    from backend.server.config import ServerConfig
+    from backend.engines.fake import FakeEngine
+    from backend.server.local import ServerThread
 
     with ServerThread(FakeEngine(step_seconds=0.005), ServerConfig(port=0)) as server:
         yield server
@@ -31,9 +31,9 @@ def fake_server():
 @pytest.fixture
 def make_server():
     """Factory for servers with custom config/engine; all stopped at the end."""
-    from backend.config import ServerConfig
-    from backend.engine import FakeEngine
-    from backend.local import ServerThread
+    from backend.server.config import ServerConfig
+    from backend.engines.fake import FakeEngine
+    from backend.server.local import ServerThread
 
     started = []
 

@@ -4,7 +4,7 @@ Real ``.safetensors`` / ``.ckpt`` checkpoints from model sites keep the original
 Stable Diffusion layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*``
 (VAE) and ``cond_stage_model.transformer.text_model.*`` (CLIP).  No such file exists
 offline at test size, so :func:`write_checkpoint` makes one from the tiny diffusers
-stack (``backend.tiny.build(folder, "sd15")``).
+stack (``backend.engines.tiny.build(folder, "sd15")``).
 
 The mapping is the inverse of diffusers' ``convert_ldm_unet_checkpoint`` /
 ``convert_ldm_vae_checkpoint`` / ``convert_ldm_clip_checkpoint``

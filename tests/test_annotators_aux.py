@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
-from backend import aux_annotators as aux
-from backend import preprocess as pp
-from backend.engine import to_array
+from backend import weights
+from backend.annotators import aux, library, registry
+from backend.pose import openpose
+from backend.imaging import to_array
 from shared.errors import EngineError, ModelMissing
 from shared.images import Image
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = bool(os.environ.get("CONTROLCANVAS_REQUIRE_ANNOTATORS"))
 
 needs_aux = pytest.mark.skipif(
-    not aux.aux_installed() and not REQUIRED,
+    not weights.aux_installed() and not REQUIRED,
     reason="controlnet_aux is not installed here (optional 'annotators' extra; run "
            "tests/annotators_env.sh to test it in .venv-annotators)")
 
@@ -43,11 +44,11 @@ def picture(w=128, h=96):
 
 
 def test_annotators_are_available_exactly_when_controlnet_aux_imports():
-    infos = {i.name: i for i in pp.list_annotators()}
+    infos = {i.name: i for i in library.list_annotators()}
     for name in aux.SPECS:
-        assert infos[name].needs_weights and infos[name].available == aux.aux_installed()
+        assert infos[name].needs_weights and infos[name].available == weights.aux_installed()
     if REQUIRED:
-        assert aux.aux_installed(), "the annotators environment must have controlnet_aux"
+        assert weights.aux_installed(), "the annotators environment must have controlnet_aux"
 
 
 def test_no_torch_load_without_weights_only_in_our_code():
@@ -61,7 +62,7 @@ def test_no_torch_load_without_weights_only_in_our_code():
 def test_importing_the_registry_does_not_import_torch_or_controlnet_aux():
     import subprocess
     import sys
-    code = ("import sys; import backend.preprocess, backend.pose; "
+    code = ("import sys; import backend.annotators.library, backend.pose.detect; "
             "print(any(m in sys.modules for m in ('torch', 'controlnet_aux')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
@@ -83,7 +84,7 @@ def test_openpose_results_become_our_pose_model():
             hand = [Kp(0.1, 0.2)] * 20 + [Kp(-1, -1)]
             return [Res(Body(kps, 10.0, 2), hand, None, None)]
 
-    pose = aux.detect_openpose_with(Stub(), np.zeros((100, 200, 3), np.uint8))
+    pose = openpose.detect_with(Stub(), np.zeros((100, 200, 3), np.uint8))
     person = pose.people[0]
     assert (pose.width, pose.height) == (200, 100)
     assert person.body[0] == (100.0, 25.0, 1.0) and person.body[17] == (50.0, 75.0, 1.0)
@@ -93,21 +94,21 @@ def test_openpose_results_become_our_pose_model():
 
 
 def test_missing_weights_say_which_file_and_how_to_fetch_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(aux.DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(aux, "find_weight", lambda f: (tmp_path / f) if (tmp_path / f).is_file()
+    monkeypatch.setenv(weights.DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(weights, "find_weight", lambda f: (tmp_path / f) if (tmp_path / f).is_file()
                         else None)
     with pytest.raises(ModelMissing) as info:
-        aux.resolve_weights("lineart", aux.SPECS["lineart"].files)
+        weights.resolve_weights("lineart", aux.SPECS["lineart"].files)
     msg = info.value.message
     assert "sk_model.pth sk_model2.pth" in msg and "hf download lllyasviel/Annotators" in msg
     assert str(tmp_path) in msg and info.value.code == "model_missing"
 
 
 def test_weight_files_are_found_in_the_annotators_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv(aux.DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(weights.DIR_ENV, str(tmp_path))
     (tmp_path / "netG.pth").write_bytes(b"x")
-    assert aux.find_weight("netG.pth") == tmp_path / "netG.pth"
-    assert aux.weights_present(("netG.pth",))
+    assert weights.find_weight("netG.pth") == tmp_path / "netG.pth"
+    assert weights.weights_present(("netG.pth",))
 
 
 @needs_aux
@@ -115,7 +116,7 @@ def test_a_pickle_with_code_is_refused(tmp_path):
     import torch
     torch.save({"weights": torch.zeros(2), "evil": namedtuple_factory()}, tmp_path / "bad.pth")
     with pytest.raises(EngineError, match="plain weights"):
-        aux.load_weights(str(tmp_path / "bad.pth"))
+        weights.load_weights(str(tmp_path / "bad.pth"))
 
 
 def namedtuple_factory():
@@ -130,14 +131,14 @@ def test_weights_load_from_a_file_and_match_the_network(tmp_path, monkeypatch):
     torch.manual_seed(3)
     net = MobileV2_MLSD_Large()
     torch.save(net.state_dict(), tmp_path / "mlsd_large_512_fp32.pth")
-    monkeypatch.setenv(aux.DIR_ENV, str(tmp_path))
-    aux._cache.clear()
+    monkeypatch.setenv(weights.DIR_ENV, str(tmp_path))
+    weights._cache.clear()
     det = aux._detector(aux.SPECS["mlsd"])
     for key, value in net.state_dict().items():
         assert torch.equal(det.model.state_dict()[key], value), key
-    out = pp.run("mlsd", picture(), size=(96, 72))
+    out = library.run("mlsd", picture(), size=(96, 72))
     assert out.size == (96, 72)
-    aux._cache.clear()
+    weights._cache.clear()
 
 
 RUNS = [("hed", {}), ("hed", {"safe": True, "scribble": True}), ("pidinet", {}),
@@ -151,9 +152,9 @@ HEAVY = {"zoe", "midas"}
 @pytest.mark.parametrize("name, params", RUNS)
 def test_every_aux_annotator_runs_pixel_perfect_with_random_weights(name, params):
     size = (100, 76)  # deliberately not a multiple of 64: controlnet-aux rounds, we must not
-    with aux.random_weights(seed=0):
-        out = pp.run(name, picture(), params, size=size)
-        again = out if name in HEAVY else pp.run(name, picture(), params, size=size)
+    with weights.random_weights(seed=0):
+        out = library.run(name, picture(), params, size=size)
+        again = out if name in HEAVY else library.run(name, picture(), params, size=size)
     a = to_array(out)
     assert out.size == size and a.shape == (76, 100, 4)
     assert (a[..., 3] == 255).all()
@@ -162,27 +163,27 @@ def test_every_aux_annotator_runs_pixel_perfect_with_random_weights(name, params
 
 @needs_aux
 def test_aux_annotators_refuse_an_empty_layer_before_loading_anything():
-    with pytest.raises(pp.EmptyLayer):
-        pp.run("hed", Image.filled(32, 32))
-    with pytest.raises(pp.EmptyLayer):
-        pp.run("midas", Image.filled(32, 32))
+    with pytest.raises(registry.EmptyLayer):
+        library.run("hed", Image.filled(32, 32))
+    with pytest.raises(registry.EmptyLayer):
+        library.run("midas", Image.filled(32, 32))
 
 
 @needs_aux
 def test_hed_detect_resolution_parameter_is_checked_and_used():
     with pytest.raises(Exception, match="params.detect_resolution"):
-        pp.run("hed", picture(), {"detect_resolution": 5000})
-    with aux.random_weights(seed=0):
-        out = pp.run("hed", picture(), {"detect_resolution": 256}, size=(64, 48))
+        library.run("hed", picture(), {"detect_resolution": 5000})
+    with weights.random_weights(seed=0):
+        out = library.run("hed", picture(), {"detect_resolution": 256}, size=(64, 48))
     assert out.size == (64, 48)
 
 
 @needs_aux
 def test_pose_from_photo_uses_openpose_when_its_weights_are_present():
-    from backend import pose as pose_mod
-    with aux.random_weights(seed=0):
-        assert pose_mod._aux_openpose_ready()
-        found = pose_mod.detect(picture(), method="openpose")
+    from backend.pose import detect as pose_detect
+    with weights.random_weights(seed=0):
+        assert openpose.ready()
+        found = pose_detect.detect(picture(), method="openpose")
     assert (found.width, found.height) == (128, 96)  # random weights: maybe nobody, but a Pose
 
 

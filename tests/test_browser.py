@@ -110,7 +110,7 @@ def assert_refused(results, server, job):
 
 
 def test_hostile_page_is_refused_even_with_the_token(fake_server, caplog):
-    caplog.set_level("WARNING", logger="backend.server")
+    caplog.set_level("WARNING", logger="backend.server.websocket")
     results, job = run_page_in_chromium(fake_server)
     assert_refused(results, fake_server, job)
     refusals = [r for r in caplog.records if "Origin" in r.getMessage()]

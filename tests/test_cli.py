@@ -98,7 +98,7 @@ def test_demo_puts_the_shape_where_it_was_drawn(tmp_path):
     assert out.returncode == 0, out.stderr
     from PIL import Image as PILImage
 
-    from backend.demo import drawn_disc, shape_agreement
+    from backend.cli.demo import drawn_disc, shape_agreement
     canvas = PILImage.open(tmp_path / "canvas.png")
     result = PILImage.open(tmp_path / "result.png")
     assert result.size == canvas.size == (500, 500)
@@ -210,8 +210,8 @@ def test_models_download_offline_says_so(tmp_path):
 def test_cpu_threads_option_reaches_torch(tmp_path):
     import torch
 
-    from backend.cli import _positive_int
-    from backend.engine import create_engine
+    from backend.cli.main import _positive_int
+    from backend.engines.factory import create_engine
     before = torch.get_num_threads()
     try:
         create_engine("demo", cpu_threads=1, config_file=tmp_path / "none.toml")
@@ -223,3 +223,59 @@ def test_cpu_threads_option_reaches_torch(tmp_path):
     out = subprocess.run([sys.executable, "-m", "backend", "serve", "--cpu-threads", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--cpu-threads: 0 is not a positive whole number" in out.stderr
+
+
+def test_serve_demo_calls_the_engine_demo_and_skips_the_sd15_cpu_warning(tmp_path):
+    proc, lines = start_serve(tmp_path, "--engine", "demo")
+    try:
+        assert "(engine: demo)" in lines[0], lines
+        url = re.search(r"listening on (ws://\S+)", lines[0]).group(1)
+        token = (tmp_path / "cfg" / "token").read_text().strip()
+        with Client.connect(url, token) as client:
+            assert client.welcome.engine == "demo"  # what the plug-ins show
+    finally:
+        stop(proc)
+    err = proc.stderr.read()
+    assert "No CUDA GPU" not in err and "SD1.5" not in err, err
+
+
+def _generate_to(tmp_path, output):
+    return subprocess.run([sys.executable, "-m", "backend", "generate", "--engine", "fake",
+                           "--prompt", "a red ball", "--seed", "3", "--steps", "1",
+                           "-o", str(output)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_generate_into_a_folder_writes_a_named_file_there(tmp_path):
+    out = _generate_to(tmp_path, tmp_path)
+    assert out.returncode == 0, out.stderr
+    written = tmp_path / "generated-seed3.png"
+    assert written.is_file() and str(written) in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_generate_that_cannot_write_keeps_the_result_in_a_temp_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = _generate_to(tmp_path, blocker / "x.png")  # parent is a file: cannot be written
+    assert out.returncode == 0, out.stderr
+    saved = Path(re.search(r"the result is in (\S+\.png)", out.stderr).group(1))
+    try:
+        assert saved.is_file() and str(saved) in out.stdout
+        from PIL import Image as PILImage
+        assert PILImage.open(saved).size == (512, 512)
+    finally:
+        saved.unlink(missing_ok=True)
+    assert "Traceback" not in out.stderr
+
+
+def test_preprocess_into_a_folder_writes_a_named_file_there(tmp_path):
+    sketch = _line_art(tmp_path / "sketch.png")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = subprocess.run([sys.executable, "-m", "backend", "preprocess", "invert", str(sketch),
+                          "-o", str(folder)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    written = folder / "sketch-invert.png"
+    assert written.is_file() and str(written) in out.stdout

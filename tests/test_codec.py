@@ -98,3 +98,11 @@ def test_crop_and_transparency():
 
 def test_repr_is_short():
     assert repr(Image.filled(1000, 1000)) == "Image(1000x1000 RGBA8)"
+
+
+def test_frame_job_id_reads_the_header_only():
+    job = "ab" * 16
+    head, _ = codec.encode_frame_parts(codec.KIND_INPUT, job, 3, Image.filled(2, 2))
+    assert codec.frame_job_id(head) == job
+    assert codec.frame_job_id(head + b"pixels") == job
+    assert codec.frame_job_id(head[:codec.HEADER_SIZE - 1]) is None

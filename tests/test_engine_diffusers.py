@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.diffusers_engine import (ControlUnits, DiffusersEngine, denoise_steps, fit_image,
-                                      make_scheduler, soft_injection_scales, work_size)
-from backend.engine import from_array, to_array
+from backend.engines.diffusers.engine import DiffusersEngine
+from backend.engines.diffusers.geometry import denoise_steps, fit_image, work_size
+from backend.engines.diffusers.samplers import make_scheduler
+from backend.engines.diffusers.units import ControlUnits, soft_injection_scales
+from backend.imaging import from_array, to_array
 from shared.errors import Cancelled, OutOfMemory, Unsupported
 from shared.images import Image
 from shared.messages import SAMPLERS, ControlUnit, GenerateRequest, Preprocess
@@ -182,7 +184,7 @@ def test_sampler_mapping_ignores_model_scheduler_quirks():
 def _tiny_unet(tiny_root):
     from diffusers import UNet2DConditionModel
 
-    from backend import tiny
+    from backend.engines import tiny
     return UNet2DConditionModel.from_pretrained(tiny.tiny_dir("sd15", tiny_root) / "unet")
 
 
@@ -576,7 +578,7 @@ def test_preprocess_uses_the_annotator_registry(tiny_engine):
 
 
 def test_units_with_annotators_and_poses_are_prepared_at_work_scale(tiny_engine):
-    from backend.pose import default_pose
+    from backend.pose.model import default_pose
 
     width, height = 640, 448
     drawing = np.full((height, width, 4), 255, np.uint8)
@@ -657,7 +659,7 @@ def test_pooled_controlnet_is_conditional_only_and_keeps_others_balanced(tiny_en
     mode when it is the first net; the engine orders units so it only affects itself."""
     from diffusers import ControlNetModel
 
-    from backend import tiny
+    from backend.engines import tiny
     net = ControlNetModel.from_pretrained(tiny.tiny_dir("sd15", tiny_root) / "controlnets" /
                                           "maps")
     net.register_to_config(global_pool_conditions=True)
@@ -680,7 +682,7 @@ def test_pooled_controlnet_is_conditional_only_and_keeps_others_balanced(tiny_en
 
 
 def test_controlnet_of_another_family_is_refused_with_a_clear_error(tiny_engine, tiny_root):
-    from backend import tiny
+    from backend.engines import tiny
     sdxl_net = tiny.tiny_dir("sdxl", tiny_root) / "controlnets" / "lines"
     with pytest.raises(Unsupported, match="another model family"):
         run(tiny_engine, make_request(controls=(unit(model=str(sdxl_net)),)))

@@ -20,15 +20,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "plugin_gimp"))
 
-from backend.config import ServerConfig, config_dir as backend_config_dir  # noqa: E402
-from backend.engine import FakeEngine  # noqa: E402
-from backend.local import ServerThread  # noqa: E402
+from backend.server.config import ServerConfig, config_dir as backend_config_dir  # noqa: E402
+from backend.engines.fake import FakeEngine  # noqa: E402
+from backend.server.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import (actions, generation, pose, problems, procedures,  # noqa: E402
                                 settings, worker)
 from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from controlcanvas_gimp.host import LayerInfo  # noqa: E402
 from gimp_support.fake_host import FakeHost, FakeLayer, resize_nearest  # noqa: E402
+from shared import naming  # noqa: E402
 from shared import pose as openpose  # noqa: E402
 from shared.client import Client  # noqa: E402
 from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
@@ -119,7 +120,7 @@ def test_seven_procedures_under_filters_controlnet():
         for arg in s.args:  # GIMP would refuse a default outside its own range
             assert arg.check(arg.default) == arg.default, (s.name, arg.name)
             if arg.kind == "int":
-                assert -2**31 <= arg.minimum <= arg.maximum <= procedures.GINT_MAX
+                assert -2**31 <= arg.minimum <= arg.maximum <= generation.GINT_MAX
 
 
 def test_dialog_labels_have_mnemonics():
@@ -274,16 +275,16 @@ def test_random_seeds_can_be_typed_back_into_gimp():
     rng = random.Random(5)
     for batch in (1, 16):
         seed = generation.choose_seed(-1, batch, rng)
-        assert 0 <= seed and seed + batch - 1 <= procedures.GINT_MAX
+        assert 0 <= seed and seed + batch - 1 <= generation.GINT_MAX
     assert generation.choose_seed(42, 3) == 42
 
 
 def test_layer_names_show_prompt_and_seed():
-    assert generation.layer_name("girl in a red coat", 7) == "girl in a red coat · seed 7"
-    long = generation.layer_name("a " * 40, 3)
+    assert naming.layer_name("girl in a red coat", 7) == "girl in a red coat · seed 7"
+    long = naming.layer_name("a " * 40, 3)
     assert long.endswith("… · seed 3") and len(long) < 60
-    assert generation.layer_name("", 1) == "ControlCanvas · seed 1"
-    assert generation.group_name("cat", [5, 6, 7]) == "cat · seeds 5–7"
+    assert naming.layer_name("", 1) == "ControlCanvas · seed 1"
+    assert naming.group_name("cat", [5, 6, 7]) == "cat · seeds 5–7"
 
 
 # -- pose: the skeleton as a GIMP path (the rest is shared.pose, tests/test_pose.py) ---------
@@ -423,7 +424,7 @@ def test_progress_text_says_the_step_and_the_time_left(host):
 
 def test_random_seed_is_reported_and_reproducible(server, host):
     outcome = actions.run(spec("generate"), host, values(server, seed=-1))
-    assert 0 <= outcome.seed <= procedures.GINT_MAX
+    assert 0 <= outcome.seed <= generation.GINT_MAX
     assert host.layers[0].name.endswith(f"seed {outcome.seed}")
     again = FakeHost([FakeLayer("lines", line_art(), 13, 7)], settings_file=host.settings_file)
     again.selected = again.layers[0]

@@ -33,8 +33,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "plugin_gimp"))
 
-from backend.config import ServerConfig  # noqa: E402
-from backend.local import ServerThread  # noqa: E402
+from backend.server.config import ServerConfig  # noqa: E402
+from backend.server.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import pose  # noqa: E402
 from tests.editor_jail import editor_root, jail, unavailable  # noqa: E402
 from gimp_support import expect  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import doctor, install
+from backend.cli import doctor, install
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""backend.jobs: fairness, retention and expiry, driven on a private event loop."""
+"""backend.server.jobs: fairness, retention and expiry, driven on a private event loop."""
 
 import asyncio
 import threading
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from backend.engine import FakeEngine
-from backend.jobs import CANCELLED, DONE, JobManager
+from backend.engines.fake import FakeEngine
+from backend.server.jobs import CANCELLED, DONE, JobManager
 from shared.errors import Expired, QueueFull, UnknownJob
 from shared.images import Image
 from shared.messages import Generate, GenerateRequest, new_job_id
@@ -188,7 +188,7 @@ def test_inputs_released_after_finish(loop):
 
 def test_dropped_results_are_given_back_to_the_system(loop, monkeypatch):
     """Acked or expired result bytes add up; past TRIM_AFTER_BYTES the heap is trimmed."""
-    from backend import jobs as jobs_module
+    from backend.server import jobs as jobs_module
 
     trims = []
     monkeypatch.setattr(jobs_module, "release_heap", lambda: trims.append(1) or True)
@@ -209,5 +209,5 @@ def test_dropped_results_are_given_back_to_the_system(loop, monkeypatch):
 def test_release_heap_runs_on_linux():
     import sys
 
-    from backend.jobs import release_heap
+    from backend.server.jobs import release_heap
     assert release_heap() == sys.platform.startswith("linux")

@@ -29,7 +29,7 @@ import controlcanvas  # noqa: E402
 from controlcanvas import canvas as cc_canvas  # noqa: E402
 from controlcanvas import pixels, plan, pose  # noqa: E402
 from controlcanvas.controller import Controller  # noqa: E402
-from controlcanvas.proto import Image, pose as openpose  # noqa: E402
+from controlcanvas.proto import Image, naming, pose as openpose  # noqa: E402
 from controlcanvas.settings import Settings, UnitSettings, read_local_token  # noqa: E402
 
 from tests.krita_support.engines import RecordingEngine  # noqa: E402
@@ -123,10 +123,8 @@ def colourise(c, doc, lines, prompt="flat colours, red coat", **extra):
 
 def test_bgra_to_rgba_swaps_red_and_blue_once():
     data = bgra(1, 2, 3, 4) + bgra(250, 128, 0, 255)
-    rgba = pixels.bgra_to_rgba(data)
-    assert rgba == bytes((1, 2, 3, 4, 250, 128, 0, 255))
-    assert pixels.rgba_to_bgra(rgba) == data
-    image = pixels.image_from_bgra(2, 1, data)
+    image = pixels.image_from_bgra(2, 1, data)  # the swap is shared.images' one
+    assert image.data == bytes((1, 2, 3, 4, 250, 128, 0, 255))
     assert image.pixel(1, 0) == (250, 128, 0, 255)
     assert image.to_bgra() == data
 
@@ -208,7 +206,7 @@ def test_pose_from_krita_svg_with_transforms():
 # -- settings --------------------------------------------------------------------------------
 
 def test_token_found_where_the_backend_writes_it(tmp_path, monkeypatch):
-    from backend.config import default_token_file, load_or_create_token
+    from backend.server.config import default_token_file, load_or_create_token
     monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path / "cfg"))
     assert read_local_token()[0] == ""
     token, created = load_or_create_token(default_token_file())
@@ -238,7 +236,7 @@ def test_colourise_plan_reads_line_art_and_places_results_below(krita_app):
     assert [(u.condition, u.preprocessor) for u in req.controls] == [("lineart", "invert")]
     assert job.images[0] == node_image(lines, doc)
     assert job.placement.where == "below" and job.placement.anchor_id == uid(lines)
-    assert plan.layer_name("red coat", 42) == "red coat [seed 42]"
+    assert naming.layer_name("red coat", 42) == "red coat · seed 42"  # the shared format
 
 
 def test_inpaint_plan_crops_to_selection_with_context(krita_app):
@@ -322,8 +320,8 @@ def test_colourise_line_art_adds_one_undoable_layer_below_the_lines(server, cont
     assert "preview" in seen and c.preview is not None  # live previews arrived
     assert "progress" in seen and c.progress == (20, 20)
     names = doc.layer_names()
-    assert names == ["Background", "flat colours, red coat [seed 1234]", "lineart"], names
-    result = doc.nodeByName("flat colours, red coat [seed 1234]")
+    assert names == ["Background", "flat colours, red coat · seed 1234", "lineart"], names
+    result = doc.nodeByName("flat colours, red coat · seed 1234")
     request, images, outputs = server.recorder.calls[-1]
     assert node_image(result, doc) == outputs[0].image  # exactly the engine's pixels
     # the preset picked the server's own line-art annotator (the server runs it)
@@ -356,17 +354,17 @@ def test_batch_arrives_as_a_group_in_one_undo_step(server, controller_for, krita
     c.variants(4)
     assert c.run_until_idle(20), c.message
     group = doc.rootNode().childNodes()[1]
-    assert group.type() == "grouplayer" and group.name().startswith("girl [4 variants")
+    assert group.type() == "grouplayer" and group.name().startswith("girl · seeds ")
     kids = group.childNodes()
     assert len(kids) == 4 and [k.visible() for k in kids] == [False, False, False, True]
     seeds = c.history[0].seeds
-    assert kids[-1].name() == f"girl [seed {seeds[0]}]"
+    assert kids[-1].name() == f"girl · seed {seeds[0]}"
     assert seeds == [seeds[0] + i for i in range(4)]
     assert doc.undo_steps == 1 and doc.unundoable_writes == 0
     doc.undo()
     assert doc.layer_names() == ["Background", "lineart"]
     c.apply_history(0)  # the history brings it back
-    assert doc.layer_names()[1][0].startswith("girl [4 variants")
+    assert doc.layer_names()[1][0].startswith("girl · seeds ")
 
 
 def test_inpaint_changes_only_the_selected_pixels(server, controller_for, krita_app):
@@ -425,7 +423,7 @@ def test_dropped_connection_reconnects_and_the_result_still_arrives(make_server,
         proxy.accepting = True
         assert c.run_until_idle(20), c.status
         assert "resumed 1 job" in c.status.message
-        result = doc.nodeByName("flat colours, red coat [seed 77]")
+        result = doc.nodeByName("flat colours, red coat · seed 77")
         assert result is not None and node_image(result, doc) == engine.calls[-1][2][0].image
     finally:
         c.shutdown()
@@ -507,7 +505,7 @@ def test_pose_iteration_same_seed_changes_only_the_control(server, controller_fo
     assert moved[6] == pytest.approx((skeleton[0][6][0] + 12, skeleton[0][6][1] - 6))
     assert moved[:6] == skeleton[0][:6]
     assert out[0].image != first_out[0].image, "the figure follows the moved elbow"
-    newest = doc.nodeByName(f"knight in armour [seed {request.seed}]")
+    newest = doc.nodeByName(f"knight in armour · seed {request.seed}")
     assert node_image(newest, doc) == out[0].image
 
 
@@ -635,10 +633,10 @@ def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp, tmp_path):
     panel.generate_button.click()
     assert pump(qapp, lambda: len(doc.rootNode().childNodes()) == 3)
     result = doc.rootNode().childNodes()[1]
-    assert result.name().startswith("flat colours, girl in a red coat [seed ")
+    assert result.name().startswith("flat colours, girl in a red coat · seed ")
     assert node_image(result, doc) == engine.calls[-1][2][0].image
     assert panel.history.count() == 1 and panel.progress.value() == panel.progress.maximum()
-    assert f"seed {int(panel.seed.value())}]" in result.name()
+    assert result.name().endswith(f" · seed {int(panel.seed.value())}")
     # a long job, cancelled from the button
     panel.steps.setValue(150)
     engine.step_seconds = 0.05
@@ -749,14 +747,14 @@ def test_sixteen_bit_document_is_converted_both_ways(server, controller_for, kri
     sent = plan.build(c.settings, cc_canvas.KritaCanvas(doc), seed=5).images[0]
     assert sent.pixel(0, 16) == (20, 20, 20, 255)  # the high bytes of each channel
     assert sent.pixel(0, 0) == (0, 0, 0, 0)
-    result = doc.nodeByName("flat colours, red coat [seed 5]")
+    result = doc.nodeByName("flat colours, red coat · seed 5")
     assert bytes(result.pixelData(0, 0, W, H)) == pixels.from_u8(outputs[0].image.to_bgra(),
                                                                  "U16")
 
 
 class PoseDetectingEngine(RecordingEngine):
     """A server that detects a pose: it answers with a rendered skeleton and, like
-    backend.preprocess's pose_from_photo, the keypoints as OpenPose JSON in the result's
+    backend.annotators.builtin's pose_from_photo, the keypoints as OpenPose JSON in the result's
     info (or, ``with_keypoints=False``, an older server: the picture only)."""
 
     def __init__(self, people, with_keypoints=True):
@@ -772,8 +770,8 @@ class PoseDetectingEngine(RecordingEngine):
                               name="pose_from_photo", condition="openpose"),))
 
     def preprocess(self, message, image, ctx):
-        from backend import pose as backend_pose
-        from backend.engine import Annotated
+        from backend.pose import model as backend_pose
+        from backend.annotators.registry import Annotated
         if message.annotator != "pose_from_photo":
             return super().preprocess(message, image, ctx)
         size = (message.width, message.height)

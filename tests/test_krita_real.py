@@ -162,8 +162,8 @@ def results(output: str) -> dict:
 @pytest.fixture(scope="module", params=list(SUITES))
 def krita_env(request, krita_zip, tmp_path_factory):
     """Chroot ready, zip imported by Krita's importer, token file in place, server up."""
-    from backend.config import ServerConfig
-    from backend.local import ServerThread
+    from backend.server.config import ServerConfig
+    from backend.server.local import ServerThread
     from tests.krita_support.engines import RecordingEngine
 
     suite = request.param
@@ -247,7 +247,7 @@ def test_generate_path_in_kritarunner(krita_env):
 
     below = found["colourise_below"]
     assert below["done"] and below["units"][0][0] == "lineart", below
-    assert below["tree"] == ["Background", "flat colours, girl in a red coat [seed 1234]",
+    assert below["tree"] == ["Background", "flat colours, girl in a red coat · seed 1234",
                              "lineart"], below["tree"]
     assert (work / "result_below.bgra").read_bytes() == engine_output(env["engine"], 1234)
     assert below["lines_after"] == below["lines_before"]  # the source is untouched
@@ -280,7 +280,7 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
     assert found["gui_connect"]["online"], found["gui_connect"]
 
     gen = found["gui_generate_undo"]
-    name = "flat colours, girl in a red coat [seed 4321]"
+    name = "flat colours, girl in a red coat · seed 4321"
     assert gen["done"] and gen["with_result"] == ["Background", name, "lineart"], json.dumps(gen)
     assert (env["work"] / "gui_result.bgra").read_bytes() == engine_output(env["engine"], 4321)
     assert gen["after_one_undo"] == ["Background", "lineart"], gen  # ONE undo step

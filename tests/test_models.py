@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import tiny
-from backend.models import (CONTROLNETS, DEFAULT_BASES, Catalogue, ModelConfig,
+from backend.engines import tiny
+from backend.engines.catalogue import (CONTROLNETS, DEFAULT_BASES, Catalogue, ModelConfig,
                             family_of_file, list_models)
 from shared.errors import ModelMissing
 from shared.messages import CONDITIONS, ControlUnit, GenerateRequest, Models
@@ -70,7 +70,7 @@ def test_missing_hub_model_names_it_and_the_download_command(tmp_path):
 
 
 def test_engine_reports_a_missing_model_as_typed_error(tmp_path, tiny_root):
-    from backend.diffusers_engine import DiffusersEngine
+    from backend.engines.diffusers.engine import DiffusersEngine
 
     engine = DiffusersEngine(Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"),
                                                    tiny_root=str(tiny_root))), device="cpu")
@@ -252,7 +252,7 @@ def test_original_format_single_file_base_matches_its_folder(tmp_path, tiny_root
     a diffusers folder; its component configs come from [models] cache_dir."""
     import torch
 
-    from backend.diffusers_engine import DiffusersEngine
+    from backend.engines.diffusers.engine import DiffusersEngine
     from single_file_support import write_checkpoint
     from tiny_fixtures import random_rgba
 
@@ -309,7 +309,7 @@ def test_a_ckpt_that_would_run_code_is_refused_not_run(tmp_path, tiny_root):
     checkpoint carrying code is an error naming the file, and the code never runs."""
     import torch
 
-    from backend.diffusers_engine import DiffusersEngine
+    from backend.engines.diffusers.engine import DiffusersEngine
     from single_file_support import ldm_state_dict
 
     marker = tmp_path / "code-ran"
@@ -412,7 +412,7 @@ def test_models_message_says_what_is_present(tmp_path, tiny_root):
 
 
 def test_the_embedded_demo_model_resolves_for_outline_conditions_only(tmp_path):
-    from backend.models import DEMO_BASE, DEMO_CONDITIONS
+    from backend.engines.catalogue import DEMO_BASE, DEMO_CONDITIONS
 
     catalogue = empty_cache_catalogue(tmp_path, base=DEMO_BASE)
     base = catalogue.resolve_base("")
@@ -477,7 +477,7 @@ def test_tiny_build_is_deterministic_and_cached(tmp_path):
 
 
 def test_import_backend_does_not_import_torch():
-    code = ("import sys, backend, backend.models, backend.tiny, backend.engine; "
+    code = ("import sys, backend, backend.engines.catalogue, backend.engines.tiny, backend.engines.factory; "
             "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, "
             "[m for m in ('torch', 'diffusers') if m in sys.modules]")
     env = dict(os.environ, PYTHONPATH=str(REPO))

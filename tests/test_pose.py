@@ -1,4 +1,4 @@
-"""backend.pose: OpenPose-18 data model, JSON, geometry, rendering, parsing, detection."""
+"""backend.pose (model and detect): OpenPose-18 data model, JSON, geometry, rendering, parsing, detection."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from backend import pose as P
-from backend.preprocess_cli import load_image, main as cli_main
+from backend.cli.preprocess import main as cli_main
+from backend.imaging import load_image
+from backend.pose import detect as D
+from backend.pose import model as P
 from shared.errors import FieldError
 from shared.images import Image
 from shared.messages import (CLIENT_MESSAGES, ControlUnit, Generate, GenerateRequest, Pose as
@@ -275,7 +277,7 @@ def synthetic_landmarks(visible=1.0):
 
 def test_mediapipe_mapping_to_openpose_18():
     lm = synthetic_landmarks()
-    body = P.mediapipe_to_openpose(lm, 200, 100)
+    body = D.mediapipe_to_openpose(lm, 200, 100)
     def at(name):
         return body[P.BODY.index(name)]
     assert at("nose")[:2] == pytest.approx((99.5, 14.5))
@@ -286,13 +288,13 @@ def test_mediapipe_mapping_to_openpose_18():
     assert at("right_shoulder")[0] < at("left_shoulder")[0]
     lm[16][3] = 0.2             # an unsure right wrist
     lm[27][:2] = [0.5, 1.3]     # left ankle below the picture
-    body = P.mediapipe_to_openpose(lm, 200, 100, min_confidence=0.5)
+    body = D.mediapipe_to_openpose(lm, 200, 100, min_confidence=0.5)
     assert body[P.BODY.index("right_wrist")] == P.MISSING
     assert body[P.BODY.index("left_ankle")] == P.MISSING
     lm[11][3] = 0.1
-    assert P.mediapipe_to_openpose(lm, 200, 100)[1] == P.MISSING  # no neck without shoulders
+    assert D.mediapipe_to_openpose(lm, 200, 100)[1] == P.MISSING  # no neck without shoulders
     with pytest.raises(FieldError):
-        P.mediapipe_to_openpose(lm[:20], 200, 100)
+        D.mediapipe_to_openpose(lm[:20], 200, 100)
 
 
 def _photo_path():
@@ -303,7 +305,7 @@ def _photo_path():
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / "astronaut.png"
         if path.is_file():
             return path
-    python = P.mediapipe_python()
+    python = D.mediapipe_python()
     if python:  # the MediaPipe venv always has matplotlib (a mediapipe dependency)
         out = subprocess.run([python, "-c", "import matplotlib; print(matplotlib.get_data_path())"],
                              capture_output=True, text=True, timeout=60)
@@ -314,7 +316,7 @@ def _photo_path():
 
 
 needs_mediapipe = pytest.mark.skipif(
-    P.mediapipe_python() is None and not os.environ.get("CONTROLCANVAS_REQUIRE_MEDIAPIPE"),
+    D.mediapipe_python() is None and not os.environ.get("CONTROLCANVAS_REQUIRE_MEDIAPIPE"),
     reason="MediaPipe is not set up (tests/annotators_env.sh setup creates .venv-mediapipe, or "
            "set CONTROLCANVAS_MEDIAPIPE_PYTHON)")
 
@@ -324,7 +326,7 @@ def test_mediapipe_detects_the_person_in_a_real_photo(tmp_path):
     photo = _photo_path()
     assert photo is not None, "no photo of a person found (skimage or matplotlib data)"
     image = load_image(photo)
-    pose = P.detect(image, method="mediapipe")
+    pose = D.detect(image, method="mediapipe")
     assert len(pose.people) == 1
     person = pose.people[0]
     nose, neck = person.joint("nose"), person.joint("neck")
@@ -347,10 +349,10 @@ def test_mediapipe_detects_the_person_in_a_real_photo(tmp_path):
 
 
 def test_missing_mediapipe_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(P.MEDIAPIPE_ENV, "/nonexistent/python")
+    monkeypatch.setenv(D.MEDIAPIPE_ENV, "/nonexistent/python")
     from shared.errors import ModelMissing
     with pytest.raises(ModelMissing, match="annotators_env.sh"):
-        P.detect(Image.filled(32, 32, (1, 2, 3, 255)), method="mediapipe")
+        D.detect(Image.filled(32, 32, (1, 2, 3, 255)), method="mediapipe")
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -447,7 +449,7 @@ def test_shared_openpose_json_from_the_server_and_from_editors():
     (back,) = S.from_openpose_json(text, 128, 256)
     assert back[3] is None
     assert back[1] == pytest.approx(((kps[1][0] + 0.5) * 2 - 0.5, (kps[1][1] + 0.5) * 2 - 0.5))
-    # what backend.preprocess's pose_from_photo sends in the result's info
+    # what backend.annotators.builtin's pose_from_photo sends in the result's info
     theirs = P.Pose(64, 128, (P.Person(tuple(P.MISSING if p is None else (p[0], p[1], 0.9)
                                              for p in kps)),))
     assert flat(S.from_openpose_json(theirs.to_json(), 64, 128)[0]) == \

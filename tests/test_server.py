@@ -8,7 +8,9 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from backend.engine import FakeEngine, NullContext, to_array
+from backend.engines.base import NullContext
+from backend.engines.fake import FakeEngine
+from backend.imaging import to_array
 from shared import codec
 from shared.client import Client
 from shared.errors import (AuthError, Cancelled, ConnectionLost, EngineError, FieldError,
@@ -431,7 +433,7 @@ def test_preprocessor_runs_before_the_engine(fake_server):
 
 
 def test_pose_unit_without_image(fake_server):
-    from backend.pose import default_pose
+    from backend.pose.model import default_pose
     pose = default_pose(64, 64).to_message()
     req = GenerateRequest(width=64, height=64, steps=2, seed=1,
                           controls=(ControlUnit(condition="openpose", pose=pose),))
@@ -442,7 +444,7 @@ def test_pose_unit_without_image(fake_server):
 
 def test_preprocess_result_carries_the_annotators_info(make_server):
     """Pose detection sends the keypoints with the picture, so plug-ins need not parse it."""
-    from backend.engine import Annotated
+    from backend.annotators.registry import Annotated
 
     class Detecting(FakeEngine):
         def preprocess(self, message, image, ctx):
@@ -457,7 +459,7 @@ def test_preprocess_result_carries_the_annotators_info(make_server):
 def test_train_job_through_the_server(fake_server, tmp_path):
     """`train` runs as a job: progress over the socket, then the trained folder's path."""
     from backend.training import shapes
-    from backend.tiny import ensure_tiny
+    from backend.engines.tiny import ensure_tiny
     data = tmp_path / "data"
     shapes.write_dataset(data, count=4, seed=1, size=64)
     with Client.connect(fake_server.url, fake_server.token) as client:
@@ -474,7 +476,7 @@ def test_train_job_through_the_server(fake_server, tmp_path):
 
 
 def test_train_job_with_bad_data_is_a_typed_error(fake_server, tmp_path):
-    from backend.tiny import ensure_tiny
+    from backend.engines.tiny import ensure_tiny
     with Client.connect(fake_server.url, fake_server.token) as client:
         job = client.train(data=str(tmp_path / "nope"), base=str(ensure_tiny("sd15")),
                            out=str(tmp_path / "cn"), steps=2, resolution=64)
@@ -482,3 +484,33 @@ def test_train_job_with_bad_data_is_a_typed_error(fake_server, tmp_path):
             client.wait(job, timeout=120)
     assert getattr(info.value, "code", "") == "bad_dataset"
     assert "nope" in info.value.message
+
+
+def test_one_log_line_per_job_and_never_the_token(fake_server, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    canvas = Image.filled(40, 24, (255, 255, 255, 255))
+    request = GenerateRequest(width=40, height=24, steps=2,
+                              controls=(ControlUnit(condition="scribble", image=0),))
+    with pytest.raises(AuthError):
+        Client.connect(fake_server.url, fake_server.token[::-1])  # a wrong token
+    with Client.connect(fake_server.url, fake_server.token, client="log-test") as client:
+        job_id = client.submit(request, {0: canvas})
+        client.wait(job_id, timeout=30)
+        bad = client.preprocess("no-such-annotator", canvas)
+        with pytest.raises(Exception):  # the annotator is unknown: the job fails
+            client.wait(bad, timeout=30)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(bad in r.getMessage() for r in caplog.records):
+        time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.server.jobs"
+             and r.getMessage().startswith("job ")]
+    mine = [line for line in lines if job_id in line]
+    assert len(mine) == 1, lines
+    assert "log-test" in mine[0] and "generate txt2img" in mine[0] and "size 40x24" in mine[0]
+    assert "steps 2" in mine[0] and mine[0].endswith(" s done")
+    failed = [line for line in lines if bad in line]
+    assert len(failed) == 1 and "preprocess no-such-annotator" in failed[0]
+    assert "failed (" in failed[0]
+    text = "\n".join(r.getMessage() for r in caplog.records) + caplog.text
+    assert fake_server.token not in text and fake_server.token[::-1] not in text

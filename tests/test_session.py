@@ -184,7 +184,7 @@ def test_client_full_exchange_with_server_session():
     srv.send(Queued(job_id=job, position=1))
     srv.send(Progress(job_id=job, step=1, total=2))
     srv.send_preview(job, 1, Image.filled(2, 2, (1, 2, 3, 4)))
-    srv.send_result(job, [(ResultImage(slot=0, width=8, height=8, seed=5), result)])
+    srv.send_result(job, [(5, result)])
     got = []
     for frame in srv.data_to_send():
         got += client.receive(frame)

@@ -5,7 +5,7 @@ import pytest
 
 @pytest.mark.slow
 def test_soak_small_run_loses_nothing():
-    from backend.bench_soak import bench_soak
+    from backend.bench.soak import bench_soak
     figures = bench_soak(fuzz_cases=400, clients=12, jobs=24, load_clients=4, cancel_trials=5,
                          step_seconds=0.01, tiny=False)
     assert figures["fuzz"]["crashes"] == 0 and figures["fuzz"]["server_alive_after"]

@@ -28,8 +28,8 @@ DEMO = ROOT / "backend" / "assets" / "shapes-demo"
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, torch_threads):  # noqa: F811
-    """The random-weight tiny SD1.5 stack of backend.tiny (4-block VAE, 8x8 latents)."""
-    from backend import tiny
+    """The random-weight tiny SD1.5 stack of backend.engines.tiny (4-block VAE, 8x8 latents)."""
+    from backend.engines import tiny
 
     return tiny.build(tmp_path_factory.mktemp("base") / "tiny-sd15", "sd15")
 
@@ -378,7 +378,7 @@ def test_demo_model_loads_and_draws_the_shape_where_drawn(torch_threads):  # noq
 
 
 def test_demo_model_is_a_catalogue_folder():
-    from backend.models import Catalogue
+    from backend.engines.catalogue import Catalogue
 
     catalogue = Catalogue()
     base = catalogue.resolve_base(str(DEMO / "base"))
@@ -388,7 +388,7 @@ def test_demo_model_is_a_catalogue_folder():
 
 
 def test_train_cost_reports_ratios():
-    from backend.bench_training import bench_train_cost
+    from backend.bench.training import bench_train_cost
 
     result = bench_train_cost(preset="tiny", batch=2, repeats=1)
     assert result["ratio"] > 0 and result["memory_ratio"] > 0

@@ -67,7 +67,7 @@ def random_rgba(width: int, height: int, seed: int = 0, opaque: bool = True) -> 
 
 def _root(tmp_path_factory) -> Path:
     if "root" not in _CACHE:
-        from backend import tiny
+        from backend.engines import tiny
 
         root = tmp_path_factory.mktemp("tiny-models")
         for family in tiny.FAMILIES:
@@ -92,14 +92,14 @@ def torch_threads():
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory, torch_threads) -> Path:
-    """Folder holding the tiny sd15 and sdxl stacks (``backend.tiny.tiny_dir(family, root)``)."""
+    """Folder holding the tiny sd15 and sdxl stacks (``backend.engines.tiny.tiny_dir(family, root)``)."""
     return _root(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_catalogue(tiny_root):
     """A Catalogue with no config except where the tiny models live (no hub cache used)."""
-    from backend.models import Catalogue, ModelConfig
+    from backend.engines.catalogue import Catalogue, ModelConfig
 
     return Catalogue(ModelConfig(tiny_root=str(tiny_root),
                                  cache_dir=str(tiny_root / "empty-hf-cache")))
@@ -109,7 +109,7 @@ def tiny_catalogue(tiny_root):
 def tiny_engine(tiny_catalogue):
     """A CPU DiffusersEngine over the tiny models, shared by the session (caches warm)."""
     if "engine" not in _CACHE:
-        from backend.diffusers_engine import DiffusersEngine
+        from backend.engines.diffusers.engine import DiffusersEngine
 
         _CACHE["engine"] = DiffusersEngine(tiny_catalogue, device="cpu")
     return _CACHE["engine"]
@@ -118,7 +118,7 @@ def tiny_engine(tiny_catalogue):
 @pytest.fixture
 def fresh_engine(tiny_catalogue):
     """A DiffusersEngine of its own (for tests that break or instrument it)."""
-    from backend.diffusers_engine import DiffusersEngine
+    from backend.engines.diffusers.engine import DiffusersEngine
 
     engine = DiffusersEngine(tiny_catalogue, device="cpu")
     yield engine

@@ -53,7 +53,7 @@ def resolve_base_path(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir() or path.is_file():
         return str(path)
-    from backend.models import Catalogue
+    from backend.engines.catalogue import Catalogue
 
     resolved = Catalogue().resolve_base(name)  # ModelMissing says how to get it
     if resolved.family != "sd15":

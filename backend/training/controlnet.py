@@ -179,7 +179,7 @@ class ConsoleProgress:
 
 
 def job_progress(ctx) -> ProgressFn:
-    """Report training progress to a server job (``backend.engine.JobContext``); its
+    """Report training progress to a server job (``backend.engines.base.JobContext``); its
     ``progress`` raises Cancelled when the job is cancelled, which stops training
     after writing a checkpoint."""
     def report(p: TrainProgress) -> None:

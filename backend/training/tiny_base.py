@@ -72,8 +72,8 @@ class TinyBaseConfig:
 
 
 def make_tokenizer() -> CLIPTokenizer:
-    """The byte-level CLIP tokenizer of the tiny stack (backend.tiny), built in memory."""
-    from backend.tiny import tiny_vocab
+    """The byte-level CLIP tokenizer of the tiny stack (backend.engines.tiny), built in memory."""
+    from backend.engines.tiny import tiny_vocab
 
     vocab, merges = tiny_vocab()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

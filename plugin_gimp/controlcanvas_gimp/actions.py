@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from shared import geometry, naming
 from shared import pose as openpose
 from shared.client import Client
 from shared.messages import GenerateRequest, Progress, Queued
@@ -177,7 +178,7 @@ def inpaint(ctx: _Run) -> Outcome:
         raise UsageError(f"Select the part of {layer.name!r} to regenerate first (any "
                          f"selection tool), then run Regenerate selection again: only the "
                          f"selected pixels change.")
-    box = generation.context_box(bounds, layer.width, layer.height)
+    box = geometry.context_box(bounds, layer.width, layer.height)
     coverage = host.read_selection(layer, box)
     images = {0: host.read_pixels(layer, box), 1: generation.mask_image(box[2], box[3],
                                                                         coverage)}
@@ -212,9 +213,9 @@ def _add_results(ctx: _Run, layer, box, request: GenerateRequest, result, *,
     host, prompt = ctx.host, request.prompt
     x, y, w, h = box
     seeds = result.seeds
-    new = [NewLayer(generation.layer_name(prompt, s), image, w, h, layer.x + x, layer.y + y,
+    new = [NewLayer(naming.layer_name(prompt, s), image, w, h, layer.x + x, layer.y + y,
                     mask) for (_, image), s in zip(result.images, seeds)]
-    group = generation.group_name(prompt, seeds) if len(new) > 1 else None
+    group = naming.group_name(prompt, seeds) if len(new) > 1 else None
     path = None
     with host.undo_group():
         if new_skeleton is not None:

@@ -25,7 +25,7 @@ from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
 from shared.images import Image  # noqa: E402
 
-from . import __version__, actions, pose, procedures, settings  # noqa: E402
+from . import __version__, actions, generation, pose, procedures, settings  # noqa: E402
 from .host import LayerInfo, NewLayer, SkeletonPath  # noqa: E402
 from .problems import UsageError, describe  # noqa: E402
 from .procedures import ProcedureSpec  # noqa: E402
@@ -209,7 +209,7 @@ def _add_argument(proc, arg: procedures.Arg, label: str) -> None:
 def _add_return_value(proc, name: str) -> None:
     if name == "seed":
         proc.add_int_return_value("seed", "Seed", "The seed of the (first) new layer", -1,
-                                  procedures.GINT_MAX, -1, READWRITE)
+                                  generation.GINT_MAX, -1, READWRITE)
     elif name == "layer":
         proc.add_layer_return_value("layer", "Layer", "The new layer (or layer group)", True,
                                     READWRITE)

@@ -8,7 +8,7 @@ asks for the layer's own size instead (rounded to multiples of 8).  Either way
 the server's limits are respected.
 
 *Regenerate selection* works on the selection's bounding box plus
-:data:`INPAINT_MARGIN` pixels of context (inside the layer): that box is what is
+:data:`shared.geometry.INPAINT_MARGIN` pixels of context (inside the layer): that box is what is
 sent, sized by the same rule, and what comes back.
 """
 
@@ -17,18 +17,15 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
+from shared.geometry import DEFAULT_NATIVE_SIDE, NATIVE_SIDE
 from shared.images import Image
 from shared.messages import ControlUnit, GenerateRequest, Limits, Models, Pose
 
-from .problems import UsageError, short
+from .problems import UsageError
 
-Box = Tuple[int, int, int, int]  # x, y, width, height
-NATIVE_SIDE = {"sd15": 512, "sdxl": 1024}
-DEFAULT_NATIVE_SIDE = 512
-SEED_LIMIT = 2**31 - 1  # seeds the plug-in picks fit GIMP's int arguments, so they can be reused
-INPAINT_MARGIN = 64  # context pixels around a selection, each side
+GINT_MAX = 2**31 - 1  # GIMP's int arguments are 32-bit signed: the seeds the plug-in picks fit
 
 
 @dataclass(frozen=True)
@@ -158,7 +155,7 @@ def choose_seed(seed: int, batch: int, rng: Optional[random.Random] = None) -> i
     """``seed``, or for -1 a random one such that seed..seed+batch-1 all fit GIMP's ints."""
     if seed >= 0:
         return seed
-    return (rng or random.SystemRandom()).randint(0, SEED_LIMIT - (batch - 1))
+    return (rng or random.SystemRandom()).randint(0, GINT_MAX - (batch - 1))
 
 
 def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
@@ -190,15 +187,6 @@ def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
                            base_model=opts.base_model, controls=units, **mode)
 
 
-def context_box(bounds: Box, width: int, height: int,
-                margin: int = INPAINT_MARGIN) -> Box:
-    """The selection's bounding box plus ``margin`` pixels of context on every side,
-    inside the layer (``width`` x ``height``)."""
-    x, y, w, h = bounds
-    left, top = max(0, x - margin), max(0, y - margin)
-    return (left, top, min(width, x + w + margin) - left, min(height, y + h + margin) - top)
-
-
 _GREY_TO_RGBA = tuple(bytes((v, v, v, 255)) for v in range(256))
 
 
@@ -206,17 +194,3 @@ def mask_image(width: int, height: int, coverage: bytes) -> Image:
     """The protocol's inpaint mask (opaque, white = repaint) from selection coverage,
     one byte per pixel."""
     return Image(width, height, b"".join(map(_GREY_TO_RGBA.__getitem__, coverage)))
-
-
-def layer_name(prompt: str, seed: Optional[int]) -> str:
-    """A result layer's name: the prompt (shortened) and its seed, e.g. 'red coat · seed 7'."""
-    head = short(prompt) or "ControlCanvas"
-    return head if seed is None else f"{head} · seed {seed}"
-
-
-def group_name(prompt: str, seeds: Sequence[Optional[int]]) -> str:
-    known = [s for s in seeds if s is not None]
-    head = short(prompt) or "ControlCanvas"
-    if not known:
-        return f"{head} · {len(seeds)} variants"
-    return f"{head} · seeds {min(known)}–{max(known)}"

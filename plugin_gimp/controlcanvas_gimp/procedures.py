@@ -24,11 +24,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from shared.messages import SAMPLERS
 
+from .generation import GINT_MAX
 from .problems import UsageError
 
 MENU_PATH = "<Image>/Filters/ControlNet"
 PREFIX = "python-fu-controlcanvas-"
-GINT_MAX = 2**31 - 1  # GIMP's int arguments are 32-bit signed
 
 # Condition nick -> label, in the order the dialog lists them (inpaint is not a
 # layer-driven condition, so it is not offered here).

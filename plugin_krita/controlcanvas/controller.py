@@ -18,6 +18,7 @@ from . import pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
     messages, pose as openpose
+from .proto import naming
 from .settings import Settings, is_local_url, read_local_token
 from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 
@@ -464,8 +465,8 @@ class Controller:
                 image = pixels.scale_nearest(image, w, h)
             if placement.mask is not None:
                 image = pixels.apply_mask_alpha(image, placement.mask)
-            layers.append((image, plan.layer_name(prompt, seed)))
-        group = plan.group_name(prompt, [s for _, s in images]) if len(layers) > 1 else ""
+            layers.append((image, naming.layer_name(prompt, seed)))
+        group = naming.group_name(prompt, [s for _, s in images]) if len(layers) > 1 else ""
         try:
             ids, note = canvas.insert_results(placement, layers, group)
         except Exception as err:

@@ -8,22 +8,11 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from .proto import Image
+from .proto import Image, geometry
 
 
 class PixelError(ValueError):
     """The document's pixels cannot be used as they are; the message says why."""
-
-
-def bgra_to_rgba(data: bytes) -> bytes:
-    """Swap blue and red of every pixel (the same swap turns RGBA back into BGRA)."""
-    out = bytearray(data)
-    out[0::4] = data[2::4]
-    out[2::4] = data[0::4]
-    return bytes(out)
-
-
-rgba_to_bgra = bgra_to_rgba
 
 
 def image_from_bgra(width: int, height: int, data: bytes) -> Image:
@@ -31,7 +20,7 @@ def image_from_bgra(width: int, height: int, data: bytes) -> Image:
     if len(data) != expected:
         raise PixelError(f"Krita returned {len(data)} bytes for {width}x{height} pixels; "
                          f"8-bit RGBA needs {expected}.")
-    return Image(width, height, bgra_to_rgba(bytes(data)))
+    return Image.from_bgra(width, height, bytes(data))
 
 
 def depth_note(color_model: str, color_depth: str) -> Optional[str]:
@@ -97,11 +86,8 @@ def selection_bbox(width: int, height: int,
 
 def grow(box: Tuple[int, int, int, int], margin: int, width: int,
          height: int) -> Tuple[int, int, int, int]:
-    """``box`` plus ``margin`` on each side, clipped to the document."""
-    x, y, w, h = box
-    x0, y0 = max(0, x - margin), max(0, y - margin)
-    x1, y1 = min(width, x + w + margin), min(height, y + h + margin)
-    return (x0, y0, x1 - x0, y1 - y0)
+    """``box`` plus ``margin`` on each side, clipped to the document (the shared rule)."""
+    return geometry.context_box(box, width, height, margin)
 
 
 def crop_plane(data: bytes, width: int, box: Tuple[int, int, int, int]) -> bytes:

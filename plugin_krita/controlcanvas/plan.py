@@ -106,18 +106,6 @@ def short_prompt(prompt: str, limit: int = 48) -> str:
     return text or "ControlCanvas"
 
 
-def layer_name(prompt: str, seed: Optional[int]) -> str:
-    """The name of a result layer: the prompt and the seed that made it."""
-    return f"{short_prompt(prompt)} [seed {seed if seed is not None else '?'}]"
-
-
-def group_name(prompt: str, seeds: Sequence[Optional[int]]) -> str:
-    known = [s for s in seeds if s is not None]
-    span = f"seeds {known[0]}-{known[-1]}" if len(known) > 1 else f"seed {known[0]}" \
-        if known else "seeds ?"
-    return f"{short_prompt(prompt)} [{len(seeds)} variants, {span}]"
-
-
 def choose_seed(settings: Settings, rng: Optional[random.Random] = None) -> int:
     if settings.seed_locked:
         return max(0, min(messages.MAX_SEED, settings.seed))
@@ -245,10 +233,6 @@ def place_results(settings: Settings, doc: DocInfo, box: Box,
                               "under it; the result went on top.")
     anchor = doc.active_id if doc.layer(doc.active_id) else (bound[0] if bound else "")
     return Placement("above" if anchor else "top", anchor, box, mask)
-
-
-def with_seed(plan: Plan, seed: int, batch: int = 1) -> Plan:
-    return replace(plan, request=replace(plan.request, seed=seed, batch=batch))
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,8 @@ def _load_websockets() -> None:
 _load_websockets()
 
 if BUNDLED:
-    from ._vendor.shared import (client, codec, errors, images, messages,  # noqa: F401
-                                 paths, pose, session)
+    from ._vendor.shared import (client, codec, errors, geometry, images,  # noqa: F401
+                                 messages, naming, paths, pose, session)
 else:
     client = importlib.import_module("shared.client")
     codec = importlib.import_module("shared.codec")
@@ -78,6 +78,8 @@ else:
     session = importlib.import_module("shared.session")
     paths = importlib.import_module("shared.paths")
     pose = importlib.import_module("shared.pose")
+    geometry = importlib.import_module("shared.geometry")
+    naming = importlib.import_module("shared.naming")
 
 Image = images.Image
 Client = client.Client

@@ -1,19 +1,21 @@
 """What the server makes of a request, computed in-process: the expectations of the GIMP tests.
 
-``generated`` mirrors backend.jobs (annotate the control units at the generation size,
+``generated`` mirrors backend.server.jobs (annotate the control units at the generation size,
 then the engine); ``annotated`` is a preprocess job.  NoPoseEngine is a fake engine on a
 server that cannot detect poses; PoseEngine one whose pose detector answers with the
 default skeleton, as picture and as OpenPose JSON keypoints in the result's info, like
-backend.preprocess's pose_from_photo (the real detector needs MediaPipe).
+backend.annotators.builtin's pose_from_photo (the real detector needs MediaPipe).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from backend import pose as backend_pose
-from backend.engine import Annotated, FakeEngine, NullContext
-from backend.preprocess import prepare_controls
+from backend.pose import model as backend_pose
+from backend.annotators.registry import Annotated
+from backend.engines.base import NullContext
+from backend.engines.fake import FakeEngine
+from backend.annotators.controls import prepare_controls
 from shared import pose as openpose
 from shared.messages import Preprocess, new_job_id
 

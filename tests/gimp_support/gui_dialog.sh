@@ -75,9 +75,9 @@ PY
 setsid "$PY" - "$W" 9>&- <<'PY' &
 import sys, time
 sys.path.insert(0, ".")
-from backend.config import ServerConfig
-from backend.engine import FakeEngine
-from backend.local import ServerThread
+from backend.server.config import ServerConfig
+from backend.engines.fake import FakeEngine
+from backend.server.local import ServerThread
 work = sys.argv[1]
 token = "gui-test-token"
 open(work + "/config/token", "w").write(token + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from backend.engine import FakeEngine
+from backend.engines.fake import FakeEngine
 
 
 class RecordingEngine(FakeEngine):

@@ -110,7 +110,7 @@ def main(args):
         before = dump(lines, doc, os.path.join(work, "lines_before.bgra"))
         c = controller_for(doc, url)
         run = colourise(c, doc, lines, 1234)
-        name = "flat colours, girl in a red coat [seed 1234]"
+        name = "flat colours, girl in a red coat · seed 1234"
         result = doc.nodeByName(name)
         run.update(tree=tree(doc.rootNode()), size=[doc.width(), doc.height()],
                    result_type=result.type() if result else None,
@@ -199,7 +199,7 @@ def gui_main(work, url, screenshot):
         panel.generate_button.click()
         done = _pump(lambda: panel.history.count() == 1)
         with_result = tree(doc.rootNode())
-        name = "flat colours, girl in a red coat [seed 4321]"
+        name = "flat colours, girl in a red coat · seed 4321"
         result = doc.nodeByName(name)
         sha = dump(result, doc, os.path.join(work, "gui_result.bgra")) if result else None
         _undo(doc)

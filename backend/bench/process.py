@@ -1,0 +1,77 @@
+"""A server in a child process, for benchmarks: measured from outside, as in real use
+(a client and a server sharing one interpreter would mostly measure GIL hand-offs)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from typing import Optional
+
+from ..engines.factory import create_engine
+from ..server.config import ServerConfig
+from ..server.websocket import Server
+
+
+def _child(pipe, options: dict) -> None:
+    logging.disable(logging.INFO)
+    echo_size = options.pop("echo_max_size", None)
+    engine_name = options.pop("engine", "fake")
+    engine_options = options.pop("engine_options", {})
+    step_seconds = options.pop("step_seconds", 0.0)
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async def main():
+        engine = create_engine(engine_name, step_seconds=step_seconds, **engine_options)
+        server = Server(ServerConfig(port=0, **options), engine, token="bench")
+        await server.start()
+        echo_port = None
+        bare = None
+        if echo_size:
+            from websockets.asyncio.server import serve
+            bare = await serve(echo, "127.0.0.1", 0, max_size=echo_size, compression=None)
+            echo_port = bare.sockets[0].getsockname()[1]
+        pipe.send((server.url, echo_port))
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # "stop"
+        if bare is not None:
+            bare.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+class ServerProcess:
+    """``with ServerProcess(step_seconds=0.01) as s: s.url, s.token, s.pid``."""
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.token = "bench"
+        self.url = ""
+        self.echo_port: Optional[int] = None
+        ctx = multiprocessing.get_context("spawn")
+        self._pipe, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(child, dict(options)), daemon=True)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def __enter__(self) -> "ServerProcess":
+        self._proc.start()
+        if not self._pipe.poll(120):
+            self._proc.kill()
+            raise RuntimeError("the benchmark server did not start")
+        self.url, self.echo_port = self._pipe.recv()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._pipe.send("stop")
+        except OSError:
+            pass
+        self._proc.join(15)
+        if self._proc.is_alive():
+            self._proc.kill()

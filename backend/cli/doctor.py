@@ -1,0 +1,173 @@
+"""``controlcanvas doctor``: one line per thing that must be right, and what to do.
+
+Exit code 1 when something blocks generation (Python too old, torch or diffusers
+unusable, the default base model missing, the token file unsafe); warnings (no
+CUDA, port taken, plug-ins not installed, ControlNets not downloaded) keep it 0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from ..engines.catalogue import Catalogue, ModelConfig, download_command
+from .install import installed_plugins
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+_MARKS = {OK: ("✓", "32"), WARN: ("!", "33"), FAIL: ("✗", "31")}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+
+    def line(self, colour: bool) -> str:
+        mark, code = _MARKS[self.status]
+        if colour:
+            mark = f"\033[{code}m{mark}\033[0m"
+        return f"{mark} {self.name}: {self.detail}"
+
+
+def check_python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info < (3, 10):
+        return Check("python", FAIL, f"{version}; ControlCanvas needs Python 3.10 or newer")
+    return Check("python", OK, f"{version} ({sys.executable})")
+
+
+def check_torch() -> List[Check]:
+    try:
+        import torch
+    except Exception as err:  # broken installs raise more than ImportError
+        return [Check("torch", FAIL, f"cannot import torch ({err}); install the CUDA build "
+                      f"from pytorch.org first, then `pip install controlcanvas`")]
+    checks = [Check("torch", OK, f"{torch.__version__}")]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        vram = props.total_memory / 2**30
+        status = OK if vram >= 5.5 else WARN
+        hint = "" if status == OK else " (under 6 GiB: use --offload and smaller canvases)"
+        checks.append(Check("cuda", status, f"{props.name}, {vram:.1f} GiB VRAM, CUDA "
+                            f"{torch.version.cuda}{hint}"))
+    elif torch.version.cuda is None:
+        checks.append(Check("cuda", WARN, "this torch is a CPU-only build: generation runs on "
+                            "the CPU and is very slow. With an NVIDIA GPU install the CUDA "
+                            "build of torch (see the README)"))
+    else:
+        checks.append(Check("cuda", WARN, f"torch was built for CUDA {torch.version.cuda} but "
+                            f"no GPU is usable (driver missing or too old?): CPU only, slow"))
+    return checks
+
+
+def check_diffusers() -> Check:
+    try:
+        import diffusers
+    except Exception as err:
+        return Check("diffusers", FAIL, f"cannot import diffusers ({err}); "
+                     f"`pip install -U diffusers`")
+    major_minor = tuple(int(p) for p in diffusers.__version__.split(".")[:2])
+    if major_minor < (0, 31):
+        return Check("diffusers", FAIL, f"{diffusers.__version__} is too old; need 0.31 or "
+                     f"newer: `pip install -U diffusers`")
+    return Check("diffusers", OK, diffusers.__version__)
+
+
+def check_models() -> List[Check]:
+
+    try:
+        catalogue = Catalogue(ModelConfig.from_toml())
+        entries = catalogue.entries()
+    except Exception as err:
+        return [Check("models", FAIL, f"the model configuration is invalid: {err}")]
+    default = catalogue.default_base
+    base = next((e for e in entries if e.kind == "base" and e.name == default), None)
+    checks = []
+    if base is not None and base.present:
+        checks.append(Check("base model", OK, f"{default} ({base.source})"))
+    else:
+        checks.append(Check("base model", FAIL, f"{default} is not on this machine: "
+                            f"`{download_command(default)}` (or set [models] base in "
+                            f"config.toml to a local file or folder)"))
+    nets = [e for e in entries if e.kind == "controlnet" and e.family == (base.family
+                                                                           if base else "sd15")]
+    present = [e for e in nets if e.present]
+    missing = [e for e in nets if not e.present]
+    if not missing:
+        checks.append(Check("controlnets", OK, f"all {len(nets)} present"))
+    else:
+        first = [e for e in missing if e.condition in ("lineart", "openpose", "scribble")] \
+            or missing
+        checks.append(Check("controlnets", WARN, (
+            f"{len(present)} of {len(nets)} present; missing e.g. {first[0].condition}: "
+            f"`{download_command(first[0].name)}`")))
+    return checks
+
+
+def check_token(path: Path) -> Check:
+    if not path.exists():
+        return Check("token", OK, f"none yet; `controlcanvas serve` creates {path}")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.name != "nt" and mode & 0o077:
+        return Check("token", FAIL, f"{path} is readable by others (mode {mode:o}); "
+                     f"`chmod 600 {path}`")
+    if not path.read_text(encoding="utf-8").strip():
+        return Check("token", FAIL, f"{path} is empty; delete it and restart the server")
+    return Check("token", OK, f"{path} (mode {mode:o})")
+
+
+def check_port(host: str, port: int) -> Check:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            return Check("port", WARN, f"{host}:{port} is in use ({err.strerror}): a server may "
+                         f"already run there, or choose another --port")
+    return Check("port", OK, f"{host}:{port} is free")
+
+
+def check_plugins() -> Check:
+
+    found = installed_plugins()
+    if not found:
+        return Check("plug-ins", WARN, "none installed: `controlcanvas install-plugin krita` "
+                     "or `controlcanvas install-plugin gimp`")
+    broken = [f for f in found if f.next_steps]
+    if broken:
+        return Check("plug-ins", FAIL, f"{broken[0].path}: {broken[0].next_steps}; run "
+                     f"`controlcanvas install-plugin {broken[0].editor}` again")
+    return Check("plug-ins", OK, ", ".join(f"{f.editor} in {f.path}" for f in found))
+
+
+def run_checks(token_file: Path, host: str, port: int) -> List[Check]:
+    checks: List[Check] = [check_python()]
+    for run in (check_torch, check_diffusers, check_models):
+        result = _guard(run)
+        checks.extend(result if isinstance(result, list) else [result])
+    checks.append(check_token(token_file))
+    checks.append(check_port(host, port))
+    checks.append(check_plugins())
+    return checks
+
+
+def _guard(run: Callable):
+    try:
+        return run()
+    except Exception as err:  # a check must never crash the doctor
+        return Check(run.__name__.replace("check_", ""), FAIL, f"check failed: {err}")
+
+
+def main(token_file: Path, host: str, port: int, colour: Optional[bool] = None) -> int:
+    colour = sys.stdout.isatty() if colour is None else colour
+    checks = run_checks(token_file, host, port)
+    for check in checks:
+        print(check.line(colour))
+    blocking = [c for c in checks if c.status == FAIL]
+    print(f"{len(blocking)} blocking problem(s)" if blocking else "ready")
+    return 1 if blocking else 0

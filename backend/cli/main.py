@@ -1,0 +1,438 @@
+"""``controlcanvas`` command line.
+
+serve · generate · demo · models [download] · preprocess · pose · doctor ·
+install-plugin · bench.  Every command that fails on bad input prints one line
+saying what to do (and its error code), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from shared.errors import ControlCanvasError
+
+from ..bench import main as bench
+from ..engines.catalogue import Catalogue, ModelConfig, download_command
+from ..engines.factory import ENGINES, create_engine
+from ..imaging import load_image
+from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
+                             is_loopback_host, load_or_create_token)
+from ..server.local import ServerThread
+from ..server.websocket import run_server
+from . import doctor, install
+from .demo import run_demo
+from .preprocess import add_parsers as add_preprocess_parsers
+from .preprocess import parse_size, write_result
+
+log = logging.getLogger("controlcanvas")
+
+
+def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    overrides = {
+        "host": args.host, "port": args.port, "token_file": args.token_file,
+        "engine": args.engine, "max_image_side": args.max_image_side,
+        "max_pixels": args.max_pixels, "max_queue": args.max_queue,
+        "step_seconds": args.step_seconds,
+    }
+    engine_options = {"device": args.device, "dtype": args.dtype,
+                      "offload": True if args.offload else None,
+                      "cpu_threads": args.cpu_threads,
+                      "config_file": args.config}
+    overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
+    if args.host is not None and not is_loopback_host(args.host):
+        overrides["allow_remote"] = True
+    return overrides
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1; any other "
+                        "value makes the server reachable from the network)")
+    parser.add_argument("--port", type=int, help="port (default 7351; 0 picks a free one)")
+    parser.add_argument("--token-file", type=Path, help="where the access token lives "
+                        "(default: token in the user config folder)")
+    parser.add_argument("--engine", choices=ENGINES, help="diffusers (default): your models; "
+                        "demo: the embedded trained demo model (a coloured shape from its "
+                        "outline); tiny: random-weight tiny models (tests); fake: test pixels "
+                        "without torch")
+    parser.add_argument("--device", help="torch device (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                        help="weights precision (default fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--offload", action="store_true",
+                        help="model CPU offload: less VRAM, slower (CUDA only)")
+    parser.add_argument("--cpu-threads", type=_positive_int,
+                        help="torch CPU threads (default: one per core; fewer keeps a CPU "
+                        "server responsive when the machine is busy)")
+    parser.add_argument("--max-image-side", type=int, help="largest image side accepted")
+    parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
+    parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")
+    parser.add_argument("--step-seconds", type=float, help="fake engine: seconds per step")
+    parser.add_argument("--config", type=Path, help="TOML config file ([server] table)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+
+    config = build_config(_server_overrides(args), args.config)
+    token, created = (config.token, False) if config.token else \
+        load_or_create_token(config.token_file)
+    engine = create_engine(config.engine, step_seconds=config.step_seconds,
+                           **config.engine_options)
+    _warn_without_cuda(engine)
+
+    def ready(server) -> None:
+        print(f"ControlCanvas server listening on {server.url} (engine: {engine.name})",
+              flush=True)
+        print(f"Token file: {config.token_file}", flush=True)
+        if created:
+            print(f"New access token (also in the token file): {token}", flush=True)
+        if config.remote_allowed:
+            print("Reachable from other machines: clients need the token above.", flush=True)
+
+    try:
+        asyncio.run(run_server(config, engine, token, ready=ready))
+    except KeyboardInterrupt:
+        pass
+    except OSError as err:
+        print(f"controlcanvas: cannot listen on {config.host}:{config.port}: {err}. Is another "
+              f"server running? Choose another --port.", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _warn_without_cuda(engine) -> None:
+    if getattr(engine, "name", "") == "demo":  # 64-pixel model: quick on any CPU
+        return
+    device = getattr(engine, "device", None)
+    if device is not None and getattr(device, "type", "") != "cuda":
+        print("No CUDA GPU in use: running on the CPU, which takes minutes per image at "
+              "SD1.5 size. With an NVIDIA GPU, install the CUDA build of torch (see README).",
+              file=sys.stderr, flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(Path(args.out), engine=args.engine)
+
+
+def _parse_control(text: str):
+    """CONDITION=FILE[:WEIGHT][@PREPROCESSOR] -> (condition, path, weight, preprocessor)."""
+    if "=" not in text:
+        raise ValueError(f"--control {text!r}: use CONDITION=FILE[:WEIGHT][@ANNOTATOR], e.g. "
+                         f"lineart=sketch.png:0.8@lineart_from_drawing")
+    condition, rest = text.split("=", 1)
+    preprocessor = "none"
+    if "@" in rest:
+        rest, preprocessor = rest.rsplit("@", 1)
+    weight = 1.0
+    head, _, tail = rest.rpartition(":")
+    if head and not Path(rest).exists():
+        try:
+            weight = float(tail)
+            rest = head
+        except ValueError:
+            pass
+    return condition, Path(rest), weight, preprocessor
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One generation through the same request object and socket path as the plug-ins."""
+    from shared.client import Client
+    from shared.messages import ControlUnit, GenerateRequest, Progress
+
+
+    images = {}
+    controls = []
+    for text in args.control or []:
+        condition, path, weight, preprocessor = _parse_control(text)
+        slot = len(images)
+        images[slot] = load_image(path)
+        controls.append(ControlUnit(condition=condition, image=slot, weight=weight,
+                                    preprocessor=preprocessor))
+    init = mask = None
+    if args.init:
+        init = len(images)
+        images[init] = load_image(args.init)
+    if args.mask:
+        mask = len(images)
+        images[mask] = load_image(args.mask)
+    if args.size:
+        width, height = parse_size(args.size)
+    elif init is not None or images:
+        width, height = images[init if init is not None else 0].size
+    else:
+        width = height = 512
+    mode = "inpaint" if mask is not None else "img2img" if init is not None else "txt2img"
+    request = GenerateRequest(
+        width=width, height=height, mode=mode, prompt=args.prompt,
+        negative_prompt=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+        sampler=args.sampler, strength=args.strength, batch=args.batch,
+        base_model=args.base or "", init_image=init, mask_image=mask,
+        controls=tuple(controls), hires=args.hires)
+
+    def show(event) -> None:
+        if isinstance(event, Progress) and event.total:
+            sys.stderr.write(f"\r{event.stage} {event.step}/{event.total}")
+            sys.stderr.flush()
+
+    def run(client) -> None:
+        result = client.wait(client.submit(request, images), on_event=show)
+        sys.stderr.write("\n")
+        out = Path(args.output)
+        for i, (meta, image) in enumerate(result.images):
+            if out.is_dir() or args.output.endswith(("/", os.sep)):
+                path = out / f"generated-seed{meta.seed}.png"
+            else:
+                path = out if len(result.images) == 1 else \
+                    out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+            path = write_result(path, image)
+            print(f"{path} seed {meta.seed} ({image.width}x{image.height})")
+
+    if args.url:
+        token = args.token or default_token_file().read_text(encoding="utf-8").strip()
+        with Client.connect(args.url, token, client="controlcanvas-generate") as client:
+            run(client)
+        return 0
+    engine = create_engine(args.engine, device=args.device, config_file=args.config)
+    _warn_without_cuda(engine)
+    with ServerThread(engine) as server, \
+            Client.connect(server.url, server.token, client="controlcanvas-generate") as client:
+        run(client)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a ControlNet: in this process, or as a job of a running server (--url)."""
+    fields = dict(data=str(args.data), base=args.base, out=str(args.out), steps=args.steps,
+                  batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
+                  lr_warmup_steps=args.lr_warmup_steps, resolution=args.resolution,
+                  prompt_drop=args.prompt_drop, mixed_precision=args.mixed_precision,
+                  gradient_checkpointing=args.grad_checkpointing, resume=args.resume)
+    if args.url:
+        from shared.client import Client
+        from shared.messages import Progress
+
+        token = args.token or default_token_file().read_text(encoding="utf-8").strip()
+
+        def show(event) -> None:
+            if isinstance(event, Progress) and event.total:
+                sys.stderr.write(f"\r{event.stage} {event.step}/{event.total}")
+                sys.stderr.flush()
+
+        with Client.connect(args.url, token, client="controlcanvas-train") as client:
+            result = client.wait(client.train(**fields), on_event=show)
+        sys.stderr.write("\n")
+        print(f"trained ControlNet: {result.info.get('out')}")
+        return 0
+    from ..training.controlnet import ConsoleProgress, TrainConfig, train_controlnet
+    config = TrainConfig(**{**fields, "resume": "latest" if args.resume else None},
+                         validation_every=args.validation_every, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every)
+    out = train_controlnet(config, progress=ConsoleProgress())
+    print(f"trained ControlNet: {out} (use it with [controlnets] CONDITION = \"{out}\" in "
+          f"config.toml, or as a control unit's model)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+
+    catalogue = Catalogue(ModelConfig.from_toml(args.config))
+    if args.action == "download":
+        if not args.name:
+            raise ValueError("controlcanvas models download NAME: name a hub id, sd15, sdxl, "
+                             "a condition (lineart) or sdxl:CONDITION")
+        path = catalogue.download(args.name)
+        print(f"{args.name}: ready in {path}")
+        return 0
+    for entry in catalogue.entries():
+        where = entry.source if entry.present else f"missing: {download_command(entry.name)}"
+        what = entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
+        print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
+              f"({where})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = bench.run(args.name, args)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return doctor.main(args.token_file or default_token_file(), args.host or DEFAULT_HOST,
+                       args.port or DEFAULT_PORT)
+
+
+def _build_bundle(editor: str, out: Path) -> Path:
+    """Build the plug-in bundle from this source checkout (packaging/build.py)."""
+    import importlib.util
+    script = Path(__file__).resolve().parents[2] / "packaging" / "build.py"
+    if not script.is_file():
+        raise SystemExit("controlcanvas: this installation has no packaging/build.py; download "
+                         "the plug-in zip from the release page and pass it with --from ZIP.")
+    spec = importlib.util.spec_from_file_location("controlcanvas_packaging_build", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    try:
+        folder, _archive = module.BUILDERS[editor](out, module.default_cache())
+    except module.BuildError as err:
+        raise SystemExit(f"controlcanvas: cannot build the {editor} plug-in: {err}") from None
+    return folder
+
+
+def cmd_install_plugin(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.source or _build_bundle(args.editor, Path(tmp))
+        installer = install.install_krita if args.editor == "krita" else install.install_gimp
+        for done in installer(Path(bundle), args.profile_dir):
+            print(f"Installed the {done.editor} plug-in in {done.path}")
+            print(f"Next: {done.next_steps}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    """``controlcanvas generate``: one image."""
+    p = sub.add_parser("generate", help="one image from the command line (same path as the "
+                       "plug-ins)")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative", default="")
+    p.add_argument("--control", action="append", metavar="COND=FILE[:W][@ANNOTATOR]",
+                   help="a control unit, e.g. lineart=sketch.png:0.8@lineart_from_drawing "
+                   "(repeat for several)")
+    p.add_argument("--init", type=Path, help="img2img: the canvas image")
+    p.add_argument("--mask", type=Path, help="inpaint: the selection mask (white = change)")
+    p.add_argument("--strength", type=float, default=0.75)
+    p.add_argument("--size", help="WxH (default: the first image's size)")
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--sampler", default="dpmpp_2m_karras")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--base", help="base model: hub id, folder, single file, tiny-sd15")
+    p.add_argument("--hires", action="store_true", help="add a full-size detail pass")
+    p.add_argument("--engine", default="diffusers", choices=ENGINES)
+    p.add_argument("--device")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--url", help="use a running server (ws://...) instead of one in-process")
+    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.add_argument("-o", "--output", default="out.png")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_train(sub) -> None:
+    """``controlcanvas train``: a ControlNet on your pairs."""
+    p = sub.add_parser("train", help="train a ControlNet on your own (condition, target) pairs")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder: source/, target/ "
+                   "and prompt.json lines (fill50k layout), or pairs by file name")
+    p.add_argument("--base", required=True, help="base model: folder, single file or name")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant, or a cosine decay to 0 at the last step")
+    p.add_argument("--lr-warmup-steps", type=int, default=0,
+                   help="linear warm-up from 0 over this many steps")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--prompt-drop", type=float, default=0.5,
+                   help="share of prompts replaced by \"\" (the paper: 0.5)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--validation-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", help="run as a job of a running server (ws://...)")
+    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_tools(sub) -> None:
+    """``doctor``, ``install-plugin`` and ``bench``."""
+    p = sub.add_parser("doctor", help="check the installation, one line per item")
+    p.add_argument("--token-file", type=Path)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("install-plugin", help="install the Krita or GIMP plug-in")
+    p.add_argument("editor", choices=["krita", "gimp"])
+    p.add_argument("--profile-dir", type=Path, help="the editor's resource/config folder "
+                   "(Krita: the folder holding pykrita/; GIMP: e.g. ~/.config/GIMP/3.0); "
+                   "default: every one found")
+    p.add_argument("--from", dest="source", type=Path,
+                   help="a built bundle (folder or zip) instead of building from source")
+    p.set_defaults(func=cmd_install_plugin)
+
+    p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
+    p.add_argument("name", choices=["transport", "soak", "engine", "controlnet-cost",
+                                     "scaling", "fidelity", "train-cost"])
+    p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
+    p.add_argument("--side", type=int, default=2048, help="transport: image side")
+    p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
+    p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
+    p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="controlcanvas",
+                                     description="ControlNet for the editors you paint in.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the websocket server the plug-ins talk to")
+    _add_server_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    _add_generate(sub)
+    _add_train(sub)
+
+    p = sub.add_parser("demo", help="the whole editor path on the embedded default model")
+    p.add_argument("--out", default="out/demo", help="folder for the canvas and result PNGs")
+    p.add_argument("--engine", default="demo", choices=ENGINES)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list configured models, or download one")
+    p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.set_defaults(func=cmd_models)
+
+    add_preprocess_parsers(sub)
+
+    _add_tools(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ControlCanvasError as err:
+        print(f"controlcanvas: {err.message} [{err.code}]", file=sys.stderr)
+        return 1
+    except ValueError as err:  # bad configuration values
+        print(f"controlcanvas: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,584 @@
+"""Model catalogue and resolution: which weights a request uses, and where they are.
+
+Names a user can write (in ``config.toml``, a request's ``base_model``, a control
+unit's ``model``, or ``controlcanvas models download NAME``):
+
+* a Hugging Face hub id (``owner/name``), used from the local hub cache only;
+  fetching is an explicit step (``controlcanvas models download``);
+* a local diffusers folder (``model_index.json`` for a base, ``config.json`` for a
+  ControlNet);
+* a single ``.safetensors`` / ``.ckpt`` file (loaded with ``from_single_file``);
+* ``shapes-demo``: the embedded trained demo model (``backend/assets/shapes-demo``, a
+  tiny base and an outline ControlNet trained here on synthetic shapes; see
+  docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
+* ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.engines.tiny`
+  (every condition; for tests and benchmarks);
+* the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
+  ``sdxl:CONDITION`` (default ControlNets) for ``models download``.
+
+The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
+family; the ``[models]`` and ``[controlnets]`` tables of ``config.toml`` override
+it::
+
+    [models]
+    base = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # or a folder / a .safetensors file
+    family = "sd15"                      # only needed when it cannot be guessed
+    cache_dir = "D:/hf-cache"            # optional Hugging Face cache folder
+    [models.bases]                       # named bases a request can pick by name
+    anime = "C:/models/anything.safetensors"
+    xl = { path = "C:/models/juggernaut.safetensors", family = "sdxl" }
+    [controlnets]                        # every family (unless its own table says otherwise)
+    lineart = "C:/models/my_lineart_controlnet"
+    [controlnets.sdxl]                   # SDXL only
+    lineart = "owner/some-sdxl-lineart-controlnet"
+
+Nothing here imports torch or diffusers: listing models and resolving names is
+cheap; :mod:`backend.engines.diffusers` loads what this module resolves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from shared.errors import ModelMissing
+from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
+from shared.geometry import NATIVE_SIDE
+from shared.paths import config_dir
+
+from ..configfile import load_toml
+from . import tiny
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sd15", "sdxl")
+DEFAULT_BASES: Dict[str, str] = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+DEMO_BASE = "shapes-demo"
+# The demo ControlNet reads white outlines on black: what these conditions' annotators make.
+DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
+DEMO_NATIVE_SIZE = 64
+# Native generation size (pixels of a square side) per family: the rule the plug-ins use too.
+NATIVE_SIZE: Dict[str, int] = NATIVE_SIDE
+
+
+def demo_folder() -> Path:
+    """The embedded demo model: ``base/`` (diffusers pipeline) and ``controlnet/``."""
+    return Path(__file__).resolve().parents[1] / "assets" / DEMO_BASE
+
+
+# Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: only
+# ids known to exist in diffusers format; the rest need a [controlnets.sdxl] entry.
+CONTROLNETS: Dict[str, Dict[str, str]] = {
+    "sd15": {
+        "canny": "lllyasviel/control_v11p_sd15_canny",
+        "depth": "lllyasviel/control_v11f1p_sd15_depth",
+        "softedge": "lllyasviel/control_v11p_sd15_softedge",
+        "mlsd": "lllyasviel/control_v11p_sd15_mlsd",
+        "seg": "lllyasviel/control_v11p_sd15_seg",
+        "openpose": "lllyasviel/control_v11p_sd15_openpose",
+        "scribble": "lllyasviel/control_v11p_sd15_scribble",
+        "lineart": "lllyasviel/control_v11p_sd15_lineart",
+        "lineart_anime": "lllyasviel/control_v11p_sd15s2_lineart_anime",
+        "normal": "lllyasviel/control_v11p_sd15_normalbae",
+        "tile": "lllyasviel/control_v11f1e_sd15_tile",
+        "shuffle": "lllyasviel/control_v11e_sd15_shuffle",
+        "inpaint": "lllyasviel/control_v11p_sd15_inpaint",
+    },
+    "sdxl": {
+        "canny": "diffusers/controlnet-canny-sdxl-1.0",
+        "depth": "diffusers/controlnet-depth-sdxl-1.0",
+        "openpose": "xinsir/controlnet-openpose-sdxl-1.0",
+        "scribble": "xinsir/controlnet-scribble-sdxl-1.0",
+        "tile": "xinsir/controlnet-tile-sdxl-1.0",
+    },
+}
+assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
+# What a download fetches: diffusers-format weights in safetensors (fp32 full weights;
+# fp16 is made at load time), configs and tokenizer files - not the multi-GB
+# single-file checkpoints, EMA copies or fp16 duplicates some repos also hold.
+_BASE_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "tokenizer*/*",
+                  "unet/diffusion_pytorch_model.safetensors",
+                  "vae/diffusion_pytorch_model.safetensors",
+                  "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]
+_CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                 "model.safetensors", "pytorch_model.bin",
+                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+                 "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+def download_command(name: str) -> str:
+    return f"controlcanvas models download {name}"
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``[models]`` and ``[controlnets]`` tables of config.toml, checked."""
+
+    base: str = ""
+    family: str = ""
+    bases: Mapping[str, Tuple[str, str]] = field(default_factory=dict)  # name -> (where, family)
+    controlnets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # family|"*"
+    cache_dir: Optional[str] = None
+    tiny_root: Optional[str] = None  # where tiny models are built (default: user cache)
+
+    @classmethod
+    def from_tables(cls, tables: Mapping[str, Any], where: str = "config") -> "ModelConfig":
+        """Build from the parsed TOML document (only ``models`` and ``controlnets`` are read)."""
+        models = dict(tables.get("models", {}) or {})
+        nets = dict(tables.get("controlnets", {}) or {})
+        known = {"base", "family", "bases", "cache_dir", "tiny_root"}
+        for key in models:
+            if key not in known:
+                raise ValueError(f"{where}: unknown setting [models] {key}; known: "
+                                 f"{', '.join(sorted(known))}")
+        family = models.get("family", "")
+        if family and family not in FAMILIES:
+            raise ValueError(f"{where}: [models] family must be one of {', '.join(FAMILIES)}; "
+                             f"got {family!r}")
+        bases: Dict[str, Tuple[str, str]] = {}
+        for name, value in dict(models.get("bases", {}) or {}).items():
+            if isinstance(value, str):
+                bases[name] = (value, "")
+            elif isinstance(value, dict) and isinstance(value.get("path"), str):
+                fam = value.get("family", "")
+                if fam and fam not in FAMILIES:
+                    raise ValueError(f"{where}: [models.bases] {name} family must be one of "
+                                     f"{', '.join(FAMILIES)}")
+                bases[name] = (value["path"], fam)
+            else:
+                raise ValueError(f"{where}: [models.bases] {name} must be a string (hub id or "
+                                 f"path) or {{ path = \"...\", family = \"sd15|sdxl\" }}")
+        controlnets: Dict[str, Dict[str, str]] = {"*": {}}
+        for key, value in nets.items():
+            if isinstance(value, dict):
+                if key not in FAMILIES:
+                    raise ValueError(f"{where}: [controlnets.{key}] must be a family: "
+                                     f"{', '.join(FAMILIES)}")
+                table = controlnets.setdefault(key, {})
+                for cond, where_ in value.items():
+                    _check_condition(cond, where_, f"{where}: [controlnets.{key}]")
+                    table[cond] = where_
+            else:
+                _check_condition(key, value, f"{where}: [controlnets]")
+                controlnets["*"][key] = value
+        for key in ("base", "cache_dir", "tiny_root"):
+            if key in models and not isinstance(models[key], str):
+                raise ValueError(f"{where}: [models] {key} must be a string")
+        return cls(base=models.get("base", ""), family=family, bases=bases,
+                   controlnets=controlnets, cache_dir=models.get("cache_dir") or None,
+                   tiny_root=models.get("tiny_root") or None)
+
+    @classmethod
+    def from_toml(cls, path: Optional[Path] = None) -> "ModelConfig":
+        """Read ``path`` (default: config.toml in the user config folder); missing = defaults."""
+        path = Path(path) if path else config_dir() / "config.toml"
+        return cls.from_tables(load_toml(path), str(path))
+
+
+def _check_condition(cond: str, value: Any, where: str) -> None:
+    if cond not in CONDITIONS:
+        raise ValueError(f"{where}: unknown condition {cond!r}; known: {', '.join(CONDITIONS)}")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {cond} must be a hub id or a path")
+
+
+# -----------------------------------------------------------------------------
+# Resolution
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where one model's weights are, ready to load."""
+
+    name: str        # what the user (or the catalogue) called it
+    kind: str        # "base" | "controlnet"
+    family: str      # "sd15" | "sdxl"
+    source: str      # "hub" | "folder" | "file" | "builtin"
+    path: str        # local folder or file to load from
+    repo_id: str = ""
+    native_size: int = 512
+    builtin: str = ""  # the built-in model's own name (``shapes-demo``, ``tiny-sd15``)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.path}"
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for anything that is not shaped like a hub id ``owner/name``."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or re.match(r"[A-Za-z]:", name):
+        return True
+    return name.lower().endswith(SINGLE_FILE_SUFFIXES) or not _HUB_ID.match(name)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _WEIGHT_NAMES)
+
+
+def _folder_complete(folder: Path, kind: str) -> bool:
+    if kind == "controlnet":
+        return (folder / "config.json").is_file() and _has_weights(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    for name, value in components.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        if name in ("safety_checker", "feature_extractor", "image_encoder"):
+            continue  # not used by ControlCanvas
+        sub = folder / name
+        if not sub.is_dir():
+            return False
+        if name.startswith(("unet", "vae", "text_encoder")) and not _has_weights(sub):
+            return False
+    return True
+
+
+def family_of_folder(folder: Path) -> str:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        return "sdxl"
+    return "sd15"
+
+
+def family_of_file(path: Path) -> str:
+    """Guess a single-file checkpoint's family from its tensor names ("" = unknown)."""
+    if path.suffix.lower() != ".safetensors":
+        return ""
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * 1024 * 1024:
+                return ""
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error):
+        return ""
+    keys = header.keys()
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in keys):
+        return "sd15"
+    if any(k.startswith("add_embedding.") for k in keys):  # a diffusers-keyed SDXL file
+        return "sdxl"
+    return ""
+
+
+def _family_from_name(name: str) -> str:
+    return "sdxl" if re.search(r"xl", name, re.IGNORECASE) else "sd15"
+
+
+class Catalogue:
+    """Resolves model names to local weights, lists them, downloads them."""
+
+    def __init__(self, config: Optional[ModelConfig] = None) -> None:
+        self.config = config or ModelConfig()
+
+    # -- names ---------------------------------------------------------------
+
+    @property
+    def default_base(self) -> str:
+        return self.config.base or DEFAULT_BASES["sd15"]
+
+    def controlnet_name(self, condition: str, family: str, base: Optional[Resolved] = None) -> str:
+        """The configured (or default) ControlNet name for ``condition`` on ``family``."""
+        if condition not in CONDITIONS:
+            raise ModelMissing(f"Unknown condition {condition!r}; known: "
+                               f"{', '.join(CONDITIONS)}.", field="condition")
+        nets = self.config.controlnets
+        for table in (nets.get(family, {}), nets.get("*", {})):
+            if condition in table:
+                return table[condition]
+        if base is not None and base.source == "builtin":
+            return f"{base.builtin or base.name}:{condition}"
+        name = CONTROLNETS.get(family, {}).get(condition)
+        if not name:
+            raise ModelMissing(
+                f"There is no default {family.upper()} ControlNet for {condition!r}. Put one in "
+                f"config.toml: [controlnets.{family}] {condition} = \"hub id or path\".",
+                field="model")
+        return name
+
+    # -- resolution ----------------------------------------------------------
+
+    def resolve_base(self, name: str = "") -> Resolved:
+        """Resolve a base model name (``""`` = the configured default); ModelMissing if absent."""
+        name = name or self.default_base
+        family = ""
+        where = name
+        if name in self.config.bases:
+            where, family = self.config.bases[name]
+        if where == self.config.base or name == self.config.base:
+            family = family or self.config.family
+        return self._resolve(name, where, "base", family)
+
+    def resolve_controlnet(self, condition: str, base: Resolved, override: str = "") -> Resolved:
+        """Resolve the ControlNet for one unit (its ``model`` override, else config/default)."""
+        name = override or self.controlnet_name(condition, base.family, base)
+        return self._resolve(name, name, "controlnet", base.family)
+
+    def _resolve(self, name: str, where: str, kind: str, family: str) -> Resolved:
+        builtin = self._builtin(name, where, kind)
+        if builtin is not None:
+            return builtin
+        path = Path(where).expanduser()
+        if path.exists() or _looks_like_path(where):
+            if path.is_dir():
+                if not _folder_complete(path, kind):
+                    what = "model_index.json and each component's weights" if kind == "base" \
+                        else "config.json and diffusion_pytorch_model.safetensors"
+                    raise ModelMissing(f"The {kind} model folder {str(path)!r} is incomplete: "
+                                       f"it needs {what}.", field="model")
+                family = family or (family_of_folder(path) if kind == "base" else "") or "sd15"
+                return Resolved(name, kind, family, "folder", str(path),
+                                native_size=NATIVE_SIZE[family])
+            if path.is_file():
+                if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                    raise ModelMissing(f"{str(path)!r} is not a model file; use a .safetensors or "
+                                       f".ckpt file or a diffusers folder.", field="model")
+                family = family or family_of_file(path) or "sd15"
+                return Resolved(name, kind, family, "file", str(path),
+                                native_size=NATIVE_SIZE[family])
+            raise ModelMissing(f"The {kind} model {where!r} does not exist: no such file or "
+                               f"folder. Check the path in config.toml or the request.",
+                               field="model")
+        # A hub id: only the local cache is used here.
+        folder = self.cached_snapshot(where, kind)
+        if family == "" and kind == "base":
+            family = family_of_folder(folder) if folder else ""
+        family = family or _family_from_name(where)
+        if folder is None:
+            raise ModelMissing(
+                f"The {kind} model {where!r} is not downloaded. Fetch it once with: "
+                f"{download_command(where)}", field="model")
+        return Resolved(name, kind, family, "hub", str(folder), repo_id=where,
+                        native_size=NATIVE_SIZE[family])
+
+    def _builtin(self, name: str, where: str, kind: str) -> Optional[Resolved]:
+        if kind == "base" and where == DEMO_BASE:
+            return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "base"),
+                            native_size=DEMO_NATIVE_SIZE, builtin=DEMO_BASE)
+        if kind == "controlnet" and where.startswith(DEMO_BASE + ":"):
+            condition = where.split(":", 1)[1]
+            if condition not in DEMO_CONDITIONS:
+                raise ModelMissing(
+                    f"The embedded demo model only has an outline ControlNet (for "
+                    f"{', '.join(DEMO_CONDITIONS)}), not one for {condition!r}. Pick one of "
+                    f"those conditions, or a real Stable Diffusion base (controlcanvas models "
+                    f"download sd15 {condition}).", field="condition")
+            return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "controlnet"),
+                            native_size=DEMO_NATIVE_SIZE)
+        root = Path(self.config.tiny_root) if self.config.tiny_root else None
+        if kind == "base" and where in TINY_BASES:
+            family = TINY_BASES[where]
+            folder = tiny.ensure_tiny(family, root)
+            return Resolved(name, kind, family, "builtin", str(folder),
+                            native_size=tiny.NATIVE_SIZE, builtin=where)
+        if kind == "controlnet" and ":" in where and where.split(":", 1)[0] in TINY_BASES:
+            base, condition = where.split(":", 1)
+            family = TINY_BASES[base]
+            try:
+                sub = tiny.controlnet_for(condition)
+            except KeyError:
+                raise ModelMissing(f"Unknown condition {condition!r} in {where!r}.",
+                                   field="model") from None
+            folder = tiny.ensure_tiny(family, root) / "controlnets" / sub
+            return Resolved(name, kind, family, "builtin", str(folder),
+                            native_size=tiny.NATIVE_SIZE)
+        return None
+
+    def cached_snapshot(self, repo_id: str, kind: str) -> Optional[Path]:
+        """The local snapshot folder of a hub repo when it holds a complete model, else None."""
+        from huggingface_hub import try_to_load_from_cache
+
+        marker = "model_index.json" if kind == "base" else "config.json"
+        try:
+            found = try_to_load_from_cache(repo_id, marker, cache_dir=self.config.cache_dir)
+        except Exception:  # noqa: BLE001 - an invalid id or cache is "not present"
+            return None
+        if not isinstance(found, str):
+            return None
+        folder = Path(found).parent
+        return folder if _folder_complete(folder, kind) else None
+
+    # -- listing -------------------------------------------------------------
+
+    def entries(self) -> List[ModelInfo]:
+        """Every configured or catalogued model, with whether it is present locally."""
+        out: List[ModelInfo] = []
+        seen = set()
+
+        def add(name: str, kind: str, condition: str = "", family: str = "") -> None:
+            if (name, kind, family) in seen:
+                return
+            seen.add((name, kind, family))
+            try:
+                if kind == "base":
+                    resolved = self.resolve_base(name)
+                else:
+                    resolved = self._resolve(name, name, kind, family)
+                present, source = True, _describe_source(resolved)
+            except ModelMissing:
+                present = False
+                source = "hub" if _HUB_ID.match(name) and not Path(name).exists() else "local"
+            out.append(ModelInfo(name=name, kind=kind, condition=condition,
+                                 family=family or self._family_guess(name), present=present,
+                                 source=source))
+
+        add(self.default_base, "base")
+        for name in self.config.bases:
+            add(name, "base")
+        for name in DEFAULT_BASES.values():
+            add(name, "base")
+        if not any(m.name == DEMO_BASE for m in out):
+            out.append(ModelInfo(name=DEMO_BASE, kind="base", family="sd15", present=True,
+                                 source="built in (trained demo: a coloured shape from its "
+                                        "outline, 64 px)"))
+        for tiny_name, family in TINY_BASES.items():
+            if any(m.name == tiny_name for m in out):
+                continue
+            out.append(ModelInfo(name=tiny_name, kind="base", family=family, present=True,
+                                 source="built in (random weights, for the demo and tests)"))
+        for family in FAMILIES:
+            for condition in CONDITIONS:
+                try:
+                    name = self.controlnet_name(condition, family)
+                except ModelMissing:
+                    continue
+                add(name, "controlnet", condition, family)
+        return out
+
+    def _family_guess(self, name: str) -> str:
+        if name in self.config.bases and self.config.bases[name][1]:
+            return self.config.bases[name][1]
+        if name == self.default_base and self.config.family:
+            return self.config.family
+        for family, default in DEFAULT_BASES.items():
+            if name == default:
+                return family
+        return _family_from_name(name)
+
+    def models_message(self, annotators: Tuple[AnnotatorInfo, ...] = ()) -> Models:
+        return Models(models=tuple(self.entries()), annotators=annotators,
+                      default_base=self.default_base)
+
+    # -- downloading ---------------------------------------------------------
+
+    def download_target(self, name: str) -> Tuple[str, str]:
+        """(hub id, kind) that ``controlcanvas models download NAME`` fetches for ``name``."""
+        if name in DEFAULT_BASES:
+            return DEFAULT_BASES[name], "base"
+        if name in self.config.bases:
+            name = self.config.bases[name][0]
+        family, _, condition = name.rpartition(":")
+        if condition in CONDITIONS and family in ("", *FAMILIES):
+            return self.controlnet_name(condition, family or "sd15"), "controlnet"
+        if name in TINY_BASES or name == DEMO_BASE:
+            raise ModelMissing(f"{name} is built in; it needs no download.", field="model")
+        if not _HUB_ID.match(name) or Path(name).exists():
+            raise ModelMissing(f"{name!r} is a local path, not a hub id: nothing to download.",
+                               field="model")
+        # A guess for names outside the catalogue; download() checks the repo's files.
+        kind = "controlnet" if any(name == v for t in CONTROLNETS.values() for v in t.values()) \
+            or "control" in name.lower() else "base"
+        return name, kind
+
+    def download(self, name: str, *, progress: bool = True) -> Path:
+        """Fetch ``name`` (hub id or alias) into the hub cache; returns the snapshot folder."""
+        repo_id, kind = self.download_target(name)
+        if _HUB_ID.match(repo_id) is None:
+            raise ModelMissing(f"{repo_id!r} is a local path, not a hub id: nothing to download.",
+                               field="model")
+        for guess in (kind, "base" if kind == "controlnet" else "controlnet"):
+            folder = self.cached_snapshot(repo_id, guess)
+            if folder is not None:
+                return folder
+        from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                            OfflineModeIsEnabled, RepositoryNotFoundError)
+
+        if constants.HF_HUB_OFFLINE:
+            raise ModelMissing(
+                f"Cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE is set). Unset "
+                f"it and run `{download_command(repo_id)}` on a connected machine, or copy the "
+                f"model folder here and put its path in config.toml.", field="model")
+        try:
+            files = set(HfApi().list_repo_files(repo_id))
+            kind = "base" if "model_index.json" in files else "controlnet"
+            patterns = _choose_patterns(files, kind)
+            if not progress:
+                from huggingface_hub.utils import disable_progress_bars
+                disable_progress_bars()
+            path = snapshot_download(repo_id, allow_patterns=patterns,
+                                     cache_dir=self.config.cache_dir)
+        except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
+            raise ModelMissing(f"Cannot download {repo_id}: offline ({err}).",
+                               field="model") from None
+        except GatedRepoError:
+            raise ModelMissing(f"{repo_id} is gated: accept its licence on huggingface.co and "
+                               f"log in (`hf auth login`), then retry.", field="model") from None
+        except RepositoryNotFoundError:
+            raise ModelMissing(f"{repo_id} does not exist on huggingface.co (or is private).",
+                               field="model") from None
+        except (OSError, ConnectionError) as err:
+            raise ModelMissing(f"Cannot download {repo_id}: huggingface.co is not reachable "
+                               f"({type(err).__name__}: {err}). Check the internet connection "
+                               f"or proxy and retry.", field="model") from None
+        except Exception as err:  # noqa: BLE001 - httpx and hub errors vary between versions
+            if "connect" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
+                raise ModelMissing(f"Cannot download {repo_id}: huggingface.co is not "
+                                   f"reachable ({type(err).__name__}).", field="model") from None
+            raise
+        return Path(path)
+
+
+def _choose_patterns(files: set, kind: str) -> List[str]:
+    """Download patterns: safetensors weights when the repo has them, else .bin."""
+    if kind == "controlnet":
+        if "diffusion_pytorch_model.safetensors" in files:
+            return list(_CONTROLNET_PATTERNS)
+        return ["config.json", "diffusion_pytorch_model.bin"]
+    patterns = list(_BASE_PATTERNS)
+    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                      ("text_encoder", "model"), ("text_encoder_2", "model")):
+        if f"{sub}/{stem}.safetensors" not in files and f"{sub}/{stem}.bin" in files:
+            patterns.append(f"{sub}/{stem}.bin")
+        if f"{sub}/{stem}.safetensors.index.json" in files:
+            patterns.append(f"{sub}/{stem}-*.safetensors")
+    return patterns
+
+
+def _describe_source(resolved: Resolved) -> str:
+    if resolved.source == "hub":
+        return f"hub cache ({resolved.repo_id})"
+    if resolved.source == "builtin":
+        return "built in"
+    return resolved.path
+
+
+def list_models(config: Optional[ModelConfig] = None) -> Models:
+    """The ``models`` message for the server (no torch import)."""
+    return Catalogue(config).models_message()

@@ -1,0 +1,629 @@
+"""DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL).
+
+This module imports torch and diffusers; nothing else in ``backend`` does at
+import time.  It is called from the job worker thread only (one thread owns the
+GPU), so it keeps its caches without locks.
+
+How one request becomes pixels (``generate``):
+
+1. **Models.** The base model and each unit's ControlNet are resolved by
+   :class:`backend.engines.catalogue.Catalogue` (hub cache, folder, single file, or the
+   built-in tiny stack) and loaded once.  Loaded bases and ControlNets live in
+   one LRU bounded by a memory budget.  The pipelines for each mode are made
+   from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
+2. **Geometry.** The *region* is the whole canvas, or for inpaint the bounding
+   box of the selection plus a margin of context.  The region is generated at
+   the model's *native scale*: the area is brought into [N², (1.5 N)²] where
+   N = ``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5, 1024 for
+   SDXL, 64 for the tiny model), keeping the aspect ratio, sides multiples of 8.
+   The result is resized back to exactly the region's size.  With ``hires`` a
+   second img2img pass runs at up to ``hires_scale`` x the work size (VAE tiling
+   on above ``vae_tiling_pixels``).
+3. **Control images** are mapped onto the canvas with the unit's resize mode
+   (see :func:`fit_image`), cropped to the region and resized to the work size.
+   Transparent pixels count as black (no control); the init image is composited
+   on white.
+4. **Units.** All units go through :class:`ControlUnits`, a
+   ``MultiControlNetModel`` that applies each unit's control mode on its own:
+
+   * ``balanced``: residuals x weight, in both halves of the CFG batch.
+   * ``control`` ("ControlNet is more important") = diffusers' guess mode for
+     this unit only: the ControlNet sees the conditional half of the batch, the
+     unconditional half gets no control, and the residuals are scaled over depth
+     by ``logspace(-1, 0)`` (0.1 at the first block ... 1.0 at the middle block).
+   * ``prompt`` ("prompt is more important"): A1111's soft injection - residual k
+     of n (mid block last) is scaled by ``weight * 0.825 ** (n - 1 - k)``, so the
+     shallow, detail-carrying residuals are damped (to 0.1 for SD1.5's 13) while
+     the deep ones keep their strength; both CFG halves get control.
+
+   A unit whose scale is 0 at a step (weight 0, or outside its start/end range)
+   is not run at all; when no unit runs the UNet gets no residuals, so weight 0
+   is exactly "no control".
+5. **Inpaint.** Only the selection changes: the generated region is pasted back
+   with a feathered weight that is zero outside the selection, and every pixel
+   with weight zero is copied from the input unchanged (bit for bit).
+6. **Progress, cancel, previews** through ``callback_on_step_end``: every step
+   calls ``ctx.progress`` and, when asked, sends a preview made by a linear
+   latent->RGB approximation.  Cancel is also checked before every block of the
+   UNet, the ControlNets, the text encoder and the VAE (forward pre-hooks), so a
+   cancelled job stops within a fraction of a step, also while encoding or decoding.
+7. **Memory.** CUDA fp16 (or bf16) when available, else CPU fp32; SDPA attention
+   (diffusers' default on torch 2); optional model CPU offload; VAE tiling above a
+   pixel threshold.  A CUDA out-of-memory error frees the caches and retries once
+   with VAE tiling and CPU offload on; a second one raises :class:`OutOfMemory`.
+
+Batches run image by image with seeds ``request.seeds(request.seed)``, so image
+i of a batch is the same image as a single generation with its seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from diffusers import ControlNetModel
+
+from shared.errors import EngineError, ModelMissing, OutOfMemory, Unsupported
+from shared.images import Image
+from shared.messages import GenerateRequest, Models, Preprocess
+
+from ...annotators.controls import prepare_controls
+from ...annotators.library import annotate, list_annotators
+from ...annotators.registry import Annotated
+from ...imaging import from_array, to_array
+from ..base import Generated, JobContext
+from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolved
+from ..tiny import quiet_progress_bars
+from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
+                    is_out_of_memory, module_bytes)
+from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
+                       feather_weights, fit_image, mask_values, region_of, resize, rgb_on_black,
+                       rgb_on_white, work_size)
+from .pipelines import (PIPELINES, cancel_points, inpaint_condition, latent_preview,
+                        to_pipeline_image)
+from .samplers import make_scheduler
+from .units import ControlUnits
+
+log = logging.getLogger(__name__)
+
+
+class _QuietCasts(logging.Filter):
+    """Drop diffusers' warning about ``.to(dtype)`` on models that keep no fp32 modules
+    (from_pipe and SDXL's VAE upcast trigger it on every call)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_QuietCasts())
+
+class DiffusersEngine:
+    """The real engine; see the module docstring.
+
+    ``catalogue`` resolves names (default: ``Catalogue(ModelConfig.from_toml())``).
+    ``device``: "cuda", "cpu", ... (default: CUDA when available).  ``dtype``:
+    "fp16" | "bf16" | "fp32" (default fp16 on CUDA, fp32 on CPU).  ``offload``:
+    model CPU offload (CUDA only).  ``memory_budget``: bytes of loaded models kept
+    (default 90 % of VRAM on CUDA, half the RAM on CPU).
+    """
+
+    name = "diffusers"
+
+    def __init__(self, catalogue: Optional[Catalogue] = None, *, device: Optional[str] = None,
+                 dtype: Optional[str] = None, offload: bool = False,
+                 memory_budget: Optional[int] = None, vae_tiling_pixels: Optional[int] = None,
+                 max_work_scale: float = 1.5, hires_scale: float = 2.0,
+                 hires_strength: float = 0.35,
+                 inpaint_margin: float = INPAINT_MARGIN_FRACTION,
+                 inpaint_min_margin: int = INPAINT_MIN_MARGIN, feather: float = 0.015,
+                 cpu_threads: Optional[int] = None) -> None:
+        if cpu_threads:
+            # Process-wide. On a CPU that other programs keep busy, fewer intra-op threads
+            # than cores avoids stalls at OpenMP barriers (measured on 2 cores with one
+            # busy: the tiny model's step 33 -> 15 ms, cancel p95 90 -> 4 ms with 1 thread).
+            torch.set_num_threads(int(cpu_threads))
+        self.catalogue = catalogue or Catalogue(ModelConfig.from_toml())
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+        if dtype is None:
+            self.dtype = torch.float16 if cuda else torch.float32
+        elif dtype in names:
+            self.dtype = names[dtype]
+        else:
+            raise ValueError(f"dtype must be one of {', '.join(names)}; got {dtype!r}")
+        self.offload = bool(offload) and cuda
+        if offload and not cuda:
+            log.warning("CPU offload needs CUDA; ignored on %s", self.device)
+        self.memory_budget = memory_budget or default_budget(self.device, self.offload)
+        self.vae_tiling_pixels = vae_tiling_pixels
+        self.max_work_scale = max_work_scale
+        self.hires_scale = hires_scale
+        self.hires_strength = hires_strength
+        self.inpaint_margin = inpaint_margin
+        self.inpaint_min_margin = inpaint_min_margin
+        self.feather = feather
+        self._bases: "OrderedDict[str, BaseEntry]" = OrderedDict()
+        self._nets: "OrderedDict[str, NetEntry]" = OrderedDict()
+        self.last_plan: Optional[Plan] = None
+        self.stats = {"oom_retries": 0, "loads": 0}
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None,
+                     config_file: Optional[Path] = None) -> "DiffusersEngine":
+        """Build from ``[engine]``-style options (device, dtype, offload, memory_budget_gb,
+        vae_tiling_pixels, hires_scale, hires_strength) and the config file's model tables."""
+        options = dict(options or {})
+        catalogue = Catalogue(ModelConfig.from_toml(config_file))
+        budget = options.pop("memory_budget_gb", None)
+        if budget is not None:
+            options["memory_budget"] = int(float(budget) * (1 << 30))
+        return cls(catalogue, **options)
+
+    @classmethod
+    def embedded(cls, device: Optional[str] = None, family: str = "sd15",
+                 tiny_root: Optional[str] = None, **options) -> "DiffusersEngine":
+        """The engine on the random-weight tiny models (built locally, every condition):
+        for tests and benchmarks; requests with an empty base_model use them."""
+        return cls(Catalogue(ModelConfig(base=f"tiny-{family}", tiny_root=tiny_root)),
+                   device=device, **options)
+
+    @classmethod
+    def demo(cls, device: Optional[str] = None, **options) -> "DiffusersEngine":
+        """The engine on the embedded trained demo model (``shapes-demo``: a coloured shape
+        where its outline is drawn): what ``controlcanvas demo`` runs. It generates at the
+        64-pixel size it was trained at (no larger work size), whatever the canvas."""
+        engine = cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0,
+                     **options)
+        engine.name = "demo"  # what the log and the plug-ins' welcome call it
+        return engine
+
+    # -- Engine protocol -----------------------------------------------------
+
+    def generate(self, request: GenerateRequest, images: Mapping[int, Image],
+                 ctx: JobContext) -> Sequence[Generated]:
+        try:
+            return self._generate(request, images, ctx, low_memory=False)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            log.warning("out of memory; freeing caches and retrying with VAE tiling%s",
+                        " and CPU offload" if self.device.type == "cuda" else "")
+        # (Leaving the except block dropped the traceback and the tensors it held.)
+        self._free_memory()
+        self.stats["oom_retries"] += 1
+        if self.device.type == "cuda" and not self.offload:
+            self.offload = True  # stays on: the next jobs would run out of memory too
+            for entry in self._bases.values():
+                entry.offload_owner = None
+        try:
+            return self._generate(request, images, ctx, low_memory=True)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+        self._free_memory()
+        raise OutOfMemory(
+            f"Out of memory at {request.width}x{request.height} (batch {request.batch}"
+            f"{', hires' if request.hires else ''}) even with VAE tiling and CPU offload. Lower "
+            f"the size or the batch, turn off hires, use fewer control units, or close other "
+            f"programs using the GPU.")
+
+    def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
+        """The annotator registry (backend.annotators.library); "none" is the layer itself."""
+        return annotate(message, image, ctx)
+
+    def models(self) -> Models:
+        return self.catalogue.models_message(annotators=list_annotators())
+
+    def close(self) -> None:
+        self._bases.clear()
+        self._nets.clear()
+        self._free_memory()
+
+    # -- loading -------------------------------------------------------------
+
+    def _load_base(self, resolved: Resolved, keep: Sequence[str] = ()) -> BaseEntry:
+        key = resolved.key
+        entry = self._bases.get(key)
+        if entry is not None:
+            self._bases.move_to_end(key)
+            return entry
+        self._make_room(disk_bytes(resolved.path), keep=keep)
+        family = resolved.family
+        cls = PIPELINES[(family, "txt2img", False)]
+        kwargs: Dict[str, Any] = dict(dtype=self.dtype)
+        if family == "sd15":
+            kwargs.update(safety_checker=None, feature_extractor=None,
+                          requires_safety_checker=False)
+        try:
+            with quiet_progress_bars():
+                pipe = self._read_base(resolved, cls, kwargs)
+        except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
+            if is_out_of_memory(err):
+                raise
+            hint = ""
+            if resolved.source == "file":
+                hint = (f" Loading a single file needs the small diffusers config of "
+                        f"{family.upper()}: run it once online, or `controlcanvas models "
+                        f"download {family}`.")
+            raise ModelMissing(f"Could not load the base model {resolved.name!r} from "
+                               f"{resolved.path}: {type(err).__name__}: {err}.{hint}",
+                               field="base_model") from None
+        pipe.set_progress_bar_config(disable=True)
+        if not self.offload:
+            pipe.to(self.device)
+        native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        entry = BaseEntry(resolved, pipe, family, native, dict(pipe.scheduler.config),
+                      module_bytes(*pipe.components.values()))
+        self._bases[key] = entry
+        self.stats["loads"] += 1
+        log.info("loaded base %s (%s, %.0f MB)", resolved.name, family, entry.nbytes / 2**20)
+        return entry
+
+    def _read_base(self, resolved: Resolved, cls, kwargs: Dict[str, Any]):
+        if resolved.source != "file":
+            return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
+        from huggingface_hub import constants
+
+        # A single file carries weights only; the component configs come from the
+        # family's default repo when it is cached, else diffusers fetches just those
+        # small config files (online) - into, and later from, the configured cache.
+        config = self.catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base")
+        if config is not None:
+            kwargs = dict(kwargs, config=str(config))
+        return cls.from_single_file(resolved.path, cache_dir=self.catalogue.config.cache_dir,
+                                    local_files_only=bool(constants.HF_HUB_OFFLINE), **kwargs)
+
+    def _load_net(self, resolved: Resolved, keep: Sequence[str]) -> ControlNetModel:
+        key = resolved.key
+        entry = self._nets.get(key)
+        if entry is not None:
+            self._nets.move_to_end(key)
+            return entry.model
+        self._make_room(disk_bytes(resolved.path), keep=keep)
+        try:
+            with quiet_progress_bars():
+                model = self._read_net(resolved)
+        except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
+            if is_out_of_memory(err):
+                raise
+            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r} from "
+                               f"{resolved.path}: {type(err).__name__}: {err}.",
+                               field="model") from None
+        if not self.offload:
+            model.to(self.device)
+        model.eval()
+        self._nets[key] = NetEntry(model, module_bytes(model))
+        self.stats["loads"] += 1
+        return model
+
+    def _read_net(self, resolved: Resolved) -> ControlNetModel:
+        if resolved.source != "file":
+            return ControlNetModel.from_pretrained(resolved.path, dtype=self.dtype,
+                                                   local_files_only=True)
+        from huggingface_hub import constants
+
+        # A diffusers-keyed file may sit beside its config.json; an original
+        # (lllyasviel-format) file gets its config inferred by diffusers.
+        kwargs: Dict[str, Any] = {}
+        sibling = Path(resolved.path).with_name("config.json")
+        if sibling.is_file():
+            kwargs["config"] = str(sibling.parent)
+        return ControlNetModel.from_single_file(
+            resolved.path, dtype=self.dtype, local_files_only=bool(constants.HF_HUB_OFFLINE),
+            cache_dir=self.catalogue.config.cache_dir, **kwargs)
+
+    def _make_room(self, needed: int, keep: Sequence[str]) -> None:
+        """Evict least recently used models until ``needed`` more bytes fit the budget."""
+        def used() -> int:
+            return sum(e.nbytes for e in self._bases.values()) + \
+                sum(n.nbytes for n in self._nets.values())
+
+        evicted = False
+        while used() + needed > self.memory_budget:
+            # Least recently used first; ControlNets go before bases (cheaper to reload).
+            victims = [("net", k) for k in self._nets if k not in keep] + \
+                [("base", k) for k in self._bases if k not in keep]
+            if not victims:
+                break
+            kind, key = victims[0]
+            if kind == "net":
+                del self._nets[key]
+            else:
+                del self._bases[key]
+            log.info("evicted %s %s to stay within the memory budget", kind, key)
+            evicted = True
+        if evicted:
+            self._free_memory()
+
+    def _free_memory(self) -> None:
+        free_memory()
+
+    def _pipeline(self, entry: BaseEntry, mode: str, controls: bool, units: Optional[ControlUnits]):
+        cls = PIPELINES[(entry.family, mode, controls)]
+        pipe = entry.pipes.get(cls)
+        if pipe is None:
+            if cls is type(entry.pipe):
+                pipe = entry.pipe
+            # from_pipe casts the shared modules to its dtype (default fp32): pass ours.
+            elif controls:
+                pipe = cls.from_pipe(entry.pipe, controlnet=units, dtype=self.dtype)
+            else:
+                pipe = cls.from_pipe(entry.pipe, dtype=self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            entry.pipes[cls] = pipe
+        if controls:
+            pipe.controlnet = units
+        if self.offload and (entry.offload_owner is not pipe or controls):
+            pipe.enable_model_cpu_offload(device=self.device)
+            entry.offload_owner = pipe
+        return pipe
+
+    # -- planning ------------------------------------------------------------
+
+    def _annotate(self, request: GenerateRequest, images: Mapping[int, Image],
+                  entry: BaseEntry) -> Tuple[GenerateRequest, Mapping[int, Image]]:
+        """Run units' annotators (and render poses) at the scale the region is generated at
+        (with the hires pass: its scale), never above the canvas' own resolution."""
+        if not any(u.preprocessor != "none" or getattr(u, "pose", None) is not None
+                   for u in request.controls):
+            return request, images
+
+        W, H = request.width, request.height
+        side = math.sqrt(W * H)
+        if request.mode == "inpaint" and request.mask_image in images:
+            mask = mask_values(to_array(images[request.mask_image]))
+            found = region_of(mask, self.inpaint_margin, self.inpaint_min_margin)
+            if found is not None:
+                x0, y0, x1, y1 = found
+                # the mask may be another size than the canvas: measure in canvas pixels
+                side = math.sqrt((x1 - x0) * (y1 - y0) * (W * H) / mask.size)
+        target = entry.native * self.max_work_scale * (self.hires_scale if request.hires
+                                                        else 1.0)
+        scale = min(1.0, target / side)
+        size = (max(8, int(round(W * scale))), max(8, int(round(H * scale))))
+        return prepare_controls(request, images, size)
+
+    def _plan(self, request: GenerateRequest, images: Mapping[int, Image], entry: BaseEntry,
+              low_memory: bool) -> Plan:
+        W, H = request.width, request.height
+        native = entry.native
+        plan_init = None
+        weights = None
+        region = (0, 0, W, H)
+        mask_region = None
+        if request.mode in ("img2img", "inpaint"):
+            init = to_array(_image(images, request.init_image, "init_image"))
+            if init.shape[:2] != (H, W):
+                init = resize(np.ascontiguousarray(init), W, H)
+            plan_init = init
+        if request.mode == "inpaint":
+            mask_img = to_array(_image(images, request.mask_image, "mask_image"))
+            mask = mask_values(mask_img)
+            if mask.shape != (H, W):
+                mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
+            found = region_of(mask, self.inpaint_margin, self.inpaint_min_margin)
+            if found is None:
+                return Plan((W, H), region, native, entry.family,
+                            Pass("inpaint", (W, H), 0, 0), init_canvas=plan_init,
+                            unchanged=True)
+            region = found
+            x0, y0, x1, y1 = region
+            mask_region = mask[y0:y1, x0:x1]
+            radius = max(2.0, self.feather * max(x1 - x0, y1 - y0))
+            weights = feather_weights(mask_region, radius)
+        if request.mode != "txt2img" and request.strength == 0.0:
+            return Plan((W, H), region, native, entry.family, Pass(request.mode, (W, H), 0, 0),
+                        init_canvas=plan_init, weights=weights, unchanged=True)
+        x0, y0, x1, y1 = region
+        rw, rh = x1 - x0, y1 - y0
+        size = work_size(rw, rh, native, self.max_work_scale)
+        first = self._pass(request, images, request.mode, size, region, plan_init, mask_region,
+                           request.strength, low_memory, native)
+        plan = Plan((W, H), region, native, entry.family, first, init_canvas=plan_init,
+                    weights=weights)
+        if request.hires:
+            scale = min(self.hires_scale, math.sqrt((rw * rh) / (size[0] * size[1])))
+            if scale > 1.05:
+                hires = (max(8, int(round(size[0] * scale / 8)) * 8),
+                         max(8, int(round(size[1] * scale / 8)) * 8))
+                plan.hires = hires
+                plan.hires_runs = denoise_steps(request.steps, self.hires_strength)[1]
+        return plan
+
+    def _pass(self, request: GenerateRequest, images: Mapping[int, Image], kind: str,
+              size: Tuple[int, int], region, init_canvas, mask_region, strength: float,
+              low_memory: bool, native: int) -> Pass:
+        w, h = size
+        x0, y0, x1, y1 = region
+        W, H = request.width, request.height
+        full = region == (0, 0, W, H)
+        if kind == "txt2img":
+            steps, runs = request.steps, request.steps
+        else:
+            steps, runs = denoise_steps(request.steps, strength)
+        p = Pass(kind, size, steps, runs, strength)
+        if init_canvas is not None and kind != "txt2img":
+            p.init = resize(rgb_on_white(init_canvas[y0:y1, x0:x1]), w, h)
+        if mask_region is not None and kind == "inpaint":
+            # Any coverage of a work pixel selects it (a thin selection must not vanish);
+            # only the selection itself is pasted back later.
+            covered = cv2.resize(mask_region.astype(np.float32), (w, h),
+                                 interpolation=cv2.INTER_AREA) > 0.02
+            p.mask = covered.astype(np.uint8) * 255
+        for unit in request.controls:
+            array = rgb_on_black(to_array(_image(images, unit.image, "controls.image")))
+            if full:
+                control = fit_image(array, w, h, unit.resize_mode)
+            else:
+                on_canvas = fit_image(array, W, H, unit.resize_mode)
+                control = resize(np.ascontiguousarray(on_canvas[y0:y1, x0:x1]), w, h)
+            if unit.condition == "inpaint" and p.mask is not None and p.init is not None:
+                control = inpaint_condition(p.init, p.mask)
+            p.controls.append(control)
+        threshold = self.vae_tiling_pixels or int((native * self.max_work_scale) ** 2)
+        p.vae_tiling = low_memory or w * h > threshold
+        return p
+
+    # -- running -------------------------------------------------------------
+
+    def _generate(self, request: GenerateRequest, images: Mapping[int, Image], ctx: JobContext,
+                  low_memory: bool) -> List[Generated]:
+        base = self.catalogue.resolve_base(request.base_model)
+        resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
+                         for u in request.controls]
+        keep = [base.key] + [r.key for r in resolved_nets]
+        entry = self._load_base(base, keep)
+        nets = [self._load_net(r, keep) for r in resolved_nets]
+        for resolved, net in zip(resolved_nets, nets):
+            _check_compatible(resolved, net, entry)
+        request, images = self._annotate(request, images, entry)
+        plan = self._plan(request, images, entry, low_memory)
+        self.last_plan = plan
+        seeds = request.seeds(request.seed)
+        if plan.unchanged:
+            ctx.progress(1, 1)
+            image = from_array(plan.init_canvas) if plan.init_canvas is not None else None
+            return [Generated(image, seed) for seed in seeds]
+
+        # Units in an order that keeps the pipeline out of its global guess mode (it looks
+        # at the first net's global_pool_conditions only); control is additive, so the
+        # order does not change the sum.
+        order = sorted(range(len(nets)), key=lambda i: bool(nets[i].config.global_pool_conditions))
+        cfg = request.cfg > 1.0 and entry.pipe.unet.config.time_cond_proj_dim is None
+        units = ControlUnits([nets[i] for i in order],
+                             [request.controls[i].control_mode for i in order], cfg) \
+            if nets else None
+
+        total = len(seeds) * plan.steps_per_image
+        state = {"done": 0}
+        out = []
+        for seed in seeds:
+            ctx.check_cancelled()
+            rgb = self._run_pass(request, plan.first, entry, units, order, seed, ctx, state,
+                                 total)
+            if plan.hires:
+                rgb = self._hires(request, images, plan, entry, units, order, rgb, seed, ctx,
+                                  state, total, low_memory)
+            out.append(Generated(self._compose(plan, rgb), seed))
+        return out
+
+    def _hires(self, request, images, plan: Plan, entry: BaseEntry, units, order, rgb, seed, ctx,
+               state, total, low_memory) -> np.ndarray:
+        w, h = plan.hires
+        kind = "inpaint" if request.mode == "inpaint" else "img2img"
+        x0, y0, x1, y1 = plan.region
+        mask_region = None
+        if request.mode == "inpaint":
+            mask_region = mask_values(to_array(images[request.mask_image]))
+            if mask_region.shape != (request.height, request.width):
+                mask_region = cv2.resize(mask_region, (request.width, request.height),
+                                         interpolation=cv2.INTER_NEAREST)
+            mask_region = mask_region[y0:y1, x0:x1]
+        p = self._pass(request, images, kind, (w, h), plan.region, plan.init_canvas,
+                       mask_region, self.hires_strength, low_memory, plan.native)
+        p.init = resize(rgb, w, h)  # the first pass, enlarged, is what gets refined
+        return self._run_pass(request, p, entry, units, order, seed, ctx, state, total)
+
+    def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order,
+                  seed: int,
+                  ctx: JobContext, state: Dict[str, int], total: int) -> np.ndarray:
+        controls = bool(request.controls)
+        pipe = self._pipeline(entry, p.kind, controls, units)
+        scheduler = entry.schedulers.get(request.sampler)
+        if scheduler is None:
+            scheduler = make_scheduler(request.sampler, entry.scheduler_config)
+            entry.schedulers[request.sampler] = scheduler
+        pipe.scheduler = scheduler
+        if p.vae_tiling:
+            pipe.vae.enable_tiling()
+        else:
+            pipe.vae.disable_tiling()
+        w, h = p.size
+        generator = torch.Generator(device=self._generator_device()).manual_seed(seed)
+        family = entry.family
+
+        def on_step(pipeline, i, t, tensors):
+            state["done"] += 1
+            done = min(state["done"], total)
+            ctx.progress(done, total)
+            if ctx.wants_preview(done):
+                ctx.preview(done, latent_preview(tensors["latents"], family))
+            return {}
+
+        kwargs: Dict[str, Any] = dict(
+            prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+            num_inference_steps=p.steps, guidance_scale=request.cfg, generator=generator,
+            height=h, width=w, output_type="np", callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=["latents"])
+        if controls:
+            images = [to_pipeline_image(p.controls[i]) for i in order]
+            units_ = request.controls
+            kwargs.update(
+                controlnet_conditioning_scale=[units_[i].weight for i in order],
+                control_guidance_start=[units_[i].start for i in order],
+                control_guidance_end=[units_[i].end for i in order])
+            if p.kind == "txt2img":
+                kwargs["image"] = images
+            else:
+                kwargs["control_image"] = images
+        if p.kind != "txt2img":
+            kwargs.update(image=PILImage.fromarray(p.init), strength=p.strength)
+        if p.kind == "inpaint":
+            kwargs["mask_image"] = PILImage.fromarray(p.mask)
+        with cancel_points(pipe, ctx):
+            result = pipe(**kwargs).images[0]
+        return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+    def _generator_device(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
+    def _compose(self, plan: Plan, rgb: np.ndarray) -> Image:
+        """The generated region at exactly the canvas size (inpaint: pasted into the input)."""
+        W, H = plan.canvas
+        x0, y0, x1, y1 = plan.region
+        region = resize(rgb, x1 - x0, y1 - y0)
+        if plan.weights is None:
+            return from_array(cv2.cvtColor(np.ascontiguousarray(region), cv2.COLOR_RGB2RGBA))
+        out = plan.init_canvas.copy()
+        old = out[y0:y1, x0:x1].astype(np.float32)
+        wgt = plan.weights[..., None]
+        new = np.concatenate([region.astype(np.float32),
+                              np.full(region.shape[:2] + (1,), 255.0, np.float32)], axis=2)
+        blended = np.clip(np.rint(old * (1.0 - wgt) + new * wgt), 0, 255).astype(np.uint8)
+        changed = plan.weights > 0
+        target = out[y0:y1, x0:x1]
+        target[changed] = blended[changed]
+        return from_array(out)
+
+
+
+def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry) -> None:
+    """A ControlNet must match its base's text-embedding width and conditioning type."""
+    unet = entry.pipe.unet.config
+    ours = (net.config.cross_attention_dim, net.config.addition_embed_type)
+    theirs = (unet.cross_attention_dim, unet.addition_embed_type)
+    if ours != theirs:
+        raise Unsupported(
+            f"The ControlNet {resolved.name!r} was made for another model family than the base "
+            f"model {entry.resolved.name!r} ({entry.family.upper()}): use a "
+            f"{entry.family.upper()} ControlNet for this base, or pick another base model.",
+            field="model")
+
+
+def _image(images: Mapping[int, Image], slot: Optional[int], name: str) -> Image:
+    if slot is None or slot not in images:
+        raise EngineError(f"The request's {name} refers to image slot {slot}, which was not "
+                          f"sent.", field=name)
+    return images[slot]

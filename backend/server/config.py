@@ -1,0 +1,138 @@
+"""Server configuration: defaults, the user config folder and the access token.
+
+Precedence: command-line flags > environment (``CONTROLCANVAS_*``) > the TOML
+file (``config.toml`` in the config folder, ``[server]`` table) > defaults.
+Defaults are the safe ones: loopback only, token required.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from shared.messages import Limits
+from shared.paths import config_dir, token_file  # noqa: F401 (config_dir re-exported)
+
+from ..configfile import load_toml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7351
+LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def default_token_file() -> Path:
+    return token_file()
+
+
+def load_or_create_token(path: Path) -> tuple:
+    """Return (token, created). A new token file is created readable by the user only."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token, False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    os.replace(tmp, path)
+    return token, True
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 'localhost', 127.0.0.0/8 and ::1 (with or without brackets/port)."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1]:port
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:  # name:port or v4:port
+        name = name.split(":", 1)[0]
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token_file: Path = field(default_factory=default_token_file)
+    token: Optional[str] = None  # given directly (tests); else read/created from token_file
+    engine: str = "diffusers"
+    step_seconds: float = 0.0  # fake engine: pretend each step takes this long
+    max_image_side: int = 8192
+    max_pixels: int = 40_000_000
+    max_queue: int = 64
+    max_batch: int = 16
+    max_images_per_job: int = 16
+    max_text_bytes: int = 1 << 20
+    max_clients: int = 32
+    hello_timeout: float = 10.0
+    retention_seconds: float = 3600.0
+    retention_bytes: int = 2 << 30
+    preview_size: int = 128
+    allow_remote: bool = False  # set by choosing a non-loopback --host
+    engine_options: Dict[str, Any] = field(default_factory=dict)
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_frame_bytes=self.max_frame_bytes,
+            max_text_bytes=self.max_text_bytes,
+            max_image_side=self.max_image_side,
+            max_pixels=self.max_pixels,
+            max_queue=self.max_queue,
+            max_batch=self.max_batch,
+            max_images_per_job=self.max_images_per_job,
+        )
+
+    @property
+    def max_frame_bytes(self) -> int:
+        from shared.codec import HEADER_SIZE
+        return HEADER_SIZE + 4 * self.max_pixels
+
+    @property
+    def remote_allowed(self) -> bool:
+        return self.allow_remote or not is_loopback_host(self.host)
+
+
+def build_config(overrides: Dict[str, Any], config_file: Optional[Path] = None) -> ServerConfig:
+    """Merge defaults, the TOML file, CONTROLCANVAS_* environment and explicit overrides."""
+    known = {f.name: f for f in dataclasses.fields(ServerConfig)}
+    values: Dict[str, Any] = {}
+    path = config_file or config_dir() / "config.toml"
+    table = load_toml(path).get("server", {})
+    for key, value in table.items():
+        if key not in known:
+            raise ValueError(f"{path}: unknown setting [server] {key}; known: "
+                             f"{', '.join(sorted(known))}")
+        values[key] = value
+    for key, f in known.items():
+        env = os.environ.get(f"CONTROLCANVAS_{key.upper()}")
+        if env is not None and key not in ("token", "engine_options"):
+            values[key] = env
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = ServerConfig()
+    for key, value in values.items():
+        default = getattr(config, key)
+        if isinstance(default, bool) and isinstance(value, str):
+            value = value.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) \
+                and isinstance(value, str):
+            value = type(default)(value)
+        elif isinstance(default, Path) and not isinstance(value, Path):
+            value = Path(value).expanduser()
+        setattr(config, key, value)
+    return config

@@ -1,0 +1,495 @@
+"""The job queue: fair FIFO, one worker thread that owns the engine, cancel,
+progress, and results kept until the client acknowledges them.
+
+Threading: every public method of :class:`JobManager` runs on the asyncio loop
+thread.  The worker thread touches only the queue (under ``_lock``) and the job it
+runs, and hands everything else back to the loop with ``call_soon_threadsafe``.
+So job bookkeeping needs no lock, and the engine is only ever called from one
+thread.
+
+Ownership: a job belongs to the connection that submitted it or last resumed it
+(``owner``).  When a connection goes away its jobs become orphans and keep
+running (unless submitted with ``cancel_on_disconnect``); their outcome waits
+until a client sends ``resume`` with the job id, and is dropped after ``ack`` or
+after the retention time / memory budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import ctypes.util
+import functools
+import logging
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+
+from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
+                           MissingImage, QueueFull, UnknownJob)
+from shared.images import Image
+from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, Train
+
+from ..annotators.registry import Annotated
+from ..engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+TRIM_AFTER_BYTES = 8 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
+
+
+def release_heap() -> bool:
+    """Give freed memory back to the system (glibc's ``malloc_trim``).
+
+    Results are tens of MiB of bytes objects; after they are dropped glibc keeps the
+    pages in its arenas, so the server's RSS would stay at its high-water mark. The
+    bytes are freed by reference counting as soon as they are dropped (no cycles), so
+    no garbage collection is needed first. True if the trim ran."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def job_log_line(job: "Job", error: Optional[ControlCanvasError]) -> str:
+    """The one log line of a finished job: id, client, kind, size, steps, seconds, outcome."""
+    message = job.message
+    if isinstance(message, Generate):
+        r = message.request
+        kind = f"generate {r.mode}" + (f" x{r.batch}" if r.batch > 1 else "")
+        size, steps = f"{r.width}x{r.height}", str(r.steps)
+    elif isinstance(message, Preprocess):
+        image = job.images.get(message.image)
+        kind, steps = f"preprocess {message.annotator}", "-"
+        size = f"{message.width}x{message.height}" if message.width else \
+            f"{image.width}x{image.height}" if image is not None else "-"
+    else:
+        kind, size, steps = "train", str(getattr(message, "resolution", "-")), str(message.steps)
+    if error is None:
+        outcome = DONE
+    elif isinstance(error, Cancelled):
+        outcome = CANCELLED
+    else:
+        outcome = f"{FAILED} ({error.code})"
+    client = getattr(job.owner, "label", None) or job.submitter
+    seconds = max(0.0, job.finished_at - job.started_at) if job.started_at else 0.0
+    return (f"job {job.job_id} client {client} {kind} size {size} steps {steps} "
+            f"{seconds:.2f} s {outcome}")
+
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class Owner(Protocol):
+    """What a job reports to: a live client connection (see backend.server.websocket)."""
+    key: str
+    label: str  # for the log: the connection and the client's name, never its token
+
+    def job_queued(self, job: "Job", position: int) -> None: ...
+    def job_progress(self, job: "Job", step: int, total: int, stage: str) -> None: ...
+    def job_preview(self, job: "Job", step: int, image: Image) -> None: ...
+    def job_finished(self, job: "Job") -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    message: Union[Generate, Preprocess, Train]
+    images: Dict[int, Image]
+    submitter: str
+    owner: Optional[Owner] = None
+    state: str = QUEUED
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    result: Tuple[Tuple[Optional[int], Image], ...] = ()  # (seed, image) per slot
+    error: Optional[ControlCanvasError] = None
+    info: Dict[str, object] = field(default_factory=dict)  # sent with the result
+    last_progress: Tuple[int, int, str] = (0, 0, "queued")
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return self.message.job_id
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(len(img.data) for _, img in self.result)
+
+    @property
+    def elapsed(self) -> float:
+        return max(0.0, self.finished_at - self.started_at) if self.started_at else 0.0
+
+
+class JobManager:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, max_queue: int = 64,
+                 retention_seconds: float = 3600.0, retention_bytes: int = 2 << 30,
+                 tombstones: int = 4096) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.max_queue = max_queue
+        self.retention_seconds = retention_seconds
+        self.retention_bytes = retention_bytes
+        self.jobs: Dict[str, Job] = {}
+        self._expired: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self._unreleased = 0  # result bytes dropped since the heap was last trimmed
+        self._tombstones = tombstones
+        self._lock = threading.Condition()
+        self._lanes: "collections.OrderedDict[str, Deque[Job]]" = collections.OrderedDict()
+        self._turn = 0
+        self._last_served: Dict[str, int] = {}  # client key -> turn it was last served
+        self._running: Optional[Job] = None
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="controlcanvas-engine",
+                                        daemon=True)
+        self._worker.start()
+
+    # -- loop-thread API -------------------------------------------------------
+
+    def submit(self, message: Union[Generate, Preprocess, Train], images: Dict[int, Image],
+               owner: Owner) -> Job:
+        job_id = message.job_id
+        if job_id in self.jobs or job_id in self._expired:
+            raise DuplicateJob(f"Job id {job_id} is already in use; give every job a new "
+                               f"random id.", job_id=job_id)
+        missing = set(message.slots()) - set(images)
+        if missing:
+            raise MissingImage(f"Image slot(s) {sorted(missing)} were not received.",
+                               job_id=job_id)
+        if isinstance(message, Generate) and message.request.seed == -1:
+            message = replace(message, request=replace(message.request,
+                                                       seed=secrets.randbelow(MAX_SEED + 1)))
+        job = Job(message=message, images=images, submitter=owner.key, owner=owner)
+        with self._lock:
+            if self._queued_count() >= self.max_queue:
+                raise QueueFull(f"The queue already holds {self.max_queue} jobs; wait for some "
+                                f"to finish or cancel one, then submit again.", job_id=job_id)
+            self.jobs[job_id] = job
+            self._lanes.setdefault(owner.key, collections.deque()).append(job)
+            self._lock.notify()
+        self._announce_positions()
+        return job
+
+    def cancel(self, job_id: str, owner: Owner) -> None:
+        job = self._owned(job_id, owner)
+        if job.state in FINISHED:
+            return  # its outcome has been or will be delivered already
+        job.cancel_event.set()
+        with self._lock:
+            lane = self._lanes.get(job.submitter)
+            queued = lane is not None and job in lane
+            if queued:
+                lane.remove(job)
+                if not lane:
+                    del self._lanes[job.submitter]
+        if queued:
+            self._finish(job, error=Cancelled(f"Job {job_id} was cancelled before it started.",
+                                              job_id=job_id))
+            self._announce_positions()
+        # a running job stops at the engine's next check (before its next UNet block)
+
+    def ack(self, job_ids: Sequence[str], owner: Owner) -> None:
+        self._drop_acked(job_ids, owner)
+        self._trim_if_worth_it()  # the acked jobs are unreferenced now
+
+    def _drop_acked(self, job_ids: Sequence[str], owner: Owner) -> None:
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None and job.owner is owner and job.state in FINISHED:
+                self._unreleased += job.kept_bytes
+                del self.jobs[job_id]
+
+    def _trim_if_worth_it(self) -> None:
+        """Past ``TRIM_AFTER_BYTES`` of dropped result bytes, return them to the OS (called
+        once the results are unreferenced, so one trim frees them all)."""
+        if self._unreleased >= TRIM_AFTER_BYTES:
+            self._unreleased = 0
+            release_heap()
+
+    def resume(self, job_ids: Sequence[str], owner: Owner) -> List[ControlCanvasError]:
+        """Re-attach jobs to ``owner`` and replay their state; errors for unknown ids."""
+        problems: List[ControlCanvasError] = []
+        positions = self._positions()
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is None:
+                if job_id in self._expired:
+                    problems.append(Expired(f"Job {job_id} finished but nobody collected its "
+                                            f"result within the retention time; it is gone.",
+                                            job_id=job_id))
+                else:
+                    problems.append(UnknownJob(f"No job {job_id} on this server (it never "
+                                               f"existed, or the server was restarted).",
+                                               job_id=job_id))
+                continue
+            job.owner = owner
+            if job.state == QUEUED:
+                owner.job_queued(job, positions.get(job_id, 0))
+            elif job.state == RUNNING:
+                step, total, stage = job.last_progress
+                owner.job_progress(job, step, total, stage)
+            else:
+                owner.job_finished(job)
+        return problems
+
+    def detach(self, owner: Owner) -> None:
+        """The owner's connection closed: orphan its jobs (or cancel those that asked)."""
+        for job in list(self.jobs.values()):
+            if job.owner is not owner:
+                continue
+            job.owner = None
+            if job.message.cancel_on_disconnect and job.state not in FINISHED:
+                log.info("client gone: cancelling job %s", job.job_id)
+                self.cancel(job.job_id, owner=_Nobody)
+
+    def status(self, owner: Owner) -> Tuple[int, Tuple[JobInfo, ...]]:
+        positions = self._positions()
+        mine = tuple(JobInfo(job_id=j.job_id, state=j.state, position=positions.get(j.job_id, 0))
+                     for j in self.jobs.values() if j.owner is owner)
+        return len(positions), mine
+
+    def expire(self, now: Optional[float] = None) -> int:
+        """Drop outcomes kept longer than the retention time or over the memory budget."""
+        dropped = self._drop_expired(now)
+        if dropped:  # the dropped jobs are unreferenced now (not while the loop held them)
+            self._trim_if_worth_it()
+        return dropped
+
+    def _drop_expired(self, now: Optional[float]) -> int:
+        now = time.monotonic() if now is None else now
+        finished = sorted((j for j in self.jobs.values() if j.state in FINISHED),
+                          key=lambda j: j.finished_at)
+        kept = sum(j.kept_bytes for j in finished)
+        dropped = 0
+        for job in finished:
+            too_old = now - job.finished_at > self.retention_seconds
+            if not too_old and kept <= self.retention_bytes:
+                break
+            kept -= job.kept_bytes
+            self._unreleased += job.kept_bytes
+            del self.jobs[job.job_id]
+            self._expired[job.job_id] = None
+            dropped += 1
+            log.info("dropped the uncollected outcome of job %s", job.job_id)
+        while len(self._expired) > self._tombstones:
+            self._expired.popitem(last=False)
+        return dropped
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(j.kept_bytes for j in self.jobs.values())
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+            for lane in self._lanes.values():
+                for job in lane:
+                    job.cancel_event.set()
+            self._lanes.clear()
+            if self._running is not None:
+                self._running.cancel_event.set()
+            self._lock.notify_all()
+        self._worker.join(timeout)
+
+    # -- helpers (loop thread) ---------------------------------------------------
+
+    def _owned(self, job_id: str, owner: Owner) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or (job.owner is not owner and owner is not _Nobody):
+            raise UnknownJob(f"No job {job_id} belongs to this connection; send 'resume' "
+                             f"with its id first if it was submitted before a reconnect.",
+                             job_id=job_id)
+        return job
+
+    def _queued_count(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def _order(self) -> List[Job]:
+        """Queued jobs in the order the worker will take them (see ``_next_lane``)."""
+        with self._lock:
+            lanes = {key: collections.deque(lane) for key, lane in self._lanes.items()}
+            served = dict(self._last_served)
+        order: List[Job] = []
+        turn = self._turn
+        while lanes:
+            key = self._next_lane(lanes, served)
+            order.append(lanes[key].popleft())
+            if not lanes[key]:
+                del lanes[key]
+            served[key] = turn
+            turn += 1
+        return order
+
+    @staticmethod
+    def _next_lane(lanes, served) -> str:
+        """Fair choice: the client served longest ago (never = first); ties by lane age."""
+        return min(lanes, key=lambda key: served.get(key, -1))
+
+    def _positions(self) -> Dict[str, int]:
+        return {job.job_id: i + 1 for i, job in enumerate(self._order())}
+
+    def _announce_positions(self) -> None:
+        for job_id, position in self._positions().items():
+            job = self.jobs.get(job_id)
+            if job is not None and job.owner is not None:
+                job.owner.job_queued(job, position)
+
+    def _finish(self, job: Job, result: Tuple[Tuple[Optional[int], Image], ...] = (),
+                error: Optional[ControlCanvasError] = None) -> None:
+        job.finished_at = time.monotonic()
+        log.info("%s", job_log_line(job, error))
+        job.images = {}  # inputs are no longer needed
+        if error is None:
+            job.state, job.result = DONE, result
+        else:
+            error.job_id = job.job_id
+            job.state = CANCELLED if isinstance(error, Cancelled) else FAILED
+            job.error = error
+        if job.owner is not None:
+            job.owner.job_finished(job)
+        self.expire()
+
+    def _post(self, callback, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    # -- worker thread -----------------------------------------------------------
+
+    def _take(self) -> Optional[Job]:
+        with self._lock:
+            while not self._lanes and not self._stopping:
+                self._lock.wait()
+            if self._stopping:
+                return None
+            key = self._next_lane(self._lanes, self._last_served)
+            lane = self._lanes[key]
+            job = lane.popleft()
+            if not lane:
+                del self._lanes[key]
+            self._last_served[key] = self._turn
+            self._turn += 1
+            if len(self._last_served) > 1024:  # forget clients long gone
+                horizon = self._turn - 1024
+                self._last_served = {k: t for k, t in self._last_served.items()
+                                     if t >= horizon or k in self._lanes}
+            self._running = job
+            job.state = RUNNING
+            job.started_at = time.monotonic()
+            return job
+
+    def _work(self) -> None:
+        while True:
+            job = self._take()
+            if job is None:
+                return
+            self._post(self._started, job)
+            result, error = (), None
+            try:
+                result = self._run(job)
+            except ControlCanvasError as err:
+                error = err
+            except Exception as err:  # an engine bug must not kill the worker
+                log.exception("job %s failed", job.job_id)
+                error = EngineError(f"The engine failed: {type(err).__name__}: {err}. "
+                                    f"See the server log; other jobs are not affected.")
+            with self._lock:
+                self._running = None
+            self._post(self._finish, job, result, error)
+
+    def _started(self, job: Job) -> None:
+        self._announce_positions()
+        if job.owner is not None:
+            job.owner.job_progress(job, 0, 0, "start")
+
+    def _run(self, job: Job) -> Tuple[Tuple[Optional[int], Image], ...]:
+        ctx = _Context(self, job)
+        ctx.check_cancelled()
+        message = job.message
+        if isinstance(message, Generate):
+            # The engine annotates control images itself (annotators.controls.prepare_controls)
+            # at the size it generates at: only it knows that size.
+            generated = self.engine.generate(message.request, job.images, ctx)
+            ctx.check_cancelled()
+            return tuple((g.seed, g.image) for g in generated)
+        if isinstance(message, Train):
+            return self._train(job, message, ctx)
+        annotated = self.engine.preprocess(message, job.images[message.image], ctx)
+        ctx.check_cancelled()
+        if isinstance(annotated, Image):  # a bare image: an engine with nothing to add
+            annotated = Annotated(annotated)
+        image = annotated.image
+        job.info = {k: v for k, v in annotated.info.items()
+                    if isinstance(v, (bool, int, float, str))}
+        return ((None, image),)
+
+
+    def _train(self, job: Job, message: Train, ctx: "_Context") -> tuple:
+        """Training runs on the worker thread too: it owns the GPU, so generation and
+        training never compete for it. Cancel stops after writing a checkpoint."""
+        from ..training.controlnet import config_from_message, job_progress, train_controlnet
+        out = train_controlnet(config_from_message(message), progress=job_progress(ctx))
+        job.info = {"out": str(out)}
+        return ()
+
+
+class _NobodyType:
+    key = ""
+
+
+_Nobody = _NobodyType()
+
+
+class _Context:
+    """The JobContext an engine sees while it runs one job (worker thread)."""
+
+    def __init__(self, manager: JobManager, job: Job) -> None:
+        self._manager = manager
+        self._job = job
+        self.job_id = job.job_id
+        every = job.message.preview_every if isinstance(job.message, Generate) else 0
+        self._preview_every = every
+
+    def check_cancelled(self) -> None:
+        if self._job.cancel_event.is_set():
+            raise Cancelled(f"Job {self.job_id} was cancelled.", job_id=self.job_id)
+
+    def progress(self, step: int, total: int, stage: str = "denoise") -> None:
+        self.check_cancelled()
+        self._job.last_progress = (step, total, stage)
+        self._manager._post(self._deliver_progress, step, total, stage)
+
+    def _deliver_progress(self, step: int, total: int, stage: str) -> None:
+        owner = self._job.owner
+        if owner is not None and self._job.state == RUNNING:
+            owner.job_progress(self._job, step, total, stage)
+
+    def wants_preview(self, step: int) -> bool:
+        return self._preview_every > 0 and step % self._preview_every == 0
+
+    def preview(self, step: int, image: Image) -> None:
+        self._manager._post(self._deliver_preview, step, image)
+
+    def _deliver_preview(self, step: int, image: Image) -> None:
+        owner = self._job.owner
+        if owner is not None and self._job.state == RUNNING:
+            owner.job_preview(self._job, step, image)
