@@ -654,7 +654,7 @@ def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp, tmp_path):
     panel.steps.setValue(20)
     panel.generate_button.click()
     assert pump(qapp, lambda: panel.history.count() == 2)
-    panel.controller._say("Added 1 layer(s), seed "
+    panel.controller.say("Added 1 layer(s), seed "
                           f"{panel.controller.history[0].seeds[0]}.")
     panel.units[0].options.setChecked(True)  # the line-art annotator's settings, open
     docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
@@ -668,7 +668,9 @@ def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp, tmp_path):
     assert body.minimumSizeHint().width() <= 262 and \
         body.minimumSizeHint().width() + scrollbar <= 276, \
         "the docker stays narrow: no horizontal scrolling at 270 px (276 px scrolling down)"
-    docker.resize(270, body.sizeHint().height())  # all of it, no vertical scrolling
+    # all of it, no vertical scrolling (the top part stays outside the scroll area)
+    docker.resize(270, docker.sizeHint().height() - panel.scroll.sizeHint().height()
+                  + body.sizeHint().height() + 8)
     qapp.processEvents()
     out = tmp_path / "krita-docker.png"
     assert docker.grab().save(str(out))
@@ -813,3 +815,125 @@ def test_pose_from_a_photo_layer_becomes_an_editable_skeleton(make_server, contr
     for want, got in zip(truth, found):
         for p, q in zip(want, got):
             assert abs(p[0] - q[0]) <= tolerance and abs(p[1] - q[1]) <= tolerance
+
+
+# -- the docker at Krita's default docked size (262 x 241 px) ----------------------------------
+
+KRITA_DOCKED = (262, 241)
+ALWAYS_THERE = ("state_dot", "state_text", "server_toggle", "preset", "prompt",
+                "generate_button", "cancel_button", "progress")
+
+
+def use_palette(docker, palette):
+    from PyQt6 import QtWidgets
+    docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
+    docker.setPalette(palette)
+    for child in docker.findChildren(QtWidgets.QWidget):
+        child.setPalette(palette)
+
+
+def light_palette():
+    from PyQt6 import QtWidgets
+    return QtWidgets.QStyleFactory.create("Fusion").standardPalette()
+
+
+def luminance(rgb):
+    def channel(v):
+        v /= 255.0
+        return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+    r, g, b = (channel(v) for v in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b):
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def heading_contrast(image, rect):
+    """WCAG contrast of a heading's ink against its background, from rendered pixels: the
+    background is the commonest colour in the heading's box, the ink the pixel that stands
+    out most from it."""
+    from collections import Counter
+    colours = Counter()
+    for y in range(rect.top(), rect.bottom() + 1):
+        for x in range(rect.left(), rect.right() + 1):
+            c = image.pixelColor(x, y)
+            colours[(c.red(), c.green(), c.blue())] += 1
+    background = colours.most_common(1)[0][0]
+    return max(contrast(background, c) for c in colours), background
+
+
+def open_docked(docker_on, qapp, engine=None):
+    doc, docker, panel = docker_on(engine or RecordingEngine(), 4)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    docker.resize(*KRITA_DOCKED)
+    docker.show()
+    pump(qapp, lambda: False, 0.2)
+    return doc, docker, panel
+
+
+def test_docker_at_krita_default_size_keeps_the_essentials_in_view(docker_on, qapp):
+    from PyQt6 import QtCore
+    doc, docker, panel = open_docked(docker_on, qapp)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    panel.controller.say("A long sentence from the server that goes on and on about what "
+                         "happened, far longer than two lines of a narrow docker can hold.")
+    pump(qapp, lambda: False, 0.2)
+    assert (docker.width(), docker.height()) == KRITA_DOCKED
+    shown = docker.rect()
+    for name in ALWAYS_THERE + ("message",):
+        widget = getattr(panel, name)
+        assert widget.isVisible(), name
+        box = QtCore.QRect(widget.mapTo(docker, QtCore.QPoint(0, 0)), widget.size())
+        assert shown.contains(box), (name, box, shown)
+        hint = widget.minimumSizeHint()  # unless a minimum is set on purpose (the prompt)
+        least = (widget.minimumWidth() or hint.width(), widget.minimumHeight() or hint.height())
+        assert widget.width() >= least[0] and widget.height() >= least[1], \
+            (name, widget.size(), least)
+    assert panel.prompt.height() >= 3 * panel.prompt.fontMetrics().lineSpacing() - 4
+    # the rest scrolls below them, and can be reached
+    bar = panel.scroll.verticalScrollBar()
+    assert panel.scroll.isVisible() and panel.scroll.viewport().height() > 20
+    assert bar.maximum() > 0
+    assert not panel.scroll.horizontalScrollBar().isVisible(), "no sideways scrolling"
+    panel.scroll.ensureWidgetVisible(panel.history)
+    pump(qapp, lambda: False, 0.1)
+    assert bar.value() > 0
+    # sections fold away
+    sampling = panel.sections["Sampling"]
+    sampling.toggle.click()
+    assert not panel.steps.isVisible() and sampling.toggle.isVisible()
+    sampling.toggle.click()
+    assert panel.steps.isVisibleTo(panel)
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_docker_headings_read_on_dark_and_light_themes(docker_on, qapp, tmp_path, theme):
+    from PyQt6 import QtCore, QtGui
+    palette = krita_dark_palette() if theme == "dark" else light_palette()
+    doc, docker, panel = open_docked(docker_on, qapp)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    panel.prompt.setPlainText("flat colours, girl in a red coat")
+    use_palette(docker, palette)
+    pump(qapp, lambda: False, 0.2)
+    out = tmp_path / f"krita-docker-{theme}.png"
+    assert docker.grab().save(str(out))
+    if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):
+        shutil.copy(out, ROOT / "docs" / "img" / f"krita-docker-{theme}.png")
+    shot = QtGui.QImage(str(out))
+    assert (shot.width(), shot.height()) == KRITA_DOCKED
+    body = panel.scroll.widget()
+    whole = body.grab().toImage()  # every section, also those scrolled out of view
+    assert set(panel.sections) == {"Prompt", "Control", "Sampling", "History"}
+    for title, section in panel.sections.items():
+        toggle = section.toggle
+        box = QtCore.QRect(toggle.mapTo(body, QtCore.QPoint(0, 0)), toggle.size())
+        ratio, background = heading_contrast(whole, box)
+        assert ratio >= 4.5, (theme, title, round(ratio, 2), background)
+        window = palette.color(QtGui.QPalette.ColorRole.Window)
+        assert contrast(background, (window.red(), window.green(), window.blue())) < 1.2, \
+            "the heading sits on the docker's own background"

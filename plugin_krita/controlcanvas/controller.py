@@ -72,9 +72,18 @@ class Controller:
             except Exception:  # a broken view must not break the plug-in
                 log.exception("listener failed")
 
-    def _say(self, message: str, level: str = "info") -> None:
+    def say(self, message: str, level: str = "info") -> None:
+        """Show a sentence to the artist (the docker's message line)."""
         self.message, self.level = message, level
         self._changed("message")
+
+    def canvas(self) -> Optional[CanvasPort]:
+        """The active document, None when none is open."""
+        return self._canvas()
+
+    def active_layer_id(self) -> str:
+        canvas = self._canvas()
+        return canvas.info().active_id if canvas is not None else ""
 
     # -- connection ---------------------------------------------------------------------
 
@@ -169,14 +178,14 @@ class Controller:
     def _current_canvas(self) -> Optional[CanvasPort]:
         canvas = self._canvas()
         if canvas is None:
-            self._say("Open a document first.", "warning")
+            self.say("Open a document first.", "warning")
         return canvas
 
     def _ready(self) -> bool:
         if self.worker is None:
             self.connect()
         if self.status.state == "error":
-            self._say(self.status.message, "error")
+            self.say(self.status.message, "error")
             return False
         return True
 
@@ -189,10 +198,10 @@ class Controller:
             job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch,
                                   declared=self.declared_params())
         except (PlanError, pixels.PixelError, openpose.PoseError) as err:
-            self._say(str(err), "error")
+            self.say(str(err), "error")
             return None
         except ControlCanvasError as err:
-            self._say(err.message, "error")
+            self.say(err.message, "error")
             return None
         request = job_plan.request
         if not self.settings.seed_locked:
@@ -205,7 +214,7 @@ class Controller:
         self.preview = None
         note = " ".join(job_plan.notes)
         waiting = "" if self.online else " (waiting for the server)"
-        self._say(f"Generating {request.batch} image(s), seed {request.seed}{waiting}."
+        self.say(f"Generating {request.batch} image(s), seed {request.seed}{waiting}."
                   + (f" {note}" if note else ""), "warning" if note else "info")
         self._changed("busy")
         return job_id
@@ -216,7 +225,7 @@ class Controller:
             return
         for job_id in jobs:
             self.worker.cancel(job_id)
-        self._say("Cancelling…")
+        self.say("Cancelling…")
 
     def selected_seed(self, index: int) -> Optional[int]:
         if 0 <= index < len(self.history):
@@ -228,7 +237,7 @@ class Controller:
         """Lock the seed of a history entry, so the next Generate repeats it."""
         seed = self.selected_seed(index)
         if seed is None:
-            self._say("Pick a result in the history first.", "warning")
+            self.say("Pick a result in the history first.", "warning")
             return None
         self.settings.seed, self.settings.seed_locked = seed, True
         self.save()
@@ -250,7 +259,7 @@ class Controller:
     def apply_history(self, index: int) -> None:
         """Insert a remembered result again (e.g. after deleting or undoing it)."""
         if not 0 <= index < len(self.history):
-            self._say("Pick a result in the history first.", "warning")
+            self.say("Pick a result in the history first.", "warning")
             return
         canvas = self._current_canvas()
         if canvas is None:
@@ -262,7 +271,7 @@ class Controller:
         """Run a unit's annotator on the server and insert the control image as a layer."""
         units = self.settings.units
         if not 0 <= unit_index < len(units):
-            self._say("Add a control unit first.", "warning")
+            self.say("Add a control unit first.", "warning")
             return None
         canvas = self._current_canvas()
         if canvas is None or not self._ready():
@@ -271,9 +280,9 @@ class Controller:
         doc = canvas.info()
         box = (0, 0, doc.width, doc.height)
         try:
-            image, annotator = plan._unit_image(canvas, doc, unit, box, unit_index)
+            image, annotator = plan.unit_image(canvas, doc, unit, box, unit_index)
         except (PlanError, openpose.PoseError) as err:
-            self._say(str(err), "error")
+            self.say(str(err), "error")
             return None
         layer = doc.layer(unit.layer_id)
         source = layer.name if layer else "visible image"
@@ -283,7 +292,7 @@ class Controller:
         self.active[job_id] = _Active("control-preview", canvas,
                                       name=f"Control: {annotator} of {source}",
                                       anchor_id=unit.layer_id, box=box)
-        self._say(f"Making the control image ({annotator}) of {source}…")
+        self.say(f"Making the control image ({annotator}) of {source}…")
         return job_id
 
     def insert_pose(self, layer_id: str = "") -> Optional[str]:
@@ -300,7 +309,7 @@ class Controller:
             return None
         detector = self.pose_detector()
         if not detector:
-            self._say("Pose detection is not available on this server (it offers no openpose "
+            self.say("Pose detection is not available on this server (it offers no openpose "
                       "annotator); start from the default skeleton and move its joints.",
                       "warning")
             return None
@@ -310,7 +319,7 @@ class Controller:
         job_id = self.worker.preprocess(detector, image, width=w, height=h)
         self.active[job_id] = _Active("pose-detect", canvas, anchor_id=layer_id,
                                       box=(0, 0, doc.width, doc.height))
-        self._say("Detecting the pose…")
+        self.say("Detecting the pose…")
         return job_id
 
     def _insert_pose_layer(self, canvas: CanvasPort, skeleton: openpose.People,
@@ -320,9 +329,9 @@ class Controller:
         try:
             layer_id = canvas.insert_pose_layer(svg, pose_mod.LAYER_NAME, anchor_id)
         except Exception as err:
-            self._say(f"The pose layer could not be added ({err}).", "error")
+            self.say(f"The pose layer could not be added ({err}).", "error")
             return None
-        self._say("Pose skeleton added: move its joints with the shape tools, then "
+        self.say("Pose skeleton added: move its joints with the shape tools, then "
                   "generate with an openpose unit bound to it.")
         return layer_id
 
@@ -338,7 +347,7 @@ class Controller:
                 self._handle(event)
             except Exception as err:  # never let one event stop the docker
                 log.exception("handling %r failed", type(event).__name__)
-                self._say(f"ControlCanvas could not handle the server's reply ({err}).",
+                self.say(f"ControlCanvas could not handle the server's reply ({err}).",
                           "error")
         return len(events)
 
@@ -383,7 +392,7 @@ class Controller:
             self._changed("status")
         elif isinstance(event, messages.Queued):
             if event.job_id in self.active and event.position > 0:
-                self._say(f"Queued (position {event.position}).")
+                self.say(f"Queued (position {event.position}).")
         elif isinstance(event, messages.Progress):
             if event.job_id in self.active and self.active[event.job_id].kind == "generate":
                 self.progress = (event.step, event.total)
@@ -400,9 +409,9 @@ class Controller:
         elif isinstance(event, JobFailed):
             active = self.active.pop(event.job_id, None) if event.job_id else None
             if event.code == "cancelled":
-                self._say("Cancelled.")
+                self.say("Cancelled.")
             else:
-                self._say(event.message, "error")
+                self.say(event.message, "error")
             if active is not None:
                 self.progress = (0, 0)
                 self._changed("busy")
@@ -421,7 +430,7 @@ class Controller:
             self._changed("history")
         elif active.kind == "control-preview":
             if not event.images:
-                self._say("The server returned no control image.", "error")
+                self.say("The server returned no control image.", "error")
                 return
             image = event.images[0][1]
             x, y, w, h = active.box
@@ -430,7 +439,7 @@ class Controller:
             where = "above" if active.anchor_id else "top"
             ids, note = active.canvas.insert_results(
                 Placement(where, active.anchor_id, active.box), [(image, active.name)])
-            self._say(f"Added the layer {active.name!r}." + (f" {note}" if note else ""))
+            self.say(f"Added the layer {active.name!r}." + (f" {note}" if note else ""))
         elif active.kind == "pose-detect":
             self._pose_detected(active, event)
 
@@ -448,11 +457,11 @@ class Controller:
             else:
                 people = []
         except openpose.PoseError as err:
-            self._say(str(err), "warning")
+            self.say(str(err), "warning")
             return
         skeleton = tuple(p for p in people if openpose.visible(p) >= 2)
         if not skeleton:
-            self._say("No pose was found in that layer.", "warning")
+            self.say("No pose was found in that layer.", "warning")
             return
         self._insert_pose_layer(active.canvas, skeleton, active.anchor_id)
 
@@ -470,10 +479,10 @@ class Controller:
             ids, note = canvas.insert_results(placement, layers, group)
         except Exception as err:
             log.exception("inserting results failed")
-            self._say(f"The result could not be added to the document ({err}); it is kept "
+            self.say(f"The result could not be added to the document ({err}); it is kept "
                       f"in the history.", "error")
             return []
         seeds = ", ".join(str(s) for _, s in images)
-        self._say(f"Added {len(layers)} layer(s), seed {seeds}." + (f" {note}" if note else ""),
+        self.say(f"Added {len(layers)} layer(s), seed {seeds}." + (f" {note}" if note else ""),
                   "warning" if note else "info")
         return ids

@@ -138,7 +138,7 @@ def _unit_skeleton(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings,
     return tuple(openpose.transformed(person, dx=-x, dy=-y) for person in skeleton)
 
 
-def _unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
+def unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
                 index: int) -> Tuple[Image, str]:
     """The control image of a unit and the preprocessor the server should run (a skeleton
     is drawn here: the control preview shows what the server will draw)."""
@@ -205,7 +205,7 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
                                               **common))
             continue
         slot = len(images)
-        image, preprocessor = _unit_image(canvas, doc, unit, box, index)
+        image, preprocessor = unit_image(canvas, doc, unit, box, index)
         if image.is_transparent() and preprocessor != "none":
             layer = doc.layer(unit.layer_id)
             raise PlanError(f"Control unit {index + 1}: the layer "
