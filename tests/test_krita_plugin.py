@@ -937,3 +937,101 @@ def test_docker_headings_read_on_dark_and_light_themes(docker_on, qapp, tmp_path
         window = palette.color(QtGui.QPalette.ColorRole.Window)
         assert contrast(background, (window.red(), window.green(), window.blue())) < 1.2, \
             "the heading sits on the docker's own background"
+
+
+# -- presets: which layer, and once the server's lists arrive ----------------------------------
+
+def add_layer(doc, name, pixel, below=None):
+    """A paint layer filled with ``pixel`` (BGRA bytes) over the whole document."""
+    node = doc.createNode(name, "paintlayer")
+    if pixel:
+        node.setPixelData(pixel * (W * H), 0, 0, W, H)
+    doc.rootNode().addChildNode(node, below)
+    return node
+
+
+def test_line_art_is_told_from_filled_empty_and_pale_layers(krita_app):
+    doc, lines = line_art_doc()
+    canvas = cc_canvas.KritaCanvas(doc)
+    pale = doc.createNode("pale", "paintlayer")
+    for y in range(4, H - 4):
+        pale.setPixelData(bgra(240, 230, 90), 10, y, 1, 1)  # light strokes
+    doc.rootNode().addChildNode(pale, None)
+    empty = add_layer(doc, "empty", b"")
+    verdict = {node.name(): plan.looks_like_line_art(canvas.sample_layer(uid(node)))
+               for node in doc.rootNode().childNodes()}
+    assert verdict == {"Background": False, "lineart": True, "pale": False, "empty": False}
+    sample = canvas.sample_layer(uid(lines))
+    assert 0 < len(sample) < W * H * 4, "a sample, not the whole layer"
+    assert canvas.sample_layer("gone") == b""
+
+
+def test_colourise_after_undo_binds_the_line_art_not_background(server, controller_for,
+                                                               krita_app):
+    doc, lines = line_art_doc()
+    background = doc.nodeByName("Background")
+    add_layer(doc, "colours", bgra(200, 40, 40))  # a filled layer on top: not line art
+    c = controller_for(doc, server)
+    c.apply_preset("colourise")
+    assert c.settings.units[0].layer_id == uid(lines)
+    assert "bound to layer 'lineart'" in c.message
+    doc.setActiveNode(background)  # what Krita does after an Undo
+    c.apply_preset("colourise")
+    assert c.settings.units[0].layer_id == uid(lines), "the layer the unit used before"
+    assert "bound to layer 'lineart'" in c.message
+    # a fresh docker (no unit yet), Background selected: the topmost layer with line art
+    fresh = controller_for(doc, server)
+    fresh.apply_preset("colourise")
+    assert fresh.settings.units[0].layer_id == uid(lines)
+    assert "Control: bound to layer 'lineart'." in fresh.message
+    assert fresh.settings.units[0].annotator == "lineart_from_drawing"
+    # the layer the unit used is gone: found again among what is left
+    second = doc.createNode("inks", "paintlayer")
+    second.setPixelData(bgra(10, 10, 10) * 20, 2, 20, 20, 1)
+    doc.rootNode().addChildNode(second, None)
+    lines.remove()
+    c.apply_preset("colourise")
+    assert c.settings.units[0].layer_id == uid(second) and "'inks'" in c.message
+
+
+def test_docker_preset_says_which_layer_it_bound(docker_on, qapp):
+    doc, docker, panel = docker_on(RecordingEngine(), 4)
+    doc.setActiveNode(doc.nodeByName("Background"))
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    assert panel.units[0].layer.currentText() == "lineart"
+    assert "bound to layer 'lineart'" in panel.message.text()
+
+
+def test_preset_chosen_before_connecting_resolves_when_the_lists_arrive(server, krita_app):
+    doc, lines = line_art_doc()
+    c = Controller(lambda: cc_canvas.KritaCanvas(doc),
+                   settings=Settings(url=server.url, token=server.token))
+    try:
+        c.apply_preset("colourise")  # nothing listed yet
+        assert c.settings.units[0].annotator == "none"
+        c.connect()
+        assert c.wait_online(20), c.status
+        assert c.settings.units[0].annotator == "lineart_from_drawing"
+        c.settings.seed, c.settings.seed_locked = 3, True
+        assert c.generate()
+        assert c.run_until_idle(20), c.message
+        request = server.recorder.calls[-1][0]
+        assert request.controls[0].preprocessor == "lineart_from_drawing", \
+            "the line art is read through the line-art annotator, not ignored"
+    finally:
+        c.shutdown()
+
+
+def test_docker_preset_chosen_before_connecting_shows_the_resolved_annotator(docker_on, qapp):
+    doc, docker, panel = docker_on(RecordingEngine(), 4)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    assert panel.units[0].annotator.currentText() == "none"
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    assert pump(qapp, lambda: panel.units[0].annotator.currentText() ==
+                "lineart_from_drawing", 5), panel.units[0].annotator.currentText()
+    assert panel.collect().units[0].annotator == "lineart_from_drawing"

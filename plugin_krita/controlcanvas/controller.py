@@ -62,6 +62,7 @@ class Controller:
         self.level = "info"  # "info" | "warning" | "error"
         self.listeners: List[Callable[[str], None]] = []
         self.token_note = ""
+        self.pending_preset = ""  # chosen before the server listed its annotators
 
     # -- notifications ------------------------------------------------------------------
 
@@ -218,6 +219,40 @@ class Controller:
                   + (f" {note}" if note else ""), "warning" if note else "info")
         self._changed("busy")
         return job_id
+
+    def apply_preset(self, key: str) -> None:
+        """Set up the control units of a preset, bound to the layer the preset needs (a
+        line-art preset finds the line art), and say which.  Chosen before the server
+        listed its annotators, the preset is resolved again when the lists arrive."""
+        p = plan.preset(key)
+        canvas = self._canvas()
+        doc = canvas.info() if canvas is not None else None
+        layer = ""
+        if doc is not None and p.source == "lineart":
+            previous = [u.layer_id for u in self.settings.units if u.condition == p.condition]
+            layer = plan.line_art_layer(canvas, doc, previous)
+        elif doc is not None:
+            layer = plan.pose_layer(doc) if p.source == "pose" else doc.active_id
+        self.settings = plan.apply_preset(self.settings, key, layer,
+                                          self.annotators(p.condition))
+        self.pending_preset = key if self.models is None else ""
+        self.save()
+        info = doc.layer(layer) if doc is not None and layer else None
+        bound = f"bound to layer {info.name!r}" if info else "bound to the visible image"
+        self.say(f"{p.notes or p.label} Control: {bound}.")
+
+    def _resolve_pending_preset(self) -> None:
+        """The server's lists arrived: give a preset's units the annotator it prefers."""
+        key, self.pending_preset = self.pending_preset, ""
+        if not key or self.models is None:
+            return
+        p = plan.preset(key)
+        names = self.annotators(p.condition)
+        for unit in self.settings.units:
+            if unit.condition == p.condition and unit.annotator == "none":
+                unit.annotator = plan.pick_annotator(p.annotators, names)
+        self.save()
+        self._changed("units")
 
     def cancel(self) -> None:
         jobs = [job_id for job_id, a in self.active.items() if a.kind == "generate"]
@@ -383,6 +418,7 @@ class Controller:
                                            f"({event.engine} engine){resumed}.")
             self._changed("status")
             self._changed("models")
+            self._resolve_pending_preset()
         elif isinstance(event, Disconnected):
             retry = f" Retrying in {event.retry_in:g} s." if event.retry_in else ""
             keep = f" {len(self.active)} job(s) will resume." if self.active and \

@@ -312,6 +312,11 @@ class UnitWidget(W.QFrame):
         self.annotator.blockSignals(False)
         self.fill_params()
 
+    def set_annotator(self, name: str) -> None:
+        self._annotator = name
+        if self.annotator.findText(name) >= 0:
+            self.annotator.setCurrentText(name)
+
     def fill_params(self) -> None:
         """Rebuild the settings of the chosen annotator (from the server's description);
         values set for it before are kept, another annotator starts from its defaults."""
@@ -675,17 +680,13 @@ class DockerPanel(W.QWidget):
         self.collect()
 
     def on_add_unit(self) -> None:
-        active = self._active_layer_id()
+        active = self.controller.active_layer_id()
         self._add_unit(UnitSettings(layer_id=active))
         self.collect()
 
     def preview_unit(self, widget: UnitWidget) -> None:
         self.collect()
         self.controller.preview_control(self.units.index(widget))
-
-    def _active_layer_id(self) -> str:
-        canvas = self.controller.canvas()
-        return canvas.info().active_id if canvas is not None else ""
 
     def refresh_layers(self) -> None:
         canvas = self.controller.canvas()
@@ -710,18 +711,8 @@ class DockerPanel(W.QWidget):
         if not key:
             return
         self.collect()
-        layer = self._active_layer_id()
-        if key == "pose":
-            canvas = self.controller.canvas()
-            info = canvas.info() if canvas is not None else None
-            poses = [l.id for l in (info.layers if info else ()) if l.kind == "vectorlayer"]
-            layer = layer if info and info.layer(layer) and info.layer(layer).kind == \
-                "vectorlayer" else (poses[0] if poses else layer)
-        names = self.controller.annotators(plan.preset(key).condition)
-        settings = plan.apply_preset(self.controller.settings, key, layer, names)
-        self.controller.settings = settings
-        self.load(settings)
-        self.controller.say(plan.preset(key).notes or plan.preset(key).label)
+        self.controller.apply_preset(key)
+        self.load(self.controller.settings)
 
     def on_generate(self) -> None:
         self.collect()
@@ -746,7 +737,7 @@ class DockerPanel(W.QWidget):
 
     def on_detect_pose(self) -> None:
         self.collect()
-        layer = self._active_layer_id()
+        layer = self.controller.active_layer_id()
         if not layer:
             self.controller.say("Select the photo layer to detect a pose in.", "warning")
             return
@@ -797,6 +788,9 @@ class DockerPanel(W.QWidget):
             self.generate_button.setText("Generate (queue)" if busy else "Generate")
             if not busy:
                 self.preview_image.setVisible(False)
+        elif what == "units":  # a preset resolved once the server's lists came
+            for widget, unit in zip(self.units, c.settings.units):
+                widget.set_annotator(unit.annotator)
         elif what == "history":
             self._fill_history()
         elif what == "settings":
