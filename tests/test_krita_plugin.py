@@ -1035,3 +1035,24 @@ def test_docker_preset_chosen_before_connecting_shows_the_resolved_annotator(doc
     assert pump(qapp, lambda: panel.units[0].annotator.currentText() ==
                 "lineart_from_drawing", 5), panel.units[0].annotator.currentText()
     assert panel.collect().units[0].annotator == "lineart_from_drawing"
+
+
+class NamedEngine(RecordingEngine):
+    """A fake engine that calls itself what the server was started with."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+
+@pytest.mark.parametrize("engine,shown", [("demo", "(demo engine)"), ("", "")])
+def test_docker_shows_the_engine_the_server_reports(docker_on, qapp, engine, shown):
+    doc, docker, panel = docker_on(NamedEngine(engine), 4)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    text = panel.state_text.text()
+    assert text.startswith("Connected to ") and "diffusers" not in text, text
+    if shown:
+        assert shown in text, text
+    else:
+        assert "engine" not in text and "()" not in text, text

@@ -414,8 +414,9 @@ class Controller:
         elif isinstance(event, Connected):
             self.models = event.models or self.models
             resumed = f"; resumed {event.resumed} job(s)" if event.resumed else ""
-            self.status = Status("online", f"Connected to {event.server or event.url} "
-                                           f"({event.engine} engine){resumed}.")
+            engine = f" ({event.engine} engine)" if event.engine.strip() else ""
+            self.status = Status("online", f"Connected to {event.server or event.url}"
+                                           f"{engine}{resumed}.")
             self._changed("status")
             self._changed("models")
             self._resolve_pending_preset()
