@@ -1056,3 +1056,75 @@ def test_docker_shows_the_engine_the_server_reports(docker_on, qapp, engine, sho
         assert shown in text, text
     else:
         assert "engine" not in text and "()" not in text, text
+
+
+# -- no server, a server that goes away ---------------------------------------------------------
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def poll_until(c, until, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c.poll()
+        if until():
+            return True
+        time.sleep(0.01)
+    return until()
+
+
+def test_generate_without_a_server_gives_up_and_says_what_to_do(krita_app):
+    doc, lines = line_art_doc()
+    url = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    c = Controller(lambda: cc_canvas.KritaCanvas(doc), settings=Settings(url=url, token="x"))
+    c.server_wait = 1.0
+    try:
+        colourise(c, doc, lines)
+        t0 = time.monotonic()
+        assert c.generate()
+        assert c.busy and "waiting for the server" in c.message
+        assert poll_until(c, lambda: not c.busy, 10), c.message
+        assert 0.9 <= time.monotonic() - t0 < 5
+        assert c.level == "error" and "controlcanvas serve" in c.message and url in c.message
+        assert "Generate again" in c.message and c.progress == (0, 0)
+        assert c.worker.unfinished() == [], "the dropped job is not sent later"
+        assert doc.layer_names() == ["Background", "lineart"]
+    finally:
+        c.shutdown()
+
+
+def test_server_stopped_mid_job_shows_the_real_state(make_server, controller_for, krita_app):
+    engine = RecordingEngine(step_seconds=0.05)
+    srv = make_server(engine)
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, srv), doc, lines, steps=60)
+    c.server_wait = 1.5
+    seen = []
+    c.listeners.append(seen.append)
+    assert c.generate()
+    assert poll_until(c, lambda: c.progress[0] >= 2, 10), c.progress
+    srv.stop()
+    assert poll_until(c, lambda: c.status.state != "online", 10), c.status
+    assert c.progress == (0, 0) and "progress" in seen, "no stale progress"
+    assert "reconnecting" in c.message and "1 job(s) will resume" in c.message, c.message
+    assert c.busy  # it may still come back
+    assert poll_until(c, lambda: not c.busy, 10), c.message
+    assert c.level == "error" and "controlcanvas serve" in c.message, c.message
+    assert doc.layer_names() == ["Background", "lineart"]
+
+
+def test_docker_resets_progress_when_the_link_drops(docker_on, qapp):
+    engine = RecordingEngine(step_seconds=0.05)
+    doc, docker, panel = docker_on(engine, 60)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    panel.generate_button.click()
+    assert pump(qapp, lambda: panel.progress.value() >= 2, 10)
+    panel.controller.worker.reconnect(f"ws://127.0.0.1:{free_port()}")  # the link drops
+    assert pump(qapp, lambda: not panel.controller.online, 10)
+    assert pump(qapp, lambda: panel.progress.value() == 0, 5), panel.progress.value()
+    assert "reconnecting" in panel.message.text(), panel.message.text()

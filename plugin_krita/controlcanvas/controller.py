@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import pixels, plan, pose as pose_mod
@@ -24,6 +24,7 @@ from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 log = logging.getLogger(__name__)
 HISTORY_SIZE = 20
 POSE_DETECT_SIDE = 512
+SERVER_WAIT = 20.0  # seconds a job waits for a server that does not answer, then is dropped
 
 
 @dataclass
@@ -34,6 +35,7 @@ class _Active:
     name: str = ""
     anchor_id: str = ""
     box: plan.Box = (0, 0, 0, 0)
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Controller:
         self.listeners: List[Callable[[str], None]] = []
         self.token_note = ""
         self.pending_preset = ""  # chosen before the server listed its annotators
+        self.server_wait = SERVER_WAIT
+        self._offline_since = time.monotonic()
 
     # -- notifications ------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class Controller:
         else:
             self.worker.reconnect(self.settings.url, use)
         self.status = Status("connecting", f"Connecting to {self.settings.url}…")
+        self._offline_since = time.monotonic()
         self._changed("status")
         self.save()
 
@@ -214,7 +219,7 @@ class Controller:
         self.progress = (0, request.steps * request.batch)
         self.preview = None
         note = " ".join(job_plan.notes)
-        waiting = "" if self.online else " (waiting for the server)"
+        waiting = "" if self.online else f" (waiting for the server at {self.settings.url})"
         self.say(f"Generating {request.batch} image(s), seed {request.seed}{waiting}."
                   + (f" {note}" if note else ""), "warning" if note else "info")
         self._changed("busy")
@@ -384,7 +389,31 @@ class Controller:
                 log.exception("handling %r failed", type(event).__name__)
                 self.say(f"ControlCanvas could not handle the server's reply ({err}).",
                           "error")
+        self._give_up_waiting()
         return len(events)
+
+    def _give_up_waiting(self) -> None:
+        """Jobs that waited :attr:`server_wait` seconds for a server that is not there
+        (never started, or gone and not back) are dropped, with what to do about it."""
+        if self.online or not self.active:
+            return
+        now = time.monotonic()
+        if now - self._offline_since < self.server_wait:
+            return
+        late = [job_id for job_id, a in self.active.items() if now - a.since >= self.server_wait]
+        if not late:
+            return
+        for job_id in late:
+            del self.active[job_id]
+            if self.worker is not None:
+                self.worker.cancel(job_id)
+        self.progress, self.preview = (0, 0), None
+        self._changed("progress")
+        self._changed("busy")
+        self.say(f"No ControlCanvas server answered at {self.settings.url} for "
+                 f"{self.server_wait:g} s, so {len(late)} job(s) were dropped. Start the server "
+                 f"with `controlcanvas serve` (or check the address and token under Server), "
+                 f"then press Generate again.", "error")
 
     def run_until_idle(self, timeout: float = 60.0) -> bool:
         """Batch use: poll until no job is active (True) or ``timeout`` passes (False)."""
@@ -421,6 +450,8 @@ class Controller:
             self._changed("models")
             self._resolve_pending_preset()
         elif isinstance(event, Disconnected):
+            if self.status.state == "online":
+                self._connection_lost(event)
             retry = f" Retrying in {event.retry_in:g} s." if event.retry_in else ""
             keep = f" {len(self.active)} job(s) will resume." if self.active and \
                 event.retry_in else ""
@@ -446,12 +477,25 @@ class Controller:
         elif isinstance(event, JobFailed):
             active = self.active.pop(event.job_id, None) if event.job_id else None
             if event.code == "cancelled":
-                self.say("Cancelled.")
+                if active is not None or not event.job_id:
+                    self.say("Cancelled.")
             else:
                 self.say(event.message, "error")
             if active is not None:
                 self.progress = (0, 0)
                 self._changed("busy")
+
+    def _connection_lost(self, event: Disconnected) -> None:
+        """The link dropped: no stale progress; say that it reconnects, and what waits."""
+        self._offline_since = time.monotonic()
+        self.progress, self.preview = (0, 0), None
+        self._changed("progress")
+        jobs = sum(1 for a in self.active.values() if a.kind == "generate")
+        if event.retry_in:
+            waits = f" {jobs} job(s) will resume when it is back." if jobs else ""
+            self.say(f"Disconnected from {event.url}; reconnecting…{waits}", "warning")
+        else:
+            self.say(f"Disconnected from {event.url}.", "error")
 
     def _finished(self, active: _Active, event: ResultReady) -> None:
         if active.kind == "generate":

@@ -775,6 +775,8 @@ class DockerPanel(W.QWidget):
             step, total = c.progress
             self.progress.setRange(0, max(1, total))
             self.progress.setValue(min(step, max(1, total)))
+            if not total:  # reset (a dropped link, a dropped job): no stale preview either
+                self.preview_image.setVisible(False)
         elif what == "preview" and c.preview is not None:
             image = qimage_from_rgba(c.preview.width, c.preview.height, c.preview.data)
             pix = QtGui.QPixmap.fromImage(image).scaled(
