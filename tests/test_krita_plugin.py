@@ -1128,3 +1128,41 @@ def test_docker_resets_progress_when_the_link_drops(docker_on, qapp):
     assert pump(qapp, lambda: not panel.controller.online, 10)
     assert pump(qapp, lambda: panel.progress.value() == 0, 5), panel.progress.value()
     assert "reconnecting" in panel.message.text(), panel.message.text()
+
+
+# -- structure ---------------------------------------------------------------------------------
+
+PLUGIN = ROOT / "plugin_krita" / "controlcanvas"
+
+
+def test_no_plugin_function_is_longer_than_80_lines():
+    import ast
+    long = []
+    for path in sorted(PLUGIN.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_no_private_names_used_across_plugin_modules():
+    """``module._name`` or ``controller._name`` from another module: give it a public name."""
+    import ast
+    modules = {p.stem for p in PLUGIN.glob("*.py")} | {"controller", "canvas", "worker"}
+    found = []
+    for path in sorted(PLUGIN.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and \
+                    not node.attr.startswith("__"):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    if base.attr in modules:
+                        break
+                    base = base.value
+                name = base.attr if isinstance(base, ast.Attribute) else \
+                    getattr(base, "id", "")
+                if name in modules and name != path.stem:
+                    found.append(f"{path.name}:{node.lineno} {name}.{node.attr}")
+    assert not found, found

@@ -205,10 +205,19 @@ class UnitWidget(W.QFrame):
         super().__init__()
         self.panel = panel
         self.setFrameShape(W.QFrame.Shape.StyledPanel)
-        grid = W.QGridLayout(self)
-        grid.setContentsMargins(2, 3, 2, 3)
-        grid.setHorizontalSpacing(4)
-        grid.setVerticalSpacing(2)
+        self._make_fields(unit)
+        self._lay_out()
+        self._layer_id = unit.layer_id
+        self._annotator = unit.annotator
+        self._params, self._params_for = dict(unit.params), unit.annotator
+        self.condition.currentIndexChanged.connect(self.fill_annotators)
+        self.annotator.currentIndexChanged.connect(self.fill_params)
+        self.options.toggled.connect(self._show_params)
+        self.layer.currentIndexChanged.connect(self._layer_changed)
+        self.remove.clicked.connect(lambda: panel.remove_unit(self))
+        self.preview.clicked.connect(lambda: panel.preview_unit(self))
+
+    def _make_fields(self, unit: UnitSettings) -> None:
         self.enabled = W.QCheckBox()
         self.enabled.setChecked(unit.enabled)
         self.enabled.setToolTip("Use this unit")
@@ -249,7 +258,12 @@ class UnitWidget(W.QFrame):
                            unit.control_mode)
         self.mode.setToolTip("Control mode: balanced, prompt is more important, or control is "
                              "more important")
-        # laid out for a narrow docker (~240 px): at most two fields per row
+    def _lay_out(self) -> None:
+        """Laid out for a narrow docker (~240 px): at most two fields per row."""
+        grid = W.QGridLayout(self)
+        grid.setContentsMargins(2, 3, 2, 3)
+        grid.setHorizontalSpacing(4)
+        grid.setVerticalSpacing(2)
         top = W.QHBoxLayout()
         top.setSpacing(3)
         top.addWidget(self.enabled)
@@ -275,15 +289,6 @@ class UnitWidget(W.QFrame):
         grid.addWidget(self.resize, 5, 1, 1, 3)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(2, 1)
-        self._layer_id = unit.layer_id
-        self._annotator = unit.annotator
-        self._params, self._params_for = dict(unit.params), unit.annotator
-        self.condition.currentIndexChanged.connect(self.fill_annotators)
-        self.annotator.currentIndexChanged.connect(self.fill_params)
-        self.options.toggled.connect(self._show_params)
-        self.layer.currentIndexChanged.connect(self._layer_changed)
-        self.remove.clicked.connect(lambda: panel.remove_unit(self))
-        self.preview.clicked.connect(lambda: panel.preview_unit(self))
 
     def _layer_changed(self) -> None:
         if self.layer.currentIndex() >= 0:
