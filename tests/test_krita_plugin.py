@@ -1166,3 +1166,82 @@ def test_no_private_names_used_across_plugin_modules():
                 if name in modules and name != path.stem:
                     found.append(f"{path.name}:{node.lineno} {name}.{node.attr}")
     assert not found, found
+
+
+# -- what the worker and the controller must keep doing (planted bugs went unnoticed) -----------
+
+def test_worker_acks_each_result_so_the_server_forgets_it(server, controller_for, krita_app):
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, server), doc, lines)
+    job_id = c.generate()
+    assert c.run_until_idle(20), c.message
+    assert len(doc.layer_names()) == 3  # the result arrived
+    jobs = server.server.manager.jobs
+    deadline = time.monotonic() + 5
+    while job_id in jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job_id not in jobs, "the result was not acknowledged: the server keeps it"
+
+
+class IgnoresTheMaskEngine(RecordingEngine):
+    """Paints the whole box, as a model may: the plug-in must keep to the selection."""
+
+    def generate(self, request, images, ctx):
+        from dataclasses import replace as dc_replace
+        out = super().generate(request, images, ctx)
+        return [dc_replace(o, image=Image.filled(o.image.width, o.image.height,
+                                                 (0, 200, 0, 255))) for o in out]
+
+
+def test_inpaint_sends_the_selection_mask_and_keeps_the_result_inside_it(make_server,
+                                                                         controller_for,
+                                                                         krita_app):
+    engine = IgnoresTheMaskEngine()
+    doc, lines = line_art_doc()
+    sel = mock_krita.Selection(doc)
+    sel.select(12, 10, 6, 5, 255)
+    doc.setSelection(sel)
+    c = controller_for(doc, make_server(engine), mode="inpaint", prompt="sky", strength=1.0)
+    assert c.generate()
+    assert c.run_until_idle(20), c.message
+    request, images, outputs = engine.calls[-1]
+    assert request.mask_image is not None, "the selection mask was not sent"
+    mask = images[request.mask_image]
+    assert mask.pixel(12, 10) == (255, 255, 255, 255) and mask.pixel(11, 10)[:3] == (0, 0, 0)
+    assert mask.pixel(17, 14)[0] == 255 and mask.pixel(18, 14)[0] == 0
+    result = node_image(doc.nodeByName(f"sky [seed {c.history[0].seeds[0]}]"), doc)
+    assert result.pixel(14, 12) == (0, 200, 0, 255)
+    outside = [result.pixel(x, y)[3] for y in range(H) for x in range(W)
+               if not (12 <= x < 18 and 10 <= y < 15)]
+    assert max(outside) == 0, "the result covers pixels outside the selection"
+
+
+def test_reconnect_resends_a_job_the_server_never_got_and_only_that_one(make_server, krita_app):
+    engine = RecordingEngine(step_seconds=0.03)
+    srv = make_server(engine)
+    proxy = CuttableProxy(srv.server.port)
+    doc, lines = line_art_doc()
+    c = Controller(lambda: cc_canvas.KritaCanvas(doc),
+                   settings=Settings(url=proxy.url, token=srv.token))
+    try:
+        c.connect()
+        assert c.wait_online(20)
+        colourise(c, doc, lines, steps=20, seed=11, seed_locked=True)
+        kept = c.generate()  # the server has this one
+        assert engine.started.wait(10)
+        proxy.swallow = True  # the next upload leaves but never arrives
+        c.settings.seed = 22
+        lost = c.generate()
+        time.sleep(0.5)
+        assert lost in c.worker.unfinished()
+        proxy.cut()
+        proxy.swallow = False
+        assert c.run_until_idle(30), (c.status, c.message)
+        seeds = sorted(call[0].seed for call in engine.calls)
+        assert seeds == [11, 22], f"each job ran once on the server: {seeds}"
+        assert kept != lost and {s for item in c.history for s in item.seeds} == {11, 22}
+        assert doc.nodeByName("flat colours, red coat [seed 22]") is not None
+        assert doc.nodeByName("flat colours, red coat [seed 11]") is not None
+    finally:
+        c.shutdown()
+        proxy.close()
