@@ -243,8 +243,8 @@ class Controller:
         self.pending_preset = key if self.models is None else ""
         self.save()
         info = doc.layer(layer) if doc is not None and layer else None
-        bound = f"bound to layer {info.name!r}" if info else "bound to the visible image"
-        self.say(f"{p.notes or p.label} Control: {bound}.")
+        bound = f"layer {info.name!r}" if info else "the visible image"
+        self.say(f"{p.label}: control bound to {bound}. {p.notes}".strip())
 
     def _resolve_pending_preset(self) -> None:
         """The server's lists arrived: give a preset's units the annotator it prefers."""
@@ -410,10 +410,9 @@ class Controller:
         self.progress, self.preview = (0, 0), None
         self._changed("progress")
         self._changed("busy")
-        self.say(f"No ControlCanvas server answered at {self.settings.url} for "
-                 f"{self.server_wait:g} s, so {len(late)} job(s) were dropped. Start the server "
-                 f"with `controlcanvas serve` (or check the address and token under Server), "
-                 f"then press Generate again.", "error")
+        self.say(f"No server at {self.settings.url} (waited {self.server_wait:g} s): "
+                 f"{len(late)} job(s) dropped. Run `controlcanvas serve` or fix the address, "
+                 f"then Generate again.", "error")
 
     def run_until_idle(self, timeout: float = 60.0) -> bool:
         """Batch use: poll until no job is active (True) or ``timeout`` passes (False)."""

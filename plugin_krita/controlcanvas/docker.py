@@ -81,14 +81,28 @@ def _lines_label(lines: int) -> W.QLabel:
     so a long sentence cannot push Generate out of a small docker."""
     label = _ToolTipLabel()
     label.setWordWrap(True)
+    label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)  # cut the end
     label.setMaximumHeight(lines * label.fontMetrics().lineSpacing() + 2)
     return label
 
 
 class _ToolTipLabel(W.QLabel):
+    """Asks the layout for the lines its text needs at its width (up to its maximum):
+    a wrapped label's own size hint is too small inside a nested layout."""
+
     def setText(self, text: str) -> None:  # noqa: N802 - Qt's name
         super().setText(text)
         self.setToolTip(text)
+        self._fit()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        need = min(self.maximumHeight(), max(0, self.heightForWidth(max(1, self.width()))))
+        if need != self.minimumHeight():
+            self.setMinimumHeight(need)
 
 
 class Section(W.QWidget):
@@ -395,6 +409,7 @@ class DockerPanel(W.QWidget):
         self.scroll.setWidgetResizable(True)
         self.scroll.setFrameShape(W.QFrame.Shape.NoFrame)
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.scroll.setMinimumHeight(24)  # below its own hint: the top part comes first
         outer.addWidget(self.scroll, 1)
         body = W.QWidget()
         self.scroll.setWidget(body)
@@ -444,7 +459,7 @@ class DockerPanel(W.QWidget):
         col.addLayout(row)
         self.prompt = W.QPlainTextEdit()
         self.prompt.setPlaceholderText("What to paint, e.g. flat colours, girl in a red coat")
-        self.prompt.setFixedHeight(44)
+        self.prompt.setFixedHeight(42)
         col.addWidget(self.prompt)
         row = W.QHBoxLayout()
         self.generate_button = W.QPushButton("Generate")
@@ -467,7 +482,7 @@ class DockerPanel(W.QWidget):
         self.progress.setValue(0)
         self.progress.setFormat("%v / %m")
         col.addWidget(self.progress)
-        self.message = _lines_label(2)
+        self.message = _lines_label(3)
         self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         col.addWidget(self.message)
 

@@ -272,10 +272,10 @@ PRESETS: Tuple[Preset, ...] = (
     Preset("colourise", "Colourise line art", "lineart", "below",
            "flat colours, soft shading",
            ("lineart_from_drawing", "lineart_drawing", "invert", "none"),
-           "Line art unit on the line-art layer; colours go under the lines.", "lineart"),
+           "Colours go under the lines.", "lineart"),
     Preset("pose", "Figure from pose", "openpose", "below", "full body figure",
-           ("none",), "Openpose unit on the pose skeleton layer; figures go under the "
-                      "skeleton, so it stays on top to edit.", "pose"),
+           ("none",), "Figures go under the skeleton, so it stays on top to edit.",
+           "pose"),
     Preset("scribble", "Sketch to image", "scribble", "above", "",
            ("scribble", "none")),
 )
