@@ -652,7 +652,7 @@ def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp, tmp_path):
     panel.steps.setValue(20)
     panel.generate_button.click()
     assert pump(qapp, lambda: panel.history.count() == 2)
-    panel.controller._say("Added 1 layer(s), seed "
+    panel.controller.say("Added 1 layer(s), seed "
                           f"{panel.controller.history[0].seeds[0]}.")
     panel.units[0].options.setChecked(True)  # the line-art annotator's settings, open
     docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
@@ -666,8 +666,14 @@ def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp, tmp_path):
     assert body.minimumSizeHint().width() <= 262 and \
         body.minimumSizeHint().width() + scrollbar <= 276, \
         "the docker stays narrow: no horizontal scrolling at 270 px (276 px scrolling down)"
-    docker.resize(270, body.sizeHint().height())  # all of it, no vertical scrolling
-    qapp.processEvents()
+    # all of it, no vertical scrolling (the top part stays outside the scroll area)
+    bar = panel.scroll.verticalScrollBar()
+    for _ in range(20):
+        qapp.processEvents()
+        if bar.maximum() == 0:
+            break
+        docker.resize(270, docker.height() + bar.maximum() + 2)
+    assert bar.maximum() == 0
     out = tmp_path / "krita-docker.png"
     assert docker.grab().save(str(out))
     assert out.stat().st_size > 5000
@@ -811,3 +817,440 @@ def test_pose_from_a_photo_layer_becomes_an_editable_skeleton(make_server, contr
     for want, got in zip(truth, found):
         for p, q in zip(want, got):
             assert abs(p[0] - q[0]) <= tolerance and abs(p[1] - q[1]) <= tolerance
+
+
+# -- the docker at Krita's default docked size (262 x 241 px) ----------------------------------
+
+KRITA_DOCKED = (262, 241)
+ALWAYS_THERE = ("state_dot", "state_text", "server_toggle", "preset", "prompt",
+                "generate_button", "cancel_button", "progress")
+
+
+def use_palette(docker, palette):
+    from PyQt6 import QtWidgets
+    docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
+    docker.setPalette(palette)
+    for child in docker.findChildren(QtWidgets.QWidget):
+        child.setPalette(palette)
+
+
+def light_palette():
+    from PyQt6 import QtWidgets
+    return QtWidgets.QStyleFactory.create("Fusion").standardPalette()
+
+
+def luminance(rgb):
+    def channel(v):
+        v /= 255.0
+        return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+    r, g, b = (channel(v) for v in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b):
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def heading_contrast(image, rect):
+    """WCAG contrast of a heading's ink against its background, from rendered pixels: the
+    background is the commonest colour in the heading's box, the ink the pixel that stands
+    out most from it."""
+    from collections import Counter
+    colours = Counter()
+    for y in range(rect.top(), rect.bottom() + 1):
+        for x in range(rect.left(), rect.right() + 1):
+            c = image.pixelColor(x, y)
+            colours[(c.red(), c.green(), c.blue())] += 1
+    background = colours.most_common(1)[0][0]
+    return max(contrast(background, c) for c in colours), background
+
+
+def open_docked(docker_on, qapp, engine=None):
+    doc, docker, panel = docker_on(engine or RecordingEngine(), 4)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    docker.resize(*KRITA_DOCKED)
+    docker.show()
+    pump(qapp, lambda: False, 0.2)
+    return doc, docker, panel
+
+
+def test_docker_at_krita_default_size_keeps_the_essentials_in_view(docker_on, qapp, tmp_path):
+    from PyQt6 import QtCore
+    doc, docker, panel = open_docked(docker_on, qapp)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    panel.controller.say("No server at ws://127.0.0.1:7351 (waited 20 s): 1 job(s) dropped. "
+                         "Run `controlcanvas serve` or fix the address, then Generate again.",
+                         "error")
+    pump(qapp, lambda: False, 0.2)
+    assert docker.grab().save(str(tmp_path / "krita-docker-docked-error.png"))
+    assert "Generate again" in panel.message.toolTip()
+    message = panel.message
+    assert message.height() >= min(message.maximumHeight(),
+                                   message.heightForWidth(message.width())), \
+        "the message shows all its lines (up to three)"
+    assert (docker.width(), docker.height()) == KRITA_DOCKED
+    shown = docker.rect()
+    for name in ALWAYS_THERE + ("message",):
+        widget = getattr(panel, name)
+        assert widget.isVisible(), name
+        box = QtCore.QRect(widget.mapTo(docker, QtCore.QPoint(0, 0)), widget.size())
+        assert shown.contains(box), (name, box, shown)
+        hint = widget.minimumSizeHint()  # unless a minimum is set on purpose (the prompt)
+        least = (widget.minimumWidth() or hint.width(), widget.minimumHeight() or hint.height())
+        assert widget.width() >= least[0] and widget.height() >= least[1], \
+            (name, widget.size(), least)
+    assert panel.prompt.height() >= 3 * panel.prompt.fontMetrics().lineSpacing() - 4
+    # the rest scrolls below them, and can be reached
+    bar = panel.scroll.verticalScrollBar()
+    assert panel.scroll.isVisible() and panel.scroll.viewport().height() > 20
+    assert bar.maximum() > 0
+    assert not panel.scroll.horizontalScrollBar().isVisible(), "no sideways scrolling"
+    panel.scroll.ensureWidgetVisible(panel.history)
+    pump(qapp, lambda: False, 0.1)
+    assert bar.value() > 0
+    # sections fold away
+    sampling = panel.sections["Sampling"]
+    sampling.toggle.click()
+    assert not panel.steps.isVisible() and sampling.toggle.isVisible()
+    sampling.toggle.click()
+    assert panel.steps.isVisibleTo(panel)
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_docker_headings_read_on_dark_and_light_themes(docker_on, qapp, tmp_path, theme):
+    from PyQt6 import QtCore, QtGui
+    palette = krita_dark_palette() if theme == "dark" else light_palette()
+    doc, docker, panel = open_docked(docker_on, qapp)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    panel.prompt.setPlainText("flat colours, girl in a red coat")
+    use_palette(docker, palette)
+    pump(qapp, lambda: False, 0.2)
+    out = tmp_path / f"krita-docker-{theme}.png"
+    assert docker.grab().save(str(out))
+    if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):
+        shutil.copy(out, ROOT / "docs" / "img" / f"krita-docker-{theme}.png")
+    shot = QtGui.QImage(str(out))
+    assert (shot.width(), shot.height()) == KRITA_DOCKED
+    body = panel.scroll.widget()
+    whole = body.grab().toImage()  # every section, also those scrolled out of view
+    assert set(panel.sections) == {"Prompt", "Control", "Sampling", "History"}
+    for title, section in panel.sections.items():
+        toggle = section.toggle
+        box = QtCore.QRect(toggle.mapTo(body, QtCore.QPoint(0, 0)), toggle.size())
+        ratio, background = heading_contrast(whole, box)
+        assert ratio >= 4.5, (theme, title, round(ratio, 2), background)
+        window = palette.color(QtGui.QPalette.ColorRole.Window)
+        assert contrast(background, (window.red(), window.green(), window.blue())) < 1.2, \
+            "the heading sits on the docker's own background"
+
+
+# -- presets: which layer, and once the server's lists arrive ----------------------------------
+
+def add_layer(doc, name, pixel, below=None):
+    """A paint layer filled with ``pixel`` (BGRA bytes) over the whole document."""
+    node = doc.createNode(name, "paintlayer")
+    if pixel:
+        node.setPixelData(pixel * (W * H), 0, 0, W, H)
+    doc.rootNode().addChildNode(node, below)
+    return node
+
+
+def test_line_art_is_told_from_filled_empty_and_pale_layers(krita_app):
+    doc, lines = line_art_doc()
+    canvas = cc_canvas.KritaCanvas(doc)
+    pale = doc.createNode("pale", "paintlayer")
+    for y in range(4, H - 4):
+        pale.setPixelData(bgra(240, 230, 90), 10, y, 1, 1)  # light strokes
+    doc.rootNode().addChildNode(pale, None)
+    empty = add_layer(doc, "empty", b"")
+    verdict = {node.name(): plan.looks_like_line_art(canvas.sample_layer(uid(node)))
+               for node in doc.rootNode().childNodes()}
+    assert verdict == {"Background": False, "lineart": True, "pale": False, "empty": False}
+    sample = canvas.sample_layer(uid(lines))
+    assert 0 < len(sample) < W * H * 4, "a sample, not the whole layer"
+    assert canvas.sample_layer("gone") == b""
+
+
+def test_colourise_after_undo_binds_the_line_art_not_background(server, controller_for,
+                                                               krita_app):
+    doc, lines = line_art_doc()
+    background = doc.nodeByName("Background")
+    add_layer(doc, "colours", bgra(200, 40, 40))  # a filled layer on top: not line art
+    c = controller_for(doc, server)
+    c.apply_preset("colourise")
+    assert c.settings.units[0].layer_id == uid(lines)
+    assert "bound to layer 'lineart'" in c.message, c.message
+    doc.setActiveNode(background)  # what Krita does after an Undo
+    c.apply_preset("colourise")
+    assert c.settings.units[0].layer_id == uid(lines), "the layer the unit used before"
+    assert "bound to layer 'lineart'" in c.message
+    # a fresh docker (no unit yet), Background selected: the topmost layer with line art
+    fresh = controller_for(doc, server)
+    fresh.apply_preset("colourise")
+    assert fresh.settings.units[0].layer_id == uid(lines)
+    assert fresh.message.startswith("Colourise line art: control bound to layer 'lineart'.")
+    assert fresh.settings.units[0].annotator == "lineart_from_drawing"
+    # the layer the unit used is gone: found again among what is left
+    second = doc.createNode("inks", "paintlayer")
+    second.setPixelData(bgra(10, 10, 10) * 20, 2, 20, 20, 1)
+    doc.rootNode().addChildNode(second, None)
+    lines.remove()
+    c.apply_preset("colourise")
+    assert c.settings.units[0].layer_id == uid(second) and "'inks'" in c.message
+
+
+def test_docker_preset_says_which_layer_it_bound(docker_on, qapp):
+    doc, docker, panel = docker_on(RecordingEngine(), 4)
+    doc.setActiveNode(doc.nodeByName("Background"))
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    assert panel.units[0].layer.currentText() == "lineart"
+    assert "bound to layer 'lineart'" in panel.message.text()
+
+
+def test_preset_chosen_before_connecting_resolves_when_the_lists_arrive(server, krita_app):
+    doc, lines = line_art_doc()
+    c = Controller(lambda: cc_canvas.KritaCanvas(doc),
+                   settings=Settings(url=server.url, token=server.token))
+    try:
+        c.apply_preset("colourise")  # nothing listed yet
+        assert c.settings.units[0].annotator == "none"
+        c.connect()
+        assert c.wait_online(20), c.status
+        assert c.settings.units[0].annotator == "lineart_from_drawing"
+        c.settings.seed, c.settings.seed_locked = 3, True
+        assert c.generate()
+        assert c.run_until_idle(20), c.message
+        request = server.recorder.calls[-1][0]
+        assert request.controls[0].preprocessor == "lineart_from_drawing", \
+            "the line art is read through the line-art annotator, not ignored"
+    finally:
+        c.shutdown()
+
+
+def test_docker_preset_chosen_before_connecting_shows_the_resolved_annotator(docker_on, qapp):
+    doc, docker, panel = docker_on(RecordingEngine(), 4)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    assert panel.units[0].annotator.currentText() == "none"
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    assert pump(qapp, lambda: panel.units[0].annotator.currentText() ==
+                "lineart_from_drawing", 5), panel.units[0].annotator.currentText()
+    assert panel.collect().units[0].annotator == "lineart_from_drawing"
+
+
+class NamedEngine(RecordingEngine):
+    """A fake engine that calls itself what the server was started with."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+
+@pytest.mark.parametrize("engine,shown", [("demo", "(demo engine)"), ("", "")])
+def test_docker_shows_the_engine_the_server_reports(docker_on, qapp, engine, shown):
+    doc, docker, panel = docker_on(NamedEngine(engine), 4)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    text = panel.state_text.text()
+    assert text.startswith("Connected to ") and "diffusers" not in text, text
+    if shown:
+        assert shown in text, text
+    else:
+        assert "engine" not in text and "()" not in text, text
+
+
+# -- no server, a server that goes away ---------------------------------------------------------
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def poll_until(c, until, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c.poll()
+        if until():
+            return True
+        time.sleep(0.01)
+    return until()
+
+
+def test_generate_without_a_server_gives_up_and_says_what_to_do(krita_app):
+    doc, lines = line_art_doc()
+    url = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    c = Controller(lambda: cc_canvas.KritaCanvas(doc), settings=Settings(url=url, token="x"))
+    c.server_wait = 1.0
+    try:
+        colourise(c, doc, lines)
+        t0 = time.monotonic()
+        assert c.generate()
+        assert c.busy and "waiting for the server" in c.message
+        assert poll_until(c, lambda: not c.busy, 10), c.message
+        assert 0.9 <= time.monotonic() - t0 < 5
+        assert c.level == "error" and "controlcanvas serve" in c.message and url in c.message
+        assert "Generate again" in c.message and c.progress == (0, 0)
+        assert c.worker.unfinished() == [], "the dropped job is not sent later"
+        assert doc.layer_names() == ["Background", "lineart"]
+    finally:
+        c.shutdown()
+
+
+def test_server_stopped_mid_job_shows_the_real_state(make_server, controller_for, krita_app):
+    engine = RecordingEngine(step_seconds=0.05)
+    srv = make_server(engine)
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, srv), doc, lines, steps=60)
+    c.server_wait = 1.5
+    seen = []
+    c.listeners.append(seen.append)
+    assert c.generate()
+    assert poll_until(c, lambda: c.progress[0] >= 2, 10), c.progress
+    srv.stop()
+    assert poll_until(c, lambda: c.status.state != "online", 10), c.status
+    assert c.progress == (0, 0) and "progress" in seen, "no stale progress"
+    assert "reconnecting" in c.message and "1 job(s) will resume" in c.message, c.message
+    assert c.busy  # it may still come back
+    assert poll_until(c, lambda: not c.busy, 10), c.message
+    assert c.level == "error" and "controlcanvas serve" in c.message, c.message
+    assert doc.layer_names() == ["Background", "lineart"]
+
+
+def test_docker_resets_progress_when_the_link_drops(docker_on, qapp):
+    engine = RecordingEngine(step_seconds=0.05)
+    doc, docker, panel = docker_on(engine, 60)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    panel.generate_button.click()
+    assert pump(qapp, lambda: panel.progress.value() >= 2, 10)
+    panel.controller.worker.reconnect(f"ws://127.0.0.1:{free_port()}")  # the link drops
+    assert pump(qapp, lambda: not panel.controller.online, 10)
+    assert pump(qapp, lambda: panel.progress.value() == 0, 5), panel.progress.value()
+    assert "reconnecting" in panel.message.text(), panel.message.text()
+
+
+# -- structure ---------------------------------------------------------------------------------
+
+PLUGIN = ROOT / "plugin_krita" / "controlcanvas"
+
+
+def test_no_plugin_function_is_longer_than_80_lines():
+    import ast
+    long = []
+    for path in sorted(PLUGIN.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_no_private_names_used_across_plugin_modules():
+    """``module._name`` or ``controller._name`` from another module: give it a public name."""
+    import ast
+    modules = {p.stem for p in PLUGIN.glob("*.py")} | {"controller", "canvas", "worker"}
+    found = []
+    for path in sorted(PLUGIN.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and \
+                    not node.attr.startswith("__"):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    if base.attr in modules:
+                        break
+                    base = base.value
+                name = base.attr if isinstance(base, ast.Attribute) else \
+                    getattr(base, "id", "")
+                if name in modules and name != path.stem:
+                    found.append(f"{path.name}:{node.lineno} {name}.{node.attr}")
+    assert not found, found
+
+
+# -- what the worker and the controller must keep doing (planted bugs went unnoticed) -----------
+
+def test_worker_acks_each_result_so_the_server_forgets_it(server, controller_for, krita_app):
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, server), doc, lines)
+    job_id = c.generate()
+    assert c.run_until_idle(20), c.message
+    assert len(doc.layer_names()) == 3  # the result arrived
+    jobs = server.server.manager.jobs
+    deadline = time.monotonic() + 5
+    while job_id in jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job_id not in jobs, "the result was not acknowledged: the server keeps it"
+
+
+class IgnoresTheMaskEngine(RecordingEngine):
+    """Paints the whole box, as a model may: the plug-in must keep to the selection."""
+
+    def generate(self, request, images, ctx):
+        from dataclasses import replace as dc_replace
+        out = super().generate(request, images, ctx)
+        return [dc_replace(o, image=Image.filled(o.image.width, o.image.height,
+                                                 (0, 200, 0, 255))) for o in out]
+
+
+def test_inpaint_sends_the_selection_mask_and_keeps_the_result_inside_it(make_server,
+                                                                         controller_for,
+                                                                         krita_app):
+    engine = IgnoresTheMaskEngine()
+    doc, lines = line_art_doc()
+    sel = mock_krita.Selection(doc)
+    sel.select(12, 10, 6, 5, 255)
+    doc.setSelection(sel)
+    c = controller_for(doc, make_server(engine), mode="inpaint", prompt="sky", strength=1.0)
+    assert c.generate()
+    assert c.run_until_idle(20), c.message
+    request, images, outputs = engine.calls[-1]
+    assert request.mask_image is not None, "the selection mask was not sent"
+    mask = images[request.mask_image]
+    assert mask.pixel(12, 10) == (255, 255, 255, 255) and mask.pixel(11, 10)[:3] == (0, 0, 0)
+    assert mask.pixel(17, 14)[0] == 255 and mask.pixel(18, 14)[0] == 0
+    result = node_image(doc.nodeByName(f"sky [seed {c.history[0].seeds[0]}]"), doc)
+    assert result.pixel(14, 12) == (0, 200, 0, 255)
+    outside = [result.pixel(x, y)[3] for y in range(H) for x in range(W)
+               if not (12 <= x < 18 and 10 <= y < 15)]
+    assert max(outside) == 0, "the result covers pixels outside the selection"
+
+
+def test_reconnect_resends_a_job_the_server_never_got_and_only_that_one(make_server, krita_app):
+    engine = RecordingEngine(step_seconds=0.03)
+    srv = make_server(engine)
+    proxy = CuttableProxy(srv.server.port)
+    doc, lines = line_art_doc()
+    c = Controller(lambda: cc_canvas.KritaCanvas(doc),
+                   settings=Settings(url=proxy.url, token=srv.token))
+    try:
+        c.connect()
+        assert c.wait_online(20)
+        colourise(c, doc, lines, steps=20, seed=11, seed_locked=True)
+        kept = c.generate()  # the server has this one
+        assert engine.started.wait(10)
+        proxy.swallow = True  # the next upload leaves but never arrives
+        c.settings.seed = 22
+        lost = c.generate()
+        time.sleep(0.5)
+        assert lost in c.worker.unfinished()
+        proxy.cut()
+        proxy.swallow = False
+        assert c.run_until_idle(30), (c.status, c.message)
+        seeds = sorted(call[0].seed for call in engine.calls)
+        assert seeds == [11, 22], f"each job ran once on the server: {seeds}"
+        assert kept != lost and {s for item in c.history for s in item.seeds} == {11, 22}
+        assert doc.nodeByName("flat colours, red coat [seed 22]") is not None
+        assert doc.nodeByName("flat colours, red coat [seed 11]") is not None
+    finally:
+        c.shutdown()
+        proxy.close()

@@ -223,3 +223,21 @@ def test_client_passes_errors_through():
     client = ClientSession(token="t")
     (event,) = client.receive(json.dumps({"type": "error", "code": "auth", "message": "no"}))
     assert isinstance(event, Error) and event.code == "auth"
+
+
+def test_client_refuses_a_result_of_another_size_than_announced():
+    """A result frame whose size differs from what the server announced for it is refused
+    (a plug-in would otherwise paste it at the wrong size); the right size passes."""
+    from shared.messages import Result, to_json
+    announce = to_json(Result(job_id=JOB, images=(ResultImage(slot=0, width=8, height=8,
+                                                              seed=1),)))
+    client = ClientSession(token="t")
+    client.receive(welcome_text())
+    assert client.receive(announce) == []
+    with pytest.raises(ProtocolError, match="is 4x8, announced 8x8"):
+        client.receive(image_frame(w=4, h=8, kind=codec.KIND_RESULT))
+    good = ClientSession(token="t")
+    good.receive(welcome_text())
+    good.receive(announce)
+    (event,) = good.receive(image_frame(w=8, h=8, kind=codec.KIND_RESULT))
+    assert isinstance(event, ResultReady) and event.images[0][1].size == (8, 8)

@@ -100,6 +100,19 @@ class KritaCanvas(CanvasPort):
             return None
         return bytes(selection.pixelData(0, 0, self.doc.width(), self.doc.height()))
 
+    def sample_layer(self, layer_id: str, lines: int = 16) -> bytes:
+        node = self.node(layer_id)
+        if node is None:
+            return b""
+        self.doc.waitForDone()
+        w, h = self.doc.width(), self.doc.height()
+        out = []
+        for i in range(min(lines, w, h)):
+            y, x = (2 * i + 1) * h // (2 * lines), (2 * i + 1) * w // (2 * lines)
+            out.append(self._image(node.pixelData(0, y, w, 1), (0, y, w, 1)).data)
+            out.append(self._image(node.pixelData(x, 0, 1, h), (x, 0, 1, h)).data)
+        return b"".join(out)
+
     def read_pose(self, layer_id: str):
         node = self.node(layer_id)
         if node is None or node.type() != "vectorlayer":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import pixels, plan, pose as pose_mod
@@ -25,6 +25,7 @@ from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 log = logging.getLogger(__name__)
 HISTORY_SIZE = 20
 POSE_DETECT_SIDE = 512
+SERVER_WAIT = 20.0  # seconds a job waits for a server that does not answer, then is dropped
 
 
 @dataclass
@@ -35,6 +36,7 @@ class _Active:
     name: str = ""
     anchor_id: str = ""
     box: plan.Box = (0, 0, 0, 0)
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class Controller:
         self.level = "info"  # "info" | "warning" | "error"
         self.listeners: List[Callable[[str], None]] = []
         self.token_note = ""
+        self.pending_preset = ""  # chosen before the server listed its annotators
+        self.server_wait = SERVER_WAIT
+        self._offline_since = time.monotonic()
 
     # -- notifications ------------------------------------------------------------------
 
@@ -73,9 +78,18 @@ class Controller:
             except Exception:  # a broken view must not break the plug-in
                 log.exception("listener failed")
 
-    def _say(self, message: str, level: str = "info") -> None:
+    def say(self, message: str, level: str = "info") -> None:
+        """Show a sentence to the artist (the docker's message line)."""
         self.message, self.level = message, level
         self._changed("message")
+
+    def canvas(self) -> Optional[CanvasPort]:
+        """The active document, None when none is open."""
+        return self._canvas()
+
+    def active_layer_id(self) -> str:
+        canvas = self._canvas()
+        return canvas.info().active_id if canvas is not None else ""
 
     # -- connection ---------------------------------------------------------------------
 
@@ -105,6 +119,7 @@ class Controller:
         else:
             self.worker.reconnect(self.settings.url, use)
         self.status = Status("connecting", f"Connecting to {self.settings.url}…")
+        self._offline_since = time.monotonic()
         self._changed("status")
         self.save()
 
@@ -170,14 +185,14 @@ class Controller:
     def _current_canvas(self) -> Optional[CanvasPort]:
         canvas = self._canvas()
         if canvas is None:
-            self._say("Open a document first.", "warning")
+            self.say("Open a document first.", "warning")
         return canvas
 
     def _ready(self) -> bool:
         if self.worker is None:
             self.connect()
         if self.status.state == "error":
-            self._say(self.status.message, "error")
+            self.say(self.status.message, "error")
             return False
         return True
 
@@ -190,10 +205,10 @@ class Controller:
             job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch,
                                   declared=self.declared_params())
         except (PlanError, pixels.PixelError, openpose.PoseError) as err:
-            self._say(str(err), "error")
+            self.say(str(err), "error")
             return None
         except ControlCanvasError as err:
-            self._say(err.message, "error")
+            self.say(err.message, "error")
             return None
         request = job_plan.request
         if not self.settings.seed_locked:
@@ -205,11 +220,45 @@ class Controller:
         self.progress = (0, request.steps * request.batch)
         self.preview = None
         note = " ".join(job_plan.notes)
-        waiting = "" if self.online else " (waiting for the server)"
-        self._say(f"Generating {request.batch} image(s), seed {request.seed}{waiting}."
+        waiting = "" if self.online else f" (waiting for the server at {self.settings.url})"
+        self.say(f"Generating {request.batch} image(s), seed {request.seed}{waiting}."
                   + (f" {note}" if note else ""), "warning" if note else "info")
         self._changed("busy")
         return job_id
+
+    def apply_preset(self, key: str) -> None:
+        """Set up the control units of a preset, bound to the layer the preset needs (a
+        line-art preset finds the line art), and say which.  Chosen before the server
+        listed its annotators, the preset is resolved again when the lists arrive."""
+        p = plan.preset(key)
+        canvas = self._canvas()
+        doc = canvas.info() if canvas is not None else None
+        layer = ""
+        if doc is not None and p.source == "lineart":
+            previous = [u.layer_id for u in self.settings.units if u.condition == p.condition]
+            layer = plan.line_art_layer(canvas, doc, previous)
+        elif doc is not None:
+            layer = plan.pose_layer(doc) if p.source == "pose" else doc.active_id
+        self.settings = plan.apply_preset(self.settings, key, layer,
+                                          self.annotators(p.condition))
+        self.pending_preset = key if self.models is None else ""
+        self.save()
+        info = doc.layer(layer) if doc is not None and layer else None
+        bound = f"layer {info.name!r}" if info else "the visible image"
+        self.say(f"{p.label}: control bound to {bound}. {p.notes}".strip())
+
+    def _resolve_pending_preset(self) -> None:
+        """The server's lists arrived: give a preset's units the annotator it prefers."""
+        key, self.pending_preset = self.pending_preset, ""
+        if not key or self.models is None:
+            return
+        p = plan.preset(key)
+        names = self.annotators(p.condition)
+        for unit in self.settings.units:
+            if unit.condition == p.condition and unit.annotator == "none":
+                unit.annotator = plan.pick_annotator(p.annotators, names)
+        self.save()
+        self._changed("units")
 
     def cancel(self) -> None:
         jobs = [job_id for job_id, a in self.active.items() if a.kind == "generate"]
@@ -217,7 +266,7 @@ class Controller:
             return
         for job_id in jobs:
             self.worker.cancel(job_id)
-        self._say("Cancelling…")
+        self.say("Cancelling…")
 
     def selected_seed(self, index: int) -> Optional[int]:
         if 0 <= index < len(self.history):
@@ -229,7 +278,7 @@ class Controller:
         """Lock the seed of a history entry, so the next Generate repeats it."""
         seed = self.selected_seed(index)
         if seed is None:
-            self._say("Pick a result in the history first.", "warning")
+            self.say("Pick a result in the history first.", "warning")
             return None
         self.settings.seed, self.settings.seed_locked = seed, True
         self.save()
@@ -251,7 +300,7 @@ class Controller:
     def apply_history(self, index: int) -> None:
         """Insert a remembered result again (e.g. after deleting or undoing it)."""
         if not 0 <= index < len(self.history):
-            self._say("Pick a result in the history first.", "warning")
+            self.say("Pick a result in the history first.", "warning")
             return
         canvas = self._current_canvas()
         if canvas is None:
@@ -263,7 +312,7 @@ class Controller:
         """Run a unit's annotator on the server and insert the control image as a layer."""
         units = self.settings.units
         if not 0 <= unit_index < len(units):
-            self._say("Add a control unit first.", "warning")
+            self.say("Add a control unit first.", "warning")
             return None
         canvas = self._current_canvas()
         if canvas is None or not self._ready():
@@ -272,9 +321,9 @@ class Controller:
         doc = canvas.info()
         box = (0, 0, doc.width, doc.height)
         try:
-            image, annotator = plan._unit_image(canvas, doc, unit, box, unit_index)
+            image, annotator = plan.unit_image(canvas, doc, unit, box, unit_index)
         except (PlanError, openpose.PoseError) as err:
-            self._say(str(err), "error")
+            self.say(str(err), "error")
             return None
         layer = doc.layer(unit.layer_id)
         source = layer.name if layer else "visible image"
@@ -284,7 +333,7 @@ class Controller:
         self.active[job_id] = _Active("control-preview", canvas,
                                       name=f"Control: {annotator} of {source}",
                                       anchor_id=unit.layer_id, box=box)
-        self._say(f"Making the control image ({annotator}) of {source}…")
+        self.say(f"Making the control image ({annotator}) of {source}…")
         return job_id
 
     def insert_pose(self, layer_id: str = "") -> Optional[str]:
@@ -301,7 +350,7 @@ class Controller:
             return None
         detector = self.pose_detector()
         if not detector:
-            self._say("Pose detection is not available on this server (it offers no openpose "
+            self.say("Pose detection is not available on this server (it offers no openpose "
                       "annotator); start from the default skeleton and move its joints.",
                       "warning")
             return None
@@ -311,7 +360,7 @@ class Controller:
         job_id = self.worker.preprocess(detector, image, width=w, height=h)
         self.active[job_id] = _Active("pose-detect", canvas, anchor_id=layer_id,
                                       box=(0, 0, doc.width, doc.height))
-        self._say("Detecting the pose…")
+        self.say("Detecting the pose…")
         return job_id
 
     def _insert_pose_layer(self, canvas: CanvasPort, skeleton: openpose.People,
@@ -321,9 +370,9 @@ class Controller:
         try:
             layer_id = canvas.insert_pose_layer(svg, pose_mod.LAYER_NAME, anchor_id)
         except Exception as err:
-            self._say(f"The pose layer could not be added ({err}).", "error")
+            self.say(f"The pose layer could not be added ({err}).", "error")
             return None
-        self._say("Pose skeleton added: move its joints with the shape tools, then "
+        self.say("Pose skeleton added: move its joints with the shape tools, then "
                   "generate with an openpose unit bound to it.")
         return layer_id
 
@@ -339,9 +388,32 @@ class Controller:
                 self._handle(event)
             except Exception as err:  # never let one event stop the docker
                 log.exception("handling %r failed", type(event).__name__)
-                self._say(f"ControlCanvas could not handle the server's reply ({err}).",
+                self.say(f"ControlCanvas could not handle the server's reply ({err}).",
                           "error")
+        self._give_up_waiting()
         return len(events)
+
+    def _give_up_waiting(self) -> None:
+        """Jobs that waited :attr:`server_wait` seconds for a server that is not there
+        (never started, or gone and not back) are dropped, with what to do about it."""
+        if self.online or not self.active:
+            return
+        now = time.monotonic()
+        if now - self._offline_since < self.server_wait:
+            return
+        late = [job_id for job_id, a in self.active.items() if now - a.since >= self.server_wait]
+        if not late:
+            return
+        for job_id in late:
+            del self.active[job_id]
+            if self.worker is not None:
+                self.worker.cancel(job_id)
+        self.progress, self.preview = (0, 0), None
+        self._changed("progress")
+        self._changed("busy")
+        self.say(f"No server at {self.settings.url} (waited {self.server_wait:g} s): "
+                 f"{len(late)} job(s) dropped. Run `controlcanvas serve` or fix the address, "
+                 f"then Generate again.", "error")
 
     def run_until_idle(self, timeout: float = 60.0) -> bool:
         """Batch use: poll until no job is active (True) or ``timeout`` passes (False)."""
@@ -371,11 +443,15 @@ class Controller:
         elif isinstance(event, Connected):
             self.models = event.models or self.models
             resumed = f"; resumed {event.resumed} job(s)" if event.resumed else ""
-            self.status = Status("online", f"Connected to {event.server or event.url} "
-                                           f"({event.engine} engine){resumed}.")
+            engine = f" ({event.engine} engine)" if event.engine.strip() else ""
+            self.status = Status("online", f"Connected to {event.server or event.url}"
+                                           f"{engine}{resumed}.")
             self._changed("status")
             self._changed("models")
+            self._resolve_pending_preset()
         elif isinstance(event, Disconnected):
+            if self.status.state == "online":
+                self._connection_lost(event)
             retry = f" Retrying in {event.retry_in:g} s." if event.retry_in else ""
             keep = f" {len(self.active)} job(s) will resume." if self.active and \
                 event.retry_in else ""
@@ -384,7 +460,7 @@ class Controller:
             self._changed("status")
         elif isinstance(event, messages.Queued):
             if event.job_id in self.active and event.position > 0:
-                self._say(f"Queued (position {event.position}).")
+                self.say(f"Queued (position {event.position}).")
         elif isinstance(event, messages.Progress):
             if event.job_id in self.active and self.active[event.job_id].kind == "generate":
                 self.progress = (event.step, event.total)
@@ -401,12 +477,25 @@ class Controller:
         elif isinstance(event, JobFailed):
             active = self.active.pop(event.job_id, None) if event.job_id else None
             if event.code == "cancelled":
-                self._say("Cancelled.")
+                if active is not None or not event.job_id:
+                    self.say("Cancelled.")
             else:
-                self._say(event.message, "error")
+                self.say(event.message, "error")
             if active is not None:
                 self.progress = (0, 0)
                 self._changed("busy")
+
+    def _connection_lost(self, event: Disconnected) -> None:
+        """The link dropped: no stale progress; say that it reconnects, and what waits."""
+        self._offline_since = time.monotonic()
+        self.progress, self.preview = (0, 0), None
+        self._changed("progress")
+        jobs = sum(1 for a in self.active.values() if a.kind == "generate")
+        if event.retry_in:
+            waits = f" {jobs} job(s) will resume when it is back." if jobs else ""
+            self.say(f"Disconnected from {event.url}; reconnecting…{waits}", "warning")
+        else:
+            self.say(f"Disconnected from {event.url}.", "error")
 
     def _finished(self, active: _Active, event: ResultReady) -> None:
         if active.kind == "generate":
@@ -422,7 +511,7 @@ class Controller:
             self._changed("history")
         elif active.kind == "control-preview":
             if not event.images:
-                self._say("The server returned no control image.", "error")
+                self.say("The server returned no control image.", "error")
                 return
             image = event.images[0][1]
             x, y, w, h = active.box
@@ -431,7 +520,7 @@ class Controller:
             where = "above" if active.anchor_id else "top"
             ids, note = active.canvas.insert_results(
                 Placement(where, active.anchor_id, active.box), [(image, active.name)])
-            self._say(f"Added the layer {active.name!r}." + (f" {note}" if note else ""))
+            self.say(f"Added the layer {active.name!r}." + (f" {note}" if note else ""))
         elif active.kind == "pose-detect":
             self._pose_detected(active, event)
 
@@ -449,11 +538,11 @@ class Controller:
             else:
                 people = []
         except openpose.PoseError as err:
-            self._say(str(err), "warning")
+            self.say(str(err), "warning")
             return
         skeleton = tuple(p for p in people if openpose.visible(p) >= 2)
         if not skeleton:
-            self._say("No pose was found in that layer.", "warning")
+            self.say("No pose was found in that layer.", "warning")
             return
         self._insert_pose_layer(active.canvas, skeleton, active.anchor_id)
 
@@ -471,10 +560,10 @@ class Controller:
             ids, note = canvas.insert_results(placement, layers, group)
         except Exception as err:
             log.exception("inserting results failed")
-            self._say(f"The result could not be added to the document ({err}); it is kept "
+            self.say(f"The result could not be added to the document ({err}); it is kept "
                       f"in the history.", "error")
             return []
         seeds = ", ".join(str(s) for _, s in images)
-        self._say(f"Added {len(layers)} layer(s), seed {seeds}." + (f" {note}" if note else ""),
+        self.say(f"Added {len(layers)} layer(s), seed {seeds}." + (f" {note}" if note else ""),
                   "warning" if note else "info")
         return ids

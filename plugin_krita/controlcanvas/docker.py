@@ -76,14 +76,78 @@ def _small_label(text: str) -> W.QLabel:
     return label
 
 
-def _section(title: str) -> W.QLabel:
-    label = W.QLabel(title.upper())
-    font = label.font()
-    font.setBold(True)
-    font.setPointSizeF(max(7.0, font.pointSizeF() * 0.85))
-    label.setFont(font)
-    label.setStyleSheet("color: palette(mid); padding-top: 4px;")
+def _lines_label(lines: int) -> W.QLabel:
+    """A word-wrapped label at most ``lines`` lines high (the full text in its tooltip),
+    so a long sentence cannot push Generate out of a small docker."""
+    label = _ToolTipLabel()
+    label.setWordWrap(True)
+    label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)  # cut the end
+    label.setMaximumHeight(lines * label.fontMetrics().lineSpacing() + 2)
     return label
+
+
+class _ToolTipLabel(W.QLabel):
+    """Asks the layout for the lines its text needs at its width (up to its maximum):
+    a wrapped label's own size hint is too small inside a nested layout."""
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt's name
+        super().setText(text)
+        self.setToolTip(text)
+        self._fit()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        need = min(self.maximumHeight(), max(0, self.heightForWidth(max(1, self.width()))))
+        if need != self.minimumHeight():
+            self.setMinimumHeight(need)
+
+
+class Section(W.QWidget):
+    """A section of the docker: a heading (PROMPT, CONTROL, ...) that folds its body.
+
+    The heading is drawn with the palette's own text colour (no fixed grey), so it
+    reads on Krita's dark theme as on a light one; a thin rule in the palette's mid tone marks the section."""
+
+    def __init__(self, title: str) -> None:
+        super().__init__()
+        col = W.QVBoxLayout(self)
+        col.setContentsMargins(0, 3, 0, 0)
+        col.setSpacing(2)
+        self.head = W.QHBoxLayout()
+        self.head.setSpacing(4)
+        self.toggle = W.QToolButton()
+        self.toggle.setText(title.upper())
+        self.toggle.setAutoRaise(True)  # not checkable: a checked button draws a box
+        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow)
+        self.toggle.setIconSize(QtCore.QSize(8, 8))
+        self.toggle.setToolTip(f"Show or hide {title.lower()}")
+        font = self.toggle.font()
+        font.setBold(True)
+        font.setPointSizeF(max(7.0, font.pointSizeF() * 0.85))
+        self.toggle.setFont(font)
+        line = W.QFrame()
+        line.setFrameShape(W.QFrame.Shape.HLine)
+        line.setFrameShadow(W.QFrame.Shadow.Plain)
+        line.setForegroundRole(QtGui.QPalette.ColorRole.Mid)  # a quiet rule, any theme
+        self.head.addWidget(self.toggle)
+        self.head.addWidget(line, 1)
+        col.addLayout(self.head)
+        self.body = W.QWidget()
+        self.box = W.QVBoxLayout(self.body)
+        self.box.setContentsMargins(0, 0, 0, 0)
+        self.box.setSpacing(3)
+        col.addWidget(self.body)
+        self.open = True
+        self.toggle.clicked.connect(lambda: self.fold(not self.open))
+
+    def fold(self, show: bool) -> None:
+        self.open = show
+        self.body.setVisible(show)
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if show else Qt.ArrowType.RightArrow)
 
 
 class ParamsForm(W.QWidget):
@@ -155,10 +219,19 @@ class UnitWidget(W.QFrame):
         super().__init__()
         self.panel = panel
         self.setFrameShape(W.QFrame.Shape.StyledPanel)
-        grid = W.QGridLayout(self)
-        grid.setContentsMargins(4, 4, 4, 4)
-        grid.setHorizontalSpacing(4)
-        grid.setVerticalSpacing(2)
+        self._make_fields(unit)
+        self._lay_out()
+        self._layer_id = unit.layer_id
+        self._annotator = unit.annotator
+        self._params, self._params_for = dict(unit.params), unit.annotator
+        self.condition.currentIndexChanged.connect(self.fill_annotators)
+        self.annotator.currentIndexChanged.connect(self.fill_params)
+        self.options.toggled.connect(self._show_params)
+        self.layer.currentIndexChanged.connect(self._layer_changed)
+        self.remove.clicked.connect(lambda: panel.remove_unit(self))
+        self.preview.clicked.connect(lambda: panel.preview_unit(self))
+
+    def _make_fields(self, unit: UnitSettings) -> None:
         self.enabled = W.QCheckBox()
         self.enabled.setChecked(unit.enabled)
         self.enabled.setToolTip("Use this unit")
@@ -199,7 +272,12 @@ class UnitWidget(W.QFrame):
                            unit.control_mode)
         self.mode.setToolTip("Control mode: balanced, prompt is more important, or control is "
                              "more important")
-        # laid out for a narrow docker (~240 px): at most two fields per row
+    def _lay_out(self) -> None:
+        """Laid out for a narrow docker (~240 px): at most two fields per row."""
+        grid = W.QGridLayout(self)
+        grid.setContentsMargins(2, 3, 2, 3)
+        grid.setHorizontalSpacing(4)
+        grid.setVerticalSpacing(2)
         top = W.QHBoxLayout()
         top.setSpacing(3)
         top.addWidget(self.enabled)
@@ -225,15 +303,6 @@ class UnitWidget(W.QFrame):
         grid.addWidget(self.resize, 5, 1, 1, 3)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(2, 1)
-        self._layer_id = unit.layer_id
-        self._annotator = unit.annotator
-        self._params, self._params_for = dict(unit.params), unit.annotator
-        self.condition.currentIndexChanged.connect(self.fill_annotators)
-        self.annotator.currentIndexChanged.connect(self.fill_params)
-        self.options.toggled.connect(self._show_params)
-        self.layer.currentIndexChanged.connect(self._layer_changed)
-        self.remove.clicked.connect(lambda: panel.remove_unit(self))
-        self.preview.clicked.connect(lambda: panel.preview_unit(self))
 
     def _layer_changed(self) -> None:
         if self.layer.currentIndex() >= 0:
@@ -261,6 +330,11 @@ class UnitWidget(W.QFrame):
         self.annotator.setCurrentText(keep if keep in names else "none")
         self.annotator.blockSignals(False)
         self.fill_params()
+
+    def set_annotator(self, name: str) -> None:
+        self._annotator = name
+        if self.annotator.findText(name) >= 0:
+            self.annotator.setCurrentText(name)
 
     def fill_params(self) -> None:
         """Rebuild the settings of the chosen annotator (from the server's description);
@@ -320,26 +394,53 @@ class DockerPanel(W.QWidget):
         self.refresh_layers()
 
     # -- building -------------------------------------------------------------------
+    # Docked at Krita's default size (about 262 x 241 px) only the top part fits: the
+    # connection state, preset, prompt, Generate, progress and the message stay there,
+    # outside the scroll area; everything else scrolls below, in sections that fold.
 
     def _build(self) -> None:
         outer = W.QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        scroll = W.QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(W.QFrame.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
-        outer.addWidget(scroll)
+        outer.setSpacing(3)
+        self.top = W.QWidget()
+        self._build_top(self.top)
+        outer.addWidget(self.top)
+        self.scroll = W.QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(W.QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.scroll.setMinimumHeight(24)  # below its own hint: the top part comes first
+        outer.addWidget(self.scroll, 1)
         body = W.QWidget()
-        scroll.setWidget(body)
+        self.scroll.setWidget(body)
         col = W.QVBoxLayout(body)
-        col.setContentsMargins(6, 6, 6, 6)
-        col.setSpacing(4)
+        col.setContentsMargins(3, 0, 1, 4)
+        col.setSpacing(2)
+        col.addWidget(self._build_server())
+        self.preview_image = W.QLabel()
+        self.preview_image.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.preview_image.setVisible(False)
+        col.addWidget(self.preview_image)
+        self.sections: Dict[str, Section] = {}
+        for title, build in (("Prompt", self._build_prompt_options),
+                             ("Control", self._build_control),
+                             ("Sampling", self._build_sampling),
+                             ("History", self._build_history)):
+            section = Section(title)
+            build(section)
+            self.sections[title] = section
+            col.addWidget(section)
+        col.addStretch(1)
+        self._wire()
 
-        # connection
+    def _build_top(self, top: W.QWidget) -> None:
+        col = W.QVBoxLayout(top)
+        col.setContentsMargins(6, 6, 6, 0)
+        col.setSpacing(3)
         row = W.QHBoxLayout()
         self.state_dot = W.QLabel("●")
-        self.state_text = W.QLabel("Not connected.")
-        self.state_text.setWordWrap(True)
+        self.state_text = _lines_label(2)
+        self.state_text.setText("Not connected.")
         self.server_toggle = W.QToolButton()
         self.server_toggle.setText("Server")
         self.server_toggle.setCheckable(True)
@@ -348,6 +449,44 @@ class DockerPanel(W.QWidget):
         row.addWidget(self.state_text, 1)
         row.addWidget(self.server_toggle)
         col.addLayout(row)
+        row = W.QHBoxLayout()
+        self.preset = _combo([("", "Preset…")] + [(p.key, p.label) for p in plan.PRESETS])
+        self.preset.setToolTip("Set up the control units for a workflow (a line-art preset "
+                               "finds the line-art layer)")
+        self.mode = _combo([(m, MODE_LABELS[m]) for m in MODES])
+        row.addWidget(self.preset, 1)
+        row.addWidget(self.mode, 1)
+        col.addLayout(row)
+        self.prompt = W.QPlainTextEdit()
+        self.prompt.setPlaceholderText("What to paint, e.g. flat colours, girl in a red coat")
+        self.prompt.setFixedHeight(42)
+        col.addWidget(self.prompt)
+        row = W.QHBoxLayout()
+        self.generate_button = W.QPushButton("Generate")
+        self.generate_button.setDefault(True)
+        font = self.generate_button.font()
+        font.setBold(True)
+        self.generate_button.setFont(font)
+        self.generate_button.setMinimumHeight(26)
+        self.cancel_button = W.QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setSizePolicy(W.QSizePolicy.Policy.Minimum,
+                                         W.QSizePolicy.Policy.Fixed)
+        row.addWidget(self.generate_button, 3)
+        row.addWidget(self.cancel_button, 1)
+        col.addLayout(row)
+        self.progress = W.QProgressBar()
+        self.progress.setTextVisible(True)
+        self.progress.setFixedHeight(14)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m")
+        col.addWidget(self.progress)
+        self.message = _lines_label(3)
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        col.addWidget(self.message)
+
+    def _build_server(self) -> W.QWidget:
         self.server_box = W.QWidget()
         form = W.QFormLayout(self.server_box)
         form.setContentsMargins(0, 0, 0, 0)
@@ -364,25 +503,12 @@ class DockerPanel(W.QWidget):
         form.addRow("", self.connect_button)
         form.addRow(self.token_note)
         self.server_box.setVisible(False)
-        col.addWidget(self.server_box)
+        return self.server_box
 
-        # preset + prompt
-        col.addWidget(_section("Prompt"))
-        row = W.QHBoxLayout()
-        self.preset = _combo([("", "Preset…")] + [(p.key, p.label) for p in plan.PRESETS])
-        self.preset.setToolTip("Set up the control units for a workflow, using the selected "
-                               "layer")
-        self.mode = _combo([(m, MODE_LABELS[m]) for m in MODES])
-        row.addWidget(self.preset, 1)
-        row.addWidget(self.mode, 1)
-        col.addLayout(row)
-        self.prompt = W.QPlainTextEdit()
-        self.prompt.setPlaceholderText("What to paint, e.g. flat colours, girl in a red coat")
-        self.prompt.setFixedHeight(54)
+    def _build_prompt_options(self, section: "Section") -> None:
         self.negative = W.QLineEdit()
         self.negative.setPlaceholderText("Negative prompt")
-        col.addWidget(self.prompt)
-        col.addWidget(self.negative)
+        section.box.addWidget(self.negative)
         row = W.QHBoxLayout()
         self.strength_label = _small_label("Strength")
         self.strength = _spin(0.0, 1.0, 0.75, 0.05, 2)
@@ -395,23 +521,17 @@ class DockerPanel(W.QWidget):
         self.place.setToolTip("Where new layers go: above the selected layer, or under the "
                               "line-art layer of the first control unit (lines stay on top)")
         row.addWidget(self.place, 2)
-        col.addLayout(row)
+        section.box.addLayout(row)
 
-        # control units
-        head = W.QHBoxLayout()
-        head.addWidget(_section("Control"))
-        head.addStretch(1)
+    def _build_control(self, section: "Section") -> None:
         self.add_unit_button = W.QToolButton()
         self.add_unit_button.setText("+ Unit")
         self.add_unit_button.setAutoRaise(True)
         self.add_unit_button.setToolTip("Add a control unit bound to the selected layer")
-        head.addWidget(self.add_unit_button)
-        col.addLayout(head)
+        section.head.addWidget(self.add_unit_button)
         self.units_box = W.QVBoxLayout()
         self.units_box.setSpacing(3)
-        col.addLayout(self.units_box)
-
-        # pose
+        section.box.addLayout(self.units_box)
         poses = W.QGridLayout()
         poses.setSpacing(3)
         self.pose_add = W.QPushButton("Add skeleton")
@@ -428,13 +548,9 @@ class DockerPanel(W.QWidget):
                                     self.variants)):
             button.setSizePolicy(W.QSizePolicy.Policy.Ignored, W.QSizePolicy.Policy.Fixed)
             poses.addWidget(button, i // 2, i % 2)
-        col.addLayout(poses)
+        section.box.addLayout(poses)
 
-        # sampling
-        col.addWidget(_section("Sampling"))
-        grid = W.QGridLayout()
-        grid.setHorizontalSpacing(4)
-        grid.setVerticalSpacing(2)
+    def _build_sampling(self, section: "Section") -> None:
         self.seed = _spin(0, messages.MAX_SEED, 0, 1.0, 0)  # QSpinBox stops at 2**31-1
         self.seed.setToolTip("Seed of the next image")
         self.seed_lock = W.QCheckBox("Lock")
@@ -452,59 +568,29 @@ class DockerPanel(W.QWidget):
         self.hires = W.QCheckBox("Hi-res pass")
         self.hires.setToolTip("Generate at the model's size, then repaint at the full size for "
                               "detail (slower)")
-        grid.addWidget(_small_label("Seed"), 0, 0)
+        grid = W.QGridLayout()
+        grid.setHorizontalSpacing(4)
+        grid.setVerticalSpacing(2)
         seed_row = W.QHBoxLayout()
         seed_row.addWidget(self.seed, 1)
         seed_row.addWidget(self.seed_lock)
-        grid.addLayout(seed_row, 0, 1, 1, 3)
-        grid.addWidget(_small_label("Steps"), 1, 0)
-        grid.addWidget(self.steps, 1, 1)
-        grid.addWidget(_small_label("CFG"), 1, 2)
-        grid.addWidget(self.cfg, 1, 3)
-        grid.addWidget(_small_label("Sampler"), 2, 0)
-        grid.addWidget(self.sampler, 2, 1)
-        grid.addWidget(_small_label("Batch"), 2, 2)
-        grid.addWidget(self.batch, 2, 3)
-        grid.addWidget(_small_label("Model"), 3, 0)
-        grid.addWidget(self.base_model, 3, 1, 1, 3)
-        grid.addWidget(self.hires, 4, 1, 1, 3)
+        for row, cells in enumerate(((("Seed", seed_row),),
+                                     (("Steps", self.steps), ("CFG", self.cfg)),
+                                     (("Sampler", self.sampler), ("Batch", self.batch)),
+                                     (("Model", self.base_model),), (("", self.hires),))):
+            for i, (label, field) in enumerate(cells):
+                if label:
+                    grid.addWidget(_small_label(label), row, 2 * i)
+                span = 3 if len(cells) == 1 else 1
+                if isinstance(field, W.QLayout):
+                    grid.addLayout(field, row, 2 * i + 1, 1, span)
+                else:
+                    grid.addWidget(field, row, 2 * i + 1, 1, span)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(3, 1)
-        col.addLayout(grid)
+        section.box.addLayout(grid)
 
-        # generate
-        row = W.QHBoxLayout()
-        self.generate_button = W.QPushButton("Generate")
-        self.generate_button.setDefault(True)
-        font = self.generate_button.font()
-        font.setBold(True)
-        self.generate_button.setFont(font)
-        self.generate_button.setMinimumHeight(28)
-        self.cancel_button = W.QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.setSizePolicy(W.QSizePolicy.Policy.Minimum,
-                                         W.QSizePolicy.Policy.Fixed)
-        row.addWidget(self.generate_button, 3)
-        row.addWidget(self.cancel_button, 1)
-        col.addLayout(row)
-        self.progress = W.QProgressBar()
-        self.progress.setTextVisible(True)
-        self.progress.setFixedHeight(14)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("%v / %m")
-        col.addWidget(self.progress)
-        self.preview_image = W.QLabel()
-        self.preview_image.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.preview_image.setVisible(False)
-        col.addWidget(self.preview_image)
-        self.message = W.QLabel("")
-        self.message.setWordWrap(True)
-        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        col.addWidget(self.message)
-
-        # history
-        col.addWidget(_section("History"))
+    def _build_history(self, section: "Section") -> None:
         self.history = W.QListWidget()
         self.history.setIconSize(QtCore.QSize(40, 40))
         self.history.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -512,7 +598,7 @@ class DockerPanel(W.QWidget):
         self.history.setUniformItemSizes(True)
         self.history.setMinimumHeight(96)
         self.history.setMaximumHeight(150)
-        col.addWidget(self.history)
+        section.box.addWidget(self.history)
         row = W.QHBoxLayout()
         self.apply_button = W.QPushButton("Apply again")
         self.apply_button.setToolTip("Insert the selected result as new layer(s) again")
@@ -521,11 +607,10 @@ class DockerPanel(W.QWidget):
         for button in (self.apply_button, self.reuse_button):
             button.setSizePolicy(W.QSizePolicy.Policy.Ignored, W.QSizePolicy.Policy.Fixed)
             row.addWidget(button)
-        col.addLayout(row)
-        col.addStretch(1)
+        section.box.addLayout(row)
 
-        # wiring
-        self.server_toggle.toggled.connect(self.server_box.setVisible)
+    def _wire(self) -> None:
+        self.server_toggle.toggled.connect(self._show_server)
         self.connect_button.clicked.connect(self.on_connect)
         self.preset.activated.connect(self.on_preset)
         self.mode.currentIndexChanged.connect(self._mode_changed)
@@ -539,6 +624,11 @@ class DockerPanel(W.QWidget):
         self.apply_button.clicked.connect(
             lambda: self.controller.apply_history(self.history.currentRow()))
         self.reuse_button.clicked.connect(self.on_reuse_seed)
+
+    def _show_server(self, show: bool) -> None:
+        self.server_box.setVisible(show)
+        if show:
+            self.scroll.verticalScrollBar().setValue(0)  # the box is the first thing there
 
     # -- settings <-> widgets ---------------------------------------------------------
 
@@ -610,7 +700,7 @@ class DockerPanel(W.QWidget):
         self.collect()
 
     def on_add_unit(self) -> None:
-        active = self._active_layer_id()
+        active = self.controller.active_layer_id()
         self._add_unit(UnitSettings(layer_id=active))
         self.collect()
 
@@ -618,12 +708,8 @@ class DockerPanel(W.QWidget):
         self.collect()
         self.controller.preview_control(self.units.index(widget))
 
-    def _active_layer_id(self) -> str:
-        canvas = self.controller._canvas()
-        return canvas.info().active_id if canvas is not None else ""
-
     def refresh_layers(self) -> None:
-        canvas = self.controller._canvas()
+        canvas = self.controller.canvas()
         layers = list(canvas.info().layers) if canvas is not None else []
         key = tuple((info.id, info.name, info.depth) for info in layers)
         if key == self._layer_key:
@@ -645,18 +731,8 @@ class DockerPanel(W.QWidget):
         if not key:
             return
         self.collect()
-        layer = self._active_layer_id()
-        if key == "pose":
-            canvas = self.controller._canvas()
-            info = canvas.info() if canvas is not None else None
-            poses = [l.id for l in (info.layers if info else ()) if l.kind == "vectorlayer"]
-            layer = layer if info and info.layer(layer) and info.layer(layer).kind == \
-                "vectorlayer" else (poses[0] if poses else layer)
-        names = self.controller.annotators(plan.preset(key).condition)
-        settings = plan.apply_preset(self.controller.settings, key, layer, names)
-        self.controller.settings = settings
-        self.load(settings)
-        self.controller._say(plan.preset(key).notes or plan.preset(key).label)
+        self.controller.apply_preset(key)
+        self.load(self.controller.settings)
 
     def on_generate(self) -> None:
         self.collect()
@@ -681,9 +757,9 @@ class DockerPanel(W.QWidget):
 
     def on_detect_pose(self) -> None:
         self.collect()
-        layer = self._active_layer_id()
+        layer = self.controller.active_layer_id()
         if not layer:
-            self.controller._say("Select the photo layer to detect a pose in.", "warning")
+            self.controller.say("Select the photo layer to detect a pose in.", "warning")
             return
         self.controller.insert_pose(layer)
 
@@ -719,6 +795,8 @@ class DockerPanel(W.QWidget):
             step, total = c.progress
             self.progress.setRange(0, max(1, total))
             self.progress.setValue(min(step, max(1, total)))
+            if not total:  # reset (a dropped link, a dropped job): no stale preview either
+                self.preview_image.setVisible(False)
         elif what == "preview" and c.preview is not None:
             image = qimage_from_rgba(c.preview.width, c.preview.height, c.preview.data)
             pix = QtGui.QPixmap.fromImage(image).scaled(
@@ -732,6 +810,9 @@ class DockerPanel(W.QWidget):
             self.generate_button.setText("Generate (queue)" if busy else "Generate")
             if not busy:
                 self.preview_image.setVisible(False)
+        elif what == "units":  # a preset resolved once the server's lists came
+            for widget, unit in zip(self.units, c.settings.units):
+                widget.set_annotator(unit.annotator)
         elif what == "history":
             self._fill_history()
         elif what == "settings":

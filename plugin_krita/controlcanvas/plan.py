@@ -68,6 +68,11 @@ class CanvasPort:
         """The skeleton of a vector layer, None when the layer is not a vector layer."""
         raise NotImplementedError
 
+    def sample_layer(self, layer_id: str, lines: int = 16) -> bytes:
+        """RGBA8 pixels of a few evenly spaced rows and columns of a layer's own pixels
+        (a cheap look at what it holds); b"" when the layer is gone."""
+        raise NotImplementedError
+
     def insert_results(self, placement: "Placement", layers: Sequence[Tuple[Image, str]],
                        group: str = "") -> Tuple[List[str], str]:
         """Add result layers in one undoable step (a group when ``group`` is given);
@@ -126,7 +131,7 @@ def _unit_skeleton(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings,
     return tuple(openpose.transformed(person, dx=-x, dy=-y) for person in skeleton)
 
 
-def _unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
+def unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
                 index: int) -> Tuple[Image, str]:
     """The control image of a unit and the preprocessor the server should run (a skeleton
     is drawn here: the control preview shows what the server will draw)."""
@@ -193,7 +198,7 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
                                               **common))
             continue
         slot = len(images)
-        image, preprocessor = _unit_image(canvas, doc, unit, box, index)
+        image, preprocessor = unit_image(canvas, doc, unit, box, index)
         if image.is_transparent() and preprocessor != "none":
             layer = doc.layer(unit.layer_id)
             raise PlanError(f"Control unit {index + 1}: the layer "
@@ -244,16 +249,17 @@ class Preset:
     prompt: str = ""
     annotators: Tuple[str, ...] = ()  # preferred, first available wins
     notes: str = ""
+    source: str = "selected"  # the layer it binds: "selected", "lineart" or "pose"
 
 
 PRESETS: Tuple[Preset, ...] = (
     Preset("colourise", "Colourise line art", "lineart", "below",
            "flat colours, soft shading",
            ("lineart_from_drawing", "lineart_drawing", "invert", "none"),
-           "Line art unit on the selected layer; colours go under the lines."),
+           "Colours go under the lines.", "lineart"),
     Preset("pose", "Figure from pose", "openpose", "below", "full body figure",
-           ("none",), "Openpose unit on the pose skeleton layer; figures go under the "
-                      "skeleton, so it stays on top to edit."),
+           ("none",), "Figures go under the skeleton, so it stays on top to edit.",
+           "pose"),
     Preset("scribble", "Sketch to image", "scribble", "above", "",
            ("scribble", "none")),
 )
@@ -271,6 +277,43 @@ def pick_annotator(preferred: Sequence[str], available: Sequence[str]) -> str:
         if name in available:
             return name
     return "none"
+
+
+def looks_like_line_art(rgba: bytes) -> bool:
+    """Dark strokes on a transparent background, judged from sampled RGBA8 pixels: at least
+    half of them transparent, some inked, and most of the inked ones dark."""
+    alpha = rgba[3::4]
+    inked = [i for i, a in enumerate(alpha) if a >= 128]
+    if not inked or 2 * sum(1 for a in alpha if a < 32) < len(alpha):
+        return False
+    dark = sum(1 for i in inked
+               if 299 * rgba[4 * i] + 587 * rgba[4 * i + 1] + 114 * rgba[4 * i + 2] < 128_000)
+    return 5 * dark >= 3 * len(inked)
+
+
+def line_art_layer(canvas: CanvasPort, doc: DocInfo, previous: Sequence[str] = ()) -> str:
+    """The layer a line-art preset reads: the one its unit used before while it exists;
+    else the selected layer when it holds line art, else the topmost paint layer that
+    does; else the selected layer.  (After an Undo Krita selects Background.)"""
+    for layer_id in previous:
+        if layer_id and doc.layer(layer_id) is not None:
+            return layer_id
+    order = [doc.active_id] + [layer.id for layer in doc.layers if layer.id != doc.active_id]
+    for layer_id in order:
+        layer = doc.layer(layer_id)
+        if layer is not None and layer.kind == "paintlayer" and \
+                looks_like_line_art(canvas.sample_layer(layer_id)):
+            return layer_id
+    return doc.active_id
+
+
+def pose_layer(doc: DocInfo) -> str:
+    """The layer a pose preset reads: the selected vector layer, else the topmost one."""
+    active = doc.layer(doc.active_id)
+    if active is not None and active.kind == "vectorlayer":
+        return active.id
+    poses = [layer.id for layer in doc.layers if layer.kind == "vectorlayer"]
+    return poses[0] if poses else doc.active_id
 
 
 def apply_preset(settings: Settings, key: str, layer_id: str,

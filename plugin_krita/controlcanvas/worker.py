@@ -133,6 +133,14 @@ class Worker:
         return job.job_id
 
     def cancel(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            unsent = job is not None and not job.sent
+            if unsent:  # it never left this machine: drop it now, not at the next connect
+                del self._jobs[job_id]
+        if unsent:
+            self._emit(JobFailed(job_id, "cancelled", "Cancelled."))
+            return
         self._commands.put(("cancel", job_id))
         self._wake.set()
 

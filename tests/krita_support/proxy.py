@@ -15,6 +15,7 @@ class CuttableProxy:
         self._lock = threading.Lock()
         self._closed = False
         self.accepting = True
+        self.swallow = False  # drop what clients send (it "left" but never arrives)
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -37,17 +38,17 @@ class CuttableProxy:
                 continue
             with self._lock:
                 self._pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                dst.sendall(data)
+                if not (upstream and self.swallow):
+                    dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
