@@ -1218,7 +1218,7 @@ def test_inpaint_sends_the_selection_mask_and_keeps_the_result_inside_it(make_se
     mask = images[request.mask_image]
     assert mask.pixel(12, 10) == (255, 255, 255, 255) and mask.pixel(11, 10)[:3] == (0, 0, 0)
     assert mask.pixel(17, 14)[0] == 255 and mask.pixel(18, 14)[0] == 0
-    result = node_image(doc.nodeByName(f"sky [seed {c.history[0].seeds[0]}]"), doc)
+    result = node_image(doc.nodeByName(f"sky · seed {c.history[0].seeds[0]}"), doc)
     assert result.pixel(14, 12) == (0, 200, 0, 255)
     outside = [result.pixel(x, y)[3] for y in range(H) for x in range(W)
                if not (12 <= x < 18 and 10 <= y < 15)]
@@ -1249,8 +1249,8 @@ def test_reconnect_resends_a_job_the_server_never_got_and_only_that_one(make_ser
         seeds = sorted(call[0].seed for call in engine.calls)
         assert seeds == [11, 22], f"each job ran once on the server: {seeds}"
         assert kept != lost and {s for item in c.history for s in item.seeds} == {11, 22}
-        assert doc.nodeByName("flat colours, red coat [seed 22]") is not None
-        assert doc.nodeByName("flat colours, red coat [seed 11]") is not None
+        assert doc.nodeByName("flat colours, red coat · seed 22") is not None
+        assert doc.nodeByName("flat colours, red coat · seed 11") is not None
     finally:
         c.shutdown()
         proxy.close()

@@ -1,6 +1,6 @@
 """Per-system folders (issue 19, friction 10): the ControlCanvas config folder and token
 file (shared/paths.py, used by the server and both plug-ins) and the editors' plug-in
-folders (backend/install.py, used by `controlcanvas install-plugin` and `doctor`), for
+folders (backend/cli/install.py, used by `controlcanvas install-plugin` and `doctor`), for
 win32, darwin and linux, checked against the tables in docs/platforms.md.
 
 This machine is Linux: Windows paths are compared as PureWindowsPath (separators and
@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
-from backend import install
+from backend.cli import install
 from shared import paths
 
 ROOT = Path(__file__).resolve().parent.parent
