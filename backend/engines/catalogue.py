@@ -373,7 +373,7 @@ class Catalogue:
         if folder is None:
             raise ModelMissing(
                 f"The {kind} model {where!r} is not downloaded. Fetch it once with: "
-                f"{download_command(where)}", field="model")
+                f"`{download_command(where)}`", field="model")
         return Resolved(name, kind, family, "hub", str(folder), repo_id=where,
                         native_size=NATIVE_SIZE[family])
 
@@ -387,8 +387,9 @@ class Catalogue:
                 raise ModelMissing(
                     f"The embedded demo model only has an outline ControlNet (for "
                     f"{', '.join(DEMO_CONDITIONS)}), not one for {condition!r}. Pick one of "
-                    f"those conditions, or a real Stable Diffusion base (controlcanvas models "
-                    f"download sd15 {condition}).", field="condition")
+                    f"those conditions, or use a real Stable Diffusion 1.5 base: "
+                    f"`{download_command('sd15')}` and `{download_command(condition)}`, then "
+                    f"choose that base.", field="condition")
             return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "controlnet"),
                             native_size=DEMO_NATIVE_SIZE)
         root = Path(self.config.tiny_root) if self.config.tiny_root else None
