@@ -115,3 +115,68 @@ def test_every_literal_command_in_the_source_parses():
     assert found
     for command in found:
         assert_runs(command, catalogue)
+
+
+# -----------------------------------------------------------------------------
+# 7. Size limits first, --size honoured
+# -----------------------------------------------------------------------------
+
+def huge_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A valid 1-bit PNG of width x height written row by row: a few KB on disk, no big
+    buffer in memory (what a 20000² scan looks like to the CLI before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def run_cli(argv, capsys):
+    from backend.cli.main import main
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_huge_input_is_refused_from_its_header_with_what_to_do(tmp_path, capsys):
+    import time
+
+    big = huge_png(tmp_path / "scan.png")
+    assert big.stat().st_size < 200_000
+    started = time.monotonic()
+    rc, _, err = run_cli(["preprocess", "canny", big, "-o", tmp_path / "out.png"], capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert "the image is 20000×20000, over the 8192 px side limit: pass --size WxH" in err
+    rc, _, err = run_cli(["generate", "--engine", "fake", "--control", f"lineart={big}",
+                          "-o", tmp_path / "g.png"], capsys)
+    assert rc == 1 and "20000×20000, over the 8192 px side limit" in err
+    assert "Output size" not in err
+    assert time.monotonic() - started < 5  # no pixel was decoded
+
+
+def test_size_resizes_an_oversized_input(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    wide = tmp_path / "wide.png"
+    image = PILImage.new("RGB", (9000, 200), "white")
+    image.paste((0, 0, 0), (0, 80, 9000, 120))  # a black band: something to find
+    image.save(wide)
+    rc, out, err = run_cli(["preprocess", "canny", wide, "-o", tmp_path / "edges.png",
+                            "--size", "900x20"], capsys)
+    assert rc == 0, err
+    assert PILImage.open(tmp_path / "edges.png").size == (900, 20)
+    rc, out, err = run_cli(["generate", "--engine", "fake", "--steps", "1", "--size", "90x20",
+                            "--control", f"lineart={wide}", "-o", tmp_path / "g.png"], capsys)
+    assert rc == 0, err
+    assert PILImage.open(tmp_path / "g.png").size == (90, 20)
+    rc, _, err = run_cli(["generate", "--engine", "fake", "--size", "9000x9000",
+                          "-o", tmp_path / "g.png"], capsys)
+    assert rc == 1 and "over the 8192 px side limit" in err

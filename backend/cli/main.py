@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from shared.errors import ControlCanvasError
+from shared.errors import ControlCanvasError, LimitError
 
 from ..bench import main as bench
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
-from ..imaging import load_image
+from ..imaging import load_input_image, size_problem
 from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
                              is_loopback_host, load_or_create_token)
 from ..server.local import ServerThread
@@ -152,23 +152,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from shared.messages import ControlUnit, GenerateRequest, Progress
 
 
+    size = parse_size(args.size) if args.size else None
+    if size and size_problem(*size):
+        raise LimitError(f"--size {size[0]}x{size[1]} is {size_problem(*size)}; choose a "
+                         f"smaller size.", field="size")
     images = {}
     controls = []
     for text in args.control or []:
         condition, path, weight, preprocessor = _parse_control(text)
         slot = len(images)
-        images[slot] = load_image(path)
+        images[slot] = load_input_image(path, size)  # size limits checked from the header
         controls.append(ControlUnit(condition=condition, image=slot, weight=weight,
                                     preprocessor=preprocessor))
     init = mask = None
     if args.init:
         init = len(images)
-        images[init] = load_image(args.init)
+        images[init] = load_input_image(args.init, size)
     if args.mask:
         mask = len(images)
-        images[mask] = load_image(args.mask)
-    if args.size:
-        width, height = parse_size(args.size)
+        images[mask] = load_input_image(args.mask, size)
+    if size:
+        width, height = size
     elif init is not None or images:
         width, height = images[init if init is not None else 0].size
     else:

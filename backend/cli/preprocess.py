@@ -27,7 +27,7 @@ from shared.errors import FieldError
 from shared.images import Image
 
 from ..annotators import library
-from ..imaging import load_image, save_image
+from ..imaging import load_image, load_input_image, save_image
 from ..pose import detect as pose_detect
 from ..pose import model as pose_model
 
@@ -97,7 +97,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if not args.input or not args.output:
         print("controlcanvas preprocess: give NAME in.png -o out.png", file=sys.stderr)
         return 2
-    image = load_image(args.input)
+    image = load_input_image(args.input, args.size)  # size limits checked from the header
     out = library.run(args.name, image, parse_params(args.param), args.size)
     target = Path(args.output)
     if target.is_dir() or str(args.output).endswith(("/", os.sep)):
@@ -145,7 +145,7 @@ def cmd_pose(args: argparse.Namespace) -> int:
         w, h = size or (512, 512)
         pose = pose_model.default_pose(w, h)
     elif action == "detect":
-        pose = pose_detect.detect(load_image(args.input), hands=args.hands,
+        pose = pose_detect.detect(load_input_image(args.input, size), hands=args.hands,
                                min_confidence=args.min_confidence, method=args.method)
         if not pose.people:
             print(f"controlcanvas pose detect: no person found in {args.input}", file=sys.stderr)
