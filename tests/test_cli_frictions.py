@@ -140,8 +140,24 @@ def huge_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
 
 
 def run_cli(argv, capsys):
-    from backend.cli.main import main
-    rc = main([str(a) for a in argv])
+    """``controlcanvas ARGV`` in this process; the logging levels it sets are put back."""
+    import logging
+    import os
+
+    from backend.cli.main import _CHATTY_LIBRARIES, main
+
+    levels = {name: logging.getLogger(name).level for name in _CHATTY_LIBRARIES}
+    env = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    try:
+        rc = main([str(a) for a in argv])
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -180,3 +196,24 @@ def test_size_resizes_an_oversized_input(tmp_path, capsys):
     rc, _, err = run_cli(["generate", "--engine", "fake", "--size", "9000x9000",
                           "-o", tmp_path / "g.png"], capsys)
     assert rc == 1 and "over the 8192 px side limit" in err
+
+
+# -----------------------------------------------------------------------------
+# 8. Quiet by default; one line for a long prompt
+# -----------------------------------------------------------------------------
+
+def test_a_100k_prompt_gives_one_short_line_not_the_libraries_dump(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    prompt = ("a red ball " * 9100)[:100_000]
+    out = subprocess.run([sys.executable, "-m", "backend", "generate", "--engine", "demo",
+                          "--steps", "2", "--size", "64x64", "--prompt", prompt,
+                          "-o", str(tmp_path / "g.png")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stderr) < 2000, out.stderr[:3000]
+    assert re.search(r"prompt is \d+ tokens; CLIP reads the first 77", out.stderr)
+    assert "Warning" not in out.stderr and "truncated" not in out.stderr

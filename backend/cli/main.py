@@ -395,7 +395,8 @@ def _add_tools(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlcanvas",
                                      description="ControlNet for the editors you paint in.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the "
+                        "libraries' warnings (quiet by default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the websocket server the plug-ins talk to")
@@ -422,12 +423,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CHATTY_LIBRARIES = ("transformers", "diffusers", "websockets", "huggingface_hub", "PIL",
+                     "urllib3", "httpx", "accelerate")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Library warnings and info off by default (errors still show); ``-v`` shows them all.
+    Python warnings are filtered for the CLI process only."""
+    import warnings
+
+    if verbose:
+        return
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # read at their import
+        os.environ.setdefault(name, "error")
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    quiet_libraries(args.verbose)
     try:
         return args.func(args)
     except ControlCanvasError as err:
