@@ -217,3 +217,79 @@ def test_a_100k_prompt_gives_one_short_line_not_the_libraries_dump(tmp_path):
     assert len(out.stderr) < 2000, out.stderr[:3000]
     assert re.search(r"prompt is \d+ tokens; CLIP reads the first 77", out.stderr)
     assert "Warning" not in out.stderr and "truncated" not in out.stderr
+
+
+# -----------------------------------------------------------------------------
+# 12. Small ones
+# -----------------------------------------------------------------------------
+
+def test_a_folder_given_as_an_image_is_called_a_folder(tmp_path, capsys):
+    rc, _, err = run_cli(["preprocess", "canny", tmp_path, "-o", tmp_path / "out.png"], capsys)
+    assert rc == 1 and "is a folder, not an image file" in err and "no such file" not in err
+    rc, _, err = run_cli(["generate", "--engine", "fake", "--init", tmp_path,
+                          "-o", tmp_path / "g.png"], capsys)
+    assert rc == 1 and "is a folder, not an image file" in err
+
+
+def test_doctor_calls_the_missing_base_optional_with_the_demo_engine(tmp_path, monkeypatch):
+    monkeypatch.setattr(doctor.ModelConfig, "from_toml",
+                        classmethod(lambda cls, path=None: ModelConfig(cache_dir=str(tmp_path))))
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (base,) = [c for c in doctor.check_models() if c.name == "base model"]
+    assert base.status == doctor.FAIL and "blocks generating with the diffusers engine" in \
+        base.detail and "--engine demo" in base.detail
+    (tmp_path / "cfg" / "config.toml").write_text('[server]\nengine = "demo"\n')
+    (base,) = [c for c in doctor.check_models() if c.name == "base model"]
+    assert base.status == doctor.WARN and base.detail.startswith("optional with the "
+                                                                 "configured demo engine")
+
+
+def test_pose_commands_say_what_they_wrote(tmp_path, capsys):
+    rc, out, _ = run_cli(["pose", "default", "-o", tmp_path / "p.json", "--png",
+                          tmp_path / "p.png"], capsys)
+    assert rc == 0
+    assert f"pose default: wrote {tmp_path / 'p.json'} (pose JSON, 512x512, 1 person)" in out
+    assert f"wrote {tmp_path / 'p.png'} (skeleton image" in out
+    rc, out, _ = run_cli(["pose", "mirror", tmp_path / "p.json", "-o", tmp_path / "m.json"],
+                         capsys)
+    assert rc == 0 and f"pose mirror: wrote {tmp_path / 'm.json'}" in out
+
+
+@pytest.mark.parametrize("editor", ["krita", "gimp"])
+def test_install_plugin_refuses_an_editor_that_is_not_installed(editor, tmp_path, monkeypatch,
+                                                                capsys):
+    from backend.cli import install
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "APPDATA"):
+        monkeypatch.delenv(var, raising=False)
+    bundle = tmp_path / "bundle"
+    rc, _, err = run_cli(["install-plugin", editor, "--from", bundle], capsys)
+    assert rc == 2 and "does not seem to be installed" in err and "--profile-dir" in err
+    looked = install.krita_resource_dirs() if editor == "krita" else install.gimp_config_dirs()
+    assert str(looked[0]) in err
+    assert list(home.iterdir()) == []  # no folder made for it
+
+
+def test_models_download_of_an_unknown_name_lists_the_known_ones(tmp_path, capsys):
+    rc, _, err = run_cli(["models", "download", "sd16"], capsys)
+    assert rc == 1 and "'sd16' is not a known model name" in err and "local path" not in err
+    assert "sd15, sdxl, canny" in err and "sdxl:depth" in err and "hub id" in err
+
+
+def test_the_krita_zip_is_named_with_the_version():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cc_build", REPO / "packaging" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules[spec.name] = build
+    spec.loader.exec_module(build)
+    version = build.project_version()
+    assert build.KRITA_ZIP.format(version=version) == f"controlcanvas-krita-{version}.zip"
+    readme = (REPO / "packaging" / "README.md").read_text(encoding="utf-8")
+    assert "controlcanvas-krita-<version>.zip" in readme
+    assert "controlcanvas-gimp-<version>.zip" in readme

@@ -125,14 +125,20 @@ def write_result(path: Path, image: Image) -> Path:
 
 
 def _write_pose(pose, args) -> None:
+    """Write the pose where asked and say what was written (stdout: the JSON otherwise)."""
+    what = f"{pose.width}x{pose.height}, {len(pose.people)} " \
+        f"{'person' if len(pose.people) == 1 else 'people'}"
     if args.output:
         if str(args.output).lower().endswith(".json"):
             pose.save(args.output)
+            print(f"pose {args.action}: wrote {args.output} (pose JSON, {what})")
         else:
             save_image(args.output, pose_model.render_image(pose))
+            print(f"pose {args.action}: wrote {args.output} (skeleton image, {what})")
     png = getattr(args, "png", None)
     if png:
         save_image(png, pose_model.render_image(pose))
+        print(f"pose {args.action}: wrote {png} (skeleton image, {what})")
     if not args.output and not png:
         print(pose.to_json(indent=1))
 

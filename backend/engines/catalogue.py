@@ -488,6 +488,13 @@ class Catalogue:
 
     # -- downloading ---------------------------------------------------------
 
+    def download_names(self) -> List[str]:
+        """The names ``controlcanvas models download`` knows besides hub ids."""
+        names = list(DEFAULT_BASES) + [n for n in self.config.bases if n not in DEFAULT_BASES]
+        names += list(CONTROLNETS["sd15"]) + [f"{family}:{c}" for family in FAMILIES
+                                              if family != "sd15" for c in CONTROLNETS[family]]
+        return names
+
     def download_target(self, name: str) -> Tuple[str, str]:
         """(hub id, kind) that ``controlcanvas models download NAME`` fetches for ``name``."""
         if name in DEFAULT_BASES:
@@ -499,9 +506,13 @@ class Catalogue:
             return self.controlnet_name(condition, family or "sd15"), "controlnet"
         if name in TINY_BASES or name == DEMO_BASE:
             raise ModelMissing(f"{name} is built in; it needs no download.", field="model")
-        if not _HUB_ID.match(name) or Path(name).exists():
+        if Path(name).exists():
             raise ModelMissing(f"{name!r} is a local path, not a hub id: nothing to download.",
                                field="model")
+        if not _HUB_ID.match(name):
+            raise ModelMissing(f"{name!r} is not a known model name. Known: "
+                               f"{', '.join(self.download_names())}, or a Hugging Face hub id "
+                               f"(owner/name).", field="model")
         # A guess for names outside the catalogue; download() checks the repo's files.
         kind = "controlnet" if any(name == v for t in CONTROLNETS.values() for v in t.values()) \
             or "control" in name.lower() else "base"
