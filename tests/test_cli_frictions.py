@@ -293,3 +293,22 @@ def test_the_krita_zip_is_named_with_the_version():
     readme = (REPO / "packaging" / "README.md").read_text(encoding="utf-8")
     assert "controlcanvas-krita-<version>.zip" in readme
     assert "controlcanvas-gimp-<version>.zip" in readme
+
+
+def test_verbose_keeps_the_libraries_messages(monkeypatch):
+    import logging
+
+    from backend.cli import main as cli
+
+    for name in cli._CHATTY_LIBRARIES:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY", raising=False)
+    cli.quiet_libraries(verbose=True)
+    assert logging.getLogger("transformers").level == logging.NOTSET
+    assert "TRANSFORMERS_VERBOSITY" not in __import__("os").environ
+    cli.quiet_libraries(verbose=False)
+    for name in ("transformers", "diffusers", "websockets", "huggingface_hub"):
+        assert logging.getLogger(name).level == logging.ERROR
+    assert __import__("os").environ["DIFFUSERS_VERBOSITY"] == "error"
+    assert cli.build_parser().parse_args(["-v", "doctor"]).verbose
