@@ -1,22 +1,27 @@
 """Pixels as numpy arrays: Image <-> array, resizing, compositing, image files.
 
-The leaf of the backend: imports numpy, OpenCV and ``shared`` only, so every
-layer above (pose, annotators, engines, the CLI) uses one copy of these rules.
+The leaf of the backend: imports numpy, OpenCV, Pillow (image headers) and ``shared``
+only, so every layer above (pose, annotators, engines, the server, the CLI) uses one copy
+of these rules, the image size limits included (:data:`MAX_IMAGE_SIDE`, :data:`MAX_PIXELS`).
 Arrays are H x W x C uint8; RGBA is straight (not premultiplied) alpha.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
-from shared.errors import FieldError
+from shared.errors import FieldError, LimitError
 from shared.images import Image
 
 Size = Tuple[int, int]
+
+# The largest image the server (and so the CLI, which uses one) accepts: one place.
+MAX_IMAGE_SIDE = 8192
+MAX_PIXELS = 40_000_000
 
 
 # -----------------------------------------------------------------------------
@@ -138,11 +143,73 @@ def array_to_rgba8(array: np.ndarray, where: str = "image") -> np.ndarray:
     raise FieldError(f"{where}: {channels} channels are not supported.", field="image")
 
 
-def load_image(path) -> Image:
+def _existing_file(path) -> Path:
     path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
+    if path.is_dir():
+        raise FieldError(f"{path} is a folder, not an image file; give the path of a PNG, "
+                         f"JPEG, TIFF or WebP file.", field="image")
+    if not path.is_file():
         raise FieldError(f"{path}: no such file.", field="image")
+    return path
+
+
+def image_file_size(path) -> Optional[Size]:
+    """(width, height) read from the file's header, without decoding its pixels; None when
+    Pillow cannot read the header (OpenCV may still read the file)."""
+    from PIL import Image as PILImage
+
+    path = _existing_file(path)
+    saved, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None  # only the header
+    try:
+        with PILImage.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: let the decoder say
+        return None
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = saved
+
+
+def size_problem(width: int, height: int, max_side: int = MAX_IMAGE_SIDE,
+                 max_pixels: int = MAX_PIXELS) -> str:
+    """Why a width x height image is over the limits ("" when it is not)."""
+    if width > max_side or height > max_side:
+        return f"over the {max_side} px side limit"
+    if width * height > max_pixels:
+        return f"over the {max_pixels:,} pixel limit"
+    return ""
+
+
+def load_input_image(path, size: Optional[Size] = None, *, max_side: int = MAX_IMAGE_SIDE,
+                     max_pixels: int = MAX_PIXELS) -> Image:
+    """An input image from the command line, its size checked from the header first.  Over
+    the limits: resized to ``size`` (``--size``) when given, else a LimitError saying what
+    to do - before any pixel is decoded."""
+    header = image_file_size(path)
+    problem = size_problem(*header, max_side, max_pixels) if header else ""
+    if not problem:
+        return load_image(path)
+    if size is None or size_problem(*size, max_side, max_pixels):
+        raise LimitError(f"{path}: the image is {header[0]}×{header[1]}, {problem}: pass "
+                         f"--size WxH (at most {max_side} px a side) or scale it down.",
+                         field="image")
+    from PIL import Image as PILImage
+
+    saved, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None
+    try:
+        with PILImage.open(path) as im:
+            im.draft("RGB", tuple(size))  # JPEG: decode at a fraction of the size
+            if im.mode not in ("L", "LA", "RGB", "RGBA"):  # 1-bit, palette, 16-bit, CMYK
+                im = im.convert("L" if im.mode in ("1", "I;16", "I") else "RGBA")
+            small = im.resize(tuple(size), PILImage.Resampling.LANCZOS,
+                              reducing_gap=2.0).convert("RGBA")
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = saved
+    return Image(small.width, small.height, small.tobytes())
+
+
+def load_image(path) -> Image:
+    path = _existing_file(path)
+    data = np.fromfile(str(path), dtype=np.uint8)
     array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if array is None:
         raise FieldError(f"{path}: not an image OpenCV can read (PNG, JPEG, TIFF, WebP...).",

@@ -12,7 +12,7 @@ writes into ``--out`` (default ``dist/`` in the checkout):
 - ``controlcanvas-gimp-<version>.zip``: the same folder as a zip (Unix modes
   kept, so the exec bit survives ``unzip``);
 - ``controlcanvas-<version>-py3-none-any.whl``: the backend wheel;
-- ``controlcanvas-krita.zip``: the Krita plug-in for *Tools > Scripts > Import
+- ``controlcanvas-krita-<version>.zip``: the Krita plug-in for *Tools > Scripts > Import
   Python Plugin from File...* (``controlcanvas.desktop`` + ``controlcanvas/`` with
   ``shared`` and websockets inside it, under ``_vendor/``), and its unzipped tree
   ``controlcanvas-krita/``.
@@ -363,13 +363,13 @@ def build_gimp(out: Path, cache: Path) -> Tuple[Path, Path]:
 
 
 KRITA_PACKAGE = "controlcanvas"  # pykrita/<name>/ + <name>.desktop (X-KDE-Library)
-KRITA_ZIP = "controlcanvas-krita.zip"
+KRITA_ZIP = "controlcanvas-krita-{version}.zip"  # like GIMP's controlcanvas-gimp-<version>.zip
 KRITA_STAGE = "controlcanvas-krita"
 
 
 def build_krita(out: Path, cache: Path) -> Tuple[Path, Path]:
     """The Krita plug-in for *Tools > Scripts > Import Python Plugin from File...*:
-    ``out/controlcanvas-krita.zip`` holding ``controlcanvas.desktop`` and the package
+    ``out/controlcanvas-krita-<version>.zip`` holding ``controlcanvas.desktop`` and the package
     folder ``controlcanvas/``; the protocol and websockets go *inside* the package, in
     ``controlcanvas/_vendor/`` (imported as ``controlcanvas._vendor.shared``; see
     plugin_krita/controlcanvas/proto.py), so the zip adds no other top-level name to
@@ -402,7 +402,7 @@ def build_krita(out: Path, cache: Path) -> Tuple[Path, Path]:
     })
     files = normalise_tree(stage)
     check_sources(files)
-    archive = write_zip(package, out / KRITA_ZIP, KRITA_PACKAGE)
+    archive = write_zip(package, out / KRITA_ZIP.format(version=version), KRITA_PACKAGE)
     # The .desktop file sits beside the package folder, at the top of the zip.
     stamp = time.gmtime(source_date_epoch())[:6]
     with zipfile.ZipFile(archive, "a") as zf:

@@ -88,6 +88,7 @@ def test_wrong_bundle_is_refused(tmp_path):
 
 
 def test_krita_install_default_location(home):
+    (home / ".local" / "share" / "krita").mkdir(parents=True)  # Krita has run once
     (done,) = install.install_krita(krita_bundle(home.parent))
     pykrita = home / ".local" / "share" / "krita" / "pykrita"
     assert (pykrita / "controlcanvas.desktop").is_file()

@@ -79,7 +79,8 @@ def test_stdlib_only_python_builds_plugins_and_skips_the_wheel(build, bare_pytho
     assert done.returncode == 0, done.stderr
     version = build.project_version()
     gimp_zip = tmp_path / "dist" / f"controlcanvas-gimp-{version}.zip"
-    assert gimp_zip.is_file() and (tmp_path / "dist" / "controlcanvas-krita.zip").is_file()
+    krita_zip = tmp_path / "dist" / f"controlcanvas-krita-{version}.zip"
+    assert gimp_zip.is_file() and krita_zip.is_file()
     assert not list((tmp_path / "dist").glob("*.whl"))
     assert "Traceback" not in done.stderr
     (note,) = done.stderr.strip().splitlines()
@@ -132,7 +133,7 @@ def test_system_python3_isolated_builds_the_plugin_bundles(filled_cache, tmp_pat
         pytest.skip("no python3 >= 3.10 on PATH outside the venv")
     done = run_build(python, "--out", tmp_path / "dist", "--cache", filled_cache)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "dist" / "controlcanvas-krita.zip").is_file()
+    assert list((tmp_path / "dist").glob("controlcanvas-krita-*.zip"))
     assert list((tmp_path / "dist").glob("controlcanvas-gimp-*.zip"))
     # the wheel is built, or skipped with its note (this system Python's pip/setuptools)
     assert list((tmp_path / "dist").glob("*.whl")) or "backend skipped" in done.stderr

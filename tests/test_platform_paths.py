@@ -247,12 +247,14 @@ def test_install_plugin_writes_where_the_doc_says(platform, tmp_path, monkeypatc
     gimp = tmp_path / "gbundle" / "controlcanvas"
     gimp.mkdir(parents=True)
     (gimp / "controlcanvas.py").write_text("#!/usr/bin/env python3\n")
-    on(platform, env, monkeypatch, lambda: install.install_krita(krita))
-    on(platform, env, monkeypatch, lambda: install.install_gimp(gimp))
     rows = {row[0]: row for row in doc_tables()[0][1:]}
     column = {"darwin": 2, "linux": 3}[platform]
     pykrita = Path(str(expand(platform, code_span(rows["Krita plug-ins"][column]), env)))
     plugins = Path(str(expand(platform, code_span(rows["GIMP 3.0 plug-ins"][column]), env)))
+    for root in (pykrita.parent, plugins.parent):  # both editors have run once
+        root.mkdir(parents=True)
+    on(platform, env, monkeypatch, lambda: install.install_krita(krita))
+    on(platform, env, monkeypatch, lambda: install.install_gimp(gimp))
     assert (pykrita / "controlcanvas.desktop").is_file()
     assert (pykrita / "controlcanvas" / "__init__.py").is_file()
     assert os.access(plugins / "controlcanvas" / "controlcanvas.py", os.X_OK)

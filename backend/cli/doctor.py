@@ -91,10 +91,16 @@ def check_models() -> List[Check]:
     checks = []
     if base is not None and base.present:
         checks.append(Check("base model", OK, f"{default} ({base.source})"))
+    elif configured_engine() != "diffusers":  # the demo (or a test engine) needs no base
+        checks.append(Check("base model", WARN, f"optional with the configured "
+                            f"{configured_engine()} engine: {default} is not on this machine; "
+                            f"for your own prompts at full size: `{download_command(default)}`"))
     else:
-        checks.append(Check("base model", FAIL, f"{default} is not on this machine: "
-                            f"`{download_command(default)}` (or set [models] base in "
-                            f"config.toml to a local file or folder)"))
+        checks.append(Check("base model", FAIL, f"{default} is not on this machine, which "
+                            f"blocks generating with the diffusers engine (the server's "
+                            f"default): `{download_command(default)}` (or set [models] base in "
+                            f"config.toml to a local file or folder). The embedded demo needs "
+                            f"none: `controlcanvas serve --engine demo`"))
     nets = [e for e in entries if e.kind == "controlnet" and e.family == (base.family
                                                                            if base else "sd15")]
     present = [e for e in nets if e.present]
@@ -108,6 +114,15 @@ def check_models() -> List[Check]:
             f"{len(present)} of {len(nets)} present; missing e.g. {first[0].condition}: "
             f"`{download_command(first[0].name)}`")))
     return checks
+
+
+def configured_engine() -> str:
+    """The engine ``controlcanvas serve`` would use with this machine's config and env."""
+    from ..server.config import build_config
+    try:
+        return build_config({}).engine
+    except Exception:  # noqa: BLE001 - a broken config file is reported by serve itself
+        return "diffusers"
 
 
 def check_token(path: Path) -> Check:

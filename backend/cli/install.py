@@ -98,10 +98,25 @@ def _replace_tree(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
 
 
+class EditorNotFound(ValueError):
+    """None of the editor's config folders exists: it is not installed, or never started."""
+
+
+def _found(editor: str, candidates: List[Path]) -> List[Path]:
+    """The candidate folders that exist; EditorNotFound (naming them) when none does, so an
+    editor that is not installed never gets folders made for it."""
+    found = [d for d in candidates if d.exists()]
+    if not found:
+        raise EditorNotFound(
+            f"{editor} does not seem to be installed, or has never been started: none of its "
+            f"folders exists (looked for {', '.join(str(d) for d in candidates)}). Start "
+            f"{editor} once and retry, or pass --profile-dir FOLDER.")
+    return found
+
+
 def install_krita(bundle: Path, profile_dir: Optional[Path] = None) -> List[Installed]:
     """Install the Krita bundle (the .desktop file + package folder, or their zip)."""
-    targets = [profile_dir] if profile_dir else \
-        [d for d in krita_resource_dirs() if d.exists()] or krita_resource_dirs()[:1]
+    targets = [profile_dir] if profile_dir else _found("Krita", krita_resource_dirs())
     done = []
     with tempfile.TemporaryDirectory() as tmp:
         root = _unpack(bundle, Path(tmp))
@@ -124,10 +139,7 @@ def install_krita(bundle: Path, profile_dir: Optional[Path] = None) -> List[Inst
 
 def install_gimp(bundle: Path, profile_dir: Optional[Path] = None) -> List[Installed]:
     """Install the GIMP plug-in folder (or its zip) into every GIMP 3.x profile found."""
-    if profile_dir:
-        targets = [profile_dir]
-    else:
-        targets = [d for d in gimp_config_dirs() if d.exists()] or gimp_config_dirs()[:1]
+    targets = [profile_dir] if profile_dir else _found("GIMP 3", gimp_config_dirs())
     done = []
     with tempfile.TemporaryDirectory() as tmp:
         root = _unpack(bundle, Path(tmp))

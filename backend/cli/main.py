@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from shared.errors import ControlCanvasError
+from shared.errors import ControlCanvasError, LimitError
 
 from ..bench import main as bench
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
-from ..imaging import load_image
+from ..imaging import load_input_image, size_problem
 from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
                              is_loopback_host, load_or_create_token)
 from ..server.local import ServerThread
@@ -152,23 +152,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from shared.messages import ControlUnit, GenerateRequest, Progress
 
 
+    size = parse_size(args.size) if args.size else None
+    if size and size_problem(*size):
+        raise LimitError(f"--size {size[0]}x{size[1]} is {size_problem(*size)}; choose a "
+                         f"smaller size.", field="size")
     images = {}
     controls = []
     for text in args.control or []:
         condition, path, weight, preprocessor = _parse_control(text)
         slot = len(images)
-        images[slot] = load_image(path)
+        images[slot] = load_input_image(path, size)  # size limits checked from the header
         controls.append(ControlUnit(condition=condition, image=slot, weight=weight,
                                     preprocessor=preprocessor))
     init = mask = None
     if args.init:
         init = len(images)
-        images[init] = load_image(args.init)
+        images[init] = load_input_image(args.init, size)
     if args.mask:
         mask = len(images)
-        images[mask] = load_image(args.mask)
-    if args.size:
-        width, height = parse_size(args.size)
+        images[mask] = load_input_image(args.mask, size)
+    if size:
+        width, height = size
     elif init is not None or images:
         width, height = images[init if init is not None else 0].size
     else:
@@ -391,7 +395,8 @@ def _add_tools(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlcanvas",
                                      description="ControlNet for the editors you paint in.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the "
+                        "libraries' warnings (quiet by default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the websocket server the plug-ins talk to")
@@ -418,12 +423,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CHATTY_LIBRARIES = ("transformers", "diffusers", "websockets", "huggingface_hub", "PIL",
+                     "urllib3", "httpx", "accelerate")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Library warnings and info off by default (errors still show); ``-v`` shows them all.
+    Python warnings are filtered for the CLI process only."""
+    import warnings
+
+    if verbose:
+        return
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # read at their import
+        os.environ.setdefault(name, "error")
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    quiet_libraries(args.verbose)
     try:
         return args.func(args)
     except ControlCanvasError as err:

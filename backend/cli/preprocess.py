@@ -27,7 +27,7 @@ from shared.errors import FieldError
 from shared.images import Image
 
 from ..annotators import library
-from ..imaging import load_image, save_image
+from ..imaging import load_image, load_input_image, save_image
 from ..pose import detect as pose_detect
 from ..pose import model as pose_model
 
@@ -97,7 +97,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if not args.input or not args.output:
         print("controlcanvas preprocess: give NAME in.png -o out.png", file=sys.stderr)
         return 2
-    image = load_image(args.input)
+    image = load_input_image(args.input, args.size)  # size limits checked from the header
     out = library.run(args.name, image, parse_params(args.param), args.size)
     target = Path(args.output)
     if target.is_dir() or str(args.output).endswith(("/", os.sep)):
@@ -125,14 +125,20 @@ def write_result(path: Path, image: Image) -> Path:
 
 
 def _write_pose(pose, args) -> None:
+    """Write the pose where asked and say what was written (stdout: the JSON otherwise)."""
+    what = f"{pose.width}x{pose.height}, {len(pose.people)} " \
+        f"{'person' if len(pose.people) == 1 else 'people'}"
     if args.output:
         if str(args.output).lower().endswith(".json"):
             pose.save(args.output)
+            print(f"pose {args.action}: wrote {args.output} (pose JSON, {what})")
         else:
             save_image(args.output, pose_model.render_image(pose))
+            print(f"pose {args.action}: wrote {args.output} (skeleton image, {what})")
     png = getattr(args, "png", None)
     if png:
         save_image(png, pose_model.render_image(pose))
+        print(f"pose {args.action}: wrote {png} (skeleton image, {what})")
     if not args.output and not png:
         print(pose.to_json(indent=1))
 
@@ -145,7 +151,7 @@ def cmd_pose(args: argparse.Namespace) -> int:
         w, h = size or (512, 512)
         pose = pose_model.default_pose(w, h)
     elif action == "detect":
-        pose = pose_detect.detect(load_image(args.input), hands=args.hands,
+        pose = pose_detect.detect(load_input_image(args.input, size), hands=args.hands,
                                min_confidence=args.min_confidence, method=args.method)
         if not pose.people:
             print(f"controlcanvas pose detect: no person found in {args.input}", file=sys.stderr)

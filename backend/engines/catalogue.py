@@ -373,7 +373,7 @@ class Catalogue:
         if folder is None:
             raise ModelMissing(
                 f"The {kind} model {where!r} is not downloaded. Fetch it once with: "
-                f"{download_command(where)}", field="model")
+                f"`{download_command(where)}`", field="model")
         return Resolved(name, kind, family, "hub", str(folder), repo_id=where,
                         native_size=NATIVE_SIZE[family])
 
@@ -387,8 +387,9 @@ class Catalogue:
                 raise ModelMissing(
                     f"The embedded demo model only has an outline ControlNet (for "
                     f"{', '.join(DEMO_CONDITIONS)}), not one for {condition!r}. Pick one of "
-                    f"those conditions, or a real Stable Diffusion base (controlcanvas models "
-                    f"download sd15 {condition}).", field="condition")
+                    f"those conditions, or use a real Stable Diffusion 1.5 base: "
+                    f"`{download_command('sd15')}` and `{download_command(condition)}`, then "
+                    f"choose that base.", field="condition")
             return Resolved(name, kind, "sd15", "builtin", str(demo_folder() / "controlnet"),
                             native_size=DEMO_NATIVE_SIZE)
         root = Path(self.config.tiny_root) if self.config.tiny_root else None
@@ -487,6 +488,13 @@ class Catalogue:
 
     # -- downloading ---------------------------------------------------------
 
+    def download_names(self) -> List[str]:
+        """The names ``controlcanvas models download`` knows besides hub ids."""
+        names = list(DEFAULT_BASES) + [n for n in self.config.bases if n not in DEFAULT_BASES]
+        names += list(CONTROLNETS["sd15"]) + [f"{family}:{c}" for family in FAMILIES
+                                              if family != "sd15" for c in CONTROLNETS[family]]
+        return names
+
     def download_target(self, name: str) -> Tuple[str, str]:
         """(hub id, kind) that ``controlcanvas models download NAME`` fetches for ``name``."""
         if name in DEFAULT_BASES:
@@ -498,9 +506,13 @@ class Catalogue:
             return self.controlnet_name(condition, family or "sd15"), "controlnet"
         if name in TINY_BASES or name == DEMO_BASE:
             raise ModelMissing(f"{name} is built in; it needs no download.", field="model")
-        if not _HUB_ID.match(name) or Path(name).exists():
+        if Path(name).exists():
             raise ModelMissing(f"{name!r} is a local path, not a hub id: nothing to download.",
                                field="model")
+        if not _HUB_ID.match(name):
+            raise ModelMissing(f"{name!r} is not a known model name. Known: "
+                               f"{', '.join(self.download_names())}, or a Hugging Face hub id "
+                               f"(owner/name).", field="model")
         # A guess for names outside the catalogue; download() checks the repo's files.
         kind = "controlnet" if any(name == v for t in CONTROLNETS.values() for v in t.values()) \
             or "control" in name.lower() else "base"

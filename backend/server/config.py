@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from shared.messages import Limits
+
+from ..imaging import MAX_IMAGE_SIDE, MAX_PIXELS
 from shared.paths import config_dir, token_file  # noqa: F401 (config_dir re-exported)
 
 from ..configfile import load_toml
@@ -73,8 +75,8 @@ class ServerConfig:
     token: Optional[str] = None  # given directly (tests); else read/created from token_file
     engine: str = "diffusers"
     step_seconds: float = 0.0  # fake engine: pretend each step takes this long
-    max_image_side: int = 8192
-    max_pixels: int = 40_000_000
+    max_image_side: int = MAX_IMAGE_SIDE
+    max_pixels: int = MAX_PIXELS
     max_queue: int = 64
     max_batch: int = 16
     max_images_per_job: int = 16

@@ -105,6 +105,19 @@ class _QuietCasts(logging.Filter):
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_QuietCasts())
 
+
+def _note_long_prompts(pipe, request) -> None:
+    """One short line for a prompt longer than CLIP reads (instead of the library's dump of
+    the cut-off text, which the CLI silences)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", 0) or 0
+    for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        if not text or tokenizer is None or len(text) < limit:  # fewer characters than tokens
+            continue
+        count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+        if count > limit:
+            log.warning("%s is %d tokens; CLIP reads the first %d", what, count, limit)
+
 class DiffusersEngine:
     """The real engine; see the module docstring.
 
@@ -562,6 +575,7 @@ class DiffusersEngine:
                 ctx.preview(done, latent_preview(tensors["latents"], family))
             return {}
 
+        _note_long_prompts(pipe, request)
         kwargs: Dict[str, Any] = dict(
             prompt=request.prompt, negative_prompt=request.negative_prompt or None,
             num_inference_steps=p.steps, guidance_scale=request.cfg, generator=generator,
