@@ -45,6 +45,7 @@ def test_extra_spec_is_the_pyproject_extra():
     ("2.13.0", None, False),
     ("2.13.0", "12.8", True),           # PyPI's Linux CUDA wheel: no local label
     ("2.12.1+cu126", None, True),       # the label alone says CUDA
+    ("2.12.0+rocm6.2", None, True),     # an AMD GPU build
     ("2.14.1+cu128", "12.8", False),    # already the right version: kept
     ("2.14.0", "12.8", True),           # another patch release (plan_annotators keeps it)
 ])

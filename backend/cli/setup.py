@@ -63,19 +63,21 @@ def torch_refusal(installed: Optional[str], installed_cuda: Optional[str],
                   target: str = TORCH_VERSION) -> Optional[str]:
     """Why installing torch ``target`` must not go ahead unasked, or None.
 
-    Only a CUDA build of another version is protected: pip would swap it for the build
-    PyPI serves for ``target`` (on Windows a CPU build, elsewhere some CUDA version
-    that may not suit the driver), and the artist loses the torch that uses the GPU.
+    Only a GPU build (CUDA, or a ROCm/XPU local label) of another version is protected:
+    pip would swap it for the build PyPI serves for ``target`` (on Windows a CPU build,
+    elsewhere some CUDA version that may not suit the driver), and the artist loses the
+    torch that uses the GPU.
     """
-    if not installed or not installed_cuda and "+cu" not in installed:
+    label = installed.partition("+")[2] if installed else ""
+    gpu = bool(installed_cuda) or label.startswith(("cu", "rocm", "xpu"))
+    if not installed or not gpu or _release(installed) == _release(target):
         return None
-    if _release(installed) == _release(target):
-        return None
-    return (f"this environment has a CUDA build of torch ({installed}, CUDA "
-            f"{installed_cuda or installed.split('+cu')[-1]}); controlnet-aux needs torch "
+    build = f"CUDA {installed_cuda}" if installed_cuda else label
+    return (f"this environment has a GPU build of torch ({installed}, {build}); "
+            f"controlnet-aux needs torch "
             f"{target} with torchvision {TORCHVISION_VERSION}, and installing that from PyPI "
             f"replaces your torch with another build that may not use your GPU. Either "
-            f"install the CUDA build of torch {target} + torchvision {TORCHVISION_VERSION} "
+            f"install the GPU build of torch {target} + torchvision {TORCHVISION_VERSION} "
             f"from pytorch.org first (then this command keeps it), or run again with --yes "
             f"to let pip replace it.")
 
@@ -105,8 +107,8 @@ def installed_torch() -> tuple:
         version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         return None, None
-    cuda = version.split("+cu")[-1] if "+cu" in version else None
-    if cuda is None and "+" not in version:
+    cuda = None  # a local label (+cu128, +rocm6.2, +cpu) says the build by itself
+    if "+" not in version:
         try:  # PyPI's Linux wheels carry no local label; ask torch itself
             import torch
             cuda = torch.version.cuda
