@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 HUB_REPO = "lllyasviel/Annotators"
 DIR_ENV = "CONTROLCANVAS_ANNOTATORS_DIR"
-INSTALL_HINT = ("install the optional extra: pip install 'controlcanvas[annotators]' with "
-                "torch==2.14.1 torchvision==0.29.1 (see tests/annotators_env.sh).")
+INSTALL_HINT = ("install the optional extra: `controlcanvas setup annotators` (controlnet-aux "
+                "with the torch 2.14.1 + torchvision 0.29.1 pair it needs).")
 
 _random_weights = False
 _cache: Dict[Tuple[str, Tuple[Optional[str], ...]], Any] = {}

@@ -317,8 +317,8 @@ def _photo_path():
 
 needs_mediapipe = pytest.mark.skipif(
     D.mediapipe_python() is None and not os.environ.get("CONTROLCANVAS_REQUIRE_MEDIAPIPE"),
-    reason="MediaPipe is not set up (tests/annotators_env.sh setup creates .venv-mediapipe, or "
-           "set CONTROLCANVAS_MEDIAPIPE_PYTHON)")
+    reason="MediaPipe is not set up (`controlcanvas setup pose`, tests/annotators_env.sh "
+           "setup, or set CONTROLCANVAS_MEDIAPIPE_PYTHON)")
 
 
 @needs_mediapipe
@@ -351,7 +351,7 @@ def test_mediapipe_detects_the_person_in_a_real_photo(tmp_path):
 def test_missing_mediapipe_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(D.MEDIAPIPE_ENV, "/nonexistent/python")
     from shared.errors import ModelMissing
-    with pytest.raises(ModelMissing, match="annotators_env.sh"):
+    with pytest.raises(ModelMissing, match="controlcanvas setup pose"):
         D.detect(Image.filled(32, 32, (1, 2, 3, 255)), method="mediapipe")
 
 

@@ -339,8 +339,8 @@ def register_all(register) -> None:
     register(Annotator("pose_from_photo", "openpose", _pose_from_photo, refuse_empty="uniform",
                        is_available=_pose_available,
                        unavailable_hint="it needs the OpenPose weights with controlnet-aux, or "
-                                        "MediaPipe (set CONTROLCANVAS_MEDIAPIPE_PYTHON; see "
-                                        "tests/annotators_env.sh).",
+                                        "MediaPipe (run `controlcanvas setup pose`, or set "
+                                        "CONTROLCANVAS_MEDIAPIPE_PYTHON).",
                        params=(
         P("hands", "bool", False, help="also detect hand keypoints"),
         P("min_confidence", "float", 0.5, 0, 1, help="joints less certain than this are left out"),

@@ -160,6 +160,25 @@ def check_plugins() -> Check:
     return Check("plug-ins", OK, ", ".join(f"{f.editor} in {f.path}" for f in found))
 
 
+def check_annotators() -> Check:
+    from importlib import metadata
+    try:
+        version = metadata.version("controlnet-aux")
+    except metadata.PackageNotFoundError:
+        return Check("annotators", WARN, "the controlnet-aux extra is not installed (HED, "
+                     "depth, normals... unavailable): `controlcanvas setup annotators`")
+    return Check("annotators", OK, f"controlnet-aux {version}")
+
+
+def check_pose_helper() -> Check:
+    from ..pose.detect import mediapipe_python
+    python = mediapipe_python()
+    if python is None:
+        return Check("pose helper", WARN, "MediaPipe not set up (pose from photo needs it "
+                     "without the OpenPose weights): `controlcanvas setup pose`")
+    return Check("pose helper", OK, f"MediaPipe python {python}")
+
+
 def run_checks(token_file: Path, host: str, port: int) -> List[Check]:
     checks: List[Check] = [check_python()]
     for run in (check_torch, check_diffusers, check_models):
@@ -168,6 +187,7 @@ def run_checks(token_file: Path, host: str, port: int) -> List[Check]:
     checks.append(check_token(token_file))
     checks.append(check_port(host, port))
     checks.append(check_plugins())
+    checks.extend(_guard(run) for run in (check_annotators, check_pose_helper))
     return checks
 
 

@@ -27,6 +27,7 @@ from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_t
 from ..server.local import ServerThread
 from ..server.websocket import run_server
 from . import doctor, install
+from . import setup as setup_extras
 from .demo import run_demo
 from .preprocess import add_parsers as add_preprocess_parsers
 from .preprocess import parse_size, write_result
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_preprocess_parsers(sub)
 
     _add_tools(sub)
+    setup_extras.add_parser(sub)
     return parser
 
 

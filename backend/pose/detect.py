@@ -2,8 +2,9 @@
 on this machine (:mod:`.openpose`), otherwise MediaPipe Pose (33 landmarks, mapped by
 :func:`mediapipe_to_openpose`).  MediaPipe 0.10.21 - the last wheel that ships its
 model - pins numpy<2, so it never runs in this process: a small worker runs in its own
-interpreter (``CONTROLCANVAS_MEDIAPIPE_PYTHON``, default ``.venv-mediapipe`` beside the
-project; see ``tests/annotators_env.sh``)."""
+interpreter: ``CONTROLCANVAS_MEDIAPIPE_PYTHON``, else the one ``controlcanvas setup pose``
+recorded in the pointer file (:func:`pointer_file`), else ``.venv-mediapipe`` beside the
+project (``tests/annotators_env.sh``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from shared.errors import EngineError, FieldError, ModelMissing
+from shared.paths import config_dir
 from shared.images import Image
 
 from .. import weights
@@ -25,6 +27,7 @@ from . import openpose
 from .model import MISSING, Person, Points, Pose, Triple
 
 MEDIAPIPE_ENV = "CONTROLCANVAS_MEDIAPIPE_PYTHON"
+POINTER_NAME = "mediapipe-python.txt"  # one line: the python of the MediaPipe venv
 
 # MediaPipe Pose landmark index for each OpenPose-18 joint (neck = shoulder midpoint).
 MEDIAPIPE_TO_OPENPOSE: Tuple[Optional[int], ...] = (
@@ -52,12 +55,30 @@ sys.stdout.write(json.dumps(out))
 '''
 
 
+def pointer_file() -> Path:
+    """Where ``controlcanvas setup pose`` records the MediaPipe interpreter (config folder)."""
+    return config_dir() / POINTER_NAME
+
+
+def read_pointer(path: Optional[Path] = None) -> Optional[str]:
+    """The interpreter named in the pointer file, when the file and that interpreter exist."""
+    try:
+        value = (path or pointer_file()).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return value if value and Path(value).is_file() else None
+
+
 def mediapipe_python() -> Optional[str]:
-    """The interpreter that has MediaPipe: $CONTROLCANVAS_MEDIAPIPE_PYTHON, else the
-    project's ``.venv-mediapipe``; None when neither exists."""
+    """The interpreter that has MediaPipe: $CONTROLCANVAS_MEDIAPIPE_PYTHON, else the one
+    recorded by ``controlcanvas setup pose``, else the project's ``.venv-mediapipe``;
+    None when none exists."""
     value = os.environ.get(MEDIAPIPE_ENV, "").strip()
     if value:
         return value if Path(value).is_file() else None
+    recorded = read_pointer()
+    if recorded:
+        return recorded
     root = Path(__file__).resolve().parents[2] / ".venv-mediapipe"
     for candidate in (root / "bin" / "python", root / "Scripts" / "python.exe"):
         if candidate.is_file():
@@ -72,8 +93,8 @@ def mediapipe_landmarks(rgb: np.ndarray, hands: bool = False,
     if python is None:
         raise ModelMissing(
             "Pose detection needs MediaPipe (mediapipe==0.10.21 ships its pose model) in an "
-            "interpreter of its own, because it pins numpy<2: run tests/annotators_env.sh setup "
-            f"(creates .venv-mediapipe) or set {MEDIAPIPE_ENV} to a python that has it.",
+            "interpreter of its own, because it pins numpy<2: run `controlcanvas setup pose` "
+            f"(creates that venv and records it) or set {MEDIAPIPE_ENV} to a python that has it.",
             field="annotator")
     h, w = rgb.shape[:2]
     try:
