@@ -802,3 +802,31 @@ def test_demo_engine_square_canvases_are_generated_as_before(torch_threads):
     plan = engine.last_plan
     assert plan.region == (0, 0, 128, 128) and not plan.square and plan.work == (64, 64)
     engine.close()
+
+
+def test_square_region_around_the_drawing_clamped_or_letterboxed():
+    from backend.engines.diffusers.geometry import crop_padded, square_region
+
+    assert square_region(None, 160, 90) == (35, 0, 125, 90)  # no drawing: centred square
+    strokes = np.zeros((90, 160), bool)
+    strokes[40:60, 130:150] = True  # 20 px near the right edge
+    assert square_region(strokes, 160, 90) == (110, 25, 160, 75)  # 20 / 0.4, kept inside
+    strokes[:] = False
+    strokes[5:85, 10:150] = True  # wider than the canvas is tall: past the canvas
+    x0, y0, x1, y1 = square_region(strokes, 160, 90)
+    assert x1 - x0 == y1 - y0 == 234 and y0 < 0 and y1 > 90
+    grey = np.full((90, 160), 7, np.uint8)
+    crop = crop_padded(grey, (x0, y0, x1, y1))
+    assert crop.shape == (234, 234) and crop[0, 0] == 0 and crop[117, 117] == 7
+
+
+def test_demo_engine_without_drawing_on_a_wide_canvas_keeps_the_sides_plain(torch_threads):
+    engine = DiffusersEngine.demo(device="cpu")
+    request = GenerateRequest(width=320, height=180, seed=5, steps=4, cfg=3.0, sampler="ddim",
+                              base_model="shapes-demo", prompt="green square on a white "
+                              "background")
+    out = pixels(engine.generate(request, {}, RecordingContext())[0])
+    assert engine.last_plan.region == (70, 0, 250, 180) and engine.last_plan.work == (64, 64)
+    sides = np.concatenate([out[:, :70], out[:, 250:]], axis=1)
+    assert (sides == sides[0, 0]).all() and sides[0, 0, :3].min() > 230  # one near-white
+    engine.close()
