@@ -16,7 +16,10 @@ How one request becomes pixels (``generate``):
    the model's *native scale*: the area is brought into [N², (1.5 N)²] where
    N = ``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5, 1024 for
    SDXL, 64 for the tiny model), keeping the aspect ratio, sides multiples of 8.
-   The result is resized back to exactly the region's size.  With ``hires`` a
+   The result is resized back to exactly the region's size.  A model trained on squares
+   only (``square_only``, the demo) generates txt2img on a non-square canvas on the square
+   around the control strokes (:func:`geometry.square_region`) and paints the rest of the
+   canvas with that square's background.  With ``hires`` a
    second img2img pass runs at up to ``hires_scale`` x the work size (VAE tiling
    on above ``vae_tiling_pixels``).
 3. **Control images** are mapped onto the canvas with the unit's resize mode
