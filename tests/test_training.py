@@ -393,3 +393,23 @@ def test_train_cost_reports_ratios():
     result = bench_train_cost(preset="tiny", batch=2, repeats=1)
     assert result["ratio"] > 0 and result["memory_ratio"] > 0
     assert result["controlnet_peak_mb"] > 0 and result["unet_peak_mb"] > 0
+
+
+def test_bench_fidelity_reports_non_square_canvases_per_colour(torch_threads):  # noqa: F811
+    from backend.bench.training import bench_fidelity
+    from backend.training.shapes import COLOURS
+
+    result = bench_fidelity(samples=2, steps=4, canvas_samples=2)
+    for key in ("iou_with_control", "iou_without_control", "colour_accuracy",
+                "colour_accuracy_without_control", "iou_ceiling", "meets_targets"):
+        assert key in result  # the 64² figures keep their keys
+    assert {"512x288", "288x512", "256x256"} <= set(result["canvases"])
+    for figures in result["canvases"].values():
+        assert 0.0 <= figures["iou_with_control"] <= 1.0
+        assert 0.0 <= figures["iou_without_control"] <= 1.0
+        per_colour = figures["colour_accuracy_per_colour"]
+        assert set(per_colour) == set(COLOURS)
+        # the colours are taken in turn: the first two samples are red and orange
+        assert per_colour["red"] is not None and per_colour["orange"] is not None
+        assert set(figures["colour_accuracy_per_colour_without_control"]) == set(COLOURS)
+    assert result["canvas_samples"] == 2

@@ -13,13 +13,17 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes-demo"
 
 def bench_fidelity(base: Optional[str] = None, controlnet: Optional[str] = None,
                    samples: int = 128, steps: int = 20, guidance: float = 3.0,
-                   seed: int = 0) -> Dict[str, Any]:
+                   seed: int = 0, canvas_samples: int = 48) -> Dict[str, Any]:
     """Control fidelity of a shapes ControlNet (default: the committed demo model) on
     held-out shapes, with vs without control, through StableDiffusionControlNetPipeline.
 
     Keys: ``iou_with_control``, ``iou_without_control``, ``colour_accuracy``,
     ``colour_accuracy_without_control``, ``iou_ceiling``, ``samples``, ``steps``,
-    ``guidance``, ``seconds``, and the targets.
+    ``guidance``, ``seconds``, and the targets.  For the committed demo model also
+    ``canvases``: the demo engine on 16:9 (512x288), 9:16 (288x512) and square (256x256)
+    canvases (``backend.bench.canvas_fidelity``: IoU with/without control, colour
+    accuracy overall and per colour, stray pixels), ``canvas_samples`` shapes each
+    (0: skip), with ``canvas_seconds``.
     """
     from backend.training import fidelity
 
@@ -32,6 +36,16 @@ def bench_fidelity(base: Optional[str] = None, controlnet: Optional[str] = None,
     result["meets_targets"] = (result["iou_with_control"] >= 0.75
                                and result["iou_without_control"] <= 0.2
                                and result["colour_accuracy"] >= 0.9)
+    if canvas_samples and base == str(ASSETS / "base") and controlnet == str(ASSETS / "controlnet"):
+        from backend.engines.diffusers.engine import DiffusersEngine
+
+        from .canvas_fidelity import measure_canvases
+
+        engine = DiffusersEngine.demo()
+        try:
+            result.update(measure_canvases(engine, canvas_samples, seed=seed))
+        finally:
+            engine.close()
     return result
 
 

@@ -16,7 +16,10 @@ How one request becomes pixels (``generate``):
    the model's *native scale*: the area is brought into [N², (1.5 N)²] where
    N = ``unet.config.sample_size * vae_scale_factor`` (512 for SD1.5, 1024 for
    SDXL, 64 for the tiny model), keeping the aspect ratio, sides multiples of 8.
-   The result is resized back to exactly the region's size.  With ``hires`` a
+   The result is resized back to exactly the region's size.  A model trained on squares
+   only (``square_only``, the demo) generates txt2img on a non-square canvas on the square
+   around the control strokes (:func:`geometry.square_region`) and paints the rest of the
+   canvas with that square's background.  With ``hires`` a
    second img2img pass runs at up to ``hires_scale`` x the work size (VAE tiling
    on above ``vae_tiling_pixels``).
 3. **Control images** are mapped onto the canvas with the unit's resize mode
@@ -85,8 +88,8 @@ from ..tiny import quiet_progress_bars
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
-                       feather_weights, fit_image, mask_values, region_of, resize, rgb_on_black,
-                       rgb_on_white, work_size)
+                       crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
+                       rgb_on_black, rgb_on_white, square_region, work_size)
 from .pipelines import (PIPELINES, cancel_points, inpaint_condition, latent_preview,
                         to_pipeline_image)
 from .samplers import make_scheduler
@@ -137,7 +140,7 @@ class DiffusersEngine:
                  hires_strength: float = 0.35,
                  inpaint_margin: float = INPAINT_MARGIN_FRACTION,
                  inpaint_min_margin: int = INPAINT_MIN_MARGIN, feather: float = 0.015,
-                 cpu_threads: Optional[int] = None) -> None:
+                 square_only: bool = False, cpu_threads: Optional[int] = None) -> None:
         if cpu_threads:
             # Process-wide. On a CPU that other programs keep busy, fewer intra-op threads
             # than cores avoids stalls at OpenMP barriers (measured on 2 cores with one
@@ -167,6 +170,9 @@ class DiffusersEngine:
         self.inpaint_margin = inpaint_margin
         self.inpaint_min_margin = inpaint_min_margin
         self.feather = feather
+        # A model trained on squares only (the demo): txt2img on a non-square canvas is
+        # generated on the square around the drawing (geometry.square_region) and placed back.
+        self.square_only = square_only
         self._bases: "OrderedDict[str, BaseEntry]" = OrderedDict()
         self._nets: "OrderedDict[str, NetEntry]" = OrderedDict()
         self.last_plan: Optional[Plan] = None
@@ -196,7 +202,11 @@ class DiffusersEngine:
     def demo(cls, device: Optional[str] = None, **options) -> "DiffusersEngine":
         """The engine on the embedded trained demo model (``shapes-demo``: a coloured shape
         where its outline is drawn): what ``controlcanvas demo`` runs. It generates at the
-        64-pixel size it was trained at (no larger work size), whatever the canvas."""
+        64-pixel size it was trained at (no larger work size), whatever the canvas. It was
+        trained on 64² squares only, so on a non-square canvas it generates the square around
+        the drawing (no drawing: the centred square) and paints the rest of the canvas with
+        that square's background (``square_only``)."""
+        options.setdefault("square_only", True)
         engine = cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0,
                      **options)
         engine.name = "demo"  # what the log and the plug-ins' welcome call it
@@ -395,6 +405,8 @@ class DiffusersEngine:
 
         W, H = request.width, request.height
         side = math.sqrt(W * H)
+        if self._square(request):
+            side = min(W, H)  # the square generated is at most this big (unless letterboxed)
         if request.mode == "inpaint" and request.mask_image in images:
             mask = mask_values(to_array(images[request.mask_image]))
             found = region_of(mask, self.inpaint_margin, self.inpaint_min_margin)
@@ -439,13 +451,16 @@ class DiffusersEngine:
         if request.mode != "txt2img" and request.strength == 0.0:
             return Plan((W, H), region, native, entry.family, Pass(request.mode, (W, H), 0, 0),
                         init_canvas=plan_init, weights=weights, unchanged=True)
+        square = self._square(request)
+        if square:
+            region = square_region(self._strokes(request, images), W, H)
         x0, y0, x1, y1 = region
         rw, rh = x1 - x0, y1 - y0
         size = work_size(rw, rh, native, self.max_work_scale)
         first = self._pass(request, images, request.mode, size, region, plan_init, mask_region,
                            request.strength, low_memory, native)
         plan = Plan((W, H), region, native, entry.family, first, init_canvas=plan_init,
-                    weights=weights)
+                    weights=weights, square=square)
         if request.hires:
             scale = min(self.hires_scale, math.sqrt((rw * rh) / (size[0] * size[1])))
             if scale > 1.05:
@@ -454,6 +469,22 @@ class DiffusersEngine:
                 plan.hires = hires
                 plan.hires_runs = denoise_steps(request.steps, self.hires_strength)[1]
         return plan
+
+    def _square(self, request: GenerateRequest) -> bool:
+        return self.square_only and request.mode == "txt2img" and request.width != request.height
+
+    def _strokes(self, request: GenerateRequest, images: Mapping[int, Image]
+                 ) -> Optional[np.ndarray]:
+        """Where the units with a weight draw anything, on the canvas (None: no unit)."""
+        strokes = None
+        for unit in request.controls:
+            if unit.weight == 0:
+                continue
+            array = rgb_on_black(to_array(_image(images, unit.image, "controls.image")))
+            drawn = fit_image(array, request.width, request.height, unit.resize_mode).max(
+                axis=2) > 32
+            strokes = drawn if strokes is None else strokes | drawn
+        return strokes
 
     def _pass(self, request: GenerateRequest, images: Mapping[int, Image], kind: str,
               size: Tuple[int, int], region, init_canvas, mask_region, strength: float,
@@ -481,7 +512,7 @@ class DiffusersEngine:
                 control = fit_image(array, w, h, unit.resize_mode)
             else:
                 on_canvas = fit_image(array, W, H, unit.resize_mode)
-                control = resize(np.ascontiguousarray(on_canvas[y0:y1, x0:x1]), w, h)
+                control = resize(crop_padded(on_canvas, region), w, h)
             if unit.condition == "inpaint" and p.mask is not None and p.init is not None:
                 control = inpaint_condition(p.init, p.mask)
             p.controls.append(control)
@@ -608,6 +639,16 @@ class DiffusersEngine:
         W, H = plan.canvas
         x0, y0, x1, y1 = plan.region
         region = resize(rgb, x1 - x0, y1 - y0)
+        if plan.square:
+            # the rest of the canvas gets the square's own background: the median colour of
+            # its outer ring of pixels (white for the demo), then the square where it lies
+            ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+            out = np.empty((H, W, 4), np.uint8)
+            out[..., :3] = np.median(ring, axis=0).round().astype(np.uint8)
+            out[..., 3] = 255
+            ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+            out[iy0:iy1, ix0:ix1, :3] = region[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
+            return from_array(out)
         if plan.weights is None:
             return from_array(cv2.cvtColor(np.ascontiguousarray(region), cv2.COLOR_RGB2RGBA))
         out = plan.init_canvas.copy()

@@ -116,6 +116,62 @@ def region_of(mask: np.ndarray, margin_fraction: float = INPAINT_MARGIN_FRACTION
     return max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
 
 
+# The demo model draws a shape of 22 to 50 % of its square's side: the square generated
+# around a drawing is sized so the drawing takes SQUARE_SHARE of it, up to
+# SQUARE_MAX_SHARE when the canvas' shorter side caps the square.
+SQUARE_SHARE = 0.4
+SQUARE_MAX_SHARE = 0.6
+
+
+def square_region(strokes: Optional[np.ndarray], width: int, height: int,
+                  share: float = SQUARE_SHARE, max_share: float = SQUARE_MAX_SHARE
+                  ) -> Tuple[int, int, int, int]:
+    """The square (x0, y0, x1, y1) to generate a ``width`` x ``height`` canvas on, for a
+    model trained on squares only.
+
+    With strokes (bool mask, canvas size): centred on their bounding box, side
+    ``extent / share`` (``extent`` = the box's longer side), clamped into the canvas; if
+    the drawing would then take more than ``max_share`` of the square, the square grows
+    to ``extent / max_share`` and reaches past the canvas (letterbox: the part outside
+    gets no control and is cut off afterwards).  Without strokes: the largest centred
+    square inside the canvas.
+    """
+    short = min(width, height)
+    if strokes is None or not strokes.any():
+        side = short
+        cx, cy = width / 2.0, height / 2.0
+    else:
+        ys, xs = np.nonzero(strokes)
+        x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+        extent = max(x1 - x0, y1 - y0)
+        side = int(math.ceil(extent / share))
+        if side > short:
+            side = max(short, int(math.ceil(extent / max_share)))
+        side = max(8, side)
+        cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+
+    def start(centre: float, length: int) -> int:
+        s = int(round(centre - side / 2.0))
+        return min(max(s, 0), length - side) if side <= length else \
+            max(min(s, 0), length - side)
+
+    sx, sy = start(cx, width), start(cy, height)
+    return sx, sy, sx + side, sy + side
+
+
+def crop_padded(array: np.ndarray, region: Tuple[int, int, int, int], fill=0) -> np.ndarray:
+    """``array[y0:y1, x0:x1]`` where the region may reach past the array: ``fill`` there."""
+    x0, y0, x1, y1 = region
+    h, w = array.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return np.ascontiguousarray(array[y0:y1, x0:x1])
+    out = np.full((y1 - y0, x1 - x0) + array.shape[2:], fill, dtype=array.dtype)
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if ix1 > ix0 and iy1 > iy0:
+        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = array[iy0:iy1, ix0:ix1]
+    return out
+
+
 def feather_weights(mask: np.ndarray, radius: float) -> np.ndarray:
     """Paste-back weight: the mask value, faded in over ``radius`` pixels inside the
     selection's edge.  Exactly 0 wherever ``mask`` is 0."""
@@ -168,6 +224,9 @@ class Plan:
     init_canvas: Optional[np.ndarray] = None   # RGBA8 canvas (img2img / inpaint)
     weights: Optional[np.ndarray] = None       # inpaint paste-back weights, region size
     unchanged: bool = False                    # nothing to do (empty selection, strength 0)
+    # txt2img on a square that is not the canvas (a square-only model on a non-square
+    # canvas): the canvas outside it is painted with the generated square's background
+    square: bool = False
 
     @property
     def work(self) -> Tuple[int, int]:
