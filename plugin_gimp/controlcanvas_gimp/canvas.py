@@ -184,14 +184,18 @@ class GimpHost:
         if self.image is None:
             return b""
         parasite = self.image.get_parasite(doc_history.NAME)
-        return bytes(parasite.get_data()) if parasite is not None else b""
+        if parasite is None:
+            return b""
+        data = parasite.get_data()  # gchar in GIR: signed values -128..127
+        return data if isinstance(data, bytes) else bytes(v & 0xFF for v in data)
 
     def write_history(self, data: bytes) -> None:
         if self.image is None:
             return
         # PERSISTENT: saved in the .xcf; UNDOABLE: Ctrl+Z takes it back with the layers.
         flags = getattr(Gimp, "PARASITE_PERSISTENT", 1) | getattr(Gimp, "PARASITE_UNDOABLE", 2)
-        self.image.attach_parasite(Gimp.Parasite.new(doc_history.NAME, flags, list(data)))
+        signed = [v - 256 if v > 127 else v for v in data]  # GIR types the data as gchar
+        self.image.attach_parasite(Gimp.Parasite.new(doc_history.NAME, flags, signed))
 
     def client_name(self) -> str:
         version = Gimp.version() if hasattr(Gimp, "version") else "3"
