@@ -751,6 +751,23 @@ def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp, tmp_path):
         shutil.copy(out, ROOT / "docs" / "img" / "krita-docker.png")
 
 
+def test_docker_lists_the_history_stored_in_each_document_it_binds_to(docker_on, qapp,
+                                                                     krita_app):
+    doc, docker, panel = docker_on(RecordingEngine(), 4)
+    assert panel.history.count() == 0
+    stored, _ = line_art_doc()  # a .kra with two results, opened in another window
+    stored.setAnnotation(doc_history.NAME, doc_history.DESCRIPTION, doc_history.encode(
+        [doc_history.Entry(prompt="knight in armour", seeds=(8,)),
+         doc_history.Entry(prompt="knight in armour", seeds=(7,))]))
+    krita_app.open_with_view(stored)
+    docker.canvasChanged(None)  # Krita tells the docker the document changed
+    assert [panel.history.item(i).text() for i in range(panel.history.count())] == [
+        "knight in armour · seed 8 (saved)", "knight in armour · seed 7 (saved)"]
+    krita_app.open_with_view(doc)
+    docker.canvasChanged(None)
+    assert panel.history.count() == 0
+
+
 def test_docker_shows_what_the_protocol_offers(docker_on, qapp, krita_app):
     """Base model (free text, the server's list as suggestions), hi-res pass, each unit's
     fit (resize mode) and its annotator's settings, built from the server's description."""
