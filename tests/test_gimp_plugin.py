@@ -29,7 +29,7 @@ from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from controlcanvas_gimp.host import LayerInfo  # noqa: E402
 from gimp_support.fake_host import FakeHost, FakeLayer, resize_nearest  # noqa: E402
-from shared import naming  # noqa: E402
+from shared import doc_history, naming  # noqa: E402
 from shared import pose as openpose  # noqa: E402
 from shared.client import Client  # noqa: E402
 from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
@@ -430,6 +430,58 @@ def test_random_seed_is_reported_and_reproducible(server, host):
     again.selected = again.layers[0]
     actions.run(spec("generate"), again, values(server, seed=outcome.seed))
     assert again.layers[0].image == host.layers[0].image
+
+
+def reopened(host):
+    """The same image saved as .xcf and opened again: its persistent parasites, no memory."""
+    again = FakeHost([FakeLayer("lines", line_art(), 13, 7)], settings_file=host.settings_file)
+    again.selected = again.layers[0]
+    again.parasites = dict(host.parasites)
+    return again
+
+
+def test_history_is_kept_in_the_image_and_seed_minus_2_repeats_it_after_reopening(server,
+                                                                                   host):
+    outcome = actions.run(spec("generate"), host, values(server, seed=-1,
+                                                         **{"negative-prompt": "blurry"}))
+    entries, problem = doc_history.decode(host.parasites[doc_history.NAME])
+    assert not problem and len(entries) == 1
+    first = entries[0]
+    assert (first.prompt, first.negative, first.seeds) == ("girl in a red coat", "blurry",
+                                                           (outcome.seed,))
+    assert first.layers == (("", f"girl in a red coat · seed {outcome.seed}"),)
+    assert first.settings["steps"] == 6 and first.settings["condition"] == "lineart"
+    assert first.settings["procedure"] == spec("generate").name
+    assert host.undo_groups == 1  # the record is written in the result's undo step
+    assert "token" not in host.parasites[doc_history.NAME].decode()
+
+    again = reopened(host)
+    repeat = actions.run(spec("generate"), again, values(server, seed=generation.SAME_SEED))
+    assert repeat.seed == outcome.seed and again.layers[0].image == host.layers[0].image
+    assert len(doc_history.decode(again.parasites[doc_history.NAME])[0]) == 2
+    report = actions.run(spec("settings"), reopened(again),
+                         {"server-url": server.url, "token": ""}).report
+    assert f"last result: 'girl in a red coat', seed {outcome.seed}" in report
+    assert "seed -2 repeats it" in report
+
+
+def test_seed_minus_2_without_a_stored_result_says_what_to_do(server, host):
+    with pytest.raises(actions.Failed) as err:
+        actions.run(spec("generate"), host, values(server, seed=-2))
+    assert "has none stored" in err.value.message and "-1" in err.value.message
+    assert host.added() == []
+
+
+def test_damaged_image_history_is_ignored_with_a_message(server, host):
+    host.parasites[doc_history.NAME] = b"\x00\x01 someone else's parasite"
+    with pytest.raises(actions.Failed):
+        actions.run(spec("generate"), host, values(server, seed=-2))
+    assert any("ignored" in m for m in host.messages), host.messages
+    host.select_rectangle(20, 15, 8, 8)
+    outcome = actions.run(spec("inpaint"), host, values(server, seed=3))
+    entries, problem = doc_history.decode(host.parasites[doc_history.NAME])
+    assert not problem and [e.seeds for e in entries] == [(3,)] and outcome.seed == 3
+    assert entries[0].settings["strength"] == 0.75
 
 
 def test_odd_sized_layer_comes_back_at_its_exact_size(server, host):

@@ -111,14 +111,14 @@ def locked(path: Path):
 def cases(server_url: str, down_url: str, pose_url: str):
     base = {"server-url": server_url, "prompt": PROMPT, "steps": 8, "size": "layer"}
 
-    def case(cid, proc, save=False, select=None, **args):
+    def case(cid, proc, save=False, select=None, rerun=None, **args):
         merged = dict(base) if proc != "control-image" else {"server-url": server_url}
         merged.update(args)
         return {"id": cid, "proc": PREFIX + proc, "args": merged, "save": save,
-                "select": select}
+                "select": select, "rerun": rerun}
 
     return [
-        case("generate", "generate", save=True, seed=12345),
+        case("generate", "generate", save=True, seed=12345, rerun={"seed": -2}),
         case("generate-selection-elsewhere", "generate", select=list(SELECTED), seed=12345),
         case("colourise", "colourise", seed=5),
         case("random-seed", "generate", seed=-1),
@@ -292,6 +292,23 @@ def test_saved_xcf_keeps_the_result(gimp):
     assert c["saved"] is True
     assert names(c["reloaded"]) == names(c["layers"])
     assert gimp.layer_image(c["reloaded"][0]) == gimp.layer_image(c["layers"][0])
+
+
+def test_saved_xcf_keeps_the_history_and_seed_minus_2_repeats_it(gimp):
+    c = gimp.case("generate")
+    assert c["reloaded_history"], gimp.stderr[-3000:]
+    record = json.loads(c["reloaded_history"])  # the parasite came back from the .xcf
+    assert record["format"] == "controlcanvas.history" and record["version"] == 1
+    (entry,) = record["entries"]
+    assert entry["prompt"] == PROMPT and entry["seeds"] == [12345]
+    assert entry["layers"] == [["", f"{PROMPT} · seed 12345"]] and entry["settings"]["steps"] == 8
+    rerun = c["rerun"]  # seed -2 on the reopened image: the stored seed, the same pixels
+    assert rerun["status"] == "success", rerun["error"]
+    assert rerun["seed"] == 12345
+    # (GIMP keeps layer names unique: the second is "... · seed 12345 #1")
+    again = [n for n in rerun["layers"] if n["name"].startswith(f"{PROMPT} · seed 12345")]
+    assert len(again) == 2 and all(gimp.layer_image(n) == gimp.layer_image(c["layers"][0])
+                                   for n in again)
 
 
 def test_colourise_puts_the_result_below_the_line_art(gimp):

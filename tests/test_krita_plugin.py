@@ -29,7 +29,7 @@ import controlcanvas  # noqa: E402
 from controlcanvas import canvas as cc_canvas  # noqa: E402
 from controlcanvas import pixels, plan, pose  # noqa: E402
 from controlcanvas.controller import Controller  # noqa: E402
-from controlcanvas.proto import Image, naming, pose as openpose  # noqa: E402
+from controlcanvas.proto import Image, doc_history, naming, pose as openpose  # noqa: E402
 from controlcanvas.settings import Settings, UnitSettings, read_local_token  # noqa: E402
 
 from tests.krita_support.engines import RecordingEngine  # noqa: E402
@@ -332,6 +332,76 @@ def test_colourise_line_art_adds_one_undoable_layer_below_the_lines(server, cont
     doc.undo()
     assert doc.layer_names() == ["Background", "lineart"]
     assert "seed 1234" in c.message and c.history[0].seeds == [1234]
+
+
+def reopened(doc):
+    """What opening the saved .kra gives: a new document carrying the old one's
+    annotations (Krita 5.1+ and 6 save them under annotations/<type>)."""
+    again, _ = line_art_doc()
+    for kind in doc.annotationTypes():
+        again.setAnnotation(kind, doc.annotationDescription(kind), doc.annotation(kind))
+    return again
+
+
+def test_history_is_kept_in_the_document_and_shown_when_it_is_reopened(server, controller_for,
+                                                                       krita_app):
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, server), doc, lines, seed=1234, seed_locked=True,
+                  negative_prompt="blurry")
+    assert c.generate() and c.run_until_idle(20), c.message
+    entries, problem = doc_history.decode(doc.annotation(doc_history.NAME))
+    name = "flat colours, red coat · seed 1234"
+    assert not problem and len(entries) == 1, problem
+    first = entries[0]
+    assert (first.prompt, first.negative, first.seeds) == ("flat colours, red coat", "blurry",
+                                                           (1234,))
+    assert first.layers == ((uid(doc.nodeByName(name)), name),)
+    assert first.settings["steps"] == 20 and first.settings["condition"] == "lineart"
+    assert "token" not in doc.annotation(doc_history.NAME).decode()  # no secrets in files
+    c.settings.seed_locked = False
+    assert c.generate() and c.run_until_idle(20)
+    assert len(doc_history.decode(doc.annotation(doc_history.NAME))[0]) == 2
+
+    again = reopened(doc)
+    fresh = controller_for(again, server)  # Krita restarted: nothing in memory
+    assert fresh.bind_document()
+    assert [h.seeds for h in fresh.history] == [c.history[0].seeds, [1234]]
+    assert fresh.history[1].label() == "flat colours, red coat · seed 1234 (saved)"
+    assert fresh.history[1].layer_ids == [first.layers[0][0]]
+    assert fresh.reuse_seed(1) == 1234 and fresh.settings.seed_locked  # "same seed" works
+    fresh.apply_history(1)  # no pixels are stored: a sentence, not a crash
+    assert "Reuse seed" in fresh.message and again.layer_names() == ["Background", "lineart"]
+
+
+def test_each_open_document_shows_its_own_history(server, controller_for, krita_app):
+    doc_a, lines_a = line_art_doc()
+    doc_b, _ = line_art_doc()
+    doc_b.setAnnotation(doc_history.NAME, "", doc_history.encode(
+        [doc_history.Entry(prompt="stored in b", seeds=(77,))]))
+    shown = [doc_a]
+    c = controller_for(None, server)
+    c._canvas = lambda: cc_canvas.KritaCanvas(shown[0])
+    colourise(c, doc_a, lines_a, seed=5, seed_locked=True)
+    assert c.generate() and c.run_until_idle(20)
+    assert [h.seeds for h in c.history] == [[5]] and c.history[0].images
+    shown[0] = doc_b  # the artist switches documents
+    assert c.bind_document() and [h.prompt for h in c.history] == ["stored in b"]
+    shown[0] = doc_a
+    assert c.bind_document() and c.history[0].images  # A's, pixels and all, still there
+    assert not c.bind_document()  # same document: nothing reloaded
+
+
+def test_damaged_or_foreign_history_in_a_document_is_ignored_with_a_message(server,
+                                                                             controller_for,
+                                                                             krita_app):
+    doc, lines = line_art_doc()
+    doc.setAnnotation(doc_history.NAME, "", b"\x89PNG not ours")
+    c = colourise(controller_for(doc, server), doc, lines, seed=9, seed_locked=True)
+    assert c.bind_document() and c.history == []
+    assert c.level == "warning" and "ignored" in c.message
+    assert c.generate() and c.run_until_idle(20), c.message  # still generates
+    entries, problem = doc_history.decode(doc.annotation(doc_history.NAME))
+    assert not problem and [e.seeds for e in entries] == [(9,)]  # replaced by a good one
 
 
 def test_line_art_as_lowest_layer_gets_colours_in_multiply_with_a_note(server, controller_for,
@@ -679,6 +749,23 @@ def test_docker_generates_cancels_and_looks_tidy(docker_on, qapp, tmp_path):
     assert out.stat().st_size > 5000
     if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):  # refresh the docs' picture
         shutil.copy(out, ROOT / "docs" / "img" / "krita-docker.png")
+
+
+def test_docker_lists_the_history_stored_in_each_document_it_binds_to(docker_on, qapp,
+                                                                     krita_app):
+    doc, docker, panel = docker_on(RecordingEngine(), 4)
+    assert panel.history.count() == 0
+    stored, _ = line_art_doc()  # a .kra with two results, opened in another window
+    stored.setAnnotation(doc_history.NAME, doc_history.DESCRIPTION, doc_history.encode(
+        [doc_history.Entry(prompt="knight in armour", seeds=(8,)),
+         doc_history.Entry(prompt="knight in armour", seeds=(7,))]))
+    krita_app.open_with_view(stored)
+    docker.canvasChanged(None)  # Krita tells the docker the document changed
+    assert [panel.history.item(i).text() for i in range(panel.history.count())] == [
+        "knight in armour · seed 8 (saved)", "knight in armour · seed 7 (saved)"]
+    krita_app.open_with_view(doc)
+    docker.canvasChanged(None)
+    assert panel.history.count() == 0
 
 
 def test_docker_shows_what_the_protocol_offers(docker_on, qapp, krita_app):

@@ -252,6 +252,15 @@ def test_generate_path_in_kritarunner(krita_env):
     assert (work / "result_below.bgra").read_bytes() == engine_output(env["engine"], 1234)
     assert below["lines_after"] == below["lines_before"]  # the source is untouched
 
+    kept = found["history_reopened"]  # saved as .kra, reopened: the history is there
+    assert kept["saved"] and "controlcanvas.history" in kept["types"], kept
+    (entry,) = json.loads(kept["record"])["entries"]
+    assert entry["prompt"] == "flat colours, girl in a red coat" and entry["seeds"] == [1234]
+    assert entry["layers"][0][1] == "flat colours, girl in a red coat · seed 1234"
+    assert kept["bound"] and kept["labels"] == [
+        "flat colours, girl in a red coat · seed 1234 (saved)"], kept
+    assert kept["reuse_seed"] == 1234
+
     bare = found["colourise_bare_png"]
     assert bare["done"] and len(bare["tree"]) == 2 and bare["top_blending"] == "multiply"
     assert "Multiply" in bare["message"]

@@ -11,10 +11,10 @@ undo group (main thread).  Nothing in the image changes unless the job succeeded
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from shared import geometry, naming
+from shared import doc_history, geometry, naming
 from shared import pose as openpose
 from shared.client import Client
 from shared.messages import GenerateRequest, Progress, Queued
@@ -190,6 +190,8 @@ def inpaint(ctx: _Run) -> Outcome:
 def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra):
     """Connect, build the request for a region of ``size`` with the server's models and
     limits, send it with ``images`` and wait, progress on GIMP's bar; (request, result)."""
+    if opts.seed == generation.SAME_SEED:
+        opts = replace(opts, seed=_last_seed(ctx.host))
     seed = generation.choose_seed(opts.seed, opts.batch)
     conn = ctx.connection()
     ctx.host.progress(text=f"ControlCanvas: connecting to {conn.url}", fraction=0.0)
@@ -204,6 +206,49 @@ def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra)
             return request, client.wait(job, on_event=emit)
 
     return worker.run(work, Reporter(ctx.host, what))
+
+
+def stored_history(host: Host) -> list:
+    """The image's history entries (newest first); a damaged or foreign record is
+    ignored with a message in GIMP, never an error."""
+    try:
+        entries, problem = doc_history.decode(host.read_history())
+    except Exception as err:  # GIMP refused the parasite
+        entries, problem = [], f"The image's ControlCanvas history could not be read ({err})."
+    if problem:
+        host.message(problem)
+    return entries
+
+
+def _last_seed(host: Host) -> int:
+    entries = stored_history(host)
+    seed = entries[0].seed if entries else None
+    if seed is None:
+        raise UsageError("Seed -2 repeats the seed of this image's last ControlCanvas result, "
+                         "but the image has none stored; use -1 for a random seed or type "
+                         "one.", field="seed")
+    return seed
+
+
+def _store_history(ctx: _Run, request: GenerateRequest, seeds, names) -> None:
+    """Add this result to the record kept in the image (a parasite saved in the .xcf)."""
+    host, values = ctx.host, ctx.values
+    summary = {"procedure": ctx.spec.name, "condition": values.get("condition", ""),
+               "steps": request.steps, "cfg": request.cfg, "sampler": request.sampler,
+               "batch": len(seeds), "base_model": request.base_model,
+               "control_weight": values.get("control-weight"), "size": values.get("size")}
+    if request.mode != "txt2img":
+        summary["strength"] = request.strength
+    entry = doc_history.Entry(request.prompt, request.negative_prompt, tuple(seeds), summary,
+                              tuple(("", name) for name in names), time.time())
+    try:
+        data, problem = doc_history.add(host.read_history(), entry)
+        if data:
+            host.write_history(data)
+    except Exception as err:
+        problem = f"The result's history could not be kept in the image ({err})."
+    if problem:
+        host.message(problem)
 
 
 def _add_results(ctx: _Run, layer, box, request: GenerateRequest, result, *,
@@ -222,6 +267,7 @@ def _add_results(ctx: _Run, layer, box, request: GenerateRequest, result, *,
             path = host.add_skeleton(pose.PATH_NAME, pose.to_strokes(new_skeleton),
                                      pose.path_meta(new_skeleton))
         handles = host.insert_layers(layer, new, below=ctx.spec.below, group=group)
+        _store_history(ctx, request, seeds, [n.name for n in new])
     host.progress(text=f"ControlCanvas: done, seed {seeds[0]}", fraction=1.0)
     return Outcome(seed=seeds[0] if seeds[0] is not None else -1, seeds=seeds,
                    layer=handles[0] if handles else None, path=path, request=request)
@@ -324,6 +370,12 @@ def settings_action(ctx: _Run) -> Outcome:
               f"{status.queue_length}. Token: {conn.token_source}.")
     if path is not None:
         report += " Settings saved."
+    last = stored_history(host)[:1]
+    if last:
+        seeds = ", ".join(str(s) for s in last[0].seeds)
+        report += (f" This image's last result: {naming.short_prompt(last[0].prompt)!r}, "
+                   f"seed {seeds} ({doc_history.summary(last[0].settings)}); seed -2 "
+                   f"repeats it.")
     host.message(report)
     return Outcome(report=report)
 

@@ -23,6 +23,7 @@ gi.require_version("Gimp", "3.0")
 gi.require_version("Gegl", "0.4")
 from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
+from shared import doc_history  # noqa: E402
 from shared.images import Image  # noqa: E402
 
 from . import __version__, actions, generation, pose, procedures, settings  # noqa: E402
@@ -178,6 +179,23 @@ class GimpHost:
 
     def settings_path(self) -> Optional[str]:
         return os.path.join(Gimp.directory(), settings.SETTINGS_FILE)
+
+    def read_history(self) -> bytes:
+        if self.image is None:
+            return b""
+        parasite = self.image.get_parasite(doc_history.NAME)
+        if parasite is None:
+            return b""
+        data = parasite.get_data()  # gchar in GIR: signed values -128..127
+        return data if isinstance(data, bytes) else bytes(v & 0xFF for v in data)
+
+    def write_history(self, data: bytes) -> None:
+        if self.image is None:
+            return
+        # PERSISTENT: saved in the .xcf; UNDOABLE: Ctrl+Z takes it back with the layers.
+        flags = getattr(Gimp, "PARASITE_PERSISTENT", 1) | getattr(Gimp, "PARASITE_UNDOABLE", 2)
+        signed = [v - 256 if v > 127 else v for v in data]  # GIR types the data as gchar
+        self.image.attach_parasite(Gimp.Parasite.new(doc_history.NAME, flags, signed))
 
     def client_name(self) -> str:
         version = Gimp.version() if hasattr(Gimp, "version") else "3"

@@ -26,6 +26,7 @@ from shared.messages import ControlUnit, GenerateRequest, Limits, Models, Pose
 from .problems import UsageError
 
 GINT_MAX = 2**31 - 1  # GIMP's int arguments are 32-bit signed: the seeds the plug-in picks fit
+SAME_SEED = -2  # the seed argument's "the seed of this image's last result"
 
 
 @dataclass(frozen=True)

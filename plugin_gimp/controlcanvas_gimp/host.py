@@ -93,3 +93,9 @@ class Host(Protocol):
 
     def client_name(self) -> str:
         """How the plug-in introduces itself to the server, e.g. 'gimp 3.0.4'."""
+
+    def read_history(self) -> bytes:
+        """The history record (shared.doc_history) kept in the image, b"" when none."""
+
+    def write_history(self, data: bytes) -> None:
+        """Keep the history record in the image (saved with the .xcf)."""

@@ -24,7 +24,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from shared.messages import SAMPLERS
 
-from .generation import GINT_MAX
+from .generation import GINT_MAX, SAME_SEED
 from .problems import UsageError
 
 MENU_PATH = "<Image>/Filters/ControlNet"
@@ -190,7 +190,8 @@ def generation_args() -> Tuple[Arg, ...]:
         _string("prompt", "Prompt", "What the picture should show"),
         _string("negative-prompt", "Negative prompt", "What it should not show"),
         _int("seed", "Seed", "Same seed + same settings = same picture; -1 picks a random "
-             "seed (shown in the new layer's name)", -1, -1, GINT_MAX),
+             "seed (shown in the new layer's name); -2 repeats the seed of this image's "
+             "last result (kept in the .xcf)", -1, SAME_SEED, GINT_MAX),
         _int("batch", "Variants", "How many pictures (seed, seed+1, ...); more than one "
              "arrive in a layer group", 1, 1, 16),
         _int("steps", "Steps", "Denoising steps", 20, 1, 150),

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from . import pixels, pose as pose_mod
 from .plan import Box, CanvasPort, DocInfo, LayerInfo, Placement
-from .proto import Image
+from .proto import Image, doc_history
 
 try:
     import krita
@@ -129,6 +129,21 @@ class KritaCanvas(CanvasPort):
             return pose_mod.keypoints_from_svg(node.toSvg(), self.doc.resolution() or 72)
         except pose_mod.PoseError:
             return None
+
+    def key(self) -> str:
+        return _uid(self.doc.rootNode())
+
+    def read_history(self) -> bytes:
+        if doc_history.NAME not in self.doc.annotationTypes():
+            return b""
+        return bytes(self.doc.annotation(doc_history.NAME))
+
+    def write_history(self, data: bytes) -> None:
+        # An annotation is saved in the .kra (annotations/<type>) since Krita 5.1;
+        # setting one marks the document modified, so the artist is asked to save it.
+        from .qt import QtCore
+        self.doc.setAnnotation(doc_history.NAME, doc_history.DESCRIPTION,
+                               QtCore.QByteArray(data))
 
     # -- writing --------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ Every failure ends as a sentence in :attr:`Controller.message`, never a tracebac
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ from . import pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
     messages, pose as openpose
-from .proto import naming
+from .proto import doc_history, naming
 from .settings import Settings, is_local_url, read_local_token
 from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 
@@ -60,7 +61,9 @@ class Controller:
         self.active: Dict[str, _Active] = {}
         self.progress = (0, 0)
         self.preview: Optional[Image] = None
-        self.history: List[HistoryItem] = []
+        self.history: List[HistoryItem] = []  # the bound document's, newest first
+        self._histories: Dict[str, List[HistoryItem]] = {}  # per open document (its key)
+        self._doc_key: Optional[str] = None
         self.message = ""
         self.level = "info"  # "info" | "warning" | "error"
         self.listeners: List[Callable[[str], None]] = []
@@ -86,6 +89,70 @@ class Controller:
     def canvas(self) -> Optional[CanvasPort]:
         """The active document, None when none is open."""
         return self._canvas()
+
+    # -- the history kept in the document ------------------------------------------------
+
+    def bind_document(self) -> bool:
+        """Show the active document's history (the docker calls this when the document
+        changes): the one kept in memory since it was bound, else the one stored in the
+        document (a reopened .kra). True when the bound document changed."""
+        canvas = self._canvas()
+        key = canvas.key() if canvas is not None else ""
+        if key == self._doc_key:
+            return False
+        if self._doc_key is not None:
+            self._histories[self._doc_key] = self.history
+        self._doc_key = key
+        if key not in self._histories:
+            self._histories[key] = self._stored_history(canvas) if canvas is not None else []
+        self.history = self._histories[key]
+        self._changed("history")
+        return True
+
+    def _stored_history(self, canvas: CanvasPort) -> List[HistoryItem]:
+        try:
+            entries, problem = doc_history.decode(canvas.read_history())
+        except Exception as err:  # the editor refused to hand the annotation over
+            log.exception("reading the document's history failed")
+            entries, problem = [], f"The document's ControlCanvas history could not be read " \
+                                   f"({err}); it was ignored."
+        if problem:
+            self.say(problem, "warning")
+        return [HistoryItem("", e.prompt, [], Placement(), json.dumps(e.settings),
+                            [layer_id for layer_id, _ in e.layers], e.seeds)
+                for e in entries]
+
+    def _history_of(self, canvas: CanvasPort) -> List[HistoryItem]:
+        """The history list of the document a job ran on (maybe not the active one)."""
+        if self._doc_key is None:
+            self.bind_document()
+        key = canvas.key()
+        if key == self._doc_key:
+            return self.history
+        if key not in self._histories:
+            self._histories[key] = self._stored_history(canvas)
+        return self._histories[key]
+
+    def _store(self, canvas: CanvasPort, item: HistoryItem, names: List[str]) -> None:
+        """Add ``item`` to the record kept in the document (saved with the file)."""
+        settings = self.settings
+        summary = {"mode": settings.mode, "steps": settings.steps, "cfg": settings.cfg,
+                   "sampler": settings.sampler, "batch": len(item.images),
+                   "base_model": settings.base_model, "hires": settings.hires,
+                   "condition": "+".join(u.condition for u in settings.units if u.enabled)}
+        if settings.mode != "txt2img":
+            summary["strength"] = settings.strength
+        entry = doc_history.Entry(item.prompt, settings.negative_prompt, tuple(item.seeds),
+                                  summary, tuple(zip(item.layer_ids, names)), time.time())
+        try:
+            data, problem = doc_history.add(canvas.read_history(), entry)
+            if data:
+                canvas.write_history(data)
+        except Exception as err:
+            log.exception("storing the history in the document failed")
+            problem = f"The result's history could not be stored in the document ({err})."
+        if problem:
+            self.say(problem, "warning")
 
     def active_layer_id(self) -> str:
         canvas = self._canvas()
@@ -306,6 +373,10 @@ class Controller:
         if canvas is None:
             return
         item = self.history[index]
+        if not item.images:
+            self.say("That entry was read back from the saved document: its layers are in "
+                     "the file, not its pixels. Use Reuse seed to make it again.", "warning")
+            return
         self._insert(canvas, item.prompt, item.images, item.placement)
 
     def preview_control(self, unit_index: int) -> Optional[str]:
@@ -505,8 +576,11 @@ class Controller:
                                self.settings.to_json())
             item.layer_ids = self._insert(active.canvas, job_plan.prompt, images,
                                           job_plan.placement)
-            self.history.insert(0, item)
-            del self.history[HISTORY_SIZE:]
+            history = self._history_of(active.canvas)
+            history.insert(0, item)
+            del history[HISTORY_SIZE:]
+            if item.layer_ids:
+                self._store(active.canvas, item, self._layer_names(job_plan.prompt, images))
             self.progress = (self.progress[1], self.progress[1])
             self._changed("history")
         elif active.kind == "control-preview":
@@ -545,6 +619,10 @@ class Controller:
             self.say("No pose was found in that layer.", "warning")
             return
         self._insert_pose_layer(active.canvas, skeleton, active.anchor_id)
+
+    @staticmethod
+    def _layer_names(prompt: str, images) -> List[str]:
+        return [naming.layer_name(prompt, seed) for _, seed in images]
 
     def _insert(self, canvas: CanvasPort, prompt: str, images, placement: Placement) -> List[str]:
         layers = []

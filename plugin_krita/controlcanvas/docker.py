@@ -709,6 +709,7 @@ class DockerPanel(W.QWidget):
         self.controller.preview_control(self.units.index(widget))
 
     def refresh_layers(self) -> None:
+        self.controller.bind_document()  # another document: its own (stored) history
         canvas = self.controller.canvas()
         layers = list(canvas.info().layers) if canvas is not None else []
         key = tuple((info.id, info.name, info.depth) for info in layers)

@@ -83,6 +83,17 @@ class CanvasPort:
         """Add a vector layer holding ``svg`` above ``anchor_id`` (top when ""); its id."""
         raise NotImplementedError
 
+    def key(self) -> str:
+        """What tells this document from another one open at the same time."""
+        return "document"
+
+    def read_history(self) -> bytes:
+        """The history record stored in the document (shared.doc_history), b"" if none."""
+        return b""
+
+    def write_history(self, data: bytes) -> None:
+        """Store the history record in the document (it is saved with the file)."""
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -336,11 +347,15 @@ class HistoryItem:
     placement: Placement
     settings_json: str = ""
     layer_ids: List[str] = field(default_factory=list)
+    stored_seeds: Tuple[Optional[int], ...] = ()  # read back from the document: no pixels
 
     @property
     def seeds(self) -> List[Optional[int]]:
+        if not self.images:
+            return list(self.stored_seeds)
         return [seed for _, seed in self.images]
 
     def label(self) -> str:
         seeds = ", ".join(str(s) for s in self.seeds)
-        return f"{short_prompt(self.prompt, 36)} · seed {seeds}"
+        saved = "" if self.images else " (saved)"  # read back from the file: no pixels
+        return f"{short_prompt(self.prompt, 36)} · seed {seeds}{saved}"

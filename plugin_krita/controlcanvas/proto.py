@@ -67,8 +67,8 @@ def _load_websockets() -> None:
 _load_websockets()
 
 if BUNDLED:
-    from ._vendor.shared import (client, codec, errors, geometry, images,  # noqa: F401
-                                 messages, naming, paths, pose, session)
+    from ._vendor.shared import (client, codec, doc_history, errors, geometry,  # noqa: F401
+                                 images, messages, naming, paths, pose, session)
 else:
     client = importlib.import_module("shared.client")
     codec = importlib.import_module("shared.codec")
@@ -80,6 +80,7 @@ else:
     pose = importlib.import_module("shared.pose")
     geometry = importlib.import_module("shared.geometry")
     naming = importlib.import_module("shared.naming")
+    doc_history = importlib.import_module("shared.doc_history")
 
 Image = images.Image
 Client = client.Client

@@ -71,6 +71,7 @@ class FakeHost:
     thread: int = field(default_factory=threading.get_ident)
     canvas: tuple = (96, 72)  # the image's size
     selection: Optional[bytes] = None  # canvas-sized coverage, None = nothing selected
+    parasites: dict = field(default_factory=dict)  # the image's, name -> bytes (the .xcf)
 
     def select_rectangle(self, x: int, y: int, width: int, height: int,
                          value: int = 255) -> None:
@@ -192,6 +193,14 @@ class FakeHost:
 
     def settings_path(self):
         return self.settings_file
+
+    def read_history(self) -> bytes:
+        self._main_thread_only()
+        return self.parasites.get("controlcanvas.history", b"")
+
+    def write_history(self, data: bytes) -> None:
+        self._main_thread_only()
+        self.parasites["controlcanvas.history"] = bytes(data)
 
     def client_name(self) -> str:
         return "fake-gimp tests"

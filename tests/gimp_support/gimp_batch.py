@@ -142,6 +142,23 @@ for case in P['cases']:
             again = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(out))
             c['reloaded'] = tree(cid + '-reloaded', again.get_layers(), [0])
             c['reloaded_paths'] = paths_of(again)
+            kept = again.get_parasite('controlcanvas.history')  # the result history
+            c['reloaded_history'] = bytes(v & 0xFF for v in kept.get_data()).decode() \
+                if kept else None
+            if case.get('rerun'):  # the same procedure on the reopened image
+                lines = [l for l in again.get_layers() if l.get_name() == 'lines'][0]
+                cfg = proc.create_config()
+                cfg.set_property('run-mode', Gimp.RunMode.NONINTERACTIVE)
+                cfg.set_property('image', again)
+                cfg.set_core_object_array('drawables', [lines])
+                for key, value in dict(case['args'], **case['rerun']).items():
+                    cfg.set_property(key, value)
+                rerun = proc.run(cfg)
+                c['rerun'] = {'status': rerun.index(0).value_nick,
+                              'error': pdb.get_last_error(),
+                              'seed': rerun.index(1) if rerun.index(0) ==
+                              Gimp.PDBStatusType.SUCCESS else None,
+                              'layers': tree(cid + '-rerun', again.get_layers(), [0])}
             again.delete()
     except Exception:
         c['exception'] = traceback.format_exc()

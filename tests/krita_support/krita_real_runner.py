@@ -90,6 +90,26 @@ def colourise(c, doc, lines, seed):
             "level": c.level, "units": [(u.condition, u.annotator) for u in c.settings.units]}
 
 
+def reopen_history(doc, work, url):
+    from controlcanvas.proto import doc_history
+    path = os.path.join(work, "history.kra")
+    saved = doc.saveAs(path)
+    doc.waitForDone()
+    again = Krita.instance().openDocument(path)
+    again.setBatchmode(True)
+    kept = again.annotation(doc_history.NAME) if doc_history.NAME in \
+        again.annotationTypes() else b""
+    fresh = controller_for(again, url)
+    bound = fresh.bind_document()
+    out = {"saved": saved, "types": list(again.annotationTypes()),
+           "record": bytes(kept).decode("utf-8", "replace"), "bound": bound,
+           "labels": [h.label() for h in fresh.history],
+           "reuse_seed": fresh.reuse_seed(0), "message": fresh.message}
+    fresh.shutdown()
+    again.close()
+    return out
+
+
 def main(args):
     work, url = args[0], args[1]
     try:
@@ -119,6 +139,10 @@ def main(args):
         if result is not None:
             run["result_sha"] = dump(result, doc, os.path.join(work, "result_below.bgra"))
         say("colourise_below", run)
+
+        # 1b. save as .kra, reopen: the history annotation comes back and the docker's
+        # controller shows it (a fresh one: nothing in memory)
+        say("history_reopened", reopen_history(doc, work, url))
 
         # 2. the bare PNG: the line art is the lowest layer
         bare = Krita.instance().openDocument(png)

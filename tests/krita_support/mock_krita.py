@@ -285,9 +285,27 @@ class Document:
         self._selection = None
         self._undo: list = []
         self.unundoable_writes = 0
+        self._annotations: dict = {}  # type -> (description, bytes), saved with the .kra
 
     def width(self):
         return self._w
+
+    # Document annotations, as Krita 5.1+ / 6 have them (kept in the .kra under
+    # annotations/<type>); the real API takes and returns a QByteArray.
+    def setAnnotation(self, type, description, annotation):
+        self._annotations[type] = (description, bytes(annotation))
+
+    def annotation(self, type):
+        return self._annotations.get(type, ("", b""))[1]
+
+    def annotationDescription(self, type):
+        return self._annotations.get(type, ("", b""))[0]
+
+    def annotationTypes(self):
+        return list(self._annotations)
+
+    def removeAnnotation(self, type):
+        self._annotations.pop(type, None)
 
     def height(self):
         return self._h
