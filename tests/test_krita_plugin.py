@@ -29,7 +29,7 @@ import controlcanvas  # noqa: E402
 from controlcanvas import canvas as cc_canvas  # noqa: E402
 from controlcanvas import pixels, plan, pose  # noqa: E402
 from controlcanvas.controller import Controller  # noqa: E402
-from controlcanvas.proto import Image, doc_history, naming, pose as openpose  # noqa: E402
+from controlcanvas.proto import Image, doc_history, geometry, naming, pose as openpose  # noqa: E402
 from controlcanvas.settings import Settings, UnitSettings, read_local_token  # noqa: E402
 
 from tests.krita_support.engines import RecordingEngine  # noqa: E402
@@ -155,7 +155,7 @@ def test_selection_mask_bbox_and_alpha():
     assert pixels.selection_bbox(6, 4, bytes(24)) is None
     mask = pixels.mask_image(6, 4, bytes(sel))
     assert mask.pixel(2, 1) == (255, 255, 255, 255) and mask.pixel(0, 0) == (0, 0, 0, 255)
-    assert pixels.grow((2, 1, 2, 2), 3, 6, 4) == (0, 0, 6, 4)
+    assert geometry.context_box((2, 1, 2, 2), 6, 4, margin=3) == (0, 0, 6, 4)
     solid = Image.filled(2, 1, (10, 20, 30, 255))
     assert pixels.apply_mask_alpha(solid, bytes((0, 200))).data == \
         bytes((10, 20, 30, 0, 10, 20, 30, 200))

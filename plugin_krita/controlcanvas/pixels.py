@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from .proto import Image, geometry
+from .proto import Image
 
 
 class PixelError(ValueError):
@@ -82,12 +82,6 @@ def selection_bbox(width: int, height: int,
         right = len(row.rstrip(b"\x00"))
         x0, x1 = min(x0, left), max(x1, right)
     return (x0, rows[0], x1 - x0, rows[-1] + 1 - rows[0])
-
-
-def grow(box: Tuple[int, int, int, int], margin: int, width: int,
-         height: int) -> Tuple[int, int, int, int]:
-    """``box`` plus ``margin`` on each side, clipped to the document (the shared rule)."""
-    return geometry.context_box(box, width, height, margin)
 
 
 def crop_plane(data: bytes, width: int, box: Tuple[int, int, int, int]) -> bytes:

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import pixels
-from .proto import Image, errors, messages, pose as openpose
+from .proto import Image, errors, geometry, messages, pose as openpose
 from .settings import Settings, UnitSettings
 
 Box = Tuple[int, int, int, int]
-INPAINT_MARGIN = 64  # context pixels around a selection, each side
 
 
 class PlanError(ValueError):
@@ -187,7 +186,7 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
         if bbox is None:
             raise PlanError("Inpaint changes the selected pixels only: select the area to "
                             "regenerate first (or choose another mode).")
-        box = pixels.grow(bbox, INPAINT_MARGIN, doc.width, doc.height)
+        box = geometry.context_box(bbox, doc.width, doc.height)
         mask_plane = pixels.crop_plane(selection, doc.width, box)
     x, y, w, h = box
     images: Dict[int, Image] = {}
