@@ -84,14 +84,7 @@ base_ok() {   # a finished build (any package set)
 }
 packages_ok() { grep -qx "packages=${PACKAGES[*]}" "$ROOT/$MARKER_NAME"; }
 
-install_packages() {
-    local logf="$ROOT.apt.log"
-    in_chroot apt-get update -qq >"$logf" 2>&1 || { tail -n 30 "$logf" >&2; die "apt-get update failed inside the chroot"; }
-    in_chroot apt-get install -y -qq --no-install-recommends "${APT_TARGET[@]}" "${PACKAGES[@]}" >>"$logf" 2>&1 \
-        || { tail -n 30 "$logf" >&2; die "apt-get install ${PACKAGES[*]} failed inside the chroot (log: $logf)"; }
-    in_chroot apt-get clean
-    rm -f "$logf"
-}
+install_packages() { apt_install "$ROOT.apt.log" "${APT_TARGET[@]}" "${PACKAGES[@]}"; }
 
 # Sanity check: kritarunner must import the real krita module headlessly. This
 # also warms HOME=/root (first kritarunner start copies ~87 MB of resources, ~8 s).
