@@ -580,7 +580,7 @@ def test_preprocess_uses_the_annotator_registry(tiny_engine):
 
 
 def test_units_with_annotators_and_poses_are_prepared_at_work_scale(tiny_engine):
-    from backend.pose.model import default_pose
+    from shared.pose import default_pose
 
     width, height = 640, 448
     drawing = np.full((height, width, 4), 255, np.uint8)

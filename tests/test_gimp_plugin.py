@@ -557,7 +557,7 @@ def test_figure_from_pose_is_drawn_by_the_server_at_its_working_size(server, hos
 
 
 def test_figure_from_an_openpose_layer(server, host):
-    host.selected.image = openpose.render((openpose.default_person(64, 48),), 64, 48)
+    host.selected.image = openpose.render_people((openpose.default_person(64, 48),), 64, 48)
     outcome = actions.run(spec("figure-from-pose"), host,
                           values(server, **{"pose-source": "layer"}))
     assert host.paths == []
@@ -705,7 +705,7 @@ class _PoseClient:
         from shared.messages import ResultImage
         from shared.session import ResultReady
         w, h = self.size
-        picture = openpose.render((self.detected,), w, h)
+        picture = openpose.render_people((self.detected,), w, h)
         return ResultReady(job, ((ResultImage(slot=0, width=w, height=h), picture),),
                            info=self.info)
 

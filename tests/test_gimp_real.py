@@ -447,7 +447,7 @@ def test_pose_from_photo_adds_the_detected_skeleton_as_path_and_layer(gimp):
     assert c["status"] == "success", c.get("error")
     assert names(c["layers"]) == ["Pose (OpenPose)", "lines", "paper"]
     assert c["returned"]["layer"] == "Pose (OpenPose)"
-    detected = openpose.render((openpose.default_person(*SIZE),), *SIZE)
+    detected = openpose.render_people((openpose.default_person(*SIZE),), *SIZE)
     assert gimp.layer_image(c["layers"][0]) == detected
     (path,) = c["paths"]
     got = pose.path_to_layer(pose.from_strokes(path["strokes"], path["meta"]), *OFFSETS)

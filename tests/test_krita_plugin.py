@@ -583,7 +583,7 @@ def test_openpose_unit_on_a_paint_layer_sends_its_pixels(krita_app):
     """An OpenPose picture painted on an ordinary layer is sent as it is."""
     doc = mock_krita.Document(W, H)
     layer = doc.createNode("openpose picture", "paintlayer")
-    picture = openpose.render((openpose.default_person(W, H),), W, H)
+    picture = openpose.render_people((openpose.default_person(W, H),), W, H)
     layer.setPixelData(picture.to_bgra(), 0, 0, W, H)
     doc.rootNode().addChildNode(layer, None)
     settings = Settings(units=[UnitSettings(layer_id=uid(layer), condition="openpose")])
@@ -863,7 +863,7 @@ class PoseDetectingEngine(RecordingEngine):
                               name="pose_from_photo", condition="openpose"),))
 
     def preprocess(self, message, image, ctx):
-        from backend.pose import model as backend_pose
+        from shared import pose as backend_pose
         from backend.annotators.registry import Annotated
         if message.annotator != "pose_from_photo":
             return super().preprocess(message, image, ctx)
@@ -875,7 +875,7 @@ class PoseDetectingEngine(RecordingEngine):
                 backend_pose.MISSING if p is None else (p[0], p[1], 0.9) for p in person))
                 for person in scaled))
             info = {"keypoints": found.to_json()}
-        return Annotated(openpose.render(scaled, *size), info)
+        return Annotated(openpose.render_people(scaled, *size), info)
 
 
 @pytest.mark.parametrize("with_keypoints,tolerance", [(True, 0.01), (False, 3.0)],

@@ -316,7 +316,7 @@ def test_pixel_perfect_size_for_every_annotator(name, size):
 # -- control images for a request ---------------------------------------------------------
 
 def test_prepare_controls_annotates_units_and_renders_poses():
-    from backend.pose.model import default_pose
+    from shared.pose import default_pose
     pose = default_pose(320, 240).to_message()
     request = GenerateRequest(width=320, height=240, mode="img2img", init_image=7, controls=(
         ControlUnit(condition="canny", image=0, preprocessor="canny", params={"low": 50}),

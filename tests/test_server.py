@@ -433,7 +433,7 @@ def test_preprocessor_runs_before_the_engine(fake_server):
 
 
 def test_pose_unit_without_image(fake_server):
-    from backend.pose.model import default_pose
+    from shared.pose import default_pose
     pose = default_pose(64, 64).to_message()
     req = GenerateRequest(width=64, height=64, steps=2, seed=1,
                           controls=(ControlUnit(condition="openpose", pose=pose),))

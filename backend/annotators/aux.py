@@ -18,7 +18,7 @@ are cached per (annotator, weight files), and only used from the engine's worker
 thread.
 
 The OpenPose wrapper returns keypoints only; the skeleton is drawn by our own
-renderer (:func:`backend.pose.model.render`), not controlnet-aux's drawing code.
+renderer (:func:`shared.pose.render`), not controlnet-aux's drawing code.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import numpy as np
 
 from shared.errors import ModelMissing
 from shared.messages import ParamInfo
+from shared import pose as shared_pose
 
 from .. import weights
-from ..imaging import over, resize_plane, resize_rgba
-from ..pose import model as pose_model
+from ..imaging import to_array, over, resize_plane, resize_rgba
 from ..pose import openpose
 from .registry import Annotator
 
@@ -161,7 +161,7 @@ def _call_openpose(det, rgb, size, p):
         raise ModelMissing(weights.missing_message("OpenPose hand", [openpose.HAND_FILE]),
                            field="annotator")
     found = openpose.detect_with(det, rgb, hands=p["hands"])
-    return pose_model.render(found.resized(*size))
+    return to_array(shared_pose.render(found.resized(*size)))[..., :3]
 
 
 # -----------------------------------------------------------------------------

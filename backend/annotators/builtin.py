@@ -10,10 +10,10 @@ import numpy as np
 
 from shared.errors import FieldError
 from shared.images import Image
+from shared import pose as shared_pose
 
-from ..imaging import grey, on_black, on_white, resize_plane, resize_rgba
+from ..imaging import to_array, grey, on_black, on_white, resize_plane, resize_rgba
 from ..pose import detect as pose_detect
-from ..pose import model as pose_model
 from .registry import Annotator, EmptyLayer, P, Size
 
 
@@ -261,7 +261,7 @@ def _pose_from_photo(rgba, size, p):
         raise EmptyLayer("No person was found in the layer; use a clearer photo of a whole "
                          "figure, or start from the default skeleton.", field="image")
     fitted = detected.resized(*size)
-    return pose_model.render(fitted), {"keypoints": fitted.to_json()}
+    return to_array(shared_pose.render(fitted))[..., :3], {"keypoints": fitted.to_json()}
 
 
 def _pose_available() -> bool:

@@ -11,8 +11,8 @@ import numpy as np
 from shared.errors import FieldError, MissingImage, Unsupported
 from shared.images import Image
 from shared.messages import GenerateRequest
+from shared import pose as shared_pose
 
-from ..pose import model as pose_model
 from . import library
 from .registry import Size, check_size
 
@@ -92,7 +92,7 @@ def prepare_controls(request: GenerateRequest, images: Mapping[int, Image],
         if slot is None:
             try:
                 if pose is not None:
-                    control = pose_model.render_message_pose(pose, size, unit.resize_mode)
+                    control = shared_pose.render_message(pose, size, unit.resize_mode)
                 else:
                     if unit.image not in images:
                         raise MissingImage(f"{prefix}.image: slot {unit.image} was not sent.",

@@ -25,11 +25,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from shared.errors import FieldError
 from shared.images import Image
+from shared import pose as shared_pose
 
 from ..annotators import library
 from ..imaging import load_image, load_input_image, save_image
 from ..pose import detect as pose_detect
-from ..pose import model as pose_model
 
 
 # -----------------------------------------------------------------------------
@@ -130,17 +130,28 @@ def _write_pose(pose, args) -> None:
         f"{'person' if len(pose.people) == 1 else 'people'}"
     if args.output:
         if str(args.output).lower().endswith(".json"):
-            pose.save(args.output)
+            Path(args.output).write_text(pose.to_json(indent=1), encoding="utf-8")
             print(f"pose {args.action}: wrote {args.output} (pose JSON, {what})")
         else:
-            save_image(args.output, pose_model.render_image(pose))
+            save_image(args.output, shared_pose.render(pose))
             print(f"pose {args.action}: wrote {args.output} (skeleton image, {what})")
     png = getattr(args, "png", None)
     if png:
-        save_image(png, pose_model.render_image(pose))
+        save_image(png, shared_pose.render(pose))
         print(f"pose {args.action}: wrote {png} (skeleton image, {what})")
     if not args.output and not png:
         print(pose.to_json(indent=1))
+
+
+def _load_pose(path, width: Optional[int] = None, height: Optional[int] = None):
+    """A pose from a JSON file, or parsed from a skeleton picture."""
+    if str(path).lower().endswith(".json"):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise FieldError(f"Cannot read the pose file {path} ({err}).", field="input") from None
+        return shared_pose.Pose.from_json(text, width, height)
+    return shared_pose.parse(load_image(path))
 
 
 def cmd_pose(args: argparse.Namespace) -> int:
@@ -149,7 +160,7 @@ def cmd_pose(args: argparse.Namespace) -> int:
     size = args.size
     if action == "default":
         w, h = size or (512, 512)
-        pose = pose_model.default_pose(w, h)
+        pose = shared_pose.default_pose(w, h)
     elif action == "detect":
         pose = pose_detect.detect(load_input_image(args.input, size), hands=args.hands,
                                min_confidence=args.min_confidence, method=args.method)
@@ -160,7 +171,7 @@ def cmd_pose(args: argparse.Namespace) -> int:
         if not args.input:
             print(f"controlcanvas pose {action}: give an input file", file=sys.stderr)
             return 2
-        pose = pose_model.load_any(args.input, *(size or (None, None)))
+        pose = _load_pose(args.input, *(size or (None, None)))
         if action == "mirror":
             pose = pose.mirrored()
         elif action == "scale":

@@ -1,3 +1,3 @@
-"""Poses in the backend: the OpenPose-18 model with hands and face, its JSON, rendering and
-parsing (model); detection from photos (detect: OpenPose via controlnet-aux in openpose, or
-MediaPipe)."""
+"""Pose detection from photos: OpenPose via controlnet-aux's networks (openpose) or
+MediaPipe (detect).  The pose model itself (people, OpenPose JSON, geometry, rendering,
+parsing) is the protocol's, :mod:`shared.pose`, shared with the plug-ins."""

@@ -24,7 +24,7 @@ from shared.images import Image
 from .. import weights
 from ..imaging import on_white
 from . import openpose
-from .model import MISSING, Person, Points, Pose, Triple
+from shared.pose import MISSING, Person, Points, Pose, Triple
 
 MEDIAPIPE_ENV = "CONTROLCANVAS_MEDIAPIPE_PYTHON"
 POINTER_NAME = "mediapipe-python.txt"  # one line: the python of the MediaPipe venv

@@ -1,7 +1,7 @@
 """OpenPose body (and hand) detection with controlnet-aux's networks, keypoints only.
 
 We build the networks ourselves and load their weights safely (:mod:`backend.weights`);
-the skeleton is drawn by our own renderer (:func:`backend.pose.model.render`).
+the skeleton is drawn by our own renderer (:func:`shared.pose.render`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import weights
-from .model import Person, Pose
+from shared.pose import Person, Pose
 
 BODY_FILES = ("body_pose_model.pth",)
 HAND_FILE = "hand_pose_model.pth"  # optional companion of body_pose_model.pth

@@ -330,9 +330,8 @@ def pose_from_photo(ctx: _Run) -> Outcome:
         person = openpose.main_person(openpose.from_openpose_json(text, layer.width,
                                                                  layer.height))
     else:  # read them back from the skeleton picture
-        found = openpose.parse(image)
-        person = None if openpose.visible(found) < 2 else openpose.resized(
-            found, image.size, (layer.width, layer.height))
+        found = openpose.parse(image).resized(layer.width, layer.height).main()
+        person = None if found is None else found.joints()
     if person is None:
         raise UsageError("No person was found in the layer; try a photo where the whole body "
                          "is visible, or use Figure from pose with the default skeleton.")

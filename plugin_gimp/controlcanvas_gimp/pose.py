@@ -22,7 +22,7 @@ import json
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from shared.pose import (N_KEYPOINTS, Person, Point, PoseError, check_person, limbs_present,
+from shared.pose import (N_KEYPOINTS, Joints, Point, PoseError, check_joints, limbs_present,
                          transformed)
 
 from .problems import UsageError
@@ -33,12 +33,12 @@ PATH_NAME = "Pose skeleton"
 MOVE_TOLERANCE = 0.01  # pixels: a joint closer than this to where it was written has not moved
 
 
-def layer_to_path(keypoints: Sequence[Optional[Point]], x: int, y: int) -> Person:
+def layer_to_path(keypoints: Sequence[Optional[Point]], x: int, y: int) -> Joints:
     """Layer pixel-centre coordinates → GIMP image coordinates (pixel centres at +0.5)."""
     return transformed(keypoints, dx=x + 0.5, dy=y + 0.5)
 
 
-def path_to_layer(keypoints: Sequence[Optional[Point]], x: int, y: int) -> Person:
+def path_to_layer(keypoints: Sequence[Optional[Point]], x: int, y: int) -> Joints:
     return transformed(keypoints, dx=-(x + 0.5), dy=-(y + 0.5))
 
 
@@ -51,7 +51,7 @@ def stroke_points(a: Point, b: Point) -> List[float]:
 
 def to_strokes(keypoints: Sequence[Optional[Point]]) -> List[List[float]]:
     """One stroke per limb whose two joints are visible, in ``shared.pose.LIMBS`` order."""
-    kps = check_person(keypoints)
+    kps = check_joints(keypoints)
     return [stroke_points(kps[a], kps[b]) for a, b in limbs_present(kps)]
 
 
@@ -64,20 +64,20 @@ def anchors(points: Sequence[float]) -> List[Point]:
 
 def path_meta(keypoints: Sequence[Optional[Point]]) -> str:
     """What is stored with a skeleton path: which stroke is which limb, and the joints."""
-    kps = check_person(keypoints)
+    kps = check_joints(keypoints)
     return json.dumps({"format": META_FORMAT, "version": 1,
                        "limbs": [list(limb) for limb in limbs_present(kps)],
                        "keypoints": [None if p is None else [p[0], p[1]] for p in kps]},
                       separators=(",", ":"))
 
 
-def _parse_meta(meta: str) -> Tuple[Tuple[Tuple[int, int], ...], Person]:
+def _parse_meta(meta: str) -> Tuple[Tuple[Tuple[int, int], ...], Joints]:
     try:
         data = json.loads(meta)
         if data.get("format") != META_FORMAT:
             raise ValueError("not a skeleton")
         limbs = tuple((int(a), int(b)) for a, b in data["limbs"])
-        written = check_person([None if p is None else (p[0], p[1]) for p in data["keypoints"]])
+        written = check_joints([None if p is None else (p[0], p[1]) for p in data["keypoints"]])
         if any(not (0 <= a < N_KEYPOINTS and 0 <= b < N_KEYPOINTS) for a, b in limbs):
             raise ValueError("bad limb")
     except (ValueError, KeyError, TypeError, AttributeError, PoseError):
@@ -87,7 +87,7 @@ def _parse_meta(meta: str) -> Tuple[Tuple[Tuple[int, int], ...], Person]:
 
 
 def from_strokes(strokes: Sequence[Sequence[float]], meta: str,
-                 path_name: str = PATH_NAME) -> Person:
+                 path_name: str = PATH_NAME) -> Joints:
     """The keypoints of a skeleton path (see the module docstring for the rule)."""
     limbs, written = _parse_meta(meta)
     if len(strokes) != len(limbs):

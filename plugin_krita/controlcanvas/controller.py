@@ -608,7 +608,7 @@ class Controller:
                 people = openpose.from_openpose_json(text, w, h)
             elif event.images:
                 image = event.images[0][1]
-                people = [openpose.resized(openpose.parse(image), image.size, (w, h))]
+                people = list(openpose.parse(image).resized(w, h).joints())
             else:
                 people = []
         except openpose.PoseError as err:

@@ -152,7 +152,7 @@ def unit_image(canvas: CanvasPort, doc: DocInfo, unit: UnitSettings, box: Box,
                         f"pick its layer again.")
     skeleton = _unit_skeleton(canvas, doc, unit, box)
     if skeleton:
-        return openpose.render(skeleton, box[2], box[3]), "none"
+        return openpose.render_people(skeleton, box[2], box[3]), "none"
     return canvas.read_layer(unit.layer_id, box), unit.annotator
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from backend.pose import model as backend_pose
 from backend.annotators.registry import Annotated
 from backend.engines.base import NullContext
 from backend.engines.fake import FakeEngine
@@ -53,6 +52,5 @@ class PoseEngine(FakeEngine):
             return super().preprocess(message, image, ctx)
         w, h = (message.width, message.height) if message.width else image.size
         person = openpose.default_person(w, h)
-        found = backend_pose.Pose(w, h, (backend_pose.Person(tuple((x, y, 1.0)
-                                                                   for x, y in person)),))
-        return Annotated(openpose.render((person,), w, h), {"keypoints": found.to_json()})
+        found = openpose.Pose.from_people((person,), w, h)
+        return Annotated(openpose.render_people((person,), w, h), {"keypoints": found.to_json()})
