@@ -69,7 +69,7 @@ import sys
 sys.path[:0] = ["plugin_gimp", "."]
 from shared import pose
 from PIL import Image
-img = pose.render((pose.default_person(320, 400),), 320, 400)
+img = pose.render_people((pose.default_person(320, 400),), 320, 400)
 Image.frombytes("RGBA", img.size, img.data).save(sys.argv[1] + "/pose.png")
 PY
 setsid "$PY" - "$W" 9>&- <<'PY' &
