@@ -115,6 +115,23 @@ class Expired(ControlCanvasError):
     default_message = "The job's result was kept for its retention time and then discarded."
 
 
+class Interrupted(ControlCanvasError):
+    """The server stopped (crashed, was killed) while it ran the job, and it is not run
+    again: it was interrupted too often already, or it is a training run."""
+
+    code = "interrupted"
+    default_message = ("The server stopped while it ran this job and does not run it again; "
+                       "see the server log for why it stopped, then submit the job again.")
+
+
+class StoredJobDamaged(ControlCanvasError):
+    """A job kept on disk across a server restart could not be read back."""
+
+    code = "store_damaged"
+    default_message = ("The server kept this job on disk across a restart, but its files "
+                       "were damaged or missing; submit the job again.")
+
+
 # -- engine ---------------------------------------------------------------------
 
 class EngineError(ControlCanvasError):

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 from shared.messages import Limits
 
 from ..imaging import MAX_IMAGE_SIDE, MAX_PIXELS
-from shared.paths import config_dir, token_file  # noqa: F401 (config_dir re-exported)
+from shared.paths import cache_dir, config_dir, token_file  # noqa: F401 (config_dir re-exported)
 
 from ..configfile import load_toml
 
@@ -32,6 +32,15 @@ LOOPBACK_NAMES = ("localhost", "localhost.")
 
 def default_token_file() -> Path:
     return token_file()
+
+
+def default_store_dir() -> Path:
+    """Where ``controlcanvas serve`` keeps queued jobs and uncollected results across
+    restarts (see backend.server.store): ``jobs`` in the user cache folder."""
+    return cache_dir() / "jobs"
+
+
+NO_STORE = ("", "none", "off")  # store_dir values that keep jobs in memory only
 
 
 def load_or_create_token(path: Path) -> tuple:
@@ -85,6 +94,11 @@ class ServerConfig:
     hello_timeout: float = 10.0
     retention_seconds: float = 3600.0
     retention_bytes: int = 2 << 30
+    # The job store (backend.server.store): queued jobs and uncollected results on disk,
+    # so they survive a crash. None keeps them in memory only: the default for servers
+    # built in code (tests, benches, the demo); build_config (the `serve` command) fills
+    # in default_store_dir() unless the setting is "none".
+    store_dir: Optional[Path] = None
     preview_size: int = 128
     allow_remote: bool = False  # set by choosing a non-loopback --host
     engine_options: Dict[str, Any] = field(default_factory=dict)
@@ -126,7 +140,14 @@ def build_config(overrides: Dict[str, Any], config_file: Optional[Path] = None) 
         if env is not None and key not in ("token", "engine_options"):
             values[key] = env
     values.update({k: v for k, v in overrides.items() if v is not None})
+    store = values.pop("store_dir", None)
     config = ServerConfig()
+    if store is None:
+        config.store_dir = default_store_dir()
+    elif not isinstance(store, (str, Path)):
+        raise ValueError(f"store_dir must be a folder name or \"none\", not {store!r}.")
+    elif not (isinstance(store, str) and store.strip().lower() in NO_STORE):
+        config.store_dir = Path(store).expanduser()
     for key, value in values.items():
         default = getattr(config, key)
         if isinstance(default, bool) and isinstance(value, str):

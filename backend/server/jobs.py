@@ -12,12 +12,19 @@ Ownership: a job belongs to the connection that submitted it or last resumed it
 running (unless submitted with ``cancel_on_disconnect``); their outcome waits
 until a client sends ``resume`` with the job id, and is dropped after ``ack`` or
 after the retention time / memory budget.
+
+Durability: with a ``JobStore`` (backend.server.store) queued jobs and outcomes are kept
+on disk too, and the ones kept before a crash or restart come back when the manager
+starts.  A client hears of a job (``queued``, progress, its result) only once the store
+holds what it needs to give it back: the job's inputs before it is announced or run,
+its result files before the result is sent.  Without a store, everything is in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import ctypes
 import ctypes.util
 import functools
@@ -99,6 +106,22 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 FINISHED = (DONE, FAILED, CANCELLED)
 
 
+class JobStore(Protocol):
+    """Where jobs are kept across restarts (backend.server.store.DiskJobStore).
+
+    ``add`` and ``finished`` return futures whose value is True once the job is on disk
+    (False: it could not be written, and lives in memory only); ``started`` blocks."""
+
+    def load(self) -> List["Job"]: ...
+    def add(self, job: "Job", images: Dict[int, Image]) -> "concurrent.futures.Future": ...
+    def started(self, job: "Job") -> None: ...
+    def finished(self, job: "Job", result: Sequence[Tuple[Optional[int], Image]],
+                 error: Optional[ControlCanvasError]) -> "concurrent.futures.Future": ...
+    def requeue(self, job: "Job") -> "concurrent.futures.Future": ...
+    def forget(self, job_ids: Sequence[str]) -> None: ...
+    def close(self) -> None: ...
+
+
 class Owner(Protocol):
     """What a job reports to: a live client connection (see backend.server.websocket)."""
     key: str
@@ -125,6 +148,12 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     finished_at: float = 0.0
+    stored: Optional[concurrent.futures.Future] = None  # the store's add(), if any
+
+    @property
+    def durable(self) -> bool:
+        """False while the store is still writing the job: nobody hears of it yet."""
+        return self.stored is None or self.stored.done()
 
     @property
     def job_id(self) -> str:
@@ -142,7 +171,7 @@ class Job:
 class JobManager:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, max_queue: int = 64,
                  retention_seconds: float = 3600.0, retention_bytes: int = 2 << 30,
-                 tombstones: int = 4096) -> None:
+                 tombstones: int = 4096, store: Optional[JobStore] = None) -> None:
         self.engine = engine
         self.loop = loop
         self.max_queue = max_queue
@@ -158,6 +187,9 @@ class JobManager:
         self._last_served: Dict[str, int] = {}  # client key -> turn it was last served
         self._running: Optional[Job] = None
         self._stopping = False
+        self.store = store
+        if store is not None:
+            self._restore(store.load())
         self._worker = threading.Thread(target=self._work, name="controlcanvas-engine",
                                         daemon=True)
         self._worker.start()
@@ -183,6 +215,9 @@ class JobManager:
                 raise QueueFull(f"The queue already holds {self.max_queue} jobs; wait for some "
                                 f"to finish or cancel one, then submit again.", job_id=job_id)
             self.jobs[job_id] = job
+            if self.store is not None:  # announced once its inputs are on disk
+                job.stored = self.store.add(job, images)
+                job.stored.add_done_callback(lambda _: self._post(self._announce_positions))
             self._lanes.setdefault(owner.key, collections.deque()).append(job)
             self._lock.notify()
         self._announce_positions()
@@ -201,8 +236,10 @@ class JobManager:
                 if not lane:
                     del self._lanes[job.submitter]
         if queued:
-            self._finish(job, error=Cancelled(f"Job {job_id} was cancelled before it started.",
-                                              job_id=job_id))
+            error = Cancelled(f"Job {job_id} was cancelled before it started.", job_id=job_id)
+            if self.store is not None:
+                self.store.finished(job, (), error)
+            self._finish(job, error=error)
             self._announce_positions()
         # a running job stops at the engine's next check (before its next UNet block)
 
@@ -211,11 +248,19 @@ class JobManager:
         self._trim_if_worth_it()  # the acked jobs are unreferenced now
 
     def _drop_acked(self, job_ids: Sequence[str], owner: Owner) -> None:
+        dropped = []
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and job.owner is owner and job.state in FINISHED:
                 self._unreleased += job.kept_bytes
                 del self.jobs[job_id]
+                dropped.append(job_id)
+        self._forget(dropped)
+
+    def _forget(self, job_ids: Sequence[str]) -> None:
+        """Jobs dropped from memory (collected or expired): drop them from the store too."""
+        if self.store is not None and job_ids:
+            self.store.forget(job_ids)
 
     def _trim_if_worth_it(self) -> None:
         """Past ``TRIM_AFTER_BYTES`` of dropped result bytes, return them to the OS (called
@@ -242,7 +287,8 @@ class JobManager:
                 continue
             job.owner = owner
             if job.state == QUEUED:
-                owner.job_queued(job, positions.get(job_id, 0))
+                if job.durable:  # else announced once it is
+                    owner.job_queued(job, positions.get(job_id, 0))
             elif job.state == RUNNING:
                 step, total, stage = job.last_progress
                 owner.job_progress(job, step, total, stage)
@@ -278,7 +324,7 @@ class JobManager:
         finished = sorted((j for j in self.jobs.values() if j.state in FINISHED),
                           key=lambda j: j.finished_at)
         kept = sum(j.kept_bytes for j in finished)
-        dropped = 0
+        dropped: List[str] = []
         for job in finished:
             too_old = now - job.finished_at > self.retention_seconds
             if not too_old and kept <= self.retention_bytes:
@@ -287,11 +333,12 @@ class JobManager:
             self._unreleased += job.kept_bytes
             del self.jobs[job.job_id]
             self._expired[job.job_id] = None
-            dropped += 1
+            dropped.append(job.job_id)
             log.info("dropped the uncollected outcome of job %s", job.job_id)
         while len(self._expired) > self._tombstones:
             self._expired.popitem(last=False)
-        return dropped
+        self._forget(dropped)
+        return len(dropped)
 
     @property
     def kept_bytes(self) -> int:
@@ -308,6 +355,17 @@ class JobManager:
                 self._running.cancel_event.set()
             self._lock.notify_all()
         self._worker.join(timeout)
+        if self.store is not None:  # queued jobs stay in it for the next start
+            self.store.close()
+
+    def _restore(self, jobs: Sequence[Job]) -> None:
+        """Jobs the store kept from before a restart (interrupted first, then queued in
+        submit order, then outcomes): outcomes wait for ``resume``, queued jobs queue."""
+        for job in jobs:
+            self.jobs[job.job_id] = job
+            if job.state == QUEUED:
+                self._lanes.setdefault(job.submitter, collections.deque()).append(job)
+        self._drop_expired(None)  # outcomes past the retention time or byte budget
 
     # -- helpers (loop thread) ---------------------------------------------------
 
@@ -349,7 +407,7 @@ class JobManager:
     def _announce_positions(self) -> None:
         for job_id, position in self._positions().items():
             job = self.jobs.get(job_id)
-            if job is not None and job.owner is not None:
+            if job is not None and job.owner is not None and job.durable:
                 job.owner.job_queued(job, position)
 
     def _finish(self, job: Job, result: Tuple[Tuple[Optional[int], Image], ...] = (),
@@ -402,6 +460,8 @@ class JobManager:
             job = self._take()
             if job is None:
                 return
+            if self.store is not None:
+                self.store.started(job)  # waits: its inputs and this attempt are on disk
             self._post(self._started, job)
             result, error = (), None
             try:
@@ -414,6 +474,12 @@ class JobManager:
                                     f"See the server log; other jobs are not affected.")
             with self._lock:
                 self._running = None
+                stopping = self._stopping
+            if self.store is not None:
+                if stopping and isinstance(error, Cancelled):
+                    self.store.requeue(job)  # stopped by the server: it runs at next start
+                else:  # on disk before the client hears of it
+                    self.store.finished(job, result, error).result()
             self._post(self._finish, job, result, error)
 
     def _started(self, job: Job) -> None:

@@ -32,6 +32,7 @@ from shared.session import Authenticated, ServerSession, Submit, Violation
 from ..engines.base import Engine
 from .config import ServerConfig, is_loopback_host
 from .jobs import DONE, Job, JobManager
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +121,24 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        store = open_store(cfg.store_dir) if cfg.store_dir is not None else None
         self.manager = JobManager(self.engine, loop, max_queue=cfg.max_queue,
                                   retention_seconds=cfg.retention_seconds,
-                                  retention_bytes=cfg.retention_bytes)
-        self._server = await serve(
-            self._handle, cfg.host, cfg.port,
-            process_request=self._check_handshake,
-            max_size=cfg.max_frame_bytes,
-            max_queue=4,
-            compression=None,
-            close_timeout=2,
-            server_header=f"ControlCanvas/{backend.__version__}",
-            ping_interval=20, ping_timeout=60,
-        )
+                                  retention_bytes=cfg.retention_bytes, store=store)
+        try:
+            self._server = await serve(
+                self._handle, cfg.host, cfg.port,
+                process_request=self._check_handshake,
+                max_size=cfg.max_frame_bytes,
+                max_queue=4,
+                compression=None,
+                close_timeout=2,
+                server_header=f"ControlCanvas/{backend.__version__}",
+                ping_interval=20, ping_timeout=60,
+            )
+        except BaseException:  # the port is taken...: let go of the worker and the store
+            await loop.run_in_executor(None, self.manager.close)
+            raise
         self._expiry_task = asyncio.create_task(self._expire_periodically())
 
     @property
