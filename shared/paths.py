@@ -13,7 +13,7 @@ server, outside the sandbox, writes the token to the host's folder: so there the
 The per-user cache folder (``cache_dir``; the server's job store and the tiny models
 live there) is ``$CONTROLCANVAS_CACHE_DIR`` if set; else ``%LOCALAPPDATA%/controlcanvas/cache``
 on Windows, ``~/Library/Caches/controlcanvas`` on macOS, ``$XDG_CACHE_HOME`` or
-``~/.cache`` plus ``controlcanvas`` elsewhere. Only the server uses it (so no Flatpak rule).
+``~/.cache`` plus ``controlcanvas`` elsewhere. Only the backend uses it (so no Flatpak rule).
 
 The table in docs/platforms.md lists these folders; tests/test_platform_paths.py checks
 that it and this code agree.

@@ -26,7 +26,8 @@ def _child(pipe, options: dict) -> None:
 
     async def main():
         engine = create_engine(engine_name, step_seconds=step_seconds, **engine_options)
-        server = Server(ServerConfig(port=0, **options), engine, token="bench")
+        options.setdefault("port", 0)
+        server = Server(ServerConfig(**options), engine, token="bench")
         await server.start()
         echo_port = None
         bare = None
@@ -44,7 +45,8 @@ def _child(pipe, options: dict) -> None:
 
 
 class ServerProcess:
-    """``with ServerProcess(step_seconds=0.01) as s: s.url, s.token, s.pid``."""
+    """``with ServerProcess(step_seconds=0.01) as s: s.url, s.token, s.pid``; options are
+    ServerConfig fields (``store_dir``, ``port``...) and the engine's."""
 
     def __init__(self, **options) -> None:
         self.options = options
@@ -66,6 +68,11 @@ class ServerProcess:
             raise RuntimeError("the benchmark server did not start")
         self.url, self.echo_port = self._pipe.recv()
         return self
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL on POSIX): no cleanup runs, as in a crash."""
+        self._proc.kill()
+        self._proc.join(15)
 
     def __exit__(self, *exc) -> None:
         try:

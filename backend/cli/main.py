@@ -40,7 +40,7 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "host": args.host, "port": args.port, "token_file": args.token_file,
         "engine": args.engine, "max_image_side": args.max_image_side,
         "max_pixels": args.max_pixels, "max_queue": args.max_queue,
-        "step_seconds": args.step_seconds,
+        "step_seconds": args.step_seconds, "store_dir": args.store_dir,
     }
     engine_options = {"device": args.device, "dtype": args.dtype,
                       "offload": True if args.offload else None,
@@ -81,6 +81,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
     parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")
     parser.add_argument("--step-seconds", type=float, help="fake engine: seconds per step")
+    parser.add_argument("--store-dir", help="folder where queued jobs and uncollected results "
+                        "survive a restart or crash (default: jobs in the user cache folder; "
+                        "'none' keeps them in memory only)")
     parser.add_argument("--config", type=Path, help="TOML config file ([server] table)")
 
 
