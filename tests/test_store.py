@@ -136,7 +136,7 @@ def test_expired_results_do_not_come_back_after_a_restart(tmp_path):
         client.resume(job)
         with pytest.raises(Expired):
             client.wait(job, timeout=30)
-        assert rows(folder) == [] and not list(folder.glob(f"{job}.*"))
+        assert wait_until(lambda: rows(folder) == [] and not list(folder.glob(f"{job}.*")))
 
 
 def test_a_truncated_result_file_is_reported_typed(tmp_path):
