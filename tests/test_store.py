@@ -60,6 +60,15 @@ def wait_until(predicate, timeout=20.0):
     return False
 
 
+def wait_event(client, predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = client.next_event(0.1)
+        if event is not None and predicate(event):
+            return event
+    raise AssertionError("the event did not come")
+
+
 def started(folder, **options):
     return ServerProcess(store_dir=folder, **options).__enter__()
 
@@ -105,8 +114,8 @@ def test_a_queued_job_and_the_running_one_survive_kill_9_and_complete(tmp_path):
             running = client.submit(first, {0: canvas()})
             queued = client.submit(second, {0: canvas()})
             # ``queued`` is only sent once the job's inputs are on disk
-            client._until(lambda e: isinstance(e, Queued) and e.job_id == queued
-                          and e.position == 1, 20, None, "queued")
+            wait_event(client, lambda e: isinstance(e, Queued) and e.job_id == queued
+                       and e.position == 1)
             assert wait_until(lambda: dict(rows(folder)).get(running) == "running")
         server.kill()
     finally:
@@ -286,7 +295,7 @@ def test_a_graceful_stop_keeps_queued_and_running_jobs_for_the_next_start(tmp_pa
             as server, Client.connect(server.url, server.token) as client:
         running = client.submit(first, {0: canvas()})
         queued = client.submit(second, {0: canvas()})
-        client._until(lambda e: isinstance(e, Queued) and e.job_id == queued, 20, None, "q")
+        wait_event(client, lambda e: isinstance(e, Queued) and e.job_id == queued)
         assert wait_until(lambda: dict(rows(folder)).get(running) == "running")
     assert sorted(state for _, state in rows(folder)) == ["queued", "queued"]
     with thread_server(folder) as server, Client.connect(server.url, server.token) as client:

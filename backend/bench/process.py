@@ -54,8 +54,9 @@ class ServerProcess:
         self.url = ""
         self.echo_port: Optional[int] = None
         ctx = multiprocessing.get_context("spawn")
-        self._pipe, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child, dict(options)), daemon=True)
+        self._pipe, self._child_end = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(self._child_end, dict(options)),
+                                 daemon=True)
 
     @property
     def pid(self) -> int:
@@ -63,10 +64,16 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         self._proc.start()
+        self._child_end.close()  # so a child that dies before it is ready reads as EOF
         if not self._pipe.poll(120):
             self._proc.kill()
             raise RuntimeError("the benchmark server did not start")
-        self.url, self.echo_port = self._pipe.recv()
+        try:
+            self.url, self.echo_port = self._pipe.recv()
+        except EOFError:
+            self._proc.join(15)
+            raise RuntimeError(f"the benchmark server stopped before it was ready (exit code "
+                               f"{self._proc.exitcode})") from None
         return self
 
     def kill(self) -> None:
