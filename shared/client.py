@@ -48,7 +48,8 @@ class Client:
                 timeout: float = 10.0) -> "Client":
         """Open a connection and authenticate; typed errors say what to fix."""
         try:
-            from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+            from websockets.exceptions import (ConnectionClosed, InvalidHandshake, InvalidStatus,
+                                               InvalidURI)
             from websockets.sync.client import connect
         except ImportError as err:  # a plug-in built without its bundled copy
             raise ServerUnavailable(f"The websockets package is missing ({err}); reinstall "
@@ -69,6 +70,10 @@ class Client:
         except InvalidHandshake as err:
             raise ServerUnavailable(f"Something at {url} answered, but it is not a ControlCanvas "
                                     f"server ({err}). Check the port.") from None
+        except ConnectionClosed as err:  # the server went away mid-handshake (restarting?)
+            raise ServerUnavailable(f"The server at {url} closed the connection while it was "
+                                    f"being opened ({err}); it may be restarting: try again "
+                                    f"in a moment.") from None
         except (OSError, TimeoutError) as err:
             raise ServerUnavailable(f"No ControlCanvas server answers at {url} ({err}). Start it "
                                     f"with `controlcanvas serve` and check the address and "

@@ -7,7 +7,7 @@ import pytest
 def test_soak_small_run_loses_nothing():
     from backend.bench.soak import bench_soak
     figures = bench_soak(fuzz_cases=400, clients=12, jobs=24, load_clients=4, cancel_trials=5,
-                         step_seconds=0.01, tiny=False)
+                         step_seconds=0.01, tiny=False, crashes=5)
     assert figures["fuzz"]["crashes"] == 0 and figures["fuzz"]["server_alive_after"]
     d = figures["disconnect"]
     assert d["results_lost"] == 0 and d["results_duplicated"] == 0 and not d["client_errors"]
@@ -22,3 +22,8 @@ def test_soak_small_run_loses_nothing():
     # (glibc's malloc_trim; without it RSS stayed at the high-water mark)
     held = retention["rss_mb_holding"] - retention["rss_mb_start"]
     assert retention["rss_mb_after_expiry"] - retention["rss_mb_start"] < 0.35 * held
+    # the server killed 5 times under a 4-client load: every result comes back, once
+    crash = figures["crash_restart"]
+    assert crash["crashes"] == 5 and crash["results_delivered"] == crash["jobs_submitted"] > 0
+    assert crash["results_lost"] == 0 and crash["results_duplicated"] == 0
+    assert crash["held_after_ack"] <= 5 and not crash["client_errors"]

@@ -71,7 +71,7 @@ def bench_transport(repeats: int = 15, side: int = 2048) -> Dict:
 
 
 def _soak(args) -> Dict:
-    return bench_soak(fuzz_cases=args.cases, clients=args.clients)
+    return bench_soak(fuzz_cases=args.cases, clients=args.clients, crashes=args.crashes)
 
 
 def _engine_bench(name: str):

@@ -392,6 +392,8 @@ def _add_tools(sub) -> None:
     p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
     p.add_argument("--side", type=int, default=2048, help="transport: image side")
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
+    p.add_argument("--crashes", type=int, default=100,
+                   help="soak: times the server is killed and restarted (crash_restart)")
     p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
     p.set_defaults(func=cmd_bench)
 
