@@ -123,7 +123,12 @@ class DiskJobStore:
     def load(self) -> List[Job]:
         """The kept jobs, cleaned and decided (see the module docstring): interrupted
         jobs first, then queued ones in submit order, then outcomes."""
-        return self._pool.submit(self._load).result()
+        try:
+            return self._pool.submit(self._load).result()
+        except (OSError, sqlite3.Error) as err:  # damage the open-time check did not see
+            log.warning("job store: cannot read the jobs kept in %s (%s: %s); starting "
+                        "without them", self.folder, type(err).__name__, err)
+            return []
 
     def add(self, job: Job, images: Mapping[int, Image]) -> "concurrent.futures.Future":
         """Keep a job just queued, with its inputs; the future's value: True once kept."""
@@ -154,13 +159,12 @@ class DiskJobStore:
             self._submit(self._forget, tuple(job_ids))
 
     def close(self) -> None:
+        """Finish the writes asked for, close the database (on its own thread), unlock."""
+        try:
+            self._pool.submit(self._close_db).result()
+        except RuntimeError:  # closed already
+            pass
         self._pool.shutdown(wait=True)
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
-            self._db = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -186,6 +190,14 @@ class DiskJobStore:
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(False)
             return done
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            self._db = None
 
     def _open_db(self) -> None:
         path = self.folder / DB_NAME
