@@ -37,6 +37,7 @@ result is announced (its files are on disk).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -143,9 +144,19 @@ class DiskJobStore:
 
     def finished(self, job: Job, result: Sequence[Tuple[Optional[int], Image]],
                  error: Optional[ControlCanvasError]) -> "concurrent.futures.Future":
-        """Keep a job's outcome (result files first, then the row); True once kept."""
+        """Keep a job's outcome; True once kept. Its result images (tens of MB) are written
+        here, on the calling thread (the engine's worker: never the loop), while the store
+        thread goes on with other jobs; then the row is committed on the store thread."""
         wall, elapsed = time.time(), \
             max(0.0, time.monotonic() - job.started_at) if job.started_at else 0.0
+        try:
+            self._write_results(job.job_id, result)
+        except OSError as err:
+            log.warning("job store: keeping the result of job %s failed (%s); it is kept in "
+                        "memory only", job.job_id, err)
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(False)
+            return done
         return self._submit(self._finished, job, tuple(result), error, wall, elapsed)
 
     def requeue(self, job: Job) -> "concurrent.futures.Future":
@@ -225,32 +236,34 @@ class DiskJobStore:
             self._write_image(_name(job.job_id, "in", slot), codec.KIND_INPUT, job.job_id,
                               slot, image)
         _sync_folder(self.folder)
-        with self._db:
+        with self._transaction(durable=True):  # the client hears of the job after this
             self._db.execute(
                 "INSERT OR REPLACE INTO jobs (job_id, submitter, state, message, submitted_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (job.job_id, job.submitter, QUEUED, to_json(job.message), time.time()))
 
     def _started(self, job_id: str) -> None:
-        with self._db:
+        with self._transaction(durable=False):
             self._db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1 "
                              "WHERE job_id = ?", (job_id,))
 
     def _requeue(self, job_id: str) -> None:
-        with self._db:
+        with self._transaction(durable=False):
             self._db.execute("UPDATE jobs SET state = 'queued', attempts = max(0, attempts - 1)"
                              " WHERE job_id = ? AND state = 'running'", (job_id,))
 
-    def _finished(self, job: Job, result, error, wall: float, elapsed: float) -> None:
+    def _write_results(self, job_id: str, result) -> None:
         for slot, (_, image) in enumerate(result):
-            self._write_image(_name(job.job_id, "r", slot), codec.KIND_RESULT, job.job_id,
-                              slot, image)
+            self._write_image(_name(job_id, "r", slot), codec.KIND_RESULT, job_id, slot, image)
         if result:
             _sync_folder(self.folder)
+
+    def _finished(self, job: Job, result, error, wall: float, elapsed: float) -> None:
+        """The outcome's row (its result files are on disk already), then no inputs."""
         state = DONE if error is None else CANCELLED if isinstance(error, Cancelled) else FAILED
         error_json = None if error is None else json.dumps(
             {"code": error.code, "message": error.message, "field": error.field})
-        with self._db:
+        with self._transaction(durable=True):  # the client hears of the outcome after this
             self._db.execute(
                 "INSERT INTO jobs (job_id, submitter, state, message, submitted_at, "
                 "finished_at, elapsed, seeds, info, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -259,20 +272,37 @@ class DiskJobStore:
                 "seeds = excluded.seeds, info = excluded.info, error = excluded.error",
                 (job.job_id, job.submitter, state, to_json(job.message), wall, wall, elapsed,
                  json.dumps([seed for seed, _ in result]), json.dumps(job.info), error_json))
-        self._unlink(job.job_id, "in")
+        for slot in job.message.slots():
+            _remove(os.path.join(self.folder, _name(job.job_id, "in", slot)))
 
     def _forget(self, job_ids: Tuple[str, ...]) -> None:
-        with self._db:
-            self._db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
+        files = []
         for job_id in job_ids:
-            self._unlink(job_id, "in")
-            self._unlink(job_id, "r")
+            row = self._db.execute("SELECT message, seeds FROM jobs WHERE job_id = ?",
+                                   (job_id,)).fetchone()
+            files += self._files_of(job_id, *row) if row else []
+        with self._transaction(durable=False):  # lost on power loss: it expires then
+            self._db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
+        for name in files:
+            _remove(os.path.join(self.folder, name))
 
-    def _unlink(self, job_id: str, kind: str) -> None:
-        prefix = f"{job_id}.{kind}"
-        for entry in os.scandir(self.folder):
-            if entry.name.startswith(prefix) and _FILE.match(entry.name):
-                _remove(entry.path)
+    def _files_of(self, job_id: str, message: str, seeds: Optional[str]) -> List[str]:
+        """The image files a row may name: its inputs, then its results."""
+        try:
+            slots = from_json(message, CLIENT_MESSAGES).slots()
+            count = len(json.loads(seeds)) if seeds else 0
+        except (ControlCanvasError, TypeError, ValueError):  # damaged: cleaned at start
+            return []
+        return [_name(job_id, "in", slot) for slot in slots] + \
+            [_name(job_id, "r", slot) for slot in range(count)]
+
+    @contextlib.contextmanager
+    def _transaction(self, durable: bool):
+        """A transaction; ``durable`` ones are on disk when it ends (synchronous FULL), the
+        others survive a killed server but maybe not a power cut (NORMAL: no fsync)."""
+        self._db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        with self._db:
+            yield
 
     def _write_image(self, name: str, kind: int, job_id: str, slot: int, image: Image) -> None:
         """Atomically: a temporary file, written and flushed, renamed into place."""
@@ -318,7 +348,7 @@ class DiskJobStore:
             job = self._restore(*row)
             if job is not None:
                 jobs.append(job)
-        self._clean_files({job.job_id for job in jobs})
+        self._clean_files(jobs)
         queued = sum(job.state == QUEUED for job in jobs)
         if jobs:
             log.info("job store: %d job(s) back from before the restart: %d queued, %d "
@@ -400,17 +430,19 @@ class DiskJobStore:
     def _damaged(self, job: Job, err: Exception) -> Job:
         log.warning("job store: job %s came back damaged (%s); its client gets "
                     "'store_damaged'", job.job_id, _reason(err))
-        job.result, job.images, job.info = (), {}, {}
-        self._unlink(job.job_id, "r")
+        job.result, job.images, job.info = (), {}, {}  # its files are cleaned with strays
         return self._decide(job, StoredJobDamaged(
             f"The server kept job {job.job_id} on disk across a restart, but its files were "
             f"damaged or missing; submit it again."))
 
-    def _clean_files(self, live: set) -> None:
-        """Delete temporary files and image files that no kept job names."""
+    def _clean_files(self, jobs: List[Job]) -> None:
+        """Delete temporary files and the image files no kept job needs (another's, or a
+        damaged job's); other files are not ours and stay."""
+        needed = {_name(job.job_id, "in", slot) for job in jobs for slot in job.images} | \
+            {_name(job.job_id, "r", slot) for job in jobs for slot in range(len(job.result))}
         for entry in os.scandir(self.folder):
-            match = _FILE.match(entry.name)
-            if entry.name.endswith(".tmp") or (match and match.group(1) not in live):
+            if entry.name.endswith(".tmp") or \
+                    (_FILE.match(entry.name) and entry.name not in needed):
                 _remove(entry.path)
 
 
