@@ -99,7 +99,8 @@ def test_a_result_survives_kill_9_and_resume_gives_the_same_pixels(tmp_path):
         server.kill()
     finally:
         server.__exit__()
-    with ServerProcess(store_dir=folder) as server, Client.connect(server.url, server.token) as client:
+    with ServerProcess(store_dir=folder) as server, \
+            Client.connect(server.url, server.token) as client:
         client.resume(job)
         with pytest.raises(UnknownJob):
             client.wait(job, timeout=30)
@@ -160,7 +161,8 @@ def test_a_truncated_result_file_is_reported_typed(tmp_path):
         server.__exit__()
     result = folder / f"{job}.r0"
     result.write_bytes(result.read_bytes()[:100])  # a disk that lost the end of the file
-    with ServerProcess(store_dir=folder) as server, Client.connect(server.url, server.token) as client:
+    with ServerProcess(store_dir=folder) as server, \
+            Client.connect(server.url, server.token) as client:
         client.resume(job)
         with pytest.raises(StoredJobDamaged) as info:
             client.wait(job, timeout=30)
