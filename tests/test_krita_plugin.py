@@ -30,7 +30,7 @@ from controlcanvas import canvas as cc_canvas  # noqa: E402
 from controlcanvas import pixels, plan, pose  # noqa: E402
 from controlcanvas.controller import Controller  # noqa: E402
 from controlcanvas.proto import Image, doc_history, geometry, naming, pose as openpose  # noqa: E402
-from controlcanvas.settings import Settings, UnitSettings, read_local_token  # noqa: E402
+from controlcanvas.settings import Settings, UnitSettings  # noqa: E402
 
 from tests.krita_support.engines import RecordingEngine  # noqa: E402
 from tests.krita_support.proxy import CuttableProxy  # noqa: E402
@@ -208,10 +208,13 @@ def test_pose_from_krita_svg_with_transforms():
 def test_token_found_where_the_backend_writes_it(tmp_path, monkeypatch):
     from backend.server.config import default_token_file, load_or_create_token
     monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path / "cfg"))
-    assert read_local_token()[0] == ""
+    c = Controller(lambda: None)
+    assert c.resolve_token("ws://127.0.0.1:7351", "").token == ""
     token, created = load_or_create_token(default_token_file())
     assert created
-    assert read_local_token() == (token, f"Token read from {default_token_file()}.")
+    choice = c.resolve_token("ws://127.0.0.1:7351", "")
+    assert choice.token == token
+    assert c.token_note == f"Token read from {default_token_file()}."
 
 
 def test_settings_roundtrip_and_tolerate_junk():

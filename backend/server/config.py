@@ -8,7 +8,6 @@ Defaults are the safe ones: loopback only, token required.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import os
 import secrets
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from shared import loopback
 from shared.messages import Limits
 
 from ..imaging import MAX_IMAGE_SIDE, MAX_PIXELS
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7351
-LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
 def default_token_file() -> Path:
@@ -53,18 +52,9 @@ def load_or_create_token(path: Path) -> tuple:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for 'localhost', 127.0.0.0/8 and ::1 (with or without brackets/port)."""
-    name = host.strip().lower()
-    if name.startswith("["):  # [::1]:port
-        name = name[1:].split("]", 1)[0]
-    elif name.count(":") == 1:  # name:port or v4:port
-        name = name.split(":", 1)[0]
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    """True for a loopback name or address, with or without brackets and a port
+    ('localhost', '127.0.0.1:7351', '[::1]:7351', '::1'): ``shared.loopback``'s rule."""
+    return loopback.is_loopback_authority(host.strip())
 
 
 @dataclass
