@@ -109,9 +109,9 @@ class TokenChoice:
 
 def remote_needs_token(url: str, enter_it_in: str) -> str:
     """The sentence for a server elsewhere that has no token entered."""
-    return (f"The server at {url} is not on this computer, so ControlCanvas does not send "
-            f"it this computer's token. Enter that server's token in {enter_it_in}: "
-            f"`controlcanvas serve` prints where its token file is on the server's computer.")
+    return (f"The server at {url} is not on this computer, so it does not get this "
+            f"computer's token. Enter its own token in {enter_it_in} (`controlcanvas serve` "
+            f"prints where its token file is, on that computer).")
 
 
 def choose_token(url: str, entered: str = "", *, entered_source: str = "the token you entered",

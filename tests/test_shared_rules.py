@@ -103,7 +103,7 @@ def test_other_servers_never_get_the_token_file(url, local_token):
     choice = loopback.choose_token(url, "  ", enter_it_in="the Token field", environ=local_token)
     assert choice.token == "" and choice.needed
     assert f"The server at {url} is not on this computer" in choice.note
-    assert "Enter that server's token in the Token field" in choice.note
+    assert "Enter its own token in the Token field" in choice.note
     with pytest.raises(TokenNeeded) as info:
         choice.token_or_raise()
     assert info.value.code == "token_needed" and info.value.message == choice.note

@@ -496,7 +496,7 @@ class DockerPanel(W.QWidget):
                             "computer, ws://GPU-MACHINE:7351 for one on another computer")
         self.token = W.QLineEdit()
         self.token.setEchoMode(W.QLineEdit.EchoMode.Password)
-        self.token.setPlaceholderText("blank: this computer's token file")
+        self.token.setPlaceholderText("blank: local token file")
         self.token.setToolTip(
             "The server's access token. Leave it blank for a server on this computer "
             "(127.0.0.1, localhost): its token file is read. A server on another computer "
