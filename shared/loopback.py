@@ -81,10 +81,11 @@ def is_loopback_url(url: str) -> bool:
         parts.port  # noqa: B018 (raises ValueError for a bad port)
     except ValueError:
         return False
-    if parts.scheme not in SCHEMES:
+    if parts.scheme not in SCHEMES or not parts.hostname:
         return False
-    return bool(parts.hostname) and is_loopback_authority(parts.netloc) and \
-        is_loopback_host(parts.hostname)
+    if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+        return False  # IPv6 in a URL needs brackets
+    return is_loopback_authority(parts.netloc) and is_loopback_host(parts.hostname)
 
 
 @dataclass(frozen=True)
@@ -107,26 +108,27 @@ class TokenChoice:
         return self.token
 
 
-def remote_needs_token(url: str, enter_it_in: str) -> str:
+def remote_needs_token(url: str, enter_it: str) -> str:
     """The sentence for a server elsewhere that has no token entered."""
     return (f"The server at {url} is not on this computer, so it does not get this "
-            f"computer's token. Enter its own token in {enter_it_in} (`controlcanvas serve` "
+            f"computer's token. {enter_it[:1].upper()}{enter_it[1:]} (`controlcanvas serve` "
             f"prints where its token file is, on that computer).")
 
 
 def choose_token(url: str, entered: str = "", *, entered_source: str = "the token you entered",
-                 enter_it_in: str = "the plug-in's connection settings",
+                 enter_it: str = "enter its token in the plug-in's connection settings",
                  environ: Optional[Mapping[str, str]] = None) -> TokenChoice:
     """The token for the server at ``url``: the one the user entered; else, only when
     ``url`` is loopback, the local server's token file; else none (``needed``).
 
-    ``entered_source`` names the entered token in messages and ``enter_it_in`` says
-    where the user enters one (a settings field, a command-line option)."""
+    ``entered_source`` names the entered token in messages; ``enter_it`` tells the user
+    how to give a token ("enter its token in the docker's Server ▸ Token field", "pass
+    its token with --token")."""
     entered = (entered or "").strip()
     if entered:
         return TokenChoice(entered, entered_source, f"Using {entered_source}.")
     if not is_loopback_url(url):
-        return TokenChoice("", "no token", remote_needs_token(url, enter_it_in), needed=True)
+        return TokenChoice("", "no token", remote_needs_token(url, enter_it), needed=True)
     path = token_file(environ)
     token = read_token(path)
     if token:
@@ -134,7 +136,7 @@ def choose_token(url: str, entered: str = "", *, entered_source: str = "the toke
     if not path.exists():
         return TokenChoice("", f"no token (there is no token file at {path})",
                            f"No token file at {path}; start the server once with "
-                           f"`controlcanvas serve`, or enter its token in {enter_it_in}.")
+                           f"`controlcanvas serve`, or {enter_it}.")
     return TokenChoice("", f"no token (the token file {path} is empty or unreadable)",
                        f"The token file {path} is empty or cannot be read; restart "
-                       f"`controlcanvas serve`, or enter its token in {enter_it_in}.")
+                       f"`controlcanvas serve`, or {enter_it}.")

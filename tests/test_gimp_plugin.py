@@ -202,7 +202,7 @@ def test_a_server_elsewhere_never_gets_the_token_file(url, token_dir):
             settings.resolve(given, saved)
         text = problems.describe(info.value, url=url)
         assert f"The server at {url} is not on this computer" in text
-        assert f"Enter its own token in {problems.SETTINGS_MENU}" in text
+        assert f"Enter its token in {problems.SETTINGS_MENU}" in text
     conn = settings.resolve({"server-url": url, "token": "theirs"}, {})
     assert (conn.url, conn.token, conn.token_source) == (url, "theirs",
                                                          "the token given to the filter")

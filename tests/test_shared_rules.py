@@ -53,7 +53,7 @@ NOT_LOOPBACK_URLS = [
     # not loopback, or not said plainly
     "ws://0.0.0.0:7351", "ws://[::]:7351", "ws://[::127.0.0.1]:7351",
     "ws://[::ffff:10.0.0.1]:7351", "ws://[fe80::1]:7351", "ws://[::1%25lo]:7351",
-    "ws://[::1]evil:7351", "ws://::1:7351", "ws://10.0.0.5:7351", "ws://192.168.1.2:7351",
+    "ws://[::1]evil:7351", "ws://::1:7351", "ws://::1", "ws://10.0.0.5:7351", "ws://192.168.1.2:7351",
     "ws://gpu-box:7351", "ws://128.0.0.1:7351", "ws://126.255.255.255:7351",
     "ws://１２７.0.0.1:7351", "ws://127%2e0.0.1:7351", "ws://127.0.0.1%00.evil.example",
     "ws://127.0.0.1\t.evil.example", " ws://127.0.0.1:7351", "ws://127.0.0.1:7351\n",
@@ -100,10 +100,11 @@ def test_loopback_servers_get_the_token_file(url, local_token, tmp_path):
 @pytest.mark.parametrize("url", ["ws://127.attacker.example:7351", "ws://gpu-box:7351",
                                  "ws://127.0.0.1@evil.example:7351", "ws://2130706433:7351"])
 def test_other_servers_never_get_the_token_file(url, local_token):
-    choice = loopback.choose_token(url, "  ", enter_it_in="the Token field", environ=local_token)
+    choice = loopback.choose_token(url, "  ", enter_it="enter its token in the Token field",
+                                   environ=local_token)
     assert choice.token == "" and choice.needed
     assert f"The server at {url} is not on this computer" in choice.note
-    assert "Enter its own token in the Token field" in choice.note
+    assert "Enter its token in the Token field" in choice.note
     with pytest.raises(TokenNeeded) as info:
         choice.token_or_raise()
     assert info.value.code == "token_needed" and info.value.message == choice.note
@@ -115,10 +116,10 @@ def test_other_servers_never_get_the_token_file(url, local_token):
 def test_an_entered_token_wins_locally_and_a_missing_file_is_named(tmp_path):
     env = {"CONTROLCANVAS_CONFIG_DIR": str(tmp_path)}
     assert loopback.choose_token("ws://127.0.0.1:7351", "mine", environ=env).token == "mine"
-    missing = loopback.choose_token("ws://127.0.0.1:7351", "", enter_it_in="X", environ=env)
+    missing = loopback.choose_token("ws://127.0.0.1:7351", "", enter_it="do X", environ=env)
     assert (missing.token, missing.needed) == ("", False)  # connect: the server says no
     assert f"no token file at {tmp_path / 'token'}" in missing.source
-    assert missing.note.startswith(f"No token file at {tmp_path / 'token'}") and "in X." in \
+    assert missing.note.startswith(f"No token file at {tmp_path / 'token'}") and ", or do X." in \
         missing.note
     (tmp_path / "token").write_text("\n")
     empty = loopback.choose_token("ws://127.0.0.1:7351", "", environ=env)

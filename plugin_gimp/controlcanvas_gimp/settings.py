@@ -74,6 +74,6 @@ def resolve(values: Mapping[str, str], saved: Mapping[str, str],
     entered, source = (values.get("token") or "").strip(), "the token given to the filter"
     if not entered and url == saved_url:
         entered, source = saved.get("token", "").strip(), "the token saved in Settings"
-    choice = choose_token(url, entered, entered_source=source, enter_it_in=SETTINGS_MENU,
-                          environ=environ)
+    choice = choose_token(url, entered, entered_source=source,
+                          enter_it=f"enter its token in {SETTINGS_MENU}", environ=environ)
     return Connection(url, choice.token_or_raise(), choice.source)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 HISTORY_SIZE = 20
 POSE_DETECT_SIDE = 512
 SERVER_WAIT = 20.0  # seconds a job waits for a server that does not answer, then is dropped
-TOKEN_FIELD = "the docker's Server ▸ Token field"  # where the artist enters a server's token
+ENTER_TOKEN = "enter its token in the docker's Server ▸ Token field"
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Controller:
         """The token for ``url``: the one typed in the docker, else the local server's
         token file, and that only for a loopback address (``shared.loopback``)."""
         choice = loopback.choose_token(url, token, entered_source="the token typed in the "
-                                       "docker", enter_it_in=TOKEN_FIELD)
+                                       "docker", enter_it=ENTER_TOKEN)
         self.token_note = choice.note
         return choice
 
