@@ -432,3 +432,13 @@ def test_slots_count_lanes_apart_and_forget_the_dead():
     assert slots.promote("w1") and slots.count(CLIENT) == 1 and slots.count(WAITING) == 1
     dead.add("w2")  # its handshake failed after the slot was taken
     assert slots.take("w3", WAITING)
+
+
+def test_hello_only_client_with_a_wrong_token_is_refused_and_frees_its_slot(make_server):
+    server = make_server(max_unauthenticated=1, hello_timeout=HELLO_TIMEOUT)
+    for _ in range(3):  # the one waiting slot comes back each time
+        with connect(server.url, max_size=None, compression=None) as ws:
+            ws.send(hello_text("wrong"))
+            assert json.loads(ws.recv(5))["code"] == "auth"
+            with pytest.raises(ConnectionClosed):
+                ws.recv(5)

@@ -188,7 +188,6 @@ class Server:
             self._handle, cfg.host, cfg.port,
             process_request=self._check_handshake,
             max_size=cfg.max_hello_bytes,  # raised once the client has shown the token
-            open_timeout=cfg.hello_timeout,
             max_queue=4,
             compression=None,
             close_timeout=2,
