@@ -442,3 +442,27 @@ def test_hello_only_client_with_a_wrong_token_is_refused_and_frees_its_slot(make
             assert json.loads(ws.recv(5))["code"] == "auth"
             with pytest.raises(ConnectionClosed):
                 ws.recv(5)
+
+
+def test_a_bug_while_reading_costs_the_connection_not_a_traceback(make_server, monkeypatch):
+    from shared.session import ServerSession
+    real = ServerSession.receive
+
+    def buggy(self, frame):
+        if frame == '{"type":"status","boom":1}':
+            raise RuntimeError("a bug")
+        return real(self, frame)
+
+    monkeypatch.setattr(ServerSession, "receive", buggy)
+    server = make_server()
+    with connect(server.url, max_size=None, compression=None) as ws:
+        ws.send(hello_text(server.token))
+        assert json.loads(ws.recv(5))["type"] == "welcome"
+        ws.send('{"type":"status","boom":1}')
+        reply = json.loads(ws.recv(5))
+        assert reply["code"] == "protocol" and "Traceback" not in reply["message"]
+        with pytest.raises(ConnectionClosed):
+            ws.recv(5)
+        assert ws.close_code == 1008
+    with Client.connect(server.url, server.token) as client:
+        assert isinstance(client.status(), Status)
