@@ -11,7 +11,10 @@ measured from outside.  Four parts, each bounded in count and time, all traffic 
   after it, mid-progress, while the result frames arrive), reconnect and resume;
   counts results lost and delivered twice;
 - load: jobs from several concurrent clients; fairness, server RSS at start/end;
-- cancel: latency from ``cancel`` to the ``cancelled`` error for a running job.
+- cancel: latency from ``cancel`` to the ``cancelled`` error for a running job;
+- per peer (see ``peers``): a pre-auth flood while a client connects and generates,
+  a post-auth request flood against other clients' latency, and retention under a
+  client that never reads.
 """
 
 from __future__ import annotations
@@ -33,15 +36,9 @@ from shared.messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, ControlUnit, Gen
 
 from ..engines.base import NullContext
 from ..engines.fake import FakeEngine
+from .peers import postauth_flood, preauth_flood, retention_nonreader
 from .process import ServerProcess
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from .process import rss_mb as _rss_mb
 
 
 def _request(seed: int, steps: int, side: int = 64) -> GenerateRequest:
@@ -369,7 +366,7 @@ def retention(cases: int = 20, seconds: float = 1.5) -> Dict:
 
 def bench_soak(fuzz_cases: int = 10_000, clients: int = 100, jobs: int = 200,
                load_clients: int = 4, cancel_trials: int = 20,
-               step_seconds: float = 0.01, tiny: bool = True) -> Dict:
+               step_seconds: float = 0.01, tiny: bool = True, per_peer: bool = True) -> Dict:
     figures: Dict = {"name": "soak"}
     with ServerProcess(step_seconds=step_seconds, max_queue=max(256, jobs)) as server:
         figures["fuzz"] = fuzz(server, fuzz_cases)
@@ -381,4 +378,8 @@ def bench_soak(fuzz_cases: int = 10_000, clients: int = 100, jobs: int = 200,
             figures["load_tiny"] = load(server, jobs, load_clients)
             figures["cancel_tiny"] = cancel_latency(server, max(5, cancel_trials // 2))
     figures["retention"] = retention()
+    if per_peer:
+        figures["preauth_flood"] = preauth_flood()
+        figures["postauth_flood"] = postauth_flood()
+        figures["retention_nonreader"] = retention_nonreader()
     return figures

@@ -71,10 +71,23 @@ class ServerConfig:
     max_batch: int = 16
     max_images_per_job: int = 16
     max_text_bytes: int = 1 << 20
-    max_clients: int = 32
+    max_clients: int = 32  # authenticated connections
+    # Connections that have not sent a right token yet get their own small budget: a
+    # few slots, each held at most hello_timeout seconds, accepting one small text frame.
+    # (A client that sends its token in the handshake never waits for one of them.)
+    max_unauthenticated: int = 8
     hello_timeout: float = 10.0
+    max_hello_bytes: int = 4096
+    # Per client: replies and job events waiting to be written (results not included:
+    # they are counted by retention_bytes). Past these, the server stops reading from
+    # that client (its requests wait in TCP) and drops stale progress/previews.
+    max_outbox_bytes: int = 16 << 20
+    max_outbox_frames: int = 1024
+    max_jobs_per_client: int = 32  # queued or running jobs of one connection
+    max_job_pixels: int = 64 << 20  # output width x height x batch of one job
     retention_seconds: float = 3600.0
-    retention_bytes: int = 2 << 30
+    retention_bytes: int = 2 << 30  # uncollected results held, all clients together
+    retention_bytes_per_client: int = 1 << 30  # ... and of one client
     preview_size: int = 128
     allow_remote: bool = False  # set by choosing a non-loopback --host
     engine_options: Dict[str, Any] = field(default_factory=dict)
