@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 import threading
 import time
 from typing import Callable, Iterator, Mapping, Optional
 
-from .errors import (ConnectionLost, ControlCanvasError, LimitError, ProtocolError,
+from .errors import (AuthError, ConnectionLost, ControlCanvasError, LimitError, ProtocolError,
                      ServerUnavailable, error_from_code)
 from .images import Image
 from .messages import Error, GenerateRequest, Models, Status, Welcome
 from .session import ClientSession, ResultReady
+from .tokens import QuietTokenLogger, handshake_headers
 
 DEFAULT_URL = "ws://127.0.0.1:7351"
 # Big enough for the largest result a server may send (its own limits still apply).
@@ -57,6 +59,10 @@ class Client:
         try:
             options = dict(open_timeout=timeout, close_timeout=2, max_size=MAX_FRAME,
                            compression=None, user_agent_header=f"ControlCanvas-client {client}")
+            # The token in the handshake too: the server then gives this connection a
+            # client slot at once, so strangers flooding it cannot lock us out.
+            options["additional_headers"] = handshake_headers(token)
+            options["logger"] = QuietTokenLogger(logging.getLogger("websockets.client"))
             if "legacy" in inspect.signature(connect).parameters:  # websockets >= 17
                 options["legacy"] = True  # we manage the connection's lifetime ourselves
             ws = connect(url, **options)
@@ -65,6 +71,8 @@ class Client:
                                     f"ws://HOST:PORT, e.g. {DEFAULT_URL}.") from None
         except InvalidStatus as err:
             body = err.response.body.decode("utf-8", "replace").strip()
+            if err.response.status_code == 401:
+                raise AuthError(body or None) from None
             raise ProtocolError(f"The server at {url} refused the connection "
                                 f"({err.response.status_code}): {body}") from None
         except InvalidHandshake as err:

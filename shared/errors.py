@@ -83,6 +83,15 @@ class AuthError(ControlCanvasError):
                        "(it is stored in the token file shown by `controlcanvas serve`).")
 
 
+class TokenNeeded(AuthError):
+    """Client side: the server is not on this computer and no token was entered for it
+    (the local token file is sent to loopback addresses only: ``shared.loopback``)."""
+
+    code = "token_needed"
+    default_message = ("A server on another computer needs its own token: enter it in the "
+                       "plug-in's connection settings (or pass --token).")
+
+
 class LimitError(ControlCanvasError):
     code = "limit"
     default_message = "The request exceeds one of the server's size limits."

@@ -44,6 +44,15 @@ def _child(pipe, options: dict) -> None:
     asyncio.run(main())
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux: /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class ServerProcess:
     """``with ServerProcess(step_seconds=0.01) as s: s.url, s.token, s.pid``; options are
     ServerConfig fields (``store_dir``, ``port``...) and the engine's."""

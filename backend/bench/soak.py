@@ -12,6 +12,9 @@ measured from outside.  Five parts, each bounded in count and time, all traffic 
   counts results lost and delivered twice;
 - load: jobs from several concurrent clients; fairness, server RSS at start/end;
 - cancel: latency from ``cancel`` to the ``cancelled`` error for a running job;
+- per peer (see ``peers``): a pre-auth flood while a client connects and generates,
+  a post-auth request flood against other clients' latency, and retention under a
+  client that never reads;
 - crash_restart: the server killed (SIGKILL) at random moments of a 4-client load and
   started again on the same job store, 100 times; counts results lost and delivered
   twice, and the restart time.
@@ -38,15 +41,9 @@ from shared.session import ResultReady
 
 from ..engines.base import NullContext
 from ..engines.fake import FakeEngine
+from .peers import postauth_flood, preauth_flood, retention_nonreader
 from .process import ServerProcess
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from .process import rss_mb as _rss_mb
 
 
 def _request(seed: int, steps: int, side: int = 64) -> GenerateRequest:
@@ -559,7 +556,8 @@ def crash_restart(crashes: int = 100, clients: int = 4, step_seconds: float = 0.
 
 def bench_soak(fuzz_cases: int = 10_000, clients: int = 100, jobs: int = 200,
                load_clients: int = 4, cancel_trials: int = 20,
-               step_seconds: float = 0.01, tiny: bool = True, crashes: int = 100) -> Dict:
+               step_seconds: float = 0.01, tiny: bool = True, per_peer: bool = True,
+               crashes: int = 100) -> Dict:
     figures: Dict = {"name": "soak"}
     with ServerProcess(step_seconds=step_seconds, max_queue=max(256, jobs)) as server:
         figures["fuzz"] = fuzz(server, fuzz_cases)
@@ -571,6 +569,10 @@ def bench_soak(fuzz_cases: int = 10_000, clients: int = 100, jobs: int = 200,
             figures["load_tiny"] = load(server, jobs, load_clients)
             figures["cancel_tiny"] = cancel_latency(server, max(5, cancel_trials // 2))
     figures["retention"] = retention()
+    if per_peer:
+        figures["preauth_flood"] = preauth_flood()
+        figures["postauth_flood"] = postauth_flood()
+        figures["retention_nonreader"] = retention_nonreader()
     if crashes:
         figures["crash_restart"] = crash_restart(crashes, clients=load_clients,
                                                  step_seconds=step_seconds)

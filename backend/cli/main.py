@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from shared import loopback
 from shared.errors import ControlCanvasError, LimitError
 
 from ..bench import main as bench
@@ -208,8 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"{path} seed {meta.seed} ({image.width}x{image.height})")
 
     if args.url:
-        token = args.token or default_token_file().read_text(encoding="utf-8").strip()
-        with Client.connect(args.url, token, client="controlcanvas-generate") as client:
+        with Client.connect(args.url, _token_for(args), client="controlcanvas-generate") as client:
             run(client)
         return 0
     engine = create_engine(args.engine, device=args.device, config_file=args.config)
@@ -218,6 +218,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             Client.connect(server.url, server.token, client="controlcanvas-generate") as client:
         run(client)
     return 0
+
+
+def _token_for(args: argparse.Namespace) -> str:
+    """With --url: --token, else the local token file, and that only for a server on this
+    computer (``shared.loopback``); TokenNeeded for a server elsewhere without --token."""
+    return loopback.choose_token(args.url, args.token or "", entered_source="--token",
+                                 enter_it="pass its token with --token").token_or_raise()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -231,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from shared.client import Client
         from shared.messages import Progress
 
-        token = args.token or default_token_file().read_text(encoding="utf-8").strip()
+        token = _token_for(args)
 
         def show(event) -> None:
             if isinstance(event, Progress) and event.total:
@@ -336,7 +343,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--url", help="use a running server (ws://...) instead of one in-process")
-    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.add_argument("--token", help="with --url: the server's token (default, for a server "
+                   "on this computer only: its token file)")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate)
 
@@ -365,7 +373,8 @@ def _add_train(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", help="run as a job of a running server (ws://...)")
-    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.add_argument("--token", help="with --url: the server's token (default, for a server "
+                   "on this computer only: its token file)")
     p.set_defaults(func=cmd_train)
 
 

@@ -8,7 +8,6 @@ Defaults are the safe ones: loopback only, token required.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import os
 import secrets
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from shared import loopback
 from shared.messages import Limits
 
 from ..imaging import MAX_IMAGE_SIDE, MAX_PIXELS
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7351
-LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
 def default_token_file() -> Path:
@@ -62,18 +61,9 @@ def load_or_create_token(path: Path) -> tuple:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for 'localhost', 127.0.0.0/8 and ::1 (with or without brackets/port)."""
-    name = host.strip().lower()
-    if name.startswith("["):  # [::1]:port
-        name = name[1:].split("]", 1)[0]
-    elif name.count(":") == 1:  # name:port or v4:port
-        name = name.split(":", 1)[0]
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    """True for a loopback name or address, with or without brackets and a port
+    ('localhost', '127.0.0.1:7351', '[::1]:7351', '::1'): ``shared.loopback``'s rule."""
+    return loopback.is_loopback_authority(host.strip())
 
 
 @dataclass
@@ -90,10 +80,23 @@ class ServerConfig:
     max_batch: int = 16
     max_images_per_job: int = 16
     max_text_bytes: int = 1 << 20
-    max_clients: int = 32
+    max_clients: int = 32  # authenticated connections
+    # Connections that have not sent a right token yet get their own small budget: a
+    # few slots, each held at most hello_timeout seconds, accepting one small text frame.
+    # (A client that sends its token in the handshake never waits for one of them.)
+    max_unauthenticated: int = 8
     hello_timeout: float = 10.0
+    max_hello_bytes: int = 4096
+    # Per client: replies and job events waiting to be written (results not included:
+    # they are counted by retention_bytes). Past these, the server stops reading from
+    # that client (its requests wait in TCP) and drops stale progress/previews.
+    max_outbox_bytes: int = 16 << 20
+    max_outbox_frames: int = 1024
+    max_jobs_per_client: int = 32  # queued or running jobs of one connection
+    max_job_pixels: int = 64 << 20  # output width x height x batch of one job
     retention_seconds: float = 3600.0
-    retention_bytes: int = 2 << 30
+    retention_bytes: int = 2 << 30  # uncollected results held, all clients together
+    retention_bytes_per_client: int = 1 << 30  # ... and of one client
     # The job store (backend.server.store): queued jobs and uncollected results on disk,
     # so they survive a crash. None keeps them in memory only: the default for servers
     # built in code (tests, benches, the demo); build_config (the `serve` command) fills

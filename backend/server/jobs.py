@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
                            MissingImage, QueueFull, UnknownJob)
@@ -148,6 +148,7 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     finished_at: float = 0.0
+    dropped: str = ""  # "acked" or "expired": forgotten, its result bytes released
     stored: Optional[concurrent.futures.Future] = None  # the store's add(), if any
 
     @property
@@ -171,12 +172,22 @@ class Job:
 class JobManager:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, max_queue: int = 64,
                  retention_seconds: float = 3600.0, retention_bytes: int = 2 << 30,
+                 retention_bytes_per_client: int = 0, max_jobs_per_client: int = 0,
+                 held_outside: Optional[Callable[[], Dict[str, int]]] = None,
                  tombstones: int = 4096, store: Optional[JobStore] = None) -> None:
+        """``retention_bytes`` bounds the result bytes held for all clients together,
+        ``retention_bytes_per_client`` those of one client (0: no separate cap);
+        ``held_outside()`` gives, per client key, result bytes held elsewhere (frames on
+        their way to the client), which count against both. With a ``store``, jobs are
+        kept on disk too and the ones it kept come back (see the module docstring)."""
         self.engine = engine
         self.loop = loop
         self.max_queue = max_queue
+        self.max_jobs_per_client = max_jobs_per_client
         self.retention_seconds = retention_seconds
         self.retention_bytes = retention_bytes
+        self.retention_bytes_per_client = retention_bytes_per_client
+        self._held_outside = held_outside or dict
         self.jobs: Dict[str, Job] = {}
         self._expired: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._unreleased = 0  # result bytes dropped since the heap was last trimmed
@@ -214,6 +225,13 @@ class JobManager:
             if self._queued_count() >= self.max_queue:
                 raise QueueFull(f"The queue already holds {self.max_queue} jobs; wait for some "
                                 f"to finish or cancel one, then submit again.", job_id=job_id)
+            mine = len(self._lanes.get(owner.key, ())) + (
+                self._running is not None and self._running.submitter == owner.key)
+            if self.max_jobs_per_client and mine >= self.max_jobs_per_client:
+                raise QueueFull(f"This connection already has {mine} jobs queued or running "
+                                f"(the server's limit per client is "
+                                f"{self.max_jobs_per_client}); wait for one to finish or "
+                                f"cancel one, then submit again.", job_id=job_id)
             self.jobs[job_id] = job
             if self.store is not None:  # announced once its inputs are on disk
                 job.stored = self.store.add(job, images)
@@ -248,19 +266,10 @@ class JobManager:
         self._trim_if_worth_it()  # the acked jobs are unreferenced now
 
     def _drop_acked(self, job_ids: Sequence[str], owner: Owner) -> None:
-        dropped = []
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and job.owner is owner and job.state in FINISHED:
-                self._unreleased += job.kept_bytes
-                del self.jobs[job_id]
-                dropped.append(job_id)
-        self._forget(dropped)
-
-    def _forget(self, job_ids: Sequence[str]) -> None:
-        """Jobs dropped from memory (collected or expired): drop them from the store too."""
-        if self.store is not None and job_ids:
-            self.store.forget(job_ids)
+                self._release(job, "acked")
 
     def _trim_if_worth_it(self) -> None:
         """Past ``TRIM_AFTER_BYTES`` of dropped result bytes, return them to the OS (called
@@ -320,25 +329,49 @@ class JobManager:
         return dropped
 
     def _drop_expired(self, now: Optional[float]) -> int:
+        """Oldest outcomes first: those past the retention time, then a client's oldest
+        while it holds more than its share, then anyone's oldest while all together hold
+        more than ``retention_bytes`` (results on their way to clients included)."""
         now = time.monotonic() if now is None else now
         finished = sorted((j for j in self.jobs.values() if j.state in FINISHED),
                           key=lambda j: j.finished_at)
-        kept = sum(j.kept_bytes for j in finished)
-        dropped: List[str] = []
+        total, per_client = self.held_bytes()
+        dropped = 0
         for job in finished:
+            client = job.submitter
             too_old = now - job.finished_at > self.retention_seconds
-            if not too_old and kept <= self.retention_bytes:
-                break
-            kept -= job.kept_bytes
-            self._unreleased += job.kept_bytes
-            del self.jobs[job.job_id]
+            over_share = 0 < self.retention_bytes_per_client < per_client.get(client, 0)
+            if not (too_old or over_share or total > self.retention_bytes):
+                continue
+            total -= job.kept_bytes
+            per_client[client] -= job.kept_bytes
+            self._release(job, "expired")
             self._expired[job.job_id] = None
-            dropped.append(job.job_id)
-            log.info("dropped the uncollected outcome of job %s", job.job_id)
+            dropped += 1
+            log.info("dropped the uncollected outcome of job %s (%s)", job.job_id,
+                     "retention time" if too_old else "retention bytes")
         while len(self._expired) > self._tombstones:
             self._expired.popitem(last=False)
-        self._forget(dropped)
-        return len(dropped)
+        return dropped
+
+    def _release(self, job: Job, why: str) -> None:
+        """Forget a finished job and let go of its result bytes, even where a reference
+        to the job lingers (a result still waiting in a client's outbox)."""
+        self._unreleased += job.kept_bytes
+        del self.jobs[job.job_id]
+        job.result, job.dropped = (), why
+        if self.store is not None:  # gone from the disk too
+            self.store.forget((job.job_id,))
+
+    def held_bytes(self) -> Tuple[int, Dict[str, int]]:
+        """Result bytes held: (all clients, per client key); the job table's results and
+        those on their way to clients (``held_outside``) together."""
+        per_client: Dict[str, int] = collections.Counter()
+        for job in self.jobs.values():
+            per_client[job.submitter] += job.kept_bytes
+        for client, held in self._held_outside().items():
+            per_client[client] += held
+        return sum(per_client.values()), per_client
 
     @property
     def kept_bytes(self) -> int:
