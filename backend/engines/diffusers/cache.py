@@ -46,6 +46,7 @@ class BaseEntry:
     pipes: Dict[type, Any] = field(default_factory=dict)
     schedulers: Dict[str, Any] = field(default_factory=dict)  # sampler -> scheduler (reused:
     offload_owner: Any = None                                  # set_timesteps resets state)
+    vae_fp32: bool = False  # the VAE is kept in fp32 (acceleration.vae_in_fp32)
 
 
 @dataclass
