@@ -28,8 +28,8 @@ from .errors import (AuthError, ControlCanvasError, FieldError, FrameError, Limi
 from .images import Image
 from .messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, SERVER_MESSAGES, Ack, Cancel,
                        Error, Generate, GenerateRequest, Hello, Limits, Message, ModelsRequest,
-                       Preprocess, Preview, Result, ResultImage, Resume, StatusRequest, Train,
-                       Welcome, _JOB_ID, from_json, new_job_id, to_json)
+                       Preprocess, Preview, Result, ResultImage, Resume, Scalar, StatusRequest,
+                       Train, Welcome, _JOB_ID, from_json, new_job_id, to_json)
 
 # A websocket message: text, binary, or binary as fragments (header, pixels) that
 # the adapter sends as one fragmented message / received with recv_streaming.
@@ -108,12 +108,14 @@ class ServerSession(_Session):
     READY = "ready"
     CLOSED = "closed"
 
-    def __init__(self, *, token: str, limits: Limits, server: str, engine: str) -> None:
+    def __init__(self, *, token: str, limits: Limits, server: str, engine: str,
+                 engine_info: Optional[Mapping[str, Scalar]] = None) -> None:
         super().__init__()
         self._token = token.encode()
         self.limits = limits
         self._server = server
         self._engine = engine
+        self._engine_info = dict(engine_info or {})
         self.state = self.AWAIT_HELLO
         self.client = ""
         self._upload: Optional[_Upload] = None
@@ -165,7 +167,8 @@ class ServerSession(_Session):
             self.state = self.READY
             self.client = message.client
             self._queue(Welcome(protocol=PROTOCOL_VERSION, server=self._server,
-                                engine=self._engine, limits=self.limits))
+                                engine=self._engine, limits=self.limits,
+                                engine_info=self._engine_info))
             return [Authenticated(message.client)]
         if isinstance(message, Hello):
             raise StateError("Already authenticated; send 'hello' only once per connection.")

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from shared.errors import ControlCanvasError, LimitError
 
 from ..bench import main as bench
+from ..engines.base import engine_info, info_line
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
 from ..imaging import load_input_image, size_problem
@@ -45,6 +46,9 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     engine_options = {"device": args.device, "dtype": args.dtype,
                       "offload": True if args.offload else None,
                       "cpu_threads": args.cpu_threads,
+                      "fast_path": False if args.no_fast_path else None,
+                      "compile": True if args.compile else None,
+                      "vae_precision": args.vae_precision, "sdxl_vae": args.sdxl_vae,
                       "config_file": args.config}
     overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
     if args.host is not None and not is_loopback_host(args.host):
@@ -74,6 +78,18 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--offload", action="store_true",
                         help="model CPU offload: less VRAM, slower (CUDA only)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="CUDA: leave attention, QKV fusion and memory format as diffusers "
+                        "sets them (the fast path is on by default on CUDA, off on the CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet and ControlNets (CUDA): faster steps, but "
+                        "the first image at each new size waits about a minute")
+    parser.add_argument("--vae-precision", choices=["auto", "fp32", "model"],
+                        help="VAE in fp32 (no black images) or in the model's dtype; auto "
+                        "(default): fp32 where fp16 overflows (SDXL)")
+    parser.add_argument("--sdxl-vae", metavar="PATH_OR_ID",
+                        help="an fp16-fix SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) used "
+                        "instead of the model's own")
     parser.add_argument("--cpu-threads", type=_positive_int,
                         help="torch CPU threads (default: one per core; fewer keeps a CPU "
                         "server responsive when the machine is busy)")
@@ -96,6 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(server) -> None:
         print(f"ControlCanvas server listening on {server.url} (engine: {engine.name})",
               flush=True)
+        info = engine_info(engine)
+        if info:
+            print(f"Engine settings: {info_line(info)}", flush=True)
         print(f"Token file: {config.token_file}", flush=True)
         if created:
             print(f"New access token (also in the token file): {token}", flush=True)

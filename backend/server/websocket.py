@@ -29,7 +29,7 @@ from shared.messages import (Ack, Cancel, ModelsRequest, Progress, Queued, Resum
                              StatusRequest)
 from shared.session import Authenticated, ServerSession, Submit, Violation
 
-from ..engines.base import Engine
+from ..engines.base import Engine, engine_info
 from .config import ServerConfig, is_loopback_host
 from .jobs import DONE, Job, JobManager
 
@@ -189,7 +189,8 @@ class Server:
     async def _handle(self, ws: ServerConnection) -> None:
         session = ServerSession(token=self.token, limits=self.limits,
                                 server=f"controlcanvas {backend.__version__}",
-                                engine=getattr(self.engine, "name", "unknown"))
+                                engine=getattr(self.engine, "name", "unknown"),
+                                engine_info=engine_info(self.engine))
         conn = Connection(ws, session)
         self.connections.add(conn)
         writer = asyncio.create_task(conn.write_loop())

@@ -145,6 +145,60 @@ def _checked(values: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # -----------------------------------------------------------------------------
+# Device, precision and the report (the engine's info(), the doctor)
+# -----------------------------------------------------------------------------
+
+_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16",
+           "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def choose_device(device: Optional[str] = None):
+    """The torch device: as given, else CUDA when available, else the CPU."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def choose_dtype(name: Optional[str], cuda: bool):
+    """The torch dtype for ``fp16`` | ``bf16`` | ``fp32`` (default: fp16 on CUDA, else fp32)."""
+    import torch
+
+    if name is None:
+        return torch.float16 if cuda else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {name!r}")
+    return getattr(torch, _DTYPES[name])
+
+
+def dtype_name(dtype) -> str:
+    return _SHORT.get(str(dtype).replace("torch.", ""), str(dtype))
+
+
+def settings(device, dtype, offload: bool, fast: FastPath,
+             compile_failed: bool = False) -> Dict[str, Scalar]:
+    """Device, precision, offload and the fast path, as the doctor and the welcome show it."""
+    out: Dict[str, Scalar] = {"device": str(device), "dtype": dtype_name(dtype),
+                              "offload": bool(offload)}
+    out.update(fast.describe())
+    if offload and out["compile"]:
+        out["compile"] = False  # offload wraps forward itself: compile stays off
+    elif compile_failed and out["compile"]:
+        out["compile"] = "eager (failed)"
+    return out
+
+
+def planned_settings(options: Mapping[str, Any]) -> Dict[str, Scalar]:
+    """What an engine built from these ``[engine]`` options would report, without loading
+    a model (``controlcanvas doctor``)."""
+    device = choose_device(options.get("device"))
+    cuda = device.type == "cuda"
+    fast = FastPath.from_options({k: v for k, v in options.items() if k in OPTION_NAMES}, cuda)
+    offload = _as_bool(options.get("offload", False), "offload") and cuda
+    return settings(device, choose_dtype(options.get("dtype"), cuda), offload, fast)
+
+
+# -----------------------------------------------------------------------------
 # Applying the choices to loaded models (torch is imported here, when a model loads)
 # -----------------------------------------------------------------------------
 

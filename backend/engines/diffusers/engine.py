@@ -89,9 +89,9 @@ from ...imaging import from_array, to_array
 from ..base import Generated, JobContext
 from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolved
 from ..tiny import quiet_progress_bars
-from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews,
-                           load_sdxl_vae, loaded_attention, prepare_model, vae_in_fp32,
-                           wants_fp32_vae)
+from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews, choose_device,
+                           choose_dtype, dtype_name, load_sdxl_vae, loaded_attention,
+                           prepare_model, settings, vae_in_fp32, wants_fp32_vae)
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .compiled import uncompile
@@ -157,18 +157,9 @@ class DiffusersEngine:
             # busy: the tiny model's step 33 -> 15 ms, cancel p95 90 -> 4 ms with 1 thread).
             torch.set_num_threads(int(cpu_threads))
         self.catalogue = catalogue or Catalogue(ModelConfig.from_toml())
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = choose_device(device)
         cuda = self.device.type == "cuda"
-        names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-        if dtype is None:
-            self.dtype = torch.float16 if cuda else torch.float32
-        elif dtype in names:
-            self.dtype = names[dtype]
-        else:
-            raise ValueError(f"dtype must be one of {', '.join(names)}; got {dtype!r}")
+        self.dtype = choose_dtype(dtype, cuda)
         self.offload = bool(offload) and cuda
         if offload and not cuda:
             log.warning("CPU offload needs CUDA; ignored on %s", self.device)
@@ -263,14 +254,8 @@ class DiffusersEngine:
     def info(self) -> Dict[str, Any]:
         """What the doctor prints and the welcome carries: device, precision, offload and
         the fast-path choices (``compile`` says ``eager (failed)`` after a fall back)."""
-        out: Dict[str, Any] = {"device": str(self.device), "dtype": _DTYPE_NAMES[self.dtype],
-                               "offload": self.offload}
-        out.update(self.fast.describe())
-        if self.offload and out["compile"]:
-            out["compile"] = False  # offload and compile do not mix; offload wins
-        elif self.stats["compile_fallbacks"]:
-            out["compile"] = "eager (failed)"
-        return out
+        return settings(self.device, self.dtype, self.offload, self.fast,
+                        compile_failed=bool(self.stats["compile_fallbacks"]))
 
     def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
         """The annotator registry (backend.annotators.library); "none" is the layer itself."""
@@ -695,7 +680,7 @@ class DiffusersEngine:
         self.stats["nonfinite"] += 1
         log.warning("%s produced NaN/inf pixels (shown black) in %s: set [engine] "
                     "vae_precision = \"fp32\" (or an fp16-fix sdxl_vae), or dtype = \"bf16\" "
-                    "or \"fp32\"", entry.resolved.name, _DTYPE_NAMES[self.dtype])
+                    "or \"fp32\"", entry.resolved.name, dtype_name(self.dtype))
 
     def _generator_device(self) -> str:
         return "cuda" if self.device.type == "cuda" else "cpu"
@@ -730,7 +715,6 @@ class DiffusersEngine:
 
 
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _BASIC_OPTIONS = ("device", "dtype", "offload", "memory_budget_gb", "vae_tiling_pixels",
                   "max_work_scale", "hires_scale", "hires_strength", "inpaint_margin",
                   "inpaint_min_margin", "feather", "square_only", "cpu_threads")
