@@ -403,12 +403,20 @@ def _add_tools(sub) -> None:
     p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
-    p.add_argument("name", choices=["transport", "soak", "engine", "controlnet-cost",
-                                     "scaling", "fidelity", "train-cost"])
+    p.add_argument("name", choices=list(bench.BENCHES))
     p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
     p.add_argument("--side", type=int, default=2048, help="transport: image side")
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
     p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
+    p.add_argument("--dry-run", action="store_true", help="gpu: the same code on the CPU "
+                   "with the tiny models, in seconds (automatic without CUDA)")
+    p.add_argument("--groups", default="sd15,sdxl", help="gpu: which of sd15, sdxl, compiled "
+                   "(comma-separated; compiled adds torch.compile's first-image cost)")
+    p.add_argument("--deadline", type=float, default=420.0, help="gpu: seconds after which "
+                   "the remaining cases are skipped (and listed as skipped)")
+    p.add_argument("--compile-mode", default="default", help="gpu: torch.compile mode of "
+                   "the compiled group (default, reduce-overhead, max-autotune...)")
+    p.add_argument("--out", help="gpu: also write the JSON here after each group")
     p.set_defaults(func=cmd_bench)
 
 

@@ -87,7 +87,7 @@ class FastPath:
         """The choices for a device: CUDA defaults (or all off on the CPU, or with
         ``fast_path = false``), then every option given explicitly."""
         options = dict(options)
-        on = cuda and _as_bool(options.pop("fast_path", True), "fast_path")
+        on = _as_bool(options.pop("fast_path", True), "fast_path") and cuda
         values: Dict[str, Any] = dict(sdpa=on, fuse_qkv=on, channels_last=on,
                                       taesd="auto" if cuda else "off")
         for key, value in options.items():
@@ -220,6 +220,21 @@ def prepare_model(model, fast: FastPath, label: str, stats: Dict[str, Any],
                        shapes=fast.compile_shapes, stats=stats)
         done["compile"] = fast.compile_mode
     return done
+
+
+def prepare_pipeline(pipe, fast: FastPath, family: str, dtype, stats: Dict[str, Any],
+                     name: str = "the model", compile_it: bool = True) -> bool:
+    """The fast path on a pipeline's UNet and VAE (its device already set), and the VAE's
+    precision; returns whether the VAE is kept in fp32 (``vae_in_fp32``)."""
+    prepare_model(pipe.unet, fast, f"UNet of {name}", stats, compile_it=compile_it)
+    prepare_model(pipe.vae, fast, f"VAE of {name}", stats)
+    fp32 = wants_fp32_vae(fast, pipe.vae, dtype, family)
+    if fp32:
+        vae_in_fp32(pipe.vae, dtype)
+    log.info("fast path for %s: attention %s, VAE %s%s", name, loaded_attention(pipe.unet),
+             "fp32" if fp32 else dtype_name(pipe.vae.dtype),
+             ", compiled UNet" if compile_it and fast.compile else "")
+    return fp32
 
 
 def _set_attention(model, fast: FastPath, label: str) -> str:

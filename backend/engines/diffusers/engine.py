@@ -90,8 +90,8 @@ from ..base import Generated, JobContext
 from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolved
 from ..tiny import quiet_progress_bars
 from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews, choose_device,
-                           choose_dtype, dtype_name, load_sdxl_vae, loaded_attention,
-                           prepare_model, settings, vae_in_fp32, wants_fp32_vae)
+                           choose_dtype, dtype_name, load_sdxl_vae, prepare_model,
+                           prepare_pipeline, settings, vae_in_fp32)
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .compiled import uncompile
@@ -317,16 +317,8 @@ class DiffusersEngine:
             pipe.register_modules(vae=fixed_vae)
         if not self.offload:
             pipe.to(self.device)
-        prepare_model(pipe.unet, self.fast, f"UNet of {name}", self.stats,
-                      compile_it=not self.offload)
-        prepare_model(pipe.vae, self.fast, f"VAE of {name}", self.stats)
-        vae_fp32 = wants_fp32_vae(self.fast, pipe.vae, self.dtype, family)
-        if vae_fp32:
-            vae_in_fp32(pipe.vae, self.dtype)
-        log.info("fast path for %s: attention %s, VAE %s%s", name,
-                 loaded_attention(pipe.unet), "fp32" if vae_fp32 else str(pipe.vae.dtype),
-                 ", compiled UNet" if self.fast.compile and not self.offload else "")
-        return vae_fp32
+        return prepare_pipeline(pipe, self.fast, family, self.dtype, self.stats, name,
+                                compile_it=not self.offload)
 
     def _read_base(self, resolved: Resolved, cls, kwargs: Dict[str, Any]):
         if resolved.source != "file":
@@ -669,18 +661,19 @@ class DiffusersEngine:
             kwargs["mask_image"] = PILImage.fromarray(p.mask)
         with cancel_points(pipe, ctx):
             result = pipe(**kwargs).images[0]
-        self._check_finite(result, entry)
+        result = self._check_finite(result, entry)
         return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
-    def _check_finite(self, result: np.ndarray, entry: BaseEntry) -> None:
-        """NaN/inf pixels (fp16 overflow: they come out black) are counted and logged with
-        the setting that avoids them."""
+    def _check_finite(self, result: np.ndarray, entry: BaseEntry) -> np.ndarray:
+        """NaN/inf pixels (fp16 overflow) are counted, logged with the setting that avoids
+        them, and come out black (NaN, -inf) or white (+inf)."""
         if np.isfinite(result).all():
-            return
+            return result
         self.stats["nonfinite"] += 1
         log.warning("%s produced NaN/inf pixels (shown black) in %s: set [engine] "
                     "vae_precision = \"fp32\" (or an fp16-fix sdxl_vae), or dtype = \"bf16\" "
                     "or \"fp32\"", entry.resolved.name, dtype_name(self.dtype))
+        return np.nan_to_num(result, nan=0.0, posinf=1.0, neginf=0.0)
 
     def _generator_device(self) -> str:
         return "cuda" if self.device.type == "cuda" else "cpu"
