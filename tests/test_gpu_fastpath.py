@@ -358,6 +358,38 @@ def test_bench_gpu_dry_run_prints_the_figures_on_the_cpu(torch_threads, tmp_path
         gpu.run(dry_run=True, groups=["sd14"])
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_real_size_builder_makes_a_stack_the_engine_loads(family, tmp_path, monkeypatch,
+                                                              torch_threads):
+    """``bench gpu`` builds real-size models only on a GPU; here its builder runs with the
+    UNet and VAE shrunk (the CLIP widths and everything else as on the GPU)."""
+    from backend.bench import gpu
+    from backend.engines.catalogue import Catalogue, ModelConfig
+
+    real = gpu._real_configs
+
+    def shrunk(name):
+        configs = real(name)
+        unet = dict(configs["unet"], block_out_channels=(32, 64), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
+        if name == "sdxl":
+            unet.update(transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4))
+        vae = dict(configs["vae"], block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
+                   layers_per_block=1)
+        return dict(configs, unet=unet, vae=vae)
+
+    monkeypatch.setattr(gpu, "_real_configs", shrunk)
+    folder = gpu.build_real(tmp_path / family, family, "cpu")
+    catalogue = Catalogue(ModelConfig(bases={"built": (str(folder), family)},
+                                      controlnets={family: {"lineart": str(
+                                          folder / "controlnets" / "lines")}}))
+    engine = DiffusersEngine(catalogue, device="cpu", dtype="fp32")
+    out = pixels(engine, request(base_model="built", steps=1))
+    assert out.shape == (64, 64, 4)
+    assert engine._nets and next(iter(engine._bases.values())).family == family
+
+
 def test_device_check_script_dry_run_writes_its_results(tmp_path):
     out = tmp_path / "out"
     started = time.monotonic()

@@ -55,10 +55,15 @@ class NetEntry:
     nbytes: int
 
 
+_OOM_TEXTS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's out-of-memory error, or a library's (cuBLAS, cuDNN) failing allocation."""
     if isinstance(err, torch.OutOfMemoryError):  # == torch.cuda.OutOfMemoryError
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(t in text for t in _OOM_TEXTS)
 
 
 def default_budget(device: torch.device, offload: bool) -> int:

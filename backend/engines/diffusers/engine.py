@@ -634,8 +634,9 @@ class DiffusersEngine:
             ctx.progress(done, total)
             if ctx.wants_preview(done):
                 latents = tensors["latents"]
-                ctx.preview(done, self.previews.decode(latents, family)
-                            or latent_preview(latents, family))
+                image = self.previews.decode(latents, family)
+                ctx.preview(done, image if image is not None else
+                            latent_preview(latents, family))
             return {}
 
         _note_long_prompts(pipe, request)
