@@ -328,6 +328,15 @@ def test_out_of_memory_is_retried_then_typed_and_the_server_keeps_serving(tiny_c
         assert np.array_equal(job(), expected)  # the next job works, same pixels
 
 
+def test_library_allocation_failures_count_as_out_of_memory():
+    from backend.engines.diffusers.cache import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when "
+                                         "calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
 # -----------------------------------------------------------------------------
 # bench gpu --dry-run, and the device check script in its dry run
 # -----------------------------------------------------------------------------
@@ -356,6 +365,22 @@ def test_bench_gpu_dry_run_prints_the_figures_on_the_cpu(torch_threads, tmp_path
     assert sd15["welcome_engine_info"]["fuse_qkv"] is True
     with pytest.raises(ValueError, match="unknown bench gpu group"):
         gpu.run(dry_run=True, groups=["sd14"])
+
+
+def test_bench_gpu_reports_a_failing_group_and_keeps_the_others(monkeypatch, tmp_path):
+    from backend.bench import gpu
+
+    def fake_group(run, group, cases):
+        if group == "sdxl":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory building SDXL")
+        return {"cases": {"sd15": {"name": "sd15", "ratio": 1.01, "finite": {"ours": True}}}}
+
+    monkeypatch.setattr(gpu, "run_group", fake_group)
+    out = tmp_path / "bench.json"
+    result = gpu.run(dry_run=True, groups=["sd15", "sdxl"], out_file=out, work_dir=tmp_path)
+    assert result["ratio"] == 1.01 and result["all_finite"] is True
+    assert "OutOfMemoryError" in result["errors"]["sdxl"]
+    assert json.loads(out.read_text())["groups"]["sd15"]["cases"]["sd15"]["ratio"] == 1.01
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

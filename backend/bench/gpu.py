@@ -476,13 +476,16 @@ def check_out_of_memory(engine, client, case: Case, dev: _Device) -> Dict[str, A
 def _summary(result: Dict[str, Any]) -> None:
     """Top-level figures: the worst overhead ratio of the eager groups (the compiled one's
     ratio is compile's gain), every NaN check, targets met."""
-    rows = [row for group in result["groups"].values() for row in group["cases"].values()]
-    eager = [row["ratio"] for name, group in result["groups"].items() if name != "compiled"
+    groups = result["groups"]
+    rows = [row for group in groups.values() for row in group["cases"].values()]
+    eager = [row["ratio"] for name, group in groups.items() if name != "compiled"
              for row in group["cases"].values()]
     result["ratio"] = max(eager, default=None)
     result["all_finite"] = all(all(row["finite"].values()) for row in rows) if rows else None
     result["targets_met"] = {row["name"]: row["meets_target"] for row in rows
                              if "meets_target" in row}
+    result["errors"] = {name: group["error"] for name, group in groups.items()
+                        if "error" in group}
 
 
 def run(dry_run: Optional[bool] = None, groups: Sequence[str] = ("sd15", "sdxl"),
@@ -516,7 +519,13 @@ def run(dry_run: Optional[bool] = None, groups: Sequence[str] = ("sd15", "sdxl")
             if time.monotonic() > state.deadline:
                 result["skipped"].append(group)
                 continue
-            result["groups"][group] = run_group(state, group, cases[group])
+            try:
+                result["groups"][group] = run_group(state, group, cases[group])
+            except Exception as err:  # noqa: BLE001 - one broken group must not hide the rest
+                log.exception("bench gpu: group %s failed", group)
+                result["groups"][group] = {"error": f"{type(err).__name__}: {err}"[:500],
+                                           "cases": {}}
+                dev.free()
             shutil.rmtree(Path(work) / "hf-cache", ignore_errors=True)
             _summary(result)
             result["elapsed_s"] = round(time.monotonic() - began, 1)
