@@ -89,7 +89,8 @@ def _gpu(args) -> Dict:
     return bench_gpu.run(dry_run=True if args.dry_run else None,
                          groups=[g for g in args.groups.split(",") if g],
                          deadline_s=args.deadline, compile_mode=args.compile_mode,
-                         out_file=Path(args.out) if args.out else None)
+                         out_file=Path(args.out) if args.out else None,
+                         work_dir=Path(args.work_dir) if args.work_dir else None)
 
 
 def _training_bench(name: str) -> Dict:

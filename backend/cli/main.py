@@ -417,6 +417,8 @@ def _add_tools(sub) -> None:
     p.add_argument("--compile-mode", default="default", help="gpu: torch.compile mode of "
                    "the compiled group (default, reduce-overhead, max-autotune...)")
     p.add_argument("--out", help="gpu: also write the JSON here after each group")
+    p.add_argument("--work-dir", help="gpu: where the built models go (kept, and reused by "
+                   "a later run; default: a temporary folder)")
     p.set_defaults(func=cmd_bench)
 
 
