@@ -522,11 +522,17 @@ class ModelsRequest(Message):
 
 @_message
 class Welcome(Message):
+    """``engine_info`` (added within protocol 1, optional): the engine's settings as
+    ``name -> scalar`` (device, dtype, offload, the fast-path choices such as ``sdpa``,
+    ``compile``, ``vae_precision``, ``previews``), for display.  It is left out of the JSON
+    when empty, and a welcome without it decodes to ``{}``."""
     TYPE: ClassVar[str] = "welcome"
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("engine_info",)
     protocol: int
     server: str
     engine: str
     limits: Limits
+    engine_info: Dict[str, Scalar] = field(default_factory=dict)
 
 
 @_message
@@ -598,6 +604,9 @@ SERVER_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
 def to_dict(message: Message) -> Dict[str, Any]:
     out = {"type": message.TYPE}
     out.update(dataclasses.asdict(message))
+    for name in getattr(message, "OMIT_WHEN_EMPTY", ()):
+        if not out.get(name):  # a later optional field: peers that predate it never see it
+            del out[name]
     return out
 
 

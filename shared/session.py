@@ -27,8 +27,8 @@ from .errors import (AuthError, ControlCanvasError, FieldError, FrameError, Limi
 from .images import Image
 from .messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, SERVER_MESSAGES, Ack, Cancel,
                        Error, Generate, GenerateRequest, Hello, Limits, Message, ModelsRequest,
-                       Preprocess, Preview, Result, ResultImage, Resume, StatusRequest, Train,
-                       Welcome, _JOB_ID, from_json, new_job_id, to_json)
+                       Preprocess, Preview, Result, ResultImage, Resume, Scalar, StatusRequest,
+                       Train, Welcome, _JOB_ID, from_json, new_job_id, to_json)
 from .tokens import same_token
 
 # A websocket message: text, binary, or binary as fragments (header, pixels) that
@@ -110,11 +110,13 @@ class ServerSession(_Session):
 
     def __init__(self, *, token: str, limits: Limits, server: str, engine: str,
                  max_job_pixels: int = 0,
-                 admit: Optional[Callable[[str], None]] = None) -> None:
+                 admit: Optional[Callable[[str], None]] = None,
+                 engine_info: Optional[Mapping[str, Scalar]] = None) -> None:
         """``max_job_pixels``: output pixels x batch of one generate job (0: no cap; a
         server-side limit, not in ``Limits``, so older clients still read the welcome).
         ``admit(client)`` runs once the token is right, before the welcome: it raises a
-        ControlCanvasError to turn the client away (e.g. every client slot is taken)."""
+        ControlCanvasError to turn the client away (e.g. every client slot is taken).
+        ``engine_info``: the engine's settings, reported in the welcome."""
         super().__init__()
         self._token = token
         self.limits = limits
@@ -122,6 +124,7 @@ class ServerSession(_Session):
         self._admit = admit
         self._server = server
         self._engine = engine
+        self._engine_info = dict(engine_info or {})
         self.state = self.AWAIT_HELLO
         self.client = ""
         self._upload: Optional[_Upload] = None
@@ -175,7 +178,8 @@ class ServerSession(_Session):
             self.state = self.READY
             self.client = message.client
             self._queue(Welcome(protocol=PROTOCOL_VERSION, server=self._server,
-                                engine=self._engine, limits=self.limits))
+                                engine=self._engine, limits=self.limits,
+                                engine_info=self._engine_info))
             return [Authenticated(message.client)]
         if isinstance(message, Hello):
             raise StateError("Already authenticated; send 'hello' only once per connection.")

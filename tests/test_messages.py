@@ -128,6 +128,21 @@ def test_server_types_are_not_client_types():
         from_json(welcome, CLIENT_MESSAGES)
 
 
+def test_welcome_engine_info_is_optional_and_left_out_when_empty():
+    limits = Limits(max_frame_bytes=1, max_text_bytes=1, max_image_side=1, max_pixels=1,
+                    max_queue=1, max_batch=1, max_images_per_job=1)
+    info = {"device": "cuda:0", "dtype": "fp16", "fuse_qkv": True, "compile": False}
+    text = to_json(Welcome(protocol=1, server="s", engine="diffusers", limits=limits,
+                           engine_info=info))
+    assert from_json(text, SERVER_MESSAGES).engine_info == info
+    plain = to_json(Welcome(protocol=1, server="s", engine="fake", limits=limits))
+    assert "engine_info" not in json.loads(plain)  # what a server without info always sent
+    assert from_json(plain, SERVER_MESSAGES).engine_info == {}
+    with pytest.raises(FieldError) as err:
+        from_json(text.replace('"fp16"', '["fp16"]'), SERVER_MESSAGES)
+    assert err.value.field == "engine_info.dtype"
+
+
 def test_version_mismatch_is_its_own_error():
     with pytest.raises(VersionMismatch) as info:
         decode({"type": "hello", "protocol": PROTOCOL_VERSION + 1, "token": "t",

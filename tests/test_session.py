@@ -51,6 +51,19 @@ def test_hello_then_welcome():
     assert welcome["type"] == "welcome" and welcome["limits"]["max_image_side"] == 64
 
 
+def test_welcome_carries_the_engine_info_it_was_given():
+    info = {"device": "cuda:0", "sdpa": True, "compile": False}
+    s = ServerSession(token="tok", limits=LIMITS, server="s", engine="diffusers",
+                      engine_info=info)
+    client = ClientSession(token="tok", client="krita")
+    for frame in client.data_to_send():
+        s.receive(frame)
+    (frame,) = s.data_to_send()
+    assert json.loads(frame)["engine_info"] == info
+    (welcome,) = client.receive(frame)
+    assert welcome.engine_info == info == client.welcome.engine_info
+
+
 @pytest.mark.parametrize("first, code", [
     (json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "token": "nope"}), "auth"),
     (json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION}), "bad_field"),

@@ -20,6 +20,7 @@ from shared import loopback
 from shared.errors import ControlCanvasError, LimitError
 
 from ..bench import main as bench
+from ..engines.base import engine_info, info_line
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
 from ..imaging import load_input_image, size_problem
@@ -46,6 +47,9 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     engine_options = {"device": args.device, "dtype": args.dtype,
                       "offload": True if args.offload else None,
                       "cpu_threads": args.cpu_threads,
+                      "fast_path": False if args.no_fast_path else None,
+                      "compile": True if args.compile else None,
+                      "vae_precision": args.vae_precision, "sdxl_vae": args.sdxl_vae,
                       "config_file": args.config}
     overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
     if args.host is not None and not is_loopback_host(args.host):
@@ -75,6 +79,18 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--offload", action="store_true",
                         help="model CPU offload: less VRAM, slower (CUDA only)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="CUDA: leave attention, QKV fusion and memory format as diffusers "
+                        "sets them (the fast path is on by default on CUDA, off on the CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet and ControlNets (CUDA): faster steps, but "
+                        "the first image at each new size waits about a minute")
+    parser.add_argument("--vae-precision", choices=["auto", "fp32", "model"],
+                        help="VAE in fp32 (no black images) or in the model's dtype; auto "
+                        "(default): fp32 where fp16 overflows (SDXL)")
+    parser.add_argument("--sdxl-vae", metavar="PATH_OR_ID",
+                        help="an fp16-fix SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) used "
+                        "instead of the model's own")
     parser.add_argument("--cpu-threads", type=_positive_int,
                         help="torch CPU threads (default: one per core; fewer keeps a CPU "
                         "server responsive when the machine is busy)")
@@ -100,6 +116,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(server) -> None:
         print(f"ControlCanvas server listening on {server.url} (engine: {engine.name})",
               flush=True)
+        info = engine_info(engine)
+        if info:
+            print(f"Engine settings: {info_line(info)}", flush=True)
         print(f"Token file: {config.token_file}", flush=True)
         if created:
             print(f"New access token (also in the token file): {token}", flush=True)
@@ -396,14 +415,24 @@ def _add_tools(sub) -> None:
     p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
-    p.add_argument("name", choices=["transport", "soak", "engine", "controlnet-cost",
-                                     "scaling", "fidelity", "train-cost"])
+    p.add_argument("name", choices=list(bench.BENCHES))
     p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
     p.add_argument("--side", type=int, default=2048, help="transport: image side")
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
     p.add_argument("--crashes", type=int, default=100,
                    help="soak: times the server is killed and restarted (crash_restart)")
     p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
+    p.add_argument("--dry-run", action="store_true", help="gpu: the same code on the CPU "
+                   "with the tiny models, in seconds (automatic without CUDA)")
+    p.add_argument("--groups", default="sd15,sdxl", help="gpu: which of sd15, sdxl, compiled "
+                   "(comma-separated; compiled adds torch.compile's first-image cost)")
+    p.add_argument("--deadline", type=float, default=420.0, help="gpu: seconds after which "
+                   "the remaining cases are skipped (and listed as skipped)")
+    p.add_argument("--compile-mode", default="default", help="gpu: torch.compile mode of "
+                   "the compiled group (default, reduce-overhead, max-autotune...)")
+    p.add_argument("--out", help="gpu: also write the JSON here after each group")
+    p.add_argument("--work-dir", help="gpu: where the built models go (kept, and reused by "
+                   "a later run; default: a temporary folder)")
     p.set_defaults(func=cmd_bench)
 
 

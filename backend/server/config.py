@@ -128,11 +128,21 @@ class ServerConfig:
 
 
 def build_config(overrides: Dict[str, Any], config_file: Optional[Path] = None) -> ServerConfig:
-    """Merge defaults, the TOML file, CONTROLCANVAS_* environment and explicit overrides."""
+    """Merge defaults, the TOML file, CONTROLCANVAS_* environment and explicit overrides.
+
+    Engine options (device, dtype, offload, the fast path...) come from the ``[engine]``
+    table, then ``[server] engine_options``, then the command line, option by option (the
+    engine checks their names and values when it is built)."""
     known = {f.name: f for f in dataclasses.fields(ServerConfig)}
     values: Dict[str, Any] = {}
     path = config_file or config_dir() / "config.toml"
-    table = load_toml(path).get("server", {})
+    document = load_toml(path)
+    table = document.get("server", {})
+    engine_table = document.get("engine", {})
+    for name, given in (("[engine]", engine_table),
+                        ("[server] engine_options", table.get("engine_options", {}))):
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: {name} must be a table of engine options")
     for key, value in table.items():
         if key not in known:
             raise ValueError(f"{path}: unknown setting [server] {key}; known: "
@@ -144,6 +154,8 @@ def build_config(overrides: Dict[str, Any], config_file: Optional[Path] = None) 
             values[key] = env
     values.update({k: v for k, v in overrides.items() if v is not None})
     store = values.pop("store_dir", None)
+    values["engine_options"] = {**engine_table, **table.get("engine_options", {}),
+                                **(overrides.get("engine_options") or {})}
     config = ServerConfig()
     if store is None:
         config.store_dir = default_store_dir()

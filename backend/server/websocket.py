@@ -42,7 +42,7 @@ from shared import tokens
 from shared.session import Authenticated, ServerSession, Submit, Violation
 from shared.tokens import QuietTokenLogger, same_token, token_from_header
 
-from ..engines.base import Engine
+from ..engines.base import Engine, engine_info
 from .config import ServerConfig, is_loopback_host
 from .jobs import DONE, Job, JobManager
 from .peers import CLIENT, WAITING, Outbox, Slots, result_due
@@ -302,7 +302,8 @@ class Server:
                                 server=f"controlcanvas {backend.__version__}",
                                 engine=getattr(self.engine, "name", "unknown"),
                                 max_job_pixels=cfg.max_job_pixels,
-                                admit=lambda client: self._admit(conn))
+                                admit=lambda client: self._admit(conn),
+                                engine_info=engine_info(self.engine))
         conn = Connection(ws, session, outbox, held_more=self.manager.expire)
         self.connections.add(conn)
         writer = asyncio.create_task(conn.write_loop())
