@@ -8,13 +8,17 @@ Decoding is strict.  ``from_json`` rejects malformed JSON, unknown message types
 unknown fields, missing fields, mistyped fields and out-of-range values with a
 :class:`~shared.errors.FieldError` whose ``field`` names the offending path
 (e.g. ``request.controls[1].weight``).  Constructing a message in code runs the
-same checks, so a value that exists is a valid value.
+same checks, so a value that exists is a valid value.  One exception, for forward
+compatibility: a client decoding a *server* message skips fields it does not know, so
+a newer server may add optional fields (``Welcome.engine_info``, ``Models.loras``)
+without cutting off plug-ins of an older release; the server stays strict.
 
 Standard library only, Python >= 3.10: this module is bundled into the editors.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -178,9 +182,16 @@ def _coerce(tp, value, path: str):
     raise FieldError(f"{path} must be {_describe(tp)}; got {_show(value)}.", field=path)
 
 
+# True while a client decodes a server message: unknown fields are skipped (see above).
+_SKIP_UNKNOWN: "contextvars.ContextVar[bool]" = contextvars.ContextVar("skip_unknown",
+                                                                      default=False)
+
+
 def _build(cls, values: dict, path: str):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
+    if _SKIP_UNKNOWN.get():
+        values = {key: value for key, value in values.items() if key in names}
     for key in values:
         if key not in names:
             name = f"{prefix}{_escaped(key[:60])}"
@@ -639,4 +650,8 @@ def from_json(text: Union[str, bytes], registry: Dict[str, type]) -> Message:
             f"This server speaks protocol {PROTOCOL_VERSION} but the client speaks "
             f"{raw['protocol']}; update the plug-in and the server to the same release.",
             field="protocol")
-    return _build(cls, raw, "")
+    skip = _SKIP_UNKNOWN.set(registry is SERVER_MESSAGES)
+    try:
+        return _build(cls, raw, "")
+    finally:
+        _SKIP_UNKNOWN.reset(skip)

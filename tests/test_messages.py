@@ -258,3 +258,23 @@ def test_lone_surrogates_are_field_errors_that_can_be_sent(text, field):
 def test_a_surrogate_token_cannot_be_built_either():
     with pytest.raises(FieldError, match="surrogate"):
         Hello(protocol=PROTOCOL_VERSION, token="\udc80")
+
+
+def test_a_client_skips_fields_a_newer_server_added_and_the_server_stays_strict():
+    """Forward compatibility: a plug-in of this release reads a welcome / models message
+    from a newer server that carries fields it does not know (nested ones too), and keeps
+    everything it does know; the server still refuses unknown fields from clients."""
+    limits = Limits(max_frame_bytes=10, max_text_bytes=10, max_image_side=10, max_pixels=10,
+                    max_queue=1, max_batch=1, max_images_per_job=1)
+    welcome = json.loads(to_json(Welcome(protocol=PROTOCOL_VERSION, server="s", engine="e",
+                                         limits=limits)))
+    welcome["future_field"] = {"x": 1}
+    welcome["limits"]["future_limit"] = 7
+    decoded = from_json(json.dumps(welcome), SERVER_MESSAGES)
+    assert isinstance(decoded, Welcome) and decoded.engine == "e"
+    assert decoded.limits == limits
+    with pytest.raises(FieldError, match="future_field"):  # a client message stays strict
+        from_json(json.dumps({"type": "status", "future_field": 1}), CLIENT_MESSAGES)
+    # and the leniency does not leak into the next decode
+    with pytest.raises(FieldError):
+        from_json(json.dumps({"type": "ack", "job_ids": [], "x": 1}), CLIENT_MESSAGES)
