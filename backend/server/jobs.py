@@ -36,6 +36,8 @@ from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, Train
 
 from ..annotators.registry import Annotated
 from ..engines.base import Engine
+from ..training.folders import TrainRoots
+from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,10 @@ class Job:
 class JobManager:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, max_queue: int = 64,
                  retention_seconds: float = 3600.0, retention_bytes: int = 2 << 30,
-                 tombstones: int = 4096) -> None:
+                 tombstones: int = 4096, training: Optional[TrainRoots] = None) -> None:
         self.engine = engine
+        # where a client's `train` job may read and write (default: the per-user folders)
+        self.training = training or ServerConfig().training_roots()
         self.loop = loop
         self.max_queue = max_queue
         self.retention_seconds = retention_seconds
@@ -447,7 +451,8 @@ class JobManager:
         """Training runs on the worker thread too: it owns the GPU, so generation and
         training never compete for it. Cancel stops after writing a checkpoint."""
         from ..training.controlnet import config_from_message, job_progress, train_controlnet
-        out = train_controlnet(config_from_message(message), progress=job_progress(ctx))
+        config = config_from_message(message, self.training)  # confined to the roots
+        out = train_controlnet(config, progress=job_progress(ctx))
         job.info = {"out": str(out)}
         return ()
 

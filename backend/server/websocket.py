@@ -122,7 +122,8 @@ class Server:
         cfg = self.config
         self.manager = JobManager(self.engine, loop, max_queue=cfg.max_queue,
                                   retention_seconds=cfg.retention_seconds,
-                                  retention_bytes=cfg.retention_bytes)
+                                  retention_bytes=cfg.retention_bytes,
+                                  training=cfg.training_roots())
         self._server = await serve(
             self._handle, cfg.host, cfg.port,
             process_request=self._check_handshake,

@@ -61,6 +61,7 @@ i of a batch is the same image as a single generation with its seed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -120,6 +121,13 @@ def _note_long_prompts(pipe, request) -> None:
         count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
         if count > limit:
             log.warning("%s is %d tokens; CLIP reads the first %d", what, count, limit)
+
+def _log_unloadable(resolved: Resolved, err: BaseException) -> None:
+    """A loader's own words (paths, library internals) go to the server log only: the
+    client gets our sentence naming the model."""
+    log.warning("could not load the %s %r from %s: %s: %s", resolved.kind, resolved.name,
+                resolved.path, type(err).__name__, err)
+
 
 class DiffusersEngine:
     """The real engine; see the module docstring.
@@ -182,9 +190,14 @@ class DiffusersEngine:
     def from_options(cls, options: Optional[Mapping[str, Any]] = None,
                      config_file: Optional[Path] = None) -> "DiffusersEngine":
         """Build from ``[engine]``-style options (device, dtype, offload, memory_budget_gb,
-        vae_tiling_pixels, hires_scale, hires_strength) and the config file's model tables."""
+        vae_tiling_pixels, hires_scale, hires_strength) and the config file's model tables.
+        ``trust_request_paths``: requests may name any local model path (a server only the
+        user's own command talks to: ``controlcanvas generate`` without ``--url``)."""
         options = dict(options or {})
-        catalogue = Catalogue(ModelConfig.from_toml(config_file))
+        models = ModelConfig.from_toml(config_file)
+        if options.pop("trust_request_paths", False):
+            models = dataclasses.replace(models, trust_request_paths=True)
+        catalogue = Catalogue(models)
         budget = options.pop("memory_budget_gb", None)
         if budget is not None:
             options["memory_budget"] = int(float(budget) * (1 << 30))
@@ -280,8 +293,9 @@ class DiffusersEngine:
                 hint = (f" Loading a single file needs the small diffusers config of "
                         f"{family.upper()}: run it once online, or `controlcanvas models "
                         f"download {family}`.")
-            raise ModelMissing(f"Could not load the base model {resolved.name!r} from "
-                               f"{resolved.path}: {type(err).__name__}: {err}.{hint}",
+            _log_unloadable(resolved, err)
+            raise ModelMissing(f"Could not load the base model {resolved.name!r}: a file of it "
+                               f"is missing or damaged; the server log says which.{hint}",
                                field="base_model") from None
         pipe.set_progress_bar_config(disable=True)
         if not self.offload:
@@ -321,8 +335,9 @@ class DiffusersEngine:
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise
-            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r} from "
-                               f"{resolved.path}: {type(err).__name__}: {err}.",
+            _log_unloadable(resolved, err)
+            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r}: a file of it "
+                               f"is missing or damaged; the server log says which.",
                                field="model") from None
         if not self.offload:
             model.to(self.device)
