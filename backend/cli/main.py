@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -467,7 +468,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place errors become a user's line
         line, code = failure_line(err)
         if args.verbose:
-            log.error("traceback of the failure below", exc_info=True)
+            traceback.print_exc(file=sys.stderr)
         print(f"controlcanvas: {line}", file=sys.stderr)
         return code
 

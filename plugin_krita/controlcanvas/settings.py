@@ -47,15 +47,10 @@ def is_local_url(url: str) -> bool:
 def read_local_token() -> Tuple[str, str]:
     """(token, note): the token of the server on this machine, or "" and why not."""
     path = token_file()
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return "", (f"No token file at {path}; start the server once with "
-                    f"`controlcanvas serve`, or paste its token here.")
-    except OSError as err:
-        return "", f"The token file {path} cannot be read ({err.strerror})."
-    if not token:
-        return "", f"The token file {path} is empty; restart `controlcanvas serve`."
+    try:  # shared.paths' rules: a missing, empty or linked file says what to do
+        token = proto.paths.load_token_file(path)
+    except proto.errors.TokenFileError as err:
+        return "", err.message
     return token, f"Token read from {path}."
 
 
