@@ -300,7 +300,6 @@ def test_output_must_be_new_empty_or_a_run_this_trainer_made(tiny_base, shapes_d
     refused without --resume (which continues it)."""
     from backend.training.controlnet import train_controlnet
     from backend.training.errors import TrainingError
-    from backend.training.folders import MANIFEST
 
     theirs = tmp_path / "theirs"
     (theirs / "checkpoints" / "step-000001").mkdir(parents=True)
@@ -314,6 +313,7 @@ def test_output_must_be_new_empty_or_a_run_this_trainer_made(tiny_base, shapes_d
     assert (theirs / "config.json").read_text() == "precious"
     (tmp_path / "empty").mkdir()
     out = train_controlnet(config(shapes_data, tiny_base, tmp_path / "empty", steps=1))
+    from backend.training.folders import MANIFEST
     assert (out / MANIFEST).is_file() and (out / "config.json").is_file()
     with pytest.raises(TrainingError, match="earlier training run"):
         train_controlnet(config(shapes_data, tiny_base, out, steps=2))
