@@ -353,9 +353,13 @@ def _add_train(sub) -> None:
     """``controlcanvas train``: a ControlNet on your pairs."""
     p = sub.add_parser("train", help="train a ControlNet on your own (condition, target) pairs")
     p.add_argument("--data", type=Path, required=True, help="dataset folder: source/, target/ "
-                   "and prompt.json lines (fill50k layout), or pairs by file name")
-    p.add_argument("--base", required=True, help="base model: folder, single file or name")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+                   "and prompt.json lines (fill50k layout), or pairs by file name (with "
+                   "--url: a folder inside the server's training data folder)")
+    p.add_argument("--base", required=True, help="base model: folder, single file or name "
+                   "(with --url: one the server offers)")
+    p.add_argument("--out", type=Path, required=True, help="output folder: new or empty, or "
+                   "the run to continue with --resume (with --url: a name inside the "
+                   "server's training output folder)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-5)
