@@ -227,9 +227,8 @@ def test_the_users_own_generate_may_name_any_path(tmp_path, tiny_root):  # noqa:
         serving.catalogue.resolve_base(folder)
 
 
-def test_over_the_socket_no_path_or_loader_text_reaches_the_client(make_server, tmp_path,
-                                                                   tiny_root, models_root,
-                                                                   caplog):  # noqa: F811
+def test_over_the_socket_no_path_or_loader_text_reaches_the_client(
+        make_server, tmp_path, tiny_root, models_root, caplog):  # noqa: F811
     """A remote client naming /etc/passwd, a folder, a real model outside or a missing path
     gets one typed error; a damaged model inside the folder names the model, while the
     loader's own words (exception class, JSON error, paths) go to the server log only."""
@@ -269,9 +268,8 @@ def test_over_the_socket_no_path_or_loader_text_reaches_the_client(make_server, 
                for r in caplog.records)
 
 
-def test_a_base_model_path_over_the_socket_is_refused_like_the_rest(make_server, tmp_path,
-                                                                    tiny_root,
-                                                                    models_root):  # noqa: F811
+def test_a_base_model_path_over_the_socket_is_refused_like_the_rest(
+        make_server, tmp_path, tiny_root, models_root):  # noqa: F811
     from backend.engines.diffusers.engine import DiffusersEngine
 
     server = make_server(DiffusersEngine(confined_catalogue(tiny_root, models_root),

@@ -18,16 +18,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from shared.errors import PathRefused
+from shared.errors import ConfigError, PathRefused
 
 from ..confine import confine
 from ..engines.catalogue import Catalogue, ModelConfig
 from .errors import TrainingError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "controlcanvas-run.json"
 MANIFEST_KIND = "controlcanvas controlnet training run"
@@ -54,8 +57,14 @@ class TrainRoots:
             f"The output {out!r} is not a folder this server lets clients write. Name a new "
             f"folder inside the server's training output folder ([server] train_out_root); "
             f"relative names are made there.", field="out"), allow_root=False)
-        catalogue = Catalogue(ModelConfig.from_toml(self.config_file))
-        return str(data_path), str(out_path), base_path(base, catalogue)
+        try:
+            models = ModelConfig.from_toml(self.config_file)
+        except ConfigError as err:  # the owner's problem: its path stays in the log
+            log.error("cannot read the model configuration: %s", err.message)
+            raise TrainingError("The server's model configuration is broken, so it cannot "
+                                "pick the base model; its owner should run `controlcanvas "
+                                "doctor`.", field="base") from None
+        return str(data_path), str(out_path), base_path(base, Catalogue(models))
 
 
 def base_path(name: str, catalogue: Catalogue) -> str:
