@@ -62,8 +62,8 @@ class TrainRoots:
         except ConfigError as err:  # the owner's problem: its path stays in the log
             log.error("cannot read the model configuration: %s", err.message)
             raise TrainingError("The server's model configuration is broken, so it cannot "
-                                "pick the base model; its owner should run `controlcanvas "
-                                "doctor`.", field="base") from None
+                                "pick the base model; its owner should run "
+                                "`controlcanvas doctor`.", field="base") from None
         return str(data_path), str(out_path), base_path(base, Catalogue(models))
 
 
