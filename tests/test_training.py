@@ -424,9 +424,9 @@ def test_demo_model_loads_and_draws_the_shape_where_drawn(torch_threads):  # noq
 
 
 def test_demo_model_is_a_catalogue_folder():
-    from backend.engines.catalogue import Catalogue
+    from backend.engines.catalogue import Catalogue, ModelConfig
 
-    catalogue = Catalogue()
+    catalogue = Catalogue(ModelConfig(trust_request_paths=True))  # paths of the user's own
     base = catalogue.resolve_base(str(DEMO / "base"))
     assert (base.source, base.family) == ("folder", "sd15")
     net = catalogue.resolve_controlnet("lineart", base, override=str(DEMO / "controlnet"))
