@@ -181,7 +181,7 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     token_file: Path = field(default_factory=default_token_file)
-    token: Optional[str] = None  # given directly (tests); else read/created from token_file
+    token: Optional[str] = None  # [server] token / CONTROLCANVAS_TOKEN; else token_file
     engine: str = "diffusers"
     step_seconds: float = 0.0  # fake engine: pretend each step takes this long
     max_image_side: int = MAX_IMAGE_SIDE
