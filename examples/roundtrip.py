@@ -2,6 +2,7 @@
 
     controlcanvas serve --step-seconds 0.05 &       # fake engine, 50 ms per step
     python examples/roundtrip.py                    # token read from the token file
+    python examples/roundtrip.py --url ws://gpu-box:7351 --token TOKEN   # another computer
 
 Shows progress, cancels one job half-way, and checks that the returned layer has
 exactly the canvas size.  Uses only the standard library and ``websockets``, like
@@ -19,19 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.client import DEFAULT_URL, Client  # noqa: E402
 from shared.errors import Cancelled, ControlCanvasError  # noqa: E402
+from shared.loopback import choose_token  # noqa: E402
 from shared.images import Image  # noqa: E402
 from shared.messages import ControlUnit, GenerateRequest, Progress  # noqa: E402
-
-
-def default_token() -> str:
-    from backend.config import default_token_file
-    return default_token_file().read_text().strip()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=DEFAULT_URL)
-    parser.add_argument("--token", help="default: read the server's token file")
+    parser.add_argument("--token", help="default, for a server on this computer only: its "
+                        "token file")
     parser.add_argument("--side", type=int, default=2048)
     args = parser.parse_args()
     side = args.side
@@ -39,7 +37,9 @@ def main() -> int:
     request = GenerateRequest(width=side, height=side, prompt="round trip", seed=7, steps=10,
                               controls=(ControlUnit(condition="lineart", image=0),))
     try:
-        client = Client.connect(args.url, args.token or default_token(), client="roundtrip")
+        token = choose_token(args.url, args.token or "", entered_source="--token",
+                             enter_it="pass its token with --token").token_or_raise()
+        client = Client.connect(args.url, token, client="roundtrip")
     except (ControlCanvasError, OSError) as err:
         print(f"roundtrip: {err}", file=sys.stderr)
         return 1

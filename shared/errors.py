@@ -101,6 +101,15 @@ class PathRefused(ControlCanvasError):
                        "something inside them (see docs/remote.md).")
 
 
+class TokenNeeded(AuthError):
+    """Client side: the server is not on this computer and no token was entered for it
+    (the local token file is sent to loopback addresses only: ``shared.loopback``)."""
+
+    code = "token_needed"
+    default_message = ("A server on another computer needs its own token: enter it in the "
+                       "plug-in's connection settings (or pass --token).")
+
+
 class LimitError(ControlCanvasError):
     code = "limit"
     default_message = "The request exceeds one of the server's size limits."
@@ -148,6 +157,23 @@ class Cancelled(ControlCanvasError):
 class Expired(ControlCanvasError):
     code = "expired"
     default_message = "The job's result was kept for its retention time and then discarded."
+
+
+class Interrupted(ControlCanvasError):
+    """The server stopped (crashed, was killed) while it ran the job, and it is not run
+    again: it was interrupted too often already, or it is a training run."""
+
+    code = "interrupted"
+    default_message = ("The server stopped while it ran this job and does not run it again; "
+                       "see the server log for why it stopped, then submit the job again.")
+
+
+class StoredJobDamaged(ControlCanvasError):
+    """A job kept on disk across a server restart could not be read back."""
+
+    code = "store_damaged"
+    default_message = ("The server kept this job on disk across a restart, but its files "
+                       "were damaged or missing; submit the job again.")
 
 
 # -- engine ---------------------------------------------------------------------

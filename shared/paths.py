@@ -18,6 +18,11 @@ name, the pose venv) is ``$CONTROLCANVAS_DATA_DIR`` if set, else ``%LOCALAPPDATA
 The token file is read without following a symbolic link (:func:`load_token_file`): a
 link would let whoever placed it pick the token (say, a world-readable system file).
 
+The per-user cache folder (``cache_dir``; the server's job store and the tiny models
+live there) is ``$CONTROLCANVAS_CACHE_DIR`` if set; else ``%LOCALAPPDATA%/controlcanvas/cache``
+on Windows, ``~/Library/Caches/controlcanvas`` on macOS, ``$XDG_CACHE_HOME`` or
+``~/.cache`` plus ``controlcanvas`` elsewhere. Only the backend uses it (so no Flatpak rule).
+
 The table in docs/platforms.md lists these folders; tests/test_platform_paths.py checks
 that it and this code agree.
 """
@@ -55,6 +60,25 @@ def config_dir(environ: Optional[Mapping[str, str]] = None,
         else:
             base = Path(env.get("XDG_CONFIG_HOME") or home_path / ".config")
     return base / "controlcanvas"
+
+
+def cache_dir(environ: Optional[Mapping[str, str]] = None,
+              platform: Optional[str] = None) -> Path:
+    """The per-user cache folder (see the module's docstring)."""
+    env = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    override = env.get("CONTROLCANVAS_CACHE_DIR")
+    if override:
+        return Path(override)
+    if platform == "win32":
+        home = env.get("USERPROFILE") or env.get("HOME")
+        base = Path(env.get("LOCALAPPDATA") or
+                    (Path(home) if home else Path.home()) / "AppData" / "Local")
+        return base / "controlcanvas" / "cache"
+    home_path = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if platform == "darwin":
+        return home_path / "Library" / "Caches" / "controlcanvas"
+    return Path(env.get("XDG_CACHE_HOME") or home_path / ".cache") / "controlcanvas"
 
 
 def token_file(environ: Optional[Mapping[str, str]] = None,

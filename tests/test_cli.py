@@ -279,3 +279,33 @@ def test_preprocess_into_a_folder_writes_a_named_file_there(tmp_path):
     assert out.returncode == 0, out.stderr
     written = folder / "sketch-invert.png"
     assert written.is_file() and str(written) in out.stdout
+
+
+def test_generate_url_of_a_server_elsewhere_needs_its_own_token(tmp_path, monkeypatch):
+    # A real server reached at 127.1: the OS takes it for 127.0.0.1; as written it is not a
+    # loopback address, so the command treats it like a server on another computer.
+    from backend.cli.main import build_parser
+    from backend.engines.fake import FakeEngine
+    from backend.server.config import ServerConfig
+    from backend.server.local import ServerThread
+    from shared.errors import TokenNeeded
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "token").write_text("SERVER-TOKEN\n")  # what the server would take
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path / "cfg"))
+    out = tmp_path / "r.png"
+    config = ServerConfig(port=0, allow_remote=True)
+    with ServerThread(FakeEngine(), config, token="SERVER-TOKEN") as server:
+        remote = server.url.replace("127.0.0.1", "127.1")
+        command = ["generate", "--url", remote, "--size", "64x48", "--steps", "1",
+                   "--seed", "3", "-o", str(out)]
+        args = build_parser().parse_args(command)
+        with pytest.raises(TokenNeeded) as info:
+            args.func(args)
+        assert f"The server at {remote} is not on this computer" in info.value.message
+        assert "pass its token with --token" in info.value.message.lower()
+        assert not out.exists()
+        args = build_parser().parse_args(command + ["--token", "SERVER-TOKEN"])
+        assert args.func(args) == 0 and out.exists()
+        local = build_parser().parse_args(["generate", "--url", server.url, "--size", "64x48",
+                                           "--steps", "1", "-o", str(tmp_path / "l.png")])
+        assert local.func(local) == 0, "this computer's server: the token file, as before"

@@ -33,7 +33,7 @@ from shared import doc_history, naming  # noqa: E402
 from shared import pose as openpose  # noqa: E402
 from shared.client import Client  # noqa: E402
 from shared.errors import (AuthError, Cancelled, ModelMissing, OutOfMemory,  # noqa: E402
-                           ServerUnavailable)
+                           ServerUnavailable, TokenNeeded)
 from shared.images import Image  # noqa: E402
 from shared.messages import (AnnotatorInfo, ControlUnit, GenerateRequest, Limits,  # noqa: E402
                              ModelInfo, Models)
@@ -191,6 +191,45 @@ def test_connection_order_argument_then_saved_then_token_file(token_dir, tmp_pat
     (token_dir / "token").unlink()
     conn = settings.resolve({}, {})
     assert conn.token == "" and "no token file" in conn.token_source
+
+
+def test_a_symlinked_token_file_is_refused_and_the_message_says_why(token_dir, tmp_path):
+    """Issue 18: the link's target is not sent, and a refusal names the link, not a
+    missing file."""
+    (tmp_path / "elsewhere").write_text("NOT-THE-TOKEN\n")
+    (token_dir / "token").unlink()
+    (token_dir / "token").symlink_to(tmp_path / "elsewhere")
+    conn = settings.resolve({}, {})
+    assert conn.token == ""
+    assert conn.token_source == f"no token (the token file {token_dir / 'token'} is a " \
+        f"symbolic link)"
+    text = problems.describe(AuthError(), url=conn.url, token_source=conn.token_source)
+    assert "is a symbolic link" in text and "NOT-THE-TOKEN" not in text
+
+
+@pytest.mark.parametrize("url", ["ws://127.attacker.example:7351", "ws://gpu-box:7351",
+                                 "ws://127.0.0.1@evil.example:7351", "ws://2130706433:7351"])
+def test_a_server_elsewhere_never_gets_the_token_file(url, token_dir):
+    for given, saved in (({"server-url": url}, {}), ({}, {"server-url": url}),
+                         ({"server-url": url, "token": " "}, {"token": "for-the-default"})):
+        with pytest.raises(TokenNeeded) as info:
+            settings.resolve(given, saved)
+        text = problems.describe(info.value, url=url)
+        assert f"The server at {url} is not on this computer" in text
+        assert f"Enter its token in {problems.SETTINGS_MENU}" in text
+    conn = settings.resolve({"server-url": url, "token": "theirs"}, {})
+    assert (conn.url, conn.token, conn.token_source) == (url, "theirs",
+                                                         "the token given to the filter")
+    conn = settings.resolve({}, {"server-url": url, "token": "saved"})
+    assert (conn.url, conn.token) == (url, "saved")
+
+
+def test_a_saved_token_stays_with_its_server(token_dir):
+    saved = {"server-url": "ws://gpu-box:7351", "token": "for-gpu-box"}
+    with pytest.raises(TokenNeeded):  # a script naming another server: not gpu-box's token
+        settings.resolve({"server-url": "ws://other-box:7351"}, saved)
+    conn = settings.resolve({"server-url": "ws://127.0.0.1:7351"}, saved)
+    assert (conn.token, conn.token_source) == (TOKEN, f"the token file {token_dir / 'token'}")
 
 
 def test_saved_settings_are_private_and_blank_values_dropped(tmp_path):
@@ -784,6 +823,41 @@ def test_wrong_token(server, host):
     assert "refused the access token" in info.value.message
     assert "the token given to the filter" in info.value.message
     assert_unchanged(host)
+
+
+def test_a_remote_looking_address_gets_only_the_given_token(host, token_dir):
+    # A real server reached at 127.1: the OS takes it for 127.0.0.1, the plug-in does not
+    # (not a loopback address as written), so it is treated like a server elsewhere; the
+    # token file holds that server's token, which it would accept.
+    connected = []
+
+    def connect(conn, name):
+        connected.append(conn.token)
+        return actions.default_connect(conn, name)
+
+    config = ServerConfig(port=0, allow_remote=True)
+    with ServerThread(FakeEngine(), config, token=TOKEN) as running:
+        remote = running.url.replace("127.0.0.1", "127.1")
+        with pytest.raises(actions.Failed) as info:
+            actions.run(spec("generate"), host, values(running, **{"server-url": remote}),
+                        connect=connect)
+        assert connected == [], "no connection: the token file goes nowhere"
+        assert f"ControlCanvas: The server at {remote} is not on this computer" in \
+            info.value.message and problems.SETTINGS_MENU in info.value.message
+        assert not info.value.is_bug
+        assert_unchanged(host)
+        (token_dir / "token").write_text("LOCAL-SECRET\n")
+        actions.run(spec("generate"), host, values(running, **{"server-url": remote,
+                                                               "token": TOKEN}),
+                    connect=connect)
+    assert connected == [TOKEN] and host.layers[0].name == "girl in a red coat · seed 1234"
+
+
+def test_a_server_elsewhere_that_refuses_the_token_is_not_sent_home(server):
+    text = problems.describe(AuthError(), url="ws://gpu-box:7351",
+                             token_source="the token saved in Settings")
+    assert "refused the access token. The plug-in used the token saved in Settings." in text
+    assert "that server's token" in text and "on this computer" not in text
 
 
 def test_missing_token_file_is_named(server, host, token_dir):

@@ -30,7 +30,7 @@ from controlcanvas import canvas as cc_canvas  # noqa: E402
 from controlcanvas import pixels, plan, pose  # noqa: E402
 from controlcanvas.controller import Controller  # noqa: E402
 from controlcanvas.proto import Image, doc_history, geometry, naming, pose as openpose  # noqa: E402
-from controlcanvas.settings import Settings, UnitSettings, read_local_token  # noqa: E402
+from controlcanvas.settings import Settings, UnitSettings  # noqa: E402
 
 from tests.krita_support.engines import RecordingEngine  # noqa: E402
 from tests.krita_support.proxy import CuttableProxy  # noqa: E402
@@ -208,10 +208,13 @@ def test_pose_from_krita_svg_with_transforms():
 def test_token_found_where_the_backend_writes_it(tmp_path, monkeypatch):
     from backend.server.config import default_token_file, load_or_create_token
     monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path / "cfg"))
-    assert read_local_token()[0] == ""
+    c = Controller(lambda: None)
+    assert c.resolve_token("ws://127.0.0.1:7351", "").token == ""
     token, created = load_or_create_token(default_token_file())
     assert created
-    assert read_local_token() == (token, f"Token read from {default_token_file()}.")
+    choice = c.resolve_token("ws://127.0.0.1:7351", "")
+    assert choice.token == token
+    assert c.token_note == f"Token read from {default_token_file()}."
 
 
 def test_a_symlinked_token_file_is_not_followed(tmp_path, monkeypatch):
@@ -219,8 +222,9 @@ def test_a_symlinked_token_file_is_not_followed(tmp_path, monkeypatch):
     monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
     (tmp_path / "elsewhere").write_text("Zq3-x7Kp9_mW2vR8tY4nx7Kp9_mW2vR8tY4n")
     (tmp_path / "token").symlink_to(tmp_path / "elsewhere")
-    token, note = read_local_token()
-    assert token == "" and "symbolic link" in note
+    c = Controller(lambda: None)
+    assert c.resolve_token("ws://127.0.0.1:7351", "").token == ""
+    assert "symbolic link" in c.token_note
 
 
 def test_settings_roundtrip_and_tolerate_junk():
@@ -540,6 +544,68 @@ def test_token_comes_from_the_token_file_and_errors_are_sentences(make_server, t
         assert down.status.state == "offline" and "Retrying" in down.status.message
     finally:
         down.shutdown()
+
+
+class _TokenRecorder:
+    """A worker factory that records the (address, token) each connection would use."""
+
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, url, token):
+        self.sent.append((url, token))
+        return self
+
+    def start(self):
+        return self
+
+    def reconnect(self, url, token):
+        self.sent.append((url, token))
+
+    def stop(self):
+        pass
+
+
+@pytest.mark.parametrize("url", ["ws://127.attacker.example:7351",
+                                 "ws://127.0.0.1.evil.example:7351",
+                                 "ws://127.0.0.1@evil.example:7351", "ws://gpu-box:7351"])
+def test_a_server_elsewhere_never_gets_the_local_token(url, tmp_path, monkeypatch, krita_app):
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "token").write_text("LOCAL-SECRET\n")
+    worker = _TokenRecorder()
+    doc, _ = line_art_doc()
+    c = Controller(lambda: cc_canvas.KritaCanvas(doc), settings=Settings(url=url, token=""),
+                   worker_factory=worker)
+    c.connect()
+    assert worker.sent == [], "no connection at all: nothing to send but the local token"
+    assert c.status.state == "error" and c.token_note == c.status.message
+    assert f"The server at {url} is not on this computer" in c.status.message
+    assert "Server ▸ Token field" in c.status.message
+    assert c.generate() is None and "Server ▸ Token" in c.message  # says it again, sends none
+    c.connect(token=" theirs ")  # typed in the docker
+    assert worker.sent == [(url, "theirs")] and c.status.state == "connecting"
+    c.connect(url="ws://localhost:7351", token="")  # back home: the token file again
+    assert worker.sent[-1] == ("ws://localhost:7351", "LOCAL-SECRET")
+
+
+def test_a_remote_looking_address_gets_only_the_typed_token(make_server, tmp_path,
+                                                             monkeypatch, krita_app):
+    # A real server reached at 127.1: the OS takes it for 127.0.0.1, the plug-in does not
+    # (not a loopback address as written), so it is treated like a server elsewhere.
+    srv = make_server(RecordingEngine(), allow_remote=True)
+    remote = srv.url.replace("127.0.0.1", "127.1")
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "token").write_text(srv.token + "\n")  # the server would take the file's
+    c = Controller(lambda: None, settings=Settings(url=remote, token=""))
+    try:
+        c.connect()
+        assert c.worker is None and c.status.state == "error", "nothing was sent"
+        (tmp_path / "token").write_text("LOCAL-SECRET\n")
+        c.connect(token=srv.token)  # typed: that one is in the hello, and works
+        assert c.wait_online(20), c.status
+        assert c.token_note == "Using the token typed in the docker."
+    finally:
+        c.shutdown()
 
 
 def test_preview_control_inserts_the_annotated_layer(server, controller_for, krita_app):
@@ -970,6 +1036,29 @@ def open_docked(docker_on, qapp, engine=None):
     docker.show()
     pump(qapp, lambda: False, 0.2)
     return doc, docker, panel
+
+
+def test_docker_says_a_server_elsewhere_needs_its_own_token(docker_on, qapp, tmp_path):
+    from PyQt6 import QtWidgets
+    doc, docker, panel = docker_on(RecordingEngine(), 4)  # its token file is on this computer
+    panel.server_toggle.setChecked(True)
+    assert "token file" in panel.token.placeholderText()
+    assert "never sent there" in panel.token.toolTip()
+    panel.url.setText("ws://gpu-box:7351")
+    panel.url.textEdited.emit(panel.url.text())  # as typed: the note answers before Connect
+    assert "ws://gpu-box:7351 is not on this computer" in panel.token_note.text()
+    panel.connect_button.click()
+    assert panel.controller.worker is None, "no connection: the local token goes nowhere"
+    assert "Server ▸ Token field" in panel.state_text.text()
+    docker.setStyle(QtWidgets.QStyleFactory.create("Fusion"))
+    docker.resize(270, 520)
+    docker.show()
+    pump(qapp, lambda: False, 0.2)
+    assert panel.server_box.isVisible() and panel.token_note.isVisible()
+    assert docker.grab().save(str(tmp_path / "krita-docker-remote-token.png"))
+    panel.token.setText("theirs")
+    panel.token.textEdited.emit("theirs")
+    assert panel.token_note.text() == "Using the token typed in the docker."
 
 
 def test_docker_at_krita_default_size_keeps_the_essentials_in_view(docker_on, qapp, tmp_path):

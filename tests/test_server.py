@@ -516,3 +516,16 @@ def test_one_log_line_per_job_and_never_the_token(fake_server, caplog):
     assert "failed (" in failed[0]
     text = "\n".join(r.getMessage() for r in caplog.records) + caplog.text
     assert fake_server.token not in text and fake_server.token[::-1] not in text
+
+
+def test_a_server_that_goes_away_mid_handshake_is_a_typed_error(monkeypatch):
+    """A server killed while a client connects (seen when it is restarting): the socket
+    resets while the upgrade request is sent, and websockets raises ConnectionClosedError."""
+    import websockets.sync.client
+    from websockets.exceptions import ConnectionClosedError
+
+    def reset(*args, **kwargs):
+        raise ConnectionClosedError(None, None)
+    monkeypatch.setattr(websockets.sync.client, "connect", reset)
+    with pytest.raises(ServerUnavailable, match="may be restarting"):
+        Client.connect("ws://127.0.0.1:9", "token")

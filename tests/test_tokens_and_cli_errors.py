@@ -243,3 +243,62 @@ def test_config_errors_are_typed_and_still_value_errors(tmp_path):
     with pytest.raises(ValueError):  # callers that catch bad values keep working
         build_config({}, config)
     assert build_config({"port": "8000"}, tmp_path / "none.toml").port == 8000
+
+
+# the settings the other issue-18/17 branches added: known, and type-checked like the rest
+NEW_SETTINGS = {"max_unauthenticated": 3, "hello_timeout": 2.5, "max_hello_bytes": 2048,
+                "max_outbox_bytes": 1 << 20, "max_outbox_frames": 64, "max_jobs_per_client": 4,
+                "max_job_pixels": 1 << 22, "retention_bytes_per_client": 1 << 20,
+                "train_data_root": "/srv/d", "train_out_root": "/srv/o"}
+
+
+def test_every_server_setting_is_known_and_type_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("CONTROLCANVAS_STORE_DIR", raising=False)  # (conftest's)
+    config = tmp_path / "c.toml"
+    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in NEW_SETTINGS.items())
+    config.write_text(f"[server]\n{lines}\nstore_dir = \"{tmp_path / 's'}\"\n")
+    built = build_config({}, config)
+    for key, value in NEW_SETTINGS.items():
+        assert getattr(built, key) == (Path(value) if isinstance(value, str) else value)
+    assert built.store_dir == tmp_path / "s"
+    for key in NEW_SETTINGS:
+        config.write_text(f"[server]\n{key} = [1]\n")
+        with pytest.raises(ConfigError, match=f"\\[server\\] {key} must be"):
+            build_config({}, config)
+    config.write_text("[server]\nstore_dir = 5\n")
+    with pytest.raises(ConfigError, match="store_dir must be a folder name"):
+        build_config({}, config)
+    config.write_text("[server]\nmax_outbox_byte = 5\n")
+    with pytest.raises(ConfigError, match="unknown setting \\[server\\] max_outbox_byte"):
+        build_config({}, config)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("engine = 5\n", "engine must be a table"),
+    ("[server]\nengine_options = 5\n", "[server] engine_options must be a table"),
+    ("[engine]\nturbo = true\n", "unknown engine option 'turbo'"),
+    ("[engine]\noffload = \"yes please\"\n", "[engine] offload must be true or false"),
+    ("[engine]\ncpu_threads = 1.5\n", "[engine] cpu_threads must be a whole number"),
+    ("[engine]\ncompile_mode = \"fastest\"\n", "[engine] compile_mode must be one of"),
+])
+def test_engine_options_are_known_and_type_checked(tmp_path, text, words):
+    """[engine] (and [server] engine_options) merge option by option; a wrong name or type
+    is a ConfigError when the engine is built: one line from `serve`, not a traceback."""
+    from backend.engines.diffusers.engine import engine_options
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        options = build_config({}, config).engine_options
+        options.pop("config_file", None)
+        engine_options(options)
+        from backend.engines.diffusers.acceleration import FastPath
+        FastPath.from_options(engine_options(options).get("fast_options", {}), cuda=True)
+    assert words in info.value.message
+
+
+def test_engine_options_merge_option_by_option(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[engine]\ndtype = \"fp32\"\nsdpa = true\n"
+                      "[server]\nengine_options = { sdpa = false, offload = true }\n")
+    built = build_config({"engine_options": {"offload": False}}, config)
+    assert built.engine_options == {"dtype": "fp32", "sdpa": False, "offload": False}

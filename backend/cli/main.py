@@ -19,10 +19,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from shared import loopback
 from shared.errors import ConfigError, ControlCanvasError, LimitError
-from shared.paths import load_token_file
 
 from ..bench import main as bench
+from ..engines.base import engine_info, info_line
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
 from ..imaging import load_input_image, size_problem
@@ -44,11 +45,14 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "host": args.host, "port": args.port, "token_file": args.token_file,
         "engine": args.engine, "max_image_side": args.max_image_side,
         "max_pixels": args.max_pixels, "max_queue": args.max_queue,
-        "step_seconds": args.step_seconds,
+        "step_seconds": args.step_seconds, "store_dir": args.store_dir,
     }
     engine_options = {"device": args.device, "dtype": args.dtype,
                       "offload": True if args.offload else None,
                       "cpu_threads": args.cpu_threads,
+                      "fast_path": False if args.no_fast_path else None,
+                      "compile": True if args.compile else None,
+                      "vae_precision": args.vae_precision, "sdxl_vae": args.sdxl_vae,
                       "config_file": args.config}
     overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
     if args.host is not None and not is_loopback_host(args.host):
@@ -78,6 +82,18 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--offload", action="store_true",
                         help="model CPU offload: less VRAM, slower (CUDA only)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="CUDA: leave attention, QKV fusion and memory format as diffusers "
+                        "sets them (the fast path is on by default on CUDA, off on the CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet and ControlNets (CUDA): faster steps, but "
+                        "the first image at each new size waits about a minute")
+    parser.add_argument("--vae-precision", choices=["auto", "fp32", "model"],
+                        help="VAE in fp32 (no black images) or in the model's dtype; auto "
+                        "(default): fp32 where fp16 overflows (SDXL)")
+    parser.add_argument("--sdxl-vae", metavar="PATH_OR_ID",
+                        help="an fp16-fix SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) used "
+                        "instead of the model's own")
     parser.add_argument("--cpu-threads", type=_positive_int,
                         help="torch CPU threads (default: one per core; fewer keeps a CPU "
                         "server responsive when the machine is busy)")
@@ -85,6 +101,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
     parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")
     parser.add_argument("--step-seconds", type=float, help="fake engine: seconds per step")
+    parser.add_argument("--store-dir", help="folder where queued jobs and uncollected results "
+                        "survive a restart or crash (default: jobs in the user cache folder; "
+                        "'none' keeps them in memory only)")
     parser.add_argument("--config", type=Path, help="TOML config file ([server] table)")
 
 
@@ -99,6 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(server) -> None:
         print(f"ControlCanvas server listening on {server.url} (engine: {engine.name})",
               flush=True)
+        info = engine_info(engine)
+        if info:
+            print(f"Engine settings: {info_line(info)}", flush=True)
         print(f"Token file: {config.token_file}", flush=True)
         if created:  # shown once; later starts only name the file
             print(f"New access token (also in the token file): {token}", flush=True)
@@ -209,8 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"{path} seed {meta.seed} ({image.width}x{image.height})")
 
     if args.url:
-        token = args.token or load_token_file(default_token_file())
-        with Client.connect(args.url, token, client="controlcanvas-generate") as client:
+        with Client.connect(args.url, _token_for(args), client="controlcanvas-generate") as client:
             run(client)
         return 0
     # the in-process server serves only this command: --base may be any path of yours
@@ -221,6 +242,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             Client.connect(server.url, server.token, client="controlcanvas-generate") as client:
         run(client)
     return 0
+
+
+def _token_for(args: argparse.Namespace) -> str:
+    """With --url: --token, else the local token file, and that only for a server on this
+    computer (``shared.loopback``); TokenNeeded for a server elsewhere without --token,
+    TokenFileError (missing, a link, ...: shared.paths' rule) when the file cannot be used."""
+    choice = loopback.choose_token(args.url, args.token or "", entered_source="--token",
+                                   enter_it="pass its token with --token")
+    if choice.problem is not None:
+        raise choice.problem
+    return choice.token_or_raise()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -239,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from shared.client import Client
         from shared.messages import Progress
 
-        token = args.token or load_token_file(default_token_file())
+        token = _token_for(args)
 
         def show(event) -> None:
             if isinstance(event, Progress) and event.total:
@@ -344,7 +376,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--url", help="use a running server (ws://...) instead of one in-process")
-    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.add_argument("--token", help="with --url: the server's token (default, for a server "
+                   "on this computer only: its token file)")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate)
 
@@ -377,7 +410,8 @@ def _add_train(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", help="run as a job of a running server (ws://...)")
-    p.add_argument("--token", help="with --url: the token (default: the token file)")
+    p.add_argument("--token", help="with --url: the server's token (default, for a server "
+                   "on this computer only: its token file)")
     p.set_defaults(func=cmd_train)
 
 
@@ -399,12 +433,24 @@ def _add_tools(sub) -> None:
     p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
-    p.add_argument("name", choices=["transport", "soak", "engine", "controlnet-cost",
-                                     "scaling", "fidelity", "train-cost"])
+    p.add_argument("name", choices=list(bench.BENCHES))
     p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
     p.add_argument("--side", type=int, default=2048, help="transport: image side")
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
+    p.add_argument("--crashes", type=int, default=100,
+                   help="soak: times the server is killed and restarted (crash_restart)")
     p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
+    p.add_argument("--dry-run", action="store_true", help="gpu: the same code on the CPU "
+                   "with the tiny models, in seconds (automatic without CUDA)")
+    p.add_argument("--groups", default="sd15,sdxl", help="gpu: which of sd15, sdxl, compiled "
+                   "(comma-separated; compiled adds torch.compile's first-image cost)")
+    p.add_argument("--deadline", type=float, default=420.0, help="gpu: seconds after which "
+                   "the remaining cases are skipped (and listed as skipped)")
+    p.add_argument("--compile-mode", default="default", help="gpu: torch.compile mode of "
+                   "the compiled group (default, reduce-overhead, max-autotune...)")
+    p.add_argument("--out", help="gpu: also write the JSON here after each group")
+    p.add_argument("--work-dir", help="gpu: where the built models go (kept, and reused by "
+                   "a later run; default: a temporary folder)")
     p.set_defaults(func=cmd_bench)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import ipaddress
 import logging
 import os
 import secrets
@@ -27,10 +26,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from shared.errors import ConfigError, TokenFileError, WeakToken
+from shared import loopback
 from shared.messages import Limits
 
 from ..imaging import MAX_IMAGE_SIDE, MAX_PIXELS
-from shared.paths import config_dir, data_dir, load_token_file, token_file  # noqa: F401
+from shared.paths import (cache_dir, config_dir, data_dir, load_token_file,  # noqa: F401
+                          token_file)
 
 from ..configfile import load_toml, table
 from ..training.folders import TrainRoots
@@ -39,16 +40,22 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7351
-LOOPBACK_NAMES = ("localhost", "localhost.")
 # A generated token is secrets.token_urlsafe(32): 43 characters, 256 random bits. A
 # configured one needs at least 32 characters (128 bits even as hex) of some variety.
 MIN_TOKEN_CHARS = 32
 MIN_TOKEN_DISTINCT = 8
 MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+NO_STORE = ("", "none", "off")  # store_dir values that keep jobs in memory only
 
 
 def default_token_file() -> Path:
     return token_file()
+
+
+def default_store_dir() -> Path:
+    """Where ``controlcanvas serve`` keeps queued jobs and uncollected results across
+    restarts (see backend.server.store): ``jobs`` in the user cache folder."""
+    return cache_dir() / "jobs"
 
 
 def check_token_strength(token: str, where: str) -> None:
@@ -162,18 +169,9 @@ def _check_permissions(path: Path, managed: bool) -> None:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for 'localhost', 127.0.0.0/8 and ::1 (with or without brackets/port)."""
-    name = host.strip().lower()
-    if name.startswith("["):  # [::1]:port
-        name = name[1:].split("]", 1)[0]
-    elif name.count(":") == 1:  # name:port or v4:port
-        name = name.split(":", 1)[0]
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    """True for a loopback name or address, with or without brackets and a port
+    ('localhost', '127.0.0.1:7351', '[::1]:7351', '::1'): ``shared.loopback``'s rule."""
+    return loopback.is_loopback_authority(host.strip())
 
 
 @dataclass
@@ -190,10 +188,28 @@ class ServerConfig:
     max_batch: int = 16
     max_images_per_job: int = 16
     max_text_bytes: int = 1 << 20
-    max_clients: int = 32
+    max_clients: int = 32  # authenticated connections
+    # Connections that have not sent a right token yet get their own small budget: a
+    # few slots, each held at most hello_timeout seconds, accepting one small text frame.
+    # (A client that sends its token in the handshake never waits for one of them.)
+    max_unauthenticated: int = 8
     hello_timeout: float = 10.0
+    max_hello_bytes: int = 4096
+    # Per client: replies and job events waiting to be written (results not included:
+    # they are counted by retention_bytes). Past these, the server stops reading from
+    # that client (its requests wait in TCP) and drops stale progress/previews.
+    max_outbox_bytes: int = 16 << 20
+    max_outbox_frames: int = 1024
+    max_jobs_per_client: int = 32  # queued or running jobs of one connection
+    max_job_pixels: int = 64 << 20  # output width x height x batch of one job
     retention_seconds: float = 3600.0
-    retention_bytes: int = 2 << 30
+    retention_bytes: int = 2 << 30  # uncollected results held, all clients together
+    retention_bytes_per_client: int = 1 << 30  # ... and of one client
+    # The job store (backend.server.store): queued jobs and uncollected results on disk,
+    # so they survive a crash. None keeps them in memory only: the default for servers
+    # built in code (tests, benches, the demo); build_config (the `serve` command) fills
+    # in default_store_dir() unless the setting is "none".
+    store_dir: Optional[Path] = None
     preview_size: int = 128
     allow_remote: bool = False  # set by choosing a non-loopback --host
     engine_options: Dict[str, Any] = field(default_factory=dict)
@@ -228,11 +244,18 @@ class ServerConfig:
 
 def build_config(overrides: Dict[str, Any], config_file: Optional[Path] = None) -> ServerConfig:
     """Merge defaults, the TOML file, CONTROLCANVAS_* environment and explicit overrides;
-    ConfigError names a setting that is unknown or has the wrong type."""
+    ConfigError names a setting that is unknown or has the wrong type.
+
+    Engine options (device, dtype, offload, the fast path...) come from the ``[engine]``
+    table, then ``[server] engine_options``, then the command line, option by option (the
+    engine checks their names and values when it is built: ConfigError too)."""
     known = {f.name: f for f in dataclasses.fields(ServerConfig)}
     values: Dict[str, Tuple[Any, str]] = {}
     path = config_file or config_dir() / "config.toml"
-    for key, value in table(load_toml(path), "server", path).items():
+    document = load_toml(path)
+    server = table(document, "server", path)
+    engine_table = table(document, "engine", path)
+    for key, value in server.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown setting [server] {key}; known: "
                               f"{', '.join(sorted(known))}")
@@ -243,10 +266,30 @@ def build_config(overrides: Dict[str, Any], config_file: Optional[Path] = None) 
             values[key] = (env, f"CONTROLCANVAS_{key.upper()}")
     values.update({k: (v, f"--{k.replace('_', '-')}") for k, v in overrides.items()
                    if v is not None})
+    store = values.pop("store_dir", None)
+    values.pop("engine_options", None)
     config = ServerConfig()
+    for options, where in ((engine_table, f"{path}: [engine]"),
+                           (server.get("engine_options", {}), f"{path}: [server] engine_options"),
+                           (overrides.get("engine_options") or {}, "--engine-options")):
+        config.engine_options.update(_coerce(options, {}, where))  # option by option
+    config.store_dir = _store_dir(store)
     for key, (value, where) in values.items():
         setattr(config, key, _coerce(value, getattr(config, key), where, key != "token"))
     return config
+
+
+def _store_dir(given: Optional[Tuple[Any, str]]) -> Optional[Path]:
+    """The job store's folder: the default, a folder given, or None for "none"/"off"."""
+    if given is None:
+        return default_store_dir()
+    value, where = given
+    if isinstance(value, str) and value.strip().lower() in NO_STORE:
+        return None
+    if isinstance(value, (str, Path)):
+        return Path(value).expanduser()
+    raise ConfigError(f"{where}: store_dir must be a folder name or \"none\"; got "
+                      f"{type(value).__name__}.")
 
 
 def _coerce(value: Any, default: Any, where: str, show: bool = True) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from shared.errors import ControlCanvasError, Unsupported
+from shared.loopback import is_loopback_url
 
 SETTINGS_MENU = "Filters ▸ ControlNet ▸ Settings / connection test…"
 START_SERVER = ("Start it with `controlcanvas serve` (in a terminal on the computer with the "
@@ -45,9 +46,15 @@ def describe(err: BaseException, *, url: str = "", token_source: str = "",
                     f"address, open {SETTINGS_MENU}")
         if code == "auth":
             source = f" The plug-in used {token_source}." if token_source else ""
+            if url and not is_loopback_url(url):
+                return (f"ControlCanvas: the server{where} refused the access token.{source} "
+                        f"Paste that server's token (from the token file `controlcanvas "
+                        f"serve` names on the server's computer) into {SETTINGS_MENU}")
             return (f"ControlCanvas: the server{where} refused the access token.{source} Start "
                     f"the server once on this computer with `controlcanvas serve` so it writes "
                     f"its token file, or paste the token it printed into {SETTINGS_MENU}")
+        if code == "token_needed":  # a server elsewhere, no token: none was sent
+            return f"ControlCanvas: {text}"
         if code == "connection_lost":
             return (f"ControlCanvas: the connection to the server{where} was lost{doing}; the "
                     f"job was stopped. Check that the server is still running (`controlcanvas "

@@ -165,8 +165,9 @@ def connection_args(in_dialog: bool = False) -> Tuple[Arg, ...]:
                 "ws://HOST:PORT of the ControlCanvas server; blank: the address saved by "
                 "Settings, else ws://127.0.0.1:7351", in_dialog=in_dialog),
         _string("token", "Token",
-                "Access token; blank: the token saved by Settings, else the server's token "
-                "file on this machine", in_dialog=in_dialog),
+                "Access token; blank: the token saved by Settings for its address, else, for "
+                "a server on this computer only, its token file. A server on another "
+                "computer needs its own token", in_dialog=in_dialog),
     )
 
 
@@ -286,7 +287,9 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
         name=PREFIX + "settings", label="Settings / connection test…",
         blurb="Set the ControlCanvas server address and token, and test the connection",
         help="Blank fields use the defaults: ws://127.0.0.1:7351 and the token file that "
-             "`controlcanvas serve` writes on this machine. Saved for all ControlNet filters.",
+             "`controlcanvas serve` writes on this machine. For a server on another "
+             "computer, enter its address and its own token (this computer's token file is "
+             "only sent to 127.0.0.1, localhost or ::1). Saved for all ControlNet filters.",
         action="settings", args=connection_args(in_dialog=True), returns=("report",),
         needs_drawable=False),
 )

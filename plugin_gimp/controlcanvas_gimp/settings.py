@@ -2,7 +2,9 @@
 
 Order, for both the address and the token: the procedure's argument (scripts) >
 what *Settings / connection test…* saved > the default (``ws://127.0.0.1:7351``
-and the token file the server writes on this machine).
+and the token file the server writes on this machine).  The token file goes only to
+a server on this computer (a loopback address, ``shared.loopback``); a server on
+another computer needs its token given or saved in Settings.
 
 The token file is found by ``shared.paths``, exactly as the server finds it.
 """
@@ -16,7 +18,10 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from shared.client import DEFAULT_URL
-from shared.paths import config_dir, read_token, token_file  # noqa: F401 (re-exported)
+from shared.loopback import choose_token
+from shared.paths import config_dir, token_file  # noqa: F401 (re-exported)
+
+from .problems import SETTINGS_MENU
 
 SETTINGS_FILE = "controlcanvas.json"  # in GIMP's per-version user folder
 
@@ -58,17 +63,19 @@ def save(path: Path, url: str, token: str) -> None:
 
 def resolve(values: Mapping[str, str], saved: Mapping[str, str],
             environ: Optional[Mapping[str, str]] = None) -> Connection:
-    """The address and token to use for one run."""
-    url = (values.get("server-url") or "").strip() or saved.get("server-url", "").strip() \
-        or DEFAULT_URL
-    token = (values.get("token") or "").strip()
-    if token:
-        return Connection(url, token, "the token given to the filter")
-    token = saved.get("token", "").strip()
-    if token:
-        return Connection(url, token, "the token saved in Settings")
-    path = token_file(environ)
-    token = read_token(path)
-    if token:
-        return Connection(url, token, f"the token file {path}")
-    return Connection(url, "", f"no token (there is no token file at {path})")
+    """The address and token to use for one run; :class:`~shared.errors.TokenNeeded`
+    when the server is on another computer and no token was given or saved for it.
+
+    A saved token belongs to the saved address: a script naming another server does not
+    get it.  The local token file goes to a loopback address only (``shared.loopback``),
+    read by ``shared.paths``' rule: a file it refuses (a symbolic link, a folder, empty) is
+    not used, and ``token_source`` says why, so the message names the real reason.
+    """
+    saved_url = saved.get("server-url", "").strip() or DEFAULT_URL
+    url = (values.get("server-url") or "").strip() or saved_url
+    entered, source = (values.get("token") or "").strip(), "the token given to the filter"
+    if not entered and url == saved_url:
+        entered, source = saved.get("token", "").strip(), "the token saved in Settings"
+    choice = choose_token(url, entered, entered_source=source,
+                          enter_it=f"enter its token in {SETTINGS_MENU}", environ=environ)
+    return Connection(url, choice.token_or_raise(), choice.source)

@@ -19,14 +19,15 @@ from . import pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
     messages, pose as openpose
-from .proto import doc_history, naming
-from .settings import Settings, is_local_url, read_local_token
+from .proto import doc_history, loopback, naming
+from .settings import Settings
 from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 
 log = logging.getLogger(__name__)
 HISTORY_SIZE = 20
 POSE_DETECT_SIDE = 512
 SERVER_WAIT = 20.0  # seconds a job waits for a server that does not answer, then is dropped
+ENTER_TOKEN = "enter its token in the docker's Server ▸ Token field"
 
 
 @dataclass
@@ -160,16 +161,13 @@ class Controller:
 
     # -- connection ---------------------------------------------------------------------
 
-    def resolve_token(self, url: str, token: str) -> str:
-        """The token to use: the one given, else the local server's token file."""
-        if token.strip():
-            self.token_note = ""
-            return token.strip()
-        if is_local_url(url):
-            found, self.token_note = read_local_token()
-            return found
-        self.token_note = "A remote server needs its token: paste it here."
-        return ""
+    def resolve_token(self, url: str, token: str) -> loopback.TokenChoice:
+        """The token for ``url``: the one typed in the docker, else the local server's
+        token file, and that only for a loopback address (``shared.loopback``)."""
+        choice = loopback.choose_token(url, token, entered_source="the token typed in the "
+                                       "docker", enter_it=ENTER_TOKEN)
+        self.token_note = choice.note
+        return choice
 
     def connect(self, url: Optional[str] = None, token: Optional[str] = None) -> None:
         if WEBSOCKETS_PROBLEM:
@@ -180,15 +178,30 @@ class Controller:
             self.settings.url = url.strip()
         if token is not None:
             self.settings.token = token.strip()
-        use = self.resolve_token(self.settings.url, self.settings.token)
-        if self.worker is None:
-            self.worker = self._worker_factory(self.settings.url, use).start()
+        choice = self.resolve_token(self.settings.url, self.settings.token)
+        if choice.needed:  # a server elsewhere, no token typed: never send the local one
+            self._stop_worker()
+            self.status = Status("error", choice.note)
         else:
-            self.worker.reconnect(self.settings.url, use)
-        self.status = Status("connecting", f"Connecting to {self.settings.url}…")
+            if self.worker is None:
+                self.worker = self._worker_factory(self.settings.url, choice.token).start()
+            else:
+                self.worker.reconnect(self.settings.url, choice.token)
+            self.status = Status("connecting", f"Connecting to {self.settings.url}…")
         self._offline_since = time.monotonic()
         self._changed("status")
         self.save()
+
+    def _stop_worker(self) -> None:
+        """No connection (to the server the worker had): its jobs cannot finish here."""
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self.active:
+            self.active.clear()
+            self.progress, self.preview = (0, 0), None
+            self._changed("progress")
+            self._changed("busy")
 
     def shutdown(self) -> None:
         if self.worker is not None:

@@ -492,9 +492,16 @@ class DockerPanel(W.QWidget):
         form.setContentsMargins(0, 0, 0, 0)
         self.url = W.QLineEdit()
         self.url.setPlaceholderText("ws://127.0.0.1:7351")
+        self.url.setToolTip("The server's address: ws://127.0.0.1:7351 for a server on this "
+                            "computer, ws://GPU-MACHINE:7351 for one on another computer")
         self.token = W.QLineEdit()
         self.token.setEchoMode(W.QLineEdit.EchoMode.Password)
-        self.token.setPlaceholderText("read from the local token file")
+        self.token.setPlaceholderText("blank: local token file")
+        self.token.setToolTip(
+            "The server's access token. Leave it blank for a server on this computer "
+            "(127.0.0.1, localhost): its token file is read. A server on another computer "
+            "needs its own token pasted here (`controlcanvas serve` prints where its token "
+            "file is); this computer's token is never sent there.")
         self.connect_button = W.QPushButton("Connect")
         self.token_note = _small_label("")
         self.token_note.setWordWrap(True)
@@ -612,6 +619,8 @@ class DockerPanel(W.QWidget):
     def _wire(self) -> None:
         self.server_toggle.toggled.connect(self._show_server)
         self.connect_button.clicked.connect(self.on_connect)
+        self.url.textEdited.connect(self._token_hint)
+        self.token.textEdited.connect(self._token_hint)
         self.preset.activated.connect(self.on_preset)
         self.mode.currentIndexChanged.connect(self._mode_changed)
         self.add_unit_button.clicked.connect(self.on_add_unit)
@@ -725,6 +734,12 @@ class DockerPanel(W.QWidget):
     def on_connect(self) -> None:
         self.collect()
         self.controller.connect(self.url.text(), self.token.text())
+
+    def _token_hint(self) -> None:
+        """Which token the typed address will get (before Connect): a server elsewhere
+        with the Token field blank is told to need its own."""
+        url = self.url.text().strip() or self.controller.settings.url
+        self.token_note.setText(self.controller.resolve_token(url, self.token.text()).note)
 
     def on_preset(self) -> None:
         key = self.preset.currentData()

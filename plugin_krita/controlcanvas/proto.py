@@ -68,7 +68,7 @@ _load_websockets()
 
 if BUNDLED:
     from ._vendor.shared import (client, codec, doc_history, errors, geometry,  # noqa: F401
-                                 images, messages, naming, paths, pose, session)
+                                 images, loopback, messages, naming, paths, pose, session)
 else:
     client = importlib.import_module("shared.client")
     codec = importlib.import_module("shared.codec")
@@ -77,6 +77,7 @@ else:
     messages = importlib.import_module("shared.messages")
     session = importlib.import_module("shared.session")
     paths = importlib.import_module("shared.paths")
+    loopback = importlib.import_module("shared.loopback")
     pose = importlib.import_module("shared.pose")
     geometry = importlib.import_module("shared.geometry")
     naming = importlib.import_module("shared.naming")

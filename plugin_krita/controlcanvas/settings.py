@@ -1,7 +1,8 @@
-"""What the docker remembers, and where the local server keeps its token.
+"""What the docker remembers.
 
-The token file is found by the protocol's ``shared.paths``, exactly as the server
-finds it.
+The token typed in the docker is kept here; which token goes to which address (the
+local server's token file only to a loopback address) is ``shared.loopback``'s rule,
+which the controller asks.
 """
 
 from __future__ import annotations
@@ -9,11 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+from typing import Any, Dict, List, Optional
 
-from . import proto
 
 DEFAULT_URL = "ws://127.0.0.1:7351"
 MODES = ("txt2img", "img2img", "inpaint")
@@ -26,32 +24,6 @@ PLACES = ("above", "below")
 RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
 RESIZE_MODE_LABELS = {"crop_and_resize": "Crop to fit", "just_resize": "Stretch",
                       "resize_and_fill": "Fit inside (pad)"}
-
-
-def config_dir() -> Path:
-    return proto.paths.config_dir()
-
-
-def token_file() -> Path:
-    return proto.paths.token_file()
-
-
-def is_local_url(url: str) -> bool:
-    try:
-        host = (urlsplit(url).hostname or "").lower()
-    except ValueError:
-        return False
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def read_local_token() -> Tuple[str, str]:
-    """(token, note): the token of the server on this machine, or "" and why not."""
-    path = token_file()
-    try:  # shared.paths' rules: a missing, empty or linked file says what to do
-        token = proto.paths.load_token_file(path)
-    except proto.errors.TokenFileError as err:
-        return "", err.message
-    return token, f"Token read from {path}."
 
 
 @dataclass

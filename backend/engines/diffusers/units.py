@@ -8,6 +8,8 @@ from typing import List, Sequence
 import torch
 from diffusers import ControlNetModel, MultiControlNetModel
 
+from .compiled import is_compiled
+
 SOFT_INJECTION_BASE = 0.825
 
 
@@ -47,7 +49,7 @@ class ControlUnits(MultiControlNetModel):
                         attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs)
             if split:
                 args = {k: _cond_half(v, sample.shape[0]) for k, v in args.items()}
-            d, m = net(**args, conditioning_scale=scale,
+            d, m = net(**args, conditioning_scale=_scale_argument(net, scale, sample),
                        cross_attention_kwargs=cross_attention_kwargs,
                        guess_mode=guess_mode or mode == "control", return_dict=False)
             if mode == "prompt":
@@ -65,10 +67,19 @@ class ControlUnits(MultiControlNetModel):
         if down is None and guess_mode:
             # The pipeline itself is in guess mode and will pad our output: it needs tensors.
             d, m = self.nets[0](sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                                controlnet_cond=controlnet_cond[0], conditioning_scale=0.0,
+                                controlnet_cond=controlnet_cond[0],
+                                conditioning_scale=_scale_argument(self.nets[0], 0.0, sample),
                                 added_cond_kwargs=added_cond_kwargs, return_dict=False)
             down, mid = list(d), m
         return down, mid
+
+
+def _scale_argument(net, scale, sample):
+    """The scale as the ControlNet gets it: a plain float, or for a compiled ControlNet a
+    0-d tensor (a float would be baked into the graph: one compilation per weight)."""
+    if is_compiled(net):
+        return torch.tensor(float(scale), dtype=torch.float32, device=sample.device)
+    return scale
 
 
 def _cond_half(value, batch: int):
