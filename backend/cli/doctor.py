@@ -159,15 +159,25 @@ def configured_engine() -> str:
 
 
 def check_token(path: Path) -> Check:
-    if not path.exists():
+    """The token file as the server would read it (server.config's rules: no link, not
+    readable by others, long enough)."""
+    from shared.errors import ConfigError, TokenFileError
+    from shared.paths import load_token_file
+
+    from ..server.config import check_token_strength, loose_permissions
+
+    if not os.path.lexists(path):
         return Check("token", OK, f"none yet; `controlcanvas serve` creates {path}")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if os.name != "nt" and mode & 0o077:
+    try:
+        token = load_token_file(path)
+        check_token_strength(token, f"in {path}")
+    except (TokenFileError, ConfigError) as err:
+        return Check("token", FAIL, err.message)
+    mode = loose_permissions(path)
+    if mode:
         return Check("token", FAIL, f"{path} is readable by others (mode {mode:o}); "
                      f"`chmod 600 {path}`")
-    if not path.read_text(encoding="utf-8").strip():
-        return Check("token", FAIL, f"{path} is empty; delete it and restart the server")
-    return Check("token", OK, f"{path} (mode {mode:o})")
+    return Check("token", OK, f"{path} (mode {stat.S_IMODE(path.stat().st_mode):o})")
 
 
 def check_port(host: str, port: int) -> Check:

@@ -15,8 +15,10 @@ def create_engine(name: str, **options) -> Engine:
     """The engine called ``name``; heavy engines are imported only when chosen.
 
     ``diffusers``: the real engine on the configured models (options: device, dtype,
-    offload, memory_budget_gb, ... and config_file); ``demo``: the real engine on the
-    embedded trained demo model (no download, no GPU; outline conditions only);
+    offload, memory_budget_gb, ..., config_file and trust_request_paths: any local model
+    path a request names, for a server only the user's own command uses); ``demo``: the
+    real engine on the embedded trained demo model (no download, no GPU; outline
+    conditions only);
     ``tiny``: the real engine on random-weight tiny models (every condition; tests and
     benchmarks); ``fake``: deterministic pixels without torch (option: step_seconds).
     """

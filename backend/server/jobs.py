@@ -43,6 +43,8 @@ from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, Train
 
 from ..annotators.registry import Annotated
 from ..engines.base import Engine
+from ..training.folders import TrainRoots
+from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +176,17 @@ class JobManager:
                  retention_seconds: float = 3600.0, retention_bytes: int = 2 << 30,
                  retention_bytes_per_client: int = 0, max_jobs_per_client: int = 0,
                  held_outside: Optional[Callable[[], Dict[str, int]]] = None,
-                 tombstones: int = 4096, store: Optional[JobStore] = None) -> None:
+                 tombstones: int = 4096, store: Optional[JobStore] = None,
+                 training: Optional[TrainRoots] = None) -> None:
         """``retention_bytes`` bounds the result bytes held for all clients together,
         ``retention_bytes_per_client`` those of one client (0: no separate cap);
         ``held_outside()`` gives, per client key, result bytes held elsewhere (frames on
         their way to the client), which count against both. With a ``store``, jobs are
-        kept on disk too and the ones it kept come back (see the module docstring)."""
+        kept on disk too and the ones it kept come back (see the module docstring).
+        ``training``: where a client's `train` job may read and write."""
         self.engine = engine
+        # where a client's `train` job may read and write (default: the per-user folders)
+        self.training = training or ServerConfig().training_roots()
         self.loop = loop
         self.max_queue = max_queue
         self.max_jobs_per_client = max_jobs_per_client
@@ -546,7 +552,8 @@ class JobManager:
         """Training runs on the worker thread too: it owns the GPU, so generation and
         training never compete for it. Cancel stops after writing a checkpoint."""
         from ..training.controlnet import config_from_message, job_progress, train_controlnet
-        out = train_controlnet(config_from_message(message), progress=job_progress(ctx))
+        config = config_from_message(message, self.training)  # confined to the roots
+        out = train_controlnet(config, progress=job_progress(ctx))
         job.info = {"out": str(out)}
         return ()
 

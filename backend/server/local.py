@@ -18,7 +18,7 @@ class ServerThread:
     def __init__(self, engine: Engine, config: Optional[ServerConfig] = None,
                  token: Optional[str] = None) -> None:
         self.config = config or ServerConfig(port=0)
-        self.token = token or secrets.token_urlsafe(16)
+        self.token = token or secrets.token_urlsafe(32)
         self.engine = engine
         self.server: Optional[Server] = None
         self.loop = asyncio.new_event_loop()

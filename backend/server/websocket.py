@@ -185,7 +185,8 @@ class Server:
                                   retention_seconds=cfg.retention_seconds,
                                   retention_bytes=cfg.retention_bytes,
                                   retention_bytes_per_client=cfg.retention_bytes_per_client,
-                                  held_outside=self._results_in_flight, store=store)
+                                  held_outside=self._results_in_flight, store=store,
+                                  training=cfg.training_roots())
         try:
             self._server = await serve(
                 self._handle, cfg.host, cfg.port,

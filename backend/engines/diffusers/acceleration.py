@@ -50,6 +50,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from shared.errors import ConfigError
 from shared.images import Image
 
 from ...imaging import from_array
@@ -92,7 +93,7 @@ class FastPath:
                                       taesd="auto" if cuda else "off")
         for key, value in options.items():
             if key not in OPTION_NAMES:
-                raise ValueError(f"unknown fast-path option {key!r}; known: "
+                raise ConfigError(f"unknown fast-path option {key!r}; known: "
                                  f"{', '.join(sorted(OPTION_NAMES))}")
             values[key] = value
         return cls(**_checked(values))
@@ -118,7 +119,7 @@ def _as_bool(value: Any, name: str) -> bool:
         return True
     if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"[engine] {name} must be true or false; got {value!r}")
+    raise ConfigError(f"[engine] {name} must be true or false; got {value!r}")
 
 
 def _checked(values: Dict[str, Any]) -> Dict[str, Any]:
@@ -129,18 +130,18 @@ def _checked(values: Dict[str, Any]) -> Dict[str, Any]:
                "taesd": TAESD_CHOICES}
     for name, allowed in choices.items():
         if name in values and values[name] not in allowed:
-            raise ValueError(f"[engine] {name} must be one of {', '.join(allowed)}; got "
+            raise ConfigError(f"[engine] {name} must be one of {', '.join(allowed)}; got "
                              f"{values[name]!r}")
     if "compile_shapes" in values:
         shapes = values["compile_shapes"]
         if isinstance(shapes, bool) or not isinstance(shapes, (int, str)) or \
                 not str(shapes).isdigit() or not 1 <= int(shapes) <= 8:
-            raise ValueError(f"[engine] compile_shapes must be a whole number from 1 to 8; "
+            raise ConfigError(f"[engine] compile_shapes must be a whole number from 1 to 8; "
                              f"got {shapes!r}")
         values["compile_shapes"] = int(shapes)
     for name in ("compile_backend", "sdxl_vae", "taesd_sd15", "taesd_sdxl"):
         if name in values and not isinstance(values[name], str):
-            raise ValueError(f"[engine] {name} must be a string; got {values[name]!r}")
+            raise ConfigError(f"[engine] {name} must be a string; got {values[name]!r}")
     return values
 
 
@@ -167,7 +168,7 @@ def choose_dtype(name: Optional[str], cuda: bool):
     if name is None:
         return torch.float16 if cuda else torch.float32
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {name!r}")
+        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}; got {name!r}")
     return getattr(torch, _DTYPES[name])
 
 

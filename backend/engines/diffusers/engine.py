@@ -65,6 +65,7 @@ i of a batch is the same image as a single generation with its seed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -78,7 +79,7 @@ from PIL import Image as PILImage
 
 from diffusers import ControlNetModel
 
-from shared.errors import EngineError, ModelMissing, OutOfMemory, Unsupported
+from shared.errors import ConfigError, EngineError, ModelMissing, OutOfMemory, Unsupported
 from shared.images import Image
 from shared.messages import GenerateRequest, Models, Preprocess
 
@@ -128,6 +129,13 @@ def _note_long_prompts(pipe, request) -> None:
         count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
         if count > limit:
             log.warning("%s is %d tokens; CLIP reads the first %d", what, count, limit)
+
+def _log_unloadable(resolved: Resolved, err: BaseException) -> None:
+    """A loader's own words (paths, library internals) go to the server log only: the
+    client gets our sentence naming the model."""
+    log.warning("could not load the %s %r from %s: %s: %s", resolved.kind, resolved.name,
+                resolved.path, type(err).__name__, err)
+
 
 class DiffusersEngine:
     """The real engine; see the module docstring.
@@ -187,9 +195,14 @@ class DiffusersEngine:
                      config_file: Optional[Path] = None) -> "DiffusersEngine":
         """Build from ``[engine]`` options (device, dtype, offload, memory_budget_gb,
         vae_tiling_pixels, hires_scale, hires_strength, cpu_threads and the fast-path
-        options of :class:`~.acceleration.FastPath`) and the config file's model tables."""
-        catalogue = Catalogue(ModelConfig.from_toml(config_file))
-        return cls(catalogue, **engine_options(options))
+        options of :class:`~.acceleration.FastPath`) and the config file's model tables.
+        ``trust_request_paths``: requests may name any local model path (a server only the
+        user's own command talks to: ``controlcanvas generate`` without ``--url``)."""
+        options = dict(options or {})
+        models = ModelConfig.from_toml(config_file)
+        if options.pop("trust_request_paths", False):
+            models = dataclasses.replace(models, trust_request_paths=True)
+        return cls(Catalogue(models), **engine_options(options))
 
     @classmethod
     def embedded(cls, device: Optional[str] = None, family: str = "sd15",
@@ -295,8 +308,9 @@ class DiffusersEngine:
                 hint = (f" Loading a single file needs the small diffusers config of "
                         f"{family.upper()}: run it once online, or `controlcanvas models "
                         f"download {family}`.")
-            raise ModelMissing(f"Could not load the base model {resolved.name!r} from "
-                               f"{resolved.path}: {type(err).__name__}: {err}.{hint}",
+            _log_unloadable(resolved, err)
+            raise ModelMissing(f"Could not load the base model {resolved.name!r}: a file of it "
+                               f"is missing or damaged; the server log says which.{hint}",
                                field="base_model") from None
         pipe.set_progress_bar_config(disable=True)
         vae_fp32 = self._prepare_base(pipe, family, resolved.name)
@@ -347,8 +361,9 @@ class DiffusersEngine:
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise
-            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r} from "
-                               f"{resolved.path}: {type(err).__name__}: {err}.",
+            _log_unloadable(resolved, err)
+            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r}: a file of it "
+                               f"is missing or damaged; the server log says which.",
                                field="model") from None
         if not self.offload:
             model.to(self.device)
@@ -709,27 +724,39 @@ class DiffusersEngine:
 
 
 
-_BASIC_OPTIONS = ("device", "dtype", "offload", "memory_budget_gb", "vae_tiling_pixels",
-                  "max_work_scale", "hires_scale", "hires_strength", "inpaint_margin",
-                  "inpaint_min_margin", "feather", "square_only", "cpu_threads")
+# [engine] options of the engine itself (the fast path's are acceleration.OPTION_NAMES),
+# with the type each must have in config.toml
+_BASIC_OPTIONS: Dict[str, Tuple[type, ...]] = {
+    "device": (str,), "dtype": (str,), "offload": (bool,), "memory_budget_gb": (int, float),
+    "vae_tiling_pixels": (int,), "max_work_scale": (int, float), "hires_scale": (int, float),
+    "hires_strength": (int, float), "inpaint_margin": (int, float),
+    "inpaint_min_margin": (int,), "feather": (int, float), "square_only": (bool,),
+    "cpu_threads": (int,)}
+_TYPE_WORDS = {str: "text in quotes", bool: "true or false", int: "a whole number",
+               float: "a number"}
 
 
 def engine_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """``[engine]`` options -> DiffusersEngine keyword arguments: the fast-path options are
-    gathered into ``fast_options``, ``memory_budget_gb`` becomes bytes; an unknown name is a
-    ValueError that lists the known ones."""
+    gathered into ``fast_options``, ``memory_budget_gb`` becomes bytes; an unknown name or
+    a value of the wrong type is a ConfigError (a ValueError) naming it."""
     kwargs: Dict[str, Any] = {}
     fast: Dict[str, Any] = {}
     for key, value in dict(options or {}).items():
         if key in FAST_OPTIONS:
             fast[key] = value
-        elif key == "memory_budget_gb":
+            continue
+        if key not in _BASIC_OPTIONS:
+            raise ConfigError(f"unknown engine option {key!r} in [engine]; known: "
+                              f"{', '.join(sorted(set(_BASIC_OPTIONS) | set(FAST_OPTIONS)))}")
+        kinds = _BASIC_OPTIONS[key]
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise ConfigError(f"[engine] {key} must be {_TYPE_WORDS[kinds[-1]]}; got "
+                              f"{type(value).__name__}.")
+        if key == "memory_budget_gb":
             kwargs["memory_budget"] = int(float(value) * (1 << 30))
-        elif key in _BASIC_OPTIONS:
-            kwargs[key] = value
         else:
-            raise ValueError(f"unknown engine option {key!r}; known: "
-                             f"{', '.join(sorted(set(_BASIC_OPTIONS) | set(FAST_OPTIONS)))}")
+            kwargs[key] = value
     if fast:
         kwargs["fast_options"] = fast
     return kwargs
