@@ -302,3 +302,12 @@ def test_engine_options_merge_option_by_option(tmp_path):
                       "[server]\nengine_options = { sdpa = false, offload = true }\n")
     built = build_config({"engine_options": {"offload": False}}, config)
     assert built.engine_options == {"dtype": "fp32", "sdpa": False, "offload": False}
+
+
+def test_a_new_token_never_starts_with_a_dash(monkeypatch):
+    """A token such as '-x…' reads as an option after `--token` on a command line
+    (`controlcanvas generate --url … --token -x…` fails): such draws are drawn again."""
+    from backend.server import config as config_module
+    draws = iter(["-" + "a" * 42, "-" + "b" * 42, "c" * 43])
+    monkeypatch.setattr(config_module.secrets, "token_urlsafe", lambda n: next(draws))
+    assert config_module.new_token() == "c" * 43

@@ -104,8 +104,17 @@ def _missing_or_blank(path: Path) -> bool:
         return False
 
 
+def new_token() -> str:
+    """A fresh token: ``secrets.token_urlsafe(32)``, drawn again while it starts with '-'
+    (such a token would read as an option after ``--token`` on a command line)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 def _create_token(path: Path) -> str:
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
