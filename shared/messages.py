@@ -373,8 +373,8 @@ class GenerateRequest(_Checked):
         names = [lora.name for lora in self.loras]
         for i, name in enumerate(names):
             if name in names[:i]:
-                raise FieldError(f"loras names {name!r} twice; give each LoRA once, with "
-                                 f"its strength.", field=f"loras[{i}].name")
+                raise FieldError(f"loras[{i}].name {name!r} is named before; give each LoRA "
+                                 f"once, with its strength.", field=f"loras[{i}].name")
         if self.mode in ("img2img", "inpaint") and self.init_image is None:
             raise FieldError(f"{self.mode} needs init_image: the slot of the canvas image.",
                              field="init_image")
