@@ -393,3 +393,18 @@ def test_generate_lora_option(tmp_path):
         _parse_lora("ink:lots")
     with pytest.raises(FieldError):
         LoraRef("../ink")
+
+
+def test_doctor_reports_the_lora_folder(tmp_path, monkeypatch):
+    from backend.cli.doctor import check_loras
+
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "config.toml").write_text(
+        f"[models]\nlora_dir = {json.dumps(str(tmp_path / 'loras'))}\n", encoding="utf-8")
+    check = check_loras()
+    assert check.status == "ok" and "none" in check.detail
+    make_header_lora(tmp_path / "loras" / "a.safetensors", SD15_KOHYA)
+    make_header_lora(tmp_path / "loras" / "b.safetensors", SDXL_KOHYA)
+    make_header_lora(tmp_path / "loras" / "c.safetensors", SDXL_KOHYA)
+    check = check_loras()
+    assert check.detail.endswith("(1 sd15, 2 sdxl)") and str(tmp_path / "loras") in check.detail
