@@ -23,9 +23,8 @@ from shared.errors import FieldError, LoraMismatch, ModelMissing
 from shared.messages import GenerateRequest, LoraRef
 
 from tiny_fixtures import (FLUX_DIFFUSERS, SD15_KOHYA, SDXL_KOHYA,  # noqa: F401
-                           RecordingContext, lora_engine, make_header_lora, make_tiny_lora,
-                           random_rgba, tiny_catalogue, tiny_engine, tiny_lora_dir, tiny_root,
-                           torch_threads)
+                           RecordingContext, lora_engine, make_header_lora, random_rgba,
+                           tiny_lora_dir, tiny_root, torch_threads)
 
 W = H = 64
 
