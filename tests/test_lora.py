@@ -208,6 +208,28 @@ def test_loaded_adapters_count_in_the_memory_budget(lora_engine):
     assert entry.nbytes > before and entry.nbytes - before == entry.loras.nbytes > 0
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_loras_in_fp16_with_and_without_offload(tiny_root, tiny_lora_dir, offload):
+    from backend.engines.diffusers.engine import DiffusersEngine
+
+    engine = DiffusersEngine(Catalogue(ModelConfig(tiny_root=str(tiny_root),
+                                                   lora_dir=str(tiny_lora_dir))),
+                             offload=offload)
+    plain = pixels(engine, request())
+    ink = pixels(engine, request(("ink", 1.0), ("paper", 0.5)))  # loads while offloaded
+    assert np.abs(ink - plain).mean() > 1.0
+    assert np.array_equal(pixels(engine, request(("ink", 0.0))), plain)
+    assert np.array_equal(pixels(engine, request(("ink", 1.0), ("paper", 0.5))), ink)
+    engine.close()
+
+
 # -----------------------------------------------------------------------------
 # The folder and the family (no torch)
 # -----------------------------------------------------------------------------
