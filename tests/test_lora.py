@@ -208,6 +208,29 @@ def test_loaded_adapters_count_in_the_memory_budget(lora_engine):
     assert entry.nbytes > before and entry.nbytes - before == entry.loras.nbytes > 0
 
 
+def test_loras_on_the_fast_path_split_the_fused_attention(tiny_root, tiny_lora_dir,
+                                                         lora_engine):
+    """fuse_qkv merges (and drops) the to_q/to_k/to_v a LoRA adapts: the first LoRA splits
+    them back, so the LoRA takes full effect, exactly as on a base that was never fused;
+    the UNet runs uncompiled (a graph would specialise on the strengths)."""
+    from backend.engines.diffusers.compiled import compiled_forward
+    from backend.engines.diffusers.engine import DiffusersEngine
+
+    fast = DiffusersEngine(Catalogue(ModelConfig(tiny_root=str(tiny_root),
+                                                 lora_dir=str(tiny_lora_dir))),
+                           device="cpu", fast_options={"fuse_qkv": True, "compile": True})
+    unet = None
+    try:
+        ink = pixels(fast, request(("ink", 1.0), ("paper", 0.5)))
+        unet = next(iter(fast._bases.values())).pipe.unet
+        assert compiled_forward(unet) is None and fast.stats["compile_s"] == 0
+        assert not any(getattr(m, "fused_projections", False) for m in unet.modules())
+        assert np.array_equal(ink, pixels(lora_engine, request(("ink", 1.0), ("paper", 0.5))))
+        assert np.array_equal(pixels(fast, request()), pixels(lora_engine, request()))
+    finally:
+        fast.close()
+
+
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()

@@ -19,6 +19,14 @@
   seed.  Unfused, a seed gives the same pixels whatever ran before.  The price, from
   ``controlcanvas bench lora-cost`` on the CPU: +6 % per step for one rank-32 LoRA, +10 %
   for two; fusing two and unfusing them costs about one step each time the set changes.
+* **On the fast path** (:mod:`.acceleration`): a LoRA adapts the attention's separate
+  ``to_q`` / ``to_k`` / ``to_v`` projections, which ``fuse_qkv`` merges into one (and
+  drops), and its strengths change between requests, which a ``torch.compile`` graph
+  would specialise on.  So the first LoRA used on a base splits that base's UNet
+  attention back into its projections (bit-exact copies of the fused weights) and runs
+  the UNet uncompiled from then on; the ControlNets keep both.  From then on that base
+  computes as without ``fuse_qkv``: its pictures without a LoRA may differ in the last
+  bits from those it made before its first LoRA.
 * **Checked before loading.** A LoRA made for another family (or text-embedding width)
   than the base is refused with :class:`~shared.errors.LoraMismatch`
   (:func:`backend.engines.loras.fit_problem`); a file diffusers cannot read is
@@ -38,6 +46,7 @@ from shared.messages import LoraRef
 
 from ..loras import LoraFile, LoraFolder, fit_problem
 from .cache import BaseEntry, is_out_of_memory
+from .compiled import uncompile
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +165,51 @@ class LoraAdapters:
         return total
 
 
+def split_attention(model) -> int:
+    """Undo ``acceleration``'s fused q/k/v projections on ``model`` (a UNet): each fused
+    attention gets its ``to_q`` / ``to_k`` / ``to_v`` (cross-attention: ``to_k`` / ``to_v``)
+    back as bit-exact slices of the fused weights, and the model the unfused SDPA
+    processor.  Returns how many attention modules were split."""
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    split = 0
+    for attn in model.modules():
+        if not isinstance(attn, Attention) or not attn.fused_projections:
+            continue
+        cross = attn.is_cross_attention
+        fused = attn.to_kv if cross else attn.to_qkv
+        rows = fused.weight.shape[0]
+        sizes = [rows // 2] * 2 if cross else [attn.inner_dim, *[(rows - attn.inner_dim) // 2] * 2]
+        names = ("to_k", "to_v") if cross else ("to_q", "to_k", "to_v")
+        biases = fused.bias.data.split(sizes) if fused.bias is not None else [None] * len(sizes)
+        for name, weight, bias in zip(names, fused.weight.data.split(sizes), biases):
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                     device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            setattr(attn, name, linear)
+        delattr(attn, "to_kv" if cross else "to_qkv")
+        attn.fused_projections = False
+        split += 1
+    if split:
+        model.set_attn_processor(AttnProcessor2_0())
+    return split
+
+
+def _ready_for_adapters(entry: BaseEntry) -> None:
+    """The base's UNet as adapters need it: unfused attention, not compiled (see above)."""
+    unet = getattr(entry.pipe, "unet", None)
+    if unet is None:
+        return
+    uncompile(unet)
+    if split_attention(unet):
+        log.info("LoRAs on %s: its UNet attention is unfused and runs uncompiled",
+                 entry.resolved.name)
+
+
 def base_context(entry: BaseEntry) -> int:
     """The width of the text embeddings the base's denoiser reads (0: not a UNet)."""
     unet = getattr(entry.pipe, "unet", None)
@@ -182,6 +236,7 @@ def apply_loras(entry: BaseEntry, refs: Sequence[LoraRef], folder: LoraFolder,
     if entry.loras is None:
         if not any(strength for _, strength in loras):
             return  # nothing to apply, nothing loaded: leave the base untouched
+        _ready_for_adapters(entry)
         entry.loras = LoraAdapters(entry.pipe)
     before = entry.loras.nbytes
     loaded = entry.loras.activate(loras)
