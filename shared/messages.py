@@ -338,7 +338,7 @@ class LoraRef(_Checked):
             else self.name
         problem = lora_name_problem(name)
         if problem:
-            raise FieldError(f"name {self.name!r} {problem}; use a name the server lists "
+            raise FieldError(f"name {_show(self.name)} {problem}; use a name the server lists "
                              f"(`controlcanvas models`).", field="name")
         object.__setattr__(self, "name", name)
 
@@ -373,7 +373,7 @@ class GenerateRequest(_Checked):
         names = [lora.name for lora in self.loras]
         for i, name in enumerate(names):
             if name in names[:i]:
-                raise FieldError(f"loras[{i}].name {name!r} is named before; give each LoRA "
+                raise FieldError(f"loras[{i}].name {_show(name)} is named before; give each LoRA "
                                  f"once, with its strength.", field=f"loras[{i}].name")
         if self.mode in ("img2img", "inpaint") and self.init_image is None:
             raise FieldError(f"{self.mode} needs init_image: the slot of the canvas image.",
@@ -666,7 +666,8 @@ class Status(Message):
 @_message
 class Models(Message):
     """``loras`` (added within protocol 1): the server's LoRA folder; left out of the JSON
-    when empty, so a plug-in that predates LoRAs reads a server without any."""
+    when empty (a plug-in older than the client's forward compatibility then still reads
+    the message)."""
     TYPE: ClassVar[str] = "models"
     OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras",)
     models: Tuple[ModelInfo, ...] = ()
