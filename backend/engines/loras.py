@@ -193,7 +193,8 @@ class LoraFolder:
         return tuple(lora.info() for lora in self.scan())
 
     def find(self, name: str, field: str = "loras") -> LoraFile:
-        """The LoRA called ``name``; ModelMissing naming the ones that exist otherwise."""
+        """The LoRA called ``name``; ModelMissing naming the ones that exist otherwise (the
+        folder's path goes to the log only: a client learns no paths of the server)."""
         found = {lora.name: lora for lora in self.scan()}
         if name in found:
             return found[name]
@@ -201,14 +202,15 @@ class LoraFolder:
         pickle = next((p for p in pickles if p.is_file()), None)
         if pickle is not None:
             raise ModelMissing(
-                f"The LoRA {pickle.name!r} is a {pickle.suffix} file, which ControlCanvas does "
-                f"not load (such files can run code). Get the .safetensors version of it, "
-                f"and put it in {self.folder}.", field=field)
+                f"The LoRA {name!r} is a {pickle.suffix} file, which ControlCanvas does not "
+                f"load (such files can run code). Put the .safetensors version of it in the "
+                f"server's LoRA folder.", field=field)
+        log.info("no LoRA %r in the LoRA folder %s", name, self.folder)
         listed = ", ".join(sorted(found)) if found else "none"
         raise ModelMissing(
-            f"There is no LoRA {name!r} in the LoRA folder {self.folder}. LoRAs there: "
-            f"{listed}. Put the .safetensors file in that folder (names are file names "
-            f"without .safetensors).", field=field)
+            f"There is no LoRA {name!r} on the server; its LoRAs: {listed}. Put the "
+            f".safetensors file in the server's LoRA folder (`controlcanvas models` on the "
+            f"server shows where; a name is the file name without .safetensors).", field=field)
 
 
 def fit_problem(lora: LoraFile, base_name: str, base_family: str, base_context: int) -> str:

@@ -103,7 +103,8 @@ class LoraAdapters:
         state = tuple(zip(names, (strength for _, strength in wanted)))
         if state != self.active:
             if not state:
-                self.pipe.disable_lora()
+                if self.loaded:  # (after a failed first load there is nothing to turn off)
+                    self.pipe.disable_lora()
             else:
                 self.pipe.enable_lora()
                 self.pipe.set_adapters(list(names), [strength for _, strength in state])
@@ -131,10 +132,12 @@ class LoraAdapters:
                 raise Unsupported("LoRAs need the peft package on the server: "
                                   "`pip install peft`, then restart the server.",
                                   field="loras") from None
+            log.warning("could not load the LoRA %s from %s: %s: %s", lora.name, lora.path,
+                        type(err).__name__, err)
             raise Unsupported(
-                f"The LoRA {lora.name!r} could not be loaded ({type(err).__name__}: {err}). "
-                f"It may be a kind of LoRA diffusers does not read (LyCORIS LoHa/LoKr, a "
-                f"damaged file); try another LoRA.", field="loras") from None
+                f"The LoRA {lora.name!r} could not be loaded: it may be a kind of LoRA "
+                f"diffusers does not read (LyCORIS LoHa/LoKr) or a damaged file; the server "
+                f"log says more. Try another LoRA.", field="loras") from None
         self.loaded[lora.key] = (name, self._adapter_bytes(name))
         self.loads += 1
         log.info("loaded LoRA %s (%s) as %s", lora.name, lora.family, name)
