@@ -109,11 +109,13 @@ class Client:
 
     def submit(self, request: GenerateRequest, images: Mapping[int, Image], *,
                cancel_on_disconnect: bool = False, preview_every: int = 0,
-               job_id: Optional[str] = None) -> str:
+               job_id: Optional[str] = None, live: bool = False) -> str:
+        """``live``: a throwaway live-painting frame; it replaces this connection's previous
+        live job (that one ends with the error ``superseded``)."""
         with self._lock:
             job = self.session.generate(request, images, job_id=job_id,
                                         cancel_on_disconnect=cancel_on_disconnect,
-                                        preview_every=preview_every)
+                                        preview_every=preview_every, live=live)
             self._flush()
         return job
 

@@ -154,6 +154,13 @@ class Cancelled(ControlCanvasError):
     default_message = "The job was cancelled."
 
 
+class Superseded(Cancelled):
+    """A live job replaced by the same client's newer live job before its frame was shown."""
+
+    code = "superseded"
+    default_message = ("A newer live frame replaced this one; its result was dropped.")
+
+
 class Expired(ControlCanvasError):
     code = "expired"
     default_message = "The job's result was kept for its retention time and then discarded."

@@ -50,6 +50,7 @@ MAX_LORAS = 8  # LoRAs in one request
 LORA_STRENGTH = (-2.0, 2.0)
 LORA_SUFFIX = ".safetensors"
 _LORA_NAME_MAX = 200
+_PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
 def new_job_id() -> str:
@@ -364,9 +365,15 @@ class GenerateRequest(_Checked):
     # Added within protocol 1: left out of the JSON when empty (see OMIT_WHEN_EMPTY), so
     # a server that predates LoRAs still takes a request without any.
     loras: Tuple[LoraRef, ...] = ()
-    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras",)
+    # A few-step preset (``Models.presets``: LoRA + scheduler + step and CFG range), "" = none.
+    preset: str = ""
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "preset")
 
     def _check(self) -> None:
+        if self.preset and not _PRESET_NAME.match(self.preset):
+            raise FieldError(f"preset {_show(self.preset)} is not a preset name (lowercase "
+                             f"letters, digits, '.', '_', '-'); use a name the server lists.",
+                             field="preset")
         if len(self.loras) > MAX_LORAS:
             raise FieldError(f"loras holds {len(self.loras)} LoRAs; at most {MAX_LORAS} per "
                              f"request.", field="loras")
@@ -454,6 +461,31 @@ class LoraInfo(_Checked):
 
 
 @dataclass(frozen=True)
+class PresetInfo(_Checked):
+    """A few-step preset the server offers (``GenerateRequest.preset``): what it is called,
+    the base family it fits, its default steps and CFG and their ranges, the scheduler, the
+    LoRA it needs (``lora``, "" for a distilled base) and whether that is there
+    (``present``; if not, ``download`` is the command that fetches it), its licence and
+    whether that allows commercial use."""
+    name: str
+    label: str = ""
+    family: str = ""
+    steps: int = 4
+    min_steps: int = 1
+    max_steps: int = 8
+    cfg: float = 1.0
+    max_cfg: float = 2.0
+    scheduler: str = ""
+    lora: str = ""
+    base: str = ""
+    present: bool = False
+    download: str = ""
+    licence: str = ""
+    commercial: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class ResultImage(_Checked):
     slot: int
     width: int
@@ -496,13 +528,22 @@ class Hello(Message):
 @_message
 class Generate(Message):
     TYPE: ClassVar[str] = "generate"
+    # ``live`` (added within protocol 1, left out of the JSON when false): a throwaway frame
+    # of live painting. It supersedes the client's previous live job, jumps the queue, is
+    # never kept on disk, and is cancelled when the connection goes (docs/live.md).
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("live",)
     job_id: str
     request: GenerateRequest
     cancel_on_disconnect: bool = False
     preview_every: int = _range(0, 0, 1000)
+    live: bool = False
 
     def _check(self) -> None:
         _check_job_id(self.job_id)
+        if self.live and (self.request.batch != 1 or self.request.hires):
+            raise FieldError("A live job makes one frame: batch must be 1 and hires off.",
+                             field="request.batch" if self.request.batch != 1 else
+                             "request.hires")
 
     def slots(self) -> Tuple[int, ...]:
         return self.request.slots()
@@ -665,15 +706,16 @@ class Status(Message):
 
 @_message
 class Models(Message):
-    """``loras`` (added within protocol 1): the server's LoRA folder; left out of the JSON
-    when empty (a plug-in older than the client's forward compatibility then still reads
-    the message)."""
+    """``loras`` (added within protocol 1): the server's LoRA folder; ``presets`` (added
+    within protocol 1): its few-step presets; each left out of the JSON when empty (a
+    plug-in older than the client's forward compatibility then still reads the message)."""
     TYPE: ClassVar[str] = "models"
-    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras",)
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "presets")
     models: Tuple[ModelInfo, ...] = ()
     annotators: Tuple[AnnotatorInfo, ...] = ()
     default_base: str = ""
     loras: Tuple[LoraInfo, ...] = ()
+    presets: Tuple[PresetInfo, ...] = ()
 
 
 CLIENT_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (

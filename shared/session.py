@@ -412,11 +412,12 @@ class ClientSession(_Session):
 
     def generate(self, request: GenerateRequest, images: Mapping[int, Image], *,
                  job_id: Optional[str] = None, cancel_on_disconnect: bool = False,
-                 preview_every: int = 0) -> str:
-        """Queue a generate request and its images; returns the job id."""
+                 preview_every: int = 0, live: bool = False) -> str:
+        """Queue a generate request and its images; returns the job id. ``live``: a
+        throwaway frame of live painting (see ``messages.Generate``)."""
         message = Generate(job_id=job_id or new_job_id(), request=request,
                            cancel_on_disconnect=cancel_on_disconnect,
-                           preview_every=preview_every)
+                           preview_every=preview_every, live=live)
         self._submit(message, images)
         return message.job_id
 

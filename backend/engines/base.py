@@ -36,6 +36,19 @@ class JobContext(Protocol):
     def check_cancelled(self) -> None:
         """Raise Cancelled if the job was cancelled."""
 
+    def step_boundary(self) -> None:
+        """A denoising step is done and the engine may pause here: the server may run
+        waiting live jobs before the next step (live painting's priority lane). Only an
+        engine with ``preempts_between_steps = True`` calls it: one whose state (and this
+        job's result) survives another job running in between."""
+
+
+def step_boundary(ctx: JobContext) -> None:
+    """``ctx.step_boundary()`` for contexts that have one (benches' and tests' may not)."""
+    boundary = getattr(ctx, "step_boundary", None)
+    if boundary is not None:
+        boundary()
+
 
 class NullContext:
     """A JobContext that reports nowhere and is never cancelled: for running an engine
@@ -55,6 +68,9 @@ class NullContext:
     def check_cancelled(self) -> None:
         pass
 
+    def step_boundary(self) -> None:
+        pass
+
 
 @dataclass(frozen=True)
 class Generated:
@@ -65,7 +81,9 @@ class Generated:
 class Engine(Protocol):
     """``name`` is what the welcome and the log call it.  An engine may also have
     ``info() -> Dict[str, bool | int | float | str]``: its settings (device, precision,
-    fast path), which the doctor prints and the welcome carries (see :func:`engine_info`)."""
+    fast path), which the doctor prints and the welcome carries (see :func:`engine_info`).
+    ``preempts_between_steps`` (default False): it calls ``ctx.step_boundary()`` after each
+    denoising step, and another job may run there without changing this job's pixels."""
 
     name: str
 

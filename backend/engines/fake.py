@@ -15,7 +15,7 @@ from ..annotators.controls import prepare_controls
 from ..annotators.library import annotate, list_annotators
 from ..annotators.registry import Annotated
 from ..imaging import from_array, luminance, resize_nearest, to_array
-from .base import Generated, JobContext
+from .base import Generated, JobContext, step_boundary
 
 
 def _colour(prompt: str, seed: int) -> np.ndarray:
@@ -34,6 +34,7 @@ class FakeEngine:
     """
 
     name = "fake"
+    preempts_between_steps = True  # it keeps no state between steps: a live job may run there
 
     def __init__(self, step_seconds: float = 0.0) -> None:
         self.step_seconds = step_seconds
@@ -53,6 +54,7 @@ class FakeEngine:
                 if ctx.wants_preview(step):
                     ctx.preview(step, Image.filled(8, 8, (*_colour(request.prompt, seed)
                                                             .astype(np.uint8).tolist(), 255)))
+                step_boundary(ctx)
             out.append(Generated(self._picture(request, images, seed), seed))
         return out
 

@@ -220,6 +220,9 @@ class ServerConfig:
     # in default_store_dir() unless the setting is "none".
     store_dir: Optional[Path] = None
     preview_size: int = 128
+    # Live painting (docs/live.md): a live job may run between two steps of another job
+    # when the engine supports it (else it waits for that job to end).
+    live_preemption: bool = True
     allow_remote: bool = False  # set by choosing a non-loopback --host
     engine_options: Dict[str, Any] = field(default_factory=dict)
     # where a client's `train` message may read datasets and write ControlNets

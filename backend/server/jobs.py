@@ -18,6 +18,24 @@ on disk too, and the ones kept before a crash or restart come back when the mana
 starts.  A client hears of a job (``queued``, progress, its result) only once the store
 holds what it needs to give it back: the job's inputs before it is announced or run,
 its result files before the result is sent.  Without a store, everything is in memory.
+
+Live jobs (``Generate.live``, docs/live.md) are throwaway frames of live painting:
+
+* **Supersede.** A client has at most one live job: a new one replaces its queued live job
+  (that one ends with ``superseded``) and cancels its running one at the engine's next
+  cancel check; a superseded job's result is dropped, never delivered or kept, and so is a
+  finished live result the client has not collected yet.  They are never written to the
+  store, and they are cancelled (or dropped) when their connection goes.
+* **Priority lane.** Queued live jobs (one per client, oldest first) start before the
+  clients' lanes, but never twice in a row while a lane waits: a live round, then a
+  lane's job, then a live round...  So a job of another client waits for at most one
+  live round, and a live job for at most one other job.
+* **Preemption.** With an engine that can pause between two denoising steps
+  (``preempts_between_steps``: it calls ``ctx.step_boundary()`` after each step), the
+  live jobs waiting at a step boundary of a running non-live job run right there, on the
+  worker thread, one round (each waiting client's live job once), and then the paused job
+  takes its next step.  So a live job waits for at most one step of another client's
+  long job, and that job still advances at least one step per live round.
 """
 
 from __future__ import annotations
@@ -37,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
-                           MissingImage, QueueFull, UnknownJob)
+                           MissingImage, QueueFull, Superseded, UnknownJob)
 from shared.images import Image
 from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, Train
 
@@ -150,8 +168,14 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     finished_at: float = 0.0
-    dropped: str = ""  # "acked" or "expired": forgotten, its result bytes released
+    dropped: str = ""  # "acked", "expired" or "superseded": forgotten, result bytes released
     stored: Optional[concurrent.futures.Future] = None  # the store's add(), if any
+    superseded: bool = False  # a newer live job of its client replaced it
+
+    @property
+    def live(self) -> bool:
+        """A throwaway live-painting frame (see the module docstring)."""
+        return isinstance(self.message, Generate) and self.message.live
 
     @property
     def durable(self) -> bool:
@@ -177,13 +201,15 @@ class JobManager:
                  retention_bytes_per_client: int = 0, max_jobs_per_client: int = 0,
                  held_outside: Optional[Callable[[], Dict[str, int]]] = None,
                  tombstones: int = 4096, store: Optional[JobStore] = None,
-                 training: Optional[TrainRoots] = None) -> None:
+                 training: Optional[TrainRoots] = None, live_preemption: bool = True) -> None:
         """``retention_bytes`` bounds the result bytes held for all clients together,
         ``retention_bytes_per_client`` those of one client (0: no separate cap);
         ``held_outside()`` gives, per client key, result bytes held elsewhere (frames on
         their way to the client), which count against both. With a ``store``, jobs are
         kept on disk too and the ones it kept come back (see the module docstring).
-        ``training``: where a client's `train` job may read and write."""
+        ``training``: where a client's `train` job may read and write.
+        ``live_preemption``: live jobs run between two steps of another job when the
+        engine can pause there (``engine.preempts_between_steps``)."""
         self.engine = engine
         # where a client's `train` job may read and write (default: the per-user folders)
         self.training = training or ServerConfig().training_roots()
@@ -203,6 +229,12 @@ class JobManager:
         self._turn = 0
         self._last_served: Dict[str, int] = {}  # client key -> turn it was last served
         self._running: Optional[Job] = None
+        self._live: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
+        self._live_round = False  # the last job started was live (lanes go next)
+        self._nested: Optional[Job] = None  # a live job running inside a paused one
+        self.preemption = bool(live_preemption and
+                               getattr(engine, "preempts_between_steps", False))
+        self.live_stats = {"superseded": 0, "preempted_steps": 0, "nested": 0}
         self._stopping = False
         self.store = store
         if store is not None:
@@ -227,6 +259,8 @@ class JobManager:
             message = replace(message, request=replace(message.request,
                                                        seed=secrets.randbelow(MAX_SEED + 1)))
         job = Job(message=message, images=images, submitter=owner.key, owner=owner)
+        if job.live:
+            return self._submit_live(job)
         with self._lock:
             if self._queued_count() >= self.max_queue:
                 raise QueueFull(f"The queue already holds {self.max_queue} jobs; wait for some "
@@ -247,25 +281,67 @@ class JobManager:
         self._announce_positions()
         return job
 
+    def _submit_live(self, job: Job) -> Job:
+        """Queue a live job in the priority lane, replacing the client's previous one."""
+        key = job.submitter
+        with self._lock:
+            replaced = self._live.pop(key, None)
+            running = [j for j in (self._running, self._nested)
+                       if j is not None and j.live and j.submitter == key]
+            self.jobs[job.job_id] = job
+            self._live[key] = job
+            self._lock.notify()
+        for old in running:  # stops at the engine's next cancel check; its result is dropped
+            old.superseded = True
+            old.cancel_event.set()
+        if replaced is not None:
+            replaced.superseded = True
+            self._finish(replaced, error=Superseded(job_id=replaced.job_id))
+        self._drop_uncollected_live(key, keep=job)
+        self._announce_positions()
+        return job
+
+    def _drop_uncollected_live(self, key: str, keep: Job) -> None:
+        """A client's finished live results it has not collected yet are replaced by the
+        newer frame: dropped (a result still waiting in its outbox goes as ``superseded``)."""
+        stale = [j for j in self.jobs.values() if j.live and j.submitter == key
+                 and j is not keep and j.state in FINISHED]
+        for job in stale:
+            if job.state == DONE:  # (a superseded one was counted when it finished)
+                self.live_stats["superseded"] += 1
+            self._release(job, "superseded")
+        if stale:
+            self._trim_if_worth_it()
+
     def cancel(self, job_id: str, owner: Owner) -> None:
         job = self._owned(job_id, owner)
         if job.state in FINISHED:
             return  # its outcome has been or will be delivered already
         job.cancel_event.set()
         with self._lock:
-            lane = self._lanes.get(job.submitter)
-            queued = lane is not None and job in lane
-            if queued:
-                lane.remove(job)
-                if not lane:
-                    del self._lanes[job.submitter]
+            queued = self._dequeue(job)
         if queued:
             error = Cancelled(f"Job {job_id} was cancelled before it started.", job_id=job_id)
-            if self.store is not None:
+            if self.store is not None and not job.live:
                 self.store.finished(job, (), error)
             self._finish(job, error=error)
             self._announce_positions()
         # a running job stops at the engine's next check (before its next UNet block)
+
+    def _dequeue(self, job: Job) -> bool:
+        """Take a queued job out of its lane (under the lock); False if it was not queued."""
+        if job.live:
+            if self._live.get(job.submitter) is job:
+                del self._live[job.submitter]
+                return True
+            return False
+        lane = self._lanes.get(job.submitter)
+        if lane is None or job not in lane:
+            return False
+        lane.remove(job)
+        if not lane:
+            del self._lanes[job.submitter]
+        return True
 
     def ack(self, job_ids: Sequence[str], owner: Owner) -> None:
         self._drop_acked(job_ids, owner)
@@ -317,7 +393,9 @@ class JobManager:
             if job.owner is not owner:
                 continue
             job.owner = None
-            if job.message.cancel_on_disconnect and job.state not in FINISHED:
+            if job.live and job.state in FINISHED:  # a frame nobody will look at
+                self._release(job, "expired")
+            elif (job.message.cancel_on_disconnect or job.live) and job.state not in FINISHED:
                 log.info("client gone: cancelling job %s", job.job_id)
                 self.cancel(job.job_id, owner=_Nobody)
 
@@ -366,7 +444,7 @@ class JobManager:
         self._unreleased += job.kept_bytes
         del self.jobs[job.job_id]
         job.result, job.dropped = (), why
-        if self.store is not None:  # gone from the disk too
+        if self.store is not None and not job.live:  # gone from the disk too
             self.store.forget((job.job_id,))
 
     def held_bytes(self) -> Tuple[int, Dict[str, int]]:
@@ -386,12 +464,14 @@ class JobManager:
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stopping = True
-            for lane in self._lanes.values():
+            for lane in [*self._lanes.values(), self._live.values()]:
                 for job in lane:
                     job.cancel_event.set()
             self._lanes.clear()
-            if self._running is not None:
-                self._running.cancel_event.set()
+            self._live.clear()
+            for job in (self._running, self._nested):
+                if job is not None:
+                    job.cancel_event.set()
             self._lock.notify_all()
         self._worker.join(timeout)
         if self.store is not None:  # queued jobs stay in it for the next start
@@ -420,11 +500,13 @@ class JobManager:
         return sum(len(lane) for lane in self._lanes.values())
 
     def _order(self) -> List[Job]:
-        """Queued jobs in the order the worker will take them (see ``_next_lane``)."""
+        """Queued jobs in the order the worker will take them (see ``_next_lane``); live
+        jobs first (they run at the next step boundary, or next)."""
         with self._lock:
             lanes = {key: collections.deque(lane) for key, lane in self._lanes.items()}
             served = dict(self._last_served)
-        order: List[Job] = []
+            live = list(self._live.values())
+        order: List[Job] = live
         turn = self._turn
         while lanes:
             key = self._next_lane(lanes, served)
@@ -451,6 +533,9 @@ class JobManager:
 
     def _finish(self, job: Job, result: Tuple[Tuple[Optional[int], Image], ...] = (),
                 error: Optional[ControlCanvasError] = None) -> None:
+        if job.superseded and (error is None or isinstance(error, Cancelled)):
+            result, error = (), Superseded(job_id=job.job_id)  # its frame is not shown
+            self.live_stats["superseded"] += 1
         job.finished_at = time.monotonic()
         log.info("%s", job_log_line(job, error))
         job.images = {}  # inputs are no longer needed
@@ -474,10 +559,15 @@ class JobManager:
 
     def _take(self) -> Optional[Job]:
         with self._lock:
-            while not self._lanes and not self._stopping:
+            while not self._lanes and not self._live and not self._stopping:
                 self._lock.wait()
             if self._stopping:
                 return None
+            if self._live and not (self._live_round and self._lanes):
+                self._live_round = True
+                _, job = self._live.popitem(last=False)
+                return self._start(job, nested=False)
+            self._live_round = False
             key = self._next_lane(self._lanes, self._last_served)
             lane = self._lanes[key]
             job = lane.popleft()
@@ -489,37 +579,72 @@ class JobManager:
                 horizon = self._turn - 1024
                 self._last_served = {k: t for k, t in self._last_served.items()
                                      if t >= horizon or k in self._lanes}
+            return self._start(job, nested=False)
+
+    def _start(self, job: Job, nested: bool) -> Job:
+        """Mark ``job`` running (under the lock)."""
+        if nested:
+            self._nested = job
+        else:
             self._running = job
-            job.state = RUNNING
-            job.started_at = time.monotonic()
-            return job
+        job.state = RUNNING
+        job.started_at = time.monotonic()
+        return job
 
     def _work(self) -> None:
         while True:
             job = self._take()
             if job is None:
                 return
-            if self.store is not None:
-                self.store.started(job)  # waits: its inputs and this attempt are on disk
-            self._post(self._started, job)
-            result, error = (), None
-            try:
-                result = self._run(job)
-            except ControlCanvasError as err:
-                error = err
-            except Exception as err:  # an engine bug must not kill the worker
-                log.exception("job %s failed", job.job_id)
-                error = EngineError(f"The engine failed: {type(err).__name__}: {err}. "
-                                    f"See the server log; other jobs are not affected.")
-            with self._lock:
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        """Run one job on the worker thread and hand its outcome to the loop."""
+        durable = self.store is not None and not job.live
+        if durable:
+            self.store.started(job)  # waits: its inputs and this attempt are on disk
+        self._post(self._started, job)
+        result, error = (), None
+        try:
+            result = self._run(job)
+        except ControlCanvasError as err:
+            error = err
+        except Exception as err:  # an engine bug must not kill the worker
+            log.exception("job %s failed", job.job_id)
+            error = EngineError(f"The engine failed: {type(err).__name__}: {err}. "
+                                f"See the server log; other jobs are not affected.")
+        with self._lock:
+            if job is self._nested:
+                self._nested = None
+            else:
                 self._running = None
-                stopping = self._stopping
-            if self.store is not None:
-                if stopping and isinstance(error, Cancelled):
-                    self.store.requeue(job)  # stopped by the server: it runs at next start
-                else:  # on disk before the client hears of it
-                    self.store.finished(job, result, error).result()
-            self._post(self._finish, job, result, error)
+            stopping = self._stopping
+        if durable:
+            if stopping and isinstance(error, Cancelled):
+                self.store.requeue(job)  # stopped by the server: it runs at next start
+            else:  # on disk before the client hears of it
+                self.store.finished(job, result, error).result()
+        self._post(self._finish, job, result, error)
+
+    def _preempt(self, paused: Job) -> None:
+        """At a step boundary of ``paused`` (worker thread): run one round of the live
+        jobs waiting now (each of those clients' newest, once), then let ``paused`` take
+        its next step."""
+        if not self.preemption or paused.live:
+            return
+        with self._lock:
+            if self._nested is not None or self._stopping or not self._live:
+                return
+            clients = list(self._live)
+            self.live_stats["preempted_steps"] += 1
+        for key in clients:
+            with self._lock:  # taken and started at once: a newer one supersedes it cleanly
+                job = self._live.pop(key, None)
+                if job is None or self._stopping:
+                    continue
+                self._start(job, nested=True)
+            self.live_stats["nested"] += 1
+            self._execute(job)
 
     def _started(self, job: Job) -> None:
         self._announce_positions()
@@ -591,6 +716,12 @@ class _Context:
 
     def wants_preview(self, step: int) -> bool:
         return self._preview_every > 0 and step % self._preview_every == 0
+
+    def step_boundary(self) -> None:
+        """The engine finished a denoising step and may pause here: live jobs waiting now
+        run before its next step (see the module docstring). Only an engine whose state
+        survives another job running in between calls it."""
+        self._manager._preempt(self._job)
 
     def preview(self, step: int, image: Image) -> None:
         self._manager._post(self._deliver_preview, step, image)

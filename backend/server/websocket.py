@@ -34,7 +34,7 @@ from websockets.protocol import State
 
 import backend
 from shared.errors import (AuthError, ControlCanvasError, EngineError, Expired, LimitError,
-                           ProtocolError)
+                           ProtocolError, Superseded)
 from shared.images import Image
 from shared.messages import (Ack, Cancel, ModelsRequest, Progress, Queued, Resume, Status,
                              StatusRequest)
@@ -98,7 +98,9 @@ class Connection:
     def _result_frames(self, job: Job) -> list:
         if job.dropped == "acked":  # collected meanwhile (through another connection)
             return []
-        if job.dropped:  # expired while waiting in the outbox
+        if job.dropped == "superseded":  # a newer live frame replaced it while it waited
+            self.session.send_error(Superseded(job_id=job.job_id))
+        elif job.dropped:  # expired while waiting in the outbox
             self.session.send_error(Expired(
                 f"Job {job.job_id} finished, but its result waited unread longer than the "
                 f"server keeps results (retention time or bytes); it is gone. Read results "
@@ -186,7 +188,8 @@ class Server:
                                   retention_bytes=cfg.retention_bytes,
                                   retention_bytes_per_client=cfg.retention_bytes_per_client,
                                   held_outside=self._results_in_flight, store=store,
-                                  training=cfg.training_roots())
+                                  training=cfg.training_roots(),
+                                  live_preemption=cfg.live_preemption)
         try:
             self._server = await serve(
                 self._handle, cfg.host, cfg.port,
