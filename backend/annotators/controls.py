@@ -3,8 +3,10 @@ engine generates at, honouring the unit's resize mode."""
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Hashable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -55,6 +57,43 @@ def annotate_unit(name: str, image: Image, params: Optional[Mapping[str, Any]], 
     return Image(size[0], size[1], frame.tobytes())
 
 
+class ControlCache:
+    """The control images made lately, so a live frame whose unit layer did not change
+    reuses its annotation: keyed by a hash of the source pixels (BLAKE2b), the annotator,
+    its parameters, the resize mode, the pose and the size; least recently used dropped
+    past ``size`` entries. ``hits`` and ``misses`` count lookups."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._items: "OrderedDict[Hashable, Image]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(image: Optional[Image], unit_key: Hashable, size: Size) -> Hashable:
+        digest = None
+        if image is not None:
+            digest = (image.width, image.height,
+                      hashlib.blake2b(image.data, digest_size=16).digest())
+        return (digest, unit_key, tuple(size))
+
+    def get(self, key: Hashable) -> Optional[Image]:
+        found = self._items.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return found
+
+    def put(self, key: Hashable, image: Image) -> None:
+        if self.size <= 0:
+            return
+        self._items[key] = image
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
 def _prefixed(err: FieldError, prefix: str) -> FieldError:
     field = f"{prefix}.{err.field}" if err.field else prefix
     new = type(err)(f"{prefix}: {err.message}", field=field)
@@ -62,7 +101,8 @@ def _prefixed(err: FieldError, prefix: str) -> FieldError:
 
 
 def prepare_controls(request: GenerateRequest, images: Mapping[int, Image],
-                     size: Optional[Size] = None) -> Tuple[GenerateRequest, Dict[int, Image]]:
+                     size: Optional[Size] = None, cache: Optional[ControlCache] = None
+                     ) -> Tuple[GenerateRequest, Dict[int, Image]]:
     """Annotate every control unit of ``request`` at ``size`` (default: the request's size).
 
     Returns ``(request', images')``: each unit with a preprocessor other than
@@ -72,7 +112,9 @@ def prepare_controls(request: GenerateRequest, images: Mapping[int, Image],
     (the engine fits them itself).  Units that share image, preprocessor, params
     and resize mode share one annotation.  Errors name the unit
     (``controls[1].params.low``).  Pass ``size`` = the size the engine generates at
-    (pixel perfect); it must have the request's aspect ratio.
+    (pixel perfect); it must have the request's aspect ratio.  With a ``cache``, a unit
+    whose source pixels, annotator, parameters and size were annotated lately reuses that
+    control image (the same pixels: annotators are deterministic).
     """
     size = check_size(size if size is not None else (request.width, request.height))
     out: Dict[int, Image] = dict(images)
@@ -90,20 +132,7 @@ def prepare_controls(request: GenerateRequest, images: Mapping[int, Image],
                unit.resize_mode, pose)
         slot = done.get(key)
         if slot is None:
-            try:
-                if pose is not None:
-                    control = shared_pose.render_message(pose, size, unit.resize_mode)
-                else:
-                    if unit.image not in images:
-                        raise MissingImage(f"{prefix}.image: slot {unit.image} was not sent.",
-                                           field=f"{prefix}.image")
-                    control = annotate_unit(unit.preprocessor, images[unit.image], unit.params,
-                                            size, unit.resize_mode)
-            except FieldError as err:
-                raise _prefixed(err, prefix) from None
-            except Unsupported as err:
-                raise Unsupported(f"{prefix}: {err.message}",
-                                  field=f"{prefix}.preprocessor") from None
+            control = _control_image(unit, images, size, prefix, cache, key[1:])
             slot = next_slot
             next_slot += 1
             out[slot] = control
@@ -115,3 +144,32 @@ def prepare_controls(request: GenerateRequest, images: Mapping[int, Image],
     new_request = replace(request, controls=tuple(units))
     keep = set(new_request.slots())
     return new_request, {s: img for s, img in out.items() if s in keep}
+
+
+def _control_image(unit, images: Mapping[int, Image], size: Size, prefix: str,
+                   cache: Optional[ControlCache], unit_key: Hashable) -> Image:
+    """One unit's control image (its pose drawn, or its annotator run), from ``cache``
+    when the same source was annotated the same way lately."""
+    pose = getattr(unit, "pose", None)
+    if pose is None and unit.image not in images:
+        raise MissingImage(f"{prefix}.image: slot {unit.image} was not sent.",
+                           field=f"{prefix}.image")
+    key = None
+    if cache is not None:
+        key = cache.key(images[unit.image] if pose is None else None, unit_key, size)
+        found = cache.get(key)
+        if found is not None:
+            return found
+    try:
+        if pose is not None:
+            control = shared_pose.render_message(pose, size, unit.resize_mode)
+        else:
+            control = annotate_unit(unit.preprocessor, images[unit.image], unit.params,
+                                    size, unit.resize_mode)
+    except FieldError as err:
+        raise _prefixed(err, prefix) from None
+    except Unsupported as err:
+        raise Unsupported(f"{prefix}: {err.message}", field=f"{prefix}.preprocessor") from None
+    if cache is not None:
+        cache.put(key, control)
+    return control

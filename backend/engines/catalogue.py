@@ -14,7 +14,10 @@ unit's ``model``, or ``controlcanvas models download NAME``):
 * ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.engines.tiny`
   (every condition; for tests and benchmarks);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
-  ``sdxl:CONDITION`` (default ControlNets) for ``models download``.
+  ``sdxl:CONDITION`` (default ControlNets) for ``models download``; and the few-step
+  presets' names (:mod:`backend.engines.presets`): ``models download lcm-sd15`` fetches
+  that preset's LoRA file into the LoRA folder under the name the preset uses (a base
+  preset: its base model).
 
 A request (a client of the server) may name a model path only inside a models folder:
 ``models`` in the per-user data folder (where training writes, ``models/trained``) and
@@ -65,7 +68,7 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import tiny
+from . import presets as few_step, tiny
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
@@ -556,8 +559,11 @@ class Catalogue:
         return _family_from_name(name)
 
     def models_message(self, annotators: Tuple[AnnotatorInfo, ...] = ()) -> Models:
+        loras = self.loras.infos()
         return Models(models=tuple(self.entries()), annotators=annotators,
-                      default_base=self.default_base, loras=self.loras.infos())
+                      default_base=self.default_base, loras=loras,
+                      presets=few_step.infos([lora.name for lora in loras],
+                                             lambda hub: self.cached_snapshot(hub, "base")))
 
     # -- downloading ---------------------------------------------------------
 
@@ -566,7 +572,7 @@ class Catalogue:
         names = list(DEFAULT_BASES) + [n for n in self.config.bases if n not in DEFAULT_BASES]
         names += list(CONTROLNETS["sd15"]) + [f"{family}:{c}" for family in FAMILIES
                                               if family != "sd15" for c in CONTROLNETS[family]]
-        return names
+        return names + list(few_step.load_presets())
 
     def download_target(self, name: str) -> Tuple[str, str]:
         """(hub id, kind) that ``controlcanvas models download NAME`` fetches for ``name``."""
@@ -574,6 +580,9 @@ class Catalogue:
             return DEFAULT_BASES[name], "base"
         if name in self.config.bases:
             name = self.config.bases[name][0]
+        preset = few_step.load_presets().get(name)
+        if preset is not None:
+            return (preset.hub, "lora") if preset.lora else (preset.base, "base")
         family, _, condition = name.rpartition(":")
         if condition in CONDITIONS and family in ("", *FAMILIES):
             return self.controlnet_name(condition, family or "sd15"), "controlnet"
@@ -592,8 +601,11 @@ class Catalogue:
         return name, kind
 
     def download(self, name: str, *, progress: bool = True) -> Path:
-        """Fetch ``name`` (hub id or alias) into the hub cache; returns the snapshot folder."""
+        """Fetch ``name`` (hub id or alias) into the hub cache; returns the snapshot folder
+        (a preset's LoRA: its file in the LoRA folder)."""
         repo_id, kind = self.download_target(name)
+        if kind == "lora":
+            return self._download_lora(few_step.find(name))
         if _HUB_ID.match(repo_id) is None:
             raise ModelMissing(f"{repo_id!r} is a local path, not a hub id: nothing to download.",
                                field="model")
@@ -638,6 +650,45 @@ class Catalogue:
                                    f"reachable ({type(err).__name__}).", field="model") from None
             raise
         return Path(path)
+
+
+    def _download_lora(self, preset: "few_step.Preset") -> Path:
+        """A preset's LoRA file, fetched into the hub cache and copied into the LoRA folder
+        as ``<preset.lora>.safetensors`` (the name the preset asks for)."""
+        target = self.loras.folder / f"{preset.lora}.safetensors"
+        if target.is_file():
+            return target
+        from huggingface_hub import constants, hf_hub_download
+
+        if constants.HF_HUB_OFFLINE:
+            raise ModelMissing(
+                f"Cannot download the LoRA of {preset.name}: offline mode is on (HF_HUB_OFFLINE "
+                f"is set). Unset it and run `{preset.download}` on a connected machine, or put "
+                f"{preset.file} from {preset.hub} in the LoRA folder as {target.name}.",
+                field="preset")
+        try:
+            source = Path(hf_hub_download(preset.hub, preset.file,
+                                          cache_dir=self.config.cache_dir))
+        except Exception as err:  # noqa: BLE001 - hub and network errors vary by version
+            raise ModelMissing(f"Cannot download {preset.file} from {preset.hub} "
+                               f"({type(err).__name__}: {err}). Check the connection and "
+                               f"retry `{preset.download}`.", field="preset") from None
+        _copy_into(source, target)
+        log.info("LoRA of preset %s: %s", preset.name, target)
+        return target
+
+
+def _copy_into(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary name (never a half file)."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part")
+    try:
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _choose_patterns(files: set, kind: str) -> List[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
@@ -48,6 +49,8 @@ class BaseEntry:
     offload_owner: Any = None                                  # set_timesteps resets state)
     vae_fp32: bool = False  # the VAE is kept in fp32 (acceleration.vae_in_fp32)
     loras: Any = None  # lora.LoraAdapters: the LoRAs loaded into this base (made on first use)
+    prompts: Any = field(default_factory=OrderedDict)  # reuse.prompt_kwargs' embeddings
+    nested_pipes: Dict[type, Any] = field(default_factory=dict)  # for jobs run in a pause
 
 
 @dataclass

@@ -86,12 +86,13 @@ from shared.errors import ConfigError, EngineError, ModelMissing, OutOfMemory, U
 from shared.images import Image
 from shared.messages import GenerateRequest, Models, Preprocess
 
-from ...annotators.controls import prepare_controls
+from ...annotators.controls import ControlCache, prepare_controls
 from ...annotators.library import annotate, list_annotators
 from ...annotators.registry import Annotated
 from ...imaging import from_array, to_array
-from ..base import Generated, JobContext
+from ..base import Generated, JobContext, step_boundary
 from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolved
+from ..presets import Sampling, apply_preset, check_family
 from ..tiny import quiet_progress_bars
 from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews, choose_device,
                            choose_dtype, dtype_name, load_sdxl_vae, prepare_model,
@@ -103,6 +104,7 @@ from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, 
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
 from .lora import apply_loras
+from .reuse import PROMPT_CACHE_SIZE, control_window, prompt_kwargs
 from .pipelines import (PIPELINES, cancel_points, inpaint_condition, latent_preview,
                         to_pipeline_image)
 from .samplers import make_scheduler
@@ -162,7 +164,8 @@ class DiffusersEngine:
                  inpaint_margin: float = INPAINT_MARGIN_FRACTION,
                  inpaint_min_margin: int = INPAINT_MIN_MARGIN, feather: float = 0.015,
                  square_only: bool = False, cpu_threads: Optional[int] = None,
-                 fast_options: Optional[Mapping[str, Any]] = None) -> None:
+                 fast_options: Optional[Mapping[str, Any]] = None,
+                 prompt_cache: int = PROMPT_CACHE_SIZE, control_cache: int = 16) -> None:
         if cpu_threads:
             # Process-wide. On a CPU that other programs keep busy, fewer intra-op threads
             # than cores avoids stalls at OpenMP barriers (measured on 2 cores with one
@@ -193,7 +196,15 @@ class DiffusersEngine:
         self.last_plan: Optional[Plan] = None
         self.stats: Dict[str, Any] = {"oom_retries": 0, "loads": 0, "nonfinite": 0,
                                       "compile_s": 0.0, "compile_fallbacks": 0,
-                                      "lora_loads": 0}
+                                      "lora_loads": 0, "prompt_cache_hits": 0,
+                                      "prompt_cache_misses": 0}
+        # live painting: same-shape jobs reuse prompt embeddings and control images
+        # (.reuse), and a job may run in another's pause between two steps
+        self.prompt_cache_size = prompt_cache
+        self.controls_cache = ControlCache(control_cache)
+        self._depth = 0  # > 0 while a job runs in another job's pause
+        self._started = 0  # generate calls so far
+        self._in_use: List[List[str]] = []  # model keys of the jobs running (outer first)
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None,
@@ -248,6 +259,10 @@ class DiffusersEngine:
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
+            if self._depth:  # in another job's pause: no offload switch under its feet
+                raise OutOfMemory(f"Out of memory at {request.width}x{request.height} while "
+                                  f"another job was paused; try again when it is done, or "
+                                  f"make the frame smaller.") from None
             log.warning("out of memory; freeing caches and retrying with VAE tiling%s",
                         " and CPU offload" if self.device.type == "cuda" else "")
         # (Leaving the except block dropped the traceback and the tensors it held.)
@@ -409,6 +424,7 @@ class DiffusersEngine:
             return sum(e.nbytes for e in self._bases.values()) + \
                 sum(n.nbytes for n in self._nets.values())
 
+        keep = set(keep).union(*self._in_use)  # the paused job's models stay too
         evicted = False
         while used() + needed > self.memory_budget:
             # Least recently used first; ControlNets go before bases (cheaper to reload).
@@ -431,9 +447,12 @@ class DiffusersEngine:
 
     def _pipeline(self, entry: BaseEntry, mode: str, controls: bool, units: Optional[ControlUnits]):
         cls = PIPELINES[(entry.family, mode, controls)]
-        pipe = entry.pipes.get(cls)
+        # a job run in another's pause gets pipelines of its own (a pipeline keeps its
+        # call's state in attributes); they share every model with the paused job's
+        pipes = entry.nested_pipes if self._depth else entry.pipes
+        pipe = pipes.get(cls)
         if pipe is None:
-            if cls is type(entry.pipe):
+            if cls is type(entry.pipe) and not self._depth:
                 pipe = entry.pipe
             # from_pipe casts the shared modules to its dtype (default fp32): pass ours.
             elif controls:
@@ -443,7 +462,7 @@ class DiffusersEngine:
             if entry.vae_fp32:  # from_pipe cast the shared VAE to the pipeline's dtype
                 vae_in_fp32(pipe.vae, self.dtype)
             pipe.set_progress_bar_config(disable=True)
-            entry.pipes[cls] = pipe
+            pipes[cls] = pipe
         if controls:
             pipe.controlnet = units
         if self.offload and (entry.offload_owner is not pipe or controls):
@@ -476,7 +495,7 @@ class DiffusersEngine:
                                                         else 1.0)
         scale = min(1.0, target / side)
         size = (max(8, int(round(W * scale))), max(8, int(round(H * scale))))
-        return prepare_controls(request, images, size)
+        return prepare_controls(request, images, size, cache=self.controls_cache)
 
     def _plan(self, request: GenerateRequest, images: Mapping[int, Image], entry: BaseEntry,
               low_memory: bool) -> Plan:
@@ -582,11 +601,25 @@ class DiffusersEngine:
 
     def _generate(self, request: GenerateRequest, images: Mapping[int, Image], ctx: JobContext,
                   low_memory: bool) -> List[Generated]:
+        self._started += 1
+        request, sampling, preset = apply_preset(
+            request, (lora.name for lora in self.catalogue.loras.scan()))
         base = self.catalogue.resolve_base(request.base_model)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
                          for u in request.controls]
         keep = [base.key] + [r.key for r in resolved_nets]
+        self._in_use.append(keep)  # a job run in a pause must not evict these
+        try:
+            return self._generate_on(request, images, ctx, low_memory, base, resolved_nets,
+                                     sampling, preset)
+        finally:
+            self._in_use.pop()
+
+    def _generate_on(self, request, images, ctx, low_memory, base, resolved_nets, sampling,
+                     preset) -> List[Generated]:
+        keep = self._in_use[-1]
         entry = self._load_base(base, keep)
+        check_family(preset, entry.family, base.name)
         nets = [self._load_net(r, keep) for r in resolved_nets]
         for resolved, net in zip(resolved_nets, nets):
             _check_compatible(resolved, net, entry)
@@ -609,21 +642,19 @@ class DiffusersEngine:
                              [request.controls[i].control_mode for i in order], cfg) \
             if nets else None
 
-        total = len(seeds) * plan.steps_per_image
-        state = {"done": 0}
+        run = _JobRun(ctx, len(seeds) * plan.steps_per_image, sampling, cfg)
         out = []
         for seed in seeds:
             ctx.check_cancelled()
-            rgb = self._run_pass(request, plan.first, entry, units, order, seed, ctx, state,
-                                 total)
+            rgb = self._run_pass(request, plan.first, entry, units, order, seed, run)
             if plan.hires:
-                rgb = self._hires(request, images, plan, entry, units, order, rgb, seed, ctx,
-                                  state, total, low_memory)
+                rgb = self._hires(request, images, plan, entry, units, order, rgb, seed, run,
+                                  low_memory)
             out.append(Generated(self._compose(plan, rgb), seed))
         return out
 
-    def _hires(self, request, images, plan: Plan, entry: BaseEntry, units, order, rgb, seed, ctx,
-               state, total, low_memory) -> np.ndarray:
+    def _hires(self, request, images, plan: Plan, entry: BaseEntry, units, order, rgb, seed,
+               run: "_JobRun", low_memory) -> np.ndarray:
         w, h = plan.hires
         kind = "inpaint" if request.mode == "inpaint" else "img2img"
         x0, y0, x1, y1 = plan.region
@@ -637,50 +668,71 @@ class DiffusersEngine:
         p = self._pass(request, images, kind, (w, h), plan.region, plan.init_canvas,
                        mask_region, self.hires_strength, low_memory, plan.native)
         p.init = resize(rgb, w, h)  # the first pass, enlarged, is what gets refined
-        return self._run_pass(request, p, entry, units, order, seed, ctx, state, total)
+        return self._run_pass(request, p, entry, units, order, seed, run)
+
+    def _scheduler(self, entry: BaseEntry, name: str):
+        """The scheduler for ``name``: kept per base (``set_timesteps`` resets it), but a
+        fresh one for a job run in another job's pause (the paused job's is mid-run)."""
+        if self._depth:
+            return make_scheduler(name, entry.scheduler_config)
+        scheduler = entry.schedulers.get(name)
+        if scheduler is None:
+            scheduler = make_scheduler(name, entry.scheduler_config)
+            entry.schedulers[name] = scheduler
+        return scheduler
 
     def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order,
-                  seed: int,
-                  ctx: JobContext, state: Dict[str, int], total: int) -> np.ndarray:
+                  seed: int, run: "_JobRun") -> np.ndarray:
         controls = bool(request.controls)
         pipe = self._pipeline(entry, p.kind, controls, units)
-        scheduler = entry.schedulers.get(request.sampler)
-        if scheduler is None:
-            scheduler = make_scheduler(request.sampler, entry.scheduler_config)
-            entry.schedulers[request.sampler] = scheduler
-        pipe.scheduler = scheduler
-        if p.vae_tiling:
-            pipe.vae.enable_tiling()
-        else:
-            pipe.vae.disable_tiling()
-        w, h = p.size
-        generator = torch.Generator(device=self._generator_device()).manual_seed(seed)
-        family = entry.family
+        pipe.scheduler = self._scheduler(entry, run.sampling.scheduler)
+        _set_vae_tiling(pipe, p.vae_tiling)
+        ctx, family = run.ctx, entry.family
 
         def on_step(pipeline, i, t, tensors):
-            state["done"] += 1
-            done = min(state["done"], total)
-            ctx.progress(done, total)
+            run.done += 1
+            done = min(run.done, run.total)
+            ctx.progress(done, run.total)
             if ctx.wants_preview(done):
                 latents = tensors["latents"]
                 image = self.previews.decode(latents, family)
                 ctx.preview(done, image if image is not None else
                             latent_preview(latents, family))
+            if run.done < run.total:
+                self._pause(ctx, lambda: self._resume(entry, request, pipe, p))
             return {}
 
-        _note_long_prompts(pipe, request)
-        kwargs: Dict[str, Any] = dict(
-            prompt=request.prompt, negative_prompt=request.negative_prompt or None,
-            num_inference_steps=p.steps, guidance_scale=request.cfg, generator=generator,
-            height=h, width=w, output_type="np", callback_on_step_end=on_step,
-            callback_on_step_end_tensor_inputs=["latents"])
-        if controls:
+        kwargs = self._call_kwargs(request, p, entry, pipe, order, seed, run)
+        kwargs.update(callback_on_step_end=on_step,
+                      callback_on_step_end_tensor_inputs=["latents"])
+        depth = self._depth
+        with cancel_points(pipe, ctx, active=lambda: self._depth == depth):
+            result = pipe(**kwargs).images[0]
+        result = self._check_finite(result, entry)
+        return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+    def _call_kwargs(self, request: GenerateRequest, p: Pass, entry: BaseEntry, pipe, order,
+                     seed: int, run: "_JobRun") -> Dict[str, Any]:
+        """The pipeline's arguments for one pass (the step callback apart)."""
+        w, h = p.size
+        generator = torch.Generator(device=self._generator_device()).manual_seed(seed)
+        negative = request.negative_prompt or None
+        if not entry.prompts or self.prompt_cache_size <= 0:
+            _note_long_prompts(pipe, request)
+        kwargs: Dict[str, Any] = prompt_kwargs(pipe, entry, request.prompt, negative, run.cfg,
+                                               self.stats, self.prompt_cache_size)
+        kwargs.update(num_inference_steps=p.steps, guidance_scale=request.cfg,
+                      generator=generator, height=h, width=w, output_type="np")
+        if run.sampling.eta is not None:
+            kwargs["eta"] = run.sampling.eta
+        if request.controls:
             images = [to_pipeline_image(p.controls[i]) for i in order]
             units_ = request.controls
+            windows = [control_window(units_[i].start, units_[i].end, p.runs) for i in order]
             kwargs.update(
                 controlnet_conditioning_scale=[units_[i].weight for i in order],
-                control_guidance_start=[units_[i].start for i in order],
-                control_guidance_end=[units_[i].end for i in order])
+                control_guidance_start=[start for start, _ in windows],
+                control_guidance_end=[end for _, end in windows])
             if p.kind == "txt2img":
                 kwargs["image"] = images
             else:
@@ -689,10 +741,35 @@ class DiffusersEngine:
             kwargs.update(image=PILImage.fromarray(p.init), strength=p.strength)
         if p.kind == "inpaint":
             kwargs["mask_image"] = PILImage.fromarray(p.mask)
-        with cancel_points(pipe, ctx):
-            result = pipe(**kwargs).images[0]
-        result = self._check_finite(result, entry)
-        return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return kwargs
+
+    # -- another job in this one's pause (live painting's preemption) -------------------
+
+    @property
+    def preempts_between_steps(self) -> bool:
+        """A job may run between two steps of another: its own pipelines and scheduler,
+        and the paused job's LoRAs and VAE tiling set back before it goes on (not with CPU
+        offload, whose hooks follow one pipeline)."""
+        return not self.offload
+
+    def _pause(self, ctx: JobContext, resume) -> None:
+        """Between two steps: let the server run waiting live jobs (``ctx.step_boundary``),
+        then set back what they changed (``resume``)."""
+        if not self.preempts_between_steps or self._depth:
+            return
+        plan, started = self.last_plan, self._started
+        self._depth += 1
+        try:
+            step_boundary(ctx)
+        finally:
+            self._depth -= 1
+            if self._started != started:  # a job ran meanwhile
+                self.last_plan = plan
+                resume()
+
+    def _resume(self, entry: BaseEntry, request: GenerateRequest, pipe, p: Pass) -> None:
+        apply_loras(entry, request.loras, self.catalogue.loras, self.stats)
+        _set_vae_tiling(pipe, p.vae_tiling)
 
     def _check_finite(self, result: np.ndarray, entry: BaseEntry) -> np.ndarray:
         """NaN/inf pixels (fp16 overflow) are counted, logged with the setting that avoids
@@ -774,6 +851,24 @@ def engine_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if fast:
         kwargs["fast_options"] = fast
     return kwargs
+
+
+@dataclasses.dataclass
+class _JobRun:
+    """One job's run through its passes: its context, steps done of all, how it samples,
+    whether classifier-free guidance runs."""
+    ctx: JobContext
+    total: int
+    sampling: Sampling
+    cfg: bool
+    done: int = 0
+
+
+def _set_vae_tiling(pipe, on: bool) -> None:
+    if on:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
 
 
 def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry) -> None:

@@ -4,7 +4,7 @@ latent previews, cancel points inside the networks, condition images."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -103,13 +103,17 @@ def _cancel_modules(pipe) -> Iterator[torch.nn.Module]:
 
 
 @contextmanager
-def cancel_points(pipe, ctx: JobContext) -> Iterator[None]:
+def cancel_points(pipe, ctx: JobContext,
+                  active: Optional[Callable[[], bool]] = None) -> Iterator[None]:
     """While the block runs, every module of :func:`_cancel_modules` calls
     ``ctx.check_cancelled()`` before its forward, so a cancel lands within a fraction of
     a denoising step rather than at its end (the step callback alone would wait for the
-    whole UNet + ControlNet pass, or for the whole VAE decode)."""
+    whole UNet + ControlNet pass, or for the whole VAE decode).  ``active()`` says whether
+    this job is the one running now (another job may run in its pause, on the same
+    modules: its forwards must not check this job's cancel)."""
     def check(module, args) -> None:
-        ctx.check_cancelled()
+        if active is None or active():
+            ctx.check_cancelled()
 
     handles = [module.register_forward_pre_hook(check) for module in _cancel_modules(pipe)]
     try:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Tuple
 
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, LCMScheduler, TCDScheduler,
+                       UniPCMultistepScheduler)
 
 from shared.errors import Unsupported
 
@@ -25,11 +26,18 @@ SAMPLERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
     "euler": (EulerDiscreteScheduler, dict(use_karras_sigmas=False)),
     "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False)),
     "lcm": (LCMScheduler, dict()),
+    # the few-step presets' schedulers (backend.engines.presets.SCHEDULERS)
+    "tcd": (TCDScheduler, dict()),
+    "ddim_trailing": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False,
+                                          timestep_spacing="trailing")),
+    "euler_trailing": (EulerDiscreteScheduler, dict(use_karras_sigmas=False,
+                                                    timestep_spacing="trailing")),
 }
 
 
 def make_scheduler(sampler: str, base_config: Mapping[str, Any]):
-    """A fresh scheduler for ``sampler`` on the model's noise schedule."""
+    """A fresh scheduler for ``sampler`` (a request's sampler or a preset's scheduler) on
+    the model's noise schedule."""
     try:
         cls, options = SAMPLERS[sampler]
     except KeyError:
