@@ -269,6 +269,18 @@ def test_generate_path_in_kritarunner(krita_env):
 
     pose = found["pose_without_view"]
     assert pose["layer"] is None and "open in a window" in pose["message"]
+
+    live = found["live"]  # frames replaced in place in one layer, Keep, off
+    assert live["started"] and live["first"] >= 1 and live["second"] >= 2, live
+    assert live["seed"] == 5555 and live["locked"], live
+    assert live["tree_live"] == ["Background", "ControlCanvas live", "lineart"], live
+    frames = [o[0].image.to_bgra() for r, _, o in env["engine"].calls if r.seed == 5555]
+    assert (work / "live_second.bgra").read_bytes() == frames[-1]
+    assert live["first_sha"] != live["second_sha"]  # the stroke changed the frame
+    name = "flat colours, girl in a red coat · seed 5555"
+    assert live["kept"] and live["tree_kept"] == ["Background", "ControlCanvas live", name,
+                                                  "lineart"], live
+    assert live["tree_off"] == [n for n in live["tree_kept"] if n != "ControlCanvas live"]
     print(f"kritarunner tier: {seconds:.1f} s (install {env['install_seconds']} s)")
 
 
@@ -312,6 +324,17 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
                           if r.prompt == "knight in armour, full body"]
     assert request.controls[0].pose is not None and images == {}, \
         "the skeleton travels as keypoints, not as a picture"
+
+    live = found["gui_live"]  # the docker's Live toggle, a scripted stroke, Keep, off
+    assert live["first"] and live["second"] and live["screenshot"], live
+    assert live["button"] == "Keep frame" and "ControlCanvas live" in live["tree_live"], live
+    frames = [o[0].image.to_bgra() for r, _, o in env["engine"].calls
+              if r.seed == live["seed"] and r.batch == 1]
+    assert (env["work"] / "gui_live.bgra").read_bytes() == frames[-1]
+    assert len(live["tree_kept"]) == len(live["tree_live"]) + 1, live  # Keep: one layer
+    assert live["after_undo"] == live["tree_live"], live  # ... and one undo step
+    assert "ControlCanvas live" not in live["tree_off"], live
+    assert (env["work"] / "krita-real-live.png").stat().st_size > 10_000
 
     assert found["gui_screenshot"]["saved"]
     png = env["work"] / "krita-real.png"

@@ -43,6 +43,7 @@ class KritaCanvas(CanvasPort):
 
     def __init__(self, document) -> None:
         self.doc = document
+        self._key = ""
 
     # -- reading --------------------------------------------------------------------
 
@@ -131,7 +132,17 @@ class KritaCanvas(CanvasPort):
             return None
 
     def key(self) -> str:
-        return _uid(self.doc.rootNode())
+        if not self._key:  # kept: a closed document has no root node to ask
+            self._key = _uid(self.doc.rootNode())
+        return self._key
+
+    def is_open(self) -> bool:
+        key = self.key()
+        return any(_uid(d.rootNode()) == key for d in krita.Krita.instance().documents()
+                   if d.rootNode() is not None)
+
+    def modified(self) -> bool:
+        return bool(self.doc.modified())
 
     def read_history(self) -> bytes:
         if doc_history.NAME not in self.doc.annotationTypes():
@@ -193,6 +204,37 @@ class KritaCanvas(CanvasPort):
         if krita.Krita.instance().activeWindow() is not None:
             doc.setActiveNode(top)
         return [_uid(n) for n in nodes], note
+
+    def show_live(self, layer_id: str, name: str, placement: Placement, image: Image,
+                  clear: Optional[Box] = None) -> str:
+        doc = self.doc
+        x, y, w, h = placement.box
+        data = pixels.from_u8(image.to_bgra(), doc.colorDepth())
+        node = self.node(layer_id) if layer_id else None
+        if node is None:  # first frame, or the layer was undone or deleted
+            node = doc.createNode(name, "paintlayer")
+            node.setPixelData(data, x, y, w, h)  # filled before it joins the tree
+            parent, above, _ = self._where(placement)
+            parent.addChildNode(node, above)  # the one undo step of live painting
+        else:
+            if clear is not None and tuple(clear) != (x, y, w, h):
+                cx, cy, cw, ch = clear
+                node.setPixelData(pixels.from_u8(bytes(cw * ch * 4), doc.colorDepth()),
+                                  cx, cy, cw, ch)
+            node.setPixelData(data, x, y, w, h)  # in place: no undo step per frame
+        doc.refreshProjection()
+        return _uid(node)
+
+    def remove_layer(self, layer_id: str) -> None:
+        node = self.node(layer_id)
+        if node is not None:
+            node.remove()
+
+    def set_layer_visible(self, layer_id: str, visible: bool) -> None:
+        node = self.node(layer_id)
+        if node is not None and bool(node.visible()) != visible:
+            node.setVisible(visible)
+            self.doc.refreshProjection()
 
     def insert_pose_layer(self, svg: str, name: str, anchor_id: str = "") -> str:
         app = krita.Krita.instance()

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import pixels, plan, pose as pose_mod
+from . import live as live_mod, pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
     messages, pose as openpose
@@ -72,6 +72,7 @@ class Controller:
         self.pending_preset = ""  # chosen before the server listed its annotators
         self.server_wait = SERVER_WAIT
         self._offline_since = time.monotonic()
+        self.live = live_mod.LiveSession(self)  # live painting (live.py)
 
     # -- notifications ------------------------------------------------------------------
 
@@ -81,6 +82,10 @@ class Controller:
                 listener(what)
             except Exception:  # a broken view must not break the plug-in
                 log.exception("listener failed")
+
+    def notify(self, what: str) -> None:
+        """Tell the views that ``what`` changed (``settings``, ``live``, ...)."""
+        self._changed(what)
 
     def say(self, message: str, level: str = "info") -> None:
         """Show a sentence to the artist (the docker's message line)."""
@@ -194,6 +199,7 @@ class Controller:
 
     def _stop_worker(self) -> None:
         """No connection (to the server the worker had): its jobs cannot finish here."""
+        self.live.stop("no server connection.")
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
@@ -204,6 +210,7 @@ class Controller:
             self._changed("busy")
 
     def shutdown(self) -> None:
+        self.live.stop()
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
@@ -267,6 +274,10 @@ class Controller:
         if canvas is None:
             self.say("Open a document first.", "warning")
         return canvas
+
+    def ensure_connected(self) -> bool:
+        """Connect when not connected yet; False (with the reason said) if that cannot work."""
+        return self._ready()
 
     def _ready(self) -> bool:
         if self.worker is None:
@@ -475,6 +486,7 @@ class Controller:
                 self.say(f"ControlCanvas could not handle the server's reply ({err}).",
                           "error")
         self._give_up_waiting()
+        self.live.tick()
         return len(events)
 
     def _give_up_waiting(self) -> None:
@@ -520,6 +532,12 @@ class Controller:
         return self.online
 
     def _handle(self, event: object) -> None:
+        if self.live.owns(getattr(event, "job_id", None)):  # a live frame's events
+            if isinstance(event, JobFailed):
+                self.live.handle(event, event.code, event.message)
+            elif isinstance(event, ResultReady):
+                self.live.handle(event)
+            return
         if isinstance(event, Connecting):
             if self.status.state != "online":
                 self.status = Status("connecting", f"Connecting to {event.url}…")
@@ -542,6 +560,8 @@ class Controller:
             self.status = Status("offline" if event.retry_in else "error",
                                  event.message + retry + keep)
             self._changed("status")
+            if self.live.active:
+                self.live.stop(f"the server went away ({event.message})", "error")
         elif isinstance(event, messages.Queued):
             if event.job_id in self.active and event.position > 0:
                 self.say(f"Queued (position {event.position}).")
@@ -581,21 +601,29 @@ class Controller:
         else:
             self.say(f"Disconnected from {event.url}.", "error")
 
+    def add_result(self, canvas: CanvasPort, prompt: str, images, placement: Placement,
+                   message: str = "", job_id: str = "") -> List[str]:
+        """Insert result images as layers (one undo step) and add them to the history
+        shown and the one kept in the document; the new layers' ids."""
+        item = HistoryItem(job_id, prompt, list(images), placement, self.settings.to_json())
+        item.layer_ids = self._insert(canvas, prompt, item.images, placement)
+        history = self._history_of(canvas)
+        history.insert(0, item)
+        del history[HISTORY_SIZE:]
+        if item.layer_ids:
+            self._store(canvas, item, self._layer_names(prompt, item.images))
+            if message:
+                self.say(message)
+        self._changed("history")
+        return item.layer_ids
+
     def _finished(self, active: _Active, event: ResultReady) -> None:
         if active.kind == "generate":
             job_plan = active.plan
             images = [(image, meta.seed) for meta, image in event.images]
-            item = HistoryItem(event.job_id, job_plan.prompt, images, job_plan.placement,
-                               self.settings.to_json())
-            item.layer_ids = self._insert(active.canvas, job_plan.prompt, images,
-                                          job_plan.placement)
-            history = self._history_of(active.canvas)
-            history.insert(0, item)
-            del history[HISTORY_SIZE:]
-            if item.layer_ids:
-                self._store(active.canvas, item, self._layer_names(job_plan.prompt, images))
+            self.add_result(active.canvas, job_plan.prompt, images, job_plan.placement,
+                            job_id=event.job_id)
             self.progress = (self.progress[1], self.progress[1])
-            self._changed("history")
         elif active.kind == "control-preview":
             if not event.images:
                 self.say("The server returned no control image.", "error")

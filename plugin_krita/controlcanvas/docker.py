@@ -27,6 +27,7 @@ STATE_COLOURS = {"online": "#3fb950", "connecting": "#d29922", "offline": "#8b94
 MESSAGE_COLOURS = {"info": "palette(text)", "warning": "#d29922", "error": "#f85149"}
 VISIBLE_IMAGE = "(visible image)"
 INT_LIMIT = 2**31 - 1  # what a QSpinBox holds
+LIVE_OFF = "Off. Frames go into the layer 'ControlCanvas live'."
 
 
 def _narrow(box: W.QComboBox, chars: int = 5) -> W.QComboBox:
@@ -425,6 +426,7 @@ class DockerPanel(W.QWidget):
         for title, build in (("Prompt", self._build_prompt_options),
                              ("Control", self._build_control),
                              ("Sampling", self._build_sampling),
+                             ("Live", self._build_live),
                              ("History", self._build_history)):
             section = Section(title)
             build(section)
@@ -472,8 +474,14 @@ class DockerPanel(W.QWidget):
         self.cancel_button.setEnabled(False)
         self.cancel_button.setSizePolicy(W.QSizePolicy.Policy.Minimum,
                                          W.QSizePolicy.Policy.Fixed)
+        self.live_button = W.QToolButton()
+        self.live_button.setText("Live")
+        self.live_button.setCheckable(True)
+        self.live_button.setToolTip("Live painting: the picture follows every stroke (few "
+                                    "steps, seed locked); Keep frame copies it as a layer")
         row.addWidget(self.generate_button, 3)
         row.addWidget(self.cancel_button, 1)
+        row.addWidget(self.live_button)
         col.addLayout(row)
         self.progress = W.QProgressBar()
         self.progress.setTextVisible(True)
@@ -597,6 +605,61 @@ class DockerPanel(W.QWidget):
         grid.setColumnStretch(3, 1)
         section.box.addLayout(grid)
 
+    def _build_live(self, section: "Section") -> None:
+        """Live painting's options (the toggle sits beside Generate): the few-step preset,
+        and what the last frames did."""
+        self.live_preset = _combo([("", "The settings above")])
+        self.live_preset.setToolTip("A few-step preset of the server (LoRA, scheduler, steps, "
+                                    "CFG) for live frames; the settings above otherwise")
+        self.live_status = _small_label(LIVE_OFF)
+        self.live_status.setWordWrap(True)
+        row = W.QHBoxLayout()
+        row.addWidget(_small_label("Preset"))
+        row.addWidget(self.live_preset, 1)
+        section.box.addLayout(row)
+        section.box.addWidget(self.live_status)
+
+    def _fill_live_presets(self) -> None:
+        models = self.controller.models
+        keep = self.live_preset.currentData()
+        self.live_preset.clear()
+        self.live_preset.addItem("The settings above", "")
+        for p in models.presets if models is not None else ():
+            notes = ("" if p.present else " (not downloaded)") + \
+                ("" if p.commercial else " · non-commercial")
+            self.live_preset.addItem(f"{p.label or p.name}{notes}", p.name)
+            self.live_preset.setItemData(self.live_preset.count() - 1,
+                                         f"{p.steps} steps, CFG {p.cfg:g}, {p.licence}. "
+                                         f"{p.note}" + ("" if p.present else
+                                                        f" Server: {p.download}"),
+                                         Qt.ItemDataRole.ToolTipRole)
+        _select(self.live_preset, keep)
+
+    def on_live(self, on: bool) -> None:
+        live = self.controller.live
+        if on and not live.active:
+            self.collect()
+            live.preset = self.live_preset.currentData() or ""
+            live.start()
+        elif not on and live.active:
+            live.stop()
+        self._on_change("live")
+
+    def _show_live(self) -> None:
+        live = self.controller.live
+        self.live_button.blockSignals(True)
+        self.live_button.setChecked(live.active)
+        self.live_button.blockSignals(False)
+        self.generate_button.setText("Keep frame" if live.active else "Generate")
+        self.seed.setEnabled(not live.active)
+        self.seed_lock.setEnabled(not live.active)
+        self.live_preset.setEnabled(not live.active)
+        if live.active:
+            last = f", last {live.last_elapsed:.2f} s" if live.frames else ""
+            self.live_status.setText(f"On: {live.frames} frame(s){last}.")
+        else:
+            self.live_status.setText(LIVE_OFF)
+
     def _build_history(self, section: "Section") -> None:
         self.history = W.QListWidget()
         self.history.setIconSize(QtCore.QSize(40, 40))
@@ -629,6 +692,7 @@ class DockerPanel(W.QWidget):
         self.same_seed.clicked.connect(self.on_same_seed)
         self.variants.clicked.connect(self.on_variants)
         self.generate_button.clicked.connect(self.on_generate)
+        self.live_button.toggled.connect(self.on_live)
         self.cancel_button.clicked.connect(self.controller.cancel)
         self.apply_button.clicked.connect(
             lambda: self.controller.apply_history(self.history.currentRow()))
@@ -751,6 +815,9 @@ class DockerPanel(W.QWidget):
         self.load(self.controller.settings)
 
     def on_generate(self) -> None:
+        if self.controller.live.active:  # while live, the button keeps the frame
+            self.controller.live.keep()
+            return
         self.collect()
         self.controller.generate()
         self._sync_seed()
@@ -786,6 +853,8 @@ class DockerPanel(W.QWidget):
     # -- updates ----------------------------------------------------------------------
 
     def _tick(self) -> None:
+        if self.controller.live.active:
+            self.collect()  # live frames follow the prompt and settings as they are typed
         self.controller.poll()
         self._ticks += 1
         if self._ticks % 20 == 0:  # once a second: the layer lists follow the document
@@ -804,6 +873,9 @@ class DockerPanel(W.QWidget):
             for widget in self.units:
                 widget.fill_annotators()
             self._fill_base_models()
+            self._fill_live_presets()
+        elif what == "live":
+            self._show_live()
         elif what == "message":
             self.message.setStyleSheet(f"color: {MESSAGE_COLOURS.get(c.level, '')};")
             self.message.setText(c.message)
@@ -823,7 +895,8 @@ class DockerPanel(W.QWidget):
         elif what == "busy":
             busy = c.busy
             self.cancel_button.setEnabled(busy)
-            self.generate_button.setText("Generate (queue)" if busy else "Generate")
+            if not c.live.active:
+                self.generate_button.setText("Generate (queue)" if busy else "Generate")
             if not busy:
                 self.preview_image.setVisible(False)
         elif what == "units":  # a preset resolved once the server's lists came

@@ -93,6 +93,30 @@ class CanvasPort:
     def write_history(self, data: bytes) -> None:
         """Store the history record in the document (it is saved with the file)."""
 
+    # live painting (live.py)
+
+    def is_open(self) -> bool:
+        """Whether the document is still open in the editor."""
+        return True
+
+    def modified(self) -> bool:
+        """The editor's "modified since opened or saved" flag (True when unknown)."""
+        return True
+
+    def show_live(self, layer_id: str, name: str, placement: "Placement", image: Image,
+                  clear: Optional[Box] = None) -> str:
+        """Write ``image`` over ``placement.box`` of the live layer ``layer_id`` in place
+        (not an undo step), after making ``clear`` transparent; a layer that is gone is
+        made again (filled first, then added: one undo step). Returns the layer's id."""
+        raise NotImplementedError
+
+    def remove_layer(self, layer_id: str) -> None:
+        raise NotImplementedError
+
+    def set_layer_visible(self, layer_id: str, visible: bool) -> None:
+        """Show or hide a layer (the visible image is brought up to date)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Placement:

@@ -68,6 +68,7 @@ class _Job:
     width: int = 0
     height: int = 0
     preview_every: int = 0
+    live: bool = False  # a live-painting frame: throwaway, never resent or resumed
     sent: bool = False  # fully written to a connection
     seen: bool = False  # the server reported it (queued/progress/preview)
 
@@ -114,9 +115,11 @@ class Worker:
         self._thread.join(timeout)
 
     def submit(self, request: messages.GenerateRequest, images: Mapping[int, Image], *,
-               preview_every: int = 0) -> str:
+               preview_every: int = 0, live: bool = False) -> str:
+        """``live``: a live-painting frame; the server drops it with the connection, so
+        a dropped link ends it (``cancelled``) instead of resuming it."""
         job = _Job(messages.new_job_id(), "generate", request=request, images=dict(images),
-                   preview_every=preview_every)
+                   preview_every=preview_every, live=live)
         return self._add(job)
 
     def preprocess(self, annotator: str, image: Image, *, params: Optional[dict] = None,
@@ -210,6 +213,7 @@ class Worker:
                     client.close()
                 except Exception:
                     pass
+                self._drop_live()
             if self._dropped:
                 self._pause(self.retry_delays[0])
 
@@ -272,11 +276,21 @@ class Worker:
         if not self._stop.is_set():
             self._emit(Disconnected(self.url, message, self.retry_delays[0]))
 
+    def _drop_live(self) -> None:
+        """The connection ended: its live frames ended with it on the server."""
+        with self._lock:
+            gone = [job_id for job_id, job in self._jobs.items() if job.live]
+            for job_id in gone:
+                del self._jobs[job_id]
+        for job_id in gone:
+            self._emit(JobFailed(job_id, "cancelled", "The live frame ended with the "
+                                                      "connection."))
+
     def _send(self, client: Client, job: _Job) -> None:
         try:
             if job.kind == "generate":
                 client.submit(job.request, job.images, job_id=job.job_id,
-                              preview_every=job.preview_every)
+                              preview_every=job.preview_every, live=job.live)
             else:
                 # the id is chosen before sending, so the job can be resumed after a drop
                 client.preprocess(job.annotator, job.images[0], params=job.params,

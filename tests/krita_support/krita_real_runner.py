@@ -110,6 +110,50 @@ def reopen_history(doc, work, url):
     return out
 
 
+def live_painting(work, url):
+    """Live mode through the controller: a frame in the live layer, a stroke, the next
+    frame in the same layer, Keep, then off (the live layer goes)."""
+    from controlcanvas import live as live_mod
+    doc, lines = artist_document(os.path.join(work, "lineart.png"))
+    c = controller_for(doc, url)
+    colourise_settings(c, lines, 5555)
+
+    def frames(count):
+        deadline = time.time() + 30
+        while time.time() < deadline and c.live.active and c.live.frames < count:
+            c.poll()
+            time.sleep(0.02)
+        return c.live.frames
+
+    started = c.live.start()
+    first = frames(1)
+    layer = doc.nodeByName(live_mod.LIVE_LAYER)
+    first_sha = dump(layer, doc, os.path.join(work, "live_first.bgra")) if layer else None
+    w = doc.width()
+    lines.setPixelData(b"\x20\x20\x20\xff" * (w // 2), w // 4, doc.height() // 2, w // 2, 1)
+    second = frames(2)
+    layer = doc.nodeByName(live_mod.LIVE_LAYER)
+    out = {"started": started, "first": first, "second": second, "message": c.message,
+           "tree_live": tree(doc.rootNode()), "first_sha": first_sha,
+           "seed": c.settings.seed, "locked": c.settings.seed_locked}
+    if layer is not None:
+        out["second_sha"] = dump(layer, doc, os.path.join(work, "live_second.bgra"))
+    out["kept"] = bool(c.live.keep())
+    out["tree_kept"] = tree(doc.rootNode())
+    c.live.stop()
+    out.update(tree_off=tree(doc.rootNode()), locked_after=c.settings.seed_locked)
+    c.shutdown()
+    return out
+
+
+def colourise_settings(c, lines, seed):
+    from controlcanvas import plan
+    from controlcanvas.canvas import _uid
+    c.settings = plan.apply_preset(c.settings, "colourise", _uid(lines), c.annotators("lineart"))
+    c.settings.prompt = "flat colours, girl in a red coat"
+    c.settings.seed, c.settings.seed_locked, c.settings.steps = seed, True, 8
+
+
 def main(args):
     work, url = args[0], args[1]
     try:
@@ -163,6 +207,9 @@ def main(args):
         say("pose_without_view", {"layer": layer_id, "message": c.message, "level": c.level})
         c.shutdown()
         c2.shutdown()
+
+        # 4. live painting: frames in one layer, replaced in place; Keep; off
+        say("live", live_painting(work, url))
     except Exception:
         say("exception", traceback.format_exc())
     print("CC_END")
@@ -189,6 +236,40 @@ def _undo(doc):
     Krita.instance().action("edit_undo").trigger()
     doc.waitForDone()
     _pump(lambda: tree(doc.rootNode()) != before, 5.0)
+
+
+def gui_live(panel, doc, lines, work, screenshot):
+    """The docker's Live toggle: a frame, a scripted stroke, the next frame (screenshot of
+    the window with the live layer updated), Keep frame, Live off."""
+    from controlcanvas import live as live_mod
+    doc.setActiveNode(lines)
+    panel.refresh_layers()
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    live = panel.controller.live
+    panel.live_button.click()
+    first = _pump(lambda: live.frames >= 1)
+    w, h = doc.width(), doc.height()
+    for row in range(h // 3, h // 3 + 3):  # the stroke
+        lines.setPixelData(b"\x20\x20\x20\xff" * (w // 2), w // 4, row, w // 2, 1)
+    second = _pump(lambda: live.frames >= 2)
+    layer = doc.nodeByName(live_mod.LIVE_LAYER)
+    sha = dump(layer, doc, os.path.join(work, "gui_live.bgra")) if layer else None
+    shot = screenshot.replace(".png", "-live.png")
+    _pump(lambda: False, 0.5)
+    saved = Krita.instance().activeWindow().qwindow().grab().save(shot)
+    out = {"first": first, "second": second, "frames": live.frames, "sha": sha,
+           "seed": panel.controller.settings.seed, "button": panel.generate_button.text(),
+           "tree_live": tree(doc.rootNode()), "screenshot": saved,
+           "status": panel.live_status.text()}
+    panel.generate_button.click()  # Keep frame
+    out["tree_kept"] = tree(doc.rootNode())
+    _undo(doc)
+    out["after_undo"] = tree(doc.rootNode())
+    panel.live_button.click()
+    out["tree_off"] = tree(doc.rootNode())
+    out["message"] = panel.message.text()
+    return out
 
 
 def gui_main(work, url, screenshot):
@@ -268,6 +349,8 @@ def gui_main(work, url, screenshot):
         say("gui_tree_after_pose", {"tree": tree(doc.rootNode()),
                                     "active_view_doc": window.activeView().document().name()
                                     if window.activeView() else None})
+
+        say("gui_live", gui_live(panel, doc, lines, work, screenshot))
 
         # the screenshot: a bigger drawing, coloured under its lines, docker in view
         doc.setModified(False)

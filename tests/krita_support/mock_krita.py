@@ -10,7 +10,10 @@ Behaviour copied from Krita 5.1.5 as measured in tests/editors/krita_smoke:
 * ``setPixelData`` on a node in the tree is NOT undoable: the mock counts such writes
   in ``Document.unundoable_writes`` so tests can prove results are filled first;
 * ``VectorLayer.addShapesFromSvg`` crashes Krita when the document is not the active
-  one: the mock raises instead; shapes keep the SVG ids as names, in points.
+  one: the mock raises instead; shapes keep the SVG ids as names, in points;
+* a document is listed by ``Krita.documents()`` from its creation until ``close()``;
+  after that its ``rootNode()`` is None; ``modified()`` turns True on a pixel write or a
+  tree change (until ``setModified(False)``, as saving does).
 
 Test helpers (not Krita API) are marked ``# test helper``.
 """
@@ -148,6 +151,7 @@ class Node:
         child._parent = self
         if self._in_tree():
             self._doc._undo.append(("add", child, self, index))
+            self._doc._modified = True
         return True
 
     def remove(self):
@@ -194,6 +198,7 @@ class Node:
         assert len(data) >= w * h * bpp, "not enough data"
         if self._in_tree():
             self._doc.unundoable_writes += 1
+            self._doc._modified = True
         dw = self._doc.width()
         for row in range(h):
             sy = y + row
@@ -286,6 +291,26 @@ class Document:
         self._undo: list = []
         self.unundoable_writes = 0
         self._annotations: dict = {}  # type -> (description, bytes), saved with the .kra
+        self._modified = False
+        self.projection_refreshes = 0  # test helper: refreshProjection() calls
+        self._closed = False
+        Krita.instance()._documents.append(self)  # open, as Krita's documents() lists it
+
+    def modified(self):
+        return self._modified
+
+    def setModified(self, value):
+        self._modified = bool(value)
+
+    def close(self):
+        """Close the document: it leaves documents(), and its root node is gone."""
+        app = Krita.instance()
+        if self in app._documents:
+            app._documents.remove(self)
+        if app._active is self:
+            app._active = None
+        self._closed = True
+        return True
 
     def width(self):
         return self._w
@@ -323,7 +348,7 @@ class Document:
         return self._depth
 
     def rootNode(self):
-        return self._root
+        return None if self._closed else self._root
 
     def topLevelNodes(self):
         return self._root.childNodes()
@@ -372,7 +397,7 @@ class Document:
         pass
 
     def refreshProjection(self):
-        pass
+        self.projection_refreshes += 1
 
     def _composite(self, nodes):
         """Straight-alpha 'over' of visible paint layers (and groups), BGRA U8."""
@@ -459,6 +484,7 @@ class Krita:
     def __init__(self) -> None:
         self._active = None
         self._window = None
+        self._documents = []
         self._settings = {}
         self.extensions = []
         self.docker_factories = []
@@ -471,6 +497,9 @@ class Krita:
 
     def activeDocument(self):
         return self._active
+
+    def documents(self):
+        return list(self._documents)
 
     def setActiveDocument(self, doc):
         self._active = doc
@@ -504,3 +533,4 @@ class Krita:
     def reset(self):
         self._active = None
         self._window = None
+        self._documents = []
