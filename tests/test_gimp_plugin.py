@@ -101,7 +101,7 @@ def values(server, **kw):
 
 # -- procedures: the menu and the scripting interface --------------------------------
 
-def test_seven_procedures_under_filters_controlnet():
+def test_eight_procedures_under_filters_controlnet():
     labels = {s.name: s.label for s in procedures.PROCEDURES}
     assert labels == {
         "python-fu-controlcanvas-generate": "Generate from layer…",
@@ -110,6 +110,7 @@ def test_seven_procedures_under_filters_controlnet():
         "python-fu-controlcanvas-figure-from-pose": "Figure from pose…",
         "python-fu-controlcanvas-control-image": "Make control image…",
         "python-fu-controlcanvas-pose-from-photo": "Pose from photo…",
+        "python-fu-controlcanvas-repeat-last": "Repeat last",
         "python-fu-controlcanvas-settings": "Settings / connection test…",
     }
     assert procedures.MENU_PATH == "<Image>/Filters/ControlNet"

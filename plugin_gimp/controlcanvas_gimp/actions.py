@@ -28,6 +28,14 @@ from .settings import Connection
 
 CONNECT_TIMEOUT = 10.0
 POSE_ANNOTATOR = "pose_from_photo"  # backend.preprocess: photo → rendered OpenPose skeleton
+# The history record keeps every argument of a generating procedure under "arg.NAME", so
+# Repeat last can run it again; never these (the connection, and what the entry has).
+ARG_PREFIX = "arg."
+NOT_KEPT = ("server-url", "token", "prompt", "negative-prompt", "seed")
+# Settings kept by records older than the "arg." keys: the argument each one was.
+SUMMARY_ARGS = {"condition": "condition", "steps": "steps", "cfg": "cfg",
+                "sampler": "sampler", "batch": "batch", "base_model": "base-model",
+                "control_weight": "control-weight", "size": "size", "strength": "strength"}
 
 Connect = Callable[[Connection, str], Client]
 
@@ -239,6 +247,8 @@ def _store_history(ctx: _Run, request: GenerateRequest, seeds, names) -> None:
                "control_weight": values.get("control-weight"), "size": values.get("size")}
     if request.mode != "txt2img":
         summary["strength"] = request.strength
+    summary.update({ARG_PREFIX + arg.name: values[arg.name] for arg in ctx.spec.args
+                    if arg.name not in NOT_KEPT and arg.name in values})
     entry = doc_history.Entry(request.prompt, request.negative_prompt, tuple(seeds), summary,
                               tuple(("", name) for name in names), time.time())
     try:
@@ -379,9 +389,38 @@ def settings_action(ctx: _Run) -> Outcome:
     return Outcome(report=report)
 
 
+def repeat_last(ctx: _Run) -> Outcome:
+    """Repeat last: the image's last result's procedure again, with its arguments and seed
+    (from the history kept in the image), on the selected layer as it is now."""
+    entries = stored_history(ctx.host)
+    if not entries:
+        raise UsageError("Nothing to repeat: this image has no ControlCanvas result kept. Run "
+                         "a ControlNet filter (Generate from layer…, Colourise line art…, "
+                         "...) once; Repeat last then runs it again.")
+    entry = entries[0]
+    spec = procedures.BY_NAME.get(str(entry.settings.get("procedure", "")))
+    if spec is None or spec.action not in ("generate", "inpaint"):
+        raise UsageError("The image's last ControlCanvas result was made by a filter this "
+                         "plug-in cannot repeat; run that filter from its menu.")
+    stored = {SUMMARY_ARGS[key]: value for key, value in entry.settings.items()
+              if key in SUMMARY_ARGS}
+    stored.update({key[len(ARG_PREFIX):]: value for key, value in entry.settings.items()
+                   if key.startswith(ARG_PREFIX)})
+    known = {arg.name for arg in spec.args} - set(NOT_KEPT)
+    values = {name: value for name, value in stored.items() if name in known}
+    values.update({"prompt": entry.prompt, "negative-prompt": entry.negative,
+                   "seed": entry.seed if entry.seed is not None else -1})
+    values.update({name: ctx.values[name] for name in ("server-url", "token")})
+    ctx.spec, ctx.values = spec, procedures.check_values(spec, values)
+    ctx.host.progress(text=f"ControlCanvas: repeating {spec.label.rstrip('…')}, seed "
+                           f"{values['seed']}", fraction=0.0)
+    return ACTIONS[spec.action](ctx)
+
+
 ACTIONS: Dict[str, Callable[[_Run], Outcome]] = {
     "generate": generate,
     "inpaint": inpaint,
+    "repeat_last": repeat_last,
     "control_image": control_image,
     "pose_from_photo": pose_from_photo,
     "settings": settings_action,

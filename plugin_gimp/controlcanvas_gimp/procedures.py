@@ -284,6 +284,17 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
              "image as a layer. Needs a server with pose detection.",
         action="pose_from_photo", args=connection_args(), returns=("layer",)),
     ProcedureSpec(
+        name=PREFIX + "repeat-last", label="Repeat last",
+        blurb="Run the image's last ControlNet filter again: same settings, same seed, "
+              "no dialog",
+        help="Regenerates with the procedure, settings and seed of this image's last "
+             "ControlCanvas result (kept in the .xcf), on the selected layer as it is now: "
+             "move a skeleton's joint or touch up the line art, then repeat. No dialog, so "
+             "it can have a keyboard shortcut (Edit ▸ Keyboard Shortcuts, search "
+             "'Repeat last'). GIMP's plug-ins run once per call, so this is GIMP's "
+             "counterpart of Krita's live mode.",
+        action="repeat_last", args=connection_args(), returns=("seed", "layer")),
+    ProcedureSpec(
         name=PREFIX + "settings", label="Settings / connection test…",
         blurb="Set the ControlCanvas server address and token, and test the connection",
         help="Blank fields use the defaults: ws://127.0.0.1:7351 and the token file that "
