@@ -23,6 +23,7 @@ from shared.messages import (CLIENT_MESSAGES, SERVER_MESSAGES, Generate, Generat
                              PresetInfo, from_json, new_job_id, to_json)
 from tests.test_jobs import loop, on_loop  # noqa: F401 (loop is a fixture)
 from tests.test_store import rows
+from tiny_fixtures import torch_threads  # noqa: F401 (a fixture)
 
 
 class Owner:
@@ -275,3 +276,19 @@ def test_a_live_frame_arrives_with_the_seed_it_was_asked_for(make_server):
                                   controls=(ControlUnit(condition="scribble", image=0),))
         result = client.wait(client.submit(request, {0: image}, live=True), timeout=10)
         assert result.seeds == (42,)
+
+
+# -- the benchmark (figures: `controlcanvas bench live`; here only that it runs) -------------
+
+def test_bench_live_runs_a_short_session_and_reports_every_figure(torch_threads):
+    from backend.bench.live import Artist, bench_live
+
+    first = Artist(32).edit()
+    assert Artist(32).edit() == first and Artist(32, seed=1).edit() != first  # scripted
+    result = bench_live(seconds=2.0, engines=("tiny",), contention=False)
+    tiny = result["engines"]["tiny"]
+    assert tiny["edits"] == 20 and tiny["failed"] == []
+    assert tiny["frames_shown"] >= 1 and tiny["frames_shown"] + tiny["frames_dropped"] <= 20
+    assert tiny["latency_p50_ms"] <= tiny["latency_p95_ms"] <= tiny["latency_max_ms"]
+    assert tiny["bare_median_ms"] > 0 and tiny["ratio"] > 0 and tiny["bare_runs"] >= 4
+    assert tiny["server_rss_mb"]["start"] > 0 and tiny["server_rss_mb"]["end"] > 0

@@ -98,6 +98,13 @@ def _lora_bench() -> Dict:
     return bench_lora_cost()
 
 
+def _live_bench(args) -> Dict:
+    from .live import bench_live  # torch: only when chosen
+    return bench_live(seconds=args.seconds, rate=args.rate,
+                      engines=[e for e in args.engines.split(",") if e],
+                      contention=not args.no_contention)
+
+
 def _training_bench(name: str) -> Dict:
     return getattr(bench_training, name)()
 
@@ -112,6 +119,7 @@ BENCHES = {
     "train-cost": lambda args: _training_bench("bench_train_cost"),
     "gpu": _gpu,
     "lora-cost": lambda args: _lora_bench(),
+    "live": _live_bench,
 }
 
 

@@ -494,6 +494,13 @@ def _add_tools(sub) -> None:
     p.add_argument("--out", help="gpu: also write the JSON here after each group")
     p.add_argument("--work-dir", help="gpu: where the built models go (kept, and reused by "
                    "a later run; default: a temporary folder)")
+    p.add_argument("--seconds", type=float, default=30.0, help="live: seconds the scripted "
+                   "artist draws per engine")
+    p.add_argument("--rate", type=float, default=10.0, help="live: edits per second")
+    p.add_argument("--engines", default="tiny,demo", help="live: which engines (tiny, demo; "
+                   "comma-separated)")
+    p.add_argument("--no-contention", action="store_true", help="live: skip the part with "
+                   "another client's long job")
     p.set_defaults(func=cmd_bench)
 
 

@@ -717,10 +717,9 @@ class DiffusersEngine:
         w, h = p.size
         generator = torch.Generator(device=self._generator_device()).manual_seed(seed)
         negative = request.negative_prompt or None
-        if not entry.prompts or self.prompt_cache_size <= 0:
-            _note_long_prompts(pipe, request)
         kwargs: Dict[str, Any] = prompt_kwargs(pipe, entry, request.prompt, negative, run.cfg,
-                                               self.stats, self.prompt_cache_size)
+                                               self.stats, self.prompt_cache_size,
+                                               lambda: _note_long_prompts(pipe, request))
         kwargs.update(num_inference_steps=p.steps, guidance_scale=request.cfg,
                       generator=generator, height=h, width=w, output_type="np")
         if run.sampling.eta is not None:

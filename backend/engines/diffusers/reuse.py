@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -34,10 +34,13 @@ def _lora_state(entry: BaseEntry) -> Hashable:
 
 
 def prompt_kwargs(pipe, entry: BaseEntry, prompt: str, negative: Optional[str], do_cfg: bool,
-                  stats: Dict[str, Any], size: int = PROMPT_CACHE_SIZE) -> Dict[str, Any]:
+                  stats: Dict[str, Any], size: int = PROMPT_CACHE_SIZE,
+                  on_miss: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     """The pipeline's prompt arguments: cached embeddings (see the module docstring), or
-    with ``size`` 0 the texts themselves (the pipeline encodes them)."""
+    with ``size`` 0 the texts themselves (the pipeline encodes them). ``on_miss`` runs when
+    the texts are encoded (the engine's note on prompts longer than CLIP reads)."""
     if size <= 0:
+        on_miss()
         return dict(prompt=prompt, negative_prompt=negative)
     cache: "OrderedDict[Hashable, Dict[str, Any]]" = entry.prompts
     key = (prompt, negative, do_cfg, None, _lora_state(entry), entry.family)
@@ -47,6 +50,7 @@ def prompt_kwargs(pipe, entry: BaseEntry, prompt: str, negative: Optional[str], 
         stats["prompt_cache_hits"] = stats.get("prompt_cache_hits", 0) + 1
         return dict(found)
     stats["prompt_cache_misses"] = stats.get("prompt_cache_misses", 0) + 1
+    on_miss()
     device = pipe._execution_device
     with torch.no_grad():
         if entry.family == "sdxl":
