@@ -317,7 +317,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "download":
         if not args.name:
             raise ValueError("controlcanvas models download NAME: name a hub id, sd15, sdxl, "
-                             "a condition (lineart) or sdxl:CONDITION")
+                             "a condition (lineart), sdxl:CONDITION or a preset (lcm-sd15)")
         path = catalogue.download(args.name)
         print(f"{args.name}: ready in {path}")
         return 0
@@ -327,7 +327,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
               f"({where})")
     _print_loras(catalogue)
+    _print_presets(catalogue)
     return 0
+
+
+def _print_presets(catalogue: Catalogue) -> None:
+    """The few-step presets (live painting): ready, or the command that fetches them."""
+    print("Few-step presets (live painting, docs/live.md):")
+    for info in catalogue.models_message().presets:
+        where = "ready" if info.present else f"missing: {info.download}"
+        licence = "" if info.commercial else ", non-commercial"
+        steps = f"preset {info.steps} step{'' if info.steps == 1 else 's'}"
+        print(f"{'✓' if info.present else '✗'} {info.family:5} {steps:22} {info.name}  "
+              f"({where}{licence})")
 
 
 def _print_loras(catalogue: Catalogue) -> None:
