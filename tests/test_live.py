@@ -178,6 +178,21 @@ def test_live_jobs_are_never_stored_and_a_gone_client_takes_them_along(loop, tmp
     store.close()
 
 
+def test_a_live_frame_finished_after_its_client_left_is_not_kept(loop):
+    from tests.test_jobs import Gate
+    engine = Gate()  # no cancel check once it runs: the frame completes after all
+    manager = JobManager(engine, loop)
+    a = Owner("a")
+    job = on_loop(loop, manager.submit, gen("orphan", live=True, side=64), {}, a)
+    wait_for(lambda: job.state == "running")
+    on_loop(loop, manager.detach, a)
+    engine.gate.release()
+    wait_for(lambda: job.finished_at > 0)
+    time.sleep(0.05)
+    assert job.job_id not in manager.jobs and manager.kept_bytes == 0
+    manager.close()
+
+
 # -- the priority lane ------------------------------------------------------------------------
 
 def test_without_preemption_a_live_job_waits_for_one_job_of_another_client(loop):

@@ -547,6 +547,8 @@ class JobManager:
             job.error = error
         if job.owner is not None:
             job.owner.job_finished(job)
+        elif job.live:  # its client is gone: nobody will look at this frame
+            self._release(job, "expired")
         self.expire()
 
     def _post(self, callback, *args) -> None:
