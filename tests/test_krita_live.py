@@ -7,12 +7,13 @@ closes or the server goes away."""
 
 from __future__ import annotations
 
-import time
+import os
+import shutil
 
 import pytest
 
 from tests.test_krita_plugin import (  # noqa: F401 (fixtures)
-    RecordingEngine, Settings, bgra, cc_canvas, colourise, controller_for, docker_on,
+    ROOT, RecordingEngine, Settings, bgra, cc_canvas, colourise, controller_for, docker_on,
     krita_app, line_art_doc, mock_krita, node_image, poll_until, pump, qapp, server, uid)
 
 from controlcanvas import live as live_mod  # noqa: E402  (the mock krita is in place)
@@ -206,7 +207,7 @@ def test_changes_are_debounced_but_a_long_stroke_still_gets_frames(server, contr
 
 # -- the docker ---------------------------------------------------------------------------------
 
-def test_docker_live_toggle_keep_and_off(docker_on, qapp):
+def test_docker_live_toggle_keep_and_off(docker_on, qapp, tmp_path):
     engine = RecordingEngine()
     doc, docker, panel = docker_on(engine, 4)
     panel.on_connect()
@@ -220,6 +221,17 @@ def test_docker_live_toggle_keep_and_off(docker_on, qapp):
     assert "1 frame" in panel.live_status.text()
     panel.prompt.setPlainText("flat colours, green coat")  # typed while live
     assert pump(qapp, lambda: engine.calls[-1][0].prompt == "flat colours, green coat")
+    shot = tmp_path / "krita-docker-live.png"
+    docker.resize(270, 330)
+    docker.show()
+    pump(qapp, lambda: False, 0.2)
+    bar = panel.scroll.verticalScrollBar()
+    bar.setValue(panel.sections["Live"].mapTo(panel.scroll.widget(),
+                                              panel.sections["Live"].rect().topLeft()).y())
+    pump(qapp, lambda: False, 0.2)
+    assert docker.grab().save(str(shot))
+    if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):  # the docs' picture
+        shutil.copy(shot, ROOT / "docs" / "img" / "krita-docker-live.png")
     steps = doc.undo_steps
     panel.generate_button.click()  # Keep frame
     assert doc.undo_steps == steps + 1 and panel.history.count() == 1
