@@ -79,6 +79,17 @@ def test_strokes_update_the_live_layer_in_place_and_keep_is_one_undo_step(server
     assert c.settings.seed == 77
 
 
+def test_over_the_lowest_layer_the_live_layer_multiplies_like_results(server, controller_for,
+                                                                       krita_app):
+    doc, lines = line_art_doc(with_background=False)  # the line art is the lowest layer
+    c = colourise(controller_for(doc, server), doc, lines, steps=2)
+    assert c.live.start() and frames_of(c, 1), c.message
+    layer = live_layer(doc)
+    assert doc.layer_names() == ["lineart", "ControlCanvas live"]
+    assert layer.blendingMode() == "multiply"  # the lines stay visible through the frame
+    c.live.stop()
+
+
 def test_the_visible_image_is_read_without_the_live_layer(server, controller_for, krita_app):
     """A unit bound to the visible image (and img2img) would see the last frame: the live
     layer is hidden while the canvas is read, so a frame never causes the next one."""

@@ -214,7 +214,9 @@ class KritaCanvas(CanvasPort):
         if node is None:  # first frame, or the layer was undone or deleted
             node = doc.createNode(name, "paintlayer")
             node.setPixelData(data, x, y, w, h)  # filled before it joins the tree
-            parent, above, _ = self._where(placement)
+            parent, above, lowest = self._where(placement)
+            if lowest:  # over the lowest layer, as results: Multiply keeps the lines seen
+                node.setBlendingMode("multiply")
             parent.addChildNode(node, above)  # the one undo step of live painting
         else:
             if clear is not None and tuple(clear) != (x, y, w, h):
