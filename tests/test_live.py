@@ -137,6 +137,22 @@ def test_a_new_live_job_replaces_the_queued_one_and_cancels_the_running_one(loop
     manager.close()
 
 
+def test_a_running_frame_past_half_its_steps_ends_and_the_new_one_follows(loop):
+    """A client sending faster than frames take still sees frames: a running live job past
+    half its steps is not cancelled by the next one."""
+    engine = StepLog(step_seconds=0.01)
+    manager = JobManager(engine, loop)
+    a = Owner("a")
+    first = on_loop(loop, manager.submit, gen("half", steps=10, live=True), {}, a)
+    wait_for(lambda: sum(p == "half" for p, _, _ in engine.steps) >= 6)
+    second = on_loop(loop, manager.submit, gen("next", steps=2, live=True), {}, a)
+    wait_for(lambda: a.outcome(second.job_id) is not None)
+    assert a.outcome(first.job_id)[0] == DONE and a.outcome(first.job_id)[2]
+    assert a.outcome(second.job_id)[0] == DONE
+    assert [p for p, s, _ in engine.steps].count("half") == 10
+    manager.close()
+
+
 def test_a_finished_live_frame_not_collected_yet_is_dropped_by_the_next_one(loop):
     manager = JobManager(FakeEngine(), loop)
     a = Owner("a")

@@ -23,9 +23,12 @@ Live jobs (``Generate.live``, docs/live.md) are throwaway frames of live paintin
 
 * **Supersede.** A client has at most one live job: a new one replaces its queued live job
   (that one ends with ``superseded``) and cancels its running one at the engine's next
-  cancel check; a superseded job's result is dropped, never delivered or kept, and so is a
-  finished live result the client has not collected yet.  They are never written to the
-  store, and they are cancelled (or dropped) when their connection goes.
+  cancel check, unless that one is past half its steps: then it ends, and the new one runs
+  next (so a client that sends faster than frames take still gets a frame at least every
+  1.5 frame times, instead of none until it stops).  A superseded job's result is dropped,
+  never delivered or kept, and so is a finished live result the client has not collected
+  yet.  Live jobs are never written to the store, and they are cancelled (or dropped) when
+  their connection goes.
 * **Priority lane.** Queued live jobs (one per client, oldest first) start before the
   clients' lanes, but never twice in a row while a lane waits: a live round, then a
   lane's job, then a live round...  So a job of another client waits for at most one
@@ -291,8 +294,11 @@ class JobManager:
             self.jobs[job.job_id] = job
             self._live[key] = job
             self._lock.notify()
-        for old in running:  # stops at the engine's next cancel check; its result is dropped
-            old.superseded = True
+        for old in running:
+            step, total, _ = old.last_progress
+            if total and 2 * step >= total:
+                continue  # past half its steps: it ends (a frame shown), the new one is next
+            old.superseded = True  # stops at the engine's next cancel check, result dropped
             old.cancel_event.set()
         if replaced is not None:
             replaced.superseded = True
