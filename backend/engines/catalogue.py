@@ -53,7 +53,7 @@ import json
 import logging
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -543,7 +543,33 @@ class Catalogue:
                 except ModelMissing:
                     continue
                 add(name, "controlnet", condition, family)
-        return out
+        return [replace(m, conditions=self.served_conditions(m.name, m.family))
+                if m.kind == "base" else m for m in out]
+
+    def served_conditions(self, base: str, family: str) -> Tuple[str, ...]:
+        """The conditions a request on ``base`` (of ``family``) can use, in CONDITIONS order:
+        each one config.toml or the catalogue gives a ControlNet for on that family (a union
+        model counts for every condition it serves); a built-in base serves its own
+        (the demo only its outline conditions).  () when the family is unknown: the
+        plug-ins then offer every condition and the server answers for itself.  Whether
+        the ControlNet is downloaded is the ControlNet entry's ``present``."""
+        where = self.config.bases[base][0] if base in self.config.bases else base
+        if not family and where != DEMO_BASE and where not in TINY_BASES:
+            return ()
+        served = []
+        for condition in CONDITIONS:
+            if any(condition in self.config.controlnets.get(table, {})
+                   for table in (family, "*")):
+                served.append(condition)
+            elif where == DEMO_BASE:
+                if condition in DEMO_CONDITIONS:
+                    served.append(condition)
+            elif where in TINY_BASES:
+                if _tiny_serves(condition, TINY_BASES[where]):
+                    served.append(condition)
+            elif condition in CONTROLNETS.get(family, {}):
+                served.append(condition)
+        return tuple(served)
 
     def _family_guess(self, name: str) -> str:
         if name in self.config.bases and self.config.bases[name][1]:
@@ -638,6 +664,14 @@ class Catalogue:
                                    f"reachable ({type(err).__name__}).", field="model") from None
             raise
         return Path(path)
+
+
+def _tiny_serves(condition: str, family: str) -> bool:
+    try:
+        tiny.controlnet_for(condition)
+    except KeyError:
+        return False
+    return True
 
 
 def _choose_patterns(files: set, kind: str) -> List[str]:

@@ -19,7 +19,7 @@ from . import pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
     messages, pose as openpose
-from .proto import doc_history, loopback, naming
+from .proto import doc_history, loopback, naming, offers
 from .settings import Settings
 from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 
@@ -231,6 +231,11 @@ class Controller:
             return None
         return next((a for a in self.models.annotators if a.name == name), None)
 
+    def offers(self) -> offers.Offers:
+        """What the server offers per base model (conditions, LoRAs); offers everything
+        and checks nothing before it answered."""
+        return offers.Offers(self.models)
+
     def declared_params(self) -> Optional[Dict[str, Tuple[str, ...]]]:
         """Each annotator's parameter names, None before the server listed them."""
         if self.models is None:
@@ -283,7 +288,7 @@ class Controller:
             return None
         try:
             job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch,
-                                  declared=self.declared_params())
+                                  declared=self.declared_params(), offer=self.offers())
         except (PlanError, pixels.PixelError, openpose.PoseError) as err:
             self.say(str(err), "error")
             return None

@@ -10,31 +10,22 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import plan
 from .controller import Controller
-from .proto import messages
+from .lora_panel import LoraPanel
+from .proto import messages, offers
 from .qt import Qt, QtCore, QtGui, QtWidgets, qimage_from_rgba
 from .settings import (CONTROL_MODE_LABELS, CONTROL_MODES, MODE_LABELS, MODES,
                        RESIZE_MODE_LABELS, RESIZE_MODES, Settings, UnitSettings)
+from .widgets import narrow as _narrow, set_item_enabled, small_label as _small_label
 
 W = QtWidgets
-CONDITION_LABELS = {
-    "lineart": "Line art", "lineart_anime": "Anime line art", "scribble": "Scribble",
-    "softedge": "Soft edge", "canny": "Canny edges", "depth": "Depth", "normal": "Normal map",
-    "openpose": "Pose", "mlsd": "Straight lines", "seg": "Segmentation", "tile": "Tile",
-    "shuffle": "Shuffle", "inpaint": "Inpaint",
-}
+CONDITION_LABELS = offers.CONDITION_LABELS
 STATE_COLOURS = {"online": "#3fb950", "connecting": "#d29922", "offline": "#8b949e",
                  "error": "#f85149"}
 MESSAGE_COLOURS = {"info": "palette(text)", "warning": "#d29922", "error": "#f85149"}
 VISIBLE_IMAGE = "(visible image)"
+CONDITION_TIP = ("What the control image shows (picks the ControlNet). Greyed out: the chosen "
+                 "base model has no ControlNet for it (hover it to see which bases do)")
 INT_LIMIT = 2**31 - 1  # what a QSpinBox holds
-
-
-def _narrow(box: W.QComboBox, chars: int = 5) -> W.QComboBox:
-    """Let a combo box shrink with the docker instead of forcing its width."""
-    box.setSizeAdjustPolicy(W.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-    box.setMinimumContentsLength(chars)
-    box.setSizePolicy(W.QSizePolicy.Policy.Expanding, W.QSizePolicy.Policy.Fixed)
-    return box
 
 
 def _combo(items, current=None) -> W.QComboBox:
@@ -66,14 +57,6 @@ def _spin(lo, hi, value, step=1.0, decimals=None) -> W.QAbstractSpinBox:
         box.setValue(value)
     box.setKeyboardTracking(False)
     return box
-
-
-def _small_label(text: str) -> W.QLabel:
-    label = W.QLabel(text)
-    font = label.font()
-    font.setPointSizeF(max(7.0, font.pointSizeF() * 0.9))
-    label.setFont(font)
-    return label
 
 
 def _lines_label(lines: int) -> W.QLabel:
@@ -237,7 +220,7 @@ class UnitWidget(W.QFrame):
         self.enabled.setToolTip("Use this unit")
         self.condition = _combo([(c, CONDITION_LABELS.get(c, c)) for c in messages.CONDITIONS
                                  if c != "inpaint"], unit.condition)
-        self.condition.setToolTip("What the control image shows (picks the ControlNet)")
+        self.condition.setToolTip(CONDITION_TIP)
         self.remove = W.QToolButton()
         self.remove.setText("✕")
         self.remove.setToolTip("Remove this control unit")
@@ -307,6 +290,18 @@ class UnitWidget(W.QFrame):
     def _layer_changed(self) -> None:
         if self.layer.currentIndex() >= 0:
             self._layer_id = self.layer.currentData() or ""
+
+    def fill_conditions(self, offer: offers.Offers, base: str) -> None:
+        """Grey out the conditions the chosen base model cannot serve (as the server says),
+        each with why in its tooltip; the unit's own condition stays selected."""
+        served = offer.conditions(base)
+        for index in range(self.condition.count()):
+            condition = self.condition.itemData(index)
+            problem = "" if condition in served else offer.condition_problem(condition, base)
+            set_item_enabled(self.condition, index, not problem, problem)
+        current = self.condition.currentData()
+        problem = "" if current in served else offer.condition_problem(current, base)
+        self.condition.setToolTip(problem or CONDITION_TIP)
 
     def fill_layers(self, layers: List[plan.LayerInfo]) -> None:
         keep = self._layer_id
@@ -425,6 +420,7 @@ class DockerPanel(W.QWidget):
         for title, build in (("Prompt", self._build_prompt_options),
                              ("Control", self._build_control),
                              ("Sampling", self._build_sampling),
+                             ("LoRA", self._build_loras),
                              ("History", self._build_history)):
             section = Section(title)
             build(section)
@@ -597,6 +593,9 @@ class DockerPanel(W.QWidget):
         grid.setColumnStretch(3, 1)
         section.box.addLayout(grid)
 
+    def _build_loras(self, section: "Section") -> None:
+        self.lora_panel = LoraPanel(section, self.collect)
+
     def _build_history(self, section: "Section") -> None:
         self.history = W.QListWidget()
         self.history.setIconSize(QtCore.QSize(40, 40))
@@ -623,6 +622,7 @@ class DockerPanel(W.QWidget):
         self.token.textEdited.connect(self._token_hint)
         self.preset.activated.connect(self.on_preset)
         self.mode.currentIndexChanged.connect(self._mode_changed)
+        self.base_model.currentTextChanged.connect(self._base_changed)
         self.add_unit_button.clicked.connect(self.on_add_unit)
         self.pose_add.clicked.connect(lambda: self.controller.insert_pose(""))
         self.pose_detect.clicked.connect(self.on_detect_pose)
@@ -661,7 +661,9 @@ class DockerPanel(W.QWidget):
             self._drop_unit(widget)
         for unit in s.units:
             self._add_unit(unit)
+        self.lora_panel.load(s.loras)
         self._mode_changed()
+        self._base_changed()
 
     def collect(self) -> Settings:
         s = self.controller.settings
@@ -681,6 +683,7 @@ class DockerPanel(W.QWidget):
         s.base_model = self.base_model.currentText().strip()
         s.hires = self.hires.isChecked()
         s.units = [w.value() for w in self.units]
+        s.loras = self.lora_panel.values()
         return s
 
     def _mode_changed(self) -> None:
@@ -690,10 +693,19 @@ class DockerPanel(W.QWidget):
 
     # -- units ----------------------------------------------------------------------
 
+    def _base_changed(self) -> None:
+        """The chosen base model (or the server's list) changed: each unit's conditions and
+        the LoRA choices follow it."""
+        offer, base = self.controller.offers(), self.base_model.currentText().strip()
+        for widget in self.units:
+            widget.fill_conditions(offer, base)
+        self.lora_panel.refresh(offer, base)
+
     def _add_unit(self, unit: UnitSettings) -> UnitWidget:
         widget = UnitWidget(self, unit)
         widget.fill_layers(self._layers)
         widget.fill_annotators()
+        widget.fill_conditions(self.controller.offers(), self.base_model.currentText().strip())
         self.units.append(widget)
         self.units_box.addWidget(widget)
         return widget
@@ -804,6 +816,7 @@ class DockerPanel(W.QWidget):
             for widget in self.units:
                 widget.fill_annotators()
             self._fill_base_models()
+            self._base_changed()
         elif what == "message":
             self.message.setStyleSheet(f"color: {MESSAGE_COLOURS.get(c.level, '')};")
             self.message.setText(c.message)
