@@ -195,6 +195,16 @@ class ModelMissing(EngineError):
                        "`controlcanvas models` for what is missing and how to fetch it.")
 
 
+class HubUnreachable(ModelMissing):
+    """The model hub (huggingface.co) cannot be asked: offline mode, no network, a proxy
+    in the way. What is not downloaded yet stays missing, and its size is unknown."""
+
+    code = "hub_unreachable"
+    default_message = ("huggingface.co cannot be reached (offline mode, or no network), so "
+                       "nothing can be downloaded and download sizes are unknown; retry on a "
+                       "connected machine.")
+
+
 class Unsupported(EngineError):
     code = "unsupported"
     default_message = "This server's engine cannot do what the request asks."

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from shared import loopback
+from shared.messages import CONDITIONS
 from shared.errors import ConfigError, ControlCanvasError, LimitError
 
 from ..bench import main as bench
@@ -315,18 +316,40 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     catalogue = Catalogue(ModelConfig.from_toml(args.config))
     if args.action == "download":
-        if not args.name:
-            raise ValueError("controlcanvas models download NAME: name a hub id, sd15, sdxl, "
-                             "a condition (lineart) or sdxl:CONDITION")
-        path = catalogue.download(args.name)
-        print(f"{args.name}: ready in {path}")
-        return 0
-    for entry in catalogue.entries():
+        return _download(catalogue, args)
+    sizes, unreachable = catalogue.download_sizes() if args.sizes else ({}, "")
+    entries = catalogue.entries()
+    for entry in entries:
         where = entry.source if entry.present else f"missing: {download_command(entry.name)}"
+        if entry.name in sizes:
+            where += f"; {sizes[entry.name]}"
         what = entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
         print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
               f"({where})")
+        if entry.kind == "base" and entry.conditions:
+            served = "every condition" if set(entry.conditions) == set(CONDITIONS) else \
+                ", ".join(entry.conditions)
+            print(f"{'':30}controls: {served}")
+    if not args.sizes and any(not e.present and e.source == "hub" for e in entries):
+        print("Download sizes: `controlcanvas models --sizes` asks the hub.")
+    if unreachable:
+        print(f"Download sizes unknown: {unreachable}")
     _print_loras(catalogue)
+    return 0
+
+
+def _download(catalogue: Catalogue, args: argparse.Namespace) -> int:
+    """``models download NAME``: what it fetches and how big, then the transfer with
+    huggingface_hub's progress bars (``--dry-run``: only say it)."""
+    if not args.name:
+        raise ValueError("controlcanvas models download NAME: name a hub id, sd15, sdxl, "
+                         "a condition (lineart) or sdxl:CONDITION")
+    if args.dry_run:
+        print(f"would download {catalogue.download_plan(args.name).describe()}")
+        return 0
+    path = catalogue.download(args.name, on_plan=lambda plan: print(
+        f"downloading {plan.describe()}", flush=True))
+    print(f"{args.name}: ready in {path}")
     return 0
 
 
@@ -520,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
     p.add_argument("name", nargs="?")
     p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--sizes", action="store_true",
+                   help="list: ask the hub how big each missing model's download is")
+    p.add_argument("--dry-run", action="store_true",
+                   help="download: say which files and how big, fetch nothing")
     p.set_defaults(func=cmd_models)
 
     add_preprocess_parsers(sub)

@@ -55,7 +55,7 @@ import re
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from shared.errors import ConfigError, ModelMissing, PathRefused
 from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
@@ -65,7 +65,7 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import tiny
+from . import downloads, tiny
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,7 @@ assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
-# What a download fetches: diffusers-format weights in safetensors (fp32 full weights;
-# fp16 is made at load time), configs and tokenizer files - not the multi-GB
-# single-file checkpoints, EMA copies or fp16 duplicates some repos also hold.
-_BASE_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "tokenizer*/*",
-                  "unet/diffusion_pytorch_model.safetensors",
-                  "vae/diffusion_pytorch_model.safetensors",
-                  "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]
-_CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+# What a download fetches (and that fp16 weights come first): backend.engines.downloads.
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin",
                  "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
@@ -617,8 +610,8 @@ class Catalogue:
             or "control" in name.lower() else "base"
         return name, kind
 
-    def download(self, name: str, *, progress: bool = True) -> Path:
-        """Fetch ``name`` (hub id or alias) into the hub cache; returns the snapshot folder."""
+    def _download_repo(self, name: str) -> Tuple[str, Optional[Path]]:
+        """(hub id, its complete snapshot folder when already downloaded) for ``name``."""
         repo_id, kind = self.download_target(name)
         if _HUB_ID.match(repo_id) is None:
             raise ModelMissing(f"{repo_id!r} is a local path, not a hub id: nothing to download.",
@@ -626,44 +619,34 @@ class Catalogue:
         for guess in (kind, "base" if kind == "controlnet" else "controlnet"):
             folder = self.cached_snapshot(repo_id, guess)
             if folder is not None:
-                return folder
-        from huggingface_hub import HfApi, constants, snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
-                                            OfflineModeIsEnabled, RepositoryNotFoundError)
+                return repo_id, folder
+        return repo_id, None
 
-        if constants.HF_HUB_OFFLINE:
-            raise ModelMissing(
-                f"Cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE is set). Unset "
-                f"it and run `{download_command(repo_id)}` on a connected machine, or copy the "
-                f"model folder here and put its path in config.toml.", field="model")
-        try:
-            files = set(HfApi().list_repo_files(repo_id))
-            kind = "base" if "model_index.json" in files else "controlnet"
-            patterns = _choose_patterns(files, kind)
-            if not progress:
-                from huggingface_hub.utils import disable_progress_bars
-                disable_progress_bars()
-            path = snapshot_download(repo_id, allow_patterns=patterns,
-                                     cache_dir=self.config.cache_dir)
-        except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
-            raise ModelMissing(f"Cannot download {repo_id}: offline ({err}).",
-                               field="model") from None
-        except GatedRepoError:
-            raise ModelMissing(f"{repo_id} is gated: accept its licence on huggingface.co and "
-                               f"log in (`hf auth login`), then retry.", field="model") from None
-        except RepositoryNotFoundError:
-            raise ModelMissing(f"{repo_id} does not exist on huggingface.co (or is private).",
-                               field="model") from None
-        except (OSError, ConnectionError) as err:
-            raise ModelMissing(f"Cannot download {repo_id}: huggingface.co is not reachable "
-                               f"({type(err).__name__}: {err}). Check the internet connection "
-                               f"or proxy and retry.", field="model") from None
-        except Exception as err:  # noqa: BLE001 - httpx and hub errors vary between versions
-            if "connect" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
-                raise ModelMissing(f"Cannot download {repo_id}: huggingface.co is not "
-                                   f"reachable ({type(err).__name__}).", field="model") from None
-            raise
-        return Path(path)
+    def download_plan(self, name: str, api=None) -> downloads.DownloadPlan:
+        """What ``models download NAME`` would fetch, with sizes (asks the hub; offline:
+        HubUnreachable, the size is unknown)."""
+        repo_id, _ = self._download_repo(name)
+        return downloads.plan(repo_id, api)
+
+    def download(self, name: str, *, progress: bool = True, api=None, snapshot=None,
+                 on_plan: Optional[Callable[[downloads.DownloadPlan], None]] = None) -> Path:
+        """Fetch ``name`` (hub id or alias) into the hub cache; returns the snapshot folder.
+        The files are chosen first (fp16 weights where the repo has them) and ``on_plan``
+        hears what they weigh before the transfer starts (see backend.engines.downloads)."""
+        repo_id, folder = self._download_repo(name)
+        if folder is not None:
+            return folder
+        found = downloads.plan(repo_id, api, "download")
+        if on_plan is not None:
+            on_plan(found)
+        return downloads.fetch(found, self.config.cache_dir, progress=progress,
+                               snapshot=snapshot)
+
+    def download_sizes(self, api=None) -> Tuple[Dict[str, str], str]:
+        """({hub id: download size text} for every catalogued hub model not downloaded
+        yet, why the hub could not be asked or ''); offline every size is unknown."""
+        missing = [m.name for m in self.entries() if not m.present and m.source == "hub"]
+        return downloads.sizes_of(dict.fromkeys(missing), api)
 
 
 def _tiny_serves(condition: str, family: str) -> bool:
@@ -672,22 +655,6 @@ def _tiny_serves(condition: str, family: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _choose_patterns(files: set, kind: str) -> List[str]:
-    """Download patterns: safetensors weights when the repo has them, else .bin."""
-    if kind == "controlnet":
-        if "diffusion_pytorch_model.safetensors" in files:
-            return list(_CONTROLNET_PATTERNS)
-        return ["config.json", "diffusion_pytorch_model.bin"]
-    patterns = list(_BASE_PATTERNS)
-    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                      ("text_encoder", "model"), ("text_encoder_2", "model")):
-        if f"{sub}/{stem}.safetensors" not in files and f"{sub}/{stem}.bin" in files:
-            patterns.append(f"{sub}/{stem}.bin")
-        if f"{sub}/{stem}.safetensors.index.json" in files:
-            patterns.append(f"{sub}/{stem}-*.safetensors")
-    return patterns
 
 
 def _describe_source(resolved: Resolved) -> str:
