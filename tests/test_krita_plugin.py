@@ -34,6 +34,7 @@ from controlcanvas.settings import Settings, UnitSettings  # noqa: E402
 
 from tests.krita_support.engines import RecordingEngine  # noqa: E402
 from tests.krita_support.proxy import CuttableProxy  # noqa: E402
+from tiny_fixtures import lora_engine, tiny_lora_dir, tiny_root, torch_threads  # noqa: E402,F401
 
 W, H = 48, 32
 
@@ -1459,7 +1460,7 @@ def lora_names(row):
 def test_docker_offers_the_conditions_and_loras_of_the_chosen_base(docker_on, qapp, krita_app,
                                                                    tmp_path):
     from PyQt6 import QtWidgets
-    from tests.krita_support.engines import OfferingEngine
+    from tests.offers_support import OfferingEngine
     engine = OfferingEngine()
     doc, docker, panel = open_docked(docker_on, qapp, engine)
     panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
@@ -1538,7 +1539,7 @@ def test_docker_offers_the_conditions_and_loras_of_the_chosen_base(docker_on, qa
 
 def test_docker_keeps_a_saved_lora_the_server_lost_and_says_which_it_has(docker_on, qapp,
                                                                          krita_app):
-    from tests.krita_support.engines import OfferingEngine
+    from tests.offers_support import OfferingEngine
     from controlcanvas.settings import LoraSettings
     engine = OfferingEngine()
     doc, docker, panel = docker_on(engine, 4)
@@ -1580,7 +1581,7 @@ def test_plan_sends_loras_and_refuses_what_the_server_lacks(krita_app):
     from controlcanvas.proto import offers
     from controlcanvas.settings import LoraSettings
     from shared.errors import LoraMismatch, ModelMissing
-    from tests.krita_support.engines import OfferingEngine
+    from tests.offers_support import OfferingEngine
     doc, lines = line_art_doc()
     s = Settings(loras=[LoraSettings("ink", 0.5), LoraSettings("", 1.0),
                         LoraSettings("xl_ink", -2.0)])
@@ -1614,3 +1615,38 @@ def test_lora_rows_are_saved_and_junk_is_dropped():
     assert Settings.from_json(junk).loras == [LoraSettings("ink", 1.0), LoraSettings("a", 1.0),
                                               LoraSettings("", 0.5)]
     assert Settings.from_json('{"loras": 5}').loras == []
+
+
+def test_loras_and_conditions_with_the_tiny_engine(make_server, lora_engine, controller_for,
+                                                   krita_app):
+    """A real server (the tiny diffusers engine, a LoRA folder): the plug-in offers the
+    catalogue's conditions per base, and a LoRA row changes the picture (strength 0 = none)."""
+    from controlcanvas.settings import LoraSettings
+    srv = make_server(lora_engine)
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, srv), doc, lines, base_model="tiny-sd15", steps=2,
+                  seed=3, seed_locked=True)
+    offer = c.offers()
+    assert offer.conditions("shapes-demo") == ("canny", "softedge", "scribble", "lineart")
+    assert "lineart" in offer.conditions("tiny-sd15")
+    fits = [info.name for info, problem in offer.lora_choices("tiny-sd15") if not problem]
+    assert {"ink", "paper", "sd15_size"} <= set(fits) and "sdxl_size" not in fits
+
+    def picture(*loras):
+        c.settings.loras = [LoraSettings(name, strength) for name, strength in loras]
+        assert c.generate() is not None, c.message
+        assert c.run_until_idle(120), c.message
+        assert c.level == "info", c.message
+        return c.history[0].images[0][0]
+
+    plain, inked, zero = picture(), picture(("ink", 1.0)), picture(("ink", 0.0))
+    assert inked != plain and zero == plain
+    c.settings.loras = [LoraSettings("nope")]
+    assert c.generate() is None
+    assert c.message.startswith("The server has no LoRA named 'nope'. LoRAs for this base "
+                                "model: ") and "ink" in c.message
+    c.settings.loras, c.settings.base_model = [], "shapes-demo"
+    c.settings.units[0].condition = "depth"
+    assert c.generate() is None
+    assert c.message.startswith("Control unit 1: The base model 'shapes-demo' (SD1.5) has no "
+                                "ControlNet for depth (depth); bases that serve it: ")

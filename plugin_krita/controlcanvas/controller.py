@@ -134,13 +134,15 @@ class Controller:
             self._histories[key] = self._stored_history(canvas)
         return self._histories[key]
 
-    def _store(self, canvas: CanvasPort, item: HistoryItem, names: List[str]) -> None:
+    def _store(self, canvas: CanvasPort, item: HistoryItem, names: List[str],
+               loras: Tuple[messages.LoraRef, ...] = ()) -> None:
         """Add ``item`` to the record kept in the document (saved with the file)."""
         settings = self.settings
         summary = {"mode": settings.mode, "steps": settings.steps, "cfg": settings.cfg,
                    "sampler": settings.sampler, "batch": len(item.images),
                    "base_model": settings.base_model, "hires": settings.hires,
-                   "condition": "+".join(u.condition for u in settings.units if u.enabled)}
+                   "condition": "+".join(u.condition for u in settings.units if u.enabled),
+                   "loras": offers.format_loras(loras)}
         if settings.mode != "txt2img":
             summary["strength"] = settings.strength
         entry = doc_history.Entry(item.prompt, settings.negative_prompt, tuple(item.seeds),
@@ -598,7 +600,8 @@ class Controller:
             history.insert(0, item)
             del history[HISTORY_SIZE:]
             if item.layer_ids:
-                self._store(active.canvas, item, self._layer_names(job_plan.prompt, images))
+                self._store(active.canvas, item, self._layer_names(job_plan.prompt, images),
+                            job_plan.request.loras)
             self.progress = (self.progress[1], self.progress[1])
             self._changed("history")
         elif active.kind == "control-preview":
