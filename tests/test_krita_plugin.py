@@ -1500,16 +1500,16 @@ def test_docker_offers_the_conditions_and_loras_of_the_chosen_base(docker_on, qa
     assert not panel.scroll.horizontalScrollBar().isVisible(), "no sideways scrolling"
     panel.scroll.ensureWidgetVisible(second)
     pump(qapp, lambda: False, 0.1)
-    out = tmp_path / "krita-docker-loras.png"
-    assert docker.grab().save(str(out))
-    if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):
-        shutil.copy(out, ROOT / "docs" / "img" / "krita-docker-loras.png")
+    assert docker.grab().save(str(tmp_path / "krita-docker-loras-docked.png"))
     body = panel.findChild(QtWidgets.QScrollArea).widget()
     assert body.minimumSizeHint().width() <= KRITA_DOCKED[0]
-    use_palette(docker, krita_dark_palette())  # the whole section, as in Krita
+    use_palette(docker, krita_dark_palette())  # every section, in Krita's dark theme
     docker.resize(KRITA_DOCKED[0], 900)
     pump(qapp, lambda: False, 0.2)
-    assert docker.grab().save(str(tmp_path / "krita-docker-loras-tall.png"))
+    out = tmp_path / "krita-docker-loras.png"
+    assert docker.grab().save(str(out))
+    if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):  # the docs' picture
+        shutil.copy(out, ROOT / "docs" / "img" / "krita-docker-loras.png")
     panel.generate_button.click()
     assert pump(qapp, lambda: panel.history.count() == 1), panel.message.text()
     request = engine.calls[-1][0]
