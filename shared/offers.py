@@ -164,8 +164,9 @@ class Offers:
                     raise ModelMissing(
                         f"The server lists no LoRAs, so it has no {ref.name!r}: its LoRA "
                         f"folder is empty (or the server predates LoRAs). Put the LoRA's "
-                        f".safetensors file in the server's LoRA folder (`controlcanvas "
-                        f"models` shows where), then connect again.", field=field)
+                        f".safetensors file in the server's LoRA folder "
+                        f"(`controlcanvas models` shows where), then connect again.",
+                        field=field)
                 raise ModelMissing(
                     f"The server has no LoRA named {ref.name!r}. LoRAs for this base model: "
                     f"{self.describe_loras(base)}.", field=field)
