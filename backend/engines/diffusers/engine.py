@@ -83,15 +83,17 @@ from ...annotators.library import annotate, list_annotators
 from ...annotators.registry import Annotated
 from ...imaging import from_array, to_array
 from ..base import Generated, JobContext
-from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolved
+from ..catalogue import DEMO_BASE, Catalogue, ModelConfig, Resolved
+from ..families import check_unit, quirks, union_control_type
 from ..tiny import quiet_progress_bars
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
-from .pipelines import (PIPELINES, cancel_points, inpaint_condition, latent_preview,
-                        to_pipeline_image)
+from .loaders import dtype_kwargs, read_base, read_controlnet
+from .pipelines import (PIPELINES, cancel_points, control_image, full_mask_pass,
+                        inpaint_condition, latent_preview)
 from .samplers import make_scheduler
 from .units import ControlUnits
 
@@ -265,13 +267,13 @@ class DiffusersEngine:
         self._make_room(disk_bytes(resolved.path), keep=keep)
         family = resolved.family
         cls = PIPELINES[(family, "txt2img", False)]
-        kwargs: Dict[str, Any] = dict(dtype=self.dtype)
+        kwargs: Dict[str, Any] = {}
         if family == "sd15":
             kwargs.update(safety_checker=None, feature_extractor=None,
                           requires_safety_checker=False)
         try:
             with quiet_progress_bars():
-                pipe = self._read_base(resolved, cls, kwargs)
+                pipe = read_base(resolved, cls, self.dtype, self.catalogue, **kwargs)
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise
@@ -294,20 +296,6 @@ class DiffusersEngine:
         log.info("loaded base %s (%s, %.0f MB)", resolved.name, family, entry.nbytes / 2**20)
         return entry
 
-    def _read_base(self, resolved: Resolved, cls, kwargs: Dict[str, Any]):
-        if resolved.source != "file":
-            return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
-        from huggingface_hub import constants
-
-        # A single file carries weights only; the component configs come from the
-        # family's default repo when it is cached, else diffusers fetches just those
-        # small config files (online) - into, and later from, the configured cache.
-        config = self.catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base")
-        if config is not None:
-            kwargs = dict(kwargs, config=str(config))
-        return cls.from_single_file(resolved.path, cache_dir=self.catalogue.config.cache_dir,
-                                    local_files_only=bool(constants.HF_HUB_OFFLINE), **kwargs)
-
     def _load_net(self, resolved: Resolved, keep: Sequence[str]) -> ControlNetModel:
         key = resolved.key
         entry = self._nets.get(key)
@@ -317,7 +305,7 @@ class DiffusersEngine:
         self._make_room(disk_bytes(resolved.path), keep=keep)
         try:
             with quiet_progress_bars():
-                model = self._read_net(resolved)
+                model = read_controlnet(resolved, self.dtype, self.catalogue)
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise
@@ -330,22 +318,6 @@ class DiffusersEngine:
         self._nets[key] = NetEntry(model, module_bytes(model))
         self.stats["loads"] += 1
         return model
-
-    def _read_net(self, resolved: Resolved) -> ControlNetModel:
-        if resolved.source != "file":
-            return ControlNetModel.from_pretrained(resolved.path, dtype=self.dtype,
-                                                   local_files_only=True)
-        from huggingface_hub import constants
-
-        # A diffusers-keyed file may sit beside its config.json; an original
-        # (lllyasviel-format) file gets its config inferred by diffusers.
-        kwargs: Dict[str, Any] = {}
-        sibling = Path(resolved.path).with_name("config.json")
-        if sibling.is_file():
-            kwargs["config"] = str(sibling.parent)
-        return ControlNetModel.from_single_file(
-            resolved.path, dtype=self.dtype, local_files_only=bool(constants.HF_HUB_OFFLINE),
-            cache_dir=self.catalogue.config.cache_dir, **kwargs)
 
     def _make_room(self, needed: int, keep: Sequence[str]) -> None:
         """Evict least recently used models until ``needed`` more bytes fit the budget."""
@@ -381,9 +353,9 @@ class DiffusersEngine:
                 pipe = entry.pipe
             # from_pipe casts the shared modules to its dtype (default fp32): pass ours.
             elif controls:
-                pipe = cls.from_pipe(entry.pipe, controlnet=units, dtype=self.dtype)
+                pipe = cls.from_pipe(entry.pipe, controlnet=units, **dtype_kwargs(self.dtype))
             else:
-                pipe = cls.from_pipe(entry.pipe, dtype=self.dtype)
+                pipe = cls.from_pipe(entry.pipe, **dtype_kwargs(self.dtype))
             pipe.set_progress_bar_config(disable=True)
             entry.pipes[cls] = pipe
         if controls:
@@ -527,6 +499,7 @@ class DiffusersEngine:
         base = self.catalogue.resolve_base(request.base_model)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
                          for u in request.controls]
+        types = [_control_type(u, r, base) for u, r in zip(request.controls, resolved_nets)]
         keep = [base.key] + [r.key for r in resolved_nets]
         entry = self._load_base(base, keep)
         nets = [self._load_net(r, keep) for r in resolved_nets]
@@ -547,8 +520,8 @@ class DiffusersEngine:
         order = sorted(range(len(nets)), key=lambda i: bool(nets[i].config.global_pool_conditions))
         cfg = request.cfg > 1.0 and entry.pipe.unet.config.time_cond_proj_dim is None
         units = ControlUnits([nets[i] for i in order],
-                             [request.controls[i].control_mode for i in order], cfg) \
-            if nets else None
+                             [request.controls[i].control_mode for i in order], cfg,
+                             [types[i] for i in order]) if nets else None
 
         total = len(seeds) * plan.steps_per_image
         state = {"done": 0}
@@ -584,6 +557,8 @@ class DiffusersEngine:
                   seed: int,
                   ctx: JobContext, state: Dict[str, int], total: int) -> np.ndarray:
         controls = bool(request.controls)
+        if entry.resolved.inpaint and p.kind != "inpaint":
+            p = full_mask_pass(p)  # a 9-channel UNet runs in the inpaint pipelines only
         pipe = self._pipeline(entry, p.kind, controls, units)
         scheduler = entry.schedulers.get(request.sampler)
         if scheduler is None:
@@ -613,8 +588,12 @@ class DiffusersEngine:
             height=h, width=w, output_type="np", callback_on_step_end=on_step,
             callback_on_step_end_tensor_inputs=["latents"])
         if controls:
-            images = [to_pipeline_image(p.controls[i]) for i in order]
+            images = [control_image(p.controls[i], union=units.control_types[k] is not None)
+                      for k, i in enumerate(order)]
             units_ = request.controls
+            skip = _clip_skip(units_, order, units.control_types, family)
+            if skip:
+                kwargs["clip_skip"] = skip
             kwargs.update(
                 controlnet_conditioning_scale=[units_[i].weight for i in order],
                 control_guidance_start=[units_[i].start for i in order],
@@ -631,8 +610,9 @@ class DiffusersEngine:
             result = pipe(**kwargs).images[0]
         return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
-    def _generator_device(self) -> str:
-        return "cuda" if self.device.type == "cuda" else "cpu"
+    def _generator_device(self) -> torch.device:
+        """The engine's own CUDA device (``cuda:1`` stays ``cuda:1``), else the CPU."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _compose(self, plan: Plan, rgb: np.ndarray) -> Image:
         """The generated region at exactly the canvas size (inpaint: pasted into the input)."""
@@ -662,6 +642,22 @@ class DiffusersEngine:
         target[changed] = blended[changed]
         return from_array(out)
 
+
+
+def _clip_skip(units, order, control_types, family: str) -> int:
+    """The CLIP layers to skip for the units with a weight (a ControlNet's quirk: SD1.5's
+    lineart_anime was trained with clip skip 2)."""
+    return max((quirks(family, units[i].condition, control_types[k] is not None).clip_skip
+                for k, i in enumerate(order) if units[i].weight > 0), default=0)
+
+
+def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:
+    """The unit's union control type (None for a classic ControlNet); UnsupportedCondition
+    for what its ControlNet cannot do."""
+    check_unit(base.family, unit.condition, unit.control_mode, resolved.union)
+    if not resolved.union:
+        return None
+    return union_control_type(unit.condition, resolved.control_types, resolved.name)
 
 
 def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry) -> None:

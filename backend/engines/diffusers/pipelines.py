@@ -1,9 +1,17 @@
 """The diffusers pipelines per (family, mode, controls), and what runs around a pipeline call:
-latent previews, cancel points inside the networks, condition images."""
+latent previews, cancel points inside the networks, condition images.
+
+Union ControlNets run in the same ControlNet pipelines as classic ones:
+:class:`.units.ControlUnits` passes each union call its control types itself, which is
+all the ``StableDiffusionXLControlNetUnion*`` pipelines add (a test checks the pixels
+against them), and so one request can mix union and classic ControlNets.  A base with a
+9-channel (inpainting) UNet runs txt2img and img2img as inpainting of the whole picture
+(:func:`full_mask_pass`)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -23,6 +31,7 @@ from shared.images import Image
 
 from ...imaging import from_array
 from ..base import JobContext
+from .geometry import Pass
 
 PIPELINES = {
     # (family, mode, with controls) -> class
@@ -119,3 +128,23 @@ def to_pipeline_image(control):
     if torch.is_tensor(control):
         return control
     return PILImage.fromarray(np.ascontiguousarray(control))
+
+
+def control_image(control, union: bool = False):
+    """A unit's control image for the pipeline.  The inpaint condition (a tensor, masked
+    pixels -1 for SD1.5's inpaint ControlNet) becomes the union model's repaint condition:
+    masked pixels black."""
+    if union and torch.is_tensor(control):
+        return control.clamp(min=0.0)
+    return to_pipeline_image(control)
+
+
+def full_mask_pass(p: Pass) -> Pass:
+    """A txt2img or img2img pass as inpainting of the whole picture: what a 9-channel
+    inpainting UNet needs (its extra channels see the mask and the masked image; all
+    masked, as A1111 runs such models).  txt2img starts from pure noise (strength 1)."""
+    w, h = p.size
+    init = p.init if p.init is not None else np.full((h, w, 3), 127, np.uint8)
+    strength = p.strength if p.kind == "img2img" else 1.0
+    return replace(p, kind="inpaint", init=init, mask=np.full((h, w), 255, np.uint8),
+                   strength=strength)
