@@ -359,6 +359,7 @@ class Catalogue:
         path = Path(where).expanduser()
         if path.exists() or _looks_like_path(where):
             if path.is_dir():
+                check_runnable(detect(path, kind), name, kind)  # before "incomplete"
                 variant = _weights_variant(path, kind)
                 if variant is None:
                     what = "model_index.json and each component's weights" if kind == "base" \
@@ -431,8 +432,9 @@ class Catalogue:
                             control_types=found.control_types if found else 0)
         return None
 
-    def cached_snapshot(self, repo_id: str, kind: str) -> Optional[Path]:
-        """The local snapshot folder of a hub repo when it holds a complete model, else None."""
+    def cached_snapshot(self, repo_id: str, kind: str, complete: bool = True) -> Optional[Path]:
+        """The local snapshot folder of a hub repo when it holds a complete model (or with
+        ``complete=False``, at least its configs: what a single file needs), else None."""
         from huggingface_hub import try_to_load_from_cache
 
         marker = "model_index.json" if kind == "base" else "config.json"
@@ -443,7 +445,7 @@ class Catalogue:
         if not isinstance(found, str):
             return None
         folder = Path(found).parent
-        return folder if _folder_complete(folder, kind) else None
+        return folder if not complete or _folder_complete(folder, kind) else None
 
     # -- listing -------------------------------------------------------------
 

@@ -285,7 +285,7 @@ def union_control_type(condition: str, control_types: int, name: str) -> int:
 class Quirks:
     """What a (family, condition) ControlNet needs from the rest of the request."""
 
-    clip_skip: int = 0        # skip this many CLIP layers (2 = the penultimate layer)
+    clip_skip: int = 1        # A1111's clip skip: 1 = CLIP's last layer, 2 = the one before
     guess_mode: bool = True   # may run in guess mode ("ControlNet is more important")
 
 

@@ -172,11 +172,16 @@ def _tokenizer(folder: Path):
     return tok
 
 
-def _text_config(vocab_size: int, eos: int, projection_dim: int = 32):
+# SDXL's second text encoder is wider than its first (1280 vs 768); so is the tiny one's,
+# which is also how diffusers tells them apart in a single-file checkpoint.
+TEXT_WIDTHS = {"text_encoder": 32, "text_encoder_2": 48}
+
+
+def _text_config(vocab_size: int, eos: int, projection_dim: int = 32, hidden: int = 32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        bos_token_id=0, eos_token_id=eos, pad_token_id=eos, hidden_size=32,
+        bos_token_id=0, eos_token_id=eos, pad_token_id=eos, hidden_size=hidden,
         intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
         vocab_size=vocab_size, hidden_act="gelu", projection_dim=projection_dim,
         max_position_embeddings=77)
@@ -253,7 +258,8 @@ def _build(folder: Path, family: str) -> Path:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
         if sdxl:
-            unet_kwargs.update(cross_attention_dim=64, attention_head_dim=(2, 4),
+            unet_kwargs.update(cross_attention_dim=sum(TEXT_WIDTHS.values()),
+                               attention_head_dim=(2, 4),
                                use_linear_projection=True, addition_embed_type="text_time",
                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
                                projection_class_embeddings_input_dim=6 * 8 + 32)
@@ -270,7 +276,8 @@ def _build(folder: Path, family: str) -> Path:
         text_encoder = CLIPTextModel(_text_config(len(tokenizer), eos))
         if sdxl:
             _tokenizer(folder / "tokenizer_2")
-            text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), eos))
+            text_encoder_2 = CLIPTextModelWithProjection(
+                _text_config(len(tokenizer), eos, hidden=TEXT_WIDTHS["text_encoder_2"]))
         generator = torch.Generator().manual_seed(SEED + 1)
         controlnets = {}
         for index, name in enumerate(CONTROLNETS):

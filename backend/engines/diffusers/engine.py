@@ -92,7 +92,7 @@ from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, 
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
 from .loaders import dtype_kwargs, read_base, read_controlnet
-from .pipelines import (PIPELINES, cancel_points, control_image, full_mask_pass,
+from .pipelines import (PIPELINES, cancel_points, clip_skip, control_image, full_mask_pass,
                         inpaint_condition, latent_preview)
 from .samplers import make_scheduler
 from .units import ControlUnits
@@ -591,9 +591,6 @@ class DiffusersEngine:
             images = [control_image(p.controls[i], union=units.control_types[k] is not None)
                       for k, i in enumerate(order)]
             units_ = request.controls
-            skip = _clip_skip(units_, order, units.control_types, family)
-            if skip:
-                kwargs["clip_skip"] = skip
             kwargs.update(
                 controlnet_conditioning_scale=[units_[i].weight for i in order],
                 control_guidance_start=[units_[i].start for i in order],
@@ -606,7 +603,8 @@ class DiffusersEngine:
             kwargs.update(image=PILImage.fromarray(p.init), strength=p.strength)
         if p.kind == "inpaint":
             kwargs["mask_image"] = PILImage.fromarray(p.mask)
-        with cancel_points(pipe, ctx):
+        skip = _clip_skip(request.controls, order, units.control_types, family) if units else 1
+        with cancel_points(pipe, ctx), clip_skip(pipe, skip):
             result = pipe(**kwargs).images[0]
         return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
@@ -645,10 +643,10 @@ class DiffusersEngine:
 
 
 def _clip_skip(units, order, control_types, family: str) -> int:
-    """The CLIP layers to skip for the units with a weight (a ControlNet's quirk: SD1.5's
-    lineart_anime was trained with clip skip 2)."""
+    """The clip skip the units with a weight need (a ControlNet's quirk: SD1.5's
+    lineart_anime was trained with clip skip 2); 1 = none."""
     return max((quirks(family, units[i].condition, control_types[k] is not None).clip_skip
-                for k, i in enumerate(order) if units[i].weight > 0), default=0)
+                for k, i in enumerate(order) if units[i].weight > 0), default=1)
 
 
 def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:

@@ -59,9 +59,10 @@ def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
             kwargs["variant"] = resolved.weights_variant
         return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
     # A single file carries weights only; the component configs come from the
-    # family's default repo when it is cached, else diffusers fetches just those
-    # small config files (online) - into, and later from, the configured cache.
-    config = catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base")
+    # family's default repo when its configs are cached (downloaded or not), else
+    # diffusers fetches just those small files (online) - into, and later from, the
+    # configured cache.
+    config = catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base", complete=False)
     if config is not None:
         kwargs["config"] = str(config)
     if resolved.inpaint:

@@ -124,6 +124,26 @@ def cancel_points(pipe, ctx: JobContext) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def clip_skip(pipe, skip: int) -> Iterator[None]:
+    """While the block runs, the text encoder ends ``skip - 1`` layers early (A1111's "clip
+    skip": 1 = every layer, 2 = the penultimate layer's output, then the final layer
+    norm, as diffusers' own ``clip_skip=skip - 1`` does).  Done on the encoder itself:
+    diffusers' own path reads ``text_encoder.text_model``, which CLIPTextModel no longer
+    has from transformers 5.6."""
+    encoder = getattr(pipe, "text_encoder", None)
+    if skip <= 1 or encoder is None:
+        yield
+        return
+    stack = getattr(encoder, "text_model", encoder).encoder
+    layers = stack.layers
+    stack.layers = layers[:len(layers) - (skip - 1)]
+    try:
+        yield
+    finally:
+        stack.layers = layers
+
+
 def to_pipeline_image(control):
     if torch.is_tensor(control):
         return control
