@@ -400,7 +400,38 @@ def test_the_dtype_keyword_is_the_one_the_installed_diffusers_reads():
     import diffusers
 
     from backend.engines.diffusers import loaders
+    from backend.engines.requirements import release
 
-    assert loaders._release("0.39.1") < (0, 40) <= loaders._release("0.40.0.dev0")
-    expected = "dtype" if loaders._release(diffusers.__version__) >= (0, 40) else "torch_dtype"
+    assert release("0.39.1") < (0, 40) <= release("0.40.0.dev0")
+    assert release("2.6.0+cu124") == (2, 6) and release("3") == (3, 0)
+    expected = "dtype" if release(diffusers.__version__) >= (0, 40) else "torch_dtype"
     assert loaders.dtype_kwargs(torch.float16) == {expected: torch.float16}
+
+
+def test_clip_skip_2_is_the_penultimate_layer_through_the_final_norm(tiny_engine):
+    """What A1111's "clip skip 2" (and diffusers' clip_skip=1) computes, done by ending
+    the text encoder one layer early; the encoder is whole again afterwards."""
+    from backend.engines.diffusers.pipelines import clip_skip
+
+    pixels(tiny_engine, request(base_model="tiny-sd15"))
+    pipe = next(e.pipe for e in tiny_engine._bases.values() if e.resolved.name == "tiny-sd15")
+    encoder = pipe.text_encoder
+    ids = pipe.tokenizer("a red coat", padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states
+        manual = getattr(encoder, "text_model", encoder).final_layer_norm(hidden[-2])
+        with clip_skip(pipe, 2):
+            skipped = pipe.encode_prompt("a red coat", "cpu", 1, False)[0]
+        full = pipe.encode_prompt("a red coat", "cpu", 1, False)[0]
+    assert torch.allclose(skipped, manual, atol=1e-6)
+    assert not torch.allclose(full, manual, atol=1e-3)
+
+
+def test_bench_engine_runs_the_sdxl_union_stack_on_the_bare_union_pipeline(tiny_root):
+    from backend.bench.engine import bench_engine
+
+    figures = bench_engine(repeats=1, steps=2, tiny_root=str(tiny_root), stacks=("sdxl-union",))
+    union = figures["stacks"]["sdxl-union"]
+    assert union["bare"] == "StableDiffusionXLControlNetUnionPipeline"
+    assert union["same_pixels"] and figures["worst_ratio"] == union["ratio"] > 0

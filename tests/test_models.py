@@ -17,28 +17,14 @@ from backend.engines.catalogue import (CONTROLNETS, DEFAULT_BASES, SDXL_UNION, C
 from shared.errors import ModelMissing
 from shared.messages import CONDITIONS, ControlUnit, GenerateRequest, Models
 
-from tiny_fixtures import (RecordingContext, tiny_catalogue, tiny_engine,  # noqa: F401
-                           tiny_root, torch_threads)
+from tiny_fixtures import (RecordingContext, fake_hub_snapshot, tiny_catalogue,  # noqa: F401
+                           tiny_engine, tiny_root, torch_threads)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def empty_cache_catalogue(tmp_path, **config) -> Catalogue:
     return Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"), **config))
-
-
-def fake_hub_snapshot(cache: Path, repo_id: str, files: dict) -> Path:
-    """Lay out a Hugging Face cache entry the way huggingface_hub writes it."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    for name, content in files.items():
-        path = snapshot / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return snapshot
 
 
 # -----------------------------------------------------------------------------

@@ -596,7 +596,8 @@ class Catalogue:
 
 
 def _choose_patterns(files: set, kind: str) -> List[str]:
-    """Download patterns: safetensors weights when the repo has them, else .bin."""
+    """Download patterns: safetensors weights when the repo has them, else the fp16 variant
+    when that is all it has (loaded with ``variant="fp16"``), else .bin."""
     if kind == "controlnet":
         for weights in ("diffusion_pytorch_model.safetensors",
                         "diffusion_pytorch_model.fp16.safetensors"):  # fp16-only repos

@@ -1,4 +1,5 @@
-"""DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL).
+"""DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL, each also with a
+9-channel inpainting UNet; classic and union ControlNets).
 
 This module imports torch and diffusers; nothing else in ``backend`` does at
 import time.  It is called from the job worker thread only (one thread owns the
@@ -8,7 +9,9 @@ How one request becomes pixels (``generate``):
 
 1. **Models.** The base model and each unit's ControlNet are resolved by
    :class:`backend.engines.catalogue.Catalogue` (hub cache, folder, single file, or the
-   built-in tiny stack) and loaded once.  Loaded bases and ControlNets live in
+   built-in tiny stack; what each is - family, inpainting UNet, union ControlNet - comes
+   from :mod:`backend.engines.families`) and loaded once (:mod:`.loaders`).  Loaded bases
+   and ControlNets live in
    one LRU bounded by a memory budget.  The pipelines for each mode are made
    from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
 2. **Geometry.** The *region* is the whole canvas, or for inpaint the bounding
@@ -41,7 +44,9 @@ How one request becomes pixels (``generate``):
 
    A unit whose scale is 0 at a step (weight 0, or outside its start/end range)
    is not run at all; when no unit runs the UNet gets no residuals, so weight 0
-   is exactly "no control".
+   is exactly "no control".  The units served by one union ControlNet (SDXL's default)
+   with the same control mode run as one call with one control type each.  A ControlNet's
+   quirks (SD1.5 lineart_anime: clip skip 2, no guess mode) come from the families table.
 5. **Inpaint.** Only the selection changes: the generated region is pasted back
    with a feathered weight that is zero outside the selection, and every pixel
    with weight zero is copied from the input unchanged (bit for bit).

@@ -25,19 +25,12 @@ from diffusers import ControlNetModel, ControlNetUnionModel
 from shared.errors import ModelMissing
 
 from ..catalogue import DEFAULT_BASES, Catalogue, Resolved
+from ..requirements import release
 
 log = logging.getLogger(__name__)
 
 
-def _release(version: str) -> tuple:
-    parts = []
-    for part in version.split(".")[:2]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
-DTYPE_KEYWORD = "dtype" if _release(diffusers.__version__) >= (0, 40) else "torch_dtype"
+DTYPE_KEYWORD = "dtype" if release(diffusers.__version__) >= (0, 40) else "torch_dtype"
 
 
 def dtype_kwargs(dtype) -> Dict[str, Any]:
