@@ -21,8 +21,8 @@ from shared.errors import UnsupportedCondition, UnsupportedFamily
 from shared.messages import ControlUnit, GenerateRequest
 
 from tiny_fixtures import (RecordingContext, config_repo, fresh_engine,  # noqa: F401
-                           random_rgba, tiny_catalogue, tiny_engine, tiny_inpaint_folder,
-                           tiny_root, torch_threads)
+                           inpaint_folder, random_rgba, tiny_catalogue, tiny_engine,
+                           tiny_inpaint_folder, tiny_root, torch_threads)
 
 W, H = 72, 56
 
@@ -254,8 +254,18 @@ def test_a_union_single_file_beside_its_config_loads(tiny_engine, tiny_root, tmp
 
 
 # -----------------------------------------------------------------------------
-# Families the engine does not run
+# Families the engine does not run, ControlNets of another family
 # -----------------------------------------------------------------------------
+
+def test_a_controlnet_of_another_family_is_refused_before_loading(fresh_engine, tiny_root):
+    from shared.errors import Unsupported
+
+    sd15_net = str(tiny.tiny_dir("sd15", tiny_root) / "controlnets" / "lines")
+    with pytest.raises(Unsupported, match="another model family"):
+        fresh_engine.generate(request(controls=(unit(model=sd15_net),)), images(),
+                              RecordingContext())
+    assert not fresh_engine._bases and not fresh_engine._nets  # nothing was loaded
+
 
 def test_a_flux_request_is_a_typed_error_not_a_crash(tiny_engine, tmp_path):
     from test_families import FILES, write_header
@@ -269,14 +279,17 @@ def test_a_flux_request_is_a_typed_error_not_a_crash(tiny_engine, tmp_path):
 # 9-channel inpainting bases
 # -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
-def test_a_nine_channel_base_runs_every_mode(tiny_engine, tiny_root, tiny_inpaint_folder,
-                                            mode):
+def test_a_nine_channel_base_runs_every_mode(tiny_engine, tiny_root, family, mode):
     """txt2img and img2img run as inpainting of the whole picture (a 9-channel UNet in
-    the plain pipelines is a raw channel-mismatch RuntimeError), with ControlNets too."""
-    base = str(tiny_inpaint_folder)
-    assert tiny_engine.catalogue.resolve_base(base).inpaint
-    net = str(tiny.tiny_dir("sd15", tiny_root) / "controlnets" / "lines")
+    the plain pipelines is a raw channel-mismatch RuntimeError), with ControlNets too
+    (SDXL: the union ControlNet)."""
+    base = str(inpaint_folder(tiny_root, family))
+    resolved = tiny_engine.catalogue.resolve_base(base)
+    assert (resolved.family, resolved.inpaint) == (family, True)
+    net = str(tiny.tiny_dir(family, tiny_root) / "controlnets" /
+              ("union" if family == "sdxl" else "lines"))
     imgs = images()
     plain = pixels(tiny_engine, request(base_model=base, mode=mode), imgs)
     controlled = pixels(tiny_engine, request(base_model=base, mode=mode,

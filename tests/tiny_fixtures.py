@@ -126,8 +126,9 @@ def fresh_engine(tiny_catalogue):
 
 
 def build_inpaint_stack(source: Path, folder: Path) -> Path:
-    """A tiny SD1.5 *inpainting* stack: ``source`` (the tiny SD1.5 stack) with a 9-channel
-    UNet (latents + mask + masked-image latents), as stable-diffusion-inpainting is."""
+    """A tiny *inpainting* stack: ``source`` (a tiny stack) with a 9-channel UNet (latents +
+    mask + masked-image latents), as stable-diffusion-inpainting and the SDXL inpainting
+    models are."""
     import shutil
 
     import torch
@@ -147,15 +148,21 @@ def build_inpaint_stack(source: Path, folder: Path) -> Path:
     return folder
 
 
+def inpaint_folder(tiny_root: Path, family: str = "sd15") -> Path:
+    """The tiny ``family`` stack with a 9-channel inpainting UNet (built once a session)."""
+    key = f"inpaint-{family}"
+    if key not in _CACHE:
+        from backend.engines import tiny
+
+        _CACHE[key] = build_inpaint_stack(tiny.tiny_dir(family, tiny_root),
+                                          tiny_root / f"tiny-{family}-inpaint")
+    return _CACHE[key]
+
+
 @pytest.fixture(scope="session")
 def tiny_inpaint_folder(tiny_root) -> Path:
     """The tiny SD1.5 stack with a 9-channel inpainting UNet (a diffusers folder)."""
-    if "inpaint" not in _CACHE:
-        from backend.engines import tiny
-
-        _CACHE["inpaint"] = build_inpaint_stack(tiny.tiny_dir("sd15", tiny_root),
-                                                tiny_root / "tiny-sd15-inpaint")
-    return _CACHE["inpaint"]
+    return inpaint_folder(tiny_root, "sd15")
 
 
 def fake_hub_snapshot(cache: Path, repo_id: str, files: dict) -> Path:

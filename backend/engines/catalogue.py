@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple

@@ -655,8 +655,11 @@ def _clip_skip(units, order, control_types, family: str) -> int:
 
 
 def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:
-    """The unit's union control type (None for a classic ControlNet); UnsupportedCondition
-    for what its ControlNet cannot do."""
+    """The unit's union control type (None for a classic ControlNet); typed errors, before
+    anything loads, for a ControlNet of another family (as its files say) and for what it
+    cannot do."""
+    if resolved.family != base.family:
+        raise _another_family(resolved, base)
     check_unit(base.family, unit.condition, unit.control_mode, resolved.union)
     if not resolved.union:
         return None
@@ -669,11 +672,14 @@ def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry
     ours = (net.config.cross_attention_dim, net.config.addition_embed_type)
     theirs = (unet.cross_attention_dim, unet.addition_embed_type)
     if ours != theirs:
-        raise Unsupported(
-            f"The ControlNet {resolved.name!r} was made for another model family than the base "
-            f"model {entry.resolved.name!r} ({entry.family.upper()}): use a "
-            f"{entry.family.upper()} ControlNet for this base, or pick another base model.",
-            field="model")
+        raise _another_family(resolved, entry.resolved)
+
+
+def _another_family(net: Resolved, base: Resolved) -> Unsupported:
+    return Unsupported(
+        f"The ControlNet {net.name!r} was made for another model family than the base "
+        f"model {base.name!r} ({base.family.upper()}): use a {base.family.upper()} "
+        f"ControlNet for this base, or pick another base model.", field="model")
 
 
 def _image(images: Mapping[int, Image], slot: Optional[int], name: str) -> Image:
