@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 import threading
 import time
 from typing import Callable, Iterator, Mapping, Optional
 
-from .errors import (ConnectionLost, ControlCanvasError, LimitError, ProtocolError,
+from .errors import (AuthError, ConnectionLost, ControlCanvasError, LimitError, ProtocolError,
                      ServerUnavailable, error_from_code)
 from .images import Image
 from .messages import Error, GenerateRequest, Models, Status, Welcome
 from .session import ClientSession, ResultReady
+from .tokens import QuietTokenLogger, handshake_headers
 
 DEFAULT_URL = "ws://127.0.0.1:7351"
 # Big enough for the largest result a server may send (its own limits still apply).
@@ -48,7 +50,8 @@ class Client:
                 timeout: float = 10.0) -> "Client":
         """Open a connection and authenticate; typed errors say what to fix."""
         try:
-            from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+            from websockets.exceptions import (ConnectionClosed, InvalidHandshake, InvalidStatus,
+                                               InvalidURI)
             from websockets.sync.client import connect
         except ImportError as err:  # a plug-in built without its bundled copy
             raise ServerUnavailable(f"The websockets package is missing ({err}); reinstall "
@@ -56,6 +59,10 @@ class Client:
         try:
             options = dict(open_timeout=timeout, close_timeout=2, max_size=MAX_FRAME,
                            compression=None, user_agent_header=f"ControlCanvas-client {client}")
+            # The token in the handshake too: the server then gives this connection a
+            # client slot at once, so strangers flooding it cannot lock us out.
+            options["additional_headers"] = handshake_headers(token)
+            options["logger"] = QuietTokenLogger(logging.getLogger("websockets.client"))
             if "legacy" in inspect.signature(connect).parameters:  # websockets >= 17
                 options["legacy"] = True  # we manage the connection's lifetime ourselves
             ws = connect(url, **options)
@@ -64,11 +71,17 @@ class Client:
                                     f"ws://HOST:PORT, e.g. {DEFAULT_URL}.") from None
         except InvalidStatus as err:
             body = err.response.body.decode("utf-8", "replace").strip()
+            if err.response.status_code == 401:
+                raise AuthError(body or None) from None
             raise ProtocolError(f"The server at {url} refused the connection "
                                 f"({err.response.status_code}): {body}") from None
         except InvalidHandshake as err:
             raise ServerUnavailable(f"Something at {url} answered, but it is not a ControlCanvas "
                                     f"server ({err}). Check the port.") from None
+        except ConnectionClosed as err:  # the server went away mid-handshake (restarting?)
+            raise ServerUnavailable(f"The server at {url} closed the connection while it was "
+                                    f"being opened ({err}); it may be restarting: try again "
+                                    f"in a moment.") from None
         except (OSError, TimeoutError) as err:
             raise ServerUnavailable(f"No ControlCanvas server answers at {url} ({err}). Start it "
                                     f"with `controlcanvas serve` and check the address and "

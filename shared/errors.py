@@ -83,6 +83,24 @@ class AuthError(ControlCanvasError):
                        "(it is stored in the token file shown by `controlcanvas serve`).")
 
 
+class TokenFileError(ControlCanvasError):
+    """The token file cannot be used: missing, a folder, a symbolic link, unreadable or
+    unwritable. The message names the file and says how to fix it."""
+
+    code = "token_file"
+    default_message = ("The token file cannot be used; `controlcanvas doctor` says what is "
+                       "wrong with it.")
+
+
+class PathRefused(ControlCanvasError):
+    """A client named a file or folder outside those the server lets clients use. Worded
+    the same whether or not the path exists, so it reveals nothing about the machine."""
+
+    code = "path_refused"
+    default_message = ("That path is outside the folders this server lets clients use; name "
+                       "something inside them (see docs/remote.md).")
+
+
 class TokenNeeded(AuthError):
     """Client side: the server is not on this computer and no token was entered for it
     (the local token file is sent to loopback addresses only: ``shared.loopback``)."""
@@ -100,6 +118,23 @@ class LimitError(ControlCanvasError):
 class QueueFull(LimitError):
     code = "queue_full"
     default_message = "The server's queue is full; wait for running jobs to finish, then retry."
+
+
+# -- configuration --------------------------------------------------------------
+
+class ConfigError(ControlCanvasError, ValueError):
+    """A setting (config.toml, CONTROLCANVAS_* environment, command line) is wrong; the
+    message names it. Also a ValueError, for callers that catch bad values."""
+
+    code = "config"
+    default_message = ("A setting in config.toml, the environment or the command line is "
+                       "wrong; the message names it.")
+
+
+class WeakToken(ConfigError):
+    code = "weak_token"
+    default_message = ("The configured access token is too short to be safe; remove it to let "
+                       "the server make a strong one.")
 
 
 # -- jobs -----------------------------------------------------------------------
@@ -122,6 +157,23 @@ class Cancelled(ControlCanvasError):
 class Expired(ControlCanvasError):
     code = "expired"
     default_message = "The job's result was kept for its retention time and then discarded."
+
+
+class Interrupted(ControlCanvasError):
+    """The server stopped (crashed, was killed) while it ran the job, and it is not run
+    again: it was interrupted too often already, or it is a training run."""
+
+    code = "interrupted"
+    default_message = ("The server stopped while it ran this job and does not run it again; "
+                       "see the server log for why it stopped, then submit the job again.")
+
+
+class StoredJobDamaged(ControlCanvasError):
+    """A job kept on disk across a server restart could not be read back."""
+
+    code = "store_damaged"
+    default_message = ("The server kept this job on disk across a restart, but its files "
+                       "were damaged or missing; submit the job again.")
 
 
 # -- engine ---------------------------------------------------------------------

@@ -26,13 +26,15 @@ server's own checks of its bind address and of the ``Host`` header
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
-from .errors import TokenNeeded
-from .paths import read_token, token_file
+from .errors import TokenFileError, TokenNeeded
+from .paths import load_token_file, token_file
 
 LOCAL_NAMES = ("localhost", "localhost.")
 SCHEMES = ("ws", "wss")
@@ -96,6 +98,9 @@ class TokenChoice:
     source: str  # where it came from, for messages ("the token file ~/.config/…")
     note: str  # one sentence: where the token came from, or what the user must do
     needed: bool = False  # a server elsewhere and no token entered: do not connect
+    # why the local token file was not used (missing, a link, ...): a plug-in connects
+    # anyway and shows :attr:`note`; the command line stops with it
+    problem: Optional[TokenFileError] = None
 
     def __repr__(self) -> str:  # keep the token out of logs
         return (f"TokenChoice(token=***, source={self.source!r}, needed={self.needed})")
@@ -130,13 +135,21 @@ def choose_token(url: str, entered: str = "", *, entered_source: str = "the toke
     if not is_loopback_url(url):
         return TokenChoice("", "no token", remote_needs_token(url, enter_it), needed=True)
     path = token_file(environ)
-    token = read_token(path)
-    if token:
-        return TokenChoice(token, f"the token file {path}", f"Token read from {path}.")
-    if not path.exists():
+    try:  # shared.paths' rules: no symbolic link, no folder, not empty
+        token = load_token_file(path)
+    except TokenFileError as err:
+        return _unusable_token_file(path, err, enter_it)
+    return TokenChoice(token, f"the token file {path}", f"Token read from {path}.")
+
+
+def _unusable_token_file(path: Path, err: TokenFileError, enter_it: str) -> TokenChoice:
+    """No token: the file is missing, or :func:`~shared.paths.load_token_file` refused it
+    (a symbolic link, a folder, empty, unreadable); the source names the real reason."""
+    if not os.path.lexists(path):
         return TokenChoice("", f"no token (there is no token file at {path})",
                            f"No token file at {path}; start the server once with "
-                           f"`controlcanvas serve`, or {enter_it}.")
-    return TokenChoice("", f"no token (the token file {path} is empty or unreadable)",
-                       f"The token file {path} is empty or cannot be read; restart "
-                       f"`controlcanvas serve`, or {enter_it}.")
+                           f"`controlcanvas serve`, or {enter_it}.", problem=err)
+    reason = err.message.split(f"{path}", 1)[-1]  # the path may hold '.' or ';'
+    reason = re.split(r"[.;] ", reason.rstrip("."), maxsplit=1)[0]
+    return TokenChoice("", f"no token (the token file {path}{reason})",
+                       f"{err.message} Or {enter_it}.", problem=err)

@@ -8,17 +8,22 @@ Decoding is strict.  ``from_json`` rejects malformed JSON, unknown message types
 unknown fields, missing fields, mistyped fields and out-of-range values with a
 :class:`~shared.errors.FieldError` whose ``field`` names the offending path
 (e.g. ``request.controls[1].weight``).  Constructing a message in code runs the
-same checks, so a value that exists is a valid value.
+same checks, so a value that exists is a valid value.  One exception, for forward
+compatibility: a client decoding a *server* message skips fields it does not know, so
+a newer server may add optional fields (``Welcome.engine_info``, ``Models.loras``)
+without cutting off plug-ins of an older release; the server stays strict.
 
 Standard library only, Python >= 3.10: this module is bundled into the editors.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
 import re
+import reprlib
 import typing
 import uuid
 from dataclasses import dataclass, field
@@ -70,6 +75,33 @@ def _hints(cls) -> Dict[str, Any]:
     return hints
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_SHOW.maxlevel = 3
+
+
+def _show(value) -> str:
+    """A short, safe repr of a value for an error message: long strings and deep or big
+    lists are cut, lone surrogates are escaped (repr never prints them raw)."""
+    return _SHOW.repr(value)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with lone surrogates written as escapes: safe to encode and to send."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_unicode(text: str, path: str) -> None:
+    """Refuse a string that is not valid Unicode (a lone surrogate from a JSON escape such
+    as "\\ud800"): it could be neither encoded, logged nor sent back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FieldError(f"{_escaped(path)} holds a lone surrogate "
+                         f"({_escaped(text[err.start:err.end])}); text must be valid "
+                         f"Unicode.", field=_escaped(path)) from None
+
+
 def _describe(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -100,7 +132,7 @@ def _coerce(tp, value, path: str):
         choices = typing.get_args(tp)
         if isinstance(value, str) and value in choices:
             return value
-        raise FieldError(f"{path} must be {_describe(tp)}; got {value!r}.", field=path)
+        raise FieldError(f"{path} must be {_describe(tp)}; got {_show(value)}.", field=path)
     if origin is Union:
         args = typing.get_args(tp)
         if value is None:
@@ -115,7 +147,7 @@ def _coerce(tp, value, path: str):
             except FieldError as err:
                 if len([a for a in args if a is not type(None)]) == 1:
                     raise err
-        raise FieldError(f"{path} must be {_describe(tp)}; got {value!r}.", field=path)
+        raise FieldError(f"{path} must be {_describe(tp)}; got {_show(value)}.", field=path)
     if origin in (tuple, Tuple):
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
@@ -129,6 +161,7 @@ def _coerce(tp, value, path: str):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise FieldError(f"{path} keys must be strings.", field=path)
+            _check_unicode(key, f"{path} key")
             out[key] = _coerce(val_tp, item, f"{path}.{key}")
         return out
     if tp is bool:
@@ -142,20 +175,28 @@ def _coerce(tp, value, path: str):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
+            _check_unicode(value, path)
             return value
     else:  # pragma: no cover - a programming error in this module
         raise TypeError(f"unsupported annotation {tp!r}")
-    raise FieldError(f"{path} must be {_describe(tp)}; got {value!r}.", field=path)
+    raise FieldError(f"{path} must be {_describe(tp)}; got {_show(value)}.", field=path)
+
+
+# True while a client decodes a server message: unknown fields are skipped (see above).
+_SKIP_UNKNOWN: "contextvars.ContextVar[bool]" = contextvars.ContextVar("skip_unknown",
+                                                                      default=False)
 
 
 def _build(cls, values: dict, path: str):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
+    if _SKIP_UNKNOWN.get():
+        values = {key: value for key, value in values.items() if key in names}
     for key in values:
         if key not in names:
-            raise FieldError(f"{prefix}{key} is not a field of {cls.__name__}; remove it "
-                             f"(known fields: {', '.join(sorted(names))}).",
-                             field=f"{prefix}{key}")
+            name = f"{prefix}{_escaped(key[:60])}"
+            raise FieldError(f"{name} is not a field of {cls.__name__}; remove it "
+                             f"(known fields: {', '.join(sorted(names))}).", field=name)
     for f in dataclasses.fields(cls):
         if f.init and f.name not in values and f.default is dataclasses.MISSING \
                 and f.default_factory is dataclasses.MISSING:
@@ -181,7 +222,8 @@ class _Checked:
                 lo, hi, exclusive_lo = rng
                 if value < lo or value > hi or (exclusive_lo and value == lo):
                     low = f"more than {lo}" if exclusive_lo else f"at least {lo}"
-                    raise FieldError(f"{f.name} must be {low} and at most {hi}; got {value!r}.",
+                    raise FieldError(f"{f.name} must be {low} and at most {hi}; "
+                                     f"got {_show(value)}.",
                                      field=f.name)
             object.__setattr__(self, f.name, value)
         self._check()
@@ -193,7 +235,7 @@ class _Checked:
 def _check_job_id(job_id: str, name: str = "job_id") -> None:
     if not _JOB_ID.match(job_id):
         raise FieldError(f"{name} must be 32 lowercase hex digits (a UUID4 hex); "
-                         f"got {job_id!r}.", field=name)
+                         f"got {_show(job_id)}.", field=name)
 
 
 # -----------------------------------------------------------------------------
@@ -491,11 +533,17 @@ class ModelsRequest(Message):
 
 @_message
 class Welcome(Message):
+    """``engine_info`` (added within protocol 1, optional): the engine's settings as
+    ``name -> scalar`` (device, dtype, offload, the fast-path choices such as ``sdpa``,
+    ``compile``, ``vae_precision``, ``previews``), for display.  It is left out of the JSON
+    when empty, and a welcome without it decodes to ``{}``."""
     TYPE: ClassVar[str] = "welcome"
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("engine_info",)
     protocol: int
     server: str
     engine: str
     limits: Limits
+    engine_info: Dict[str, Scalar] = field(default_factory=dict)
 
 
 @_message
@@ -567,6 +615,9 @@ SERVER_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
 def to_dict(message: Message) -> Dict[str, Any]:
     out = {"type": message.TYPE}
     out.update(dataclasses.asdict(message))
+    for name in getattr(message, "OMIT_WHEN_EMPTY", ()):
+        if not out.get(name):  # a later optional field: peers that predate it never see it
+            del out[name]
     return out
 
 
@@ -578,6 +629,9 @@ def from_json(text: Union[str, bytes], registry: Dict[str, type]) -> Message:
     """Decode one message of ``registry`` (CLIENT_MESSAGES or SERVER_MESSAGES)."""
     try:
         raw = json.loads(text)
+    except RecursionError:
+        raise MalformedMessage("The message nests lists or objects too deeply to read; "
+                               "send one flat JSON object per text frame.") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise MalformedMessage(f"The message is not valid JSON ({err}); send one JSON "
                                f"object per text frame.") from None
@@ -588,7 +642,7 @@ def from_json(text: Union[str, bytes], registry: Dict[str, type]) -> Message:
         raise FieldError("type is missing; every message needs \"type\".", field="type")
     cls = registry.get(kind)
     if cls is None:
-        raise UnknownMessage(f"Unknown message type {kind!r}; expected one of "
+        raise UnknownMessage(f"Unknown message type {_show(kind)}; expected one of "
                              f"{', '.join(sorted(registry))}.", field="type")
     if cls is Hello and raw.get("protocol") != PROTOCOL_VERSION \
             and type(raw.get("protocol")) is int:
@@ -596,4 +650,8 @@ def from_json(text: Union[str, bytes], registry: Dict[str, type]) -> Message:
             f"This server speaks protocol {PROTOCOL_VERSION} but the client speaks "
             f"{raw['protocol']}; update the plug-in and the server to the same release.",
             field="protocol")
-    return _build(cls, raw, "")
+    skip = _SKIP_UNKNOWN.set(registry is SERVER_MESSAGES)
+    try:
+        return _build(cls, raw, "")
+    finally:
+        _SKIP_UNKNOWN.reset(skip)

@@ -17,10 +17,9 @@ Client-side events: the server messages ``Welcome``, ``Queued``, ``Progress``,
 
 from __future__ import annotations
 
-import hmac
 import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from . import codec
 from .errors import (AuthError, ControlCanvasError, FieldError, FrameError, LimitError,
@@ -28,8 +27,9 @@ from .errors import (AuthError, ControlCanvasError, FieldError, FrameError, Limi
 from .images import Image
 from .messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, SERVER_MESSAGES, Ack, Cancel,
                        Error, Generate, GenerateRequest, Hello, Limits, Message, ModelsRequest,
-                       Preprocess, Preview, Result, ResultImage, Resume, StatusRequest, Train,
-                       Welcome, _JOB_ID, from_json, new_job_id, to_json)
+                       Preprocess, Preview, Result, ResultImage, Resume, Scalar, StatusRequest,
+                       Train, Welcome, _JOB_ID, from_json, new_job_id, to_json)
+from .tokens import same_token
 
 # A websocket message: text, binary, or binary as fragments (header, pixels) that
 # the adapter sends as one fragmented message / received with recv_streaming.
@@ -108,12 +108,23 @@ class ServerSession(_Session):
     READY = "ready"
     CLOSED = "closed"
 
-    def __init__(self, *, token: str, limits: Limits, server: str, engine: str) -> None:
+    def __init__(self, *, token: str, limits: Limits, server: str, engine: str,
+                 max_job_pixels: int = 0,
+                 admit: Optional[Callable[[str], None]] = None,
+                 engine_info: Optional[Mapping[str, Scalar]] = None) -> None:
+        """``max_job_pixels``: output pixels x batch of one generate job (0: no cap; a
+        server-side limit, not in ``Limits``, so older clients still read the welcome).
+        ``admit(client)`` runs once the token is right, before the welcome: it raises a
+        ControlCanvasError to turn the client away (e.g. every client slot is taken).
+        ``engine_info``: the engine's settings, reported in the welcome."""
         super().__init__()
-        self._token = token.encode()
+        self._token = token
         self.limits = limits
+        self.max_job_pixels = max_job_pixels
+        self._admit = admit
         self._server = server
         self._engine = engine
+        self._engine_info = dict(engine_info or {})
         self.state = self.AWAIT_HELLO
         self.client = ""
         self._upload: Optional[_Upload] = None
@@ -160,12 +171,15 @@ class ServerSession(_Session):
             if not isinstance(message, Hello):
                 raise StateError(f"The first message must be 'hello' with the token, not "
                                  f"{message.TYPE!r}.")
-            if not hmac.compare_digest(message.token.encode(), self._token):
+            if not same_token(message.token, self._token):
                 raise AuthError()
+            if self._admit is not None:
+                self._admit(message.client)
             self.state = self.READY
             self.client = message.client
             self._queue(Welcome(protocol=PROTOCOL_VERSION, server=self._server,
-                                engine=self._engine, limits=self.limits))
+                                engine=self._engine, limits=self.limits,
+                                engine_info=self._engine_info))
             return [Authenticated(message.client)]
         if isinstance(message, Hello):
             raise StateError("Already authenticated; send 'hello' only once per connection.")
@@ -192,6 +206,7 @@ class ServerSession(_Session):
                                  f"{limits.max_batch}.", field="request.batch",
                                  job_id=message.job_id)
             _check_size(req.width, req.height, limits, "request.width", message.job_id)
+            self._check_job_pixels(req, message.job_id)
         elif isinstance(message, Preprocess) and message.width:
             _check_size(message.width, message.height, limits, "width", message.job_id)
         slots = message.slots()
@@ -203,6 +218,19 @@ class ServerSession(_Session):
             return [Submit(message, {})]
         self._upload = _Upload(message, set(slots))
         return []
+
+    def _check_job_pixels(self, req: GenerateRequest, job_id: str) -> None:
+        """Pixels x batch: sixteen images at the per-image limit would be gigabytes."""
+        total = req.width * req.height * req.batch
+        if self.max_job_pixels and total > self.max_job_pixels:
+            fit = max(0, self.max_job_pixels // (req.width * req.height))
+            advice = (f"lower the batch to {fit} or less, or the size" if fit else
+                      "lower the size")
+            raise LimitError(
+                f"A batch of {req.batch} at {req.width}x{req.height} is {total:,} output "
+                f"pixels; this server's limit is {self.max_job_pixels:,} pixels per job "
+                f"(max_job_pixels). To fit it, {advice}; or raise max_job_pixels in the "
+                f"server's config.toml.", field="request.batch", job_id=job_id)
 
     def _receive_binary(self, data: Union[bytes, Tuple[bytes, ...]]) -> list:
         if self.state == self.AWAIT_HELLO:
@@ -280,7 +308,7 @@ def _job_id_of(text: str) -> Optional[str]:
     """The well-formed job id of a refused generate/preprocess message, if it has one."""
     try:
         raw = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(raw, dict) and raw.get("type") in (Generate.TYPE, Preprocess.TYPE,
                                                       Train.TYPE):
@@ -341,6 +369,19 @@ class ClientSession(_Session):
             self._frames = []
             return []
         return [message]
+
+    def _check_job_pixels(self, req: GenerateRequest, job_id: str) -> None:
+        """Pixels x batch: sixteen images at the per-image limit would be gigabytes."""
+        total = req.width * req.height * req.batch
+        if self.max_job_pixels and total > self.max_job_pixels:
+            fit = max(0, self.max_job_pixels // (req.width * req.height))
+            advice = (f"lower the batch to {fit} or less, or the size" if fit else
+                      "lower the size")
+            raise LimitError(
+                f"A batch of {req.batch} at {req.width}x{req.height} is {total:,} output "
+                f"pixels; this server's limit is {self.max_job_pixels:,} pixels per job "
+                f"(max_job_pixels). To fit it, {advice}; or raise max_job_pixels in the "
+                f"server's config.toml.", field="request.batch", job_id=job_id)
 
     def _receive_binary(self, data: Union[bytes, Tuple[bytes, ...]]) -> list:
         expect = self._expect

@@ -17,6 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
+@pytest.fixture(autouse=True)
+def _job_store_in_a_temp_dir(monkeypatch, tmp_path_factory):
+    """`controlcanvas serve` keeps its jobs in the user cache folder: never in a test."""
+    monkeypatch.setenv("CONTROLCANVAS_STORE_DIR", str(tmp_path_factory.mktemp("store")))
+
+
 @pytest.fixture
 def fake_server():
     """A running server (FakeEngine, 5 ms per step) and its token."""

@@ -28,6 +28,7 @@ LAYERS: Tuple[Tuple[str, int], ...] = (
     ("backend.imaging", 1),
     ("backend.weights", 1),
     ("backend.configfile", 1),
+    ("backend.confine", 1),
     ("backend", 1),             # the package itself: __version__ only
     ("shared", 0),
 )

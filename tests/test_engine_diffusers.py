@@ -614,7 +614,10 @@ def test_models_message_lists_tiny_as_present(tiny_engine):
 # GPU-only paths (skip cleanly without CUDA)
 # -----------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda(test):
+    """CUDA only: skipped without a GPU, selected by ``pytest -m gpu`` (the device check)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="needs a CUDA GPU")(test))
 
 
 @cuda

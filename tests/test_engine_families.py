@@ -309,8 +309,9 @@ def test_a_nine_channel_single_file_loads_with_its_channels(tmp_path, tiny_root,
     single = write_checkpoint(tiny_inpaint_folder, tmp_path / "sd15-inpainting.safetensors")
     cache = tmp_path / "hf"
     config_repo(cache, DEFAULT_BASES["sd15"], tiny.tiny_dir("sd15", tiny_root))  # 4 channels
-    engine = DiffusersEngine(Catalogue(ModelConfig(cache_dir=str(cache),
-                                                   tiny_root=str(tiny_root))), device="cpu")
+    engine = DiffusersEngine(Catalogue(ModelConfig(
+        cache_dir=str(cache), tiny_root=str(tiny_root),
+        roots=(str(tmp_path.parent), str(tiny_root.parent)))), device="cpu")
     resolved = engine.catalogue.resolve_base(str(single))
     assert (resolved.family, resolved.inpaint) == ("sd15", True)
     imgs = images()
@@ -337,8 +338,9 @@ def test_an_sdxl_single_file_loads_with_the_sdxl_config(tmp_path, tiny_root):
     single = write_checkpoint(folder, tmp_path / "waiIllustrious_v14.safetensors")
     cache = tmp_path / "hf"
     config_repo(cache, DEFAULT_BASES["sdxl"], folder)
-    engine = DiffusersEngine(Catalogue(ModelConfig(cache_dir=str(cache),
-                                                   tiny_root=str(tiny_root))), device="cpu")
+    engine = DiffusersEngine(Catalogue(ModelConfig(
+        cache_dir=str(cache), tiny_root=str(tiny_root),
+        roots=(str(tmp_path.parent), str(tiny_root.parent)))), device="cpu")
     resolved = engine.catalogue.resolve_base(str(single))
     assert (resolved.source, resolved.family, resolved.native_size) == ("file", "sdxl", 1024)
     union = str(folder / "controlnets" / "union")

@@ -154,6 +154,8 @@ def test_controlnet_folders_are_what_their_configs_say(tmp_path, expected):
 # -----------------------------------------------------------------------------
 
 def catalogue(tmp_path, **config) -> Catalogue:
+    """No hub models; a request may name models in the session's temporary folders."""
+    config.setdefault("roots", (str(tmp_path.parent),))
     return Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"), **config))
 
 

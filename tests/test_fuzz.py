@@ -30,29 +30,39 @@ json_values = st.recursive(
     | st.dictionaries(st.text(max_size=12), children, max_size=5),
     max_leaves=20)
 
+# Text with lone surrogates (JSON escapes such as "\\ud800" decode to them) and deep nests.
+hostile_text = st.text(st.characters(categories=("Cs", "Ll", "Nd", "Po")), max_size=8)
+hostile_values = st.recursive(
+    st.none() | st.integers(-5, 5) | hostile_text,
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(hostile_text, children, max_size=3),
+    max_leaves=12)
+
+
 VALID = to_dict(Generate(job_id=JOB, request=GenerateRequest(
     width=16, height=16, controls=(ControlUnit(condition="canny", image=0),))))
 
 
-def mutate(obj, data):
+def mutate(obj, data, values=json_values):
     """Randomly replace, delete or add one entry somewhere in a JSON tree."""
     if isinstance(obj, dict) and obj:
         key = data.draw(st.sampled_from(sorted(obj)))
         action = data.draw(st.sampled_from(["replace", "delete", "add", "recurse"]))
         obj = dict(obj)
         if action == "replace":
-            obj[key] = data.draw(json_values)
+            obj[key] = data.draw(values)
         elif action == "delete":
             del obj[key]
         elif action == "add":
-            obj[data.draw(st.text(max_size=8))] = data.draw(json_values)
+            key = data.draw(hostile_text if values is not json_values else st.text(max_size=8))
+            obj[key] = data.draw(values)
         else:
-            obj[key] = mutate(obj[key], data)
+            obj[key] = mutate(obj[key], data, values)
         return obj
     if isinstance(obj, list) and obj:
         i = data.draw(st.integers(0, len(obj) - 1))
-        return obj[:i] + [mutate(obj[i], data)] + obj[i + 1:]
-    return data.draw(json_values)
+        return obj[:i] + [mutate(obj[i], data, values)] + obj[i + 1:]
+    return data.draw(values)
 
 
 @FUZZ
@@ -85,6 +95,25 @@ def test_random_bytes_never_crash_the_frame_decoder(data):
         codec.decode_frame(data, max_image_side=32, max_pixels=1024)
     except ControlCanvasError:
         pass
+
+
+@FUZZ
+@given(st.data(), hostile_text, st.booleans())
+def test_hostile_text_anywhere_is_refused_typed_and_sendable(data, token, deep):
+    """Surrogates in names or values, anywhere in a message (the token too), and nesting
+    past the parser's depth: typed errors whose replies the server can encode and send."""
+    text = json.dumps(mutate(mutate(VALID, data, hostile_values), data, hostile_values))
+    if deep and text.endswith("}"):
+        text = text[:-1] + ',"deep":' + "[" * 1500 + "]" * 1500 + "}"
+    for hello_token in (token, "tok"):
+        session = ServerSession(token="tok", limits=LIMITS, server="s", engine="e")
+        session.receive(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION,
+                                    "token": hello_token}))
+        session.receive(text)
+        for out in session.data_to_send():
+            if isinstance(out, str):
+                json.loads(out.encode("utf-8"))
+        session.close_reason.encode("utf-8")
 
 
 @FUZZ

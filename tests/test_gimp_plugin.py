@@ -193,6 +193,20 @@ def test_connection_order_argument_then_saved_then_token_file(token_dir, tmp_pat
     assert conn.token == "" and "no token file" in conn.token_source
 
 
+def test_a_symlinked_token_file_is_refused_and_the_message_says_why(token_dir, tmp_path):
+    """Issue 18: the link's target is not sent, and a refusal names the link, not a
+    missing file."""
+    (tmp_path / "elsewhere").write_text("NOT-THE-TOKEN\n")
+    (token_dir / "token").unlink()
+    (token_dir / "token").symlink_to(tmp_path / "elsewhere")
+    conn = settings.resolve({}, {})
+    assert conn.token == ""
+    assert conn.token_source == f"no token (the token file {token_dir / 'token'} is a " \
+        f"symbolic link)"
+    text = problems.describe(AuthError(), url=conn.url, token_source=conn.token_source)
+    assert "is a symbolic link" in text and "NOT-THE-TOKEN" not in text
+
+
 @pytest.mark.parametrize("url", ["ws://127.attacker.example:7351", "ws://gpu-box:7351",
                                  "ws://127.0.0.1@evil.example:7351", "ws://2130706433:7351"])
 def test_a_server_elsewhere_never_gets_the_token_file(url, token_dir):

@@ -109,7 +109,7 @@ def test_unexecutable_gimp_plugin_is_reported(home):
 def test_token_checks(tmp_path):
     token = tmp_path / "token"
     assert doctor.check_token(token).status == doctor.OK
-    token.write_text("abc\n")
+    token.write_text("k" * 20 + "0123456789abcdefghijklmnop\n")
     token.chmod(0o644)
     bad = doctor.check_token(token)
     assert bad.status == doctor.FAIL and "chmod 600" in bad.detail

@@ -211,3 +211,62 @@ def test_release_heap_runs_on_linux():
 
     from backend.server.jobs import release_heap
     assert release_heap() == sys.platform.startswith("linux")
+
+
+# -- per-client accounting (issue 18, findings 3 and 4) -----------------------------------
+
+RESULT = 64 * 8 * 4  # bytes of one gen(width=64) result
+
+
+def test_one_client_over_its_share_loses_its_own_oldest_first(loop):
+    """A client that never collects cannot push out another client's results: past its
+    own share, its own oldest go first."""
+    manager = JobManager(FakeEngine(), loop, retention_bytes=10 * RESULT,
+                         retention_bytes_per_client=3 * RESULT)
+    hoarder, other = Recorder("hoarder"), Recorder("other")
+    theirs = on_loop(loop, manager.submit, gen("other", width=64), {}, other)
+    wait_for(lambda: theirs.state == DONE)
+    mine = []
+    for i in range(6):
+        mine.append(on_loop(loop, manager.submit, gen(f"h{i}", width=64), {}, hoarder))
+        wait_for(lambda: mine[-1].state == DONE)
+    assert theirs.job_id in manager.jobs  # the oldest of all, yet kept
+    assert [j.job_id for j in mine if j.job_id in manager.jobs] == [j.job_id for j in mine[3:]]
+    total, per_client = manager.held_bytes()
+    assert per_client["hoarder"] == 3 * RESULT and total == 4 * RESULT
+    assert all(j.dropped == "expired" and j.result == () for j in mine[:3])  # bytes let go
+    manager.close()
+
+
+def test_results_on_their_way_count_against_retention(loop):
+    """Bytes held outside the job table (a result being written to a client that does
+    not read) count too: the table keeps less."""
+    outside = {"a": 0}
+    manager = JobManager(FakeEngine(), loop, retention_bytes=4 * RESULT,
+                         held_outside=lambda: dict(outside))
+    owner = Recorder("a")
+    jobs = []
+    for i in range(4):
+        jobs.append(on_loop(loop, manager.submit, gen(f"x{i}", width=64), {}, owner))
+        wait_for(lambda: jobs[-1].state == DONE)
+    assert all(j.job_id in manager.jobs for j in jobs)
+    outside["a"] = 2 * RESULT
+    on_loop(loop, manager.expire)
+    assert [j.job_id for j in jobs if j.job_id in manager.jobs] == [j.job_id for j in jobs[2:]]
+    assert manager.held_bytes()[0] == 4 * RESULT
+    manager.close()
+
+
+def test_jobs_per_client_capped_others_unaffected(loop):
+    engine = Gate()
+    manager = JobManager(engine, loop, max_jobs_per_client=2)
+    a, b = Recorder("a"), Recorder("b")
+    for i in range(2):
+        on_loop(loop, manager.submit, gen(f"a{i}"), {}, a)
+    wait_for(lambda: manager._running is not None)  # one running, one queued: both count
+    with pytest.raises(QueueFull, match="limit per client is 2"):
+        on_loop(loop, manager.submit, gen("a2"), {}, a)
+    on_loop(loop, manager.submit, gen("b0"), {}, b)
+    for _ in range(3):
+        engine.gate.release()
+    manager.close()

@@ -217,6 +217,16 @@ def test_token_found_where_the_backend_writes_it(tmp_path, monkeypatch):
     assert c.token_note == f"Token read from {default_token_file()}."
 
 
+def test_a_symlinked_token_file_is_not_followed(tmp_path, monkeypatch):
+    """Issue 18: shared.paths' rule, so a link's target never becomes the token."""
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "elsewhere").write_text("Zq3-x7Kp9_mW2vR8tY4nx7Kp9_mW2vR8tY4n")
+    (tmp_path / "token").symlink_to(tmp_path / "elsewhere")
+    c = Controller(lambda: None)
+    assert c.resolve_token("ws://127.0.0.1:7351", "").token == ""
+    assert "symbolic link" in c.token_note
+
+
 def test_settings_roundtrip_and_tolerate_junk():
     s = Settings(prompt="knight", seed=7, units=[UnitSettings(layer_id="x", weight=1.5)])
     assert Settings.from_json(s.to_json()) == s

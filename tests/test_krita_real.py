@@ -276,13 +276,18 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
     env = krita_env
     shot = f"/{env['rel']}/krita-real.png"
     t0 = time.monotonic()
-    done = run_in_chroot(env["root"], env["home"], {
-        "CC_DRIVER_WORK": f"/{env['rel']}", "CC_DRIVER_MODDIR": f"/{env['rel']}/mod",
-        "CC_DRIVER_URL": env["server"].url, "CC_DRIVER_SCREENSHOT": shot},
-        ["timeout", "300", "xvfb-run", "-a", "-s", "-screen 0 1280x800x24",
-         "krita", "--nosplash"])
+    for attempt in range(2):
+        done = run_in_chroot(env["root"], env["home"], {
+            "CC_DRIVER_WORK": f"/{env['rel']}", "CC_DRIVER_MODDIR": f"/{env['rel']}/mod",
+            "CC_DRIVER_URL": env["server"].url, "CC_DRIVER_SCREENSHOT": shot},
+            ["timeout", "300", "xvfb-run", "-a", "-s", "-screen 0 1280x800x24",
+             "krita", "--nosplash"])
+        out = done.stdout + done.stderr
+        # xvfb-run can start Krita before its Xvfb listens on a loaded machine: that is the
+        # harness, not the plug-in, so it gets one more try (Krita never started: no CC_ line)
+        if "could not connect to display" not in out or "CC_" in out:
+            break
     seconds = time.monotonic() - t0
-    out = done.stdout + done.stderr
     found = results(out)
     assert "CC_END" in out and "exception" not in found, out[-4000:]
     assert found["gui_dockers"]["count"] >= 1

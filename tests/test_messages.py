@@ -128,6 +128,21 @@ def test_server_types_are_not_client_types():
         from_json(welcome, CLIENT_MESSAGES)
 
 
+def test_welcome_engine_info_is_optional_and_left_out_when_empty():
+    limits = Limits(max_frame_bytes=1, max_text_bytes=1, max_image_side=1, max_pixels=1,
+                    max_queue=1, max_batch=1, max_images_per_job=1)
+    info = {"device": "cuda:0", "dtype": "fp16", "fuse_qkv": True, "compile": False}
+    text = to_json(Welcome(protocol=1, server="s", engine="diffusers", limits=limits,
+                           engine_info=info))
+    assert from_json(text, SERVER_MESSAGES).engine_info == info
+    plain = to_json(Welcome(protocol=1, server="s", engine="fake", limits=limits))
+    assert "engine_info" not in json.loads(plain)  # what a server without info always sent
+    assert from_json(plain, SERVER_MESSAGES).engine_info == {}
+    with pytest.raises(FieldError) as err:
+        from_json(text.replace('"fp16"', '["fp16"]'), SERVER_MESSAGES)
+    assert err.value.field == "engine_info.dtype"
+
+
 def test_version_mismatch_is_its_own_error():
     with pytest.raises(VersionMismatch) as info:
         decode({"type": "hello", "protocol": PROTOCOL_VERSION + 1, "token": "t",
@@ -197,3 +212,69 @@ def test_train_message_checks_its_fields():
         with pytest.raises(FieldError) as info:
             decode({**ok, **change})
         assert info.value.field == field
+
+
+# -- input no decoder should choke on (issue 18, finding 8) -----------------------------
+
+def test_deep_nesting_is_a_typed_error():
+    """json.loads raises RecursionError past the interpreter's depth: that is malformed
+    input, not a crash."""
+    for text in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+        with pytest.raises(MalformedMessage, match="nests"):
+            from_json(text, CLIENT_MESSAGES)
+
+
+def test_deep_value_in_a_field_is_a_short_field_error():
+    """A value nested as deep as the parser allows, where a string belongs: the error
+    names the field and shows a short excerpt (repr of the whole would recurse)."""
+    deep = "[" * 900 + "]" * 900
+    text = ('{"type":"generate","job_id":"%s","request":{"prompt":%s}}' % (JOB, deep))
+    with pytest.raises(FieldError) as info:
+        from_json(text, CLIENT_MESSAGES)
+    assert info.value.field == "request.prompt" and len(info.value.message) < 300
+
+
+@pytest.mark.parametrize("text, field", [
+    ('{"type":"hello","protocol":1,"token":"\\ud800"}', "token"),
+    ('{"type":"hello","protocol":1,"token":"ok","client":"a\\udfffb"}', "client"),
+    ('{"type":"status","\\udc80bad":1}', "\\udc80bad"),
+    ('{"type":"generate","job_id":"%s","request":{"prompt":"fox \\ud83d"}}' % JOB,
+     "request.prompt"),
+    ('{"type":"generate","job_id":"%s","request":{"\\udcff":1}}' % JOB, "request.\\udcff"),
+    ('{"type":"generate","job_id":"%s","request":{"controls":[{"condition":"canny",'
+     '"image":0,"params":{"\\ud800":1}}]}}' % JOB, "request.controls[0].params key"),
+])
+def test_lone_surrogates_are_field_errors_that_can_be_sent(text, field):
+    """A JSON escape may name half a UTF-16 pair: such text could not be encoded, logged
+    or echoed back, so it is refused, and the error itself is valid Unicode."""
+    with pytest.raises(FieldError) as info:
+        from_json(text, CLIENT_MESSAGES)
+    err = info.value
+    assert err.field == field
+    assert "surrogate" in err.message or "not a field" in err.message
+    to_json(Error(code=err.code, message=err.message, field=err.field)).encode("utf-8")
+
+
+def test_a_surrogate_token_cannot_be_built_either():
+    with pytest.raises(FieldError, match="surrogate"):
+        Hello(protocol=PROTOCOL_VERSION, token="\udc80")
+
+
+def test_a_client_skips_fields_a_newer_server_added_and_the_server_stays_strict():
+    """Forward compatibility: a plug-in of this release reads a welcome / models message
+    from a newer server that carries fields it does not know (nested ones too), and keeps
+    everything it does know; the server still refuses unknown fields from clients."""
+    limits = Limits(max_frame_bytes=10, max_text_bytes=10, max_image_side=10, max_pixels=10,
+                    max_queue=1, max_batch=1, max_images_per_job=1)
+    welcome = json.loads(to_json(Welcome(protocol=PROTOCOL_VERSION, server="s", engine="e",
+                                         limits=limits)))
+    welcome["future_field"] = {"x": 1}
+    welcome["limits"]["future_limit"] = 7
+    decoded = from_json(json.dumps(welcome), SERVER_MESSAGES)
+    assert isinstance(decoded, Welcome) and decoded.engine == "e"
+    assert decoded.limits == limits
+    with pytest.raises(FieldError, match="future_field"):  # a client message stays strict
+        from_json(json.dumps({"type": "status", "future_field": 1}), CLIENT_MESSAGES)
+    # and the leniency does not leak into the next decode
+    with pytest.raises(FieldError):
+        from_json(json.dumps({"type": "ack", "job_ids": [], "x": 1}), CLIENT_MESSAGES)

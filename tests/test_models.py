@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def empty_cache_catalogue(tmp_path, **config) -> Catalogue:
+    """No hub models; a request may name models in the session's temporary folders."""
+    config.setdefault("roots", (str(tmp_path.parent),))
     return Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"), **config))
 
 
@@ -257,6 +259,7 @@ base = "{single.as_posix()}"
 family = "sd15"
 cache_dir = "{cache.as_posix()}"
 tiny_root = "{tiny_root.as_posix()}"
+roots = ["{tmp_path.parent.as_posix()}"]
 """)
     engine = DiffusersEngine.from_options({"device": "cpu"}, config_file=config)
     resolved = engine.catalogue.resolve_base()

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import pytest
 
 from backend.cli import install
+from backend.server.config import build_config
 from shared import paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,10 +26,14 @@ SYSTEMS = {"Windows": "win32", "macOS": "darwin", "Linux": "linux"}
 HOMES = {"win32": "C:\\Users\\Zoë Dœ-Ünal", "darwin": "/Users/Zoë Dœ-Ünal",
          "linux": "/home/Zoë Dœ-Ünal"}
 APPDATA = "D:\\Profiles\\Zoë Dœ\\AppData\\Roaming"  # not under the home: seen when used
+LOCALAPPDATA = "D:\\Profiles\\Zoë Dœ\\AppData\\Local"
 XDG_CONFIG = "/srv/conf igs/ünal"
 XDG_DATA = "/srv/da ta/ünal"
-VARIABLES = ("HOME", "USERPROFILE", "APPDATA", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
-             "CONTROLCANVAS_CONFIG_DIR", "FLATPAK_ID", "HOST_XDG_CONFIG_HOME")
+XDG_CACHE = "/srv/ca che/ünal"
+VARIABLES = ("HOME", "USERPROFILE", "APPDATA", "LOCALAPPDATA", "XDG_CONFIG_HOME",
+             "XDG_DATA_HOME", "XDG_CACHE_HOME", "CONTROLCANVAS_CONFIG_DIR",
+             "CONTROLCANVAS_DATA_DIR", "CONTROLCANVAS_CACHE_DIR", "CONTROLCANVAS_STORE_DIR",
+             "FLATPAK_ID", "HOST_XDG_CONFIG_HOME")
 
 
 def pure(platform, path):
@@ -38,7 +43,7 @@ def pure(platform, path):
 def base_env(platform, **extra):
     env = {"HOME": HOMES[platform]}
     if platform == "win32":
-        env.update(USERPROFILE=HOMES["win32"], APPDATA=APPDATA)
+        env.update(USERPROFILE=HOMES["win32"], APPDATA=APPDATA, LOCALAPPDATA=LOCALAPPDATA)
         env["HOME"] = "C:\\Users\\not-this-one"  # Path.home() on Windows reads USERPROFILE
     env.update(extra)
     return {k: v for k, v in env.items() if v is not None}
@@ -63,6 +68,13 @@ def computed(what, platform, env, monkeypatch):
         return [paths.config_dir(env, platform)]
     if what == "token file":
         return [paths.token_file(env, platform)]
+    if what == "ControlCanvas data folder":
+        return [paths.data_dir(env, platform)]
+    if what == "ControlCanvas cache folder":
+        return [paths.cache_dir(env, platform)]
+    if what == "job store":  # as `controlcanvas serve` reads its settings
+        return [on(platform, env, monkeypatch, lambda: build_config(
+            {}, Path("/nonexistent/config.toml")).store_dir)]
     if what == "Krita plug-ins":
         return [d / "pykrita" for d in on(platform, env, monkeypatch,
                                           install.krita_resource_dirs)]
@@ -123,8 +135,9 @@ def variant_rows():
 
 def test_the_doc_has_every_row():
     rows = [row[0] for row in doc_tables()[0][1:]]
-    assert rows == ["ControlCanvas config folder", "token file", "Krita plug-ins",
-                    "GIMP 3.0 plug-ins", "GIMP 3.2 plug-ins"]
+    assert rows == ["ControlCanvas config folder", "token file", "ControlCanvas data folder",
+                    "Krita plug-ins", "GIMP 3.0 plug-ins", "GIMP 3.2 plug-ins",
+                    "ControlCanvas cache folder", "job store"]
     assert len(list(variant_rows())) >= 10
 
 
@@ -142,6 +155,17 @@ def _variant_env(platform, when):
             "E:\\Kunst Ordner\\cc" if platform == "win32" else "/srv/Kunst Ordner/cc"))
     if when == "`APPDATA` not set":
         return base_env(platform, APPDATA=None)
+    if when == "`LOCALAPPDATA` not set":
+        return base_env(platform, LOCALAPPDATA=None)
+    if when == "`CONTROLCANVAS_DATA_DIR` set":
+        return base_env(platform, CONTROLCANVAS_DATA_DIR=(
+            "E:\\Kunst Ordner\\data" if platform == "win32" else "/srv/Kunst Ordner/data"))
+    if when == "`XDG_CACHE_HOME` set":
+        return base_env(platform, XDG_CACHE_HOME=XDG_CACHE)
+    if when in ("`CONTROLCANVAS_CACHE_DIR` set", "`CONTROLCANVAS_STORE_DIR` set"):
+        name = when.strip("`").split("`")[0]
+        return base_env(platform, **{name: "E:\\Cache Ordner\\cc" if platform == "win32"
+                                     else "/srv/Cache Ordner/cc"})
     if when == "`XDG_CONFIG_HOME` set":
         return base_env(platform, XDG_CONFIG_HOME=XDG_CONFIG)
     if when == "`XDG_DATA_HOME` set":

@@ -456,30 +456,32 @@ def test_preprocess_result_carries_the_annotators_info(make_server):
     assert result.info == {"keypoints": '{"people": []}', "people": 0}
 
 
-def test_train_job_through_the_server(fake_server, tmp_path):
-    """`train` runs as a job: progress over the socket, then the trained folder's path."""
+def test_train_job_through_the_server(make_server, tmp_path):
+    """`train` runs as a job: progress over the socket, then the trained folder's path.
+    Its folders are names inside the server's training folders."""
     from backend.training import shapes
-    from backend.engines.tiny import ensure_tiny
-    data = tmp_path / "data"
-    shapes.write_dataset(data, count=4, seed=1, size=64)
-    with Client.connect(fake_server.url, fake_server.token) as client:
+    shapes.write_dataset(tmp_path / "datasets" / "shapes", count=4, seed=1, size=64)
+    server = make_server(train_data_root=tmp_path / "datasets",
+                         train_out_root=tmp_path / "trained")
+    with Client.connect(server.url, server.token) as client:
         events = []
-        job = client.train(data=str(data), base=str(ensure_tiny("sd15")),
-                           out=str(tmp_path / "cn"), steps=2, batch=2, resolution=64, lr=1e-4,
-                           lr_schedule="cosine")
+        job = client.train(data="shapes", base="tiny-sd15", out="cn", steps=2, batch=2,
+                           resolution=64, lr=1e-4, lr_schedule="cosine")
         result = client.wait(job, on_event=events.append, timeout=300)
-    assert result.images == () and result.info["out"] == str(tmp_path / "cn")
-    assert (tmp_path / "cn" / "config.json").is_file()
-    settings = json.loads((tmp_path / "cn" / "train_config.json").read_text())
+    out = tmp_path / "trained" / "cn"
+    assert result.images == () and result.info["out"] == str(out.resolve())
+    assert (out / "config.json").is_file()
+    settings = json.loads((out / "train_config.json").read_text())
     assert settings["lr_schedule"] == "cosine" and settings["steps"] == 2
     assert any(isinstance(e, Progress) and e.stage == "train" for e in events)
 
 
-def test_train_job_with_bad_data_is_a_typed_error(fake_server, tmp_path):
-    from backend.engines.tiny import ensure_tiny
-    with Client.connect(fake_server.url, fake_server.token) as client:
-        job = client.train(data=str(tmp_path / "nope"), base=str(ensure_tiny("sd15")),
-                           out=str(tmp_path / "cn"), steps=2, resolution=64)
+def test_train_job_with_bad_data_is_a_typed_error(make_server, tmp_path):
+    (tmp_path / "datasets" / "nope").mkdir(parents=True)
+    server = make_server(train_data_root=tmp_path / "datasets",
+                         train_out_root=tmp_path / "trained")
+    with Client.connect(server.url, server.token) as client:
+        job = client.train(data="nope", base="tiny-sd15", out="cn", steps=2, resolution=64)
         with pytest.raises(Exception) as info:
             client.wait(job, timeout=120)
     assert getattr(info.value, "code", "") == "bad_dataset"
@@ -514,3 +516,16 @@ def test_one_log_line_per_job_and_never_the_token(fake_server, caplog):
     assert "failed (" in failed[0]
     text = "\n".join(r.getMessage() for r in caplog.records) + caplog.text
     assert fake_server.token not in text and fake_server.token[::-1] not in text
+
+
+def test_a_server_that_goes_away_mid_handshake_is_a_typed_error(monkeypatch):
+    """A server killed while a client connects (seen when it is restarting): the socket
+    resets while the upgrade request is sent, and websockets raises ConnectionClosedError."""
+    import websockets.sync.client
+    from websockets.exceptions import ConnectionClosedError
+
+    def reset(*args, **kwargs):
+        raise ConnectionClosedError(None, None)
+    monkeypatch.setattr(websockets.sync.client, "connect", reset)
+    with pytest.raises(ServerUnavailable, match="may be restarting"):
+        Client.connect("ws://127.0.0.1:9", "token")

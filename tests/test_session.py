@@ -51,6 +51,19 @@ def test_hello_then_welcome():
     assert welcome["type"] == "welcome" and welcome["limits"]["max_image_side"] == 64
 
 
+def test_welcome_carries_the_engine_info_it_was_given():
+    info = {"device": "cuda:0", "sdpa": True, "compile": False}
+    s = ServerSession(token="tok", limits=LIMITS, server="s", engine="diffusers",
+                      engine_info=info)
+    client = ClientSession(token="tok", client="krita")
+    for frame in client.data_to_send():
+        s.receive(frame)
+    (frame,) = s.data_to_send()
+    assert json.loads(frame)["engine_info"] == info
+    (welcome,) = client.receive(frame)
+    assert welcome.engine_info == info == client.welcome.engine_info
+
+
 @pytest.mark.parametrize("first, code", [
     (json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "token": "nope"}), "auth"),
     (json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION}), "bad_field"),
@@ -241,3 +254,47 @@ def test_client_refuses_a_result_of_another_size_than_announced():
     good.receive(announce)
     (event,) = good.receive(image_frame(w=8, h=8, kind=codec.KIND_RESULT))
     assert isinstance(event, ResultReady) and event.images[0][1].size == (8, 8)
+
+
+@pytest.mark.parametrize("first", [
+    '{"type":"hello","protocol":1,"token":"\\ud800"}',
+    '{"type":"hello","protocol":1,"token":"tok","\\udc80":1}',
+    "[" * 1500 + "]" * 1500,
+    json.dumps({"type": "hello", "protocol": "é" * 200, "token": "tok"}),
+])
+def test_hostile_hello_is_refused_with_a_sendable_error(first):
+    """Lone surrogates in the token or a field name, deep nesting, long non-ASCII values:
+    a typed refusal whose reply and close reason can be encoded and sent."""
+    s = server()
+    (event,) = s.receive(first)
+    assert isinstance(event, Violation) and event.fatal
+    (reply,) = s.data_to_send()
+    assert json.loads(reply.encode("utf-8"))["code"] in ("bad_field", "malformed")
+    assert s.closed and s.close_reason.encode("utf-8")
+
+
+def test_surrogates_after_hello_keep_the_connection():
+    s = ready_server()
+    (event,) = s.receive('{"type":"cancel","job_id":"\\udfff"}')
+    assert isinstance(event, Violation) and not event.fatal
+    (reply,) = s.data_to_send()
+    assert json.loads(reply.encode("utf-8"))["field"] == "job_id"
+    s.receive(json.dumps({"type": "status"}))
+    assert not s.closed
+
+
+def test_pixels_times_batch_is_capped():
+    """Sixteen images at the per-image limit pass every per-image cap; their sum must not:
+    the refusal names the figure, the limit and what to do."""
+    s = ServerSession(token="tok", limits=LIMITS, server="test", engine="fake",
+                      max_job_pixels=3 * 32 * 32)
+    s.receive(HELLO)
+    s.data_to_send()
+    (event,) = s.receive(generate_text(width=32, height=32, batch=3, controls=[]))
+    assert not isinstance(event, Violation)  # exactly the limit: fine
+    (event,) = s.receive(generate_text(job="1" * 32, width=32, height=32, batch=4,
+                                       controls=[]))
+    assert isinstance(event, Violation) and event.error.code == "limit"
+    message = event.error.message
+    assert "4,096" in message and "3,072" in message and "batch to 3" in message
+    assert event.error.field == "request.batch" and event.error.job_id == "1" * 32

@@ -123,4 +123,16 @@ def test_an_entered_token_wins_locally_and_a_missing_file_is_named(tmp_path):
         missing.note
     (tmp_path / "token").write_text("\n")
     empty = loopback.choose_token("ws://127.0.0.1:7351", "", environ=env)
-    assert empty.token == "" and "empty or cannot be read" in empty.note
+    assert empty.token == "" and f"the token file {tmp_path / 'token'} is empty" in empty.source
+
+
+def test_a_symlinked_token_file_is_refused_with_the_real_reason(tmp_path):
+    """Issue 18: choose_token reads by shared.paths' rule: a link's target is never sent,
+    and the user is told it is a link (not that the file is missing or empty)."""
+    (tmp_path / "elsewhere").write_text("LOCAL-SECRET\n")
+    (tmp_path / "token").symlink_to(tmp_path / "elsewhere")
+    choice = loopback.choose_token("ws://127.0.0.1:7351", "", enter_it="do X",
+                                   environ={"CONTROLCANVAS_CONFIG_DIR": str(tmp_path)})
+    assert (choice.token, choice.needed) == ("", False)
+    assert choice.source == f"no token (the token file {tmp_path / 'token'} is a symbolic link)"
+    assert "symbolic link" in choice.note and choice.note.endswith("Or do X.")

@@ -294,6 +294,52 @@ def test_resume_refuses_other_settings_and_bad_options(tiny_base, shapes_data, t
         train_controlnet(config(shapes_data, tiny_base, tmp_path / "f", resume="latest"))
 
 
+def test_output_must_be_new_empty_or_a_run_this_trainer_made(tiny_base, shapes_data, tmp_path):
+    """Issue 18: training into an existing folder overwrote its files and deleted an old
+    checkpoint. A folder the trainer did not make is refused untouched; its own run is
+    refused without --resume (which continues it)."""
+    from backend.training.controlnet import train_controlnet
+    from backend.training.errors import TrainingError
+
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoints" / "step-000001").mkdir(parents=True)
+    (theirs / "config.json").write_text("precious")
+    before = sorted(p.relative_to(theirs) for p in theirs.rglob("*"))
+    for resume in (None, "latest"):
+        with pytest.raises(TrainingError, match="not empty") as info:
+            train_controlnet(config(shapes_data, tiny_base, theirs, steps=1, resume=resume))
+        assert info.value.field == "out"
+    assert sorted(p.relative_to(theirs) for p in theirs.rglob("*")) == before
+    assert (theirs / "config.json").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    out = train_controlnet(config(shapes_data, tiny_base, tmp_path / "empty", steps=1))
+    from backend.training.folders import MANIFEST
+    assert (out / MANIFEST).is_file() and (out / "config.json").is_file()
+    with pytest.raises(TrainingError, match="earlier training run"):
+        train_controlnet(config(shapes_data, tiny_base, out, steps=2))
+    again = train_controlnet(config(shapes_data, tiny_base, out, steps=2, resume="latest"))
+    assert len(json.loads((again / "training_log.json").read_text())["losses"]) == 2
+    with pytest.raises(TrainingError, match="is a file"):
+        train_controlnet(config(shapes_data, tiny_base, theirs / "config.json", steps=1))
+
+
+def test_loader_text_stays_in_the_log(tmp_path, caplog):
+    """A damaged base names the model; the loader's own words go to the log only."""
+    from backend.training.common import load_base
+    from backend.training.errors import TrainingError
+
+    base = tmp_path / "base"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (base / sub).mkdir(parents=True)
+        (base / sub / "config.json").write_text("{ not json")
+    (base / "model_index.json").write_text("{}")
+    with pytest.raises(TrainingError) as info:
+        load_base(str(base))
+    assert "server log" in info.value.message
+    assert "json" not in info.value.message.lower() and "Error" not in info.value.message
+    assert any("could not load the base model" in r.getMessage() for r in caplog.records)
+
+
 def test_lr_schedules_warm_up_then_stay_or_decay_to_zero():
     from backend.training.controlnet import TrainConfig, lr_factor
     from backend.training.errors import TrainingError
@@ -378,9 +424,9 @@ def test_demo_model_loads_and_draws_the_shape_where_drawn(torch_threads):  # noq
 
 
 def test_demo_model_is_a_catalogue_folder():
-    from backend.engines.catalogue import Catalogue
+    from backend.engines.catalogue import Catalogue, ModelConfig
 
-    catalogue = Catalogue()
+    catalogue = Catalogue(ModelConfig(trust_request_paths=True))  # paths of the user's own
     base = catalogue.resolve_base(str(DEMO / "base"))
     assert (base.source, base.family) == ("folder", "sd15")
     net = catalogue.resolve_controlnet("lineart", base, override=str(DEMO / "controlnet"))

@@ -98,11 +98,14 @@ def tiny_root(tmp_path_factory, torch_threads) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_catalogue(tiny_root):
-    """A Catalogue with no config except where the tiny models live (no hub cache used)."""
+    """A Catalogue with no config except where the tiny models live (no hub cache used);
+    its models folder is the session's temporary folder, so a request may name models the
+    tests write under their ``tmp_path``."""
     from backend.engines.catalogue import Catalogue, ModelConfig
 
     return Catalogue(ModelConfig(tiny_root=str(tiny_root),
-                                 cache_dir=str(tiny_root / "empty-hf-cache")))
+                                 cache_dir=str(tiny_root / "empty-hf-cache"),
+                                 roots=(str(tiny_root.parent),)))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from shared.client import Client
 from shared.images import Image
 
 from . import engine as bench_engine
+from . import gpu as bench_gpu
 from . import training as bench_training
 from .process import ServerProcess
 from .soak import bench_soak
@@ -71,7 +72,7 @@ def bench_transport(repeats: int = 15, side: int = 2048) -> Dict:
 
 
 def _soak(args) -> Dict:
-    return bench_soak(fuzz_cases=args.cases, clients=args.clients)
+    return bench_soak(fuzz_cases=args.cases, clients=args.clients, crashes=args.crashes)
 
 
 def _engine_bench(name: str):
@@ -80,6 +81,16 @@ def _engine_bench(name: str):
         figures.setdefault("name", name)
         return figures
     return run
+
+
+def _gpu(args) -> Dict:
+    from pathlib import Path
+
+    return bench_gpu.run(dry_run=True if args.dry_run else None,
+                         groups=[g for g in args.groups.split(",") if g],
+                         deadline_s=args.deadline, compile_mode=args.compile_mode,
+                         out_file=Path(args.out) if args.out else None,
+                         work_dir=Path(args.work_dir) if args.work_dir else None)
 
 
 def _training_bench(name: str) -> Dict:
@@ -94,6 +105,7 @@ BENCHES = {
     "scaling": _engine_bench("scaling"),
     "fidelity": lambda args: _training_bench("bench_fidelity"),
     "train-cost": lambda args: _training_bench("bench_train_cost"),
+    "gpu": _gpu,
 }
 
 

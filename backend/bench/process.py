@@ -26,7 +26,8 @@ def _child(pipe, options: dict) -> None:
 
     async def main():
         engine = create_engine(engine_name, step_seconds=step_seconds, **engine_options)
-        server = Server(ServerConfig(port=0, **options), engine, token="bench")
+        options.setdefault("port", 0)
+        server = Server(ServerConfig(**options), engine, token="bench")
         await server.start()
         echo_port = None
         bare = None
@@ -43,8 +44,18 @@ def _child(pipe, options: dict) -> None:
     asyncio.run(main())
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux: /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class ServerProcess:
-    """``with ServerProcess(step_seconds=0.01) as s: s.url, s.token, s.pid``."""
+    """``with ServerProcess(step_seconds=0.01) as s: s.url, s.token, s.pid``; options are
+    ServerConfig fields (``store_dir``, ``port``...) and the engine's."""
 
     def __init__(self, **options) -> None:
         self.options = options
@@ -52,8 +63,9 @@ class ServerProcess:
         self.url = ""
         self.echo_port: Optional[int] = None
         ctx = multiprocessing.get_context("spawn")
-        self._pipe, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child, dict(options)), daemon=True)
+        self._pipe, self._child_end = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(self._child_end, dict(options)),
+                                 daemon=True)
 
     @property
     def pid(self) -> int:
@@ -61,11 +73,22 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         self._proc.start()
+        self._child_end.close()  # so a child that dies before it is ready reads as EOF
         if not self._pipe.poll(120):
             self._proc.kill()
             raise RuntimeError("the benchmark server did not start")
-        self.url, self.echo_port = self._pipe.recv()
+        try:
+            self.url, self.echo_port = self._pipe.recv()
+        except EOFError:
+            self._proc.join(15)
+            raise RuntimeError(f"the benchmark server stopped before it was ready (exit code "
+                               f"{self._proc.exitcode})") from None
         return self
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL on POSIX): no cleanup runs, as in a crash."""
+        self._proc.kill()
+        self._proc.join(15)
 
     def __exit__(self, *exc) -> None:
         try:

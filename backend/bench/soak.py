@@ -1,7 +1,7 @@
 """``controlcanvas bench soak``: the spine's promises under attack and stress, in figures.
 
 The server runs in its own process (as in real use), so its resident memory can be
-measured from outside.  Four parts, each bounded in count and time, all traffic on
+measured from outside.  Five parts, each bounded in count and time, all traffic on
 127.0.0.1:
 
 - fuzz: random and mutated JSON messages and binary frames, decoded in-process and
@@ -11,12 +11,19 @@ measured from outside.  Four parts, each bounded in count and time, all traffic 
   after it, mid-progress, while the result frames arrive), reconnect and resume;
   counts results lost and delivered twice;
 - load: jobs from several concurrent clients; fairness, server RSS at start/end;
-- cancel: latency from ``cancel`` to the ``cancelled`` error for a running job.
+- cancel: latency from ``cancel`` to the ``cancelled`` error for a running job;
+- per peer (see ``peers``): a pre-auth flood while a client connects and generates,
+  a post-auth request flood against other clients' latency, and retention under a
+  client that never reads;
+- crash_restart: the server killed (SIGKILL) at random moments of a 4-client load and
+  started again on the same job store, 100 times; counts results lost and delivered
+  twice, and the restart time.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import threading
@@ -27,21 +34,16 @@ from shared import codec
 from shared.client import Client
 from shared.errors import Cancelled, ControlCanvasError, UnknownJob
 from shared.images import Image
-from shared.messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, ControlUnit, Generate,
-                             GenerateRequest, Progress, Status, from_json, new_job_id,
+from shared.messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, ControlUnit, Error, Generate,
+                             GenerateRequest, Progress, Queued, Status, from_json, new_job_id,
                              to_dict, to_json)
+from shared.session import ResultReady
 
 from ..engines.base import NullContext
 from ..engines.fake import FakeEngine
+from .peers import postauth_flood, preauth_flood, retention_nonreader
 from .process import ServerProcess
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from .process import rss_mb as _rss_mb
 
 
 def _request(seed: int, steps: int, side: int = 64) -> GenerateRequest:
@@ -367,9 +369,195 @@ def retention(cases: int = 20, seconds: float = 1.5) -> Dict:
             "queue_length_after": status.queue_length}
 
 
+# -- crash and restart -------------------------------------------------------------------
+
+class _CrashClient:
+    """One editor-like client of the crash bench: keeps ``in_flight`` jobs going; when the
+    link breaks it reconnects (to wherever the server now listens), resumes every job it
+    has not received, and sends again a job the server never acknowledged in any way
+    (``unknown_job`` before any ``queued``/``progress``: it never reached the store)."""
+
+    def __init__(self, index: int, where: Dict, token: str, in_flight: int, steps: int,
+                 stop: threading.Event, expected) -> None:
+        self.index, self.where, self.token = index, where, token
+        self.in_flight, self.steps, self.stop, self.expected = in_flight, steps, stop, expected
+        self.pending: Dict[str, Dict] = {}  # job id -> {"request", "seen"}
+        self.delivered: Dict[str, int] = {}
+        self.submitted = self.duplicated = self.wrong = self.resent = self.reconnects = 0
+        self.lost: List[str] = []
+        self.unexpected: List[str] = []
+        self._count = 0
+
+    def run(self, deadline: float) -> None:
+        while time.monotonic() < deadline and not (self.stop.is_set() and not self.pending):
+            try:
+                client = Client.connect(self.where["url"], self.token,
+                                        client=f"crash-{self.index}", timeout=5)
+            except (ControlCanvasError, OSError, TimeoutError):
+                time.sleep(0.05)  # the server is restarting
+                continue
+            except Exception as err:  # an untyped error from the client library: a bug
+                self.unexpected.append(f"connect: {type(err).__name__}: {err}")
+                time.sleep(0.05)
+                continue
+            try:
+                self._serve(client, deadline)
+            except ControlCanvasError:
+                self.reconnects += 1  # killed under us: reconnect and resume
+            except Exception as err:
+                self.reconnects += 1
+                self.unexpected.append(f"{type(err).__name__}: {err}")
+            finally:
+                try:
+                    client.close()
+                except Exception:
+                    pass
+        self.lost.extend(self.pending)  # never came back before the deadline
+
+    def _serve(self, client: Client, deadline: float) -> None:
+        if self.pending:
+            client.resume(*self.pending)
+        while time.monotonic() < deadline:
+            while not self.stop.is_set() and len(self.pending) < self.in_flight:
+                self._count += 1
+                request = _request(self.index * 1_000_000 + self._count, self.steps, side=32)
+                job = new_job_id()
+                self.pending[job] = {"request": request, "seen": False}
+                self.submitted += 1
+                client.submit(request, {0: _CRASH_CANVAS}, job_id=job)
+            if self.stop.is_set() and not self.pending:
+                return
+            event = client.next_event(0.2)
+            if event is not None:
+                self._handle(client, event)
+
+    def _handle(self, client: Client, event) -> None:
+        job = getattr(event, "job_id", None)
+        if isinstance(event, ResultReady):
+            client.ack(job)
+            if job in self.delivered:
+                self.duplicated += 1
+            elif job in self.pending:
+                entry = self.pending.pop(job)
+                self.delivered[job] = 1
+                self.wrong += event.images[0][1] != self.expected(entry["request"])
+            else:
+                self.unexpected.append(f"a result for a job never submitted: {job}")
+        elif isinstance(event, Error) and job in self.pending:
+            entry = self.pending[job]
+            if event.code == "unknown_job" and not entry["seen"]:
+                self.resent += 1  # lost on its way in, before the server kept it
+                client.submit(entry["request"], {0: _CRASH_CANVAS}, job_id=job)
+            else:
+                del self.pending[job]
+                self.lost.append(job)
+                self.unexpected.append(f"{event.code}: {event.message}")
+        elif isinstance(event, (Queued, Progress)) and job in self.pending:
+            self.pending[job]["seen"] = True
+        elif isinstance(event, Error) and job is None:
+            self.unexpected.append(f"{event.code}: {event.message}")
+
+
+_CRASH_CANVAS = Image(32, 32, bytes((i * 31) % 256 for i in range(32 * 32 * 4)))
+
+
+def _restart(store: str, port: int, step_seconds: float) -> ServerProcess:
+    """A server on the same store, on the same port when it is free again."""
+    for attempt in (port, 0):
+        try:
+            return ServerProcess(store_dir=store, port=attempt,
+                                 step_seconds=step_seconds).__enter__()
+        except RuntimeError:
+            if attempt == 0:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _held_after_ack(server: ServerProcess, job_ids: List[str]) -> int:
+    """Results the clients acknowledged that the server still keeps (an ack lost with the
+    server that was killed before it reached the disk); collected here."""
+    held = 0
+    with Client.connect(server.url, server.token, client="crash-check") as client:
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            client.resume(*chunk)
+            for job in chunk:
+                try:
+                    client.wait(job, timeout=30)  # and acknowledged again
+                    held += 1
+                except ControlCanvasError:  # unknown_job: gone, as it should be
+                    pass
+    return held
+
+
+def crash_restart(crashes: int = 100, clients: int = 4, step_seconds: float = 0.01,
+                  steps: int = 4, in_flight: int = 3, kill_after=(0.1, 1.0),
+                  seed: int = 17) -> Dict:
+    """Kill the server (SIGKILL) at random moments of a ``clients``-client load and start
+    it again on the same job store, ``crashes`` times; the clients reconnect and resume.
+    Counts results lost (never delivered, or delivered with other pixels) and delivered
+    twice, and the time from the kill until the new server listens."""
+    import tempfile
+
+    engine = FakeEngine()
+
+    def expected(request):
+        return engine.generate(request, {0: _CRASH_CANVAS}, NullContext())[0].image
+
+    rng = random.Random(seed)
+    stop = threading.Event()
+    restarts: List[float] = []
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="cc-crash-") as tmp:
+        store = os.path.join(tmp, "jobs")
+        server = ServerProcess(store_dir=store, step_seconds=step_seconds).__enter__()
+        port = int(server.url.rsplit(":", 1)[1])
+        where = {"url": server.url}
+        deadline = time.monotonic() + 120 + crashes * 5.0
+        workers = [_CrashClient(k, where, server.token, in_flight, steps, stop, expected)
+                   for k in range(clients)]
+        threads = [threading.Thread(target=w.run, args=(deadline,)) for w in workers]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(crashes):
+                time.sleep(rng.uniform(*kill_after))
+                server.kill()
+                killed = time.monotonic()
+                server.__exit__()
+                server = _restart(store, port, step_seconds)
+                restarts.append(time.monotonic() - killed)
+                where["url"] = server.url
+            stop.set()
+            for thread in threads:
+                thread.join()
+            acked = [job for w in workers for job in w.delivered]
+            held = _held_after_ack(server, acked)
+        finally:
+            stop.set()
+            server.__exit__()
+    restarts.sort()
+    return {"crashes": crashes, "clients": clients, "seconds": round(time.monotonic() - t0, 1),
+            "jobs_submitted": sum(w.submitted for w in workers),
+            "results_delivered": sum(len(w.delivered) for w in workers),
+            # every job submitted and not delivered with the right pixels is lost
+            "results_lost": sum(w.submitted - len(w.delivered) + w.wrong for w in workers),
+            "results_duplicated": sum(w.duplicated for w in workers),
+            "wrong_pixels": sum(w.wrong for w in workers),
+            "resent_never_kept": sum(w.resent for w in workers),
+            "reconnects": sum(w.reconnects for w in workers),
+            "held_after_ack": held,
+            "restart_s_p50": round(statistics.median(restarts), 3) if restarts else None,
+            "restart_s_p95": round(restarts[max(0, int(round(0.95 * len(restarts))) - 1)], 3)
+            if restarts else None,
+            "restart_s_max": round(restarts[-1], 3) if restarts else None,
+            "client_errors": [e for w in workers for e in w.unexpected][:5]}
+
+
 def bench_soak(fuzz_cases: int = 10_000, clients: int = 100, jobs: int = 200,
                load_clients: int = 4, cancel_trials: int = 20,
-               step_seconds: float = 0.01, tiny: bool = True) -> Dict:
+               step_seconds: float = 0.01, tiny: bool = True, per_peer: bool = True,
+               crashes: int = 100) -> Dict:
     figures: Dict = {"name": "soak"}
     with ServerProcess(step_seconds=step_seconds, max_queue=max(256, jobs)) as server:
         figures["fuzz"] = fuzz(server, fuzz_cases)
@@ -381,4 +569,11 @@ def bench_soak(fuzz_cases: int = 10_000, clients: int = 100, jobs: int = 200,
             figures["load_tiny"] = load(server, jobs, load_clients)
             figures["cancel_tiny"] = cancel_latency(server, max(5, cancel_trials // 2))
     figures["retention"] = retention()
+    if per_peer:
+        figures["preauth_flood"] = preauth_flood()
+        figures["postauth_flood"] = postauth_flood()
+        figures["retention_nonreader"] = retention_nonreader()
+    if crashes:
+        figures["crash_restart"] = crash_restart(crashes, clients=load_clients,
+                                                 step_seconds=step_seconds)
     return figures

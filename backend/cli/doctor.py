@@ -120,6 +120,39 @@ def check_models() -> List[Check]:
     return checks
 
 
+def check_fast_path() -> Check:
+    """Device, precision and the fast-path choices ``serve`` would apply (config.toml's
+    ``[engine]`` table), and whether the optional preview/VAE models are here."""
+    from ..engines.base import info_line
+    from ..server.config import build_config
+
+    try:
+        config = build_config({})
+    except Exception as err:  # noqa: BLE001 - a broken config file
+        return Check("fast path", FAIL, f"config.toml cannot be read: {err}")
+    if config.engine == "fake":
+        return Check("fast path", OK, "the fake engine runs no model")
+    from ..engines.diffusers.acceleration import TAESD_REPOS, planned_settings
+
+    try:
+        info = planned_settings(config.engine_options)
+    except ValueError as err:
+        return Check("fast path", FAIL, f"config.toml [engine]: {err}")
+    notes = []
+    if info["previews"] == "taesd":
+        catalogue = Catalogue(ModelConfig.from_toml())
+        missing = [repo for family, repo in TAESD_REPOS.items()
+                   if not config.engine_options.get(f"taesd_{family}")
+                   and catalogue.cached_snapshot(repo, "controlnet") is None]
+        if missing:
+            notes.append(f"no TAESD for {', '.join(missing)} (previews use the latent "
+                         f"approximation; for sharper ones: `{download_command(missing[0])}`)")
+    if not str(info["device"]).startswith("cuda"):
+        notes.append("the fast path is for CUDA GPUs")
+    detail = info_line(info) + ("; " + "; ".join(notes) if notes else "")
+    return Check("fast path", OK, detail)
+
+
 def configured_engine() -> str:
     """The engine ``controlcanvas serve`` would use with this machine's config and env."""
     from ..server.config import build_config
@@ -130,15 +163,25 @@ def configured_engine() -> str:
 
 
 def check_token(path: Path) -> Check:
-    if not path.exists():
+    """The token file as the server would read it (server.config's rules: no link, not
+    readable by others, long enough)."""
+    from shared.errors import ConfigError, TokenFileError
+    from shared.paths import load_token_file
+
+    from ..server.config import check_token_strength, loose_permissions
+
+    if not os.path.lexists(path):
         return Check("token", OK, f"none yet; `controlcanvas serve` creates {path}")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if os.name != "nt" and mode & 0o077:
+    try:
+        token = load_token_file(path)
+        check_token_strength(token, f"in {path}")
+    except (TokenFileError, ConfigError) as err:
+        return Check("token", FAIL, err.message)
+    mode = loose_permissions(path)
+    if mode:
         return Check("token", FAIL, f"{path} is readable by others (mode {mode:o}); "
                      f"`chmod 600 {path}`")
-    if not path.read_text(encoding="utf-8").strip():
-        return Check("token", FAIL, f"{path} is empty; delete it and restart the server")
-    return Check("token", OK, f"{path} (mode {mode:o})")
+    return Check("token", OK, f"{path} (mode {stat.S_IMODE(path.stat().st_mode):o})")
 
 
 def check_port(host: str, port: int) -> Check:
@@ -185,7 +228,7 @@ def check_pose_helper() -> Check:
 
 def run_checks(token_file: Path, host: str, port: int) -> List[Check]:
     checks: List[Check] = [check_python()]
-    for run in (check_torch, check_diffusers, check_models):
+    for run in (check_torch, check_diffusers, check_models, check_fast_path):
         result = _guard(run)
         checks.extend(result if isinstance(result, list) else [result])
     checks.append(check_token(token_file))

@@ -1,8 +1,10 @@
 """``controlcanvas`` command line.
 
-serve · generate · demo · models [download] · preprocess · pose · doctor ·
-install-plugin · bench.  Every command that fails on bad input prints one line
-saying what to do (and its error code), never a traceback.
+serve · generate · train · demo · models [download] · preprocess · pose · doctor ·
+install-plugin · setup · bench.  Every command that fails prints one line saying what to
+do (and its error code), never a traceback: :func:`main` turns our typed errors, bad
+settings and OS errors (a full disk, a folder that cannot be written) into that line;
+``-v`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -13,18 +15,20 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from shared import loopback
-from shared.errors import ControlCanvasError, LimitError
+from shared.errors import ConfigError, ControlCanvasError, LimitError
 
 from ..bench import main as bench
+from ..engines.base import engine_info, info_line
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
 from ..imaging import load_input_image, size_problem
 from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
-                             is_loopback_host, load_or_create_token)
+                             is_loopback_host, server_token)
 from ..server.local import ServerThread
 from ..server.websocket import run_server
 from . import doctor, install
@@ -41,11 +45,14 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "host": args.host, "port": args.port, "token_file": args.token_file,
         "engine": args.engine, "max_image_side": args.max_image_side,
         "max_pixels": args.max_pixels, "max_queue": args.max_queue,
-        "step_seconds": args.step_seconds,
+        "step_seconds": args.step_seconds, "store_dir": args.store_dir,
     }
     engine_options = {"device": args.device, "dtype": args.dtype,
                       "offload": True if args.offload else None,
                       "cpu_threads": args.cpu_threads,
+                      "fast_path": False if args.no_fast_path else None,
+                      "compile": True if args.compile else None,
+                      "vae_precision": args.vae_precision, "sdxl_vae": args.sdxl_vae,
                       "config_file": args.config}
     overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
     if args.host is not None and not is_loopback_host(args.host):
@@ -75,6 +82,18 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--offload", action="store_true",
                         help="model CPU offload: less VRAM, slower (CUDA only)")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="CUDA: leave attention, QKV fusion and memory format as diffusers "
+                        "sets them (the fast path is on by default on CUDA, off on the CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet and ControlNets (CUDA): faster steps, but "
+                        "the first image at each new size waits about a minute")
+    parser.add_argument("--vae-precision", choices=["auto", "fp32", "model"],
+                        help="VAE in fp32 (no black images) or in the model's dtype; auto "
+                        "(default): fp32 where fp16 overflows (SDXL)")
+    parser.add_argument("--sdxl-vae", metavar="PATH_OR_ID",
+                        help="an fp16-fix SDXL VAE (e.g. madebyollin/sdxl-vae-fp16-fix) used "
+                        "instead of the model's own")
     parser.add_argument("--cpu-threads", type=_positive_int,
                         help="torch CPU threads (default: one per core; fewer keeps a CPU "
                         "server responsive when the machine is busy)")
@@ -82,14 +101,16 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
     parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")
     parser.add_argument("--step-seconds", type=float, help="fake engine: seconds per step")
+    parser.add_argument("--store-dir", help="folder where queued jobs and uncollected results "
+                        "survive a restart or crash (default: jobs in the user cache folder; "
+                        "'none' keeps them in memory only)")
     parser.add_argument("--config", type=Path, help="TOML config file ([server] table)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
 
     config = build_config(_server_overrides(args), args.config)
-    token, created = (config.token, False) if config.token else \
-        load_or_create_token(config.token_file)
+    token, created = server_token(config)
     engine = create_engine(config.engine, step_seconds=config.step_seconds,
                            **config.engine_options)
     _warn_without_cuda(engine)
@@ -97,11 +118,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(server) -> None:
         print(f"ControlCanvas server listening on {server.url} (engine: {engine.name})",
               flush=True)
+        info = engine_info(engine)
+        if info:
+            print(f"Engine settings: {info_line(info)}", flush=True)
         print(f"Token file: {config.token_file}", flush=True)
-        if created:
+        if created:  # shown once; later starts only name the file
             print(f"New access token (also in the token file): {token}", flush=True)
         if config.remote_allowed:
-            print("Reachable from other machines: clients need the token above.", flush=True)
+            print("Reachable from other machines: clients need the token in the token file.",
+                  flush=True)
 
     try:
         asyncio.run(run_server(config, engine, token, ready=ready))
@@ -209,7 +234,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with Client.connect(args.url, _token_for(args), client="controlcanvas-generate") as client:
             run(client)
         return 0
-    engine = create_engine(args.engine, device=args.device, config_file=args.config)
+    # the in-process server serves only this command: --base may be any path of yours
+    engine = create_engine(args.engine, device=args.device, config_file=args.config,
+                           trust_request_paths=True)
     _warn_without_cuda(engine)
     with ServerThread(engine) as server, \
             Client.connect(server.url, server.token, client="controlcanvas-generate") as client:
@@ -219,13 +246,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _token_for(args: argparse.Namespace) -> str:
     """With --url: --token, else the local token file, and that only for a server on this
-    computer (``shared.loopback``); TokenNeeded for a server elsewhere without --token."""
-    return loopback.choose_token(args.url, args.token or "", entered_source="--token",
-                                 enter_it="pass its token with --token").token_or_raise()
+    computer (``shared.loopback``); TokenNeeded for a server elsewhere without --token,
+    TokenFileError (missing, a link, ...: shared.paths' rule) when the file cannot be used."""
+    choice = loopback.choose_token(args.url, args.token or "", entered_source="--token",
+                                   enter_it="pass its token with --token")
+    if choice.problem is not None:
+        raise choice.problem
+    return choice.token_or_raise()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a ControlNet: in this process, or as a job of a running server (--url)."""
+    """Train a ControlNet: in this process, or as a job of a running server (--url).
+
+    In this process --data, --base and --out may be any paths of the user's (it is their
+    shell); as a server job they are names inside the server's training folders and its
+    models (backend.training.folders), as for every client. Either way --out must be new,
+    empty, or (with --resume) a run this trainer made."""
     fields = dict(data=str(args.data), base=args.base, out=str(args.out), steps=args.steps,
                   batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
                   lr_warmup_steps=args.lr_warmup_steps, resolution=args.resolution,
@@ -350,9 +386,13 @@ def _add_train(sub) -> None:
     """``controlcanvas train``: a ControlNet on your pairs."""
     p = sub.add_parser("train", help="train a ControlNet on your own (condition, target) pairs")
     p.add_argument("--data", type=Path, required=True, help="dataset folder: source/, target/ "
-                   "and prompt.json lines (fill50k layout), or pairs by file name")
-    p.add_argument("--base", required=True, help="base model: folder, single file or name")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+                   "and prompt.json lines (fill50k layout), or pairs by file name (with "
+                   "--url: a folder inside the server's training data folder)")
+    p.add_argument("--base", required=True, help="base model: folder, single file or name "
+                   "(with --url: one the server offers)")
+    p.add_argument("--out", type=Path, required=True, help="output folder: new or empty, or "
+                   "the run to continue with --resume (with --url: a name inside the "
+                   "server's training output folder)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -393,12 +433,24 @@ def _add_tools(sub) -> None:
     p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("bench", help="print one benchmark's figures as JSON")
-    p.add_argument("name", choices=["transport", "soak", "engine", "controlnet-cost",
-                                     "scaling", "fidelity", "train-cost"])
+    p.add_argument("name", choices=list(bench.BENCHES))
     p.add_argument("--repeats", type=int, default=15, help="transport: timed rounds")
     p.add_argument("--side", type=int, default=2048, help="transport: image side")
     p.add_argument("--cases", type=int, default=10_000, help="soak: fuzz cases")
+    p.add_argument("--crashes", type=int, default=100,
+                   help="soak: times the server is killed and restarted (crash_restart)")
     p.add_argument("--clients", type=int, default=100, help="soak: disconnecting clients")
+    p.add_argument("--dry-run", action="store_true", help="gpu: the same code on the CPU "
+                   "with the tiny models, in seconds (automatic without CUDA)")
+    p.add_argument("--groups", default="sd15,sdxl", help="gpu: which of sd15, sdxl, compiled "
+                   "(comma-separated; compiled adds torch.compile's first-image cost)")
+    p.add_argument("--deadline", type=float, default=420.0, help="gpu: seconds after which "
+                   "the remaining cases are skipped (and listed as skipped)")
+    p.add_argument("--compile-mode", default="default", help="gpu: torch.compile mode of "
+                   "the compiled group (default, reduce-overhead, max-autotune...)")
+    p.add_argument("--out", help="gpu: also write the JSON here after each group")
+    p.add_argument("--work-dir", help="gpu: where the built models go (kept, and reused by "
+                   "a later run; default: a temporary folder)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -461,12 +513,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_libraries(args.verbose)
     try:
         return args.func(args)
-    except ControlCanvasError as err:
-        print(f"controlcanvas: {err.message} [{err.code}]", file=sys.stderr)
-        return 1
-    except ValueError as err:  # bad configuration values
-        print(f"controlcanvas: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place errors become a user's line
+        line, code = failure_line(err)
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"controlcanvas: {line}", file=sys.stderr)
+        return code
+
+
+def failure_line(err: BaseException) -> tuple:
+    """(one line for the user, exit code) for an error that ends a command: 2 for a bad
+    setting, 1 for anything else. Tracebacks are for ``-v`` only."""
+    if isinstance(err, ConfigError):
+        return f"{err.message} [{err.code}]", 2
+    if isinstance(err, ControlCanvasError):
+        return f"{err.message} [{err.code}]", 1
+    if isinstance(err, OSError):
+        what = (err.strerror or type(err).__name__).rstrip(".")
+        where = f": {err.filename}" if err.filename else ""
+        return (f"{what}{where}. Check that the path exists and that you may write there "
+                f"(and that the disk is not full); -v shows the details."), 1
+    if isinstance(err, ValueError):  # a bad value given on the command line
+        return f"{err}", 2
+    return (f"unexpected error ({type(err).__name__}: {err}). This is a bug; run the command "
+            f"again with -v for the details and report them."), 1
 
 
 if __name__ == "__main__":

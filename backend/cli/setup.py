@@ -28,7 +28,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Optional, Sequence
+
+from shared.paths import data_dir  # noqa: F401 (re-exported: the pose venv lives there)
 
 from ..pose import detect as pose_detect
 
@@ -115,22 +117,6 @@ def installed_torch() -> tuple:
         except Exception:
             cuda = None
     return version, cuda
-
-
-def data_dir(environ: Optional[Mapping[str, str]] = None,
-             platform: Optional[str] = None) -> Path:
-    """The per-user data folder: %LOCALAPPDATA% (Windows), ~/Library/Application Support
-    (macOS), $XDG_DATA_HOME or ~/.local/share (elsewhere), plus ``controlcanvas``."""
-    env = os.environ if environ is None else environ
-    platform = sys.platform if platform is None else platform
-    home = Path(env.get("USERPROFILE" if platform == "win32" else "HOME") or Path.home())
-    if platform == "win32":
-        base = Path(env.get("LOCALAPPDATA") or home / "AppData" / "Local")
-    elif platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        base = Path(env.get("XDG_DATA_HOME") or home / ".local" / "share")
-    return base / "controlcanvas"
 
 
 def venv_python(folder: Path, platform: Optional[str] = None) -> Path:

@@ -11,12 +11,14 @@ running job stops within one step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Dict, Mapping, Protocol, Sequence, Union
 
 from shared.images import Image
 from shared.messages import GenerateRequest, Models, Preprocess
 
 from ..annotators.registry import Annotated
+
+Scalar = Union[bool, int, float, str]
 
 
 class JobContext(Protocol):
@@ -61,6 +63,10 @@ class Generated:
 
 
 class Engine(Protocol):
+    """``name`` is what the welcome and the log call it.  An engine may also have
+    ``info() -> Dict[str, bool | int | float | str]``: its settings (device, precision,
+    fast path), which the doctor prints and the welcome carries (see :func:`engine_info`)."""
+
     name: str
 
     def generate(self, request: GenerateRequest, images: Mapping[int, Image],
@@ -75,3 +81,25 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release models and memory."""
+
+
+def engine_info(engine) -> Dict[str, Scalar]:
+    """The engine's ``info()`` (its settings: device, precision, fast path), or {} for an
+    engine without one; only JSON scalars, so it fits the welcome message."""
+    info = getattr(engine, "info", None)
+    if not callable(info):
+        return {}
+    return {str(k): v for k, v in dict(info()).items()
+            if isinstance(v, (bool, int, float, str))}
+
+
+def info_line(info: Mapping[str, Scalar]) -> str:
+    """One line for people: ``device cuda:0 · dtype fp16 · sdpa on · compile off ...``."""
+    def show(value: Scalar) -> str:
+        if value is True:
+            return "on"
+        if value is False:
+            return "off"
+        return str(value)
+
+    return " · ".join(f"{k} {show(v)}" for k, v in info.items())

@@ -20,6 +20,15 @@ The family of a model (SD1.5, SDXL - Pony, Illustrious and NoobAI are SDXL -, a
 9-channel inpainting base, a union ControlNet; Flux and SD3 are recognised and refused)
 is read from its files by :mod:`backend.engines.families`, never from its name.
 
+A request (a client of the server) may name a model path only inside a models folder:
+``models`` in the per-user data folder (where training writes, ``models/trained``) and
+the ``[models] roots`` folders; relative names are looked up there. Every other path it
+names — a system file, a folder, one that does not exist — is one
+:class:`shared.errors.PathRefused`, worded the same. Names configured here (``base``,
+``bases``, ``controlnets``) are the owner's and resolve wherever they point, and so does
+any path when ``trust_request_paths`` is set (``controlcanvas generate`` without
+``--url``: the requests are the user's own).
+
 The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
 family: lllyasviel's ControlNet 1.1 set for SD1.5, one union ControlNet (xinsir's
 ProMax) for every SDXL condition it serves.  The ``[models]`` and ``[controlnets]``
@@ -29,6 +38,7 @@ tables of ``config.toml`` override it::
     base = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # or a folder / a .safetensors file
     family = "sd15"                      # only needed when the files do not tell
     cache_dir = "D:/hf-cache"            # optional Hugging Face cache folder
+    roots = ["D:/models"]                # folders a client may name models in (+ DATA/models)
     [models.bases]                       # named bases a request can pick by name
     anime = "C:/models/anything.safetensors"
     xl = { path = "C:/models/juggernaut.safetensors", family = "sdxl" }
@@ -50,12 +60,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from shared.errors import ModelMissing, UnsupportedFamily
+from shared.errors import ConfigError, ModelMissing, PathRefused, UnsupportedFamily
 from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
 from shared.geometry import NATIVE_SIDE
-from shared.paths import config_dir
+from shared.paths import config_dir, data_dir
 
 from ..configfile import load_toml
+from ..configfile import table as toml_table
+from ..confine import confine
 from . import tiny
 from .families import (UNION_CONTROL_TYPES, Detected, check_runnable, detect,
                        detect_base_folder, detect_file)
@@ -74,6 +86,12 @@ DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
 DEMO_NATIVE_SIZE = 64
 # Native generation size (pixels of a square side) per family: the rule the plug-ins use too.
 NATIVE_SIZE: Dict[str, int] = NATIVE_SIDE
+
+
+def default_models_root() -> Path:
+    """``models`` in the per-user data folder: a request may name models inside it (the
+    server's training writes its ControlNets to ``models/trained`` there)."""
+    return data_dir() / "models"
 
 
 def demo_folder() -> Path:
@@ -145,53 +163,64 @@ class ModelConfig:
     controlnets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # family|"*"
     cache_dir: Optional[str] = None
     tiny_root: Optional[str] = None  # where tiny models are built (default: user cache)
+    roots: Tuple[str, ...] = ()  # folders a request may name models in, besides DATA/models
+    trust_request_paths: bool = False  # any local path a request names (the user's own CLI)
+
+    @property
+    def model_roots(self) -> Tuple[Path, ...]:
+        """Where a request may name a model by path: DATA/models, then ``roots``."""
+        return (default_models_root(), *(Path(r).expanduser() for r in self.roots))
 
     @classmethod
     def from_tables(cls, tables: Mapping[str, Any], where: str = "config") -> "ModelConfig":
         """Build from the parsed TOML document (only ``models`` and ``controlnets`` are read)."""
-        models = dict(tables.get("models", {}) or {})
-        nets = dict(tables.get("controlnets", {}) or {})
-        known = {"base", "family", "bases", "cache_dir", "tiny_root"}
+        models = dict(toml_table(tables, "models", where))
+        nets = dict(toml_table(tables, "controlnets", where))
+        known = {"base", "family", "bases", "cache_dir", "tiny_root", "roots"}
         for key in models:
             if key not in known:
-                raise ValueError(f"{where}: unknown setting [models] {key}; known: "
-                                 f"{', '.join(sorted(known))}")
+                raise ConfigError(f"{where}: unknown setting [models] {key}; known: "
+                                  f"{', '.join(sorted(known))}")
         family = models.get("family", "")
         if family and family not in FAMILIES:
-            raise ValueError(f"{where}: [models] family must be one of {', '.join(FAMILIES)}; "
-                             f"got {family!r}")
+            raise ConfigError(f"{where}: [models] family must be one of {', '.join(FAMILIES)}; "
+                              f"got {family!r}")
         bases: Dict[str, Tuple[str, str]] = {}
-        for name, value in dict(models.get("bases", {}) or {}).items():
+        for name, value in toml_table(models, "bases", f"{where}: [models]").items():
             if isinstance(value, str):
                 bases[name] = (value, "")
             elif isinstance(value, dict) and isinstance(value.get("path"), str):
                 fam = value.get("family", "")
                 if fam and fam not in FAMILIES:
-                    raise ValueError(f"{where}: [models.bases] {name} family must be one of "
-                                     f"{', '.join(FAMILIES)}")
+                    raise ConfigError(f"{where}: [models.bases] {name} family must be one of "
+                                      f"{', '.join(FAMILIES)}")
                 bases[name] = (value["path"], fam)
             else:
-                raise ValueError(f"{where}: [models.bases] {name} must be a string (hub id or "
-                                 f"path) or {{ path = \"...\", family = \"sd15|sdxl\" }}")
+                raise ConfigError(f"{where}: [models.bases] {name} must be a string (hub id or "
+                                  f"path) or {{ path = \"...\", family = \"sd15|sdxl\" }}")
         controlnets: Dict[str, Dict[str, str]] = {"*": {}}
         for key, value in nets.items():
             if isinstance(value, dict):
                 if key not in FAMILIES:
-                    raise ValueError(f"{where}: [controlnets.{key}] must be a family: "
-                                     f"{', '.join(FAMILIES)}")
-                table = controlnets.setdefault(key, {})
+                    raise ConfigError(f"{where}: [controlnets.{key}] must be a family: "
+                                      f"{', '.join(FAMILIES)}")
+                family_nets = controlnets.setdefault(key, {})
                 for cond, where_ in value.items():
                     _check_condition(cond, where_, f"{where}: [controlnets.{key}]")
-                    table[cond] = where_
+                    family_nets[cond] = where_
             else:
                 _check_condition(key, value, f"{where}: [controlnets]")
                 controlnets["*"][key] = value
         for key in ("base", "cache_dir", "tiny_root"):
             if key in models and not isinstance(models[key], str):
-                raise ValueError(f"{where}: [models] {key} must be a string")
+                raise ConfigError(f"{where}: [models] {key} must be a string")
+        roots = models.get("roots", [])
+        if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+            raise ConfigError(f"{where}: [models] roots must be a list of folder paths, e.g. "
+                              f"roots = [\"D:/models\"]")
         return cls(base=models.get("base", ""), family=family, bases=bases,
                    controlnets=controlnets, cache_dir=models.get("cache_dir") or None,
-                   tiny_root=models.get("tiny_root") or None)
+                   tiny_root=models.get("tiny_root") or None, roots=tuple(roots))
 
     @classmethod
     def from_toml(cls, path: Optional[Path] = None) -> "ModelConfig":
@@ -202,9 +231,9 @@ class ModelConfig:
 
 def _check_condition(cond: str, value: Any, where: str) -> None:
     if cond not in CONDITIONS:
-        raise ValueError(f"{where}: unknown condition {cond!r}; known: {', '.join(CONDITIONS)}")
+        raise ConfigError(f"{where}: unknown condition {cond!r}; known: {', '.join(CONDITIONS)}")
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{where}: {cond} must be a hub id or a path")
+        raise ConfigError(f"{where}: {cond} must be a hub id or a path")
 
 
 # -----------------------------------------------------------------------------
@@ -334,46 +363,46 @@ class Catalogue:
 
     def resolve_base(self, name: str = "") -> Resolved:
         """Resolve a base model name (``""`` = the configured default); ModelMissing if absent,
-        UnsupportedFamily for a family the engine does not run."""
+        UnsupportedFamily for a family the engine does not run, PathRefused for a path a
+        request may not name (see the module docstring)."""
         name = name or self.default_base
         family = ""
         where = name
+        trusted = self._configured(name)
         if name in self.config.bases:
             where, family = self.config.bases[name]
         if where == self.config.base or name == self.config.base:
             family = family or self.config.family
-        return self._resolve(name, where, "base", family)
+        return self._resolve(name, where, "base", family, trusted)
 
     def resolve_controlnet(self, condition: str, base: Resolved, override: str = "") -> Resolved:
         """Resolve the ControlNet for one unit (its ``model`` override, else config/default)."""
         name = override or self.controlnet_name(condition, base.family, base)
-        return self._resolve(name, name, "controlnet", base.family)
+        trusted = not override or self._configured(override)
+        return self._resolve(name, name, "controlnet", base.family, trusted)
 
-    def _resolve(self, name: str, where: str, kind: str, family: str) -> Resolved:
+    def _configured(self, name: str) -> bool:
+        """Whether ``name`` is the owner's: config.toml's base, a base's name or path, or a
+        configured ControlNet (what the ``models`` list shows a client)."""
+        c = self.config
+        return name in (c.base, self.default_base) or name in c.bases \
+            or any(name == where for where, _ in c.bases.values()) \
+            or any(name in table.values() for table in c.controlnets.values())
+
+    def _resolve(self, name: str, where: str, kind: str, family: str,
+                 trusted: bool = True) -> Resolved:
         """``family``: what config.toml says (a base) or the base's family (a ControlNet);
         a ControlNet's own files win over the latter."""
         builtin = self._builtin(name, where, kind)
         if builtin is not None:
             return builtin
-        path = Path(where).expanduser()
-        if path.exists() or _looks_like_path(where):
-            if path.is_dir():
-                check_runnable(detect(path, kind), name, kind)  # before "incomplete"
-                variant = _weights_variant(path, kind)
-                if variant is None:
-                    what = "model_index.json and each component's weights" if kind == "base" \
-                        else "config.json and diffusion_pytorch_model.safetensors"
-                    raise ModelMissing(f"The {kind} model folder {str(path)!r} is incomplete: "
-                                       f"it needs {what}.", field="model")
-                return self._resolved(name, kind, family, "folder", path, weights_variant=variant)
-            if path.is_file():
-                if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-                    raise ModelMissing(f"{str(path)!r} is not a model file; use a .safetensors or "
-                                       f".ckpt file or a diffusers folder.", field="model")
-                return self._resolved(name, kind, family, "file", path)
-            raise ModelMissing(f"The {kind} model {where!r} does not exist: no such file or "
-                               f"folder. Check the path in config.toml or the request.",
-                               field="model")
+        if trusted or self.config.trust_request_paths:
+            path = Path(where).expanduser()
+            local = path if path.exists() or _looks_like_path(where) else None
+        else:
+            local = self._request_path(where, kind)
+        if local is not None:
+            return self._resolve_local(name, where, local, kind, family)
         # A hub id: only the local cache is used here.
         folder = self.cached_snapshot(where, kind)
         if folder is None:
@@ -394,6 +423,45 @@ class Catalogue:
         return Resolved(name, kind, family, source, str(path), native_size=NATIVE_SIZE[family],
                         inpaint=bool(found and found.inpaint), union=bool(found and found.union),
                         control_types=found.control_types if found else 0, **extra)
+
+    def _request_path(self, where: str, kind: str) -> Optional[Path]:
+        """A name from a request: the real path inside a models folder it stands for, or
+        None for a hub id (looked up in the hub cache only, never on the disk at large).
+        Any other path is PathRefused, with one wording for every reason."""
+        def refuse() -> PathRefused:
+            return PathRefused(
+                f"The {kind} model {where!r} is not one this server offers. Pick one from its "
+                f"model list, or ask the server's owner to put it in a models folder ([models] "
+                f"roots in config.toml; see docs/remote.md).", field="model")
+
+        roots = self.config.model_roots
+        if _HUB_ID.match(where):
+            try:
+                found = confine(where, roots, refuse)
+            except PathRefused:
+                return None
+            return found if found.exists() else None
+        return confine(where, roots, refuse)
+
+    def _resolve_local(self, name: str, where: str, path: Path, kind: str,
+                       family: str) -> Resolved:
+        if path.is_dir():
+            check_runnable(detect(path, kind), name, kind)  # before "incomplete"
+            variant = _weights_variant(path, kind)
+            if variant is None:
+                what = "model_index.json and each component's weights" if kind == "base" \
+                    else "config.json and diffusion_pytorch_model.safetensors"
+                raise ModelMissing(f"The {kind} model folder {str(path)!r} is incomplete: "
+                                   f"it needs {what}.", field="model")
+            return self._resolved(name, kind, family, "folder", path, weights_variant=variant)
+        if path.is_file():
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise ModelMissing(f"{str(path)!r} is not a model file; use a .safetensors or "
+                                   f".ckpt file or a diffusers folder.", field="model")
+            return self._resolved(name, kind, family, "file", path)
+        raise ModelMissing(f"The {kind} model {where!r} does not exist: no such file or "
+                           f"folder. Check the path in config.toml or the request.",
+                           field="model")
 
     def _builtin(self, name: str, where: str, kind: str) -> Optional[Resolved]:
         if kind == "base" and where == DEMO_BASE:

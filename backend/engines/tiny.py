@@ -31,10 +31,11 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+from shared.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,8 @@ def controlnet_for(condition: str, family: str = "sd15") -> str:
 
 
 def cache_root() -> Path:
-    """Per-user cache folder (override: CONTROLCANVAS_CACHE_DIR)."""
-    override = os.environ.get("CONTROLCANVAS_CACHE_DIR")
-    if override:
-        return Path(override)
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-        return base / "controlcanvas" / "cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "controlcanvas"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "controlcanvas"
+    """Per-user cache folder (``shared.paths.cache_dir``; override: CONTROLCANVAS_CACHE_DIR)."""
+    return cache_dir()
 
 
 def tiny_dir(family: str, root: Optional[Path] = None) -> Path:

@@ -12,12 +12,19 @@ Ownership: a job belongs to the connection that submitted it or last resumed it
 running (unless submitted with ``cancel_on_disconnect``); their outcome waits
 until a client sends ``resume`` with the job id, and is dropped after ``ack`` or
 after the retention time / memory budget.
+
+Durability: with a ``JobStore`` (backend.server.store) queued jobs and outcomes are kept
+on disk too, and the ones kept before a crash or restart come back when the manager
+starts.  A client hears of a job (``queued``, progress, its result) only once the store
+holds what it needs to give it back: the job's inputs before it is announced or run,
+its result files before the result is sent.  Without a store, everything is in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import ctypes
 import ctypes.util
 import functools
@@ -27,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
                            MissingImage, QueueFull, UnknownJob)
@@ -36,6 +43,8 @@ from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, Train
 
 from ..annotators.registry import Annotated
 from ..engines.base import Engine
+from ..training.folders import TrainRoots
+from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,22 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 FINISHED = (DONE, FAILED, CANCELLED)
 
 
+class JobStore(Protocol):
+    """Where jobs are kept across restarts (backend.server.store.DiskJobStore).
+
+    ``add`` and ``finished`` return futures whose value is True once the job is on disk
+    (False: it could not be written, and lives in memory only); ``started`` blocks."""
+
+    def load(self) -> List["Job"]: ...
+    def add(self, job: "Job", images: Dict[int, Image]) -> "concurrent.futures.Future": ...
+    def started(self, job: "Job") -> None: ...
+    def finished(self, job: "Job", result: Sequence[Tuple[Optional[int], Image]],
+                 error: Optional[ControlCanvasError]) -> "concurrent.futures.Future": ...
+    def requeue(self, job: "Job") -> "concurrent.futures.Future": ...
+    def forget(self, job_ids: Sequence[str]) -> None: ...
+    def close(self) -> None: ...
+
+
 class Owner(Protocol):
     """What a job reports to: a live client connection (see backend.server.websocket)."""
     key: str
@@ -125,6 +150,13 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     finished_at: float = 0.0
+    dropped: str = ""  # "acked" or "expired": forgotten, its result bytes released
+    stored: Optional[concurrent.futures.Future] = None  # the store's add(), if any
+
+    @property
+    def durable(self) -> bool:
+        """False while the store is still writing the job: nobody hears of it yet."""
+        return self.stored is None or self.stored.done()
 
     @property
     def job_id(self) -> str:
@@ -142,12 +174,26 @@ class Job:
 class JobManager:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, max_queue: int = 64,
                  retention_seconds: float = 3600.0, retention_bytes: int = 2 << 30,
-                 tombstones: int = 4096) -> None:
+                 retention_bytes_per_client: int = 0, max_jobs_per_client: int = 0,
+                 held_outside: Optional[Callable[[], Dict[str, int]]] = None,
+                 tombstones: int = 4096, store: Optional[JobStore] = None,
+                 training: Optional[TrainRoots] = None) -> None:
+        """``retention_bytes`` bounds the result bytes held for all clients together,
+        ``retention_bytes_per_client`` those of one client (0: no separate cap);
+        ``held_outside()`` gives, per client key, result bytes held elsewhere (frames on
+        their way to the client), which count against both. With a ``store``, jobs are
+        kept on disk too and the ones it kept come back (see the module docstring).
+        ``training``: where a client's `train` job may read and write."""
         self.engine = engine
+        # where a client's `train` job may read and write (default: the per-user folders)
+        self.training = training or ServerConfig().training_roots()
         self.loop = loop
         self.max_queue = max_queue
+        self.max_jobs_per_client = max_jobs_per_client
         self.retention_seconds = retention_seconds
         self.retention_bytes = retention_bytes
+        self.retention_bytes_per_client = retention_bytes_per_client
+        self._held_outside = held_outside or dict
         self.jobs: Dict[str, Job] = {}
         self._expired: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._unreleased = 0  # result bytes dropped since the heap was last trimmed
@@ -158,6 +204,9 @@ class JobManager:
         self._last_served: Dict[str, int] = {}  # client key -> turn it was last served
         self._running: Optional[Job] = None
         self._stopping = False
+        self.store = store
+        if store is not None:
+            self._restore(store.load())
         self._worker = threading.Thread(target=self._work, name="controlcanvas-engine",
                                         daemon=True)
         self._worker.start()
@@ -182,7 +231,17 @@ class JobManager:
             if self._queued_count() >= self.max_queue:
                 raise QueueFull(f"The queue already holds {self.max_queue} jobs; wait for some "
                                 f"to finish or cancel one, then submit again.", job_id=job_id)
+            mine = len(self._lanes.get(owner.key, ())) + (
+                self._running is not None and self._running.submitter == owner.key)
+            if self.max_jobs_per_client and mine >= self.max_jobs_per_client:
+                raise QueueFull(f"This connection already has {mine} jobs queued or running "
+                                f"(the server's limit per client is "
+                                f"{self.max_jobs_per_client}); wait for one to finish or "
+                                f"cancel one, then submit again.", job_id=job_id)
             self.jobs[job_id] = job
+            if self.store is not None:  # announced once its inputs are on disk
+                job.stored = self.store.add(job, images)
+                job.stored.add_done_callback(lambda _: self._post(self._announce_positions))
             self._lanes.setdefault(owner.key, collections.deque()).append(job)
             self._lock.notify()
         self._announce_positions()
@@ -201,8 +260,10 @@ class JobManager:
                 if not lane:
                     del self._lanes[job.submitter]
         if queued:
-            self._finish(job, error=Cancelled(f"Job {job_id} was cancelled before it started.",
-                                              job_id=job_id))
+            error = Cancelled(f"Job {job_id} was cancelled before it started.", job_id=job_id)
+            if self.store is not None:
+                self.store.finished(job, (), error)
+            self._finish(job, error=error)
             self._announce_positions()
         # a running job stops at the engine's next check (before its next UNet block)
 
@@ -214,8 +275,7 @@ class JobManager:
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and job.owner is owner and job.state in FINISHED:
-                self._unreleased += job.kept_bytes
-                del self.jobs[job_id]
+                self._release(job, "acked")
 
     def _trim_if_worth_it(self) -> None:
         """Past ``TRIM_AFTER_BYTES`` of dropped result bytes, return them to the OS (called
@@ -242,7 +302,8 @@ class JobManager:
                 continue
             job.owner = owner
             if job.state == QUEUED:
-                owner.job_queued(job, positions.get(job_id, 0))
+                if job.durable:  # else announced once it is
+                    owner.job_queued(job, positions.get(job_id, 0))
             elif job.state == RUNNING:
                 step, total, stage = job.last_progress
                 owner.job_progress(job, step, total, stage)
@@ -274,24 +335,49 @@ class JobManager:
         return dropped
 
     def _drop_expired(self, now: Optional[float]) -> int:
+        """Oldest outcomes first: those past the retention time, then a client's oldest
+        while it holds more than its share, then anyone's oldest while all together hold
+        more than ``retention_bytes`` (results on their way to clients included)."""
         now = time.monotonic() if now is None else now
         finished = sorted((j for j in self.jobs.values() if j.state in FINISHED),
                           key=lambda j: j.finished_at)
-        kept = sum(j.kept_bytes for j in finished)
+        total, per_client = self.held_bytes()
         dropped = 0
         for job in finished:
+            client = job.submitter
             too_old = now - job.finished_at > self.retention_seconds
-            if not too_old and kept <= self.retention_bytes:
-                break
-            kept -= job.kept_bytes
-            self._unreleased += job.kept_bytes
-            del self.jobs[job.job_id]
+            over_share = 0 < self.retention_bytes_per_client < per_client.get(client, 0)
+            if not (too_old or over_share or total > self.retention_bytes):
+                continue
+            total -= job.kept_bytes
+            per_client[client] -= job.kept_bytes
+            self._release(job, "expired")
             self._expired[job.job_id] = None
             dropped += 1
-            log.info("dropped the uncollected outcome of job %s", job.job_id)
+            log.info("dropped the uncollected outcome of job %s (%s)", job.job_id,
+                     "retention time" if too_old else "retention bytes")
         while len(self._expired) > self._tombstones:
             self._expired.popitem(last=False)
         return dropped
+
+    def _release(self, job: Job, why: str) -> None:
+        """Forget a finished job and let go of its result bytes, even where a reference
+        to the job lingers (a result still waiting in a client's outbox)."""
+        self._unreleased += job.kept_bytes
+        del self.jobs[job.job_id]
+        job.result, job.dropped = (), why
+        if self.store is not None:  # gone from the disk too
+            self.store.forget((job.job_id,))
+
+    def held_bytes(self) -> Tuple[int, Dict[str, int]]:
+        """Result bytes held: (all clients, per client key); the job table's results and
+        those on their way to clients (``held_outside``) together."""
+        per_client: Dict[str, int] = collections.Counter()
+        for job in self.jobs.values():
+            per_client[job.submitter] += job.kept_bytes
+        for client, held in self._held_outside().items():
+            per_client[client] += held
+        return sum(per_client.values()), per_client
 
     @property
     def kept_bytes(self) -> int:
@@ -308,6 +394,17 @@ class JobManager:
                 self._running.cancel_event.set()
             self._lock.notify_all()
         self._worker.join(timeout)
+        if self.store is not None:  # queued jobs stay in it for the next start
+            self.store.close()
+
+    def _restore(self, jobs: Sequence[Job]) -> None:
+        """Jobs the store kept from before a restart (interrupted first, then queued in
+        submit order, then outcomes): outcomes wait for ``resume``, queued jobs queue."""
+        for job in jobs:
+            self.jobs[job.job_id] = job
+            if job.state == QUEUED:
+                self._lanes.setdefault(job.submitter, collections.deque()).append(job)
+        self._drop_expired(None)  # outcomes past the retention time or byte budget
 
     # -- helpers (loop thread) ---------------------------------------------------
 
@@ -349,7 +446,7 @@ class JobManager:
     def _announce_positions(self) -> None:
         for job_id, position in self._positions().items():
             job = self.jobs.get(job_id)
-            if job is not None and job.owner is not None:
+            if job is not None and job.owner is not None and job.durable:
                 job.owner.job_queued(job, position)
 
     def _finish(self, job: Job, result: Tuple[Tuple[Optional[int], Image], ...] = (),
@@ -402,6 +499,8 @@ class JobManager:
             job = self._take()
             if job is None:
                 return
+            if self.store is not None:
+                self.store.started(job)  # waits: its inputs and this attempt are on disk
             self._post(self._started, job)
             result, error = (), None
             try:
@@ -414,6 +513,12 @@ class JobManager:
                                     f"See the server log; other jobs are not affected.")
             with self._lock:
                 self._running = None
+                stopping = self._stopping
+            if self.store is not None:
+                if stopping and isinstance(error, Cancelled):
+                    self.store.requeue(job)  # stopped by the server: it runs at next start
+                else:  # on disk before the client hears of it
+                    self.store.finished(job, result, error).result()
             self._post(self._finish, job, result, error)
 
     def _started(self, job: Job) -> None:
@@ -447,7 +552,8 @@ class JobManager:
         """Training runs on the worker thread too: it owns the GPU, so generation and
         training never compete for it. Cancel stops after writing a checkpoint."""
         from ..training.controlnet import config_from_message, job_progress, train_controlnet
-        out = train_controlnet(config_from_message(message), progress=job_progress(ctx))
+        config = config_from_message(message, self.training)  # confined to the roots
+        out = train_controlnet(config, progress=job_progress(ctx))
         job.info = {"out": str(out)}
         return ()
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import threading
 from typing import Optional
 
-from .config import ServerConfig
+from .config import ServerConfig, new_token
 from ..engines.base import Engine
 from .websocket import Server
 
@@ -18,7 +17,7 @@ class ServerThread:
     def __init__(self, engine: Engine, config: Optional[ServerConfig] = None,
                  token: Optional[str] = None) -> None:
         self.config = config or ServerConfig(port=0)
-        self.token = token or secrets.token_urlsafe(16)
+        self.token = token or new_token()
         self.engine = engine
         self.server: Optional[Server] = None
         self.loop = asyncio.new_event_loop()

@@ -20,6 +20,7 @@ from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler,
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import TrainingError
+from .folders import base_path
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,15 @@ def pick_device(name: Optional[str] = None) -> torch.device:
 
 
 def resolve_base_path(name: str) -> str:
-    """A local folder as it is; anything else through the model catalogue."""
+    """A local folder or file as it is (``controlcanvas train`` in the user's own shell);
+    anything else through the model catalogue. A client's ``train`` message resolves its
+    base through ``folders.TrainRoots`` instead, before it gets here."""
     path = Path(name).expanduser()
     if path.is_dir() or path.is_file():
         return str(path)
-    from backend.engines.catalogue import Catalogue
+    from backend.engines.catalogue import Catalogue, ModelConfig
 
-    resolved = Catalogue().resolve_base(name)  # ModelMissing says how to get it
-    if resolved.family != "sd15":
-        raise TrainingError(f"Training a ControlNet for {resolved.family.upper()} bases is not "
-                            f"supported yet; pick a Stable Diffusion 1.x base.", field="base")
-    return resolved.path
+    return base_path(name, Catalogue(ModelConfig(trust_request_paths=True)))
 
 
 def load_base(name: str) -> BaseModel:
@@ -68,8 +67,11 @@ def load_base(name: str) -> BaseModel:
     where = resolve_base_path(name)
     path = Path(where)
     if path.is_file():
-        pipe = StableDiffusionPipeline.from_single_file(
-            where, safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                where, safety_checker=None, requires_safety_checker=False)
+        except Exception as err:  # noqa: BLE001 - loaders raise many kinds; log, not client
+            raise _unloadable(name, where, err) from None
         return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                          dict(pipe.scheduler.config), where)
     if (path / "text_encoder_2").is_dir():
@@ -85,10 +87,16 @@ def load_base(name: str) -> BaseModel:
         text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kwargs)
         scheduler_config = dict(DDIMScheduler.load_config(where, subfolder="scheduler", **kwargs))
-    except (OSError, ValueError) as err:
-        raise TrainingError(f"Could not load the base model from {where}: {err}",
-                            field="base") from None
+    except Exception as err:  # noqa: BLE001 - loaders raise many kinds; log, not client
+        raise _unloadable(name, where, err) from None
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler_config, where)
+
+
+def _unloadable(name: str, where: str, err: BaseException) -> TrainingError:
+    """The loader's own words go to the log only; the error names the model."""
+    log.warning("could not load the base model %s: %s: %s", where, type(err).__name__, err)
+    return TrainingError(f"Could not load the base model {name!r}: a file of it is missing or "
+                         f"damaged; the server log says which.", field="base")
 
 
 def freeze(*modules: torch.nn.Module) -> None:

@@ -50,6 +50,7 @@ from .common import (BaseModel, PromptCache, check_frozen, condition_pixels, con
                      freeze, image_grid, load_base, noise_target, pick_device, pixels)
 from .dataset import PairImages, find_pairs
 from .errors import TrainingError
+from .folders import TrainRoots, check_output, mark_output
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,14 @@ class TrainConfig:
 _JOB_FIELDS = ("job_id", "cancel_on_disconnect", "resume")
 
 
-def config_from_message(message) -> TrainConfig:
-    """The :class:`TrainConfig` of a ``shared.messages.Train`` job: its fields carry over
-    by name (resume means the latest checkpoint)."""
+def config_from_message(message, roots: TrainRoots) -> TrainConfig:
+    """The :class:`TrainConfig` of a client's ``shared.messages.Train`` job: its fields
+    carry over by name (resume means the latest checkpoint); its data, output and base
+    are confined to ``roots`` (see backend.training.folders)."""
     fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)
               if f.name not in _JOB_FIELDS}
+    fields["data"], fields["out"], fields["base"] = roots.confine(
+        message.data, message.out, message.base)
     return TrainConfig(**fields, resume="latest" if message.resume else None)
 
 
@@ -361,8 +365,9 @@ class _Run:
 
     def run(self) -> Path:
         c = self.config
+        check_output(self.out, c.resume)
         self.prepare()
-        self.out.mkdir(parents=True, exist_ok=True)
+        mark_output(self.out)
         (self.out / "train_config.json").write_text(json.dumps(c.as_dict(), indent=2) + "\n",
                                                     encoding="utf-8")
         while self.step < c.steps:

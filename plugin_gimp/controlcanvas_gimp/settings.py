@@ -67,7 +67,9 @@ def resolve(values: Mapping[str, str], saved: Mapping[str, str],
     when the server is on another computer and no token was given or saved for it.
 
     A saved token belongs to the saved address: a script naming another server does not
-    get it.  The local token file goes to a loopback address only (``shared.loopback``).
+    get it.  The local token file goes to a loopback address only (``shared.loopback``),
+    read by ``shared.paths``' rule: a file it refuses (a symbolic link, a folder, empty) is
+    not used, and ``token_source`` says why, so the message names the real reason.
     """
     saved_url = saved.get("server-url", "").strip() or DEFAULT_URL
     url = (values.get("server-url") or "").strip() or saved_url

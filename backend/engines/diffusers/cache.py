@@ -46,6 +46,7 @@ class BaseEntry:
     pipes: Dict[type, Any] = field(default_factory=dict)
     schedulers: Dict[str, Any] = field(default_factory=dict)  # sampler -> scheduler (reused:
     offload_owner: Any = None                                  # set_timesteps resets state)
+    vae_fp32: bool = False  # the VAE is kept in fp32 (acceleration.vae_in_fp32)
 
 
 @dataclass
@@ -54,10 +55,15 @@ class NetEntry:
     nbytes: int
 
 
+_OOM_TEXTS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's out-of-memory error, or a library's (cuBLAS, cuDNN) failing allocation."""
     if isinstance(err, torch.OutOfMemoryError):  # == torch.cuda.OutOfMemoryError
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(t in text for t in _OOM_TEXTS)
 
 
 def default_budget(device: torch.device, offload: bool) -> int:

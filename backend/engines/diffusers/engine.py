@@ -55,10 +55,14 @@ How one request becomes pixels (``generate``):
    latent->RGB approximation.  Cancel is also checked before every block of the
    UNet, the ControlNets, the text encoder and the VAE (forward pre-hooks), so a
    cancelled job stops within a fraction of a step, also while encoding or decoding.
-7. **Memory.** CUDA fp16 (or bf16) when available, else CPU fp32; SDPA attention
-   (diffusers' default on torch 2); optional model CPU offload; VAE tiling above a
+7. **Memory and speed.** CUDA fp16 (or bf16) when available, else CPU fp32; the fast
+   path of :mod:`.acceleration` (SDPA, fused QKV, channels-last, optional
+   ``torch.compile``, the VAE in fp32 where fp16 would overflow, TAESD previews) is
+   applied to every model as it loads; optional model CPU offload; VAE tiling above a
    pixel threshold.  A CUDA out-of-memory error frees the caches and retries once
-   with VAE tiling and CPU offload on; a second one raises :class:`OutOfMemory`.
+   with VAE tiling and CPU offload on (compile off); a second one raises
+   :class:`OutOfMemory`.  A decoded image with NaN/inf pixels is counted
+   (``stats["nonfinite"]``) and logged with what to change.
 
 Batches run image by image with seeds ``request.seeds(request.seed)``, so image
 i of a batch is the same image as a single generation with its seed.
@@ -66,6 +70,7 @@ i of a batch is the same image as a single generation with its seed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -79,7 +84,8 @@ from PIL import Image as PILImage
 
 from diffusers import ControlNetModel
 
-from shared.errors import EngineError, ModelMissing, OutOfMemory, Unsupported
+from shared.errors import (ConfigError, ControlCanvasError, EngineError, ModelMissing, OutOfMemory,
+                           Unsupported)
 from shared.images import Image
 from shared.messages import GenerateRequest, Models, Preprocess
 
@@ -91,8 +97,12 @@ from ..base import Generated, JobContext
 from ..catalogue import DEMO_BASE, Catalogue, ModelConfig, Resolved
 from ..families import check_unit, quirks, union_control_type
 from ..tiny import quiet_progress_bars
+from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews, choose_device,
+                           choose_dtype, dtype_name, load_sdxl_vae, prepare_model,
+                           prepare_pipeline, settings, vae_in_fp32)
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
+from .compiled import uncompile
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
@@ -128,6 +138,13 @@ def _note_long_prompts(pipe, request) -> None:
         if count > limit:
             log.warning("%s is %d tokens; CLIP reads the first %d", what, count, limit)
 
+def _log_unloadable(resolved: Resolved, err: BaseException) -> None:
+    """A loader's own words (paths, library internals) go to the server log only: the
+    client gets our sentence naming the model."""
+    log.warning("could not load the %s %r from %s: %s: %s", resolved.kind, resolved.name,
+                resolved.path, type(err).__name__, err)
+
+
 class DiffusersEngine:
     """The real engine; see the module docstring.
 
@@ -135,7 +152,8 @@ class DiffusersEngine:
     ``device``: "cuda", "cpu", ... (default: CUDA when available).  ``dtype``:
     "fp16" | "bf16" | "fp32" (default fp16 on CUDA, fp32 on CPU).  ``offload``:
     model CPU offload (CUDA only).  ``memory_budget``: bytes of loaded models kept
-    (default 90 % of VRAM on CUDA, half the RAM on CPU).
+    (default 90 % of VRAM on CUDA, half the RAM on CPU).  ``fast_options``: the options of
+    :class:`~.acceleration.FastPath` (defaults: on where safe on CUDA, off on the CPU).
     """
 
     name = "diffusers"
@@ -147,28 +165,22 @@ class DiffusersEngine:
                  hires_strength: float = 0.35,
                  inpaint_margin: float = INPAINT_MARGIN_FRACTION,
                  inpaint_min_margin: int = INPAINT_MIN_MARGIN, feather: float = 0.015,
-                 square_only: bool = False, cpu_threads: Optional[int] = None) -> None:
+                 square_only: bool = False, cpu_threads: Optional[int] = None,
+                 fast_options: Optional[Mapping[str, Any]] = None) -> None:
         if cpu_threads:
             # Process-wide. On a CPU that other programs keep busy, fewer intra-op threads
             # than cores avoids stalls at OpenMP barriers (measured on 2 cores with one
             # busy: the tiny model's step 33 -> 15 ms, cancel p95 90 -> 4 ms with 1 thread).
             torch.set_num_threads(int(cpu_threads))
         self.catalogue = catalogue or Catalogue(ModelConfig.from_toml())
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = choose_device(device)
         cuda = self.device.type == "cuda"
-        names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-        if dtype is None:
-            self.dtype = torch.float16 if cuda else torch.float32
-        elif dtype in names:
-            self.dtype = names[dtype]
-        else:
-            raise ValueError(f"dtype must be one of {', '.join(names)}; got {dtype!r}")
+        self.dtype = choose_dtype(dtype, cuda)
         self.offload = bool(offload) and cuda
         if offload and not cuda:
             log.warning("CPU offload needs CUDA; ignored on %s", self.device)
+        self.fast = FastPath.from_options(fast_options or {}, cuda)
+        self.previews = TinyPreviews(self.fast, self.catalogue, self.dtype, self.device)
         self.memory_budget = memory_budget or default_budget(self.device, self.offload)
         self.vae_tiling_pixels = vae_tiling_pixels
         self.max_work_scale = max_work_scale
@@ -183,19 +195,22 @@ class DiffusersEngine:
         self._bases: "OrderedDict[str, BaseEntry]" = OrderedDict()
         self._nets: "OrderedDict[str, NetEntry]" = OrderedDict()
         self.last_plan: Optional[Plan] = None
-        self.stats = {"oom_retries": 0, "loads": 0}
+        self.stats: Dict[str, Any] = {"oom_retries": 0, "loads": 0, "nonfinite": 0,
+                                      "compile_s": 0.0, "compile_fallbacks": 0}
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None,
                      config_file: Optional[Path] = None) -> "DiffusersEngine":
-        """Build from ``[engine]``-style options (device, dtype, offload, memory_budget_gb,
-        vae_tiling_pixels, hires_scale, hires_strength) and the config file's model tables."""
+        """Build from ``[engine]`` options (device, dtype, offload, memory_budget_gb,
+        vae_tiling_pixels, hires_scale, hires_strength, cpu_threads and the fast-path
+        options of :class:`~.acceleration.FastPath`) and the config file's model tables.
+        ``trust_request_paths``: requests may name any local model path (a server only the
+        user's own command talks to: ``controlcanvas generate`` without ``--url``)."""
         options = dict(options or {})
-        catalogue = Catalogue(ModelConfig.from_toml(config_file))
-        budget = options.pop("memory_budget_gb", None)
-        if budget is not None:
-            options["memory_budget"] = int(float(budget) * (1 << 30))
-        return cls(catalogue, **options)
+        models = ModelConfig.from_toml(config_file)
+        if options.pop("trust_request_paths", False):
+            models = dataclasses.replace(models, trust_request_paths=True)
+        return cls(Catalogue(models), **engine_options(options))
 
     @classmethod
     def embedded(cls, device: Optional[str] = None, family: str = "sd15",
@@ -203,7 +218,7 @@ class DiffusersEngine:
         """The engine on the random-weight tiny models (built locally, every condition):
         for tests and benchmarks; requests with an empty base_model use them."""
         return cls(Catalogue(ModelConfig(base=f"tiny-{family}", tiny_root=tiny_root)),
-                   device=device, **options)
+                   device=device, **engine_options(options))
 
     @classmethod
     def demo(cls, device: Optional[str] = None, **options) -> "DiffusersEngine":
@@ -215,7 +230,7 @@ class DiffusersEngine:
         that square's background (``square_only``)."""
         options.setdefault("square_only", True)
         engine = cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0,
-                     **options)
+                     **engine_options(options))
         engine.name = "demo"  # what the log and the plug-ins' welcome call it
         return engine
 
@@ -234,9 +249,7 @@ class DiffusersEngine:
         self._free_memory()
         self.stats["oom_retries"] += 1
         if self.device.type == "cuda" and not self.offload:
-            self.offload = True  # stays on: the next jobs would run out of memory too
-            for entry in self._bases.values():
-                entry.offload_owner = None
+            self._turn_on_offload()
         try:
             return self._generate(request, images, ctx, low_memory=True)
         except Exception as err:
@@ -248,6 +261,22 @@ class DiffusersEngine:
             f"{', hires' if request.hires else ''}) even with VAE tiling and CPU offload. Lower "
             f"the size or the batch, turn off hires, use fewer control units, or close other "
             f"programs using the GPU.")
+
+    def _turn_on_offload(self) -> None:
+        """Model CPU offload from now on (the next jobs would run out of memory too).
+        Offload wraps each model's forward itself, so compiled models go back to eager."""
+        self.offload = True
+        for entry in self._bases.values():
+            entry.offload_owner = None
+            uncompile(entry.pipe.unet)
+        for net in self._nets.values():
+            uncompile(net.model)
+
+    def info(self) -> Dict[str, Any]:
+        """What the doctor prints and the welcome carries: device, precision, offload and
+        the fast-path choices (``compile`` says ``eager (failed)`` after a fall back)."""
+        return settings(self.device, self.dtype, self.offload, self.fast,
+                        compile_failed=bool(self.stats["compile_fallbacks"]))
 
     def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
         """The annotator registry (backend.annotators.library); "none" is the layer itself."""
@@ -287,19 +316,31 @@ class DiffusersEngine:
                 hint = (f" Loading a single file needs the small diffusers config of "
                         f"{family.upper()}: run it once online, or `controlcanvas models "
                         f"download {family}`.")
-            raise ModelMissing(f"Could not load the base model {resolved.name!r} from "
-                               f"{resolved.path}: {type(err).__name__}: {err}.{hint}",
+            _log_unloadable(resolved, err)
+            raise ModelMissing(f"Could not load the base model {resolved.name!r}: a file of it "
+                               f"is missing or damaged; the server log says which.{hint}",
                                field="base_model") from None
         pipe.set_progress_bar_config(disable=True)
-        if not self.offload:
-            pipe.to(self.device)
+        vae_fp32 = self._prepare_base(pipe, family, resolved.name)
         native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         entry = BaseEntry(resolved, pipe, family, native, dict(pipe.scheduler.config),
-                      module_bytes(*pipe.components.values()))
+                          module_bytes(*pipe.components.values()), vae_fp32=vae_fp32)
         self._bases[key] = entry
         self.stats["loads"] += 1
         log.info("loaded base %s (%s, %.0f MB)", resolved.name, family, entry.nbytes / 2**20)
         return entry
+
+    def _prepare_base(self, pipe, family: str, name: str) -> bool:
+        """The fast path on a freshly loaded base (see .acceleration), on its device.
+        Returns whether its VAE is kept in fp32."""
+        fixed_vae = load_sdxl_vae(self.fast, self.catalogue, self.dtype) \
+            if family == "sdxl" else None
+        if fixed_vae is not None:
+            pipe.register_modules(vae=fixed_vae)
+        if not self.offload:
+            pipe.to(self.device)
+        return prepare_pipeline(pipe, self.fast, family, self.dtype, self.stats, name,
+                                compile_it=not self.offload)
 
     def _load_net(self, resolved: Resolved, keep: Sequence[str]) -> ControlNetModel:
         key = resolved.key
@@ -311,15 +352,20 @@ class DiffusersEngine:
         try:
             with quiet_progress_bars():
                 model = read_controlnet(resolved, self.dtype, self.catalogue)
+        except ControlCanvasError:
+            raise  # our loader's own typed error says what to do
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise
-            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r} from "
-                               f"{resolved.path}: {type(err).__name__}: {err}.",
+            _log_unloadable(resolved, err)
+            raise ModelMissing(f"Could not load the ControlNet {resolved.name!r}: a file of it "
+                               f"is missing or damaged; the server log says which.",
                                field="model") from None
         if not self.offload:
             model.to(self.device)
         model.eval()
+        prepare_model(model, self.fast, f"ControlNet {resolved.name}", self.stats,
+                      compile_it=not self.offload)
         self._nets[key] = NetEntry(model, module_bytes(model))
         self.stats["loads"] += 1
         return model
@@ -361,6 +407,8 @@ class DiffusersEngine:
                 pipe = cls.from_pipe(entry.pipe, controlnet=units, **dtype_kwargs(self.dtype))
             else:
                 pipe = cls.from_pipe(entry.pipe, **dtype_kwargs(self.dtype))
+            if entry.vae_fp32:  # from_pipe cast the shared VAE to the pipeline's dtype
+                vae_in_fp32(pipe.vae, self.dtype)
             pipe.set_progress_bar_config(disable=True)
             entry.pipes[cls] = pipe
         if controls:
@@ -583,7 +631,10 @@ class DiffusersEngine:
             done = min(state["done"], total)
             ctx.progress(done, total)
             if ctx.wants_preview(done):
-                ctx.preview(done, latent_preview(tensors["latents"], family))
+                latents = tensors["latents"]
+                image = self.previews.decode(latents, family)
+                ctx.preview(done, image if image is not None else
+                            latent_preview(latents, family))
             return {}
 
         _note_long_prompts(pipe, request)
@@ -611,7 +662,19 @@ class DiffusersEngine:
         skip = _clip_skip(request.controls, order, units.control_types, family) if units else 1
         with cancel_points(pipe, ctx), clip_skip(pipe, skip):
             result = pipe(**kwargs).images[0]
+        result = self._check_finite(result, entry)
         return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+    def _check_finite(self, result: np.ndarray, entry: BaseEntry) -> np.ndarray:
+        """NaN/inf pixels (fp16 overflow) are counted, logged with the setting that avoids
+        them, and come out black (NaN, -inf) or white (+inf)."""
+        if np.isfinite(result).all():
+            return result
+        self.stats["nonfinite"] += 1
+        log.warning("%s produced NaN/inf pixels (shown black) in %s: set [engine] "
+                    "vae_precision = \"fp32\" (or an fp16-fix sdxl_vae), or dtype = \"bf16\" "
+                    "or \"fp32\"", entry.resolved.name, dtype_name(self.dtype))
+        return np.nan_to_num(result, nan=0.0, posinf=1.0, neginf=0.0)
 
     def _generator_device(self) -> torch.device:
         """The engine's own CUDA device (``cuda:1`` stays ``cuda:1``), else the CPU."""
@@ -664,6 +727,44 @@ def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:
     if not resolved.union:
         return None
     return union_control_type(unit.condition, resolved.control_types, resolved.name)
+
+
+# [engine] options of the engine itself (the fast path's are acceleration.OPTION_NAMES),
+# with the type each must have in config.toml
+_BASIC_OPTIONS: Dict[str, Tuple[type, ...]] = {
+    "device": (str,), "dtype": (str,), "offload": (bool,), "memory_budget_gb": (int, float),
+    "vae_tiling_pixels": (int,), "max_work_scale": (int, float), "hires_scale": (int, float),
+    "hires_strength": (int, float), "inpaint_margin": (int, float),
+    "inpaint_min_margin": (int,), "feather": (int, float), "square_only": (bool,),
+    "cpu_threads": (int,)}
+_TYPE_WORDS = {str: "text in quotes", bool: "true or false", int: "a whole number",
+               float: "a number"}
+
+
+def engine_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``[engine]`` options -> DiffusersEngine keyword arguments: the fast-path options are
+    gathered into ``fast_options``, ``memory_budget_gb`` becomes bytes; an unknown name or
+    a value of the wrong type is a ConfigError (a ValueError) naming it."""
+    kwargs: Dict[str, Any] = {}
+    fast: Dict[str, Any] = {}
+    for key, value in dict(options or {}).items():
+        if key in FAST_OPTIONS:
+            fast[key] = value
+            continue
+        if key not in _BASIC_OPTIONS:
+            raise ConfigError(f"unknown engine option {key!r} in [engine]; known: "
+                              f"{', '.join(sorted(set(_BASIC_OPTIONS) | set(FAST_OPTIONS)))}")
+        kinds = _BASIC_OPTIONS[key]
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise ConfigError(f"[engine] {key} must be {_TYPE_WORDS[kinds[-1]]}; got "
+                              f"{type(value).__name__}.")
+        if key == "memory_budget_gb":
+            kwargs["memory_budget"] = int(float(value) * (1 << 30))
+        else:
+            kwargs[key] = value
+    if fast:
+        kwargs["fast_options"] = fast
+    return kwargs
 
 
 def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry) -> None:

@@ -31,6 +31,7 @@ from shared.images import Image
 
 from ...imaging import from_array
 from ..base import JobContext
+from .compiled import is_compiled
 from .geometry import Pass
 
 PIPELINES = {
@@ -86,13 +87,16 @@ def inpaint_condition(init_rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
 
 def _cancel_modules(pipe) -> Iterator[torch.nn.Module]:
     """The blocks before which a running pipeline checks for cancel: each down, mid and
-    up block of the UNet and the ControlNet(s), the text encoder(s), the VAE coder."""
+    up block of the UNet and the ControlNet(s) (unless compiled: then the step callback is
+    the check), the text encoder(s), the VAE coder."""
     for name in ("unet", "controlnet"):
         model = getattr(pipe, name, None)
         if model is None:
             continue
         nets = getattr(model, "nets", None) or [model]  # MultiControlNetModel
         for net in nets:
+            if is_compiled(net):
+                continue  # a Python hook inside a compiled graph would break it
             for blocks in ("down_blocks", "up_blocks"):
                 yield from getattr(net, blocks, None) or ()
             if getattr(net, "mid_block", None) is not None:

@@ -8,6 +8,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 from diffusers import ControlNetModel, MultiControlNetModel
 
+from .compiled import is_compiled
+
 SOFT_INJECTION_BASE = 0.825
 
 
@@ -104,7 +106,8 @@ class ControlUnits(MultiControlNetModel):
             images = [_cond_half(image, sample.shape[0]) for image in images]
         guess = guess_mode or call.mode == "control"
         if call.types is None:
-            d, m = call.net(**args, controlnet_cond=images[0], conditioning_scale=call.scales[0],
+            d, m = call.net(**args, controlnet_cond=images[0],
+                            conditioning_scale=_scale_argument(call.net, call.scales[0], sample),
                             cross_attention_kwargs=cross_attention_kwargs, guess_mode=guess,
                             return_dict=False)
         else:
@@ -112,7 +115,8 @@ class ControlUnits(MultiControlNetModel):
                             control_type=_control_type(call.net, call.types, args["sample"],
                                                        args["encoder_hidden_states"]),
                             control_type_idx=list(call.types),
-                            conditioning_scale=[float(s) for s in call.scales],
+                            conditioning_scale=[_scale_argument(call.net, float(s), sample)
+                                                for s in call.scales],
                             cross_attention_kwargs=cross_attention_kwargs, guess_mode=guess,
                             return_dict=False)
         if call.mode == "prompt":
@@ -132,6 +136,14 @@ def _control_type(net, types: Sequence[int], sample: torch.Tensor,
     switches = torch.zeros(net.config.num_control_type)
     switches[list(types)] = 1.0
     return switches.reshape(1, -1).to(sample.device, dtype=text.dtype).repeat(sample.shape[0], 1)
+
+
+def _scale_argument(net, scale, sample):
+    """The scale as the ControlNet gets it: a plain float, or for a compiled ControlNet a
+    0-d tensor (a float would be baked into the graph: one compilation per weight)."""
+    if is_compiled(net):
+        return torch.tensor(float(scale), dtype=torch.float32, device=sample.device)
+    return scale
 
 
 def _cond_half(value, batch: int):
