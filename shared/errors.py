@@ -216,6 +216,14 @@ class UnsupportedCondition(Unsupported):
                        "message names one that can.")
 
 
+class LoraMismatch(Unsupported):
+    """A LoRA made for another base model family than the request's base."""
+
+    code = "lora_mismatch"
+    default_message = ("A LoRA was made for another kind of base model than the one chosen; "
+                       "pick a LoRA listed for this base's family, or another base model.")
+
+
 # -- client side only -------------------------------------------------------------
 
 class ServerUnavailable(ControlCanvasError):

@@ -46,6 +46,10 @@ SAMPLERS: Tuple[str, ...] = typing.get_args(Sampler)
 
 MAX_SEED = 2**32 - 1
 _JOB_ID = re.compile(r"[0-9a-f]{32}\Z")
+MAX_LORAS = 8  # LoRAs in one request
+LORA_STRENGTH = (-2.0, 2.0)
+LORA_SUFFIX = ".safetensors"
+_LORA_NAME_MAX = 200
 
 
 def new_job_id() -> str:
@@ -232,6 +236,28 @@ class _Checked:
         """Cross-field checks of a subclass."""
 
 
+def lora_name_problem(name: str) -> str:
+    """Why ``name`` cannot be a LoRA name ('' when it can): the one rule for LoRA names.
+
+    A LoRA name is the name of a ``.safetensors`` file in the server's LoRA folder,
+    without that suffix (``Models.loras`` lists them); never a path.  Refused: empty or
+    longer than 200 characters, ``/``, ``\\``, ``:``, ``..``, a leading dot or space, a
+    trailing dot or space, control characters."""
+    if not name:
+        return "is empty"
+    if len(name) > _LORA_NAME_MAX:
+        return f"is longer than {_LORA_NAME_MAX} characters"
+    for bad in ("/", "\\", ":", ".."):
+        if bad in name:
+            return f"contains {bad!r}: a LoRA is named by its file name in the server's " \
+                   f"LoRA folder, never by a path"
+    if name[0] in ". " or name[-1] in ". ":
+        return "starts or ends with a dot or a space"
+    if any(not ch.isprintable() for ch in name):
+        return "contains control characters"
+    return ""
+
+
 def _check_job_id(job_id: str, name: str = "job_id") -> None:
     if not _JOB_ID.match(job_id):
         raise FieldError(f"{name} must be 32 lowercase hex digits (a UUID4 hex); "
@@ -301,6 +327,23 @@ class ControlUnit(_Checked):
 
 
 @dataclass(frozen=True)
+class LoraRef(_Checked):
+    """One LoRA applied to the base model: ``name`` as ``Models.loras`` lists it (a file of
+    the server's LoRA folder, without ``.safetensors``), ``strength`` -2..2 (0 = off)."""
+    name: str
+    strength: float = _range(1.0, *LORA_STRENGTH)
+
+    def _check(self) -> None:
+        name = self.name[:-len(LORA_SUFFIX)] if self.name.lower().endswith(LORA_SUFFIX) \
+            else self.name
+        problem = lora_name_problem(name)
+        if problem:
+            raise FieldError(f"name {_show(self.name)} {problem}; use a name the server lists "
+                             f"(`controlcanvas models`).", field="name")
+        object.__setattr__(self, "name", name)
+
+
+@dataclass(frozen=True)
 class GenerateRequest(_Checked):
     width: int = _range(512, 8, 1 << 20)
     height: int = _range(512, 8, 1 << 20)
@@ -318,8 +361,20 @@ class GenerateRequest(_Checked):
     mask_image: Optional[int] = None
     controls: Tuple[ControlUnit, ...] = ()
     hires: bool = False
+    # Added within protocol 1: left out of the JSON when empty (see OMIT_WHEN_EMPTY), so
+    # a server that predates LoRAs still takes a request without any.
+    loras: Tuple[LoraRef, ...] = ()
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras",)
 
     def _check(self) -> None:
+        if len(self.loras) > MAX_LORAS:
+            raise FieldError(f"loras holds {len(self.loras)} LoRAs; at most {MAX_LORAS} per "
+                             f"request.", field="loras")
+        names = [lora.name for lora in self.loras]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise FieldError(f"loras[{i}].name {_show(name)} is named before; give each LoRA "
+                                 f"once, with its strength.", field=f"loras[{i}].name")
         if self.mode in ("img2img", "inpaint") and self.init_image is None:
             raise FieldError(f"{self.mode} needs init_image: the slot of the canvas image.",
                              field="init_image")
@@ -386,6 +441,16 @@ class ModelInfo(_Checked):
     family: str = ""
     present: bool = False
     source: str = ""
+
+
+@dataclass(frozen=True)
+class LoraInfo(_Checked):
+    """One file of the server's LoRA folder: ``name`` (what ``LoraRef.name`` takes),
+    ``family`` the base family it fits, read from its tensors (``sd15``, ``sdxl``,
+    ``flux``, ``sd3``, or ``unknown``), ``size`` in bytes."""
+    name: str
+    family: str = "unknown"
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -600,10 +665,15 @@ class Status(Message):
 
 @_message
 class Models(Message):
+    """``loras`` (added within protocol 1): the server's LoRA folder; left out of the JSON
+    when empty (a plug-in older than the client's forward compatibility then still reads
+    the message)."""
     TYPE: ClassVar[str] = "models"
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras",)
     models: Tuple[ModelInfo, ...] = ()
     annotators: Tuple[AnnotatorInfo, ...] = ()
     default_base: str = ""
+    loras: Tuple[LoraInfo, ...] = ()
 
 
 CLIENT_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
@@ -614,11 +684,23 @@ SERVER_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (
 
 def to_dict(message: Message) -> Dict[str, Any]:
     out = {"type": message.TYPE}
-    out.update(dataclasses.asdict(message))
-    for name in getattr(message, "OMIT_WHEN_EMPTY", ()):
-        if not out.get(name):  # a later optional field: peers that predate it never see it
-            del out[name]
+    out.update(_plain(message))
     return out
+
+
+def _plain(value) -> Any:
+    """``dataclasses.asdict``, leaving out each dataclass's ``OMIT_WHEN_EMPTY`` fields when
+    they are empty: fields added within a protocol version, so that a peer that predates
+    them never sees them unless they are used."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        omit = getattr(value, "OMIT_WHEN_EMPTY", ())
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.name in omit and not getattr(value, f.name))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def to_json(message: Message) -> str:

@@ -13,7 +13,8 @@ from shared import codec
 from shared.errors import ControlCanvasError
 from shared.images import Image
 from shared.messages import (CLIENT_MESSAGES, PROTOCOL_VERSION, SERVER_MESSAGES, ControlUnit,
-                             Generate, GenerateRequest, Limits, Message, from_json, to_dict)
+                             Generate, GenerateRequest, Limits, LoraRef, Message, from_json,
+                             to_dict)
 from shared.session import ClientSession, ServerSession, Submit, Violation
 
 JOB = "0123456789abcdef0123456789abcdef"
@@ -40,7 +41,8 @@ hostile_values = st.recursive(
 
 
 VALID = to_dict(Generate(job_id=JOB, request=GenerateRequest(
-    width=16, height=16, controls=(ControlUnit(condition="canny", image=0),))))
+    width=16, height=16, controls=(ControlUnit(condition="canny", image=0),),
+    loras=(LoraRef("ink", 0.5),))))
 
 
 def mutate(obj, data, values=json_values):

@@ -278,3 +278,55 @@ def test_a_client_skips_fields_a_newer_server_added_and_the_server_stays_strict(
     # and the leniency does not leak into the next decode
     with pytest.raises(FieldError):
         from_json(json.dumps({"type": "ack", "job_ids": [], "x": 1}), CLIENT_MESSAGES)
+
+
+# -- LoRAs (added within protocol 1) ----------------------------------------------
+
+def test_loras_round_trip_and_are_left_out_when_empty():
+    from shared.messages import LoraInfo, LoraRef
+
+    msg = Generate(job_id=JOB, request=GenerateRequest(
+        loras=(LoraRef("ink style", 0.8), LoraRef("paper.safetensors", -1.5))))
+    back = from_json(to_json(msg), CLIENT_MESSAGES)
+    assert back == msg
+    assert [(l.name, l.strength) for l in back.request.loras] == [("ink style", 0.8),
+                                                                  ("paper", -1.5)]
+    # A request without LoRAs is the JSON a server that predates them takes...
+    assert "loras" not in to_dict(Generate(job_id=JOB, request=GenerateRequest()))["request"]
+    # ...and such a server's clients send none: still a valid request.
+    assert decode(generate_dict()).request.loras == ()
+    models = Models(loras=(LoraInfo(name="ink", family="sd15", size=1234),))
+    assert from_json(to_json(models), SERVER_MESSAGES) == models
+    assert "loras" not in to_dict(Models())
+    assert LoraRef("ink").strength == 1.0
+
+
+@pytest.mark.parametrize("loras, field", [
+    ([{"name": "../ink"}], "request.loras[0].name"),
+    ([{"name": "loras/ink"}], "request.loras[0].name"),
+    ([{"name": "..\\ink"}], "request.loras[0].name"),
+    ([{"name": "C:ink"}], "request.loras[0].name"),
+    ([{"name": "a..b"}], "request.loras[0].name"),
+    ([{"name": ""}], "request.loras[0].name"),
+    ([{"name": ".hidden"}], "request.loras[0].name"),
+    ([{"name": "tab\tname"}], "request.loras[0].name"),
+    ([{"name": "x" * 201}], "request.loras[0].name"),
+    ([{"name": 3}], "request.loras[0].name"),
+    ([{"strength": 1.0}], "request.loras[0].name"),
+    ([{"name": "ink", "strength": 2.5}], "request.loras[0].strength"),
+    ([{"name": "ink", "strength": "1"}], "request.loras[0].strength"),
+    ([{"name": "ink", "weight": 1}], "request.loras[0].weight"),
+    ([{"name": "ink"}, {"name": "ink.safetensors"}], "request.loras[1].name"),
+    ([{"name": f"l{i}"} for i in range(9)], "request.loras"),
+    ({"name": "ink"}, "request.loras"),
+])
+def test_bad_loras_are_named(loras, field):
+    with pytest.raises(FieldError) as info:
+        decode(generate_dict(loras=loras))
+    assert info.value.field == field
+    assert field in info.value.message
+
+
+def test_eight_loras_fit():
+    request = decode(generate_dict(loras=[{"name": f"l{i}", "strength": 0} for i in range(8)]))
+    assert len(request.request.loras) == 8

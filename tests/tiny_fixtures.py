@@ -192,3 +192,117 @@ def config_repo(cache: Path, repo_id: str, folder: Path) -> Path:
                 not rel.startswith(("controlnets/", ".")):
             files[rel] = path.read_bytes()
     return fake_hub_snapshot(cache, repo_id, files)
+
+
+# -----------------------------------------------------------------------------
+# Tiny LoRAs (made with peft on the tiny UNets, saved as diffusers or kohya files)
+# -----------------------------------------------------------------------------
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def make_tiny_lora(path: Path, root: Path, family: str = "sd15", seed: int = 1,
+                   text_encoder: bool = False, kohya: bool = False) -> Path:
+    """A rank-4 LoRA on the tiny ``family`` UNet's attention (and, with ``text_encoder``,
+    its CLIP text encoder), random non-zero up (B) matrices so it changes the picture;
+    saved with diffusers' ``save_lora_weights`` (``unet.`` / ``text_encoder.`` keys), or
+    with kohya's ``lora_unet_..`` names and ``alpha`` tensors."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, \
+        UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel
+
+    from backend.engines import tiny
+
+    folder = tiny.ensure_tiny(family, root)
+    generator = torch.Generator().manual_seed(seed)
+
+    def lora_of(model, targets):
+        # peft itself (transformers' own add_adapter wants a newer peft than diffusers does)
+        model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets),
+                                        model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        return get_peft_model_state_dict(model)
+
+    with torch.random.fork_rng():  # the A matrices' init draws from the global generator
+        torch.manual_seed(seed)
+        unet_layers = lora_of(UNet2DConditionModel.from_pretrained(folder / "unet"),
+                              LORA_TARGETS)
+        te_layers = lora_of(CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                            ["q_proj", "k_proj", "v_proj", "out_proj"]) if text_encoder else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kohya:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for key, value in unet_layers.items():
+            module, _, kind = key.rpartition(".lora_")  # ...to_q.lora_A.weight
+            stem = "lora_unet_" + module.replace(".", "_")
+            tensors[f"{stem}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = \
+                value.contiguous()
+            tensors[f"{stem}.alpha"] = torch.tensor(4.0)
+        save_file(tensors, str(path))
+        return path
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    cls.save_lora_weights(str(path.parent), unet_lora_layers=unet_layers,
+                          text_encoder_lora_layers=te_layers, weight_name=path.name)
+    return path
+
+
+def make_header_lora(path: Path, keys_shapes: dict, metadata: Optional[dict] = None) -> Path:
+    """A LoRA-shaped .safetensors file with zero tensors of the given names and shapes
+    (for the family detection of real-size LoRAs, which are too big to build here)."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.zeros(shape, np.float16) for k, shape in keys_shapes.items()}, str(path),
+              metadata=metadata)
+    return path
+
+
+# Real-size LoRA headers: kohya SD1.5 / SDXL names and widths, a diffusers Flux transformer.
+SD15_KOHYA = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down"
+              ".weight": (4, 768),
+              "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up"
+              ".weight": (320, 4)}
+SDXL_KOHYA = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight":
+              (4, 2048),
+              "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight":
+              (640, 4)}
+FLUX_DIFFUSERS = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": (4, 3072),
+                  "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": (3072, 4)}
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_root, tmp_path_factory) -> Path:
+    """A LoRA folder: ``ink`` and ``paper`` (tiny SD1.5, paper with a text-encoder part),
+    ``ink_kohya`` (ink in kohya names), ``xl_ink`` (tiny SDXL), and real-size headers
+    ``sd15_size`` / ``sdxl_size`` / ``flux_size``."""
+    if "loras" not in _CACHE:
+        folder = tmp_path_factory.mktemp("loras")
+        make_tiny_lora(folder / "ink.safetensors", tiny_root, seed=1)
+        make_tiny_lora(folder / "paper.safetensors", tiny_root, seed=2, text_encoder=True)
+        make_tiny_lora(folder / "ink_kohya.safetensors", tiny_root, seed=1, kohya=True)
+        make_tiny_lora(folder / "xl_ink.safetensors", tiny_root, family="sdxl", seed=3)
+        make_header_lora(folder / "sd15_size.safetensors", SD15_KOHYA)
+        make_header_lora(folder / "sdxl_size.safetensors", SDXL_KOHYA)
+        make_header_lora(folder / "flux_size.safetensors", FLUX_DIFFUSERS)
+        _CACHE["loras"] = folder
+    return _CACHE["loras"]
+
+
+@pytest.fixture
+def lora_engine(tiny_root, tiny_lora_dir):
+    """A DiffusersEngine of its own over the tiny models with the tiny LoRA folder."""
+    from backend.engines.catalogue import Catalogue, ModelConfig
+    from backend.engines.diffusers.engine import DiffusersEngine
+
+    engine = DiffusersEngine(Catalogue(ModelConfig(
+        tiny_root=str(tiny_root), cache_dir=str(tiny_root / "empty-hf-cache"),
+        lora_dir=str(tiny_lora_dir))), device="cpu")
+    yield engine
+    engine.close()

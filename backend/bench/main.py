@@ -93,6 +93,11 @@ def _gpu(args) -> Dict:
                          work_dir=Path(args.work_dir) if args.work_dir else None)
 
 
+def _lora_bench() -> Dict:
+    from .lora import bench_lora_cost  # torch and peft: only when chosen
+    return bench_lora_cost()
+
+
 def _training_bench(name: str) -> Dict:
     return getattr(bench_training, name)()
 
@@ -106,6 +111,7 @@ BENCHES = {
     "fidelity": lambda args: _training_bench("bench_fidelity"),
     "train-cost": lambda args: _training_bench("bench_train_cost"),
     "gpu": _gpu,
+    "lora-cost": lambda args: _lora_bench(),
 }
 
 

@@ -22,6 +22,7 @@ measured from outside.  Five parts, each bounded in count and time, all traffic 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -260,6 +261,11 @@ def disconnect_soak(server: ServerProcess, clients: int, seed: int = 11) -> Dict
 
 # -- load, fairness, memory, cancel -------------------------------------------------------
 
+# Jobs one load client keeps queued or running: well under the server's per-client cap
+# (max_jobs_per_client, 32), and enough to keep every lane of the fair queue busy.
+LOAD_WINDOW = 16
+
+
 def load(server: ServerProcess, jobs: int, clients: int) -> Dict:
     rss_start = _rss_mb(server.pid)
     per_client = jobs // clients
@@ -270,12 +276,19 @@ def load(server: ServerProcess, jobs: int, clients: int) -> Dict:
     def worker(k: int) -> None:
         try:
             with Client.connect(server.url, server.token, client=f"load-{k}") as client:
-                ids = [client.submit(_request(k * 1000 + i, 3), {0: _canvas()})
-                       for i in range(per_client)]
-                for job in ids:
-                    client.wait(job, timeout=300)
+                in_flight: "collections.deque[str]" = collections.deque()
+
+                def collect() -> None:
+                    client.wait(in_flight.popleft(), timeout=300)
                     with lock:
                         finish_order.append(k)
+
+                for i in range(per_client):
+                    if len(in_flight) >= LOAD_WINDOW:  # under the server's per-client cap
+                        collect()
+                    in_flight.append(client.submit(_request(k * 1000 + i, 3), {0: _canvas()}))
+                while in_flight:
+                    collect()
         except Exception as err:
             failures.append(f"{type(err).__name__}: {err}")
 

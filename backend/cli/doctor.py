@@ -217,6 +217,29 @@ def check_annotators() -> Check:
     return Check("annotators", OK, f"controlnet-aux {version}")
 
 
+def check_loras() -> Check:
+    """The LoRA folder and what it holds; LoRAs need peft (diffusers' LoRA backend)."""
+    from importlib import metadata
+    try:
+        folder = Catalogue(ModelConfig.from_toml()).loras
+    except Exception as err:
+        return Check("loras", FAIL, f"the model configuration is invalid: {err}")
+    loras = folder.scan()
+    try:
+        metadata.version("peft")
+    except metadata.PackageNotFoundError:
+        return Check("loras", WARN if loras else OK,
+                     f"{len(loras)} in {folder.folder}; using them needs peft: "
+                     f"`pip install peft`")
+    if not loras:
+        return Check("loras", OK, f"none; put LoRA .safetensors files in {folder.folder}")
+    counts: dict = {}
+    for lora in loras:
+        counts[lora.family] = counts.get(lora.family, 0) + 1
+    kinds = ", ".join(f"{n} {family}" for family, n in sorted(counts.items()))
+    return Check("loras", OK, f"{len(loras)} in {folder.folder} ({kinds})")
+
+
 def check_pose_helper() -> Check:
     from ..pose.detect import mediapipe_python
     python = mediapipe_python()
@@ -234,7 +257,7 @@ def run_checks(token_file: Path, host: str, port: int) -> List[Check]:
     checks.append(check_token(token_file))
     checks.append(check_port(host, port))
     checks.append(check_plugins())
-    checks.extend(_guard(run) for run in (check_annotators, check_pose_helper))
+    checks.extend(_guard(run) for run in (check_loras, check_annotators, check_pose_helper))
     return checks
 
 

@@ -53,6 +53,7 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
                       "fast_path": False if args.no_fast_path else None,
                       "compile": True if args.compile else None,
                       "vae_precision": args.vae_precision, "sdxl_vae": args.sdxl_vae,
+                      "lora_dir": args.lora_dir,
                       "config_file": args.config}
     overrides["engine_options"] = {k: v for k, v in engine_options.items() if v is not None}
     if args.host is not None and not is_loopback_host(args.host):
@@ -97,6 +98,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=_positive_int,
                         help="torch CPU threads (default: one per core; fewer keeps a CPU "
                         "server responsive when the machine is busy)")
+    parser.add_argument("--lora-dir", type=Path, help="folder of LoRA .safetensors files "
+                        "(default: [models] lora_dir in config.toml, else models/loras in the "
+                        "data folder; `controlcanvas models` shows it)")
     parser.add_argument("--max-image-side", type=int, help="largest image side accepted")
     parser.add_argument("--max-pixels", type=int, help="largest pixel count accepted")
     parser.add_argument("--max-queue", type=int, help="most jobs waiting at once")
@@ -173,10 +177,22 @@ def _parse_control(text: str):
     return condition, Path(rest), weight, preprocessor
 
 
+def _parse_lora(text: str):
+    """NAME[:STRENGTH] -> (name, strength); strength 1 when not given."""
+    name, sep, strength = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(strength)
+    except ValueError:
+        raise ValueError(f"--lora {text!r}: use NAME[:STRENGTH], e.g. ink_style:0.8 (NAME as "
+                         f"`controlcanvas models` lists it)") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """One generation through the same request object and socket path as the plug-ins."""
     from shared.client import Client
-    from shared.messages import ControlUnit, GenerateRequest, Progress
+    from shared.messages import ControlUnit, GenerateRequest, LoraRef, Progress
 
 
     size = parse_size(args.size) if args.size else None
@@ -210,7 +226,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
         sampler=args.sampler, strength=args.strength, batch=args.batch,
         base_model=args.base or "", init_image=init, mask_image=mask,
-        controls=tuple(controls), hires=args.hires)
+        controls=tuple(controls), hires=args.hires,
+        loras=tuple(LoraRef(name, strength) for name, strength in map(_parse_lora,
+                                                                       args.lora or [])))
 
     def show(event) -> None:
         if isinstance(event, Progress) and event.total:
@@ -236,7 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     # the in-process server serves only this command: --base may be any path of yours
     engine = create_engine(args.engine, device=args.device, config_file=args.config,
-                           trust_request_paths=True)
+                           trust_request_paths=True, lora_dir=args.lora_dir)
     _warn_without_cuda(engine)
     with ServerThread(engine) as server, \
             Client.connect(server.url, server.token, client="controlcanvas-generate") as client:
@@ -308,7 +326,28 @@ def cmd_models(args: argparse.Namespace) -> int:
         what = entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
         print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
               f"({where})")
+    _print_loras(catalogue)
     return 0
+
+
+def _print_loras(catalogue: Catalogue) -> None:
+    """The LoRA folder's files: family (from the file's tensors) and size."""
+    loras = catalogue.loras.scan()
+    print(f"LoRAs in {catalogue.loras.folder}"
+          f"{'' if catalogue.loras.folder.is_dir() else ' (no such folder yet)'}:")
+    if not loras:
+        print("  none: put LoRA .safetensors files there (or set [models] lora_dir in "
+              "config.toml, or serve --lora-dir)")
+    for lora in loras:
+        print(f"✓ {lora.family:5} {'lora ' + _size(lora.size):22} {lora.name}")
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 1000:
+        return f"{nbytes} B"
+    if nbytes < 1_000_000:
+        return f"{nbytes / 1e3:.1f} KB"
+    return f"{nbytes / 1e6:.1f} MB"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -372,8 +411,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--base", help="base model: hub id, folder, single file, tiny-sd15")
     p.add_argument("--hires", action="store_true", help="add a full-size detail pass")
+    p.add_argument("--lora", action="append", metavar="NAME[:STRENGTH]",
+                   help="a LoRA of the server's LoRA folder, e.g. ink_style:0.8 (repeat for "
+                   "several; `controlcanvas models` lists them)")
     p.add_argument("--engine", default="diffusers", choices=ENGINES)
     p.add_argument("--device")
+    p.add_argument("--lora-dir", type=Path, help="without --url: the LoRA folder")
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--url", help="use a running server (ws://...) instead of one in-process")
     p.add_argument("--token", help="with --url: the server's token (default, for a server "

@@ -39,6 +39,7 @@ tables of ``config.toml`` override it::
     family = "sd15"                      # only needed when the files do not tell
     cache_dir = "D:/hf-cache"            # optional Hugging Face cache folder
     roots = ["D:/models"]                # folders a client may name models in (+ DATA/models)
+    lora_dir = "D:/loras"                # LoRA .safetensors files (default: see loras.py)
     [models.bases]                       # named bases a request can pick by name
     anime = "C:/models/anything.safetensors"
     xl = { path = "C:/models/juggernaut.safetensors", family = "sdxl" }
@@ -71,6 +72,7 @@ from ..confine import confine
 from . import tiny
 from .families import (UNION_CONTROL_TYPES, Detected, check_runnable, detect,
                        detect_base_folder, detect_file)
+from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,7 @@ class ModelConfig:
     tiny_root: Optional[str] = None  # where tiny models are built (default: user cache)
     roots: Tuple[str, ...] = ()  # folders a request may name models in, besides DATA/models
     trust_request_paths: bool = False  # any local path a request names (the user's own CLI)
+    lora_dir: Optional[str] = None  # the LoRA folder (default: loras.default_lora_dir())
 
     @property
     def model_roots(self) -> Tuple[Path, ...]:
@@ -176,7 +179,7 @@ class ModelConfig:
         """Build from the parsed TOML document (only ``models`` and ``controlnets`` are read)."""
         models = dict(toml_table(tables, "models", where))
         nets = dict(toml_table(tables, "controlnets", where))
-        known = {"base", "family", "bases", "cache_dir", "tiny_root", "roots"}
+        known = {"base", "family", "bases", "cache_dir", "tiny_root", "roots", "lora_dir"}
         for key in models:
             if key not in known:
                 raise ConfigError(f"{where}: unknown setting [models] {key}; known: "
@@ -211,7 +214,7 @@ class ModelConfig:
             else:
                 _check_condition(key, value, f"{where}: [controlnets]")
                 controlnets["*"][key] = value
-        for key in ("base", "cache_dir", "tiny_root"):
+        for key in ("base", "cache_dir", "tiny_root", "lora_dir"):
             if key in models and not isinstance(models[key], str):
                 raise ConfigError(f"{where}: [models] {key} must be a string")
         roots = models.get("roots", [])
@@ -220,7 +223,8 @@ class ModelConfig:
                               f"roots = [\"D:/models\"]")
         return cls(base=models.get("base", ""), family=family, bases=bases,
                    controlnets=controlnets, cache_dir=models.get("cache_dir") or None,
-                   tiny_root=models.get("tiny_root") or None, roots=tuple(roots))
+                   tiny_root=models.get("tiny_root") or None, roots=tuple(roots),
+                   lora_dir=models.get("lora_dir") or None)
 
     @classmethod
     def from_toml(cls, path: Optional[Path] = None) -> "ModelConfig":
@@ -330,6 +334,7 @@ class Catalogue:
 
     def __init__(self, config: Optional[ModelConfig] = None) -> None:
         self.config = config or ModelConfig()
+        self.loras = LoraFolder(self.config.lora_dir)
 
     # -- names ---------------------------------------------------------------
 
@@ -579,7 +584,7 @@ class Catalogue:
 
     def models_message(self, annotators: Tuple[AnnotatorInfo, ...] = ()) -> Models:
         return Models(models=tuple(self.entries()), annotators=annotators,
-                      default_base=self.default_base)
+                      default_base=self.default_base, loras=self.loras.infos())
 
     # -- downloading ---------------------------------------------------------
 

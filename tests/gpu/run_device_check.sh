@@ -4,7 +4,7 @@
 #   1. env:      python, torch, CUDA, GPU and the versions that will run (into summary.json)
 #   2. install:  the carried wheels (diffusers, websockets) into a private --target folder
 #   3. pytest:   the CUDA-only tests (pytest -m gpu: tests/test_gpu_fastpath.py and the CUDA
-#                tests of tests/test_engine_diffusers.py)
+#                tests of tests/test_engine_diffusers.py and tests/test_lora.py)
 #   4. bench:    controlcanvas bench gpu --groups sd15,sdxl  -> OUTDIR/bench-gpu.json
 #   5. compiled: controlcanvas bench gpu --groups compiled   -> OUTDIR/bench-gpu-compiled.json
 #
@@ -22,14 +22,15 @@
 #
 # Carrying the wheels (the GPU machine has no internet; its image has torch, transformers,
 # accelerate, safetensors, huggingface_hub, numpy, pillow, opencv and pytest, not diffusers
-# or websockets).  Here, in the repository root, for the device's Python (3.12 when last
+# websockets or peft).  Here, in the repository root, for the device's Python (3.12 when last
 # seen; `python3 -V` there says), into .wheels/ (ignored by git):
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#       --platform manylinux2014_x86_64 -d .wheels diffusers==0.42.1 websockets==17.4
+#       --platform manylinux2014_x86_64 -d .wheels diffusers==0.42.1 websockets==17.4 \
+#       peft==0.21.2
 #
-# (about 6.5 MB; keep one version of each).  Then call the device tool's run with
+# (about 7 MB; keep one version of each).  Then call the device tool's run with
 #   carry: [".wheels"]     command: bash tests/gpu/run_device_check.sh "$OUT"
 # and a timeout_s of about 540.  The files come back under the reply's files_at.
 
@@ -94,7 +95,8 @@ fi
 step env 30 env.log "$PY" -c '
 import json, platform, sys
 info = {"python": platform.python_version()}
-for name in ("torch", "diffusers", "transformers", "accelerate", "websockets", "triton"):
+for name in ("torch", "diffusers", "transformers", "accelerate", "websockets", "peft",
+             "triton"):
     try:
         module = __import__(name)
         info[name] = getattr(module, "__version__", "?")
@@ -106,7 +108,7 @@ info["gpu"] = torch.cuda.get_device_name(0) if info["cuda"] else None
 print(json.dumps(info))'
 
 step pytest 150 pytest.log "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
-    tests/test_gpu_fastpath.py tests/test_engine_diffusers.py
+    tests/test_gpu_fastpath.py tests/test_engine_diffusers.py tests/test_lora.py
 
 BENCH=("$PY" -m backend.cli.main bench gpu)
 if [ "$DRY" = 1 ]; then

@@ -47,6 +47,7 @@ class BaseEntry:
     schedulers: Dict[str, Any] = field(default_factory=dict)  # sampler -> scheduler (reused:
     offload_owner: Any = None                                  # set_timesteps resets state)
     vae_fp32: bool = False  # the VAE is kept in fp32 (acceleration.vae_in_fp32)
+    loras: Any = None  # lora.LoraAdapters: the LoRAs loaded into this base (made on first use)
 
 
 @dataclass

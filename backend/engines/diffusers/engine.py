@@ -14,6 +14,9 @@ How one request becomes pixels (``generate``):
    and ControlNets live in
    one LRU bounded by a memory budget.  The pipelines for each mode are made
    from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
+   The request's LoRAs (``request.loras``, files of the LoRA folder) are loaded into the
+   base as adapters and kept there; each request sets which are active and how strong
+   (:mod:`.lora`), so switching LoRAs reloads nothing.
 2. **Geometry.** The *region* is the whole canvas, or for inpaint the bounding
    box of the selection plus a margin of context.  The region is generated at
    the model's *native scale*: the area is brought into [N², (1.5 N)²] where
@@ -107,6 +110,7 @@ from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, 
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
 from .loaders import dtype_kwargs, read_base, read_controlnet
+from .lora import apply_loras
 from .pipelines import (PIPELINES, cancel_points, clip_skip, control_image, full_mask_pass,
                         inpaint_condition, latent_preview)
 from .samplers import make_scheduler
@@ -196,7 +200,8 @@ class DiffusersEngine:
         self._nets: "OrderedDict[str, NetEntry]" = OrderedDict()
         self.last_plan: Optional[Plan] = None
         self.stats: Dict[str, Any] = {"oom_retries": 0, "loads": 0, "nonfinite": 0,
-                                      "compile_s": 0.0, "compile_fallbacks": 0}
+                                      "compile_s": 0.0, "compile_fallbacks": 0,
+                                      "lora_loads": 0}
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None,
@@ -205,23 +210,30 @@ class DiffusersEngine:
         vae_tiling_pixels, hires_scale, hires_strength, cpu_threads and the fast-path
         options of :class:`~.acceleration.FastPath`) and the config file's model tables.
         ``trust_request_paths``: requests may name any local model path (a server only the
-        user's own command talks to: ``controlcanvas generate`` without ``--url``)."""
+        user's own command talks to: ``controlcanvas generate`` without ``--url``);
+        ``lora_dir`` (``serve --lora-dir``) overrides the file's ``[models] lora_dir``."""
         options = dict(options or {})
         models = ModelConfig.from_toml(config_file)
         if options.pop("trust_request_paths", False):
             models = dataclasses.replace(models, trust_request_paths=True)
+        lora_dir = options.pop("lora_dir", None)
+        if lora_dir:
+            models = dataclasses.replace(models, lora_dir=str(lora_dir))
         return cls(Catalogue(models), **engine_options(options))
 
     @classmethod
     def embedded(cls, device: Optional[str] = None, family: str = "sd15",
-                 tiny_root: Optional[str] = None, **options) -> "DiffusersEngine":
+                 tiny_root: Optional[str] = None, lora_dir: Optional[str] = None,
+                 **options) -> "DiffusersEngine":
         """The engine on the random-weight tiny models (built locally, every condition):
         for tests and benchmarks; requests with an empty base_model use them."""
-        return cls(Catalogue(ModelConfig(base=f"tiny-{family}", tiny_root=tiny_root)),
+        return cls(Catalogue(ModelConfig(base=f"tiny-{family}", tiny_root=tiny_root,
+                                         lora_dir=str(lora_dir) if lora_dir else None)),
                    device=device, **engine_options(options))
 
     @classmethod
-    def demo(cls, device: Optional[str] = None, **options) -> "DiffusersEngine":
+    def demo(cls, device: Optional[str] = None, lora_dir: Optional[str] = None,
+             **options) -> "DiffusersEngine":
         """The engine on the embedded trained demo model (``shapes-demo``: a coloured shape
         where its outline is drawn): what ``controlcanvas demo`` runs. It generates at the
         64-pixel size it was trained at (no larger work size), whatever the canvas. It was
@@ -229,8 +241,9 @@ class DiffusersEngine:
         the drawing (no drawing: the centred square) and paints the rest of the canvas with
         that square's background (``square_only``)."""
         options.setdefault("square_only", True)
-        engine = cls(Catalogue(ModelConfig(base=DEMO_BASE)), device=device, max_work_scale=1.0,
-                     **engine_options(options))
+        engine = cls(Catalogue(ModelConfig(base=DEMO_BASE,
+                                           lora_dir=str(lora_dir) if lora_dir else None)),
+                     device=device, max_work_scale=1.0, **engine_options(options))
         engine.name = "demo"  # what the log and the plug-ins' welcome call it
         return engine
 
@@ -558,6 +571,7 @@ class DiffusersEngine:
         nets = [self._load_net(r, keep) for r in resolved_nets]
         for resolved, net in zip(resolved_nets, nets):
             _check_compatible(resolved, net, entry)
+        apply_loras(entry, request.loras, self.catalogue.loras, self.stats)
         request, images = self._annotate(request, images, entry)
         plan = self._plan(request, images, entry, low_memory)
         self.last_plan = plan
