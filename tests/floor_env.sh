@@ -29,5 +29,5 @@ export PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}"
 "$PYBIN" -c "import diffusers, sys
 assert diffusers.__version__ == '$FLOOR', diffusers.__version__
 print('floor tier: diffusers', diffusers.__version__, 'from', diffusers.__file__)"
-read -r -a TESTS <<< "${FLOOR_TESTS:-tests/test_engine_diffusers.py tests/test_engine_families.py tests/test_models.py tests/test_gpu_fastpath.py}"
+read -r -a TESTS <<< "${FLOOR_TESTS:-tests/test_engine_diffusers.py tests/test_engine_families.py tests/test_models.py tests/test_gpu_fastpath.py tests/test_lora.py}"
 HF_HUB_OFFLINE=1 exec "$PYBIN" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"
