@@ -210,6 +210,22 @@ class Unsupported(EngineError):
     default_message = "This server's engine cannot do what the request asks."
 
 
+class UnsupportedFamily(Unsupported):
+    """The model is of a family (Flux, SD3, ...) or a kind the engine does not run yet."""
+
+    code = "unsupported_family"
+    default_message = ("The model is of a family this server does not run yet; pick a "
+                       "Stable Diffusion 1.5 or SDXL model.")
+
+
+class UnsupportedCondition(Unsupported):
+    """The control model cannot serve this condition or control mode."""
+
+    code = "unsupported_condition"
+    default_message = ("The ControlNet cannot serve this condition or control mode; the "
+                       "message names one that can.")
+
+
 class LoraMismatch(Unsupported):
     """A LoRA made for another base model family than the request's base."""
 

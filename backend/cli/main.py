@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -134,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   flush=True)
 
     try:
-        asyncio.run(run_server(config, engine, token, ready=ready))
+        asyncio.run(_serve_until_stopped(run_server(config, engine, token, ready=ready)))
     except KeyboardInterrupt:
         pass
     except OSError as err:
@@ -142,6 +143,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"server running? Choose another --port.", file=sys.stderr)
         return 2
     return 0
+
+
+async def _serve_until_stopped(serving) -> None:
+    """Run ``serving`` until SIGINT (Ctrl+C) or SIGTERM (a service manager, ``kill``), then
+    close the server properly: jobs checkpointed, clients told. The handlers are set
+    explicitly because a server started in the background of a script inherits SIGINT
+    ignored, and SIGTERM would otherwise end it without closing anything."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(serving)
+    stop = {}
+
+    def on_signal(sig: int) -> None:
+        stop.setdefault("sig", sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, not main thread
+            pass
+    try:
+        await task
+    except asyncio.CancelledError:
+        if "sig" not in stop:
+            raise
+        log.info("stopping on %s", signal.Signals(stop["sig"]).name)
 
 
 def _warn_without_cuda(engine) -> None:

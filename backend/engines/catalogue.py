@@ -16,6 +16,10 @@ unit's ``model``, or ``controlcanvas models download NAME``):
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``.
 
+The family of a model (SD1.5, SDXL - Pony, Illustrious and NoobAI are SDXL -, a
+9-channel inpainting base, a union ControlNet; Flux and SD3 are recognised and refused)
+is read from its files by :mod:`backend.engines.families`, never from its name.
+
 A request (a client of the server) may name a model path only inside a models folder:
 ``models`` in the per-user data folder (where training writes, ``models/trained``) and
 the ``[models] roots`` folders; relative names are looked up there. Every other path it
@@ -26,12 +30,13 @@ any path when ``trust_request_paths`` is set (``controlcanvas generate`` without
 ``--url``: the requests are the user's own).
 
 The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
-family; the ``[models]`` and ``[controlnets]`` tables of ``config.toml`` override
-it::
+family: lllyasviel's ControlNet 1.1 set for SD1.5, one union ControlNet (xinsir's
+ProMax) for every SDXL condition it serves.  The ``[models]`` and ``[controlnets]``
+tables of ``config.toml`` override it::
 
     [models]
     base = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # or a folder / a .safetensors file
-    family = "sd15"                      # only needed when it cannot be guessed
+    family = "sd15"                      # only needed when the files do not tell
     cache_dir = "D:/hf-cache"            # optional Hugging Face cache folder
     roots = ["D:/models"]                # folders a client may name models in (+ DATA/models)
     lora_dir = "D:/loras"                # LoRA .safetensors files (default: see loras.py)
@@ -52,12 +57,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from shared.errors import ConfigError, ModelMissing, PathRefused
+from shared.errors import ConfigError, ModelMissing, PathRefused, UnsupportedFamily
 from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
 from shared.geometry import NATIVE_SIDE
 from shared.paths import config_dir, data_dir
@@ -66,11 +70,13 @@ from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
 from . import downloads, tiny
+from .families import (UNION_CONTROL_TYPES, Detected, check_runnable, detect,
+                       detect_base_folder, detect_file)
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl")  # what config.toml may name (families.SUPPORTED)
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -95,8 +101,13 @@ def demo_folder() -> Path:
     return Path(__file__).resolve().parents[1] / "assets" / DEMO_BASE
 
 
-# Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: only
-# ids known to exist in diffusers format; the rest need a [controlnets.sdxl] entry.
+# The SDXL default for every condition a union ControlNet serves: xinsir's ControlNet++
+# ProMax (8 control types, tile and inpaint included) in diffusers layout, as an fp16
+# variant (2.5 GB; the same weights are in brad-twinkl/controlnet-union-sdxl-1.0-promax).
+SDXL_UNION = "OzzyGT/controlnet-union-promax-sdxl-1.0"
+
+# Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: the
+# union model (one download for all of them); shuffle needs a [controlnets.sdxl] entry.
 CONTROLNETS: Dict[str, Dict[str, str]] = {
     "sd15": {
         "canny": "lllyasviel/control_v11p_sd15_canny",
@@ -113,13 +124,7 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
         "shuffle": "lllyasviel/control_v11e_sd15_shuffle",
         "inpaint": "lllyasviel/control_v11p_sd15_inpaint",
     },
-    "sdxl": {
-        "canny": "diffusers/controlnet-canny-sdxl-1.0",
-        "depth": "diffusers/controlnet-depth-sdxl-1.0",
-        "openpose": "xinsir/controlnet-openpose-sdxl-1.0",
-        "scribble": "xinsir/controlnet-scribble-sdxl-1.0",
-        "tile": "xinsir/controlnet-tile-sdxl-1.0",
-    },
+    "sdxl": {condition: SDXL_UNION for condition in UNION_CONTROL_TYPES},
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 
@@ -128,8 +133,12 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 # What a download fetches (and that fp16 weights come first): backend.engines.downloads.
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin",
-                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
                  "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+# The fp16 variant (``from_pretrained(..., variant="fp16")``): what some repos hold only.
+_FP16_NAMES = ("diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+               "diffusion_pytorch_model.safetensors.index.fp16.json",
+               "model.safetensors.index.fp16.json", "diffusion_pytorch_model.fp16.bin",
+               "pytorch_model.fp16.bin")
 
 
 def download_command(name: str) -> str:
@@ -231,7 +240,7 @@ def _check_condition(cond: str, value: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class Resolved:
-    """Where one model's weights are, ready to load."""
+    """Where one model's weights are, ready to load, and what the files say it is."""
 
     name: str        # what the user (or the catalogue) called it
     kind: str        # "base" | "controlnet"
@@ -241,6 +250,10 @@ class Resolved:
     repo_id: str = ""
     native_size: int = 512
     builtin: str = ""  # the built-in model's own name (``shapes-demo``, ``tiny-sd15``)
+    inpaint: bool = False     # a base with a 9-channel (inpainting) UNet
+    union: bool = False       # a union ControlNet (several conditions in one model)
+    control_types: int = 0    # a union ControlNet's number of control types
+    weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
 
     @property
     def key(self) -> str:
@@ -254,20 +267,30 @@ def _looks_like_path(name: str) -> bool:
     return name.lower().endswith(SINGLE_FILE_SUFFIXES) or not _HUB_ID.match(name)
 
 
-def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in _WEIGHT_NAMES)
+def _weights(folder: Path) -> Optional[str]:
+    """Which weights a component folder holds: "" full ones, "fp16" only the fp16
+    variant, None none."""
+    if any((folder / name).is_file() for name in _WEIGHT_NAMES):
+        return ""
+    if any((folder / name).is_file() for name in _FP16_NAMES):
+        return "fp16"
+    return None
 
 
-def _folder_complete(folder: Path, kind: str) -> bool:
+def _weights_variant(folder: Path, kind: str) -> Optional[str]:
+    """The variant to load ``folder`` with ("" or "fp16"); None when it is incomplete.
+    A base loads with "fp16" when any component has only fp16 weights (diffusers falls
+    back to the full weights for the others)."""
     if kind == "controlnet":
-        return (folder / "config.json").is_file() and _has_weights(folder)
+        return _weights(folder) if (folder / "config.json").is_file() else None
     index = folder / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     try:
         components = json.loads(index.read_text(encoding="utf-8"))
     except ValueError:
-        return False
+        return None
+    variant = ""
     for name, value in components.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
@@ -275,46 +298,29 @@ def _folder_complete(folder: Path, kind: str) -> bool:
             continue  # not used by ControlCanvas
         sub = folder / name
         if not sub.is_dir():
-            return False
-        if name.startswith(("unet", "vae", "text_encoder")) and not _has_weights(sub):
-            return False
-    return True
+            return None
+        if name.startswith(("unet", "vae", "text_encoder", "transformer")):
+            found = _weights(sub)
+            if found is None:
+                return None
+            variant = variant or found
+    return variant
+
+
+def _folder_complete(folder: Path, kind: str) -> bool:
+    return _weights_variant(folder, kind) is not None
 
 
 def family_of_folder(folder: Path) -> str:
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ""
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        return "sdxl"
-    return "sd15"
+    """A base folder's family from its configs ("" = unknown)."""
+    found = detect_base_folder(folder)
+    return found.family if found else ""
 
 
 def family_of_file(path: Path) -> str:
-    """Guess a single-file checkpoint's family from its tensor names ("" = unknown)."""
-    if path.suffix.lower() != ".safetensors":
-        return ""
-    try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 1024 * 1024:
-                return ""
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error):
-        return ""
-    keys = header.keys()
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in keys):
-        return "sd15"
-    if any(k.startswith("add_embedding.") for k in keys):  # a diffusers-keyed SDXL file
-        return "sdxl"
-    return ""
-
-
-def _family_from_name(name: str) -> str:
-    return "sdxl" if re.search(r"xl", name, re.IGNORECASE) else "sd15"
+    """A single-file checkpoint's family from its tensor names ("" = unknown)."""
+    found = detect_file(path)
+    return found.family if found else ""
 
 
 class Catalogue:
@@ -343,9 +349,12 @@ class Catalogue:
             return f"{base.builtin or base.name}:{condition}"
         name = CONTROLNETS.get(family, {}).get(condition)
         if not name:
+            union = " (the union ControlNet serves every other condition)" \
+                if family == "sdxl" else ""
             raise ModelMissing(
-                f"There is no default {family.upper()} ControlNet for {condition!r}. Put one in "
-                f"config.toml: [controlnets.{family}] {condition} = \"hub id or path\".",
+                f"There is no default {family.upper()} ControlNet for {condition!r}{union}. "
+                f"Put one in config.toml: [controlnets.{family}] {condition} = \"hub id or "
+                f"path\", or use an SD1.5 base (`{download_command(condition)}`).",
                 field="model")
         return name
 
@@ -353,7 +362,8 @@ class Catalogue:
 
     def resolve_base(self, name: str = "") -> Resolved:
         """Resolve a base model name (``""`` = the configured default); ModelMissing if absent,
-        PathRefused for a path a request may not name (see the module docstring)."""
+        UnsupportedFamily for a family the engine does not run, PathRefused for a path a
+        request may not name (see the module docstring)."""
         name = name or self.default_base
         family = ""
         where = name
@@ -380,6 +390,8 @@ class Catalogue:
 
     def _resolve(self, name: str, where: str, kind: str, family: str,
                  trusted: bool = True) -> Resolved:
+        """``family``: what config.toml says (a base) or the base's family (a ControlNet);
+        a ControlNet's own files win over the latter."""
         builtin = self._builtin(name, where, kind)
         if builtin is not None:
             return builtin
@@ -392,15 +404,24 @@ class Catalogue:
             return self._resolve_local(name, where, local, kind, family)
         # A hub id: only the local cache is used here.
         folder = self.cached_snapshot(where, kind)
-        if family == "" and kind == "base":
-            family = family_of_folder(folder) if folder else ""
-        family = family or _family_from_name(where)
         if folder is None:
             raise ModelMissing(
                 f"The {kind} model {where!r} is not downloaded. Fetch it once with: "
                 f"`{download_command(where)}`", field="model")
-        return Resolved(name, kind, family, "hub", str(folder), repo_id=where,
-                        native_size=NATIVE_SIZE[family])
+        return self._resolved(name, kind, family, "hub", folder, repo_id=where,
+                              weights_variant=_weights_variant(folder, kind) or "")
+
+    def _resolved(self, name: str, kind: str, family: str, source: str, path: Path,
+                  **extra) -> Resolved:
+        """The Resolved for local files, with what they say about themselves."""
+        found: Optional[Detected] = detect(path, kind)
+        check_runnable(found, name, kind)
+        if found is not None and (kind == "controlnet" or not family):
+            family = found.family  # a ControlNet is what its files say; a base unless told
+        family = family or "sd15"
+        return Resolved(name, kind, family, source, str(path), native_size=NATIVE_SIZE[family],
+                        inpaint=bool(found and found.inpaint), union=bool(found and found.union),
+                        control_types=found.control_types if found else 0, **extra)
 
     def _request_path(self, where: str, kind: str) -> Optional[Path]:
         """A name from a request: the real path inside a models folder it stands for, or
@@ -424,21 +445,19 @@ class Catalogue:
     def _resolve_local(self, name: str, where: str, path: Path, kind: str,
                        family: str) -> Resolved:
         if path.is_dir():
-            if not _folder_complete(path, kind):
+            check_runnable(detect(path, kind), name, kind)  # before "incomplete"
+            variant = _weights_variant(path, kind)
+            if variant is None:
                 what = "model_index.json and each component's weights" if kind == "base" \
                     else "config.json and diffusion_pytorch_model.safetensors"
                 raise ModelMissing(f"The {kind} model folder {str(path)!r} is incomplete: "
                                    f"it needs {what}.", field="model")
-            family = family or (family_of_folder(path) if kind == "base" else "") or "sd15"
-            return Resolved(name, kind, family, "folder", str(path),
-                            native_size=NATIVE_SIZE[family])
+            return self._resolved(name, kind, family, "folder", path, weights_variant=variant)
         if path.is_file():
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 raise ModelMissing(f"{str(path)!r} is not a model file; use a .safetensors or "
                                    f".ckpt file or a diffusers folder.", field="model")
-            family = family or family_of_file(path) or "sd15"
-            return Resolved(name, kind, family, "file", str(path),
-                            native_size=NATIVE_SIZE[family])
+            return self._resolved(name, kind, family, "file", path)
         raise ModelMissing(f"The {kind} model {where!r} does not exist: no such file or "
                            f"folder. Check the path in config.toml or the request.",
                            field="model")
@@ -468,17 +487,20 @@ class Catalogue:
             base, condition = where.split(":", 1)
             family = TINY_BASES[base]
             try:
-                sub = tiny.controlnet_for(condition)
+                sub = tiny.controlnet_for(condition, family)
             except KeyError:
                 raise ModelMissing(f"Unknown condition {condition!r} in {where!r}.",
                                    field="model") from None
             folder = tiny.ensure_tiny(family, root) / "controlnets" / sub
+            found = detect(folder, kind)
             return Resolved(name, kind, family, "builtin", str(folder),
-                            native_size=tiny.NATIVE_SIZE)
+                            native_size=tiny.NATIVE_SIZE, union=bool(found and found.union),
+                            control_types=found.control_types if found else 0)
         return None
 
-    def cached_snapshot(self, repo_id: str, kind: str) -> Optional[Path]:
-        """The local snapshot folder of a hub repo when it holds a complete model, else None."""
+    def cached_snapshot(self, repo_id: str, kind: str, complete: bool = True) -> Optional[Path]:
+        """The local snapshot folder of a hub repo when it holds a complete model (or with
+        ``complete=False``, at least its configs: what a single file needs), else None."""
         from huggingface_hub import try_to_load_from_cache
 
         marker = "model_index.json" if kind == "base" else "config.json"
@@ -489,31 +511,37 @@ class Catalogue:
         if not isinstance(found, str):
             return None
         folder = Path(found).parent
-        return folder if _folder_complete(folder, kind) else None
+        return folder if not complete or _folder_complete(folder, kind) else None
 
     # -- listing -------------------------------------------------------------
 
     def entries(self) -> List[ModelInfo]:
         """Every configured or catalogued model, with whether it is present locally."""
         out: List[ModelInfo] = []
-        seen = set()
+        seen: Dict[Tuple[str, str, str], int] = {}
 
         def add(name: str, kind: str, condition: str = "", family: str = "") -> None:
-            if (name, kind, family) in seen:
+            key = (name, kind, family)
+            if key in seen:  # one entry per model: a union ControlNet lists its conditions
+                if condition:
+                    entry = out[seen[key]]
+                    out[seen[key]] = replace(entry, condition=f"{entry.condition},{condition}")
                 return
-            seen.add((name, kind, family))
+            seen[key] = len(out)
+            found = family or self._family_guess(name)
             try:
                 if kind == "base":
                     resolved = self.resolve_base(name)
                 else:
                     resolved = self._resolve(name, name, kind, family)
-                present, source = True, _describe_source(resolved)
+                present, source, found = True, _describe_source(resolved), resolved.family
             except ModelMissing:
                 present = False
                 source = "hub" if _HUB_ID.match(name) and not Path(name).exists() else "local"
-            out.append(ModelInfo(name=name, kind=kind, condition=condition,
-                                 family=family or self._family_guess(name), present=present,
-                                 source=source))
+            except UnsupportedFamily as err:
+                present, source = False, f"not runnable: {err.message}"
+            out.append(ModelInfo(name=name, kind=kind, condition=condition, family=found,
+                                 present=present, source=source))
 
         add(self.default_base, "base")
         for name in self.config.bases:
@@ -572,7 +600,7 @@ class Catalogue:
         for family, default in DEFAULT_BASES.items():
             if name == default:
                 return family
-        return _family_from_name(name)
+        return ""  # not on this machine: its files would tell, its name does not
 
     def models_message(self, annotators: Tuple[AnnotatorInfo, ...] = ()) -> Models:
         return Models(models=tuple(self.entries()), annotators=annotators,
@@ -651,7 +679,7 @@ class Catalogue:
 
 def _tiny_serves(condition: str, family: str) -> bool:
     try:
-        tiny.controlnet_for(condition)
+        tiny.controlnet_for(condition, family)
     except KeyError:
         return False
     return True
