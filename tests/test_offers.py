@@ -161,3 +161,25 @@ def test_a_malformed_lora_text_says_what_is_wrong(text, says):
         parse_loras(text, field="LoRAs")
     assert says in info.value.message and info.value.field == "LoRAs"
     assert info.value.message.startswith("LoRAs: ")
+
+
+def test_models_command_shows_what_each_base_serves_and_the_union(tmp_path, monkeypatch,
+                                                                  capsys):
+    from backend.cli.main import main
+
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "config.toml").write_text(f'[models]\ncache_dir = "{tmp_path / "hf"}"\n')
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def below(name):
+        return lines[next(i for i, line in enumerate(lines) if f" {name}  (" in line) + 1]
+
+    assert below(DEFAULT_BASES["sd15"]).split() == ["controls:", "every", "condition"]
+    assert below(DEMO_BASE).split(": ")[1] == "canny, softedge, scribble, lineart"
+    union = CONTROLNETS["sdxl"]["canny"]
+    assert any(line.startswith("✗ sdxl  controlnet union ") and union in line
+               for line in lines)
+    missing = [c for c in CONDITIONS if c not in CONTROLNETS["sdxl"]]
+    assert below(union).split(": ")[1] == f"every condition but {', '.join(missing)}"
+    assert below(DEFAULT_BASES["sdxl"]).split(": ")[1] == below(union).split(": ")[1]

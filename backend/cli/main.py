@@ -350,19 +350,30 @@ def cmd_models(args: argparse.Namespace) -> int:
         where = entry.source if entry.present else f"missing: {download_command(entry.name)}"
         if entry.name in sizes:
             where += f"; {sizes[entry.name]}"
-        what = entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
+        served = entry.conditions or tuple(c for c in entry.condition.split(",") if c)
+        union = len(served) > 1 and entry.kind == "controlnet"
+        what = f"{entry.kind} union" if union else \
+            entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
         print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
               f"({where})")
-        if entry.kind == "base" and entry.conditions:
-            served = "every condition" if set(entry.conditions) == set(CONDITIONS) else \
-                ", ".join(entry.conditions)
-            print(f"{'':30}controls: {served}")
+        if entry.kind == "base" and served or union:
+            print(f"{'':30}{'serves' if union else 'controls'}: {_conditions_text(served)}")
     if not args.sizes and any(not e.present and e.source == "hub" for e in entries):
         print("Download sizes: `controlcanvas models --sizes` asks the hub.")
     if unreachable:
         print(f"Download sizes unknown: {unreachable}")
     _print_loras(catalogue)
     return 0
+
+
+def _conditions_text(conditions) -> str:
+    """``every condition``, ``every condition but shuffle`` or the list."""
+    missing = [c for c in CONDITIONS if c not in conditions]
+    if not missing:
+        return "every condition"
+    if len(missing) <= 3:
+        return f"every condition but {', '.join(missing)}"
+    return ", ".join(conditions)
 
 
 def _download(catalogue: Catalogue, args: argparse.Namespace) -> int:
