@@ -1475,6 +1475,9 @@ def test_docker_offers_the_conditions_and_loras_of_the_chosen_base(docker_on, qa
     assert "'anime-xl' (SDXL) has no ControlNet for line art" in tip
     assert "bases that serve it: fake" in tip
     assert "anime-xl" in unit.condition.toolTip(), "the unit's own condition says why"
+    unit.condition.setCurrentIndex(unit.condition.findData("canny"))
+    assert "anime-xl" not in unit.condition.toolTip()
+    unit.condition.setCurrentIndex(unit.condition.findData("lineart"))
     panel.base_model.setEditText("")  # the server's default (fake, SD1.5)
     assert all(enabled for enabled, _ in condition_states(unit).values())
     # LoRAs: the ones for SD1.5 (and the unknown one) can be picked, the SDXL one says why not

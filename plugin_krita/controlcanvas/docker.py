@@ -207,7 +207,9 @@ class UnitWidget(W.QFrame):
         self._layer_id = unit.layer_id
         self._annotator = unit.annotator
         self._params, self._params_for = dict(unit.params), unit.annotator
+        self._offer, self._base = offers.Offers(None), ""
         self.condition.currentIndexChanged.connect(self.fill_annotators)
+        self.condition.currentIndexChanged.connect(self._condition_tip)
         self.annotator.currentIndexChanged.connect(self.fill_params)
         self.options.toggled.connect(self._show_params)
         self.layer.currentIndexChanged.connect(self._layer_changed)
@@ -294,14 +296,18 @@ class UnitWidget(W.QFrame):
     def fill_conditions(self, offer: offers.Offers, base: str) -> None:
         """Grey out the conditions the chosen base model cannot serve (as the server says),
         each with why in its tooltip; the unit's own condition stays selected."""
+        self._offer, self._base = offer, base
         served = offer.conditions(base)
         for index in range(self.condition.count()):
             condition = self.condition.itemData(index)
             problem = "" if condition in served else offer.condition_problem(condition, base)
             set_item_enabled(self.condition, index, not problem, problem)
-        current = self.condition.currentData()
-        problem = "" if current in served else offer.condition_problem(current, base)
-        self.condition.setToolTip(problem or CONDITION_TIP)
+        self._condition_tip()
+
+    def _condition_tip(self) -> None:
+        """The condition list's tooltip: why the unit's condition cannot be served, if so."""
+        self.condition.setToolTip(self._offer.condition_problem(self.condition.currentData(),
+                                                                self._base) or CONDITION_TIP)
 
     def fill_layers(self, layers: List[plan.LayerInfo]) -> None:
         keep = self._layer_id

@@ -25,7 +25,7 @@ def small_label(text: str) -> W.QLabel:
 
 def set_item_enabled(box: W.QComboBox, index: int, enabled: bool, tip: str = "") -> None:
     """Grey out one entry of a combo box (it stays listed, with ``tip`` saying why)."""
-    item = box.model().item(index)
+    item = getattr(box.model(), "item", lambda row: None)(index)  # a QStandardItemModel
     if item is not None:
         item.setEnabled(enabled)
         item.setToolTip(tip)
