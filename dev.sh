@@ -54,8 +54,10 @@ case "$cmd" in
     test)
         # 1. the main suite in .venv (pure logic, real sockets, tiny models, real GIMP and
         #    Krita in chroots); 2. the annotator tier in its own venvs (controlnet-aux needs
-        #    another torch build, MediaPipe needs numpy<2): tests/annotators_env.sh.
-        # CC_SKIP_ANNOTATORS=1 skips tier 2 (only for quick local runs; CI runs both).
+        #    another torch build, MediaPipe needs numpy<2): tests/annotators_env.sh;
+        #    3. the floor tier: the engine tests on the diffusers floor (tests/floor_env.sh).
+        # CC_SKIP_ANNOTATORS=1 / CC_SKIP_FLOOR=1 skip tier 2 / 3 (only for quick local runs;
+        # CI runs all three).
         setup
         system_test_packages
         set +e
@@ -68,6 +70,10 @@ case "$cmd" in
         fi
         if [ "${CC_SKIP_ANNOTATORS:-0}" != 1 ]; then
             bash tests/annotators_env.sh || rc=$((rc ? rc : 1))
+        fi
+        # 3. the engine tests on the lowest diffusers release pyproject.toml allows
+        if [ "${CC_SKIP_FLOOR:-0}" != 1 ]; then
+            CONTROLCANVAS_VENV="$VENV" bash tests/floor_env.sh || rc=$((rc ? rc : 1))
         fi
         exit "$rc"
         ;;

@@ -128,9 +128,10 @@ def add(data: Optional[bytes], entry: Entry) -> Tuple[bytes, str]:
 def summary(settings: Dict[str, object]) -> str:
     """One line for a settings table, e.g. 'steps 20 · cfg 7 · lineart'."""
     parts = []
-    for key in ("condition", "steps", "cfg", "sampler", "strength", "base_model", "batch"):
+    for key in ("condition", "steps", "cfg", "sampler", "strength", "base_model", "loras",
+                "batch"):
         value = settings.get(key)
         if value not in (None, ""):
-            parts.append(str(value) if key in ("condition", "base_model", "sampler")
+            parts.append(str(value) if key in ("condition", "base_model", "sampler", "loras")
                          else f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}")
     return " · ".join(parts)

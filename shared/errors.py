@@ -202,9 +202,35 @@ class ModelMissing(EngineError):
                        "`controlcanvas models` for what is missing and how to fetch it.")
 
 
+class HubUnreachable(ModelMissing):
+    """The model hub (huggingface.co) cannot be asked: offline mode, no network, a proxy
+    in the way. What is not downloaded yet stays missing, and its size is unknown."""
+
+    code = "hub_unreachable"
+    default_message = ("huggingface.co cannot be reached (offline mode, or no network), so "
+                       "nothing can be downloaded and download sizes are unknown; retry on a "
+                       "connected machine.")
+
+
 class Unsupported(EngineError):
     code = "unsupported"
     default_message = "This server's engine cannot do what the request asks."
+
+
+class UnsupportedFamily(Unsupported):
+    """The model is of a family (Flux, SD3, ...) or a kind the engine does not run yet."""
+
+    code = "unsupported_family"
+    default_message = ("The model is of a family this server does not run yet; pick a "
+                       "Stable Diffusion 1.5 or SDXL model.")
+
+
+class UnsupportedCondition(Unsupported):
+    """The control model cannot serve this condition or control mode."""
+
+    code = "unsupported_condition"
+    default_message = ("The ControlNet cannot serve this condition or control mode; the "
+                       "message names one that can.")
 
 
 class LoraMismatch(Unsupported):

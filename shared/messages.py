@@ -442,12 +442,21 @@ class AnnotatorInfo(_Checked):
 
 @dataclass(frozen=True)
 class ModelInfo(_Checked):
+    """One model the server knows.  ``family`` is the base family (``sd15``, ``sdxl``; ''
+    when the server cannot tell before the files are there).  ``conditions`` (added within
+    protocol 1, bases only): the control types a request on this base can use, from the
+    ControlNets (and union models) the server has for its family; left out of the JSON when
+    empty, and an empty tuple means "not said" (an older server, or a base whose family is
+    unknown): a plug-in then offers every condition and the server answers for itself.
+    Names outside :data:`CONDITIONS` (a newer server's) are kept; a plug-in skips them."""
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("conditions",)
     name: str
     kind: Literal["base", "controlnet"]
     condition: str = ""
     family: str = ""
     present: bool = False
     source: str = ""
+    conditions: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

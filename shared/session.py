@@ -370,19 +370,6 @@ class ClientSession(_Session):
             return []
         return [message]
 
-    def _check_job_pixels(self, req: GenerateRequest, job_id: str) -> None:
-        """Pixels x batch: sixteen images at the per-image limit would be gigabytes."""
-        total = req.width * req.height * req.batch
-        if self.max_job_pixels and total > self.max_job_pixels:
-            fit = max(0, self.max_job_pixels // (req.width * req.height))
-            advice = (f"lower the batch to {fit} or less, or the size" if fit else
-                      "lower the size")
-            raise LimitError(
-                f"A batch of {req.batch} at {req.width}x{req.height} is {total:,} output "
-                f"pixels; this server's limit is {self.max_job_pixels:,} pixels per job "
-                f"(max_job_pixels). To fit it, {advice}; or raise max_job_pixels in the "
-                f"server's config.toml.", field="request.batch", job_id=job_id)
-
     def _receive_binary(self, data: Union[bytes, Tuple[bytes, ...]]) -> list:
         expect = self._expect
         if expect is None:

@@ -1,10 +1,16 @@
-"""Original-format (LDM / CompVis) single-file checkpoints made from a diffusers SD1.5 folder.
+"""Original-format (LDM / CompVis / SGM) single-file checkpoints made from a diffusers
+SD1.5 or SDXL folder.
 
 Real ``.safetensors`` / ``.ckpt`` checkpoints from model sites keep the original
 Stable Diffusion layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*``
-(VAE) and ``cond_stage_model.transformer.text_model.*`` (CLIP).  No such file exists
-offline at test size, so :func:`write_checkpoint` makes one from the tiny diffusers
-stack (``backend.engines.tiny.build(folder, "sd15")``).
+(VAE) and ``cond_stage_model.transformer.text_model.*`` (CLIP).  SDXL files (SDXL itself,
+Pony, Illustrious, NoobAI) keep Stability's SGM layout: the same UNet and VAE names plus
+``label_emb.*`` (SDXL's added embedding), and two text encoders under
+``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L) and
+``conditioner.embedders.1.model.*`` (OpenCLIP-G: fused q/k/v, ``resblocks``,
+``text_projection`` transposed).  No such file exists offline at test size, so
+:func:`write_checkpoint` makes one from the tiny diffusers stack
+(``backend.engines.tiny.build(folder, family)``).
 
 The mapping is the inverse of diffusers' ``convert_ldm_unet_checkpoint`` /
 ``convert_ldm_vae_checkpoint`` / ``convert_ldm_clip_checkpoint``
@@ -48,6 +54,9 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
             prefixes[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{n}.1."
         down = (i + 1) * (layers + 1)  # the layer after the block's resnets
         prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{down}.0.op."
+    if config.get("addition_embed_type") == "text_time":  # SDXL
+        prefixes["add_embedding.linear_1."] = "label_emb.0.0."
+        prefixes["add_embedding.linear_2."] = "label_emb.0.2."
     prefixes["mid_block.resnets.0."] = ("middle_block.0.", _RESNET_UNET)
     prefixes["mid_block.attentions.0."] = "middle_block.1."
     prefixes["mid_block.resnets.1."] = ("middle_block.2.", _RESNET_UNET)
@@ -93,19 +102,50 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
     return out
 
 
-def clip_to_ldm(state: dict) -> dict:
+def clip_to_ldm(state: dict, prefix: str = "cond_stage_model.transformer.") -> dict:
     """transformers CLIPTextModel keys (flattened or ``text_model.``) ->
-    ``cond_stage_model.transformer.text_model.*``, with the ``position_ids`` buffer that
-    original checkpoints carry."""
+    ``<prefix>text_model.*``, with the ``position_ids`` buffer that original checkpoints
+    carry."""
     import torch
 
     out = {}
     for key, value in state.items():
         key = key.removeprefix("text_model.")
-        out["cond_stage_model.transformer.text_model." + key] = value
-    positions = out["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"]
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
+        out[prefix + "text_model." + key] = value
+    positions = out[prefix + "text_model.embeddings.position_embedding.weight"]
+    out[prefix + "text_model.embeddings.position_ids"] = \
         torch.arange(positions.shape[0], dtype=torch.int64)[None]
+    return out
+
+
+_OPEN_CLIP_LAYER = (("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                    ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
+                    ("self_attn.out_proj.", "attn.out_proj."))
+
+
+def open_clip_to_sgm(state: dict, prefix: str = "conditioner.embedders.1.model.") -> dict:
+    """transformers CLIPTextModelWithProjection keys -> OpenCLIP's, as SDXL files hold its
+    second text encoder (the inverse of diffusers' ``convert_open_clip_checkpoint``)."""
+    import torch
+
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+           prefix + "text_projection": state.pop("text_projection.weight").T.contiguous()}
+    state.pop("embeddings.position_ids", None)
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        here, there = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{there}attn.in_proj_{part}"] = torch.cat(
+                [state.pop(f"{here}self_attn.{qkv}_proj.{part}") for qkv in "qkv"])
+        for key in [k for k in state if k.startswith(here)]:
+            rest = _rename(key, here, "", _OPEN_CLIP_LAYER)
+            out[there + rest] = state.pop(key)
+    if state:
+        raise KeyError(f"no OpenCLIP name for {sorted(state)}")
     return out
 
 
@@ -125,7 +165,8 @@ def _map(state: dict, prefixes: dict, root: str) -> dict:
 
 
 def ldm_state_dict(folder: Path) -> dict:
-    """The whole SD1.5-shaped diffusers stack in ``folder`` as one original-format dict."""
+    """The whole SD1.5- or SDXL-shaped diffusers stack in ``folder`` as one original-format
+    dict (SDXL: with ``text_encoder_2``, in SGM's layout)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -137,7 +178,13 @@ def ldm_state_dict(folder: Path) -> dict:
     weights = "diffusion_pytorch_model.safetensors"
     state.update(unet_to_ldm(load_file(str(folder / "unet" / weights)), config("unet")))
     state.update(vae_to_ldm(load_file(str(folder / "vae" / weights)), config("vae")))
-    state.update(clip_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors"))))
+    clip = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    if (folder / "text_encoder_2").is_dir():
+        state.update(clip_to_ldm(clip, "conditioner.embedders.0.transformer."))
+        state.update(open_clip_to_sgm(load_file(str(folder / "text_encoder_2" /
+                                                    "model.safetensors"))))
+    else:
+        state.update(clip_to_ldm(clip))
     return state
 
 

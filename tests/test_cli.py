@@ -309,3 +309,28 @@ def test_generate_url_of_a_server_elsewhere_needs_its_own_token(tmp_path, monkey
         local = build_parser().parse_args(["generate", "--url", server.url, "--size", "64x48",
                                            "--steps", "1", "-o", str(tmp_path / "l.png")])
         assert local.func(local) == 0, "this computer's server: the token file, as before"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_cleanly_on_sigint_and_sigterm_even_when_started_with_sigint_ignored(
+        tmp_path, sig):
+    """A server started from a script's background (`controlcanvas serve &`) inherits SIGINT
+    ignored, and a service manager stops it with SIGTERM: either signal closes it properly
+    (exit 0) instead of being ignored or killed."""
+    env = dict(os.environ, CONTROLCANVAS_CONFIG_DIR=str(tmp_path / "cfg"), PYTHONUNBUFFERED="1",
+               CONTROLCANVAS_STORE_DIR=str(tmp_path / "store"))
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", "0",
+                             "--engine", "fake", "--step-seconds", "0.02"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        for line in proc.stdout:
+            if line.startswith("Token file:"):
+                break
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

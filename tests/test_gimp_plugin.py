@@ -29,6 +29,7 @@ from controlcanvas_gimp.generation import GenerateOptions  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from controlcanvas_gimp.host import LayerInfo  # noqa: E402
 from gimp_support.fake_host import FakeHost, FakeLayer, resize_nearest  # noqa: E402
+from tiny_fixtures import lora_engine, tiny_lora_dir, tiny_root, torch_threads  # noqa: E402,F401
 from shared import doc_history, naming  # noqa: E402
 from shared import pose as openpose  # noqa: E402
 from shared.client import Client  # noqa: E402
@@ -1013,3 +1014,138 @@ def test_bundle_runs_on_the_standard_library_alone(bundle, server):
                            TOKEN], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["fake", "0"]
+
+
+# -- LoRAs and the conditions each base serves (the server's lists) -------------------------------
+
+@pytest.fixture(scope="module")
+def offering():
+    """A server that lists LoRAs and says which conditions each base serves."""
+    from tests.offers_support import OfferingEngine
+    with ServerThread(OfferingEngine(), ServerConfig(port=0), token=TOKEN) as running:
+        yield running
+
+
+def test_the_loras_argument_is_part_of_every_generating_dialog():
+    for name in ("generate", "colourise", "figure-from-pose", "inpaint"):
+        arg = spec(name).arg("loras")
+        assert arg.kind == "string" and arg.in_dialog and arg.default == ""
+        assert '"ink:0.8, watercolour"' in arg.help and "-2 to 2" in arg.help
+        assert "Settings / connection test" in arg.help
+
+
+def test_loras_reach_the_request_and_the_images_history(offering, host):
+    outcome = actions.run(spec("generate"), host, values(offering, loras=" ink:0.8, watercolour "))
+    assert [(l.name, l.strength) for l in outcome.request.loras] == [("ink", 0.8),
+                                                                     ("watercolour", 1.0)]
+    assert host.names()[0] == "girl in a red coat · seed 1234"
+    entry, = actions.stored_history(host)
+    assert entry.settings["loras"] == "ink:0.8, watercolour:1"
+    assert "ink:0.8, watercolour:1" in doc_history.summary(entry.settings)
+    plain = actions.run(spec("generate"), host, values(offering))
+    assert plain.request.loras == ()
+
+
+@pytest.mark.parametrize("loras, says", [
+    ("ink:strong", "in 'ink:strong' the strength after ':' must be a number from -2 to 2"),
+    ("ink:3", "in 'ink:3' the strength after ':' must be a number from -2 to 2"),
+    ("ink, ink:0.5", "'ink' is named twice"),
+    ("../ink", "never by a path"),
+])
+def test_a_malformed_loras_argument_is_refused_before_connecting(host, loras, says):
+    def never(conn, name):
+        raise AssertionError("no connection for a malformed argument")
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("generate"), host, {"loras": loras}, connect=never)
+    assert says in info.value.message and "Example: \"ink:0.8, watercolour\"" in \
+        info.value.message
+    assert isinstance(info.value.cause, problems.UsageError)
+    assert info.value.cause.field == "loras"
+    assert_unchanged(host)
+
+
+def test_an_unknown_lora_names_the_ones_the_server_has(offering, host):
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("generate"), host, values(offering, loras="inky:0.5"))
+    assert info.value.message == (
+        "ControlCanvas: a model is missing on the server. The server has no LoRA named "
+        "'inky'. LoRAs for this base model: homemade, ink (SD1.5), watercolour (SD1.5).")
+    assert isinstance(info.value.cause, ModelMissing) and not info.value.is_bug
+    assert_unchanged(host)
+
+
+def test_a_lora_of_another_family_than_the_base_is_refused(offering, host):
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec("generate"), host, values(offering, condition="canny", loras="ink",
+                                                   **{"base-model": "anime-xl"}))
+    assert "'ink' was made for SD1.5 base models, and 'anime-xl' is SDXL" in \
+        info.value.message
+    assert "(homemade, xl_ink (SDXL))" in info.value.message
+    assert info.value.cause.code == "lora_mismatch"
+    outcome = actions.run(spec("generate"), host, values(
+        offering, condition="canny", loras="xl_ink:-1", **{"base-model": "anime-xl"}))
+    assert outcome.request.loras[0].strength == -1.0
+
+
+@pytest.mark.parametrize("procedure, condition", [("generate", "lineart"),
+                                                  ("colourise", "depth"),
+                                                  ("inpaint", "shuffle")])
+def test_a_condition_the_base_cannot_serve_names_the_bases_that_can(offering, host, procedure,
+                                                                    condition):
+    from tests.offers_support import OfferingEngine
+    label = {"lineart": "line art", "depth": "line art", "shuffle": "shuffle"}[condition]
+    host.select_rectangle(20, 10, 8, 8)
+    with pytest.raises(actions.Failed) as info:
+        actions.run(spec(procedure), host, values(offering, condition=condition,
+                                                  **{"base-model": "anime-xl"}))
+    text = info.value.message
+    assert f"The base model 'anime-xl' (SDXL) has no ControlNet for {label}" in text
+    assert "bases that serve it: fake" in text
+    assert "canny edges, depth, pose, scribble, tile" in text.lower()
+    assert_unchanged(host)
+    assert set(OfferingEngine.XL_CONDITIONS) == {"canny", "depth", "openpose", "scribble",
+                                                 "tile"}
+
+
+def test_a_server_that_predates_the_lists_still_generates(server, host):
+    """No conditions per base and no LoRAs in its models message: every condition goes to
+    the server (it answers for itself), and a LoRA is refused with why."""
+    outcome = actions.run(spec("generate"), host, values(server, condition="shuffle",
+                                                         **{"base-model": "somewhere-xl"}))
+    assert outcome.request.controls[0].condition == "shuffle"
+    with pytest.raises(actions.Failed, match="The server lists no LoRAs, so it has no 'ink'"):
+        actions.run(spec("generate"), host, values(server, loras="ink"))
+
+
+def test_settings_report_lists_each_bases_conditions_and_the_loras(offering, host):
+    outcome = actions.run(spec("settings"), host, {"server-url": offering.url, "token": ""})
+    assert "Base 'anime-xl' (SDXL) serves: canny, depth, openpose, scribble, tile." in \
+        outcome.report
+    assert ("LoRAs (for the 'LoRAs' argument, e.g. \"name:0.8\"): ink (SD1.5), watercolour "
+            "(SD1.5), xl_ink (SDXL), homemade (an unknown family).") in outcome.report
+
+
+def test_loras_and_conditions_with_the_tiny_engine(lora_engine, host):
+    """A real server (the tiny diffusers engine, a LoRA folder): the LoRAs argument changes
+    the picture (strength 0 = none), an unknown one names the server's, and a condition the
+    catalogue has no ControlNet for on the base is refused naming the bases that serve it."""
+    with ServerThread(lora_engine, ServerConfig(port=0), token=TOKEN) as tiny:
+        def picture(**kw):
+            outcome = actions.run(spec("generate"), host, values(
+                tiny, steps=2, seed=3, **{"base-model": "tiny-sd15"}, **kw))
+            return outcome.layer.image
+
+        plain, inked, zero = picture(), picture(loras="ink:1"), picture(loras="ink:0")
+        assert inked != plain and zero == plain
+        with pytest.raises(actions.Failed) as info:
+            picture(loras="nope")
+        assert "The server has no LoRA named 'nope'. LoRAs for this base model: " in \
+            info.value.message and "ink" in info.value.message
+        with pytest.raises(actions.Failed, match="'sdxl_size' was made for SDXL base models, "
+                                                 "and 'tiny-sd15' is SD1.5"):
+            picture(loras="sdxl_size")
+        with pytest.raises(actions.Failed) as info:
+            actions.run(spec("generate"), host, values(tiny, condition="depth",
+                                                       **{"base-model": "shapes-demo"}))
+        assert "The base model 'shapes-demo' (SD1.5) has no ControlNet for depth" in \
+            info.value.message and "bases that serve it: " in info.value.message

@@ -170,3 +170,23 @@ def test_install_plugin_builds_from_source_and_installs(tmp_path, editor):
         assert (pykrita / "controlcanvas.desktop").is_file()
         assert (pykrita / "controlcanvas" / "_vendor" / "shared" / "client.py").is_file()
     assert not list(profile.rglob("*.so"))
+
+
+def test_pyproject_floors_are_the_engines_floors():
+    """pyproject.toml allows exactly the torch and diffusers releases the engine is tested
+    on (the floor tier, tests/floor_env.sh, runs the engine tests on the diffusers floor)."""
+    import re
+
+    from backend.engines.requirements import DIFFUSERS_FLOOR, TORCH_FLOOR, floor_text
+
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    floors = dict(re.findall(r'"(torch|diffusers)>=([0-9.]+)"', text))
+    assert floors == {"torch": floor_text(TORCH_FLOOR), "diffusers": floor_text(DIFFUSERS_FLOOR)}
+
+
+@pytest.mark.parametrize("module, version", [("diffusers", "0.38.2"), ("torch", "2.5.1+cu121")])
+def test_doctor_blocks_on_a_release_below_the_floor(monkeypatch, module, version):
+    imported = pytest.importorskip(module)
+    monkeypatch.setattr(imported, "__version__", version)
+    check = doctor.check_diffusers() if module == "diffusers" else doctor.check_torch()[0]
+    assert check.status == doctor.FAIL and "too old" in check.detail

@@ -34,6 +34,7 @@ from controlcanvas.settings import Settings, UnitSettings  # noqa: E402
 
 from tests.krita_support.engines import RecordingEngine  # noqa: E402
 from tests.krita_support.proxy import CuttableProxy  # noqa: E402
+from tiny_fixtures import lora_engine, tiny_lora_dir, tiny_root, torch_threads  # noqa: E402,F401
 
 W, H = 48, 32
 
@@ -1122,7 +1123,7 @@ def test_docker_headings_read_on_dark_and_light_themes(docker_on, qapp, tmp_path
     assert (shot.width(), shot.height()) == KRITA_DOCKED
     body = panel.scroll.widget()
     whole = body.grab().toImage()  # every section, also those scrolled out of view
-    assert set(panel.sections) == {"Prompt", "Control", "Sampling", "Live", "History"}
+    assert set(panel.sections) == {"Prompt", "Control", "Sampling", "LoRA", "Live", "History"}
     for title, section in panel.sections.items():
         toggle = section.toggle
         box = QtCore.QRect(toggle.mapTo(body, QtCore.QPoint(0, 0)), toggle.size())
@@ -1439,3 +1440,216 @@ def test_reconnect_resends_a_job_the_server_never_got_and_only_that_one(make_ser
     finally:
         c.shutdown()
         proxy.close()
+
+
+# -- per-base conditions and LoRAs (the server's lists) ---------------------------------------
+
+def condition_states(unit):
+    """{condition: (enabled, tooltip)} of a unit's condition list."""
+    box = unit.condition
+    return {box.itemData(i): (box.model().item(i).isEnabled(), box.model().item(i).toolTip())
+            for i in range(box.count())}
+
+
+def lora_names(row):
+    """[(name, enabled)] a LoRA row offers."""
+    box = row.name
+    return [(box.itemData(i), box.model().item(i).isEnabled()) for i in range(box.count())]
+
+
+def test_docker_offers_the_conditions_and_loras_of_the_chosen_base(docker_on, qapp, krita_app,
+                                                                   tmp_path):
+    from PyQt6 import QtWidgets
+    from tests.offers_support import OfferingEngine
+    engine = OfferingEngine()
+    doc, docker, panel = open_docked(docker_on, qapp, engine)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    unit = panel.units[0]
+    assert all(enabled for enabled, _ in condition_states(unit).values())
+    # an SDXL base whose server has ControlNets for five conditions only
+    panel.base_model.setEditText("anime-xl")
+    states = condition_states(unit)
+    assert {c for c, (enabled, _) in states.items() if enabled} == set(engine.XL_CONDITIONS)
+    enabled, tip = states["lineart"]
+    assert "'anime-xl' (SDXL) has no ControlNet for line art" in tip
+    assert "bases that serve it: fake" in tip
+    assert "anime-xl" in unit.condition.toolTip(), "the unit's own condition says why"
+    unit.condition.setCurrentIndex(unit.condition.findData("canny"))
+    assert "anime-xl" not in unit.condition.toolTip()
+    unit.condition.setCurrentIndex(unit.condition.findData("lineart"))
+    panel.base_model.setEditText("")  # the server's default (fake, SD1.5)
+    assert all(enabled for enabled, _ in condition_states(unit).values())
+    # LoRAs: the ones for SD1.5 (and the unknown one) can be picked, the SDXL one says why not
+    assert "3 of 4 LoRA(s) on the server fit this base model (SD1.5)" in \
+        panel.lora_panel.note.text()
+    panel.lora_panel.add_button.click()
+    row = panel.lora_panel.rows[0]
+    assert lora_names(row) == [("homemade", True), ("ink", True), ("watercolour", True),
+                               ("xl_ink", False)]
+    assert "made for SDXL base models, and 'fake' is SD1.5" in \
+        row.name.model().item(3).toolTip()
+    assert row.value().name == "homemade" and row.value().strength == 1.0
+    row.name.setCurrentIndex(row.name.findData("ink"))
+    row.slider.setValue(16)  # 0.8
+    assert row.strength_label.text() == "0.80"
+    panel.lora_panel.add_button.click()
+    second = panel.lora_panel.rows[1]
+    assert second.value().name == "homemade", "a new row takes a LoRA not in use yet"
+    second.name.setCurrentIndex(second.name.findData("watercolour"))
+    second.slider.setValue(-10)
+    docker.resize(*KRITA_DOCKED)
+    pump(qapp, lambda: False, 0.2)
+    assert not panel.scroll.horizontalScrollBar().isVisible(), "no sideways scrolling"
+    panel.scroll.ensureWidgetVisible(second)
+    pump(qapp, lambda: False, 0.1)
+    assert docker.grab().save(str(tmp_path / "krita-docker-loras-docked.png"))
+    body = panel.findChild(QtWidgets.QScrollArea).widget()
+    assert body.minimumSizeHint().width() <= KRITA_DOCKED[0]
+    use_palette(docker, krita_dark_palette())  # every section, in Krita's dark theme
+    docker.resize(KRITA_DOCKED[0], 900)
+    pump(qapp, lambda: False, 0.2)
+    out = tmp_path / "krita-docker-loras.png"
+    assert docker.grab().save(str(out))
+    if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS"):  # the docs' picture
+        shutil.copy(out, ROOT / "docs" / "img" / "krita-docker-loras.png")
+    panel.generate_button.click()
+    assert pump(qapp, lambda: panel.history.count() == 1), panel.message.text()
+    request = engine.calls[-1][0]
+    assert [(l.name, l.strength) for l in request.loras] == [("ink", 0.8),
+                                                             ("watercolour", -0.5)]
+    saved = Settings.from_json(krita_app.readSetting(cc_canvas.SETTINGS_GROUP,
+                                                     "settings", ""))
+    assert [(l.name, l.strength) for l in saved.loras] == [("ink", 0.8), ("watercolour", -0.5)]
+    # the SDXL base: its LoRA list follows, and Generate says what does not fit
+    panel.base_model.setEditText("anime-xl")
+    assert lora_names(row) == [("homemade", True), ("xl_ink", True), ("ink", False),
+                               ("watercolour", False)]
+    assert row.value().name == "ink", "the artist's choice stays, greyed out"
+    panel.units[0].condition.setCurrentIndex(panel.units[0].condition.findData("canny"))
+    panel.generate_button.click()
+    assert "'ink' was made for SD1.5 base models, and 'anime-xl' is SDXL" in \
+        panel.message.text()
+    assert "homemade, xl_ink (SDXL)" in panel.message.text() and len(engine.calls) == 1
+    panel.lora_panel.remove(second)
+    row.name.setCurrentIndex(row.name.findData("xl_ink"))
+    panel.units[0].condition.setCurrentIndex(panel.units[0].condition.findData("lineart"))
+    panel.generate_button.click()
+    assert panel.message.text().startswith(
+        "Control unit 1: The base model 'anime-xl' (SDXL) has no ControlNet for line art")
+    assert len(engine.calls) == 1, "nothing was sent"
+
+
+def test_docker_keeps_a_saved_lora_the_server_lost_and_says_which_it_has(docker_on, qapp,
+                                                                         krita_app):
+    from tests.offers_support import OfferingEngine
+    from controlcanvas.settings import LoraSettings
+    engine = OfferingEngine()
+    doc, docker, panel = docker_on(engine, 4)
+    panel.lora_panel.load([LoraSettings("old_style", 1.5)])
+    row = panel.lora_panel.rows[0]
+    assert lora_names(row) == [("old_style", True)]
+    assert "not listed yet" in row.name.currentText()
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    assert row.name.currentText() == "old_style (not on the server)"
+    assert row.value().name == "old_style" and row.strength == 1.5
+    panel.generate_button.click()
+    assert panel.message.text() == ("The server has no LoRA named 'old_style'. LoRAs for this "
+                                    "base model: homemade, ink (SD1.5), watercolour (SD1.5).")
+    assert engine.calls == []
+
+
+def test_docker_with_a_server_that_predates_per_base_lists(docker_on, qapp, krita_app):
+    """An older server (no conditions per base, no LoRAs in its models message): every
+    condition is offered, the LoRA section says there are none, and Generate works."""
+    engine = RecordingEngine()
+    doc, docker, panel = docker_on(engine, 4)
+    panel.on_connect()
+    assert pump(qapp, lambda: panel.controller.online), panel.controller.status
+    assert panel.controller.models.loras == () and \
+        all(not m.conditions for m in panel.controller.models.models)
+    panel.on_add_unit()
+    panel.base_model.setEditText("fake")
+    states = condition_states(panel.units[0])
+    assert len(states) == 12 and all(enabled for enabled, _ in states.values())
+    assert "lists no LoRAs" in panel.lora_panel.note.text()
+    assert not panel.lora_panel.add_button.isEnabled()
+    panel.generate_button.click()
+    assert pump(qapp, lambda: panel.history.count() == 1), panel.message.text()
+    assert engine.calls[-1][0].loras == ()
+
+
+def test_plan_sends_loras_and_refuses_what_the_server_lacks(krita_app):
+    from controlcanvas.proto import offers
+    from controlcanvas.settings import LoraSettings
+    from shared.errors import LoraMismatch, ModelMissing
+    from tests.offers_support import OfferingEngine
+    doc, lines = line_art_doc()
+    s = Settings(loras=[LoraSettings("ink", 0.5), LoraSettings("", 1.0),
+                        LoraSettings("xl_ink", -2.0)])
+    canvas = cc_canvas.KritaCanvas(doc)
+    request = plan.build(s, canvas, seed=1).request  # before the server answered: sent as is
+    assert [(l.name, l.strength) for l in request.loras] == [("ink", 0.5), ("xl_ink", -2.0)]
+    offer = offers.Offers(OfferingEngine().models())
+    with pytest.raises(LoraMismatch, match="'xl_ink' was made for SDXL"):
+        plan.build(s, canvas, seed=1, offer=offer)
+    s.base_model = "anime-xl"
+    with pytest.raises(LoraMismatch, match="'ink' was made for SD1.5"):
+        plan.build(s, canvas, seed=1, offer=offer)
+    s.loras = [LoraSettings("xl_ink", 1.0), LoraSettings("xl_ink", 0.5)]
+    with pytest.raises(plan.PlanError, match="twice"):
+        plan.build(s, canvas, seed=1, offer=offer)
+    s.loras = [LoraSettings("nope")]
+    with pytest.raises(ModelMissing, match="no LoRA named 'nope'. LoRAs for this base model: "
+                                           "homemade, xl_ink"):
+        plan.build(s, canvas, seed=1, offer=offer)
+    s.base_model = "mystery-base"  # not a family the server knows: every LoRA may fit
+    s.loras = [LoraSettings("ink"), LoraSettings("xl_ink")]
+    assert len(plan.build(s, canvas, seed=1, offer=offer).request.loras) == 2
+
+
+def test_lora_rows_are_saved_and_junk_is_dropped():
+    from controlcanvas.settings import LoraSettings
+    s = Settings(loras=[LoraSettings("ink", 0.8), LoraSettings("paper", -2.0)])
+    assert Settings.from_json(s.to_json()).loras == s.loras
+    junk = ('{"loras": [{"name": "ink", "strength": 9}, {"name": 3}, "x", '
+            '{"name": "a", "strength": "1"}, {"strength": 0.5}]}')
+    assert Settings.from_json(junk).loras == [LoraSettings("ink", 1.0), LoraSettings("a", 1.0),
+                                              LoraSettings("", 0.5)]
+    assert Settings.from_json('{"loras": 5}').loras == []
+
+
+def test_loras_and_conditions_with_the_tiny_engine(make_server, lora_engine, controller_for,
+                                                   krita_app):
+    """A real server (the tiny diffusers engine, a LoRA folder): the plug-in offers the
+    catalogue's conditions per base, and a LoRA row changes the picture (strength 0 = none)."""
+    from controlcanvas.settings import LoraSettings
+    srv = make_server(lora_engine)
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, srv), doc, lines, base_model="tiny-sd15", steps=2,
+                  seed=3, seed_locked=True)
+    offer = c.offers()
+    assert offer.conditions("shapes-demo") == ("canny", "softedge", "scribble", "lineart")
+    assert "lineart" in offer.conditions("tiny-sd15")
+    fits = [info.name for info, problem in offer.lora_choices("tiny-sd15") if not problem]
+    assert {"ink", "paper", "sd15_size"} <= set(fits) and "sdxl_size" not in fits
+
+    def picture(*loras):
+        c.settings.loras = [LoraSettings(name, strength) for name, strength in loras]
+        assert c.generate() is not None, c.message
+        assert c.run_until_idle(120), c.message
+        assert c.level == "info", c.message
+        return c.history[0].images[0][0]
+
+    plain, inked, zero = picture(), picture(("ink", 1.0)), picture(("ink", 0.0))
+    assert inked != plain and zero == plain
+    c.settings.loras = [LoraSettings("nope")]
+    assert c.generate() is None
+    assert c.message.startswith("The server has no LoRA named 'nope'. LoRAs for this base "
+                                "model: ") and "ink" in c.message
+    c.settings.loras, c.settings.base_model = [], "shapes-demo"
+    c.settings.units[0].condition = "depth"
+    assert c.generate() is None
+    assert c.message.startswith("Control unit 1: The base model 'shapes-demo' (SD1.5) has no "
+                                "ControlNet for depth (depth); bases that serve it: ")

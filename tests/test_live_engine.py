@@ -250,6 +250,23 @@ def test_the_prompt_cache_follows_the_text_encoders_loras(tiny_root, preset_lora
     bare.close()
 
 
+def test_the_prompt_cache_follows_the_clip_skip_the_units_need(tiny_root, preset_loras):
+    """SD1.5's lineart_anime needs clip skip 2 (a quirk of that ControlNet, none for a union
+    model): the same prompt with it and without it are two entries, each the pixels of an
+    engine without the cache."""
+    cached = engine_for(tiny_root, preset_loras)
+    bare = engine_for(tiny_root, preset_loras, prompt_cache=0)
+    frames = [live_request(cfg=3.0, controls=(ControlUnit(condition=condition, image=0),))
+              for condition in ("lineart", "lineart_anime", "lineart_anime")]
+    pictures = [run(cached, request)[0] for request in frames]
+    for picture, request in zip(pictures, frames):
+        assert np.array_equal(picture, run(bare, request)[0])
+    assert not np.array_equal(pictures[0], pictures[1])
+    assert cached.stats["prompt_cache_misses"] == 2 and cached.stats["prompt_cache_hits"] == 1
+    cached.close()
+    bare.close()
+
+
 def test_sdxl_frames_reuse_their_pooled_embeddings_too(tiny_root, preset_loras):
     cached = engine_for(tiny_root, preset_loras)
     bare = engine_for(tiny_root, preset_loras, prompt_cache=0)
@@ -264,13 +281,26 @@ def test_sdxl_frames_reuse_their_pooled_embeddings_too(tiny_root, preset_loras):
 
 # -- a live job in another job's pause ---------------------------------------------------------
 
-@pytest.mark.parametrize("live", [
-    live_request(preset="lcm-sd15", steps=4, seed=9, prompt="a green hat"),  # LoRA + LCM
-    live_request(sampler="dpmpp_2m_karras", steps=4, seed=9, cfg=2.0)],  # the batch's sampler
-    ids=["preset", "same-sampler"])
-def test_a_live_job_runs_in_a_pause_of_another_clients_job_and_neither_changes(loop, engine,
-                                                                               live):
-    batch_request = live_request(steps=30, cfg=6.0, sampler="dpmpp_2m_karras", seed=5)
+XL_UNION = (ControlUnit(condition="lineart", image=0),
+            ControlUnit(condition="depth", image=0, weight=0.7))
+
+
+@pytest.mark.parametrize("batch_kw, live", [
+    ({}, live_request(preset="lcm-sd15", steps=4, seed=9, prompt="a green hat")),  # LoRA + LCM
+    ({}, live_request(sampler="dpmpp_2m_karras", steps=4, seed=9, cfg=2.0)),  # same sampler
+    # union ControlNets (two conditions in one call) on both sides
+    ({"base_model": "tiny-sdxl", "controls": XL_UNION},
+     live_request(base_model="tiny-sdxl", preset="lcm-sdxl", seed=9, controls=XL_UNION[:1])),
+    # the batch's unit needs clip skip 2 (lineart_anime), the frame's none: the shortened
+    # text encoder must not reach the frame, nor its embeddings the prompt cache's entry
+    ({"controls": (ControlUnit(condition="lineart_anime", image=0),)},
+     live_request(steps=4, seed=9, cfg=2.0, prompt="a green hat",
+                  controls=(ControlUnit(condition="lineart", image=0),)))],
+    ids=["preset", "same-sampler", "sdxl-union", "clip-skip"])
+def test_a_live_job_runs_in_a_pause_of_another_clients_job_and_neither_changes(
+        loop, engine, batch_kw, live, tiny_root, preset_loras):
+    batch_request = live_request(steps=30, cfg=6.0, sampler="dpmpp_2m_karras", seed=5,
+                                 **batch_kw)
     manager = JobManager(engine, loop)
     assert manager.preemption
     a, b = Owner("a"), Owner("b")
@@ -289,6 +319,9 @@ def test_a_live_job_runs_in_a_pause_of_another_clients_job_and_neither_changes(l
     (_, live_image), = a.outcome(frame.job_id)[2]
     (_, batch_image), = b.outcome(batch.job_id)[2]
     assert b.outcome(batch.job_id)[0] == DONE
-    # the same pixels as each alone: the batch's LoRAs, scheduler and pipeline were its own
-    assert np.array_equal(to_array(batch_image), run(engine, batch_request)[0])
-    assert np.array_equal(to_array(live_image), run(engine, live)[0])
+    # the same pixels as each alone (on an engine with no prompt cache: nothing the two
+    # jobs left in it counts): the batch's LoRAs, scheduler and pipeline were its own
+    alone = engine_for(tiny_root, preset_loras, prompt_cache=0)
+    assert np.array_equal(to_array(batch_image), run(alone, batch_request)[0])
+    assert np.array_equal(to_array(live_image), run(alone, live)[0])
+    alone.close()

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from backend.engines import tiny
 from backend.engines.catalogue import Catalogue, ModelConfig
 from backend.engines.loras import LoraFolder, family_of_tensors, fit_problem, LoraFile
 from backend.imaging import to_array
@@ -133,7 +134,7 @@ def test_kohya_names_load_like_the_diffusers_file(lora_engine):
 
 
 @pytest.mark.parametrize("name, base, says", [
-    ("xl_ink", "tiny-sd15", "64-wide"),       # a tiny SDXL LoRA: told by its width
+    ("xl_ink", "tiny-sd15", f"{sum(tiny.TEXT_WIDTHS.values())}-wide"),  # tiny SDXL: by width
     ("sdxl_size", "tiny-sd15", "SDXL base models"),
     ("flux_size", "tiny-sd15", "Flux base models"),
     ("ink", "tiny-sdxl", "32-wide"),

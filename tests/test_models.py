@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from backend.engines import tiny
-from backend.engines.catalogue import (CONTROLNETS, DEFAULT_BASES, Catalogue, ModelConfig,
-                            family_of_file, list_models)
+from backend.engines.catalogue import (CONTROLNETS, DEFAULT_BASES, SDXL_UNION, Catalogue,
+                                       ModelConfig, family_of_file, list_models)
 from shared.errors import ModelMissing
 from shared.messages import CONDITIONS, ControlUnit, GenerateRequest, Models
 
-from tiny_fixtures import (RecordingContext, tiny_catalogue, tiny_engine,  # noqa: F401
-                           tiny_root, torch_threads)
+from tiny_fixtures import (RecordingContext, fake_hub_snapshot, tiny_catalogue,  # noqa: F401
+                           tiny_engine, tiny_root, torch_threads)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,20 +27,6 @@ def empty_cache_catalogue(tmp_path, **config) -> Catalogue:
     """No hub models; a request may name models in the session's temporary folders."""
     config.setdefault("roots", (str(tmp_path.parent),))
     return Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"), **config))
-
-
-def fake_hub_snapshot(cache: Path, repo_id: str, files: dict) -> Path:
-    """Lay out a Hugging Face cache entry the way huggingface_hub writes it."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    for name, content in files.items():
-        path = snapshot / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return snapshot
 
 
 # -----------------------------------------------------------------------------
@@ -54,7 +40,9 @@ def test_every_condition_has_an_sd15_default_and_ids_are_well_formed():
             assert condition in CONDITIONS
             assert repo.count("/") == 1
     assert CONTROLNETS["sd15"]["lineart"] == "lllyasviel/control_v11p_sd15_lineart"
-    assert CONTROLNETS["sdxl"]["canny"] == "diffusers/controlnet-canny-sdxl-1.0"
+    # SDXL: one union ControlNet (xinsir's ProMax) for every condition it serves
+    assert set(CONTROLNETS["sdxl"]) == set(CONDITIONS) - {"shuffle"}
+    assert set(CONTROLNETS["sdxl"].values()) == {SDXL_UNION}
 
 
 def test_missing_hub_model_names_it_and_the_download_command(tmp_path):
@@ -383,8 +371,9 @@ def test_missing_config_file_means_defaults(tmp_path):
 
 def test_sdxl_condition_without_default_explains_how_to_configure(tmp_path):
     catalogue = empty_cache_catalogue(tmp_path)
-    with pytest.raises(ModelMissing, match=r"\[controlnets.sdxl\] lineart"):
-        catalogue.controlnet_name("lineart", "sdxl")
+    with pytest.raises(ModelMissing, match=r"\[controlnets.sdxl\] shuffle") as info:
+        catalogue.controlnet_name("shuffle", "sdxl")
+    assert "union" in info.value.message and "models download shuffle" in info.value.message
 
 
 # -----------------------------------------------------------------------------
@@ -409,9 +398,10 @@ def test_models_message_says_what_is_present(tmp_path, tiny_root):
                                            cache_dir=str(cache)))
     assert tiny_default.default_base == "tiny-sd15"
     assert [m.name for m in tiny_default.models].count("tiny-sd15") == 1
-    sdxl_nets = {m.condition for m in message.models if m.kind == "controlnet"
-                 and m.family == "sdxl"}
-    assert sdxl_nets == set(CONTROLNETS["sdxl"])
+    sdxl_nets = [m for m in message.models if m.kind == "controlnet" and m.family == "sdxl"]
+    # the union ControlNet is listed once, with every condition it serves
+    assert [m.name for m in sdxl_nets] == [SDXL_UNION]
+    assert set(sdxl_nets[0].condition.split(",")) == set(CONTROLNETS["sdxl"])
 
 
 def test_the_embedded_demo_model_resolves_for_outline_conditions_only(tmp_path):

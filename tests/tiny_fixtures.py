@@ -128,6 +128,72 @@ def fresh_engine(tiny_catalogue):
     engine.close()
 
 
+def build_inpaint_stack(source: Path, folder: Path) -> Path:
+    """A tiny *inpainting* stack: ``source`` (a tiny stack) with a 9-channel UNet (latents +
+    mask + masked-image latents), as stable-diffusion-inpainting and the SDXL inpainting
+    models are."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("controlnets", ".complete"))
+    four = UNet2DConditionModel.from_pretrained(source / "unet")
+    nine = UNet2DConditionModel.from_config({**four.config, "in_channels": 9})
+    state = four.state_dict()
+    weight = state["conv_in.weight"]
+    extra = torch.randn((weight.shape[0], 5) + tuple(weight.shape[2:]),
+                        generator=torch.Generator().manual_seed(5)) * 0.05
+    state["conv_in.weight"] = torch.cat([weight, extra], dim=1)
+    nine.load_state_dict(state)
+    shutil.rmtree(folder / "unet")
+    nine.save_pretrained(folder / "unet")
+    return folder
+
+
+def inpaint_folder(tiny_root: Path, family: str = "sd15") -> Path:
+    """The tiny ``family`` stack with a 9-channel inpainting UNet (built once a session)."""
+    key = f"inpaint-{family}"
+    if key not in _CACHE:
+        from backend.engines import tiny
+
+        _CACHE[key] = build_inpaint_stack(tiny.tiny_dir(family, tiny_root),
+                                          tiny_root / f"tiny-{family}-inpaint")
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_folder(tiny_root) -> Path:
+    """The tiny SD1.5 stack with a 9-channel inpainting UNet (a diffusers folder)."""
+    return inpaint_folder(tiny_root, "sd15")
+
+
+def fake_hub_snapshot(cache: Path, repo_id: str, files: dict) -> Path:
+    """Lay out a Hugging Face cache entry the way huggingface_hub writes it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, content in files.items():
+        path = snapshot / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return snapshot
+
+
+def config_repo(cache: Path, repo_id: str, folder: Path) -> Path:
+    """``repo_id`` in the hub cache ``cache`` with only ``folder``'s small files (configs,
+    tokenizers, scheduler: what diffusers fetches online for a single file)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and path.suffix in (".json", ".txt") and \
+                not rel.startswith(("controlnets/", ".")):
+            files[rel] = path.read_bytes()
+    return fake_hub_snapshot(cache, repo_id, files)
+
+
 # -----------------------------------------------------------------------------
 # Tiny LoRAs (made with peft on the tiny UNets, saved as diffusers or kohya files)
 # -----------------------------------------------------------------------------

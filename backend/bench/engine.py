@@ -1,8 +1,9 @@
 """Engine benchmarks; each function returns a JSON-ready dict.
 
 * :func:`bench_engine` - our DiffusersEngine path against the bare diffusers
-  pipeline on the same tiny model, seed, steps and size, interleaved; ``ratio`` is
-  median(ours) / median(bare) (target <= 1.03).
+  pipeline on the same tiny model, seed, steps and size, interleaved, for each tiny
+  stack (SD1.5 + ControlNet; SDXL + union ControlNet); ``ratio`` is the median of the
+  per-pair ours / bare (target <= 1.03).
 * :func:`bench_controlnet_cost` - per-step time of an SD1.5-sized UNet alone vs
   UNet + ControlNet (random weights, batch 2, 64x64 latent); ``ratio`` compares
   with the ControlNet paper's ~+34 %.
@@ -56,47 +57,76 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(int(threads))
 
 
+# The tiny stacks ``bench engine`` compares: base, ControlNet folder, condition, and the bare
+# diffusers pipeline that runs them.
+STACKS = {
+    "sd15": ("tiny-sd15", "sd15", "lines", "StableDiffusionControlNetPipeline"),
+    "sdxl-union": ("tiny-sdxl", "sdxl", tiny.UNION, "StableDiffusionXLControlNetUnionPipeline"),
+}
+
+
 def bench_engine(repeats: int = 21, steps: int = 10, size: int = 64,
                  tiny_root: Optional[str] = None, device: str = "cpu",
-                 threads: Optional[int] = 1) -> Dict[str, Any]:
-    """Our engine vs the bare pipeline: same tiny SD1.5 model, ControlNet, seed, steps.
+                 threads: Optional[int] = 1,
+                 stacks: Sequence[str] = tuple(STACKS)) -> Dict[str, Any]:
+    """Our engine vs the bare pipeline on each tiny stack (``STACKS``): same model,
+    ControlNet, seed, steps.  ``sd15``: SD1.5 + a ControlNet; ``sdxl-union``: SDXL + the
+    union ControlNet against diffusers' ``StableDiffusionXLControlNetUnionPipeline``.
 
-    ``ratio`` is the median of the per-pair ratios (each pair runs back to back, in
-    alternating order), which cancels slow spells of a shared machine; the ratio of
-    medians and of minimums are reported too."""
+    The top-level figures are the first stack's (as before there were stacks);
+    ``stacks`` holds every stack's, ``worst_ratio`` the highest ratio."""
     import torch
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    _set_threads(threads)
+    engine = _tiny_engine(tiny_root, device)
+    results = {name: _bench_stack(engine, name, repeats, steps, size, tiny_root, device)
+               for name in stacks}
+    engine.close()
+    out = dict(results[stacks[0]])
+    out.update({"bench": "engine", "threads": torch.get_num_threads(), "stacks": results,
+                "worst_ratio": max(r["ratio"] for r in results.values()),
+                "target_ratio": 1.03})
+    return out
+
+
+def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
+                 tiny_root: Optional[str], device: str) -> Dict[str, Any]:
+    """Interleaved pairs (each pair back to back, alternating order): ``ratio`` is the
+    median of the per-pair ratios, which cancels slow spells of a shared machine; the
+    ratio of medians and of minimums are reported too."""
+    import diffusers
+    import torch
     from PIL import Image as PILImage
 
     from shared.messages import ControlUnit, GenerateRequest
 
-
-    _set_threads(threads)
-    engine = _tiny_engine(tiny_root, device)
-    folder = tiny.ensure_tiny("sd15", Path(tiny_root) if tiny_root else None)
+    base, family, net_name, pipeline = STACKS[stack]
+    folder = tiny.ensure_tiny(family, Path(tiny_root) if tiny_root else None)
     control = _control_image(size, size)
     request = GenerateRequest(width=size, height=size, prompt="a red coat", seed=42,
-                              steps=steps, cfg=7.0, sampler="dpmpp_2m_karras",
-                              base_model="tiny-sd15",
+                              steps=steps, cfg=7.0, sampler="dpmpp_2m_karras", base_model=base,
                               controls=(ControlUnit(condition="lineart", image=0),))
     ctx = NullContext()
-
-    net = ControlNetModel.from_pretrained(folder / "controlnets" / "lines",
-                                          local_files_only=True)
-    bare = StableDiffusionControlNetPipeline.from_pretrained(
-        folder, controlnet=net, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True).to(device)
+    union = net_name == tiny.UNION
+    net_cls = diffusers.ControlNetUnionModel if union else diffusers.ControlNetModel
+    net = net_cls.from_pretrained(folder / "controlnets" / net_name, local_files_only=True)
+    extra = {} if family == "sdxl" else dict(safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    bare = getattr(diffusers, pipeline).from_pretrained(folder, controlnet=net,
+                                                        local_files_only=True, **extra)
+    bare = bare.to(device)
     bare.set_progress_bar_config(disable=True)
     control_pil = PILImage.fromarray(to_array(control)[..., :3].copy())
+    images = {"control_image": [control_pil], "control_mode": [3]} if union else \
+        {"image": control_pil}
 
     def ours():
         return engine.generate(request, {0: control}, ctx)[0].image
 
     def plain():
         generator = torch.Generator(device=device).manual_seed(request.seed)
-        return bare(request.prompt, image=control_pil, num_inference_steps=steps,
-                    guidance_scale=request.cfg, generator=generator, height=size,
-                    width=size).images[0]
+        return bare(request.prompt, num_inference_steps=steps, guidance_scale=request.cfg,
+                    generator=generator, height=size, width=size, **images).images[0]
 
     a, b = ours(), plain()  # warm-up (loads, allocator) and an equality check
     same = np.array_equal(to_array(a)[..., :3], np.asarray(b))
@@ -110,16 +140,14 @@ def bench_engine(repeats: int = 21, steps: int = 10, size: int = 64,
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = statistics.median(o / b for o, b in zip(times["ours"], times["bare"]))
-    engine.close()
-    return {"bench": "engine", "size": size, "steps": steps, "repeats": repeats,
-            "threads": torch.get_num_threads(),
+    return {"stack": stack, "size": size, "steps": steps, "repeats": repeats,
             "ours_median_s": round(med["ours"], 5), "bare_median_s": round(med["bare"], 5),
             "ours_min_s": round(min(times["ours"]), 5),
             "bare_min_s": round(min(times["bare"]), 5),
             "ratio": round(paired, 4),
             "ratio_of_medians": round(med["ours"] / med["bare"], 4),
             "ratio_min": round(min(times["ours"]) / min(times["bare"]), 4),
-            "same_pixels": bool(same), "target_ratio": 1.03}
+            "same_pixels": bool(same), "bare": pipeline}
 
 
 def bench_controlnet_cost(steps: int = 2, batch: int = 2, latent: int = 64,

@@ -208,16 +208,17 @@ def _bare_pipeline(folder: Path, family: str, dtype, dev: _Device, fast=None):
                            StableDiffusionXLControlNetPipeline)
 
     from ..engines.diffusers.acceleration import prepare_model, prepare_pipeline
+    from ..engines.diffusers.loaders import dtype_kwargs
 
     with tiny.quiet_progress_bars():
-        net = ControlNetModel.from_pretrained(folder / "controlnets" / "lines", dtype=dtype,
-                                              local_files_only=True)
+        net = ControlNetModel.from_pretrained(folder / "controlnets" / "lines",
+                                              local_files_only=True, **dtype_kwargs(dtype))
         if family == "sdxl":
             pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-                folder, controlnet=net, dtype=dtype, local_files_only=True)
+                folder, controlnet=net, local_files_only=True, **dtype_kwargs(dtype))
         else:
             pipe = StableDiffusionControlNetPipeline.from_pretrained(
-                folder, controlnet=net, dtype=dtype, local_files_only=True,
+                folder, controlnet=net, local_files_only=True, **dtype_kwargs(dtype),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(dev.type)
     pipe.set_progress_bar_config(disable=True)

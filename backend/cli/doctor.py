@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from ..engines.catalogue import Catalogue, ModelConfig, download_command
+from ..engines.requirements import DIFFUSERS_FLOOR, TORCH_FLOOR, floor_text, release
 from .install import installed_plugins
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -48,6 +49,10 @@ def check_torch() -> List[Check]:
     except Exception as err:  # broken installs raise more than ImportError
         return [Check("torch", FAIL, f"cannot import torch ({err}); install the CUDA build "
                       f"from pytorch.org first, then `pip install controlcanvas`")]
+    if release(torch.__version__) < TORCH_FLOOR:
+        return [Check("torch", FAIL, f"{torch.__version__} is too old; need "
+                      f"{floor_text(TORCH_FLOOR)} or newer: install a newer build from "
+                      f"pytorch.org")]
     checks = [Check("torch", OK, f"{torch.__version__}")]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -72,10 +77,9 @@ def check_diffusers() -> Check:
     except Exception as err:
         return Check("diffusers", FAIL, f"cannot import diffusers ({err}); "
                      f"`pip install -U diffusers`")
-    major_minor = tuple(int(p) for p in diffusers.__version__.split(".")[:2])
-    if major_minor < (0, 31):
-        return Check("diffusers", FAIL, f"{diffusers.__version__} is too old; need 0.31 or "
-                     f"newer: `pip install -U diffusers`")
+    if release(diffusers.__version__) < DIFFUSERS_FLOOR:
+        return Check("diffusers", FAIL, f"{diffusers.__version__} is too old; need "
+                     f"{floor_text(DIFFUSERS_FLOOR)} or newer: `pip install -U diffusers`")
     return Check("diffusers", OK, diffusers.__version__)
 
 

@@ -14,12 +14,14 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from shared import loopback
+from shared.messages import CONDITIONS
 from shared.errors import ConfigError, ControlCanvasError, LimitError
 
 from ..bench import main as bench
@@ -133,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   flush=True)
 
     try:
-        asyncio.run(run_server(config, engine, token, ready=ready))
+        asyncio.run(_serve_until_stopped(run_server(config, engine, token, ready=ready)))
     except KeyboardInterrupt:
         pass
     except OSError as err:
@@ -141,6 +143,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"server running? Choose another --port.", file=sys.stderr)
         return 2
     return 0
+
+
+async def _serve_until_stopped(serving) -> None:
+    """Run ``serving`` until SIGINT (Ctrl+C) or SIGTERM (a service manager, ``kill``), then
+    close the server properly: jobs checkpointed, clients told. The handlers are set
+    explicitly because a server started in the background of a script inherits SIGINT
+    ignored, and SIGTERM would otherwise end it without closing anything."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(serving)
+    stop = {}
+
+    def on_signal(sig: int) -> None:
+        stop.setdefault("sig", sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, not main thread
+            pass
+    try:
+        await task
+    except asyncio.CancelledError:
+        if "sig" not in stop:
+            raise
+        log.info("stopping on %s", signal.Signals(stop["sig"]).name)
 
 
 def _warn_without_cuda(engine) -> None:
@@ -315,17 +343,25 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     catalogue = Catalogue(ModelConfig.from_toml(args.config))
     if args.action == "download":
-        if not args.name:
-            raise ValueError("controlcanvas models download NAME: name a hub id, sd15, sdxl, "
-                             "a condition (lineart), sdxl:CONDITION or a preset (lcm-sd15)")
-        path = catalogue.download(args.name)
-        print(f"{args.name}: ready in {path}")
-        return 0
-    for entry in catalogue.entries():
+        return _download(catalogue, args)
+    sizes, unreachable = catalogue.download_sizes() if args.sizes else ({}, "")
+    entries = catalogue.entries()
+    for entry in entries:
         where = entry.source if entry.present else f"missing: {download_command(entry.name)}"
-        what = entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
+        if entry.name in sizes:
+            where += f"; {sizes[entry.name]}"
+        served = entry.conditions or tuple(c for c in entry.condition.split(",") if c)
+        union = len(served) > 1 and entry.kind == "controlnet"
+        what = f"{entry.kind} union" if union else \
+            entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
         print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
               f"({where})")
+        if entry.kind == "base" and served or union:
+            print(f"{'':30}{'serves' if union else 'controls'}: {_conditions_text(served)}")
+    if not args.sizes and any(not e.present and e.source == "hub" for e in entries):
+        print("Download sizes: `controlcanvas models --sizes` asks the hub.")
+    if unreachable:
+        print(f"Download sizes unknown: {unreachable}")
     _print_loras(catalogue)
     _print_presets(catalogue)
     return 0
@@ -340,6 +376,31 @@ def _print_presets(catalogue: Catalogue) -> None:
         steps = f"preset {info.steps} step{'' if info.steps == 1 else 's'}"
         print(f"{'✓' if info.present else '✗'} {info.family:5} {steps:22} {info.name}  "
               f"({where}{licence})")
+
+
+def _conditions_text(conditions) -> str:
+    """``every condition``, ``every condition but shuffle`` or the list."""
+    missing = [c for c in CONDITIONS if c not in conditions]
+    if not missing:
+        return "every condition"
+    if len(missing) <= 3:
+        return f"every condition but {', '.join(missing)}"
+    return ", ".join(conditions)
+
+
+def _download(catalogue: Catalogue, args: argparse.Namespace) -> int:
+    """``models download NAME``: what it fetches and how big, then the transfer with
+    huggingface_hub's progress bars (``--dry-run``: only say it)."""
+    if not args.name:
+        raise ValueError("controlcanvas models download NAME: name a hub id, sd15, sdxl, "
+                         "a condition (lineart), sdxl:CONDITION or a preset (lcm-sd15)")
+    if args.dry_run:
+        print(f"would download {catalogue.download_plan(args.name).describe()}")
+        return 0
+    path = catalogue.download(args.name, on_plan=lambda plan: print(
+        f"downloading {plan.describe()}", flush=True))
+    print(f"{args.name}: ready in {path}")
+    return 0
 
 
 def _print_loras(catalogue: Catalogue) -> None:
@@ -539,6 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "download"], default="list")
     p.add_argument("name", nargs="?")
     p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--sizes", action="store_true",
+                   help="list: ask the hub how big each missing model's download is")
+    p.add_argument("--dry-run", action="store_true",
+                   help="download: say which files and how big, fetch nothing")
     p.set_defaults(func=cmd_models)
 
     add_preprocess_parsers(sub)

@@ -19,6 +19,10 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   that preset's LoRA file into the LoRA folder under the name the preset uses (a base
   preset: its base model).
 
+The family of a model (SD1.5, SDXL - Pony, Illustrious and NoobAI are SDXL -, a
+9-channel inpainting base, a union ControlNet; Flux and SD3 are recognised and refused)
+is read from its files by :mod:`backend.engines.families`, never from its name.
+
 A request (a client of the server) may name a model path only inside a models folder:
 ``models`` in the per-user data folder (where training writes, ``models/trained``) and
 the ``[models] roots`` folders; relative names are looked up there. Every other path it
@@ -29,12 +33,13 @@ any path when ``trust_request_paths`` is set (``controlcanvas generate`` without
 ``--url``: the requests are the user's own).
 
 The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
-family; the ``[models]`` and ``[controlnets]`` tables of ``config.toml`` override
-it::
+family: lllyasviel's ControlNet 1.1 set for SD1.5, one union ControlNet (xinsir's
+ProMax) for every SDXL condition it serves.  The ``[models]`` and ``[controlnets]``
+tables of ``config.toml`` override it::
 
     [models]
     base = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # or a folder / a .safetensors file
-    family = "sd15"                      # only needed when it cannot be guessed
+    family = "sd15"                      # only needed when the files do not tell
     cache_dir = "D:/hf-cache"            # optional Hugging Face cache folder
     roots = ["D:/models"]                # folders a client may name models in (+ DATA/models)
     lora_dir = "D:/loras"                # LoRA .safetensors files (default: see loras.py)
@@ -55,12 +60,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from shared.errors import ConfigError, ModelMissing, PathRefused
+from shared.errors import ConfigError, ModelMissing, PathRefused, UnsupportedFamily
 from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
 from shared.geometry import NATIVE_SIDE
 from shared.paths import config_dir, data_dir
@@ -68,12 +72,15 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import presets as few_step, tiny
+from . import downloads, tiny
+from . import presets as few_step
+from .families import (UNION_CONTROL_TYPES, Detected, check_runnable, detect,
+                       detect_base_folder, detect_file)
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl")  # what config.toml may name (families.SUPPORTED)
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -98,8 +105,13 @@ def demo_folder() -> Path:
     return Path(__file__).resolve().parents[1] / "assets" / DEMO_BASE
 
 
-# Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: only
-# ids known to exist in diffusers format; the rest need a [controlnets.sdxl] entry.
+# The SDXL default for every condition a union ControlNet serves: xinsir's ControlNet++
+# ProMax (8 control types, tile and inpaint included) in diffusers layout, as an fp16
+# variant (2.5 GB; the same weights are in brad-twinkl/controlnet-union-sdxl-1.0-promax).
+SDXL_UNION = "OzzyGT/controlnet-union-promax-sdxl-1.0"
+
+# Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: the
+# union model (one download for all of them); shuffle needs a [controlnets.sdxl] entry.
 CONTROLNETS: Dict[str, Dict[str, str]] = {
     "sd15": {
         "canny": "lllyasviel/control_v11p_sd15_canny",
@@ -116,30 +128,21 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
         "shuffle": "lllyasviel/control_v11e_sd15_shuffle",
         "inpaint": "lllyasviel/control_v11p_sd15_inpaint",
     },
-    "sdxl": {
-        "canny": "diffusers/controlnet-canny-sdxl-1.0",
-        "depth": "diffusers/controlnet-depth-sdxl-1.0",
-        "openpose": "xinsir/controlnet-openpose-sdxl-1.0",
-        "scribble": "xinsir/controlnet-scribble-sdxl-1.0",
-        "tile": "xinsir/controlnet-tile-sdxl-1.0",
-    },
+    "sdxl": {condition: SDXL_UNION for condition in UNION_CONTROL_TYPES},
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
-# What a download fetches: diffusers-format weights in safetensors (fp32 full weights;
-# fp16 is made at load time), configs and tokenizer files - not the multi-GB
-# single-file checkpoints, EMA copies or fp16 duplicates some repos also hold.
-_BASE_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "tokenizer*/*",
-                  "unet/diffusion_pytorch_model.safetensors",
-                  "vae/diffusion_pytorch_model.safetensors",
-                  "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]
-_CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+# What a download fetches (and that fp16 weights come first): backend.engines.downloads.
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin",
-                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
                  "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+# The fp16 variant (``from_pretrained(..., variant="fp16")``): what some repos hold only.
+_FP16_NAMES = ("diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+               "diffusion_pytorch_model.safetensors.index.fp16.json",
+               "model.safetensors.index.fp16.json", "diffusion_pytorch_model.fp16.bin",
+               "pytorch_model.fp16.bin")
 
 
 def download_command(name: str) -> str:
@@ -241,7 +244,7 @@ def _check_condition(cond: str, value: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class Resolved:
-    """Where one model's weights are, ready to load."""
+    """Where one model's weights are, ready to load, and what the files say it is."""
 
     name: str        # what the user (or the catalogue) called it
     kind: str        # "base" | "controlnet"
@@ -251,6 +254,10 @@ class Resolved:
     repo_id: str = ""
     native_size: int = 512
     builtin: str = ""  # the built-in model's own name (``shapes-demo``, ``tiny-sd15``)
+    inpaint: bool = False     # a base with a 9-channel (inpainting) UNet
+    union: bool = False       # a union ControlNet (several conditions in one model)
+    control_types: int = 0    # a union ControlNet's number of control types
+    weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
 
     @property
     def key(self) -> str:
@@ -264,20 +271,30 @@ def _looks_like_path(name: str) -> bool:
     return name.lower().endswith(SINGLE_FILE_SUFFIXES) or not _HUB_ID.match(name)
 
 
-def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in _WEIGHT_NAMES)
+def _weights(folder: Path) -> Optional[str]:
+    """Which weights a component folder holds: "" full ones, "fp16" only the fp16
+    variant, None none."""
+    if any((folder / name).is_file() for name in _WEIGHT_NAMES):
+        return ""
+    if any((folder / name).is_file() for name in _FP16_NAMES):
+        return "fp16"
+    return None
 
 
-def _folder_complete(folder: Path, kind: str) -> bool:
+def _weights_variant(folder: Path, kind: str) -> Optional[str]:
+    """The variant to load ``folder`` with ("" or "fp16"); None when it is incomplete.
+    A base loads with "fp16" when any component has only fp16 weights (diffusers falls
+    back to the full weights for the others)."""
     if kind == "controlnet":
-        return (folder / "config.json").is_file() and _has_weights(folder)
+        return _weights(folder) if (folder / "config.json").is_file() else None
     index = folder / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     try:
         components = json.loads(index.read_text(encoding="utf-8"))
     except ValueError:
-        return False
+        return None
+    variant = ""
     for name, value in components.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
@@ -285,46 +302,29 @@ def _folder_complete(folder: Path, kind: str) -> bool:
             continue  # not used by ControlCanvas
         sub = folder / name
         if not sub.is_dir():
-            return False
-        if name.startswith(("unet", "vae", "text_encoder")) and not _has_weights(sub):
-            return False
-    return True
+            return None
+        if name.startswith(("unet", "vae", "text_encoder", "transformer")):
+            found = _weights(sub)
+            if found is None:
+                return None
+            variant = variant or found
+    return variant
+
+
+def _folder_complete(folder: Path, kind: str) -> bool:
+    return _weights_variant(folder, kind) is not None
 
 
 def family_of_folder(folder: Path) -> str:
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ""
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        return "sdxl"
-    return "sd15"
+    """A base folder's family from its configs ("" = unknown)."""
+    found = detect_base_folder(folder)
+    return found.family if found else ""
 
 
 def family_of_file(path: Path) -> str:
-    """Guess a single-file checkpoint's family from its tensor names ("" = unknown)."""
-    if path.suffix.lower() != ".safetensors":
-        return ""
-    try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 1024 * 1024:
-                return ""
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error):
-        return ""
-    keys = header.keys()
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in keys):
-        return "sd15"
-    if any(k.startswith("add_embedding.") for k in keys):  # a diffusers-keyed SDXL file
-        return "sdxl"
-    return ""
-
-
-def _family_from_name(name: str) -> str:
-    return "sdxl" if re.search(r"xl", name, re.IGNORECASE) else "sd15"
+    """A single-file checkpoint's family from its tensor names ("" = unknown)."""
+    found = detect_file(path)
+    return found.family if found else ""
 
 
 class Catalogue:
@@ -353,9 +353,12 @@ class Catalogue:
             return f"{base.builtin or base.name}:{condition}"
         name = CONTROLNETS.get(family, {}).get(condition)
         if not name:
+            union = " (the union ControlNet serves every other condition)" \
+                if family == "sdxl" else ""
             raise ModelMissing(
-                f"There is no default {family.upper()} ControlNet for {condition!r}. Put one in "
-                f"config.toml: [controlnets.{family}] {condition} = \"hub id or path\".",
+                f"There is no default {family.upper()} ControlNet for {condition!r}{union}. "
+                f"Put one in config.toml: [controlnets.{family}] {condition} = \"hub id or "
+                f"path\", or use an SD1.5 base (`{download_command(condition)}`).",
                 field="model")
         return name
 
@@ -363,7 +366,8 @@ class Catalogue:
 
     def resolve_base(self, name: str = "") -> Resolved:
         """Resolve a base model name (``""`` = the configured default); ModelMissing if absent,
-        PathRefused for a path a request may not name (see the module docstring)."""
+        UnsupportedFamily for a family the engine does not run, PathRefused for a path a
+        request may not name (see the module docstring)."""
         name = name or self.default_base
         family = ""
         where = name
@@ -390,6 +394,8 @@ class Catalogue:
 
     def _resolve(self, name: str, where: str, kind: str, family: str,
                  trusted: bool = True) -> Resolved:
+        """``family``: what config.toml says (a base) or the base's family (a ControlNet);
+        a ControlNet's own files win over the latter."""
         builtin = self._builtin(name, where, kind)
         if builtin is not None:
             return builtin
@@ -402,15 +408,24 @@ class Catalogue:
             return self._resolve_local(name, where, local, kind, family)
         # A hub id: only the local cache is used here.
         folder = self.cached_snapshot(where, kind)
-        if family == "" and kind == "base":
-            family = family_of_folder(folder) if folder else ""
-        family = family or _family_from_name(where)
         if folder is None:
             raise ModelMissing(
                 f"The {kind} model {where!r} is not downloaded. Fetch it once with: "
                 f"`{download_command(where)}`", field="model")
-        return Resolved(name, kind, family, "hub", str(folder), repo_id=where,
-                        native_size=NATIVE_SIZE[family])
+        return self._resolved(name, kind, family, "hub", folder, repo_id=where,
+                              weights_variant=_weights_variant(folder, kind) or "")
+
+    def _resolved(self, name: str, kind: str, family: str, source: str, path: Path,
+                  **extra) -> Resolved:
+        """The Resolved for local files, with what they say about themselves."""
+        found: Optional[Detected] = detect(path, kind)
+        check_runnable(found, name, kind)
+        if found is not None and (kind == "controlnet" or not family):
+            family = found.family  # a ControlNet is what its files say; a base unless told
+        family = family or "sd15"
+        return Resolved(name, kind, family, source, str(path), native_size=NATIVE_SIZE[family],
+                        inpaint=bool(found and found.inpaint), union=bool(found and found.union),
+                        control_types=found.control_types if found else 0, **extra)
 
     def _request_path(self, where: str, kind: str) -> Optional[Path]:
         """A name from a request: the real path inside a models folder it stands for, or
@@ -434,21 +449,19 @@ class Catalogue:
     def _resolve_local(self, name: str, where: str, path: Path, kind: str,
                        family: str) -> Resolved:
         if path.is_dir():
-            if not _folder_complete(path, kind):
+            check_runnable(detect(path, kind), name, kind)  # before "incomplete"
+            variant = _weights_variant(path, kind)
+            if variant is None:
                 what = "model_index.json and each component's weights" if kind == "base" \
                     else "config.json and diffusion_pytorch_model.safetensors"
                 raise ModelMissing(f"The {kind} model folder {str(path)!r} is incomplete: "
                                    f"it needs {what}.", field="model")
-            family = family or (family_of_folder(path) if kind == "base" else "") or "sd15"
-            return Resolved(name, kind, family, "folder", str(path),
-                            native_size=NATIVE_SIZE[family])
+            return self._resolved(name, kind, family, "folder", path, weights_variant=variant)
         if path.is_file():
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 raise ModelMissing(f"{str(path)!r} is not a model file; use a .safetensors or "
                                    f".ckpt file or a diffusers folder.", field="model")
-            family = family or family_of_file(path) or "sd15"
-            return Resolved(name, kind, family, "file", str(path),
-                            native_size=NATIVE_SIZE[family])
+            return self._resolved(name, kind, family, "file", path)
         raise ModelMissing(f"The {kind} model {where!r} does not exist: no such file or "
                            f"folder. Check the path in config.toml or the request.",
                            field="model")
@@ -478,17 +491,20 @@ class Catalogue:
             base, condition = where.split(":", 1)
             family = TINY_BASES[base]
             try:
-                sub = tiny.controlnet_for(condition)
+                sub = tiny.controlnet_for(condition, family)
             except KeyError:
                 raise ModelMissing(f"Unknown condition {condition!r} in {where!r}.",
                                    field="model") from None
             folder = tiny.ensure_tiny(family, root) / "controlnets" / sub
+            found = detect(folder, kind)
             return Resolved(name, kind, family, "builtin", str(folder),
-                            native_size=tiny.NATIVE_SIZE)
+                            native_size=tiny.NATIVE_SIZE, union=bool(found and found.union),
+                            control_types=found.control_types if found else 0)
         return None
 
-    def cached_snapshot(self, repo_id: str, kind: str) -> Optional[Path]:
-        """The local snapshot folder of a hub repo when it holds a complete model, else None."""
+    def cached_snapshot(self, repo_id: str, kind: str, complete: bool = True) -> Optional[Path]:
+        """The local snapshot folder of a hub repo when it holds a complete model (or with
+        ``complete=False``, at least its configs: what a single file needs), else None."""
         from huggingface_hub import try_to_load_from_cache
 
         marker = "model_index.json" if kind == "base" else "config.json"
@@ -499,31 +515,37 @@ class Catalogue:
         if not isinstance(found, str):
             return None
         folder = Path(found).parent
-        return folder if _folder_complete(folder, kind) else None
+        return folder if not complete or _folder_complete(folder, kind) else None
 
     # -- listing -------------------------------------------------------------
 
     def entries(self) -> List[ModelInfo]:
         """Every configured or catalogued model, with whether it is present locally."""
         out: List[ModelInfo] = []
-        seen = set()
+        seen: Dict[Tuple[str, str, str], int] = {}
 
         def add(name: str, kind: str, condition: str = "", family: str = "") -> None:
-            if (name, kind, family) in seen:
+            key = (name, kind, family)
+            if key in seen:  # one entry per model: a union ControlNet lists its conditions
+                if condition:
+                    entry = out[seen[key]]
+                    out[seen[key]] = replace(entry, condition=f"{entry.condition},{condition}")
                 return
-            seen.add((name, kind, family))
+            seen[key] = len(out)
+            found = family or self._family_guess(name)
             try:
                 if kind == "base":
                     resolved = self.resolve_base(name)
                 else:
                     resolved = self._resolve(name, name, kind, family)
-                present, source = True, _describe_source(resolved)
+                present, source, found = True, _describe_source(resolved), resolved.family
             except ModelMissing:
                 present = False
                 source = "hub" if _HUB_ID.match(name) and not Path(name).exists() else "local"
-            out.append(ModelInfo(name=name, kind=kind, condition=condition,
-                                 family=family or self._family_guess(name), present=present,
-                                 source=source))
+            except UnsupportedFamily as err:
+                present, source = False, f"not runnable: {err.message}"
+            out.append(ModelInfo(name=name, kind=kind, condition=condition, family=found,
+                                 present=present, source=source))
 
         add(self.default_base, "base")
         for name in self.config.bases:
@@ -546,7 +568,33 @@ class Catalogue:
                 except ModelMissing:
                     continue
                 add(name, "controlnet", condition, family)
-        return out
+        return [replace(m, conditions=self.served_conditions(m.name, m.family))
+                if m.kind == "base" else m for m in out]
+
+    def served_conditions(self, base: str, family: str) -> Tuple[str, ...]:
+        """The conditions a request on ``base`` (of ``family``) can use, in CONDITIONS order:
+        each one config.toml or the catalogue gives a ControlNet for on that family (a union
+        model counts for every condition it serves); a built-in base serves its own
+        (the demo only its outline conditions).  () when the family is unknown: the
+        plug-ins then offer every condition and the server answers for itself.  Whether
+        the ControlNet is downloaded is the ControlNet entry's ``present``."""
+        where = self.config.bases[base][0] if base in self.config.bases else base
+        if not family and where != DEMO_BASE and where not in TINY_BASES:
+            return ()
+        served = []
+        for condition in CONDITIONS:
+            if any(condition in self.config.controlnets.get(table, {})
+                   for table in (family, "*")):
+                served.append(condition)
+            elif where == DEMO_BASE:
+                if condition in DEMO_CONDITIONS:
+                    served.append(condition)
+            elif where in TINY_BASES:
+                if _tiny_serves(condition, TINY_BASES[where]):
+                    served.append(condition)
+            elif condition in CONTROLNETS.get(family, {}):
+                served.append(condition)
+        return tuple(served)
 
     def _family_guess(self, name: str) -> str:
         if name in self.config.bases and self.config.bases[name][1]:
@@ -556,7 +604,7 @@ class Catalogue:
         for family, default in DEFAULT_BASES.items():
             if name == default:
                 return family
-        return _family_from_name(name)
+        return ""  # not on this machine: its files would tell, its name does not
 
     def models_message(self, annotators: Tuple[AnnotatorInfo, ...] = ()) -> Models:
         loras = self.loras.infos()
@@ -600,59 +648,52 @@ class Catalogue:
             or "control" in name.lower() else "base"
         return name, kind
 
-    def download(self, name: str, *, progress: bool = True) -> Path:
-        """Fetch ``name`` (hub id or alias) into the hub cache; returns the snapshot folder
-        (a preset's LoRA: its file in the LoRA folder)."""
+    def _download_repo(self, name: str) -> Tuple[str, Optional[Path]]:
+        """(hub id, its complete snapshot folder when already downloaded) for ``name``."""
         repo_id, kind = self.download_target(name)
-        if kind == "lora":
-            return self._download_lora(few_step.find(name))
         if _HUB_ID.match(repo_id) is None:
             raise ModelMissing(f"{repo_id!r} is a local path, not a hub id: nothing to download.",
                                field="model")
         for guess in (kind, "base" if kind == "controlnet" else "controlnet"):
             folder = self.cached_snapshot(repo_id, guess)
             if folder is not None:
-                return folder
-        from huggingface_hub import HfApi, constants, snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
-                                            OfflineModeIsEnabled, RepositoryNotFoundError)
+                return repo_id, folder
+        return repo_id, None
 
-        if constants.HF_HUB_OFFLINE:
-            raise ModelMissing(
-                f"Cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE is set). Unset "
-                f"it and run `{download_command(repo_id)}` on a connected machine, or copy the "
-                f"model folder here and put its path in config.toml.", field="model")
-        try:
-            files = set(HfApi().list_repo_files(repo_id))
-            kind = "base" if "model_index.json" in files else "controlnet"
-            patterns = _choose_patterns(files, kind)
-            if not progress:
-                from huggingface_hub.utils import disable_progress_bars
-                disable_progress_bars()
-            path = snapshot_download(repo_id, allow_patterns=patterns,
-                                     cache_dir=self.config.cache_dir)
-        except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
-            raise ModelMissing(f"Cannot download {repo_id}: offline ({err}).",
-                               field="model") from None
-        except GatedRepoError:
-            raise ModelMissing(f"{repo_id} is gated: accept its licence on huggingface.co and "
-                               f"log in (`hf auth login`), then retry.", field="model") from None
-        except RepositoryNotFoundError:
-            raise ModelMissing(f"{repo_id} does not exist on huggingface.co (or is private).",
-                               field="model") from None
-        except (OSError, ConnectionError) as err:
-            raise ModelMissing(f"Cannot download {repo_id}: huggingface.co is not reachable "
-                               f"({type(err).__name__}: {err}). Check the internet connection "
-                               f"or proxy and retry.", field="model") from None
-        except Exception as err:  # noqa: BLE001 - httpx and hub errors vary between versions
-            if "connect" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
-                raise ModelMissing(f"Cannot download {repo_id}: huggingface.co is not "
-                                   f"reachable ({type(err).__name__}).", field="model") from None
-            raise
-        return Path(path)
+    def download_plan(self, name: str, api=None) -> downloads.DownloadPlan:
+        """What ``models download NAME`` would fetch, with sizes (asks the hub; offline:
+        HubUnreachable, the size is unknown); a preset's LoRA: that one file."""
+        if self.download_target(name)[1] == "lora":
+            return _lora_plan(few_step.find(name), api)
+        repo_id, _ = self._download_repo(name)
+        return downloads.plan(repo_id, api)
 
+    def download(self, name: str, *, progress: bool = True, api=None, snapshot=None,
+                 on_plan: Optional[Callable[[downloads.DownloadPlan], None]] = None) -> Path:
+        """Fetch ``name`` (hub id or alias) into the hub cache; returns the snapshot folder.
+        The files are chosen first (fp16 weights where the repo has them) and ``on_plan``
+        hears what they weigh before the transfer starts (see backend.engines.downloads).
+        A preset's LoRA: its file, copied into the LoRA folder (see _download_lora)."""
+        if self.download_target(name)[1] == "lora":
+            return self._download_lora(few_step.find(name), api, on_plan)
+        repo_id, folder = self._download_repo(name)
+        if folder is not None:
+            return folder
+        found = downloads.plan(repo_id, api, "download")
+        if on_plan is not None:
+            on_plan(found)
+        return downloads.fetch(found, self.config.cache_dir, progress=progress,
+                               snapshot=snapshot)
 
-    def _download_lora(self, preset: "few_step.Preset") -> Path:
+    def download_sizes(self, api=None) -> Tuple[Dict[str, str], str]:
+        """({hub id: download size text} for every catalogued hub model not downloaded
+        yet, why the hub could not be asked or ''); offline every size is unknown."""
+        missing = [m.name for m in self.entries() if not m.present and m.source == "hub"]
+        return downloads.sizes_of(dict.fromkeys(missing), api)
+
+    def _download_lora(self, preset: "few_step.Preset", api=None,
+                       on_plan: Optional[Callable[[downloads.DownloadPlan], None]] = None
+                       ) -> Path:
         """A preset's LoRA file, fetched into the hub cache and copied into the LoRA folder
         as ``<preset.lora>.safetensors`` (the name the preset asks for)."""
         target = self.loras.folder / f"{preset.lora}.safetensors"
@@ -666,6 +707,8 @@ class Catalogue:
                 f"is set). Unset it and run `{preset.download}` on a connected machine, or put "
                 f"{preset.file} from {preset.hub} in the LoRA folder as {target.name}.",
                 field="preset")
+        if on_plan is not None:
+            on_plan(_lora_plan(preset, api))
         try:
             source = Path(hf_hub_download(preset.hub, preset.file,
                                           cache_dir=self.config.cache_dir))
@@ -676,6 +719,13 @@ class Catalogue:
         _copy_into(source, target)
         log.info("LoRA of preset %s: %s", preset.name, target)
         return target
+
+
+def _lora_plan(preset: "few_step.Preset", api=None) -> downloads.DownloadPlan:
+    """The one file of a preset's LoRA, with its size (asks the hub)."""
+    files = downloads.list_files(preset.hub, api)
+    return downloads.DownloadPlan(preset.hub, "lora", tuple(
+        f for f in files if f.path == preset.file) or (downloads.HubFile(preset.file),))
 
 
 def _copy_into(source: Path, target: Path) -> None:
@@ -691,20 +741,12 @@ def _copy_into(source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _choose_patterns(files: set, kind: str) -> List[str]:
-    """Download patterns: safetensors weights when the repo has them, else .bin."""
-    if kind == "controlnet":
-        if "diffusion_pytorch_model.safetensors" in files:
-            return list(_CONTROLNET_PATTERNS)
-        return ["config.json", "diffusion_pytorch_model.bin"]
-    patterns = list(_BASE_PATTERNS)
-    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                      ("text_encoder", "model"), ("text_encoder_2", "model")):
-        if f"{sub}/{stem}.safetensors" not in files and f"{sub}/{stem}.bin" in files:
-            patterns.append(f"{sub}/{stem}.bin")
-        if f"{sub}/{stem}.safetensors.index.json" in files:
-            patterns.append(f"{sub}/{stem}-*.safetensors")
-    return patterns
+def _tiny_serves(condition: str, family: str) -> bool:
+    try:
+        tiny.controlnet_for(condition, family)
+    except KeyError:
+        return False
+    return True
 
 
 def _describe_source(resolved: Resolved) -> str:

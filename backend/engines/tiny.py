@@ -5,7 +5,9 @@ download or a GPU.  This module builds one from a fixed torch seed: a UNet, a
 VAE with SD's 8x downsampling (4 blocks, so control images are downsampled
 exactly as for real models), a CLIP text encoder with a tokenizer made from an
 in-memory byte-level vocabulary, a scheduler and ControlNets made with
-``ControlNetModel.from_unet``.  The ControlNets' zero convolutions are then given
+``ControlNetModel.from_unet`` (the SDXL stack also gets a union ControlNet with xinsir's
+eight ProMax control types: what the real catalogue uses for SDXL).  The ControlNets'
+zero convolutions are then given
 random values (see ``_perturb_zero_convs``): a fresh ControlNet has no effect at
 all, and the demo should show the control image steering the picture.
 
@@ -16,6 +18,7 @@ Layout of a built stack (``build(folder, "sd15")``)::
 
     folder/model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
     folder/controlnets/<name>/config.json + diffusion_pytorch_model.safetensors
+    (names: lines, maps; SDXL also union)
 
 ``ensure_tiny(family)`` builds once into the user cache folder, keyed by
 :data:`VERSION` (bump it whenever the recipe changes), and returns the folder.
@@ -36,7 +39,7 @@ from shared.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-VERSION = "tiny-v2"
+VERSION = "tiny-v3"
 FAMILIES = ("sd15", "sdxl")
 SEED = 20241
 # The tiny ControlNets: one per group of conditions that look alike, so a
@@ -45,11 +48,19 @@ CONTROLNETS: Dict[str, Tuple[str, ...]] = {
     "lines": ("lineart", "lineart_anime", "scribble", "canny", "softedge", "mlsd", "shuffle"),
     "maps": ("depth", "normal", "seg", "openpose", "tile", "inpaint"),
 }
+UNION = "union"  # the SDXL stack's union ControlNet: every condition it serves
+UNION_CONTROL_TYPES = 8  # as xinsir's ProMax
 NATIVE_SIZE = 64  # unet sample_size (8) x VAE scale factor (8)
 
 
-def controlnet_for(condition: str) -> str:
-    """Name of the tiny ControlNet folder used for a condition."""
+def controlnet_for(condition: str, family: str = "sd15") -> str:
+    """Name of the tiny ControlNet folder used for a condition: for SDXL the union
+    ControlNet wherever it serves the condition (as the real catalogue), else one of
+    ``CONTROLNETS``."""
+    from .families import UNION_CONTROL_TYPES as SERVED
+
+    if family == "sdxl" and condition in SERVED:
+        return UNION
     for name, conditions in CONTROLNETS.items():
         if condition in conditions:
             return name
@@ -154,11 +165,16 @@ def _tokenizer(folder: Path):
     return tok
 
 
-def _text_config(vocab_size: int, eos: int, projection_dim: int = 32):
+# SDXL's second text encoder is wider than its first (1280 vs 768); so is the tiny one's,
+# which is also how diffusers tells them apart in a single-file checkpoint.
+TEXT_WIDTHS = {"text_encoder": 32, "text_encoder_2": 48}
+
+
+def _text_config(vocab_size: int, eos: int, projection_dim: int = 32, hidden: int = 32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        bos_token_id=0, eos_token_id=eos, pad_token_id=eos, hidden_size=32,
+        bos_token_id=0, eos_token_id=eos, pad_token_id=eos, hidden_size=hidden,
         intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
         vocab_size=vocab_size, hidden_act="gelu", projection_dim=projection_dim,
         max_position_embeddings=77)
@@ -186,6 +202,32 @@ def _perturb_zero_convs(controlnet, generator) -> None:
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.05)
 
 
+def union_controlnet(unet, generator):
+    """A tiny ``ControlNetUnionModel`` from ``unet``: ``from_unet`` with the union's
+    transformer sized to the tiny UNet (its default is 320 channels, 6 control types),
+    xinsir's 8 control types, and random zero convolutions and fusion projection (so each
+    condition and control type matters)."""
+    import torch
+    from diffusers import ControlNetUnionModel
+
+    first = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    width = int(unet.config.block_out_channels[0])
+    config = {k: v for k, v in first.config.items() if k != "_use_default_values"}
+    config.update(num_control_type=UNION_CONTROL_TYPES, num_trans_channel=width,
+                  num_trans_head=2, num_proj_channel=width)
+    net = ControlNetUnionModel.from_config(config)
+    own = net.state_dict()
+    net.load_state_dict({k: v for k, v in first.state_dict().items()
+                         if k in own and own[k].shape == v.shape}, strict=False)
+    _perturb_zero_convs(net, generator)
+    with torch.no_grad():
+        proj = net.spatial_ch_projs
+        proj.weight.copy_(torch.randn(proj.weight.shape, generator=generator) * 0.3)
+        net.task_embedding.copy_(torch.randn(net.task_embedding.shape, generator=generator)
+                                 * width ** 0.5)
+    return net
+
+
 def build(folder: Path, family: str = "sd15") -> Path:
     """Build the tiny ``family`` stack into ``folder`` (deterministic, offline)."""
     with quiet_progress_bars():
@@ -209,7 +251,8 @@ def _build(folder: Path, family: str) -> Path:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
         if sdxl:
-            unet_kwargs.update(cross_attention_dim=64, attention_head_dim=(2, 4),
+            unet_kwargs.update(cross_attention_dim=sum(TEXT_WIDTHS.values()),
+                               attention_head_dim=(2, 4),
                                use_linear_projection=True, addition_embed_type="text_time",
                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
                                projection_class_embeddings_input_dim=6 * 8 + 32)
@@ -226,13 +269,16 @@ def _build(folder: Path, family: str) -> Path:
         text_encoder = CLIPTextModel(_text_config(len(tokenizer), eos))
         if sdxl:
             _tokenizer(folder / "tokenizer_2")
-            text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), eos))
+            text_encoder_2 = CLIPTextModelWithProjection(
+                _text_config(len(tokenizer), eos, hidden=TEXT_WIDTHS["text_encoder_2"]))
         generator = torch.Generator().manual_seed(SEED + 1)
         controlnets = {}
         for index, name in enumerate(CONTROLNETS):
             net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
             _perturb_zero_convs(net, generator)
             controlnets[name] = net
+        if sdxl:
+            controlnets[UNION] = union_controlnet(unet, generator)
     finally:
         torch.random.set_rng_state(cpu_state)
 

@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from shared import doc_history, geometry, naming
 from shared import pose as openpose
 from shared.client import Client
-from shared.messages import GenerateRequest, Progress, Queued
+from shared.messages import CONDITIONS, GenerateRequest, Progress, Queued
+from shared.offers import Offers, family_label, format_loras
 
 from . import generation, pose, procedures, settings, worker
 from .generation import GenerateOptions
@@ -244,7 +245,8 @@ def _store_history(ctx: _Run, request: GenerateRequest, seeds, names) -> None:
     summary = {"procedure": ctx.spec.name, "condition": values.get("condition", ""),
                "steps": request.steps, "cfg": request.cfg, "sampler": request.sampler,
                "batch": len(seeds), "base_model": request.base_model,
-               "control_weight": values.get("control-weight"), "size": values.get("size")}
+               "control_weight": values.get("control-weight"), "size": values.get("size"),
+               "loras": format_loras(request.loras)}
     if request.mode != "txt2img":
         summary["strength"] = request.strength
     summary.update({ARG_PREFIX + arg.name: values[arg.name] for arg in ctx.spec.args
@@ -355,6 +357,20 @@ def pose_from_photo(ctx: _Run) -> Outcome:
     return Outcome(layer=handles[0], path=path)
 
 
+def offered(models) -> str:
+    """What the server offers per base model, for the Settings report: the conditions of
+    each base that says, and its LoRAs with the family each fits (what the 'Condition'
+    and 'LoRAs' arguments take)."""
+    offer = Offers(models)
+    bases = [m for m in models.models if m.kind == "base" and m.conditions]
+    lines = [f"Base {m.name!r} ({family_label(m.family)}) serves: "
+             f"{', '.join(c for c in m.conditions if c in CONDITIONS)}." for m in bases]
+    loras = ", ".join(f"{info.name} ({family_label(info.family)})" for info in offer.loras)
+    lines.append(f"LoRAs (for the 'LoRAs' argument, e.g. \"name:0.8\"): {loras}." if loras
+                 else "The server lists no LoRAs.")
+    return " ".join(lines)
+
+
 def settings_action(ctx: _Run) -> Outcome:
     """Settings / connection test: save the address and token, then test them."""
     host = ctx.host
@@ -376,7 +392,7 @@ def settings_action(ctx: _Run) -> Outcome:
               f"{welcome.engine}, protocol {welcome.protocol}). Default model: "
               f"{models.default_base or 'none'} ({family}); {controlnets} ControlNet model(s) "
               f"present; annotators: {', '.join(annotators) or 'none'}; jobs in the queue: "
-              f"{status.queue_length}. Token: {conn.token_source}.")
+              f"{status.queue_length}. Token: {conn.token_source}. {offered(models)}")
     if path is not None:
         report += " Settings saved."
     last = stored_history(host)[:1]

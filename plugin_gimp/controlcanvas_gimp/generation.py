@@ -21,7 +21,9 @@ from typing import Any, Mapping, Optional, Tuple
 
 from shared.geometry import DEFAULT_NATIVE_SIDE, NATIVE_SIDE
 from shared.images import Image
-from shared.messages import ControlUnit, GenerateRequest, Limits, Models, Pose
+from shared.errors import FieldError
+from shared.messages import ControlUnit, GenerateRequest, Limits, LoraRef, Models, Pose
+from shared.offers import Offers, parse_loras
 
 from .problems import UsageError
 
@@ -47,6 +49,7 @@ class GenerateOptions:
     control_mode: str
     size: str
     base_model: str
+    loras: Tuple[LoraRef, ...] = ()
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "GenerateOptions":
@@ -59,11 +62,30 @@ class GenerateOptions:
             sampler=values["sampler"], control_weight=values["control-weight"],
             control_start=values["control-start"], control_end=values["control-end"],
             control_mode=values["control-mode"], size=values["size"],
-            base_model=values["base-model"].strip())
+            base_model=values["base-model"].strip(), loras=_loras(values.get("loras", "")))
         if opts.control_start >= opts.control_end:
             raise UsageError(f"Control start ({opts.control_start:g}) must be smaller than "
                              f"control end ({opts.control_end:g}).", field="control-start")
         return opts
+
+
+def _loras(text: str) -> Tuple[LoraRef, ...]:
+    """The 'LoRAs' argument ("ink:0.8, watercolour") as the request's LoRAs."""
+    try:
+        return parse_loras(text, field="LoRAs")
+    except FieldError as err:
+        raise UsageError(f"{err.message} Example: \"ink:0.8, watercolour\"; Settings / "
+                         f"connection test… lists the server's LoRAs.", field="loras") from None
+
+
+def check_offered(opts: GenerateOptions, models: Optional[Models]) -> None:
+    """Refuse, before anything is sent, a condition the chosen base cannot serve (the
+    server's per-base list; it names the bases that can) and a LoRA the server does not
+    list (naming those it has) or that was made for another family than the base."""
+    offer = Offers(models)
+    if opts.condition != "none":
+        offer.check_condition(opts.condition, opts.base_model)
+    offer.check_loras(opts.loras, opts.base_model)
 
 
 def _round8(value: float) -> int:
@@ -94,13 +116,7 @@ def generation_size(width: int, height: int, size: str, native_side: int,
 
 def family_of(models: Optional[Models], base_model: str = "") -> str:
     """The family (sd15, sdxl, ...) of the base model a request will use; '' if unknown."""
-    if models is None:
-        return ""
-    name = base_model or models.default_base
-    for info in models.models:
-        if info.kind == "base" and info.name == name:
-            return info.family
-    return ""
+    return Offers(models).family(base_model)
 
 
 def native_side(models: Optional[Models], base_model: str = "") -> int:
@@ -170,6 +186,7 @@ def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
     it generates at.  With ``inpaint_strength`` the request repaints slot 0 where the
     mask in slot 1 is white; the control unit is left out for condition ``none``.
     """
+    check_offered(opts, models)
     w, h = generation_size(width, height, opts.size, native_side(models, opts.base_model),
                            limits)
     units = ()
@@ -185,7 +202,8 @@ def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
     return GenerateRequest(width=w, height=h, prompt=opts.prompt,
                            negative_prompt=opts.negative_prompt, seed=seed, steps=opts.steps,
                            cfg=opts.cfg, sampler=opts.sampler, batch=opts.batch,
-                           base_model=opts.base_model, controls=units, **mode)
+                           base_model=opts.base_model, controls=units, loras=opts.loras,
+                           **mode)
 
 
 _GREY_TO_RGBA = tuple(bytes((v, v, v, 255)) for v in range(256))

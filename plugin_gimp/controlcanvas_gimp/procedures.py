@@ -68,6 +68,12 @@ POSE_SOURCE_CHOICES = (
 )
 
 
+LORAS_HELP = ("LoRAs (styles, characters) from the server's LoRA folder, as name:strength "
+              "separated by commas, e.g. \"ink:0.8, watercolour\" (strength -2 to 2, 1 when "
+              "left out, 0 off). Settings / connection test… lists the server's LoRAs and the "
+              "base models each fits. Blank: none")
+
+
 @dataclass(frozen=True)
 class Arg:
     """One procedure argument: kind is string, int, double, boolean or choice."""
@@ -212,6 +218,7 @@ def generation_args() -> Tuple[Arg, ...]:
                 "layer's exact size and position", SIZE_CHOICES, "model"),
         _string("base-model", "Base model", "Model name on the server; blank: the server's "
                 "default"),
+        _string("loras", "LoRAs", LORAS_HELP),
     )
 
 

@@ -19,7 +19,7 @@ from . import live as live_mod, pixels, plan, pose as pose_mod
 from .plan import CanvasPort, HistoryItem, Placement, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
     messages, pose as openpose
-from .proto import doc_history, loopback, naming
+from .proto import doc_history, loopback, naming, offers
 from .settings import Settings
 from .worker import Connected, Connecting, Disconnected, JobFailed, Worker
 
@@ -139,13 +139,15 @@ class Controller:
             self._histories[key] = self._stored_history(canvas)
         return self._histories[key]
 
-    def _store(self, canvas: CanvasPort, item: HistoryItem, names: List[str]) -> None:
+    def _store(self, canvas: CanvasPort, item: HistoryItem, names: List[str],
+               loras: Tuple[messages.LoraRef, ...] = ()) -> None:
         """Add ``item`` to the record kept in the document (saved with the file)."""
         settings = self.settings
         summary = {"mode": settings.mode, "steps": settings.steps, "cfg": settings.cfg,
                    "sampler": settings.sampler, "batch": len(item.images),
                    "base_model": settings.base_model, "hires": settings.hires,
-                   "condition": "+".join(u.condition for u in settings.units if u.enabled)}
+                   "condition": "+".join(u.condition for u in settings.units if u.enabled),
+                   "loras": offers.format_loras(loras)}
         if settings.mode != "txt2img":
             summary["strength"] = settings.strength
         entry = doc_history.Entry(item.prompt, settings.negative_prompt, tuple(item.seeds),
@@ -238,6 +240,11 @@ class Controller:
             return None
         return next((a for a in self.models.annotators if a.name == name), None)
 
+    def offers(self) -> offers.Offers:
+        """What the server offers per base model (conditions, LoRAs); offers everything
+        and checks nothing before it answered."""
+        return offers.Offers(self.models)
+
     def declared_params(self) -> Optional[Dict[str, Tuple[str, ...]]]:
         """Each annotator's parameter names, None before the server listed them."""
         if self.models is None:
@@ -294,7 +301,7 @@ class Controller:
             return None
         try:
             job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch,
-                                  declared=self.declared_params())
+                                  declared=self.declared_params(), offer=self.offers())
         except (PlanError, pixels.PixelError, openpose.PoseError) as err:
             self.say(str(err), "error")
             return None
@@ -602,16 +609,18 @@ class Controller:
             self.say(f"Disconnected from {event.url}.", "error")
 
     def add_result(self, canvas: CanvasPort, prompt: str, images, placement: Placement,
-                   message: str = "", job_id: str = "") -> List[str]:
+                   message: str = "", job_id: str = "",
+                   loras: Tuple[messages.LoraRef, ...] = ()) -> List[str]:
         """Insert result images as layers (one undo step) and add them to the history
-        shown and the one kept in the document; the new layers' ids."""
+        shown and the one kept in the document (with the request's ``loras``); the new
+        layers' ids."""
         item = HistoryItem(job_id, prompt, list(images), placement, self.settings.to_json())
         item.layer_ids = self._insert(canvas, prompt, item.images, placement)
         history = self._history_of(canvas)
         history.insert(0, item)
         del history[HISTORY_SIZE:]
         if item.layer_ids:
-            self._store(canvas, item, self._layer_names(prompt, item.images))
+            self._store(canvas, item, self._layer_names(prompt, item.images), loras)
             if message:
                 self.say(message)
         self._changed("history")
@@ -622,7 +631,7 @@ class Controller:
             job_plan = active.plan
             images = [(image, meta.seed) for meta, image in event.images]
             self.add_result(active.canvas, job_plan.prompt, images, job_plan.placement,
-                            job_id=event.job_id)
+                            job_id=event.job_id, loras=job_plan.request.loras)
             self.progress = (self.progress[1], self.progress[1])
         elif active.kind == "control-preview":
             if not event.images:

@@ -10,32 +10,23 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import plan
 from .controller import Controller
-from .proto import messages
+from .lora_panel import LoraPanel
+from .proto import messages, offers
 from .qt import Qt, QtCore, QtGui, QtWidgets, qimage_from_rgba
 from .settings import (CONTROL_MODE_LABELS, CONTROL_MODES, MODE_LABELS, MODES,
                        RESIZE_MODE_LABELS, RESIZE_MODES, Settings, UnitSettings)
+from .widgets import narrow as _narrow, set_item_enabled, small_label as _small_label
 
 W = QtWidgets
-CONDITION_LABELS = {
-    "lineart": "Line art", "lineart_anime": "Anime line art", "scribble": "Scribble",
-    "softedge": "Soft edge", "canny": "Canny edges", "depth": "Depth", "normal": "Normal map",
-    "openpose": "Pose", "mlsd": "Straight lines", "seg": "Segmentation", "tile": "Tile",
-    "shuffle": "Shuffle", "inpaint": "Inpaint",
-}
+CONDITION_LABELS = offers.CONDITION_LABELS
 STATE_COLOURS = {"online": "#3fb950", "connecting": "#d29922", "offline": "#8b949e",
                  "error": "#f85149"}
 MESSAGE_COLOURS = {"info": "palette(text)", "warning": "#d29922", "error": "#f85149"}
 VISIBLE_IMAGE = "(visible image)"
+CONDITION_TIP = ("What the control image shows (picks the ControlNet). Greyed out: the chosen "
+                 "base model has no ControlNet for it (hover it to see which bases do)")
 INT_LIMIT = 2**31 - 1  # what a QSpinBox holds
 LIVE_OFF = "Off. Frames go into the layer 'ControlCanvas live'."
-
-
-def _narrow(box: W.QComboBox, chars: int = 5) -> W.QComboBox:
-    """Let a combo box shrink with the docker instead of forcing its width."""
-    box.setSizeAdjustPolicy(W.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-    box.setMinimumContentsLength(chars)
-    box.setSizePolicy(W.QSizePolicy.Policy.Expanding, W.QSizePolicy.Policy.Fixed)
-    return box
 
 
 def _combo(items, current=None) -> W.QComboBox:
@@ -67,14 +58,6 @@ def _spin(lo, hi, value, step=1.0, decimals=None) -> W.QAbstractSpinBox:
         box.setValue(value)
     box.setKeyboardTracking(False)
     return box
-
-
-def _small_label(text: str) -> W.QLabel:
-    label = W.QLabel(text)
-    font = label.font()
-    font.setPointSizeF(max(7.0, font.pointSizeF() * 0.9))
-    label.setFont(font)
-    return label
 
 
 def _lines_label(lines: int) -> W.QLabel:
@@ -225,7 +208,9 @@ class UnitWidget(W.QFrame):
         self._layer_id = unit.layer_id
         self._annotator = unit.annotator
         self._params, self._params_for = dict(unit.params), unit.annotator
+        self._offer, self._base = offers.Offers(None), ""
         self.condition.currentIndexChanged.connect(self.fill_annotators)
+        self.condition.currentIndexChanged.connect(self._condition_tip)
         self.annotator.currentIndexChanged.connect(self.fill_params)
         self.options.toggled.connect(self._show_params)
         self.layer.currentIndexChanged.connect(self._layer_changed)
@@ -238,7 +223,7 @@ class UnitWidget(W.QFrame):
         self.enabled.setToolTip("Use this unit")
         self.condition = _combo([(c, CONDITION_LABELS.get(c, c)) for c in messages.CONDITIONS
                                  if c != "inpaint"], unit.condition)
-        self.condition.setToolTip("What the control image shows (picks the ControlNet)")
+        self.condition.setToolTip(CONDITION_TIP)
         self.remove = W.QToolButton()
         self.remove.setText("✕")
         self.remove.setToolTip("Remove this control unit")
@@ -308,6 +293,22 @@ class UnitWidget(W.QFrame):
     def _layer_changed(self) -> None:
         if self.layer.currentIndex() >= 0:
             self._layer_id = self.layer.currentData() or ""
+
+    def fill_conditions(self, offer: offers.Offers, base: str) -> None:
+        """Grey out the conditions the chosen base model cannot serve (as the server says),
+        each with why in its tooltip; the unit's own condition stays selected."""
+        self._offer, self._base = offer, base
+        served = offer.conditions(base)
+        for index in range(self.condition.count()):
+            condition = self.condition.itemData(index)
+            problem = "" if condition in served else offer.condition_problem(condition, base)
+            set_item_enabled(self.condition, index, not problem, problem)
+        self._condition_tip()
+
+    def _condition_tip(self) -> None:
+        """The condition list's tooltip: why the unit's condition cannot be served, if so."""
+        self.condition.setToolTip(self._offer.condition_problem(self.condition.currentData(),
+                                                                self._base) or CONDITION_TIP)
 
     def fill_layers(self, layers: List[plan.LayerInfo]) -> None:
         keep = self._layer_id
@@ -426,6 +427,7 @@ class DockerPanel(W.QWidget):
         for title, build in (("Prompt", self._build_prompt_options),
                              ("Control", self._build_control),
                              ("Sampling", self._build_sampling),
+                             ("LoRA", self._build_loras),
                              ("Live", self._build_live),
                              ("History", self._build_history)):
             section = Section(title)
@@ -605,6 +607,9 @@ class DockerPanel(W.QWidget):
         grid.setColumnStretch(3, 1)
         section.box.addLayout(grid)
 
+    def _build_loras(self, section: "Section") -> None:
+        self.lora_panel = LoraPanel(section, self.collect)
+
     def _build_live(self, section: "Section") -> None:
         """Live painting's options (the toggle sits beside Generate): the few-step preset,
         and what the last frames did."""
@@ -686,6 +691,7 @@ class DockerPanel(W.QWidget):
         self.token.textEdited.connect(self._token_hint)
         self.preset.activated.connect(self.on_preset)
         self.mode.currentIndexChanged.connect(self._mode_changed)
+        self.base_model.currentTextChanged.connect(self._base_changed)
         self.add_unit_button.clicked.connect(self.on_add_unit)
         self.pose_add.clicked.connect(lambda: self.controller.insert_pose(""))
         self.pose_detect.clicked.connect(self.on_detect_pose)
@@ -725,7 +731,9 @@ class DockerPanel(W.QWidget):
             self._drop_unit(widget)
         for unit in s.units:
             self._add_unit(unit)
+        self.lora_panel.load(s.loras)
         self._mode_changed()
+        self._base_changed()
 
     def collect(self) -> Settings:
         s = self.controller.settings
@@ -745,6 +753,7 @@ class DockerPanel(W.QWidget):
         s.base_model = self.base_model.currentText().strip()
         s.hires = self.hires.isChecked()
         s.units = [w.value() for w in self.units]
+        s.loras = self.lora_panel.values()
         return s
 
     def _mode_changed(self) -> None:
@@ -754,10 +763,19 @@ class DockerPanel(W.QWidget):
 
     # -- units ----------------------------------------------------------------------
 
+    def _base_changed(self) -> None:
+        """The chosen base model (or the server's list) changed: each unit's conditions and
+        the LoRA choices follow it."""
+        offer, base = self.controller.offers(), self.base_model.currentText().strip()
+        for widget in self.units:
+            widget.fill_conditions(offer, base)
+        self.lora_panel.refresh(offer, base)
+
     def _add_unit(self, unit: UnitSettings) -> UnitWidget:
         widget = UnitWidget(self, unit)
         widget.fill_layers(self._layers)
         widget.fill_annotators()
+        widget.fill_conditions(self.controller.offers(), self.base_model.currentText().strip())
         self.units.append(widget)
         self.units_box.addWidget(widget)
         return widget
@@ -873,6 +891,7 @@ class DockerPanel(W.QWidget):
             for widget in self.units:
                 widget.fill_annotators()
             self._fill_base_models()
+            self._base_changed()
             self._fill_live_presets()
         elif what == "live":
             self._show_live()

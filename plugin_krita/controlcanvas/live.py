@@ -56,6 +56,7 @@ class Frame:
     placement: Placement
     prompt: str
     seed: int
+    loras: tuple = ()  # the request's LoRAs (messages.LoraRef), kept in the history
 
 
 class LiveSession:
@@ -190,7 +191,7 @@ class LiveSession:
             canvas.set_layer_visible(self.layer_id, False)
         try:
             job_plan = plan.build(settings, canvas, seed=settings.seed, batch=1,
-                                  declared=c.declared_params())
+                                  declared=c.declared_params(), offer=c.offers())
         finally:
             if hide:
                 canvas.set_layer_visible(self.layer_id, True)
@@ -252,7 +253,8 @@ class LiveSession:
             self.stop(f"the frame could not be shown ({err}).", "error")
             return
         self.frame = Frame(image, placement, job_plan.prompt,
-                           seed if seed is not None else job_plan.request.seed)
+                           seed if seed is not None else job_plan.request.seed,
+                           job_plan.request.loras)
         self.frames += 1
         self.controller.notify("live")
 
@@ -267,7 +269,8 @@ class LiveSession:
         name = naming.layer_name(frame.prompt, frame.seed)
         placement = replace(frame.placement, mask=None)  # the frame is masked already
         ids = self.controller.add_result(canvas, frame.prompt, [(frame.image, frame.seed)],
-                                         placement, f"Kept the live frame as {name!r}.")
+                                         placement, f"Kept the live frame as {name!r}.",
+                                         loras=frame.loras)
         return ids[0] if ids else None
 
 

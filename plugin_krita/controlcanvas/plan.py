@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import pixels
-from .proto import Image, errors, geometry, messages, pose as openpose
+from .proto import Image, errors, geometry, messages, offers, pose as openpose
 from .settings import Settings, UnitSettings
 
 Box = Tuple[int, int, int, int]
@@ -190,11 +190,47 @@ def unit_params(unit: UnitSettings, preprocessor: str,
     return {k: v for k, v in unit.params.items() if known is None or k in known}
 
 
+def lora_refs(settings: Settings, offer: Optional[offers.Offers] = None
+              ) -> Tuple[messages.LoraRef, ...]:
+    """The docker's LoRA rows as the request's LoRAs (rows without a LoRA left out),
+    checked against the server's list when it answered (``offer``): a LoRA it does not
+    have, or one of another family than the base, is the server's own typed error."""
+    refs: List[messages.LoraRef] = []
+    for row in settings.loras:
+        name = row.name.strip()
+        if not name:
+            continue
+        if any(ref.name == name for ref in refs):
+            raise PlanError(f"The LoRA {name!r} is in the list twice; remove one of its rows.")
+        try:
+            refs.append(messages.LoraRef(name, row.strength))
+        except errors.ControlCanvasError as err:
+            raise PlanError(f"LoRA {name!r}: {err.message}") from None
+    if offer is not None:
+        offer.check_loras(refs, settings.base_model)
+    return tuple(refs)
+
+
+def check_conditions(settings: Settings, offer: Optional[offers.Offers]) -> None:
+    """Each enabled unit's condition must be one the chosen base serves (the server's
+    list; a server that does not say leaves every condition open)."""
+    if offer is None:
+        return
+    for index, unit in enumerate(u for u in settings.units if u.enabled):
+        problem = offer.condition_problem(unit.condition, settings.base_model)
+        if problem:
+            raise PlanError(f"Control unit {index + 1}: {problem}")
+
+
 def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
           batch: Optional[int] = None,
-          declared: Optional[Mapping[str, Sequence[str]]] = None) -> Plan:
+          declared: Optional[Mapping[str, Sequence[str]]] = None,
+          offer: Optional[offers.Offers] = None) -> Plan:
     """Read the canvas and build the request the docker's Generate button sends
-    (``declared``: each annotator's parameter names, when the server listed them)."""
+    (``declared``: each annotator's parameter names, when the server listed them;
+    ``offer``: what the server offers, to check conditions and LoRAs before sending)."""
+    check_conditions(settings, offer)
+    loras = lora_refs(settings, offer)
     doc = canvas.info()
     notes: List[str] = []
     note = pixels.depth_note(doc.color_model, doc.color_depth)
@@ -251,7 +287,7 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
             cfg=settings.cfg, sampler=settings.sampler, strength=settings.strength,
             batch=batch or settings.batch, base_model=settings.base_model.strip(),
             init_image=init_slot, mask_image=mask_slot, controls=tuple(units),
-            hires=settings.hires)
+            hires=settings.hires, loras=loras)
     except errors.ControlCanvasError as err:
         raise PlanError(f"A setting is out of range: {err}") from None
     placement = place_results(settings, doc, box, mask_plane)

@@ -68,7 +68,8 @@ _load_websockets()
 
 if BUNDLED:
     from ._vendor.shared import (client, codec, doc_history, errors, geometry,  # noqa: F401
-                                 images, loopback, messages, naming, paths, pose, session)
+                                 images, loopback, messages, naming, offers, paths, pose,
+                                 session)
 else:
     client = importlib.import_module("shared.client")
     codec = importlib.import_module("shared.codec")
@@ -82,6 +83,7 @@ else:
     geometry = importlib.import_module("shared.geometry")
     naming = importlib.import_module("shared.naming")
     doc_history = importlib.import_module("shared.doc_history")
+    offers = importlib.import_module("shared.offers")
 
 Image = images.Image
 Client = client.Client

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .proto import messages
 
 DEFAULT_URL = "ws://127.0.0.1:7351"
 MODES = ("txt2img", "img2img", "inpaint")
@@ -22,6 +23,7 @@ CONTROL_MODE_LABELS = {"balanced": "Balanced", "prompt": "Prompt is more importa
                        "control": "Control is more important"}
 PLACES = ("above", "below")
 RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
+LORA_MIN, LORA_MAX = messages.LORA_STRENGTH  # a LoRA's strength
 RESIZE_MODE_LABELS = {"crop_and_resize": "Crop to fit", "just_resize": "Stretch",
                       "resize_and_fill": "Fit inside (pad)"}
 
@@ -39,6 +41,14 @@ class UnitSettings:
     enabled: bool = True
     resize_mode: str = "crop_and_resize"  # how the layer is fitted to the generation size
     params: Dict[str, Any] = field(default_factory=dict)  # the annotator's, non-defaults
+
+
+@dataclass
+class LoraSettings:
+    """One row of the docker's LoRA list: a LoRA the server lists, by name, and its
+    strength (-2..2; 0 leaves it out in effect)."""
+    name: str = ""
+    strength: float = 1.0
 
 
 @dataclass
@@ -60,6 +70,7 @@ class Settings:
     preview_every: int = 4
     base_model: str = ""  # "" = the server's default
     hires: bool = False  # a second, full-size pass for detail
+    loras: List[LoraSettings] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -94,6 +105,8 @@ class Settings:
                                        isinstance(v, (bool, int, float, str))}
                         units.append(unit)
                 out.units = units
+            elif f.name == "loras":
+                out.loras = _loras_from(value)
             elif isinstance(value, type(getattr(out, f.name))) or \
                     (isinstance(getattr(out, f.name), float) and type(value) is int):
                 setattr(out, f.name, type(getattr(out, f.name))(value))
@@ -102,3 +115,17 @@ class Settings:
         if out.place not in PLACES:
             out.place = "above"
         return out
+
+
+def _loras_from(value: Any) -> List[LoraSettings]:
+    """The saved LoRA rows: a row with a name that is not text is dropped, a strength
+    outside -2..2 (or not a number) falls back to 1."""
+    rows = []
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("name", ""), str):
+            continue
+        strength = item.get("strength", 1.0)
+        if type(strength) not in (int, float) or not LORA_MIN <= strength <= LORA_MAX:
+            strength = 1.0
+        rows.append(LoraSettings(name=item.get("name", ""), strength=float(strength)))
+    return rows

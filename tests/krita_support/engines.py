@@ -24,3 +24,4 @@ class RecordingEngine(FakeEngine):
         out = super().preprocess(message, image, ctx)
         self.preprocessed.append((message, image, out.image))
         return out
+

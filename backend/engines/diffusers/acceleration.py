@@ -54,6 +54,7 @@ from shared.errors import ConfigError
 from shared.images import Image
 
 from ...imaging import from_array
+from .loaders import dtype_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def load_sdxl_vae(fast: FastPath, catalogue, dtype):
         raise ModelMissing(f"The SDXL VAE {fast.sdxl_vae!r} set as [engine] sdxl_vae is not on "
                            f"this machine: `controlcanvas models download {fast.sdxl_vae}`, or "
                            f"point sdxl_vae at its folder.", field="sdxl_vae")
-    return AutoencoderKL.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True, **dtype_kwargs(dtype))
 
 
 # -- TAESD previews ------------------------------------------------------------------
@@ -374,8 +375,8 @@ class TinyPreviews:
                             family, configured)
             return None
         try:
-            model = AutoencoderTiny.from_pretrained(folder, dtype=self.dtype,
-                                                    local_files_only=True)
+            model = AutoencoderTiny.from_pretrained(folder, local_files_only=True,
+                                                    **dtype_kwargs(self.dtype))
         except Exception as err:  # noqa: BLE001 - a broken preview model must not fail jobs
             log.warning("could not load TAESD from %s (%s); previews use the latent "
                         "approximation", folder, err)

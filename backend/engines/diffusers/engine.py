@@ -1,4 +1,5 @@
-"""DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL).
+"""DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL, each also with a
+9-channel inpainting UNet; classic and union ControlNets).
 
 This module imports torch and diffusers; nothing else in ``backend`` does at
 import time.  It is called from the job worker thread only (one thread owns the
@@ -8,7 +9,9 @@ How one request becomes pixels (``generate``):
 
 1. **Models.** The base model and each unit's ControlNet are resolved by
    :class:`backend.engines.catalogue.Catalogue` (hub cache, folder, single file, or the
-   built-in tiny stack) and loaded once.  Loaded bases and ControlNets live in
+   built-in tiny stack; what each is - family, inpainting UNet, union ControlNet - comes
+   from :mod:`backend.engines.families`) and loaded once (:mod:`.loaders`).  Loaded bases
+   and ControlNets live in
    one LRU bounded by a memory budget.  The pipelines for each mode are made
    from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
    The request's LoRAs (``request.loras``, files of the LoRA folder) are loaded into the
@@ -44,7 +47,9 @@ How one request becomes pixels (``generate``):
 
    A unit whose scale is 0 at a step (weight 0, or outside its start/end range)
    is not run at all; when no unit runs the UNet gets no residuals, so weight 0
-   is exactly "no control".
+   is exactly "no control".  The units served by one union ControlNet (SDXL's default)
+   with the same control mode run as one call with one control type each.  A ControlNet's
+   quirks (SD1.5 lineart_anime: clip skip 2, no guess mode) come from the families table.
 5. **Inpaint.** Only the selection changes: the generated region is pasted back
    with a feathered weight that is zero outside the selection, and every pixel
    with weight zero is copied from the input unchanged (bit for bit).
@@ -82,7 +87,8 @@ from PIL import Image as PILImage
 
 from diffusers import ControlNetModel
 
-from shared.errors import ConfigError, EngineError, ModelMissing, OutOfMemory, Unsupported
+from shared.errors import (ConfigError, ControlCanvasError, EngineError, ModelMissing, OutOfMemory,
+                           Unsupported)
 from shared.images import Image
 from shared.messages import GenerateRequest, Models, Preprocess
 
@@ -91,7 +97,8 @@ from ...annotators.library import annotate, list_annotators
 from ...annotators.registry import Annotated
 from ...imaging import from_array, to_array
 from ..base import Generated, JobContext, step_boundary
-from ..catalogue import DEFAULT_BASES, DEMO_BASE, Catalogue, ModelConfig, Resolved
+from ..catalogue import DEMO_BASE, Catalogue, ModelConfig, Resolved
+from ..families import check_unit, quirks, union_control_type
 from ..presets import Sampling, apply_preset, check_family
 from ..tiny import quiet_progress_bars
 from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews, choose_device,
@@ -103,10 +110,11 @@ from .compiled import uncompile
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
+from .loaders import dtype_kwargs, read_base, read_controlnet
 from .lora import apply_loras
 from .reuse import PROMPT_CACHE_SIZE, control_window, prompt_kwargs
-from .pipelines import (PIPELINES, cancel_points, inpaint_condition, latent_preview,
-                        to_pipeline_image)
+from .pipelines import (PIPELINES, cancel_points, control_image, full_mask_pass,
+                        inpaint_condition, latent_preview)
 from .samplers import make_scheduler
 from .units import ControlUnits
 
@@ -321,13 +329,13 @@ class DiffusersEngine:
         self._make_room(disk_bytes(resolved.path), keep=keep)
         family = resolved.family
         cls = PIPELINES[(family, "txt2img", False)]
-        kwargs: Dict[str, Any] = dict(dtype=self.dtype)
+        kwargs: Dict[str, Any] = {}
         if family == "sd15":
             kwargs.update(safety_checker=None, feature_extractor=None,
                           requires_safety_checker=False)
         try:
             with quiet_progress_bars():
-                pipe = self._read_base(resolved, cls, kwargs)
+                pipe = read_base(resolved, cls, self.dtype, self.catalogue, **kwargs)
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise
@@ -362,20 +370,6 @@ class DiffusersEngine:
         return prepare_pipeline(pipe, self.fast, family, self.dtype, self.stats, name,
                                 compile_it=not self.offload)
 
-    def _read_base(self, resolved: Resolved, cls, kwargs: Dict[str, Any]):
-        if resolved.source != "file":
-            return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
-        from huggingface_hub import constants
-
-        # A single file carries weights only; the component configs come from the
-        # family's default repo when it is cached, else diffusers fetches just those
-        # small config files (online) - into, and later from, the configured cache.
-        config = self.catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base")
-        if config is not None:
-            kwargs = dict(kwargs, config=str(config))
-        return cls.from_single_file(resolved.path, cache_dir=self.catalogue.config.cache_dir,
-                                    local_files_only=bool(constants.HF_HUB_OFFLINE), **kwargs)
-
     def _load_net(self, resolved: Resolved, keep: Sequence[str]) -> ControlNetModel:
         key = resolved.key
         entry = self._nets.get(key)
@@ -385,7 +379,9 @@ class DiffusersEngine:
         self._make_room(disk_bytes(resolved.path), keep=keep)
         try:
             with quiet_progress_bars():
-                model = self._read_net(resolved)
+                model = read_controlnet(resolved, self.dtype, self.catalogue)
+        except ControlCanvasError:
+            raise  # our loader's own typed error says what to do
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise
@@ -401,22 +397,6 @@ class DiffusersEngine:
         self._nets[key] = NetEntry(model, module_bytes(model))
         self.stats["loads"] += 1
         return model
-
-    def _read_net(self, resolved: Resolved) -> ControlNetModel:
-        if resolved.source != "file":
-            return ControlNetModel.from_pretrained(resolved.path, dtype=self.dtype,
-                                                   local_files_only=True)
-        from huggingface_hub import constants
-
-        # A diffusers-keyed file may sit beside its config.json; an original
-        # (lllyasviel-format) file gets its config inferred by diffusers.
-        kwargs: Dict[str, Any] = {}
-        sibling = Path(resolved.path).with_name("config.json")
-        if sibling.is_file():
-            kwargs["config"] = str(sibling.parent)
-        return ControlNetModel.from_single_file(
-            resolved.path, dtype=self.dtype, local_files_only=bool(constants.HF_HUB_OFFLINE),
-            cache_dir=self.catalogue.config.cache_dir, **kwargs)
 
     def _make_room(self, needed: int, keep: Sequence[str]) -> None:
         """Evict least recently used models until ``needed`` more bytes fit the budget."""
@@ -456,9 +436,9 @@ class DiffusersEngine:
                 pipe = entry.pipe
             # from_pipe casts the shared modules to its dtype (default fp32): pass ours.
             elif controls:
-                pipe = cls.from_pipe(entry.pipe, controlnet=units, dtype=self.dtype)
+                pipe = cls.from_pipe(entry.pipe, controlnet=units, **dtype_kwargs(self.dtype))
             else:
-                pipe = cls.from_pipe(entry.pipe, dtype=self.dtype)
+                pipe = cls.from_pipe(entry.pipe, **dtype_kwargs(self.dtype))
             if entry.vae_fp32:  # from_pipe cast the shared VAE to the pipeline's dtype
                 vae_in_fp32(pipe.vae, self.dtype)
             pipe.set_progress_bar_config(disable=True)
@@ -607,16 +587,17 @@ class DiffusersEngine:
         base = self.catalogue.resolve_base(request.base_model)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
                          for u in request.controls]
+        types = [_control_type(u, r, base) for u, r in zip(request.controls, resolved_nets)]
         keep = [base.key] + [r.key for r in resolved_nets]
         self._in_use.append(keep)  # a job run in a pause must not evict these
         try:
             return self._generate_on(request, images, ctx, low_memory, base, resolved_nets,
-                                     sampling, preset)
+                                     types, sampling, preset)
         finally:
             self._in_use.pop()
 
-    def _generate_on(self, request, images, ctx, low_memory, base, resolved_nets, sampling,
-                     preset) -> List[Generated]:
+    def _generate_on(self, request, images, ctx, low_memory, base, resolved_nets, types,
+                     sampling, preset) -> List[Generated]:
         keep = self._in_use[-1]
         entry = self._load_base(base, keep)
         check_family(preset, entry.family, base.name)
@@ -639,8 +620,8 @@ class DiffusersEngine:
         order = sorted(range(len(nets)), key=lambda i: bool(nets[i].config.global_pool_conditions))
         cfg = request.cfg > 1.0 and entry.pipe.unet.config.time_cond_proj_dim is None
         units = ControlUnits([nets[i] for i in order],
-                             [request.controls[i].control_mode for i in order], cfg) \
-            if nets else None
+                             [request.controls[i].control_mode for i in order], cfg,
+                             [types[i] for i in order]) if nets else None
 
         run = _JobRun(ctx, len(seeds) * plan.steps_per_image, sampling, cfg)
         out = []
@@ -684,6 +665,8 @@ class DiffusersEngine:
     def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order,
                   seed: int, run: "_JobRun") -> np.ndarray:
         controls = bool(request.controls)
+        if entry.resolved.inpaint and p.kind != "inpaint":
+            p = full_mask_pass(p)  # a 9-channel UNet runs in the inpaint pipelines only
         pipe = self._pipeline(entry, p.kind, controls, units)
         pipe.scheduler = self._scheduler(entry, run.sampling.scheduler)
         _set_vae_tiling(pipe, p.vae_tiling)
@@ -702,7 +685,7 @@ class DiffusersEngine:
                 self._pause(ctx, lambda: self._resume(entry, request, pipe, p))
             return {}
 
-        kwargs = self._call_kwargs(request, p, entry, pipe, order, seed, run)
+        kwargs = self._call_kwargs(request, p, entry, pipe, units, order, seed, run)
         kwargs.update(callback_on_step_end=on_step,
                       callback_on_step_end_tensor_inputs=["latents"])
         depth = self._depth
@@ -711,21 +694,24 @@ class DiffusersEngine:
         result = self._check_finite(result, entry)
         return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
-    def _call_kwargs(self, request: GenerateRequest, p: Pass, entry: BaseEntry, pipe, order,
-                     seed: int, run: "_JobRun") -> Dict[str, Any]:
+    def _call_kwargs(self, request: GenerateRequest, p: Pass, entry: BaseEntry, pipe, units,
+                     order, seed: int, run: "_JobRun") -> Dict[str, Any]:
         """The pipeline's arguments for one pass (the step callback apart)."""
         w, h = p.size
         generator = torch.Generator(device=self._generator_device()).manual_seed(seed)
         negative = request.negative_prompt or None
+        skip = _clip_skip(request.controls, order, units.control_types, entry.family) \
+            if units else 1
         kwargs: Dict[str, Any] = prompt_kwargs(pipe, entry, request.prompt, negative, run.cfg,
                                                self.stats, self.prompt_cache_size,
-                                               lambda: _note_long_prompts(pipe, request))
+                                               lambda: _note_long_prompts(pipe, request), skip)
         kwargs.update(num_inference_steps=p.steps, guidance_scale=request.cfg,
                       generator=generator, height=h, width=w, output_type="np")
         if run.sampling.eta is not None:
             kwargs["eta"] = run.sampling.eta
         if request.controls:
-            images = [to_pipeline_image(p.controls[i]) for i in order]
+            images = [control_image(p.controls[i], union=units.control_types[k] is not None)
+                      for k, i in enumerate(order)]
             units_ = request.controls
             windows = [control_window(units_[i].start, units_[i].end, p.runs) for i in order]
             kwargs.update(
@@ -781,8 +767,9 @@ class DiffusersEngine:
                     "or \"fp32\"", entry.resolved.name, dtype_name(self.dtype))
         return np.nan_to_num(result, nan=0.0, posinf=1.0, neginf=0.0)
 
-    def _generator_device(self) -> str:
-        return "cuda" if self.device.type == "cuda" else "cpu"
+    def _generator_device(self) -> torch.device:
+        """The engine's own CUDA device (``cuda:1`` stays ``cuda:1``), else the CPU."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _compose(self, plan: Plan, rgb: np.ndarray) -> Image:
         """The generated region at exactly the canvas size (inpaint: pasted into the input)."""
@@ -812,6 +799,25 @@ class DiffusersEngine:
         target[changed] = blended[changed]
         return from_array(out)
 
+
+
+def _clip_skip(units, order, control_types, family: str) -> int:
+    """The clip skip the units with a weight need (a ControlNet's quirk: SD1.5's
+    lineart_anime was trained with clip skip 2); 1 = none."""
+    return max((quirks(family, units[i].condition, control_types[k] is not None).clip_skip
+                for k, i in enumerate(order) if units[i].weight > 0), default=1)
+
+
+def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:
+    """The unit's union control type (None for a classic ControlNet); typed errors, before
+    anything loads, for a ControlNet of another family (as its files say) and for what it
+    cannot do."""
+    if resolved.family != base.family:
+        raise _another_family(resolved, base)
+    check_unit(base.family, unit.condition, unit.control_mode, resolved.union)
+    if not resolved.union:
+        return None
+    return union_control_type(unit.condition, resolved.control_types, resolved.name)
 
 
 # [engine] options of the engine itself (the fast path's are acceleration.OPTION_NAMES),
@@ -876,11 +882,14 @@ def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry
     ours = (net.config.cross_attention_dim, net.config.addition_embed_type)
     theirs = (unet.cross_attention_dim, unet.addition_embed_type)
     if ours != theirs:
-        raise Unsupported(
-            f"The ControlNet {resolved.name!r} was made for another model family than the base "
-            f"model {entry.resolved.name!r} ({entry.family.upper()}): use a "
-            f"{entry.family.upper()} ControlNet for this base, or pick another base model.",
-            field="model")
+        raise _another_family(resolved, entry.resolved)
+
+
+def _another_family(net: Resolved, base: Resolved) -> Unsupported:
+    return Unsupported(
+        f"The ControlNet {net.name!r} was made for another model family than the base "
+        f"model {base.name!r} ({base.family.upper()}): use a {base.family.upper()} "
+        f"ControlNet for this base, or pick another base model.", field="model")
 
 
 def _image(images: Mapping[int, Image], slot: Optional[int], name: str) -> Image:

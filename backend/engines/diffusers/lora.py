@@ -123,7 +123,10 @@ class LoraAdapters:
         self.active = None  # a freshly loaded adapter is active: set the state again
         try:
             with _quiet_loading():
-                self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
+                # folder + weight_name: diffusers before 0.40 wants the file's name spelled
+                # out when offline (a bare file path is "must specify a weight_name")
+                self.pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name,
+                                            adapter_name=name)
         except Exception as err:  # noqa: BLE001 - diffusers/peft raise many kinds
             self._forget(name)
             if is_out_of_memory(err):

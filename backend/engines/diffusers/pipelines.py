@@ -1,9 +1,17 @@
 """The diffusers pipelines per (family, mode, controls), and what runs around a pipeline call:
-latent previews, cancel points inside the networks, condition images."""
+latent previews, cancel points inside the networks, condition images.
+
+Union ControlNets run in the same ControlNet pipelines as classic ones:
+:class:`.units.ControlUnits` passes each union call its control types itself, which is
+all the ``StableDiffusionXLControlNetUnion*`` pipelines add (a test checks the pixels
+against them), and so one request can mix union and classic ControlNets.  A base with a
+9-channel (inpainting) UNet runs txt2img and img2img as inpainting of the whole picture
+(:func:`full_mask_pass`)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -24,6 +32,7 @@ from shared.images import Image
 from ...imaging import from_array
 from ..base import JobContext
 from .compiled import is_compiled
+from .geometry import Pass
 
 PIPELINES = {
     # (family, mode, with controls) -> class
@@ -123,7 +132,47 @@ def cancel_points(pipe, ctx: JobContext,
             handle.remove()
 
 
+@contextmanager
+def clip_skip(pipe, skip: int) -> Iterator[None]:
+    """While the block runs, the text encoder ends ``skip - 1`` layers early (A1111's "clip
+    skip": 1 = every layer, 2 = the penultimate layer's output, then the final layer
+    norm, as diffusers' own ``clip_skip=skip - 1`` does).  Done on the encoder itself:
+    diffusers' own path reads ``text_encoder.text_model``, which CLIPTextModel no longer
+    has from transformers 5.6."""
+    encoder = getattr(pipe, "text_encoder", None)
+    if skip <= 1 or encoder is None:
+        yield
+        return
+    stack = getattr(encoder, "text_model", encoder).encoder
+    layers = stack.layers
+    stack.layers = layers[:len(layers) - (skip - 1)]
+    try:
+        yield
+    finally:
+        stack.layers = layers
+
+
 def to_pipeline_image(control):
     if torch.is_tensor(control):
         return control
     return PILImage.fromarray(np.ascontiguousarray(control))
+
+
+def control_image(control, union: bool = False):
+    """A unit's control image for the pipeline.  The inpaint condition (a tensor, masked
+    pixels -1 for SD1.5's inpaint ControlNet) becomes the union model's repaint condition:
+    masked pixels black."""
+    if union and torch.is_tensor(control):
+        return control.clamp(min=0.0)
+    return to_pipeline_image(control)
+
+
+def full_mask_pass(p: Pass) -> Pass:
+    """A txt2img or img2img pass as inpainting of the whole picture: what a 9-channel
+    inpainting UNet needs (its extra channels see the mask and the masked image; all
+    masked, as A1111 runs such models).  txt2img starts from pure noise (strength 1)."""
+    w, h = p.size
+    init = p.init if p.init is not None else np.full((h, w, 3), 127, np.uint8)
+    strength = p.strength if p.kind == "img2img" else 1.0
+    return replace(p, kind="inpaint", init=init, mask=np.full((h, w), 255, np.uint8),
+                   strength=strength)

@@ -1,0 +1,102 @@
+"""Reading models from disk, the same way on every supported diffusers release.
+
+* ``dtype`` keyword: diffusers 0.40 renamed ``torch_dtype`` to ``dtype`` (the old name
+  warns from then on; before 0.40 the new one is not understood and a ControlNet load
+  fails).  :func:`dtype_kwargs` passes the name the installed release reads.
+* Folders holding only the fp16 variant of their weights (``*.fp16.safetensors``, as
+  some repos ship) load with ``variant="fp16"`` (the catalogue says which).
+* Single files: a base is loaded with ``from_single_file`` and its family's small
+  diffusers config (from the hub cache when there); a 9-channel inpainting file gets
+  ``in_channels`` 9 whatever that config says.  A ControlNet file is lllyasviel's
+  original format or diffusers-keyed beside its ``config.json``; a union ControlNet file
+  (diffusers-keyed only) needs its ``config.json`` (or xinsir's ``config_promax.json``)
+  beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict
+
+import diffusers
+from diffusers import ControlNetModel, ControlNetUnionModel
+
+from shared.errors import ModelMissing
+
+from ..catalogue import DEFAULT_BASES, Catalogue, Resolved
+from ..requirements import release
+
+log = logging.getLogger(__name__)
+
+
+DTYPE_KEYWORD = "dtype" if release(diffusers.__version__) >= (0, 40) else "torch_dtype"
+
+
+def dtype_kwargs(dtype) -> Dict[str, Any]:
+    """``{"dtype": dtype}`` on diffusers >= 0.40, ``{"torch_dtype": dtype}`` before."""
+    return {DTYPE_KEYWORD: dtype}
+
+
+def _local_only() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
+    """The ``cls`` pipeline (the family's txt2img pipeline) of a base model."""
+    kwargs: Dict[str, Any] = dict(extra, **dtype_kwargs(dtype))
+    if resolved.source != "file":
+        if resolved.weights_variant:
+            kwargs["variant"] = resolved.weights_variant
+        return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
+    # A single file carries weights only; the component configs come from the
+    # family's default repo when its configs are cached (downloaded or not), else
+    # diffusers fetches just those small files (online) - into, and later from, the
+    # configured cache.
+    config = catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base", complete=False)
+    if config is not None:
+        kwargs["config"] = str(config)
+    if resolved.inpaint:
+        kwargs["num_in_channels"] = 9  # the UNet's only setting the family config gets wrong
+    return cls.from_single_file(resolved.path, cache_dir=catalogue.config.cache_dir,
+                                local_files_only=_local_only(), **kwargs)
+
+
+def read_controlnet(resolved: Resolved, dtype, catalogue: Catalogue):
+    """A ``ControlNetModel`` or ``ControlNetUnionModel`` (``resolved.union``)."""
+    cls = ControlNetUnionModel if resolved.union else ControlNetModel
+    if resolved.source != "file":
+        kwargs = dtype_kwargs(dtype)
+        if resolved.weights_variant:
+            kwargs["variant"] = resolved.weights_variant
+        return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
+    if resolved.union:
+        return _union_from_file(Path(resolved.path), dtype)
+    # A diffusers-keyed file may sit beside its config.json; an original
+    # (lllyasviel-format) file gets its config inferred by diffusers.
+    kwargs = dtype_kwargs(dtype)
+    sibling = Path(resolved.path).with_name("config.json")
+    if sibling.is_file():
+        kwargs["config"] = str(sibling.parent)
+    return ControlNetModel.from_single_file(resolved.path, local_files_only=_local_only(),
+                                            cache_dir=catalogue.config.cache_dir, **kwargs)
+
+
+def _union_from_file(path: Path, dtype):
+    """A diffusers-keyed union ControlNet file and its config beside it (diffusers has no
+    single-file loader for union models)."""
+    from safetensors.torch import load_file
+
+    for name in ("config.json", "config_promax.json"):
+        config = path.with_name(name)
+        if config.is_file():
+            break
+    else:
+        raise ModelMissing(f"The union ControlNet file {str(path)!r} needs its config.json "
+                           f"(or config_promax.json) beside it: download both from the "
+                           f"model's repo.", field="model")
+    model = ControlNetUnionModel.from_config(ControlNetUnionModel.load_config(str(config)))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.to(dtype=dtype)

@@ -1,0 +1,312 @@
+"""Model families: what a base model or a ControlNet *is*, read from its own files.
+
+Detection reads configs (a diffusers folder's ``model_index.json`` and
+``unet/config.json``, a ControlNet's ``config.json``) or the header of a single
+``.safetensors`` file (tensor names and shapes through ``safe_open``; no tensor is
+read), never the model's name: an Illustrious, Pony or NoobAI checkpoint is an SDXL
+file whatever it is called.
+
+What the engine runs (``SUPPORTED``): Stable Diffusion 1.5 and SDXL, each also as a
+9-channel inpainting base, with classic and (SDXL) union ControlNets.  Flux.1, SD3 /
+SD3.5 and SD2 are recognised so that a request for them ends in a typed
+:class:`~shared.errors.UnsupportedFamily` instead of a crash.  A new family slots in
+with an entry in ``FAMILIES``, its detection rules below, its pipelines in
+``engines.diffusers.pipelines`` and its entry in ``SUPPORTED``.
+
+Union ControlNets (xinsir's ControlNet++ / ProMax) serve several conditions with one
+model; ``UNION_CONTROL_TYPES`` maps each condition to its control type.
+
+Nothing here imports torch or diffusers (the catalogue resolves names with it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
+
+from shared.errors import UnsupportedCondition, UnsupportedFamily
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str
+    native: int       # native generation size (pixels of a square side)
+    supported: bool   # does the engine run it
+
+
+FAMILIES: Dict[str, Family] = {f.name: f for f in (
+    Family("sd15", "Stable Diffusion 1.5", 512, True),
+    Family("sdxl", "SDXL (also Pony, Illustrious, NoobAI)", 1024, True),
+    Family("sd2", "Stable Diffusion 2.x", 768, False),
+    Family("sd3", "Stable Diffusion 3 / 3.5", 1024, False),
+    Family("flux", "Flux.1", 1024, False),
+)}
+SUPPORTED: Tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.supported)
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What a model is.  ``name`` spells it the way docs and logs do: ``sd15``,
+    ``sd15-inpaint`` (a 9-channel inpainting UNet), ``sdxl``, ``sdxl-inpaint``,
+    ``sdxl-union`` (a union ControlNet), ``flux``, ``sd3``."""
+
+    kind: str                 # "base" | "controlnet" | "adapter" (another control model)
+    family: str               # a key of FAMILIES
+    inpaint: bool = False     # a base whose UNet takes 9 channels (latents + mask + image)
+    union: bool = False       # a ControlNet serving several conditions (control types)
+    control_types: int = 0    # a union ControlNet's number of control types (ProMax: 8)
+    what: str = ""            # for kind "adapter": what it is ("a T2I-Adapter")
+
+    @property
+    def name(self) -> str:
+        return self.family + ("-inpaint" if self.inpaint else "") + \
+            ("-union" if self.union else "")
+
+
+# -----------------------------------------------------------------------------
+# Folders (diffusers layout)
+# -----------------------------------------------------------------------------
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _unet_family(config: Mapping) -> str:
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd15"
+
+
+_BASE_CLASSES = (("Flux", "flux"), ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"))
+
+
+def detect_base_folder(folder: Path) -> Optional[Detected]:
+    """A diffusers pipeline folder: from model_index.json's class and the UNet's config."""
+    index = _read_json(Path(folder) / "model_index.json")
+    if index is None:
+        return None
+    cls = str(index.get("_class_name", ""))
+    unet = _read_json(Path(folder) / "unet" / "config.json")
+    inpaint = bool(unet and unet.get("in_channels") == 9)
+    for prefix, family in _BASE_CLASSES:
+        if cls.startswith(prefix):
+            return Detected("base", family, inpaint=inpaint)
+    if "transformer" in index and "unet" not in index:
+        family = "sd3" if "text_encoder_3" in index else "flux"
+        return Detected("base", family)
+    if unet is not None:
+        return Detected("base", _unet_family(unet), inpaint=inpaint)
+    if "text_encoder_2" in index:
+        return Detected("base", "sdxl")
+    return None
+
+
+_OTHER_CONTROL_CLASSES = {"T2IAdapter": "a T2I-Adapter", "MultiAdapter": "a T2I-Adapter",
+                          "ControlNetXSAdapter": "a ControlNet-XS adapter",
+                          "SparseControlNetModel": "a SparseCtrl (AnimateDiff) ControlNet"}
+
+
+def detect_controlnet_folder(folder: Path) -> Optional[Detected]:
+    """A ControlNet folder: from config.json's class and its embedding settings."""
+    config = _read_json(Path(folder) / "config.json")
+    if config is None:
+        return None
+    cls = str(config.get("_class_name", ""))
+    if cls == "ControlNetUnionModel":
+        return Detected("controlnet", "sdxl", union=True,
+                        control_types=int(config.get("num_control_type", 6)))
+    if cls.startswith("Flux"):
+        return Detected("controlnet", "flux")
+    if cls.startswith("SD3"):
+        return Detected("controlnet", "sd3")
+    if cls in _OTHER_CONTROL_CLASSES:
+        return Detected("adapter", _unet_family(config), what=_OTHER_CONTROL_CLASSES[cls])
+    if cls in ("", "ControlNetModel"):
+        return Detected("controlnet", _unet_family(config))
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Single files: the safetensors header only
+# -----------------------------------------------------------------------------
+
+Shape = Callable[[str], Tuple[int, ...]]
+
+
+def _header(path: Path) -> Optional[Tuple[Tuple[str, ...], Shape]]:
+    """Tensor names and a shape lookup from a .safetensors header (lazy: no tensor read)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            keys = tuple(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys
+                      if k in _SHAPED_KEYS}
+    except Exception as err:  # noqa: BLE001 - a broken file is "unknown", loading says more
+        log.debug("cannot read the header of %s: %s", path, err)
+        return None
+    return keys, lambda key: shapes.get(key, ())
+
+
+_LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_LDM_SD2_ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding"})
+
+
+def _starts(keys: Iterable[str], *prefixes: str) -> bool:
+    return any(k.startswith(prefixes) for k in keys)
+
+
+def _nine_channels(shape: Tuple[int, ...]) -> bool:
+    return len(shape) > 1 and shape[1] == 9
+
+
+def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
+    """The rules, most specific first (a Flux ControlNet also has transformer blocks)."""
+    if _starts(keys, "controlnet_x_embedder.", "controlnet_single_blocks."):
+        return Detected("controlnet", "flux")
+    if _starts(keys, "controlnet_blocks.") and _starts(keys, "transformer_blocks."):
+        family = "flux" if _starts(keys, "single_transformer_blocks.") else "sd3"
+        return Detected("controlnet", family)
+    if _starts(keys, "double_blocks.", "model.diffusion_model.double_blocks.") or \
+            (_starts(keys, "single_transformer_blocks.") and _starts(keys, "x_embedder.")):
+        return Detected("base", "flux")
+    if _starts(keys, "joint_blocks.", "model.diffusion_model.joint_blocks."):
+        return Detected("base", "sd3")
+    if "task_embedding" in keys or _starts(keys, "control_add_embedding."):
+        types = shape("task_embedding")
+        return Detected("controlnet", "sdxl", union=True,
+                        control_types=types[0] if types else 6)
+    if _starts(keys, "control_model.", "input_hint_block.", "controlnet_cond_embedding."):
+        xl = _starts(keys, "add_embedding.", "label_emb.", "control_model.label_emb.")
+        return Detected("controlnet", "sdxl" if xl else "sd15")
+    inpaint = _nine_channels(shape(_LDM_CONV_IN)) or _nine_channels(shape("conv_in.weight"))
+    if _starts(keys, "conditioner.embedders.", "model.diffusion_model.label_emb."):
+        return Detected("base", "sdxl", inpaint=inpaint)
+    if _starts(keys, "cond_stage_model.model."):  # OpenCLIP: SD2
+        return Detected("base", "sd2", inpaint=inpaint)
+    if _starts(keys, "model.diffusion_model.", "cond_stage_model."):
+        sd2 = shape(_LDM_SD2_ATTN)[-1:] == (1024,)
+        return Detected("base", "sd2" if sd2 else "sd15", inpaint=inpaint)
+    if _starts(keys, "add_embedding."):  # a diffusers-keyed SDXL UNet
+        return Detected("base", "sdxl", inpaint=inpaint)
+    if _starts(keys, "down_blocks.") and "conv_in.weight" in keys:
+        return Detected("base", "sd15", inpaint=inpaint)
+    return None
+
+
+def detect_file(path: Path) -> Optional[Detected]:
+    """A single ``.safetensors`` file, from its tensor names and a few shapes (None for
+    other formats, an unreadable header, or keys no rule knows)."""
+    header = _header(Path(path))
+    return None if header is None else _detect_keys(*header)
+
+
+def detect(path: Path, kind: str) -> Optional[Detected]:
+    """Whatever ``path`` (folder or single file) holds, as far as its files tell."""
+    path = Path(path)
+    if path.is_dir():
+        return detect_base_folder(path) if kind == "base" else detect_controlnet_folder(path)
+    return detect_file(path)
+
+
+# -----------------------------------------------------------------------------
+# What runs
+# -----------------------------------------------------------------------------
+
+def check_runnable(detected: Optional[Detected], name: str, kind: str) -> None:
+    """UnsupportedFamily for a model the engine cannot run yet, or one of another kind
+    than asked (a ControlNet given as a base); nothing for unknown or runnable models."""
+    if detected is None:
+        return
+    family = FAMILIES[detected.family]
+    if detected.kind == "adapter":
+        raise UnsupportedFamily(
+            f"{name!r} is {detected.what}, not a ControlNet; ControlCanvas does not run those "
+            f"yet. Use a ControlNet for this condition.", field="model")
+    if detected.kind != kind:
+        wanted = "base model (a checkpoint)" if kind == "base" else "ControlNet"
+        raise UnsupportedFamily(
+            f"{name!r} is a {detected.kind}, not a {wanted}: "
+            f"{'pick a base model' if kind == 'base' else 'pick a ControlNet'} there.",
+            field="base_model" if kind == "base" else "model")
+    if not family.supported:
+        labels = " and ".join(FAMILIES[f].label for f in SUPPORTED)
+        raise UnsupportedFamily(
+            f"{name!r} is a {family.label} {'model' if kind == 'base' else 'ControlNet'}; "
+            f"ControlCanvas runs {labels} so far ({family.label} is planned). Pick one of "
+            f"those.", field="base_model" if kind == "base" else "model")
+
+
+# xinsir's ControlNet++ union control types (the ProMax model has all 8; the first
+# union release has the first 6).
+UNION_CONTROL_TYPES: Dict[str, int] = {
+    "openpose": 0, "depth": 1, "softedge": 2, "scribble": 2, "canny": 3, "lineart": 3,
+    "lineart_anime": 3, "mlsd": 3, "normal": 4, "seg": 5, "tile": 6, "inpaint": 7,
+}
+UNION_PROMAX_TYPES = 8
+
+
+def union_control_type(condition: str, control_types: int, name: str) -> int:
+    """The control type a union ControlNet uses for ``condition``; UnsupportedCondition
+    naming what would serve it when it has none."""
+    index = UNION_CONTROL_TYPES.get(condition)
+    served = ", ".join(c for c, i in UNION_CONTROL_TYPES.items() if i < control_types)
+    if index is None:
+        raise UnsupportedCondition(
+            f"The union ControlNet {name!r} has no {condition!r} control (it serves "
+            f"{served}). For {condition} use an SD1.5 base (its default {condition} "
+            f"ControlNet), or an SDXL {condition} ControlNet: [controlnets.sdxl] "
+            f"{condition} = \"hub id or path\" in config.toml.", field="condition")
+    if index >= control_types:
+        raise UnsupportedCondition(
+            f"The union ControlNet {name!r} has {control_types} control types, without "
+            f"{condition!r} (it serves {served}). The ProMax union model has all "
+            f"{UNION_PROMAX_TYPES}: `controlcanvas models download sdxl:{condition}`.",
+            field="condition")
+    return index
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """What a (family, condition) ControlNet needs from the rest of the request."""
+
+    clip_skip: int = 1        # A1111's clip skip: 1 = CLIP's last layer, 2 = the one before
+    guess_mode: bool = True   # may run in guess mode ("ControlNet is more important")
+
+
+# lllyasviel's model card: control_v11p_sd15s2_lineart_anime was trained with clip skip 2
+# ("s2") and does not support guess mode.
+QUIRKS: Dict[Tuple[str, str], Quirks] = {
+    ("sd15", "lineart_anime"): Quirks(clip_skip=2, guess_mode=False),
+}
+NO_QUIRKS = Quirks()
+
+
+def quirks(family: str, condition: str, union: bool = False) -> Quirks:
+    """The quirks of a classic ControlNet (union models have none)."""
+    return NO_QUIRKS if union else QUIRKS.get((family, condition), NO_QUIRKS)
+
+
+def check_unit(family: str, condition: str, control_mode: str, union: bool = False) -> None:
+    """UnsupportedCondition for a control mode the unit's ControlNet does not support."""
+    if control_mode == "control" and not quirks(family, condition, union).guess_mode:
+        raise UnsupportedCondition(
+            f"The {FAMILIES[family].label} {condition} ControlNet does not work in "
+            f"\"ControlNet is more important\" mode (guess mode; its model card says so): "
+            f"choose \"balanced\" or \"prompt is more important\" for this unit.",
+            field="control_mode")
