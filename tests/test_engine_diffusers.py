@@ -22,7 +22,7 @@ from shared.errors import Cancelled, OutOfMemory, Unsupported
 from shared.images import Image
 from shared.messages import SAMPLERS, ControlUnit, GenerateRequest, Preprocess
 
-from tiny_fixtures import (RecordingContext, random_rgba, tiny_catalogue,  # noqa: F401
+from tiny_fixtures import (RecordingContext, lines_image, random_rgba, tiny_catalogue,  # noqa: F401
                            tiny_engine, tiny_root, fresh_engine,
                            torch_threads)
 
@@ -49,17 +49,6 @@ def unit(condition="lineart", slot=0, **kw) -> ControlUnit:
     return ControlUnit(condition=condition, image=slot, **kw)
 
 
-def lines_image(width=W, height=H, seed=0) -> Image:
-    """White strokes on black: what a line-art unit gets."""
-    rng = np.random.default_rng(seed)
-    array = np.zeros((height, width, 4), np.uint8)
-    array[..., 3] = 255
-    for _ in range(6):
-        if rng.random() < 0.5:
-            array[rng.integers(0, height), :, :3] = 255
-        else:
-            array[:, rng.integers(0, width), :3] = 255
-    return from_array(array)
 
 
 def selection(width=W, height=H) -> Image:

@@ -21,23 +21,13 @@ from shared.errors import UnsupportedCondition, UnsupportedFamily
 from shared.messages import ControlUnit, GenerateRequest
 
 from tiny_fixtures import (RecordingContext, config_repo, fresh_engine,  # noqa: F401
-                           inpaint_folder, lora_engine, random_rgba, tiny_catalogue,
+                           inpaint_folder, lines_image, lora_engine, random_rgba, tiny_catalogue,
                            tiny_engine, tiny_inpaint_folder, tiny_lora_dir, tiny_root,
                            torch_threads)
 
 W, H = 72, 56
 
 
-def lines(width=W, height=H, seed=0):
-    rng = np.random.default_rng(seed)
-    array = np.zeros((height, width, 4), np.uint8)
-    array[..., 3] = 255
-    for _ in range(6):
-        if rng.random() < 0.5:
-            array[rng.integers(0, height), :, :3] = 255
-        else:
-            array[:, rng.integers(0, width), :3] = 255
-    return from_array(array)
 
 
 def selection(width=W, height=H):
@@ -48,7 +38,7 @@ def selection(width=W, height=H):
 
 
 def images(width=W, height=H):
-    return {0: lines(width, height, 1), 1: lines(width, height, 2),
+    return {0: lines_image(width, height, 1), 1: lines_image(width, height, 2),
             10: random_rgba(width, height, seed=3), 11: selection(width, height)}
 
 

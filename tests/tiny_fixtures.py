@@ -65,6 +65,19 @@ def random_rgba(width: int, height: int, seed: int = 0, opaque: bool = True) -> 
     return Image(width, height, array.tobytes())
 
 
+def lines_image(width: int, height: int, seed: int = 0) -> Image:
+    """White strokes on black: what a line-art unit gets."""
+    rng = np.random.default_rng(seed)
+    array = np.zeros((height, width, 4), np.uint8)
+    array[..., 3] = 255
+    for _ in range(6):
+        if rng.random() < 0.5:
+            array[rng.integers(0, height), :, :3] = 255
+        else:
+            array[:, rng.integers(0, width), :3] = 255
+    return Image(width, height, array.tobytes())
+
+
 def _root(tmp_path_factory) -> Path:
     if "root" not in _CACHE:
         from backend.engines import tiny
