@@ -249,3 +249,19 @@ def test_docker_live_toggle_keep_and_off(docker_on, qapp, tmp_path):
     panel.live_button.click()
     assert not panel.controller.live.active and live_layer(doc) is None
     assert panel.generate_button.text() == "Generate" and panel.seed.isEnabled()
+
+
+def test_a_change_krita_does_not_flag_as_modified_still_gets_a_frame(server, controller_for,
+                                                                    krita_app):
+    """Real Krita does not mark the document modified for every change (a script's
+    setPixelData, as the real-Krita tier found): such a change still reaches the live
+    layer, read at the latest after REREAD."""
+    doc, lines = line_art_doc()
+    c = colourise(controller_for(doc, server), doc, lines, steps=4, seed=78, seed_locked=False)
+    assert c.live.start()
+    assert frames_of(c, 1), c.message
+    doc.setModified(False)
+    stroke(lines, 14, 30)
+    doc.setModified(False)  # as real Krita leaves it after a scripted write
+    assert frames_of(c, 2, timeout=5 + live_mod.REREAD), c.message
+    c.live.stop()

@@ -10,7 +10,8 @@ it the worker's events of live jobs.
   are bound to, the visible image for img2img or a unit bound to it) with
   :func:`plan.build` and hashes those pixels with the request (prompt, settings); the
   document's own ``modified`` flag lets it skip the read while nothing was touched since
-  the document was opened or saved.  The live layer itself is hidden while the visible
+  the document was opened or saved, except once every ``REREAD`` (0.5 s): Krita does not
+  flag every change (a script's ``setPixelData``, a layer shown or hidden).  The live layer itself is hidden while the visible
   image is read, so a frame never feeds the next one.
 * **Debounce.** A change is sent once the input has been still for ``debounce`` (150
   ms), or, during a long stroke, ``max_wait`` after the first change not sent yet
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 LIVE_LAYER = "ControlCanvas live"
 INTERVAL = 0.1  # seconds between two reads of the canvas
 DEBOUNCE = 0.15  # seconds the input must be still before it is sent
+REREAD = 0.5  # seconds: the canvas is read at least this often, modified flag or not
 MAX_WAIT = 0.6  # seconds a change waits at most while the artist keeps drawing
 QUIET_CODES = ("superseded", "cancelled")  # a frame replaced or stopped: nothing to say
 
@@ -79,6 +81,7 @@ class LiveSession:
 
     def _reset_timing(self) -> None:
         self._read_at = -1e9
+        self._looked_at = -1e9
         self._seen = ""  # the hash of the input read last
         self._sent = ""  # the hash of the input sent last
         self._changed_at = 0.0  # when the input read last first looked like this
@@ -148,8 +151,12 @@ class LiveSession:
             return
         self._read_at = now
         wanted = self.controller.settings.to_json() + self.preset
-        if wanted != self._wanted or self.canvas.modified() or not self._seen:
+        # Krita flags brush strokes as modifications, but not every change (a script's
+        # setPixelData, a layer shown or hidden): those are read at least every REREAD.
+        if wanted != self._wanted or self.canvas.modified() or not self._seen \
+                or now - self._looked_at >= REREAD:
             self._wanted = wanted  # the docker's settings, or the document, may have changed
+            self._looked_at = now
             self._look(now)
         if self._due(now):
             self._send()
