@@ -258,7 +258,9 @@ def test_a_live_artist_cannot_starve_another_clients_job(loop):
     def artist():
         while not stop.is_set():
             on_loop(loop, manager.submit, gen("live", steps=3, live=True), {}, a)
-            time.sleep(0.002)
+            # 100 edits/s (ten times an artist's): at 500/s on a loaded machine every frame
+            # was superseded before its first step, so the test never saw a live step
+            time.sleep(0.01)
 
     thread = threading.Thread(target=artist)
     thread.start()
