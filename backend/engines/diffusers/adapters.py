@@ -165,16 +165,12 @@ def _step_residuals(found: _PassFeatures, step: int, sample: torch.Tensor, unet,
                     sizes: Dict) -> Optional[List[torch.Tensor]]:
     """The summed features of the units running at ``step``, at the UNet's block sizes and
     batch (both halves of a CFG batch, as the adapter pipelines do); None when none runs."""
-    total: Optional[List[torch.Tensor]] = None
-    for maps, keep in zip(found.weighted, found.keep):
-        if not keep[step]:
-            continue
-        if total is None:
-            total = list(maps)
-        else:
-            total = [a + b for a, b in zip(total, maps)]
-    if total is None:
+    chosen = [maps for maps, keep in zip(found.weighted, found.keep) if keep[step]]
+    if not chosen:
         return None
+    total = list(chosen[0])
+    for maps in chosen[1:]:
+        total = [a + b for a, b in zip(total, maps)]
     shape = tuple(sample.shape[-2:])
     if shape not in sizes:
         sizes[shape] = feature_sizes(unet, *shape)
@@ -183,7 +179,7 @@ def _step_residuals(found: _PassFeatures, step: int, sample: torch.Tensor, unet,
         if tuple(feature.shape[-2:]) != size:
             feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
         feature = feature.to(sample.device, sample.dtype)
-        out.append(feature.repeat(sample.shape[0] // feature.shape[0], 1, 1, 1))
+        out.append(torch.cat([feature] * (sample.shape[0] // feature.shape[0])))
     return out
 
 
@@ -213,9 +209,11 @@ def adapter_input(control, adapter: T2IAdapter) -> torch.Tensor:
     size = (math.ceil(w / factor) * factor, math.ceil(h / factor) * factor)
     if size != (w, h):
         image = image.resize(size, resample=PILImage.LANCZOS)
-    array = np.asarray(image).astype(np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[..., None]
-    tensor = torch.from_numpy(array.transpose(2, 0, 1)[None].copy())
+    # made as the pipelines make it (a contiguous N x H x W x C array seen as N x C x H x W):
+    # another memory layout would convolve in another order and differ in the last bits
+    array = np.asarray(image)
+    array = array[None, ..., None] if array.ndim == 2 else array[None]
+    array = np.ascontiguousarray(array).astype(np.float32) / 255.0
+    tensor = torch.from_numpy(array.transpose(0, 3, 1, 2))
     param = next(adapter.parameters())
     return tensor.to(param.device, param.dtype)
