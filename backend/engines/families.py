@@ -7,7 +7,8 @@ read), never the model's name: an Illustrious, Pony or NoobAI checkpoint is an S
 file whatever it is called.
 
 What the engine runs (``SUPPORTED``): Stable Diffusion 1.5 and SDXL, each also as a
-9-channel inpainting base, with classic and (SDXL) union ControlNets.  Flux.1, SD3 /
+9-channel inpainting base, with classic and (SDXL) union ControlNets and T2I-Adapters (their
+family from ``adapter_type``: ``full_adapter_xl`` is SDXL's layout).  Flux.1, SD3 /
 SD3.5 and SD2 are recognised so that a request for them ends in a typed
 :class:`~shared.errors.UnsupportedFamily` instead of a crash.  A new family slots in
 with an entry in ``FAMILIES``, its detection rules below, its pipelines in

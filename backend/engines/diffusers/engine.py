@@ -48,7 +48,9 @@ How one request becomes pixels (``generate``):
    A unit whose scale is 0 at a step (weight 0, or outside its start/end range)
    is not run at all; when no unit runs the UNet gets no residuals, so weight 0
    is exactly "no control".  The units served by one union ControlNet (SDXL's default)
-   with the same control mode run as one call with one control type each.  A ControlNet's
+   with the same control mode run as one call with one control type each.  A unit whose
+   model is a T2I-Adapter is no ControlNet: :mod:`.adapters` gives its features to the
+   UNet of the same pipeline (every mode, beside ControlNet units).  A ControlNet's
    quirks (SD1.5 lineart_anime: clip skip 2, no guess mode) come from the families table.
 5. **Inpaint.** Only the selection changes: the generated region is pasted back
    with a feathered weight that is zero outside the selection, and every pixel
