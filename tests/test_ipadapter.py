@@ -1,0 +1,319 @@
+"""IP-Adapter reference units: the protocol (``ReferenceUnit``), the adapter catalogue and its
+typed refusals, and the engine on the tiny models with a tiny IP-Adapter built locally
+(``backend.engines.tiny_ipadapter``: the original ``image_proj`` / ``ip_adapter`` layout
+that ``load_ip_adapter`` reads, sized for the tiny UNets, and a tiny CLIP image encoder).
+
+What a user would notice: a reference changes the picture, weight 0 is no reference bit
+for bit, a seed gives the same pixels, style and composition differ, the start/end window
+is honoured, switching references on and off reloads neither the base nor the adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from backend.engines import references, tiny_ipadapter
+from backend.engines.catalogue import Catalogue, ModelConfig
+from backend.imaging import to_array
+from shared.errors import FieldError, ModelMissing, ReferenceUnsupported
+from shared.messages import (CLIENT_MESSAGES, MAX_REFERENCES, ControlUnit, Generate,
+                             GenerateRequest, ReferenceUnit, from_json, to_dict, to_json)
+
+from tiny_fixtures import RecordingContext, fake_hub_snapshot, lines_image, random_rgba
+from tiny_fixtures import tiny_root, torch_threads  # noqa: F401 - fixtures
+
+JOB = "0123456789abcdef0123456789abcdef"
+W = H = 64
+REF, OTHER, LINES, INIT, MASK = 0, 1, 2, 3, 4
+
+
+def request(*refs, **kw) -> GenerateRequest:
+    kw.setdefault("width", W)
+    kw.setdefault("height", H)
+    kw.setdefault("prompt", "a red coat")
+    kw.setdefault("seed", 7)
+    kw.setdefault("steps", 4)
+    kw.setdefault("base_model", "tiny-sd15")
+    return GenerateRequest(references=tuple(refs), **kw)
+
+
+def images():
+    mask = np.zeros((H, W, 4), np.uint8)
+    mask[16:48, 16:48] = 255
+    from shared.images import Image
+    return {REF: random_rgba(48, 40, seed=3), OTHER: random_rgba(40, 56, seed=11),
+            LINES: lines_image(W, H, seed=2), INIT: random_rgba(W, H, seed=5),
+            MASK: Image(W, H, mask.tobytes())}
+
+
+def pixels(engine, req) -> np.ndarray:
+    out = engine.generate(req, images(), RecordingContext())
+    return to_array(out[0].image).astype(np.int16)
+
+
+def differ(a, b) -> float:
+    return float(np.abs(a - b).mean())
+
+
+@pytest.fixture
+def ref_engine(tiny_root):
+    """A DiffusersEngine of its own over the tiny models (the tiny adapters are built next
+    to them, in the session's temporary folder)."""
+    from backend.engines.diffusers.engine import DiffusersEngine
+
+    engine = DiffusersEngine(Catalogue(ModelConfig(
+        tiny_root=str(tiny_root), cache_dir=str(tiny_root / "empty-hf-cache"))), device="cpu")
+    yield engine
+    engine.close()
+
+
+# -----------------------------------------------------------------------------
+# The engine
+# -----------------------------------------------------------------------------
+
+def test_a_reference_changes_the_picture_and_weight_zero_is_no_reference(ref_engine):
+    plain = pixels(ref_engine, request())
+    zero = pixels(ref_engine, request(ReferenceUnit(image=REF, weight=0.0)))
+    ref = pixels(ref_engine, request(ReferenceUnit(image=REF)))
+    assert np.array_equal(zero, plain)  # bit for bit
+    assert differ(ref, plain) > 2.0  # (12.4 measured)
+    # Same seed, same pixels; a reference leaves nothing behind once it is not asked for.
+    assert np.array_equal(pixels(ref_engine, request(ReferenceUnit(image=REF))), ref)
+    assert np.array_equal(pixels(ref_engine, request()), plain)
+    assert np.array_equal(pixels(ref_engine, request(ReferenceUnit(image=REF, weight=0.0))),
+                          plain)
+    # another reference image gives another picture; the weight scales the effect
+    assert differ(pixels(ref_engine, request(ReferenceUnit(image=OTHER))), ref) > 2.0
+    half = pixels(ref_engine, request(ReferenceUnit(image=REF, weight=0.5)))
+    assert 0 < differ(half, plain) < differ(ref, plain)
+
+
+def test_switching_references_reloads_neither_the_base_nor_the_adapter(ref_engine):
+    pixels(ref_engine, request(ReferenceUnit(image=REF)))
+    assert ref_engine.stats["loads"] == 1 and ref_engine.stats["ip_adapter_loads"] == 1
+    for refs in [(), (ReferenceUnit(image=OTHER, mode="style"),), (),
+                 (ReferenceUnit(image=REF, weight=0.3, start=0.5),)]:
+        pixels(ref_engine, request(*refs))
+    assert ref_engine.stats["loads"] == 1 and ref_engine.stats["ip_adapter_loads"] == 1
+    # two references need two slots: the adapter weights once more, still not the base
+    pixels(ref_engine, request(ReferenceUnit(image=REF), ReferenceUnit(image=OTHER)))
+    assert ref_engine.stats["loads"] == 1 and ref_engine.stats["ip_adapter_loads"] == 2
+
+
+def test_style_and_composition_reach_different_layers(ref_engine):
+    plain = pixels(ref_engine, request())
+    whole = pixels(ref_engine, request(ReferenceUnit(image=REF)))
+    style = pixels(ref_engine, request(ReferenceUnit(image=REF, mode="style")))
+    layout = pixels(ref_engine, request(ReferenceUnit(image=REF, mode="composition")))
+    for one, other in [(style, plain), (layout, plain), (style, layout), (style, whole),
+                       (layout, whole)]:
+        assert differ(one, other) > 1.0
+    # both at once, from two pictures: InstantStyle's style + layout
+    both = pixels(ref_engine, request(ReferenceUnit(image=REF, mode="style"),
+                                      ReferenceUnit(image=OTHER, mode="composition")))
+    assert differ(both, style) > 1.0 and differ(both, layout) > 1.0
+
+
+def test_modes_name_instantstyles_blocks(ref_engine, tiny_root):
+    """style = the middle attention of the lowest-resolution up block with attentions,
+    composition = the last attention of the lowest-resolution down block with attentions:
+    on SDXL's layout that is InstantStyle's up_blocks.0.attentions.1 and
+    down_blocks.2.attentions.1; on SD1.5's up_blocks.1.attentions.1 and
+    down_blocks.2.attentions.1."""
+    from diffusers import UNet2DConditionModel
+
+    from backend.engines.diffusers.ipadapter import mode_layers
+
+    def layout(**kw):
+        kw.setdefault("block_out_channels", (32, 32, 32, 32))
+        return UNet2DConditionModel(norm_num_groups=8, cross_attention_dim=8,
+                                    attention_head_dim=2, sample_size=8, **kw)
+
+    sd15 = layout()  # the default blocks are SD1.5's
+    sdxl = layout(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                    "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  block_out_channels=(32, 32, 32), layers_per_block=2)
+    assert mode_layers(sd15, "style") == ("up_blocks.1.attentions.1.",)
+    assert mode_layers(sd15, "composition") == ("down_blocks.2.attentions.1.",)
+    assert mode_layers(sdxl, "style") == ("up_blocks.0.attentions.1.",)
+    assert mode_layers(sdxl, "composition") == ("down_blocks.2.attentions.1.",)
+    assert mode_layers(sd15, "reference") is None and mode_layers(sd15, "face") is None
+
+
+def test_the_start_end_window_is_honoured(ref_engine, monkeypatch):
+    from backend.engines.diffusers import ipadapter
+
+    seen = []
+    original = ipadapter.ReferenceAdapters.set_scales
+
+    def record(self, scales):
+        seen.append(tuple(scale for _, scale in scales))
+        original(self, scales)
+
+    monkeypatch.setattr(ipadapter.ReferenceAdapters, "set_scales", record)
+    plain = pixels(ref_engine, request())
+    whole = pixels(ref_engine, request(ReferenceUnit(image=REF)))
+    seen.clear()
+    late = pixels(ref_engine, request(ReferenceUnit(image=REF, weight=0.8, start=0.5)))
+    # 4 steps: off for steps 0 and 1, on for 2 and 3 (then the callback after the last)
+    assert seen[:4] == [(0.0,), (0.0,), (0.8,), (0.8,)]
+    seen.clear()
+    early = pixels(ref_engine, request(ReferenceUnit(image=REF, weight=0.8, end=0.5)))
+    assert seen[:4] == [(0.8,), (0.8,), (0.0,), (0.0,)]
+    # the last steps of a karras schedule change little (0.03 measured), the first most
+    assert not np.array_equal(late, plain)
+    for one, other in [(early, plain), (late, whole), (early, late)]:
+        assert differ(one, other) > 0.5
+
+
+def test_references_with_controlnets_img2img_and_inpaint(ref_engine):
+    unit = ControlUnit(condition="lineart", image=LINES)
+    modes = [dict(controls=(unit,)),
+             dict(mode="img2img", init_image=INIT, strength=0.8),
+             dict(mode="inpaint", init_image=INIT, mask_image=MASK, strength=1.0,
+                  controls=(unit,))]
+    for kw in modes:
+        plain = pixels(ref_engine, request(**kw))
+        ref = pixels(ref_engine, request(ReferenceUnit(image=REF), **kw))
+        assert differ(ref, plain) > 0.5, kw
+        zero = pixels(ref_engine, request(ReferenceUnit(image=REF, weight=0.0), **kw))
+        assert np.array_equal(zero, plain), kw
+    # inpaint: outside the selection nothing changes, reference or not
+    ref = pixels(ref_engine, request(ReferenceUnit(image=REF), **modes[2]))
+    init = to_array(images()[INIT]).astype(np.int16)
+    assert np.array_equal(ref[:8], init[:8])
+
+
+def test_a_reference_on_the_tiny_sdxl(ref_engine):
+    plain = pixels(ref_engine, request(base_model="tiny-sdxl"))
+    ref = pixels(ref_engine, request(ReferenceUnit(image=REF), base_model="tiny-sdxl"))
+    zero = pixels(ref_engine, request(ReferenceUnit(image=REF, weight=0.0),
+                                      base_model="tiny-sdxl"))
+    style = pixels(ref_engine, request(ReferenceUnit(image=REF, mode="style"),
+                                       base_model="tiny-sdxl"))
+    assert differ(ref, plain) > 2.0 and differ(style, ref) > 1.0
+    assert np.array_equal(zero, plain)
+
+
+def test_a_hub_adapter_resolves_from_the_cache_and_runs(tiny_root, tmp_path):
+    """``ip-adapter-sd15`` as h94/IP-Adapter lays it out in the hub cache (here: the tiny
+    adapter's files under the real names; the encoder folder without a preprocessor
+    config, as h94's)."""
+    from backend.engines.diffusers.engine import DiffusersEngine
+
+    folder = tiny_ipadapter.ensure_tiny_adapter("sd15", tiny_root)
+    spec = references.ADAPTERS["ip-adapter-sd15"]
+    cache = tmp_path / "hub"
+    fake_hub_snapshot(cache, references.HUB_REPO, {
+        spec.weight: (folder / tiny_ipadapter.WEIGHT_NAME).read_bytes(),
+        f"{spec.encoder}/config.json": (folder / "image_encoder/config.json").read_bytes(),
+        f"{spec.encoder}/model.safetensors":
+            (folder / "image_encoder/model.safetensors").read_bytes()})
+    engine = DiffusersEngine(Catalogue(ModelConfig(tiny_root=str(tiny_root),
+                                                   cache_dir=str(cache))), device="cpu")
+    try:
+        plain = pixels(engine, request())
+        ref = pixels(engine, request(ReferenceUnit(image=REF, model="ip-adapter-sd15")))
+        assert differ(ref, plain) > 2.0
+    finally:
+        engine.close()
+
+
+def test_typed_refusals(ref_engine, tmp_path):
+    # face on the tiny models: there is no tiny face adapter
+    with pytest.raises(ModelMissing) as info:
+        pixels(ref_engine, request(ReferenceUnit(image=REF, mode="face")))
+    assert info.value.field == "references[0].mode" and "face" in info.value.message
+    # an adapter of another family
+    with pytest.raises(ReferenceUnsupported) as info:
+        pixels(ref_engine, request(ReferenceUnit(image=REF, model="ip-adapter-sdxl-vit-h")))
+    assert info.value.code == "reference_unsupported"
+    assert info.value.field == "references[0].model" and "ip-adapter-sd15" in info.value.message
+    # an unknown adapter: the known ones are named
+    with pytest.raises(ModelMissing) as info:
+        pixels(ref_engine, request(ReferenceUnit(image=REF, model="my-adapter")))
+    assert "ip-adapter-plus-face-sd15" in info.value.message
+    # not downloaded: the message gives the command
+    with pytest.raises(ModelMissing) as info:
+        pixels(ref_engine, request(ReferenceUnit(image=REF, model="ip-adapter-sd15")))
+    assert "controlcanvas models download ip-adapter-sd15" in info.value.message
+    with pytest.raises(ModelMissing) as info:
+        references.resolve("", "face", "sdxl", "juggernaut", cache_dir=str(tmp_path))
+    assert "models download ip-adapter-plus-face-sdxl-vit-h" in info.value.message
+    # a face model for a plain reference is fine, a plain model for a face is not
+    with pytest.raises(ReferenceUnsupported):
+        references.resolve("ip-adapter-sd15", "face", "sd15", "sd", cache_dir=str(tmp_path))
+    # a family without IP-Adapter: the message names the ones that have it
+    with pytest.raises(ReferenceUnsupported) as info:
+        references.resolve("", "reference", "flux", "flux-dev", cache_dir=str(tmp_path))
+    assert "SD15 and SDXL" in info.value.message and info.value.field == "references"
+    # the engine keeps serving
+    assert pixels(ref_engine, request()).shape == (H, W, 4)
+
+
+def test_a_missing_reference_image_is_named(ref_engine):
+    from shared.errors import EngineError
+
+    req = request(ReferenceUnit(image=9))
+    with pytest.raises(EngineError) as info:
+        ref_engine.generate(req, images(), RecordingContext())
+    assert info.value.field == "references[0].image"
+
+
+# -----------------------------------------------------------------------------
+# The protocol
+# -----------------------------------------------------------------------------
+
+def generate_dict(**request):
+    req = {"width": 64, "height": 48, "prompt": "a fox"}
+    req.update(request)
+    return {"type": "generate", "job_id": JOB, "request": req}
+
+
+def decode(obj):
+    return from_json(json.dumps(obj), CLIENT_MESSAGES)
+
+
+def test_references_round_trip_and_are_left_out_when_empty():
+    msg = Generate(job_id=JOB, request=GenerateRequest(references=(
+        ReferenceUnit(image=2, weight=0.7, start=0.1, end=0.9, mode="style"),
+        ReferenceUnit(image=3, mode="face", model="ip-adapter-plus-face-sd15"))))
+    back = from_json(to_json(msg), CLIENT_MESSAGES)
+    assert back == msg
+    assert back.slots() == (2, 3)  # the reference images travel as image slots
+    # a request without references looks exactly as before (an older server takes it)
+    assert "references" not in to_dict(Generate(job_id=JOB, request=GenerateRequest()))["request"]
+    assert decode(generate_dict()).request.references == ()
+    assert ReferenceUnit(image=0) == ReferenceUnit(image=0, weight=1.0, start=0.0, end=1.0,
+                                                   mode="reference", model="")
+
+
+@pytest.mark.parametrize("refs, field", [
+    ([{"weight": 1.0}], "request.references[0].image"),
+    ([{"image": -1}], "request.references[0].image"),
+    ([{"image": 0, "weight": 2.5}], "request.references[0].weight"),
+    ([{"image": 0, "weight": -0.1}], "request.references[0].weight"),
+    ([{"image": 0, "start": 0.6, "end": 0.5}], "request.references[0].start"),
+    ([{"image": 0, "end": 1.5}], "request.references[0].end"),
+    ([{"image": 0, "mode": "faceid"}], "request.references[0].mode"),
+    ([{"image": 0, "model": "../ip-adapter"}], "request.references[0].model"),
+    ([{"image": 0, "model": "C:/x.safetensors"}], "request.references[0].model"),
+    ([{"image": 0, "model": "Big"}], "request.references[0].model"),
+    ([{"image": 0, "strength": 1}], "request.references[0].strength"),
+    ([{"image": i} for i in range(MAX_REFERENCES + 1)], "request.references"),
+    ({"image": 0}, "request.references"),
+])
+def test_bad_references_are_named(refs, field):
+    with pytest.raises(FieldError) as info:
+        decode(generate_dict(references=refs))
+    assert info.value.field == field
+    assert field in info.value.message
+
+
+def test_the_most_references_fit():
+    message = decode(generate_dict(references=[{"image": i} for i in range(MAX_REFERENCES)]))
+    assert len(message.request.references) == MAX_REFERENCES
