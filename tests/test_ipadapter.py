@@ -317,3 +317,55 @@ def test_bad_references_are_named(refs, field):
 def test_the_most_references_fit():
     message = decode(generate_dict(references=[{"image": i} for i in range(MAX_REFERENCES)]))
     assert len(message.request.references) == MAX_REFERENCES
+
+
+# -----------------------------------------------------------------------------
+# The catalogue: `controlcanvas models` and `models download NAME`
+# -----------------------------------------------------------------------------
+
+# h94/IP-Adapter as the hub lists it (the files one adapter needs, and others; sizes rounded)
+H94 = {"models/ip-adapter_sd15.safetensors": 44_600_000,
+       "models/ip-adapter-plus-face_sd15.safetensors": 98_200_000,
+       "models/image_encoder/config.json": 560,
+       "models/image_encoder/model.safetensors": 2_530_000_000,
+       "models/image_encoder/pytorch_model.bin": 2_530_000_000,
+       "sdxl_models/ip-adapter_sdxl_vit-h.safetensors": 698_000_000,
+       "sdxl_models/image_encoder/model.safetensors": 3_690_000_000}
+
+
+def test_models_download_fetches_one_adapter_and_its_encoder(monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from backend.cli.main import main
+    from test_downloads import FakeHub
+
+    hub = FakeHub({references.HUB_REPO: H94})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    catalogue = Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf")))
+    assert "ip-adapter-plus-face-sd15" in catalogue.download_names()
+    plan = catalogue.download_plan("ip-adapter-sd15")
+    assert {f.path for f in plan.files} == {"models/ip-adapter_sd15.safetensors",
+                                           "models/image_encoder/config.json",
+                                           "models/image_encoder/model.safetensors"}
+    assert plan.describe().startswith("h94/IP-Adapter (IP-Adapter): models/ip-adapter_sd15")
+    assert "2.57 GB" in plan.describe()
+    said = []
+    weight = catalogue.download("ip-adapter-sd15", progress=False, on_plan=said.append)
+    assert said == [plan] and weight.name == "ip-adapter_sd15.safetensors"
+    assert [sorted(patterns) for _, patterns, _ in hub.fetched] == [sorted(
+        f.path for f in plan.files)]
+    # now resolved from the cache, and a second download fetches nothing
+    found = references.resolve("", "reference", "sd15", "sd", cache_dir=str(tmp_path / "hf"))
+    assert found.weight == str(weight) and found.encoder.endswith("models/image_encoder")
+    catalogue.download("ip-adapter-sd15", progress=False)
+    assert len(hub.fetched) == 1
+    # `controlcanvas models` lists it as ready, the others with their command
+    (tmp_path / "config.toml").write_text(
+        f'[models]\ncache_dir = "{(tmp_path / "hf").as_posix()}"\n', encoding="utf-8")
+    assert main(["models", "--config", str(tmp_path / "config.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "✓ sd15  ip-adapter" in out and "ip-adapter-sd15  (ready" in out
+    assert "missing: controlcanvas models download ip-adapter-plus-face-sd15" in out

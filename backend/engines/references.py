@@ -158,21 +158,38 @@ def cached_files(spec: AdapterSpec, cache_dir: Optional[str] = None
     return found[0], str(Path(found[1]).parent)
 
 
-def download(name: str, cache_dir: Optional[str] = None) -> Path:
-    """Fetch adapter ``name``'s weight file and image encoder into the hub cache; returns
-    the weight file.  Offline: :class:`shared.errors.HubUnreachable`."""
-    from huggingface_hub import hf_hub_download
-
-    from .downloads import hub_errors
+def download_plan(name: str, api=None) -> "downloads.DownloadPlan":
+    """The files ``models download NAME`` fetches for adapter ``name`` (its weight file and
+    image encoder), with sizes (asks the hub; offline: HubUnreachable)."""
+    from . import downloads
 
     spec = ADAPTERS[name]
-    with hub_errors(HUB_REPO):
-        paths = [hf_hub_download(HUB_REPO, file, cache_dir=cache_dir) for file in spec.files]
-    return Path(paths[0])
+    listed = {f.path: f for f in downloads.list_files(HUB_REPO, api)}
+    return downloads.DownloadPlan(HUB_REPO, "ipadapter", tuple(
+        listed.get(path, downloads.HubFile(path)) for path in spec.files))
+
+
+def download(name: str, cache_dir: Optional[str] = None, *, progress: bool = True, api=None,
+             snapshot=None, on_plan=None) -> Path:
+    """Fetch adapter ``name``'s weight file and image encoder into the hub cache (nothing
+    when they are there); returns the weight file."""
+    from . import downloads
+
+    spec = ADAPTERS[name]
+    found = cached_files(spec, cache_dir)
+    if found is not None:
+        return Path(found[0])
+    plan = download_plan(name, api)
+    if on_plan is not None:
+        on_plan(plan)
+    folder = downloads.fetch(plan, cache_dir, progress=progress, snapshot=snapshot)
+    return folder / spec.weight
 
 
 def listing(cache_dir: Optional[str] = None) -> List[Tuple[str, str, bool, str]]:
-    """(name, family, downloaded, what) of every adapter: for ``controlcanvas models``."""
+    """(name, family, downloaded, the modes it serves) of every adapter: for
+    ``controlcanvas models``."""
     return [(spec.name, spec.family, cached_files(spec, cache_dir) is not None,
-             "face" if spec.face else ("plus" if spec.plus else "reference, style, composition"))
+             "face" if spec.face else "reference, style, composition" +
+             (" (plus: finer detail)" if spec.plus else ""))
             for spec in ADAPTERS.values()]
