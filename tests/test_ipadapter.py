@@ -23,7 +23,8 @@ from shared.messages import (CLIENT_MESSAGES, MAX_REFERENCES, ControlUnit, Gener
                              GenerateRequest, ReferenceUnit, from_json, to_dict, to_json)
 
 from tiny_fixtures import RecordingContext, fake_hub_snapshot, lines_image, random_rgba
-from tiny_fixtures import tiny_root, torch_threads  # noqa: F401 - fixtures
+from tiny_fixtures import tiny_lora_dir, tiny_root, torch_threads  # noqa: F401 - fixtures
+from tests.test_jobs import loop  # noqa: F401 - a fixture
 
 JOB = "0123456789abcdef0123456789abcdef"
 W = H = 64
@@ -369,3 +370,73 @@ def test_models_download_fetches_one_adapter_and_its_encoder(monkeypatch, tmp_pa
     out = capsys.readouterr().out
     assert "✓ sd15  ip-adapter" in out and "ip-adapter-sd15  (ready" in out
     assert "missing: controlcanvas models download ip-adapter-plus-face-sd15" in out
+
+
+# -----------------------------------------------------------------------------
+# A live frame in a pause of another job (live painting's preemption)
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_refs, live_refs", [
+    ((ReferenceUnit(image=1, mode="style"),), ()),
+    ((), (ReferenceUnit(image=1),)),
+    ((ReferenceUnit(image=1, end=0.6),), (ReferenceUnit(image=1), ReferenceUnit(image=0))),
+], ids=["batch-has-one", "frame-has-one", "other-adapters"])
+def test_a_live_frame_in_a_pause_leaves_the_batchs_references_as_they_were(
+        loop, tiny_root, batch_refs, live_refs):  # noqa: F811 - loop is a fixture
+    from backend.engines.diffusers.engine import DiffusersEngine
+    from backend.server.jobs import DONE, JobManager
+    from shared.messages import new_job_id
+    from tests.test_jobs import on_loop
+    from tests.test_live import Owner, wait_for
+
+    def engine():
+        return DiffusersEngine(Catalogue(ModelConfig(
+            tiny_root=str(tiny_root), cache_dir=str(tiny_root / "empty-hf-cache"))),
+            device="cpu")
+
+    pictures = {0: lines_image(W, H, seed=4), 1: random_rgba(40, 40, seed=8)}
+    batch_request = request(*batch_refs, steps=30, seed=5)
+    live = request(*live_refs, steps=4, seed=9, cfg=1.0)
+    shared_engine = engine()
+    manager = JobManager(shared_engine, loop)
+    a, b = Owner("a"), Owner("b")
+    progress = []
+    b.job_progress = lambda job, step, total, stage: progress.append(step)
+    batch = on_loop(loop, manager.submit, Generate(job_id=new_job_id(), request=batch_request),
+                    pictures, b)
+    wait_for(lambda: len(progress) >= 3, timeout=60)
+    frame = on_loop(loop, manager.submit, Generate(job_id=new_job_id(), request=live,
+                                                   live=True), pictures, a)
+    wait_for(lambda: a.outcome(frame.job_id) is not None, timeout=60)
+    assert batch.state == "running"  # the live frame came during the batch
+    wait_for(lambda: b.outcome(batch.job_id) is not None, timeout=120)
+    manager.close()
+    assert manager.live_stats["nested"] == 1 and b.outcome(batch.job_id)[0] == DONE
+    (_, live_image), = a.outcome(frame.job_id)[2]
+    (_, batch_image), = b.outcome(batch.job_id)[2]
+    alone = engine()
+    for req, image in ((batch_request, batch_image), (live, live_image)):
+        out = alone.generate(req, pictures, RecordingContext())
+        assert np.array_equal(to_array(image), to_array(out[0].image))
+    alone.close()
+    shared_engine.close()
+
+
+def test_a_reference_and_a_lora_together(tiny_root, tiny_lora_dir):  # noqa: F811
+    from backend.engines.diffusers.engine import DiffusersEngine
+    from shared.messages import LoraRef
+
+    engine = DiffusersEngine(Catalogue(ModelConfig(
+        tiny_root=str(tiny_root), cache_dir=str(tiny_root / "empty-hf-cache"),
+        lora_dir=str(tiny_lora_dir))), device="cpu")
+    try:
+        ink = (LoraRef("ink", 1.0),)
+        ref = pixels(engine, request(ReferenceUnit(image=REF)))
+        lora = pixels(engine, request(loras=ink))
+        both = pixels(engine, request(ReferenceUnit(image=REF), loras=ink))
+        assert differ(both, ref) > 1.0 and differ(both, lora) > 1.0
+        assert np.array_equal(pixels(engine, request(ReferenceUnit(image=REF))), ref)
+        assert np.array_equal(pixels(engine, request(loras=ink)), lora)
+        assert engine.stats["loads"] == 1
+    finally:
+        engine.close()
