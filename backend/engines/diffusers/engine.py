@@ -16,7 +16,9 @@ How one request becomes pixels (``generate``):
    from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
    The request's LoRAs (``request.loras``, files of the LoRA folder) are loaded into the
    base as adapters and kept there; each request sets which are active and how strong
-   (:mod:`.lora`), so switching LoRAs reloads nothing.
+   (:mod:`.lora`), so switching LoRAs reloads nothing.  The request's references
+   (``request.references``: IP-Adapter units) load their adapters into the base once and
+   are switched on and off per request the same way (:mod:`.ipadapter`).
 2. **Geometry.** The *region* is the whole canvas, or for inpaint the bounding
    box of the selection plus a margin of context.  The region is generated at
    the model's *native scale*: the area is brought into [N², (1.5 N)²] where
