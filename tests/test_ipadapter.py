@@ -10,7 +10,6 @@ is honoured, switching references on and off reloads neither the base nor the ad
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
