@@ -241,6 +241,15 @@ class LoraMismatch(Unsupported):
                        "pick a LoRA listed for this base's family, or another base model.")
 
 
+class ReferenceUnsupported(Unsupported):
+    """An IP-Adapter reference the base model cannot take: a family without IP-Adapter
+    support, or an adapter made for another family."""
+
+    code = "reference_unsupported"
+    default_message = ("This base model cannot take an IP-Adapter reference; use an SD1.5 "
+                       "or SDXL base, or remove the reference.")
+
+
 # -- client side only -------------------------------------------------------------
 
 class ServerUnavailable(ControlCanvasError):

@@ -40,9 +40,11 @@ Sampler = Literal["dpmpp_2m_karras", "dpmpp_2m", "unipc", "euler_a", "euler", "d
 Condition = Literal["canny", "depth", "softedge", "mlsd", "seg", "openpose", "scribble",
                     "lineart", "lineart_anime", "normal", "tile", "shuffle", "inpaint"]
 Scalar = Union[bool, int, float, str]
+ReferenceMode = Literal["reference", "style", "composition", "face"]
 
 CONDITIONS: Tuple[str, ...] = typing.get_args(Condition)
 SAMPLERS: Tuple[str, ...] = typing.get_args(Sampler)
+REFERENCE_MODES: Tuple[str, ...] = typing.get_args(ReferenceMode)
 
 MAX_SEED = 2**32 - 1
 _JOB_ID = re.compile(r"[0-9a-f]{32}\Z")
@@ -51,6 +53,7 @@ LORA_STRENGTH = (-2.0, 2.0)
 LORA_SUFFIX = ".safetensors"
 _LORA_NAME_MAX = 200
 _PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+MAX_REFERENCES = 4  # IP-Adapter reference units in one request
 
 
 def new_job_id() -> str:
@@ -345,6 +348,34 @@ class LoraRef(_Checked):
 
 
 @dataclass(frozen=True)
+class ReferenceUnit(_Checked):
+    """An IP-Adapter reference: the picture in image slot ``image`` (a layer) steers the
+    generation with ``weight`` 0..2 (0 = no reference, bit for bit) between ``start`` and
+    ``end`` (fractions of the denoising steps).  ``mode``: ``reference`` (the whole
+    picture), ``style`` (its style only, InstantStyle's style block), ``composition`` (its
+    layout only, InstantStyle's layout block), ``face`` (a face model: the person's face).
+    ``model``: an IP-Adapter name the server lists (``controlcanvas models``), "" = the
+    server's default for the base family and mode; a name, never a path."""
+    image: int
+    weight: float = _range(1.0, 0.0, 2.0)
+    start: float = _range(0.0, 0.0, 1.0)
+    end: float = _range(1.0, 0.0, 1.0)
+    mode: ReferenceMode = "reference"
+    model: str = ""
+
+    def _check(self) -> None:
+        if self.image < 0:
+            raise FieldError("image slot must be 0 or more.", field="image")
+        if self.start >= self.end:
+            raise FieldError(f"start ({self.start}) must be smaller than end ({self.end}).",
+                             field="start")
+        if self.model and not _PRESET_NAME.match(self.model):
+            raise FieldError(f"model {_show(self.model)} is not an IP-Adapter name (lowercase "
+                             f"letters, digits, '.', '_', '-'); use a name the server lists "
+                             f"(`controlcanvas models`), or leave it empty.", field="model")
+
+
+@dataclass(frozen=True)
 class GenerateRequest(_Checked):
     width: int = _range(512, 8, 1 << 20)
     height: int = _range(512, 8, 1 << 20)
@@ -367,7 +398,9 @@ class GenerateRequest(_Checked):
     loras: Tuple[LoraRef, ...] = ()
     # A few-step preset (``Models.presets``: LoRA + scheduler + step and CFG range), "" = none.
     preset: str = ""
-    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "preset")
+    # IP-Adapter references (added within protocol 1, left out of the JSON when empty).
+    references: Tuple[ReferenceUnit, ...] = ()
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "preset", "references")
 
     def _check(self) -> None:
         if self.preset and not _PRESET_NAME.match(self.preset):
@@ -377,6 +410,9 @@ class GenerateRequest(_Checked):
         if len(self.loras) > MAX_LORAS:
             raise FieldError(f"loras holds {len(self.loras)} LoRAs; at most {MAX_LORAS} per "
                              f"request.", field="loras")
+        if len(self.references) > MAX_REFERENCES:
+            raise FieldError(f"references holds {len(self.references)} units; at most "
+                             f"{MAX_REFERENCES} per request.", field="references")
         names = [lora.name for lora in self.loras]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -397,6 +433,7 @@ class GenerateRequest(_Checked):
         """Every image slot this request refers to, each once, in ascending order."""
         used = {s for s in (self.init_image, self.mask_image) if s is not None}
         used.update(u.image for u in self.controls if u.image is not None)
+        used.update(r.image for r in self.references)
         return tuple(sorted(used))
 
     def seeds(self, base_seed: int) -> Tuple[int, ...]:

@@ -364,7 +364,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"Download sizes unknown: {unreachable}")
     _print_loras(catalogue)
     _print_presets(catalogue)
+    _print_references(catalogue)
     return 0
+
+
+def _print_references(catalogue: Catalogue) -> None:
+    """The IP-Adapters for reference units: downloaded, or the command that fetches them."""
+    from ..engines.references import download_command as fetch, listing
+
+    print("IP-Adapters (reference units; the tiny bases have a built-in one):")
+    for name, family, present, modes in listing(catalogue.config.cache_dir):
+        where = "ready" if present else f"missing: {fetch(name)}"
+        kind = "ip-adapter face" if modes == "face" else "ip-adapter"
+        print(f"{'✓' if present else '✗'} {family:5} {kind:22} {name}  ({where}; {modes})")
 
 
 def _print_presets(catalogue: Catalogue) -> None:

@@ -72,7 +72,7 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import downloads, tiny
+from . import downloads, references, tiny
 from . import presets as few_step
 from .families import (UNION_CONTROL_TYPES, Detected, check_runnable, detect,
                        detect_base_folder, detect_file)
@@ -647,10 +647,12 @@ class Catalogue:
         names = list(DEFAULT_BASES) + [n for n in self.config.bases if n not in DEFAULT_BASES]
         names += list(CONTROLNETS["sd15"]) + [f"{family}:{c}" for family in FAMILIES
                                               if family != "sd15" for c in CONTROLNETS[family]]
-        return names + list(few_step.load_presets())
+        return names + list(few_step.load_presets()) + list(references.ADAPTERS)
 
     def download_target(self, name: str) -> Tuple[str, str]:
         """(hub id, kind) that ``controlcanvas models download NAME`` fetches for ``name``."""
+        if name in references.ADAPTERS:  # an IP-Adapter: a few files of h94/IP-Adapter
+            return references.HUB_REPO, "ipadapter"
         if name in DEFAULT_BASES:
             return DEFAULT_BASES[name], "base"
         if name in self.config.bases:
@@ -694,6 +696,8 @@ class Catalogue:
         HubUnreachable, the size is unknown); a preset's LoRA: that one file."""
         if self.download_target(name)[1] == "lora":
             return _lora_plan(few_step.find(name), api)
+        if name in references.ADAPTERS:
+            return references.download_plan(name, api)
         repo_id, _ = self._download_repo(name)
         return downloads.plan(repo_id, api)
 
@@ -705,6 +709,9 @@ class Catalogue:
         A preset's LoRA: its file, copied into the LoRA folder (see _download_lora)."""
         if self.download_target(name)[1] == "lora":
             return self._download_lora(few_step.find(name), api, on_plan)
+        if name in references.ADAPTERS:
+            return references.download(name, self.config.cache_dir, progress=progress,
+                                       api=api, snapshot=snapshot, on_plan=on_plan)
         repo_id, folder = self._download_repo(name)
         if folder is not None:
             return folder

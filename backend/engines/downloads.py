@@ -56,6 +56,7 @@ class DownloadPlan:
 
     repo_id: str
     kind: str                 # "base" | "controlnet" | "lora" (a few-step preset's file)
+    #                           | "ipadapter" (an IP-Adapter's files: references.ADAPTERS)
     files: Tuple[HubFile, ...]
     variant: str = ""         # "fp16" when fp16 weights were chosen (for some component)
     full_size: Optional[int] = None  # the same model with full-precision weights, when known
@@ -67,9 +68,10 @@ class DownloadPlan:
 
     def describe(self) -> str:
         """``owner/name (ControlNet): 2 files, 2.50 GB (fp16 weights; 5.00 GB in fp32)``."""
-        what = {"base": "base model", "lora": "LoRA"}.get(self.kind, "ControlNet")
+        what = {"base": "base model", "lora": "LoRA", "ipadapter": "IP-Adapter"}.get(
+            self.kind, "ControlNet")
         size = f"{human_size(self.size)}" if self.size is not None else "size unknown"
-        if self.kind == "lora":
+        if self.kind in ("lora", "ipadapter"):
             return f"{self.repo_id} ({what}): {', '.join(f.path for f in self.files)}, {size}"
         if self.variant and self.full_size:
             weights = f"fp16 weights; {human_size(self.full_size)} in fp32"

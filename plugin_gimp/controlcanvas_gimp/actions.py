@@ -28,6 +28,7 @@ from .procedures import ProcedureSpec
 from .settings import Connection
 
 CONNECT_TIMEOUT = 10.0
+REFERENCE_SIDE = 512  # a reference layer is sent at most this big (the CLIP encoder reads 224)
 POSE_ANNOTATOR = "pose_from_photo"  # backend.preprocess: photo → rendered OpenPose skeleton
 # The history record keeps every argument of a generating procedure under "arg.NAME", so
 # Repeat last can run it again; never these (the connection, and what the entry has).
@@ -202,6 +203,9 @@ def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra)
     if opts.seed == generation.SAME_SEED:
         opts = replace(opts, seed=_last_seed(ctx.host))
     seed = generation.choose_seed(opts.seed, opts.batch)
+    reference = _reference(ctx.host, opts, images)
+    if reference is not None:
+        extra["reference_slot"] = reference
     conn = ctx.connection()
     ctx.host.progress(text=f"ControlCanvas: connecting to {conn.url}", fraction=0.0)
     ctx.doing = f"while {what}"
@@ -215,6 +219,26 @@ def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra)
             return request, client.wait(job, on_event=emit)
 
     return worker.run(work, Reporter(ctx.host, what))
+
+
+def _reference(host: Host, opts: GenerateOptions, images) -> Optional[int]:
+    """The 'Reference layer' argument: that layer's picture in the next free image slot
+    (its slot), or None without one (or at weight 0)."""
+    name = opts.reference_layer
+    if not name or opts.reference_weight <= 0:
+        return None
+    layer = host.find_layer(name)
+    if layer is None:
+        raise UsageError(f"There is no layer called {name!r} in this image for 'Reference "
+                         f"layer'; type the name of the layer that holds the reference "
+                         f"picture, or leave it blank.", field="reference-layer")
+    image = host.read_scaled(layer, REFERENCE_SIDE)
+    if image.is_transparent():
+        raise UsageError(f"The reference layer {name!r} is empty; paste the reference picture "
+                         f"into it, or name another layer.", field="reference-layer")
+    slot = max(images, default=-1) + 1
+    images[slot] = image
+    return slot
 
 
 def stored_history(host: Host) -> list:

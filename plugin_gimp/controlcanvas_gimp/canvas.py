@@ -76,6 +76,21 @@ class GimpHost:
         return LayerInfo(drawable.get_name(), drawable.get_width(), drawable.get_height(),
                          x, y, drawable)
 
+    def find_layer(self, name: str) -> Optional[LayerInfo]:
+        found = self.image.get_layer_by_name(name) if self.image is not None else None
+        if found is None:
+            return None
+        _, x, y = found.get_offsets()
+        return LayerInfo(found.get_name(), found.get_width(), found.get_height(), x, y, found)
+
+    def read_scaled(self, layer: LayerInfo, max_side: int) -> Image:
+        """GEGL reads the buffer at a scale (its own mipmap filtering): no full-size copy."""
+        scale = min(1.0, max_side / max(layer.width, layer.height))
+        w, h = max(1, round(layer.width * scale)), max(1, round(layer.height * scale))
+        rect = Gegl.Rectangle.new(0, 0, w, h)
+        data = layer.handle.get_buffer().get(rect, scale, FORMAT, Gegl.AbyssPolicy.CLAMP)
+        return Image(w, h, bytes(data))
+
     def read_pixels(self, layer: LayerInfo, box=None) -> Image:
         x, y, w, h = box or (0, 0, layer.width, layer.height)
         rect = Gegl.Rectangle.new(x, y, w, h)

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Optional, Tuple
 from shared.geometry import DEFAULT_NATIVE_SIDE, NATIVE_SIDE
 from shared.images import Image
 from shared.errors import FieldError
-from shared.messages import ControlUnit, GenerateRequest, Limits, LoraRef, Models, Pose
+from shared.messages import (ControlUnit, GenerateRequest, Limits, LoraRef, Models, Pose,
+                             ReferenceUnit)
 from shared.offers import Offers, parse_loras
 
 from .problems import UsageError
@@ -50,6 +51,9 @@ class GenerateOptions:
     size: str
     base_model: str
     loras: Tuple[LoraRef, ...] = ()
+    reference_layer: str = ""  # a layer's name: its picture steers (IP-Adapter); "" none
+    reference_weight: float = 0.8
+    reference_mode: str = "reference"
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "GenerateOptions":
@@ -62,7 +66,10 @@ class GenerateOptions:
             sampler=values["sampler"], control_weight=values["control-weight"],
             control_start=values["control-start"], control_end=values["control-end"],
             control_mode=values["control-mode"], size=values["size"],
-            base_model=values["base-model"].strip(), loras=_loras(values.get("loras", "")))
+            base_model=values["base-model"].strip(), loras=_loras(values.get("loras", "")),
+            reference_layer=values.get("reference-layer", "").strip(),
+            reference_weight=values.get("reference-weight", 0.8),
+            reference_mode=values.get("reference-mode", "reference"))
         if opts.control_start >= opts.control_end:
             raise UsageError(f"Control start ({opts.control_start:g}) must be smaller than "
                              f"control end ({opts.control_end:g}).", field="control-start")
@@ -178,13 +185,15 @@ def choose_seed(seed: int, batch: int, rng: Optional[random.Random] = None) -> i
 def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
                   models: Optional[Models] = None, limits: Optional[Limits] = None,
                   pose: Optional[Pose] = None,
-                  inpaint_strength: Optional[float] = None) -> GenerateRequest:
+                  inpaint_strength: Optional[float] = None,
+                  reference_slot: Optional[int] = None) -> GenerateRequest:
     """The request for a layer (or a region of it) of ``width`` x ``height``.
 
     Its pixels go in slot 0 and steer the control unit, or, given a ``pose`` (keypoints
     on the layer), the unit carries the pose itself and the server draws it at the size
     it generates at.  With ``inpaint_strength`` the request repaints slot 0 where the
     mask in slot 1 is white; the control unit is left out for condition ``none``.
+    ``reference_slot``: the slot of the reference layer's picture (IP-Adapter), if any.
     """
     check_offered(opts, models)
     w, h = generation_size(width, height, opts.size, native_side(models, opts.base_model),
@@ -199,11 +208,13 @@ def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
                              **source),)
     mode = {} if inpaint_strength is None else dict(
         mode="inpaint", init_image=0, mask_image=1, strength=inpaint_strength)
+    references = () if reference_slot is None else (ReferenceUnit(
+        image=reference_slot, weight=opts.reference_weight, mode=opts.reference_mode),)
     return GenerateRequest(width=w, height=h, prompt=opts.prompt,
                            negative_prompt=opts.negative_prompt, seed=seed, steps=opts.steps,
                            cfg=opts.cfg, sampler=opts.sampler, batch=opts.batch,
                            base_model=opts.base_model, controls=units, loras=opts.loras,
-                           **mode)
+                           references=references, **mode)
 
 
 _GREY_TO_RGBA = tuple(bytes((v, v, v, 255)) for v in range(256))

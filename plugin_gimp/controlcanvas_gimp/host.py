@@ -60,6 +60,13 @@ class Host(Protocol):
     def read_pixels(self, layer: LayerInfo, box: Optional[Box] = None) -> Image:
         """The layer's pixels as straight 8-bit RGBA: all of them, or those in ``box``."""
 
+    def find_layer(self, name: str) -> Optional[LayerInfo]:
+        """The image's layer called ``name`` (the first, top down), or None."""
+
+    def read_scaled(self, layer: LayerInfo, max_side: int) -> Image:
+        """The whole layer as straight 8-bit RGBA, scaled down (keeping its aspect) so that
+        its longer side is at most ``max_side``."""
+
     def selection_bounds(self, layer: LayerInfo) -> Optional[Box]:
         """The bounding box of the selected part of the layer, or None when nothing of
         it is selected (no selection, or one elsewhere in the image)."""

@@ -68,6 +68,15 @@ POSE_SOURCE_CHOICES = (
 )
 
 
+REFERENCE_MODE_CHOICES = (
+    ("reference", "Reference: the whole picture"),
+    ("style", "Style only"),
+    ("composition", "Composition (layout) only"),
+    ("face", "Face (needs the server's face IP-Adapter)"),
+)
+REFERENCE_HELP = ("The name of a layer of this image whose picture steers the result "
+                  "(IP-Adapter): a photo or painting to borrow the look, style, layout or a "
+                  "face from. It is sent whole, at most 512 px. Blank: none")
 LORAS_HELP = ("LoRAs (styles, characters) from the server's LoRA folder, as name:strength "
               "separated by commas, e.g. \"ink:0.8, watercolour\" (strength -2 to 2, 1 when "
               "left out, 0 off). Settings / connection test… lists the server's LoRAs and the "
@@ -219,6 +228,12 @@ def generation_args() -> Tuple[Arg, ...]:
         _string("base-model", "Base model", "Model name on the server; blank: the server's "
                 "default"),
         _string("loras", "LoRAs", LORAS_HELP),
+        _string("reference-layer", "Reference layer", REFERENCE_HELP),
+        _double("reference-weight", "Reference weight", "How strongly the reference layer "
+                "steers (0-2; 0 off, 0.5-1 usual)", 0.8, 0.0, 2.0),
+        _choice("reference-mode", "Reference mode", "What the reference layer gives: the "
+                "whole picture, its style, its layout, or a face", REFERENCE_MODE_CHOICES,
+                "reference"),
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from . import plan
 from .controller import Controller
 from .lora_panel import LoraPanel
+from .reference_panel import ReferencePanel
 from .proto import messages, offers
 from .qt import Qt, QtCore, QtGui, QtWidgets, qimage_from_rgba
 from .settings import (CONTROL_MODE_LABELS, CONTROL_MODES, MODE_LABELS, MODES,
@@ -428,6 +429,7 @@ class DockerPanel(W.QWidget):
                              ("Control", self._build_control),
                              ("Sampling", self._build_sampling),
                              ("LoRA", self._build_loras),
+                             ("Reference", self._build_references),
                              ("Live", self._build_live),
                              ("History", self._build_history)):
             section = Section(title)
@@ -610,6 +612,10 @@ class DockerPanel(W.QWidget):
     def _build_loras(self, section: "Section") -> None:
         self.lora_panel = LoraPanel(section, self.collect)
 
+    def _build_references(self, section: "Section") -> None:
+        self.reference_panel = ReferencePanel(section, self.collect,
+                                              self.controller.active_layer_id)
+
     def _build_live(self, section: "Section") -> None:
         """Live painting's options (the toggle sits beside Generate): the few-step preset,
         and what the last frames did."""
@@ -732,6 +738,7 @@ class DockerPanel(W.QWidget):
         for unit in s.units:
             self._add_unit(unit)
         self.lora_panel.load(s.loras)
+        self.reference_panel.load(s.references)
         self._mode_changed()
         self._base_changed()
 
@@ -754,6 +761,7 @@ class DockerPanel(W.QWidget):
         s.hires = self.hires.isChecked()
         s.units = [w.value() for w in self.units]
         s.loras = self.lora_panel.values()
+        s.references = self.reference_panel.values()
         return s
 
     def _mode_changed(self) -> None:
@@ -810,6 +818,7 @@ class DockerPanel(W.QWidget):
         self._layers = layers
         for widget in self.units:
             widget.fill_layers(layers)
+        self.reference_panel.fill_layers(layers)
 
     # -- actions ----------------------------------------------------------------------
 

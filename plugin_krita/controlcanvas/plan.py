@@ -14,9 +14,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import pixels
 from .proto import Image, errors, geometry, messages, offers, pose as openpose
-from .settings import Settings, UnitSettings
+from .settings import ReferenceSettings, Settings, UnitSettings
 
 Box = Tuple[int, int, int, int]
+REFERENCE_SIDE = 512  # a reference layer is sent at most this big (the CLIP encoder reads 224)
 
 
 class PlanError(ValueError):
@@ -211,6 +212,46 @@ def lora_refs(settings: Settings, offer: Optional[offers.Offers] = None
     return tuple(refs)
 
 
+def reference_image(canvas: "CanvasPort", doc: DocInfo, row: ReferenceSettings,
+                    index: int) -> Image:
+    """The whole layer of a reference row (the picture, not the region generated), at most
+    :data:`REFERENCE_SIDE` on its longer side."""
+    layer = doc.layer(row.layer_id) if row.layer_id else None
+    if layer is None:
+        raise PlanError(f"Reference {index + 1}: pick the layer that holds the reference "
+                        f"picture (the layer it had is gone).")
+    image = canvas.read_layer(row.layer_id, (0, 0, doc.width, doc.height))
+    if image.is_transparent():
+        raise PlanError(f"Reference {index + 1}: the layer {layer.name!r} is empty; paste the "
+                        f"reference picture into it or pick another layer.")
+    scale = min(1.0, REFERENCE_SIDE / max(doc.width, doc.height))
+    if scale < 1.0:
+        image = pixels.scale_nearest(image, max(1, round(doc.width * scale)),
+                                     max(1, round(doc.height * scale)))
+    return image
+
+
+def reference_units(settings: Settings, canvas: "CanvasPort", doc: DocInfo,
+                    images: Dict[int, Image]) -> Tuple[messages.ReferenceUnit, ...]:
+    """The docker's reference rows as the request's references, their pictures added to
+    ``images`` in the next free slots (rows at weight 0 are left out: no reference)."""
+    refs: List[messages.ReferenceUnit] = []
+    for index, row in enumerate(settings.references):
+        if row.weight <= 0:
+            continue
+        slot = len(images)
+        images[slot] = reference_image(canvas, doc, row, index)
+        try:
+            refs.append(messages.ReferenceUnit(image=slot, weight=row.weight, start=row.start,
+                                               end=row.end, mode=row.mode))
+        except errors.ControlCanvasError as err:
+            raise PlanError(f"Reference {index + 1}: {err.message}") from None
+    if len(refs) > messages.MAX_REFERENCES:
+        raise PlanError(f"{len(refs)} references: at most {messages.MAX_REFERENCES} per "
+                        f"generation; remove one.")
+    return tuple(refs)
+
+
 def check_conditions(settings: Settings, offer: Optional[offers.Offers]) -> None:
     """Each enabled unit's condition must be one the chosen base serves (the server's
     list; a server that does not say leaves every condition open)."""
@@ -279,6 +320,7 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
         units.append(messages.ControlUnit(image=slot, preprocessor=preprocessor,
                                           params=unit_params(unit, preprocessor, declared),
                                           **common))
+    references = reference_units(settings, canvas, doc, images)
     seed = choose_seed(settings) if seed is None else seed
     try:
         request = messages.GenerateRequest(
@@ -287,7 +329,7 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
             cfg=settings.cfg, sampler=settings.sampler, strength=settings.strength,
             batch=batch or settings.batch, base_model=settings.base_model.strip(),
             init_image=init_slot, mask_image=mask_slot, controls=tuple(units),
-            hires=settings.hires, loras=loras)
+            hires=settings.hires, loras=loras, references=references)
     except errors.ControlCanvasError as err:
         raise PlanError(f"A setting is out of range: {err}") from None
     placement = place_results(settings, doc, box, mask_plane)

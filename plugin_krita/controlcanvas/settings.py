@@ -24,6 +24,10 @@ CONTROL_MODE_LABELS = {"balanced": "Balanced", "prompt": "Prompt is more importa
 PLACES = ("above", "below")
 RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
 LORA_MIN, LORA_MAX = messages.LORA_STRENGTH  # a LoRA's strength
+REFERENCE_MODES = messages.REFERENCE_MODES  # reference, style, composition, face
+REFERENCE_MODE_LABELS = {"reference": "Reference", "style": "Style", "composition": "Composition",
+                         "face": "Face"}
+REFERENCE_WEIGHT = 0.8  # a new reference's weight (IP-Adapter's usual 0.5-1)
 RESIZE_MODE_LABELS = {"crop_and_resize": "Crop to fit", "just_resize": "Stretch",
                       "resize_and_fill": "Fit inside (pad)"}
 
@@ -52,6 +56,17 @@ class LoraSettings:
 
 
 @dataclass
+class ReferenceSettings:
+    """One reference (IP-Adapter) row: a layer whose picture steers the generation, with
+    its weight (0..2), mode (reference, style, composition, face) and start/end window."""
+    layer_id: str = ""
+    weight: float = REFERENCE_WEIGHT
+    mode: str = "reference"
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass
 class Settings:
     url: str = DEFAULT_URL
     token: str = ""
@@ -71,6 +86,7 @@ class Settings:
     base_model: str = ""  # "" = the server's default
     hires: bool = False  # a second, full-size pass for detail
     loras: List[LoraSettings] = field(default_factory=list)
+    references: List[ReferenceSettings] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -107,6 +123,8 @@ class Settings:
                 out.units = units
             elif f.name == "loras":
                 out.loras = _loras_from(value)
+            elif f.name == "references":
+                out.references = _references_from(value)
             elif isinstance(value, type(getattr(out, f.name))) or \
                     (isinstance(getattr(out, f.name), float) and type(value) is int):
                 setattr(out, f.name, type(getattr(out, f.name))(value))
@@ -128,4 +146,24 @@ def _loras_from(value: Any) -> List[LoraSettings]:
         if type(strength) not in (int, float) or not LORA_MIN <= strength <= LORA_MAX:
             strength = 1.0
         rows.append(LoraSettings(name=item.get("name", ""), strength=float(strength)))
+    return rows
+
+
+def _references_from(value: Any) -> List[ReferenceSettings]:
+    """The saved reference rows: a row whose layer id is not text is dropped; a weight,
+    mode or window out of range falls back to the default."""
+    rows = []
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("layer_id", ""), str):
+            continue
+        row = ReferenceSettings(layer_id=item.get("layer_id", ""))
+        weight = item.get("weight", row.weight)
+        if type(weight) in (int, float) and 0.0 <= weight <= 2.0:
+            row.weight = float(weight)
+        if item.get("mode") in REFERENCE_MODES:
+            row.mode = item["mode"]
+        start, end = item.get("start", 0.0), item.get("end", 1.0)
+        if all(type(v) in (int, float) for v in (start, end)) and 0.0 <= start < end <= 1.0:
+            row.start, row.end = float(start), float(end)
+        rows.append(row)
     return rows

@@ -105,6 +105,29 @@ class FakeHost:
         image = layer.handle.image
         return image if box is None else image.crop(*box)
 
+    def find_layer(self, name: str) -> Optional[LayerInfo]:
+        self._main_thread_only()
+
+        def walk(stack):
+            for layer in stack:
+                if layer.name == name:
+                    return layer
+                found = walk(layer.children or [])
+                if found is not None:
+                    return found
+            return None
+
+        layer = walk(self.layers)
+        return None if layer is None else LayerInfo(layer.name, layer.width, layer.height,
+                                                    layer.x, layer.y, layer)
+
+    def read_scaled(self, layer: LayerInfo, max_side: int) -> Image:
+        self._main_thread_only()
+        image = layer.handle.image
+        scale = min(1.0, max_side / max(image.width, image.height))
+        return resize_nearest(image, max(1, round(image.width * scale)),
+                              max(1, round(image.height * scale)))
+
     def read_selection(self, layer: LayerInfo, box) -> bytes:
         self._main_thread_only()
         cw, ch = self.canvas

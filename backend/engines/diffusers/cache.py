@@ -49,6 +49,7 @@ class BaseEntry:
     offload_owner: Any = None                                  # set_timesteps resets state)
     vae_fp32: bool = False  # the VAE is kept in fp32 (acceleration.vae_in_fp32)
     loras: Any = None  # lora.LoraAdapters: the LoRAs loaded into this base (made on first use)
+    references: Any = None  # ipadapter.ReferenceAdapters: its IP-Adapters (made on first use)
     prompts: Any = field(default_factory=OrderedDict)  # reuse.prompt_kwargs' embeddings
     nested_pipes: Dict[type, Any] = field(default_factory=dict)  # for jobs run in a pause
 

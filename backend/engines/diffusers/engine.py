@@ -16,7 +16,9 @@ How one request becomes pixels (``generate``):
    from the loaded base with ``from_pipe`` (shared modules, no reload) and kept.
    The request's LoRAs (``request.loras``, files of the LoRA folder) are loaded into the
    base as adapters and kept there; each request sets which are active and how strong
-   (:mod:`.lora`), so switching LoRAs reloads nothing.
+   (:mod:`.lora`), so switching LoRAs reloads nothing.  The request's references
+   (``request.references``: IP-Adapter units) load their adapters into the base once and
+   are switched on and off per request the same way (:mod:`.ipadapter`).
 2. **Geometry.** The *region* is the whole canvas, or for inpaint the bounding
    box of the selection plus a margin of context.  The region is generated at
    the model's *native scale*: the area is brought into [N², (1.5 N)²] where
@@ -115,6 +117,7 @@ from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, 
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
 from .loaders import dtype_kwargs, read_base, read_controlnet
+from .ipadapter import prepare_references
 from .lora import apply_loras
 from .reuse import PROMPT_CACHE_SIZE, control_window, prompt_kwargs
 from .pipelines import (PIPELINES, cancel_points, control_image, full_mask_pass,
@@ -208,7 +211,8 @@ class DiffusersEngine:
         self.last_plan: Optional[Plan] = None
         self.stats: Dict[str, Any] = {"oom_retries": 0, "loads": 0, "nonfinite": 0,
                                       "compile_s": 0.0, "compile_fallbacks": 0,
-                                      "lora_loads": 0, "prompt_cache_hits": 0,
+                                      "lora_loads": 0, "ip_adapter_loads": 0,
+                                      "prompt_cache_hits": 0,
                                       "prompt_cache_misses": 0}
         # live painting: same-shape jobs reuse prompt embeddings and control images
         # (.reuse), and a job may run in another's pause between two steps
@@ -613,6 +617,9 @@ class DiffusersEngine:
             else:
                 _check_compatible(resolved, net, entry)
         apply_loras(entry, request.loras, self.catalogue.loras, self.stats)
+        references = prepare_references(request, images, entry, self.catalogue, self.device,
+                                        self.dtype, self.stats,
+                                        lambda slot, name: _image(images, slot, name))
         request, images = self._annotate(request, images, entry)
         plan = self._plan(request, images, entry, low_memory)
         self.last_plan = plan
@@ -634,7 +641,8 @@ class DiffusersEngine:
                              [types[i] for i in order]) if order else None
         adapters = AdapterUnits.of(request.controls, nets, [r.adapter for r in resolved_nets])
 
-        run = _JobRun(ctx, len(seeds) * plan.steps_per_image, sampling, cfg, adapters)
+        run = _JobRun(ctx, len(seeds) * plan.steps_per_image, sampling, cfg,
+                      adapters=adapters, references=references)
         out = []
         for seed in seeds:
             ctx.check_cancelled()
@@ -681,9 +689,11 @@ class DiffusersEngine:
         pipe = self._pipeline(entry, p.kind, controls, units)
         pipe.scheduler = self._scheduler(entry, run.sampling.scheduler)
         _set_vae_tiling(pipe, p.vae_tiling)
-        ctx, family = run.ctx, entry.family
+        ctx, family, refs = run.ctx, entry.family, run.references
 
         def on_step(pipeline, i, t, tensors):
+            if refs is not None:
+                refs.step(i + 1)  # the scales of the next step (IP-Adapter windows)
             run.done += 1
             done = min(run.done, run.total)
             ctx.progress(done, run.total)
@@ -693,12 +703,15 @@ class DiffusersEngine:
                 ctx.preview(done, image if image is not None else
                             latent_preview(latents, family))
             if run.done < run.total:
-                self._pause(ctx, lambda: self._resume(entry, request, pipe, p))
+                self._pause(ctx, lambda: self._resume(entry, request, pipe, p, refs))
             return {}
 
         kwargs = self._call_kwargs(request, p, entry, pipe, units, order, seed, run)
         kwargs.update(callback_on_step_end=on_step,
                       callback_on_step_end_tensor_inputs=["latents"])
+        if refs is not None:
+            kwargs.update(refs.kwargs(run.cfg))
+            refs.begin(p.runs)
         depth = self._depth
         active = lambda: self._depth == depth  # noqa: E731 - this job, not one in its pause
         adapted = run.adapters.injected(pipe.unet, p.controls, p.runs, active) \
@@ -766,8 +779,13 @@ class DiffusersEngine:
                 self.last_plan = plan
                 resume()
 
-    def _resume(self, entry: BaseEntry, request: GenerateRequest, pipe, p: Pass) -> None:
+    def _resume(self, entry: BaseEntry, request: GenerateRequest, pipe, p: Pass,
+                references=None) -> None:
         apply_loras(entry, request.loras, self.catalogue.loras, self.stats)
+        if references is not None:
+            references.resume()
+        elif entry.references is not None:
+            entry.references.off()
         _set_vae_tiling(pipe, p.vae_tiling)
 
     def _check_finite(self, result: np.ndarray, entry: BaseEntry) -> np.ndarray:
@@ -884,6 +902,7 @@ class _JobRun:
     sampling: Sampling
     cfg: bool
     adapters: Optional[AdapterUnits] = None  # the T2I-Adapter units
+    references: Any = None  # ipadapter.ReferenceRun: the request's IP-Adapter references
     done: int = 0
 
 
