@@ -582,6 +582,16 @@ def _add_tools(sub) -> None:
                    "comma-separated)")
     p.add_argument("--no-contention", action="store_true", help="live: skip the part with "
                    "another client's long job")
+    p.add_argument("--workers", default="1,2,4", help="scale: worker counts to compare")
+    p.add_argument("--clients-at-once", type=int, default=6, help="scale: clients")
+    p.add_argument("--jobs", type=int, default=8, help="scale: jobs per client")
+    p.add_argument("--steps", type=int, default=10, help="scale: steps per job")
+    p.add_argument("--step-seconds", type=float, default=0.02,
+                   help="scale: the fake engine's seconds per step")
+    p.add_argument("--scale-engine", choices=["fake", "tiny"], default="fake",
+                   help="scale: fake (fixed step time) or tiny (CPU-bound steps)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="scale: skip the Ray Serve comparison")
     p.set_defaults(func=cmd_bench)
 
 
