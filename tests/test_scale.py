@@ -206,3 +206,13 @@ def test_the_front_stays_up_when_a_worker_dies(make_server):
         done = client.submit(GenerateRequest(width=8, height=8, steps=3, prompt="ok"), {})
         result = client.wait(done, on_event=lambda e: steps.append(getattr(e, "step", None)))
         assert result.images and 3 in steps
+
+
+def test_bench_scale_reports_each_worker_count():
+    from backend.bench.scale import bench_scale
+    figures = bench_scale(workers=(1, 2), clients=2, jobs=2, steps=2, step_seconds=0.01,
+                          ray=False)
+    for n in ("1", "2"):
+        run = figures["workers"][n]
+        assert run["jobs"] == 4 and not run["errors"]
+        assert {"jobs_per_s", "p95_latency_s", "fairness_jain", "ratio"} <= set(run)

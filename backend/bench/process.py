@@ -17,15 +17,15 @@ def _child(pipe, options: dict) -> None:
     logging.disable(logging.INFO)
     echo_size = options.pop("echo_max_size", None)
     options.setdefault("engine", "fake")
+    options.setdefault("port", 0)
+    config = ServerConfig(**options)
+    engine = serving_engine(config)  # one engine, one per device, or Ray Serve (not on a loop)
 
     async def echo(ws):
         async for message in ws:
             await ws.send(message)
 
     async def main():
-        options.setdefault("port", 0)
-        config = ServerConfig(**options)
-        engine = serving_engine(config)  # one engine, one per device, or Ray Serve
         server = Server(config, engine, token="bench")
         await server.start()
         echo_port = None
