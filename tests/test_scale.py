@@ -216,3 +216,18 @@ def test_bench_scale_reports_each_worker_count():
         run = figures["workers"][n]
         assert run["jobs"] == 4 and not run["errors"]
         assert {"jobs_per_s", "p95_latency_s", "fairness_jain", "ratio"} <= set(run)
+
+
+def test_serve_devices_option_gives_one_engine_per_device(tmp_path):
+    from backend.cli.main import _server_overrides, build_parser
+    from backend.server.config import build_config
+    from backend.server.scale import serving_engine
+    args = build_parser().parse_args(["serve", "--engine", "fake", "--devices", "cpu,cpu",
+                                      "--config", str(tmp_path / "config.toml")])
+    config = build_config(_server_overrides(args), args.config)
+    engine = serving_engine(config)
+    assert isinstance(engine, EngineGroup) and engine.devices == ["cpu", "cpu"]
+    (tmp_path / "config.toml").write_text('[server]\ndevices = "cpu,cpu,cpu"\n'
+                                          'engine = "fake"\n')
+    args = build_parser().parse_args(["serve", "--config", str(tmp_path / "config.toml")])
+    assert len(serving_engine(build_config(_server_overrides(args), args.config)).engines) == 3

@@ -1,11 +1,14 @@
-"""The job queue: fair FIFO, one worker thread that owns the engine, cancel,
+"""The job queue: fair FIFO, one worker thread per engine that owns it, cancel,
 progress, and results kept until the client acknowledges them.
 
 Threading: every public method of :class:`JobManager` runs on the asyncio loop
-thread.  The worker thread touches only the queue (under ``_lock``) and the job it
+thread.  A worker thread touches only the queue (under ``_lock``) and the job it
 runs, and hands everything else back to the loop with ``call_soon_threadsafe``.
-So job bookkeeping needs no lock, and the engine is only ever called from one
-thread.
+So job bookkeeping needs no lock, and each engine is only ever called from its one
+thread.  With several engines (an ``EngineGroup``: one per GPU) there is one worker per
+engine: the fair order below says which job starts next, backend.server.workers says on
+which free worker (the one holding its models, then the most free memory); a worker
+whose device fails ends its job with ``WorkerLost`` and stops, the others go on.
 
 Ownership: a job belongs to the connection that submitted it or last resumed it
 (``owner``).  When a connection goes away its jobs become orphans and keep
