@@ -34,51 +34,69 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional, Tuple
 
 from .errors import TokenFileError
 
 
-def config_dir(environ: Optional[Mapping[str, str]] = None,
-               platform: Optional[str] = None) -> Path:
+class _Folder(NamedTuple):
+    """One kind of per-user folder: its override variable, and its base on each platform
+    (Windows: a variable, else a path under the home folder; macOS: a path under the home
+    folder; elsewhere: an XDG variable, else a path under the home folder)."""
+
+    override: str
+    windows: Tuple[str, Tuple[str, ...]]
+    macos: Tuple[str, ...]
+    xdg: Tuple[str, Tuple[str, ...]]
+    inside: Tuple[str, ...] = ("controlcanvas",)         # below the base
+    inside_windows: Tuple[str, ...] = ("controlcanvas",)
+    flatpak_host: str = ""  # inside a Flatpak sandbox: the host's variable for this base
+
+
+_CONFIG = _Folder("CONTROLCANVAS_CONFIG_DIR", ("APPDATA", ("AppData", "Roaming")),
+                  ("Library", "Application Support"), ("XDG_CONFIG_HOME", (".config",)),
+                  flatpak_host="HOST_XDG_CONFIG_HOME")
+_CACHE = _Folder("CONTROLCANVAS_CACHE_DIR", ("LOCALAPPDATA", ("AppData", "Local")),
+                 ("Library", "Caches"), ("XDG_CACHE_HOME", (".cache",)),
+                 inside_windows=("controlcanvas", "cache"))
+_DATA = _Folder("CONTROLCANVAS_DATA_DIR", ("LOCALAPPDATA", ("AppData", "Local")),
+                ("Library", "Application Support"), ("XDG_DATA_HOME", (".local", "share")))
+
+
+def _user_folder(folder: _Folder, environ: Optional[Mapping[str, str]],
+                 platform: Optional[str]) -> Path:
+    """The per-user folder of one kind (see the module docstring)."""
     env = os.environ if environ is None else environ
     platform = sys.platform if platform is None else platform
-    override = env.get("CONTROLCANVAS_CONFIG_DIR")
+    override = env.get(folder.override)
     if override:
         return Path(override)
     if platform == "win32":
-        # Path.home() on Windows reads USERPROFILE (not HOME); only used without APPDATA
+        # Path.home() on Windows reads USERPROFILE (not HOME); only used without the variable
         home = env.get("USERPROFILE") or env.get("HOME")
-        base = Path(env.get("APPDATA") or
-                    (Path(home) if home else Path.home()) / "AppData" / "Roaming")
-    else:
-        home_path = Path(env["HOME"]) if env.get("HOME") else Path.home()
-        if platform == "darwin":
-            base = home_path / "Library" / "Application Support"
-        elif env.get("FLATPAK_ID"):
-            base = Path(env.get("HOST_XDG_CONFIG_HOME") or home_path / ".config")
-        else:
-            base = Path(env.get("XDG_CONFIG_HOME") or home_path / ".config")
-    return base / "controlcanvas"
+        variable, below_home = folder.windows
+        base = Path(env.get(variable) or (Path(home) if home else Path.home()).joinpath(
+            *below_home))
+        return base.joinpath(*folder.inside_windows)
+    home_path = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if platform == "darwin":
+        return home_path.joinpath(*folder.macos, *folder.inside)
+    variable, below_home = folder.xdg
+    if folder.flatpak_host and env.get("FLATPAK_ID"):
+        variable = folder.flatpak_host
+    return Path(env.get(variable) or home_path.joinpath(*below_home)).joinpath(*folder.inside)
+
+
+def config_dir(environ: Optional[Mapping[str, str]] = None,
+               platform: Optional[str] = None) -> Path:
+    """The per-user config folder (see the module docstring)."""
+    return _user_folder(_CONFIG, environ, platform)
 
 
 def cache_dir(environ: Optional[Mapping[str, str]] = None,
               platform: Optional[str] = None) -> Path:
     """The per-user cache folder (see the module's docstring)."""
-    env = os.environ if environ is None else environ
-    platform = sys.platform if platform is None else platform
-    override = env.get("CONTROLCANVAS_CACHE_DIR")
-    if override:
-        return Path(override)
-    if platform == "win32":
-        home = env.get("USERPROFILE") or env.get("HOME")
-        base = Path(env.get("LOCALAPPDATA") or
-                    (Path(home) if home else Path.home()) / "AppData" / "Local")
-        return base / "controlcanvas" / "cache"
-    home_path = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    if platform == "darwin":
-        return home_path / "Library" / "Caches" / "controlcanvas"
-    return Path(env.get("XDG_CACHE_HOME") or home_path / ".cache") / "controlcanvas"
+    return _user_folder(_CACHE, environ, platform)
 
 
 def token_file(environ: Optional[Mapping[str, str]] = None,
@@ -90,19 +108,7 @@ def token_file(environ: Optional[Mapping[str, str]] = None,
 def data_dir(environ: Optional[Mapping[str, str]] = None,
              platform: Optional[str] = None) -> Path:
     """The per-user data folder (see the module docstring)."""
-    env = os.environ if environ is None else environ
-    platform = sys.platform if platform is None else platform
-    override = env.get("CONTROLCANVAS_DATA_DIR")
-    if override:
-        return Path(override)
-    home = Path(env.get("USERPROFILE" if platform == "win32" else "HOME") or Path.home())
-    if platform == "win32":
-        base = Path(env.get("LOCALAPPDATA") or home / "AppData" / "Local")
-    elif platform == "darwin":
-        base = home / "Library" / "Application Support"
-    else:
-        base = Path(env.get("XDG_DATA_HOME") or home / ".local" / "share")
-    return base / "controlcanvas"
+    return _user_folder(_DATA, environ, platform)
 
 
 def load_token_file(path: Path) -> str:

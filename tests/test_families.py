@@ -191,13 +191,14 @@ def test_a_controlnet_picked_as_base_says_so(tmp_path):
         catalogue(tmp_path).resolve_base(str(path))
 
 
-def test_a_t2i_adapter_picked_as_controlnet_says_what_it_is(tmp_path):
-    net = write_folder(tmp_path / "t2i", {"config.json": {"_class_name": "T2IAdapter"}})
+def test_a_controlnet_xs_adapter_picked_as_controlnet_says_what_it_is(tmp_path):
+    """(A T2I-Adapter runs: tests/test_t2i_adapter.py.)"""
+    net = write_folder(tmp_path / "xs", {"config.json": {"_class_name": "ControlNetXSAdapter"}})
     (net / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
     base = write_folder(tmp_path / "base", FOLDERS["sd15"])
     (base / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
     cat = catalogue(tmp_path)
-    with pytest.raises(UnsupportedFamily, match="T2I-Adapter"):
+    with pytest.raises(UnsupportedFamily, match="ControlNet-XS"):
         cat.resolve_controlnet("canny", cat.resolve_base(str(base)), str(net))
 
 

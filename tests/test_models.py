@@ -13,7 +13,8 @@ import pytest
 
 from backend.engines import tiny
 from backend.engines.catalogue import (CONTROLNETS, DEFAULT_BASES, SDXL_UNION, Catalogue,
-                                       ModelConfig, family_of_file, list_models)
+                                       ModelConfig, T2I_ADAPTERS, family_of_file,
+                                       list_models)
 from shared.errors import ModelMissing
 from shared.messages import CONDITIONS, ControlUnit, GenerateRequest, Models
 
@@ -399,8 +400,11 @@ def test_models_message_says_what_is_present(tmp_path, tiny_root):
     assert tiny_default.default_base == "tiny-sd15"
     assert [m.name for m in tiny_default.models].count("tiny-sd15") == 1
     sdxl_nets = [m for m in message.models if m.kind == "controlnet" and m.family == "sdxl"]
-    # the union ControlNet is listed once, with every condition it serves
-    assert [m.name for m in sdxl_nets] == [SDXL_UNION]
+    # the union ControlNet is listed once, with every condition it serves; then the
+    # optional T2I-Adapters
+    adapters = sorted(set(T2I_ADAPTERS["sdxl"].values()))
+    assert [m.name for m in sdxl_nets] == [SDXL_UNION] + \
+        sorted(adapters, key=list(T2I_ADAPTERS["sdxl"].values()).index)
     assert set(sdxl_nets[0].condition.split(",")) == set(CONTROLNETS["sdxl"])
 
 

@@ -8,13 +8,13 @@ import json
 import os
 import socket
 import struct
-import threading
 import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from backend.bench.peers import RequestFlood, Strangers
 from shared.client import Client
 from shared.errors import LimitError, QueueFull
 from shared.images import Image
@@ -90,63 +90,20 @@ def close_code_from(sock, timeout):
 
 # -- finding 1: strangers have their own few slots ------------------------------------
 
-class Flood:
-    """``count`` connections that never send ``hello``: each holds its slot until the
-    server drops it, then reconnects at once (after a refusal: 20 ms later)."""
-
-    def __init__(self, url, count):
-        self.url, self.count = url, count
-        self.connected = self.refused = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _one(self):
-        from websockets.asyncio.client import connect as aconnect
-        while not self._stop.is_set():
-            try:
-                async with aconnect(self.url, open_timeout=5, close_timeout=0.2) as ws:
-                    self.connected += 1
-                    while not self._stop.is_set():
-                        try:
-                            await asyncio.wait_for(ws.wait_closed(), 0.1)
-                            break
-                        except asyncio.TimeoutError:
-                            pass
-            except InvalidStatus:
-                self.refused += 1
-                await asyncio.sleep(0.02)
-            except (OSError, asyncio.TimeoutError, ConnectionClosed):
-                await asyncio.sleep(0.02)
-
-    async def _run(self):
-        await asyncio.gather(*(self._one() for _ in range(self.count)))
-
-    def __enter__(self):
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while self.connected < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(30)
-
-
 def test_strangers_flooding_cannot_lock_out_clients(make_server):
     """40 reconnecting connections without the token: every one of 12 clients that has
     it still gets in (before: 4 of 23 did), and strangers never hold more than their few
     slots."""
     server = make_server(max_clients=4, max_unauthenticated=3, hello_timeout=1.0)
     waiting_seen = []
-    with Flood(server.url, 40) as flood:
+    with Strangers(server.url, 40, settle_connected=3) as flood:
         for attempt in range(12):
             with Client.connect(server.url, server.token, client=f"legit-{attempt}",
                                 timeout=10) as client:
                 assert isinstance(client.status(timeout=10), Status)
             waiting_seen.append(server.call(lambda: server.server.peer_stats()["waiting"]))
     stats = server.call(server.server.peer_stats)
-    assert flood.connected >= 3 and stats["refused"]["waiting"] > 0  # the flood was real
+    assert flood.counts["connected"] >= 3 and stats["refused"]["waiting"] > 0  # the flood was real
     assert max(waiting_seen) <= 3
 
 
@@ -207,54 +164,6 @@ def test_frames_may_be_image_sized_once_the_token_is_shown(make_server):
 
 # -- finding 3: one client's flood does not freeze the others -----------------------------
 
-class RequestFlood:
-    """An authenticated client that sends ``count`` ``models`` requests as fast as TCP
-    takes them, and reads the replies (as fast as it can) or never."""
-
-    def __init__(self, server, count, reads):
-        self.sock = open_socket(server)
-        self.sock.sendall(text_frame(hello_text(server.token)))
-        self.blob = text_frame('{"type":"models"}') * count
-        self.sent = self.received = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._reader = threading.Thread(target=self._read, daemon=True) if reads else None
-
-    def _read(self):
-        try:
-            while True:
-                chunk = self.sock.recv(1 << 20)
-                if not chunk:
-                    return
-                self.received += len(chunk)
-        except OSError:
-            pass
-
-    def _run(self):
-        view = memoryview(self.blob)
-        try:
-            while self.sent < len(view):
-                self.sent += self.sock.send(view[self.sent:self.sent + 65536])
-        except OSError:
-            pass
-
-    def __enter__(self):
-        self.sock.settimeout(None)
-        self._thread.start()
-        if self._reader is not None:
-            self._reader.start()
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self._thread.join(10)
-        if self._reader is not None:
-            self._reader.join(10)
-
-
 @pytest.mark.parametrize("reads", [False, True], ids=["never-reads", "reads"])
 def test_request_flood_does_not_freeze_other_clients(make_server, reads):
     """20,000 ``models`` requests from one client: the others' round trips and new
@@ -265,8 +174,7 @@ def test_request_flood_does_not_freeze_other_clients(make_server, reads):
     canvas = Image.filled(32, 32, (255, 255, 255, 255))
     request = GenerateRequest(width=32, height=32, steps=2,
                               controls=(ControlUnit(condition="scribble", image=0),))
-    with RequestFlood(server, 20_000, reads) as flood:
-        time.sleep(0.5)  # the flood is under way
+    with RequestFlood(server, 20_000, reads) as flood:  # under way once entered
         t0 = time.monotonic()
         for _ in range(10):
             with Client.connect(server.url, server.token, timeout=10) as other:

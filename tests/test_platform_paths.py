@@ -294,3 +294,11 @@ def test_platforms_page_is_linked_for_artists():
     assert "(platforms.md)" in (ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
     assert "(../docs/platforms.md)" in (ROOT / "packaging" / "README.md").read_text(
         encoding="utf-8")
+
+
+@pytest.mark.parametrize("folder", [paths.config_dir, paths.cache_dir, paths.data_dir])
+def test_every_folder_on_windows_takes_the_given_home_alike(folder):
+    """Without USERPROFILE or the folder's own variable, all three per-user folders sit
+    under the HOME of the environment given (data_dir once used the process' home)."""
+    got = folder({"HOME": "/given"}, "win32")
+    assert PurePosixPath(got.as_posix()).parts[:2] == ("/", "given"), got

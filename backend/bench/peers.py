@@ -25,7 +25,7 @@ import statistics
 import struct
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from shared import codec
 from shared.client import Client
@@ -163,12 +163,16 @@ def _round_trips(server: ServerProcess, count: int, timeout: float,
 
 # -- pre-auth flood -------------------------------------------------------------------
 
-class _Strangers:
+class Strangers:
     """``holders`` connections that never send hello (each holds its slot until dropped,
-    then reconnects) and ``stuffers`` that send one ``stuff_bytes`` binary frame first."""
+    then reconnects) and ``stuffers`` that send one ``stuff_bytes`` binary frame first.
+    Entering waits until ``settle_connected`` of them got in (at most 10 s), or with None
+    one second (every slot they can get is taken).  The peer-limit tests use it too."""
 
-    def __init__(self, url: str, holders: int, stuffers: int, stuff_bytes: int) -> None:
+    def __init__(self, url: str, holders: int, stuffers: int = 0, stuff_bytes: int = 0,
+                 settle_connected: Optional[int] = None) -> None:
         self.url, self.holders, self.stuffers = url, holders, stuffers
+        self.settle_connected = settle_connected
         self.payload = bytes(stuff_bytes)
         self.counts = {"connected": 0, "refused": 0, "stuffed": 0}
         self._stop = threading.Event()
@@ -201,9 +205,14 @@ class _Strangers:
         await asyncio.gather(*[self._one(False) for _ in range(self.holders)],
                              *[self._one(True) for _ in range(self.stuffers)])
 
-    def __enter__(self) -> "_Strangers":
+    def __enter__(self) -> "Strangers":
         self._thread.start()
-        time.sleep(1.0)  # every slot they can get is taken
+        if self.settle_connected is None:
+            time.sleep(1.0)
+            return self
+        deadline = time.monotonic() + 10
+        while self.counts["connected"] < self.settle_connected and time.monotonic() < deadline:
+            time.sleep(0.05)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -222,10 +231,10 @@ def preauth_flood(holders: int = 40, stuffers: int = 8, stuff_mb: int = 16,
         _round_trip(server, 10.0)  # warm: imports, first allocations
         rss_start = rss_mb(server.pid)
         with _RssSampler(server.pid) as memory_rss, \
-                _Strangers(server.url, 0, stuffers, stuff_mb << 20) as memory:
+                Strangers(server.url, 0, stuffers, stuff_mb << 20) as memory:
             time.sleep(stuff_seconds)
         with _RssSampler(server.pid) as slots_rss, \
-                _Strangers(server.url, holders, stuffers, stuff_mb << 20) as strangers:
+                Strangers(server.url, holders, stuffers, stuff_mb << 20) as strangers:
             legit = _round_trips(server, attempts, 10.0, time.monotonic() + seconds)
         time.sleep(1.0)
         rss_after = rss_mb(server.pid)
@@ -240,11 +249,12 @@ def preauth_flood(holders: int = 40, stuffers: int = 8, stuff_mb: int = 16,
 
 # -- post-auth flood ------------------------------------------------------------------
 
-class _RequestFlood:
+class RequestFlood:
     """An authenticated client sending ``count`` ``models`` requests as fast as TCP takes
-    them; ``reads``: it reads every reply as fast as it can (else never)."""
+    them; ``reads``: it reads every reply as fast as it can (else never).  ``server``: anything
+    with ``url`` and ``token`` (a :class:`ServerProcess`, the tests' in-process server)."""
 
-    def __init__(self, server: ServerProcess, count: int, reads: bool) -> None:
+    def __init__(self, server: Any, count: int, reads: bool) -> None:
         self.peer = _RawPeer(server.url)
         self.peer.hello(server.token)
         self.blob = _RawPeer.frame(0x1, b'{"type":"models"}') * count
@@ -269,7 +279,7 @@ class _RequestFlood:
         except OSError:
             pass
 
-    def __enter__(self) -> "_RequestFlood":
+    def __enter__(self) -> "RequestFlood":
         for thread in self._threads:
             thread.start()
         time.sleep(0.5)  # under way
@@ -288,7 +298,7 @@ def postauth_flood(messages: int = 20_000, rounds: int = 20, seconds: float = 60
     with ServerProcess(step_seconds=0.005) as server:
         figures["baseline"] = _round_trips(server, rounds, 10.0, time.monotonic() + seconds)
         for reads in (False, True):
-            with _RequestFlood(server, messages, reads) as flood:
+            with RequestFlood(server, messages, reads) as flood:
                 phase = _round_trips(server, rounds, 10.0, time.monotonic() + seconds)
                 phase["flooder_reply_mb_read"] = round(flood.received / 2**20, 1)
             figures["flooder_reads" if reads else "flooder_never_reads"] = phase

@@ -132,6 +132,28 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 
+# TencentARC's T2I-Adapters (diffusers layout): lighter control models a unit may pick as
+# its ``model`` (or config.toml may make a condition's default); the ControlNets above stay
+# the defaults.  Listed by ``controlcanvas models``, fetched by hub id.
+T2I_ADAPTERS: Dict[str, Dict[str, str]] = {
+    "sd15": {
+        "canny": "TencentARC/t2iadapter_canny_sd15v2",
+        "depth": "TencentARC/t2iadapter_depth_sd15v2",
+        "scribble": "TencentARC/t2iadapter_sketch_sd15v2",
+        "lineart": "TencentARC/t2iadapter_sketch_sd15v2",
+        "openpose": "TencentARC/t2iadapter_openpose_sd14v1",
+        "seg": "TencentARC/t2iadapter_seg_sd14v1",
+    },
+    "sdxl": {
+        "canny": "TencentARC/t2i-adapter-canny-sdxl-1.0",
+        "depth": "TencentARC/t2i-adapter-depth-midas-sdxl-1.0",
+        "scribble": "TencentARC/t2i-adapter-sketch-sdxl-1.0",
+        "lineart": "TencentARC/t2i-adapter-lineart-sdxl-1.0",
+        "openpose": "TencentARC/t2i-adapter-openpose-sdxl-1.0",
+    },
+}
+assert all(c in CONDITIONS for table in T2I_ADAPTERS.values() for c in table)
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 # What a download fetches (and that fp16 weights come first): backend.engines.downloads.
@@ -258,6 +280,7 @@ class Resolved:
     union: bool = False       # a union ControlNet (several conditions in one model)
     control_types: int = 0    # a union ControlNet's number of control types
     weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
+    adapter: bool = False     # a T2I-Adapter serving the unit (engines.diffusers.adapters)
 
     @property
     def key(self) -> str:
@@ -425,7 +448,8 @@ class Catalogue:
         family = family or "sd15"
         return Resolved(name, kind, family, source, str(path), native_size=NATIVE_SIZE[family],
                         inpaint=bool(found and found.inpaint), union=bool(found and found.union),
-                        control_types=found.control_types if found else 0, **extra)
+                        control_types=found.control_types if found else 0,
+                        adapter=bool(found and found.t2i_adapter), **extra)
 
     def _request_path(self, where: str, kind: str) -> Optional[Path]:
         """A name from a request: the real path inside a models folder it stands for, or
@@ -568,6 +592,9 @@ class Catalogue:
                 except ModelMissing:
                     continue
                 add(name, "controlnet", condition, family)
+        for family, table in T2I_ADAPTERS.items():  # optional, lighter: T2I-Adapters
+            for condition, name in table.items():
+                add(name, "controlnet", condition, family)
         return [replace(m, conditions=self.served_conditions(m.name, m.family))
                 if m.kind == "base" else m for m in out]
 
@@ -644,7 +671,9 @@ class Catalogue:
                                f"{', '.join(self.download_names())}, or a Hugging Face hub id "
                                f"(owner/name).", field="model")
         # A guess for names outside the catalogue; download() checks the repo's files.
-        kind = "controlnet" if any(name == v for t in CONTROLNETS.values() for v in t.values()) \
+        kind = "controlnet" if any(name == v for t in (*CONTROLNETS.values(),
+                                                       *T2I_ADAPTERS.values())
+                                   for v in t.values()) \
             or "control" in name.lower() else "base"
         return name, kind
 

@@ -7,7 +7,8 @@ read), never the model's name: an Illustrious, Pony or NoobAI checkpoint is an S
 file whatever it is called.
 
 What the engine runs (``SUPPORTED``): Stable Diffusion 1.5 and SDXL, each also as a
-9-channel inpainting base, with classic and (SDXL) union ControlNets.  Flux.1, SD3 /
+9-channel inpainting base, with classic and (SDXL) union ControlNets and T2I-Adapters (their
+family from ``adapter_type``: ``full_adapter_xl`` is SDXL's layout).  Flux.1, SD3 /
 SD3.5 and SD2 are recognised so that a request for them ends in a typed
 :class:`~shared.errors.UnsupportedFamily` instead of a crash.  A new family slots in
 with an entry in ``FAMILIES``, its detection rules below, its pipelines in
@@ -64,6 +65,11 @@ class Detected:
     what: str = ""            # for kind "adapter": what it is ("a T2I-Adapter")
 
     @property
+    def t2i_adapter(self) -> bool:
+        """A T2I-Adapter (diffusers ``T2IAdapter``): runs as a unit's control model."""
+        return self.kind == "adapter" and self.what == T2I_ADAPTER
+
+    @property
     def name(self) -> str:
         return self.family + ("-inpaint" if self.inpaint else "") + \
             ("-union" if self.union else "")
@@ -113,7 +119,8 @@ def detect_base_folder(folder: Path) -> Optional[Detected]:
     return None
 
 
-_OTHER_CONTROL_CLASSES = {"T2IAdapter": "a T2I-Adapter", "MultiAdapter": "a T2I-Adapter",
+T2I_ADAPTER = "a T2I-Adapter"
+_OTHER_CONTROL_CLASSES = {"T2IAdapter": T2I_ADAPTER, "MultiAdapter": "a saved MultiAdapter",
                           "ControlNetXSAdapter": "a ControlNet-XS adapter",
                           "SparseControlNetModel": "a SparseCtrl (AnimateDiff) ControlNet"}
 
@@ -131,6 +138,9 @@ def detect_controlnet_folder(folder: Path) -> Optional[Detected]:
         return Detected("controlnet", "flux")
     if cls.startswith("SD3"):
         return Detected("controlnet", "sd3")
+    if cls == "T2IAdapter":  # SDXL's adapters have their own layout (one fewer level)
+        family = "sdxl" if config.get("adapter_type") == "full_adapter_xl" else "sd15"
+        return Detected("adapter", family, what=T2I_ADAPTER)
     if cls in _OTHER_CONTROL_CLASSES:
         return Detected("adapter", _unet_family(config), what=_OTHER_CONTROL_CLASSES[cls])
     if cls in ("", "ControlNetModel"):
@@ -234,6 +244,8 @@ def check_runnable(detected: Optional[Detected], name: str, kind: str) -> None:
     if detected is None:
         return
     family = FAMILIES[detected.family]
+    if detected.t2i_adapter and kind == "controlnet" and family.supported:
+        return  # a unit's control model (engines.diffusers.adapters)
     if detected.kind == "adapter":
         raise UnsupportedFamily(
             f"{name!r} is {detected.what}, not a ControlNet; ControlCanvas does not run those "

@@ -328,3 +328,65 @@ def _model_index(sdxl: bool) -> Dict[str, Any]:
         "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
+
+
+# -----------------------------------------------------------------------------
+# Tiny T2I-Adapters (kept apart from the stacks: their own version key)
+# -----------------------------------------------------------------------------
+
+ADAPTER_VERSION = "tiny-t2i-v1"
+# Sized for the tiny UNets (down blocks: 32 channels then 64, one 2x downsampling between
+# them; the UNet adds an adapter feature after a plain down block and inside a cross-attention
+# one, before its downsampler): both features at latent / 2.  SD1.5's layout
+# (``full_adapter``) with one level feeds the first down block; SDXL's (``full_adapter_xl``)
+# feeds both.  ``in_channels`` 1: a grey control image, as TencentARC's canny and sketch
+# adapters take.
+ADAPTER_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "sd15": dict(in_channels=1, channels=[32], num_res_blocks=1, downscale_factor=16,
+                 adapter_type="full_adapter"),
+    "sdxl": dict(in_channels=1, channels=[32, 64], num_res_blocks=1, downscale_factor=16,
+                 adapter_type="full_adapter_xl"),
+}
+
+
+def tiny_adapter_dir(family: str, root: Optional[Path] = None) -> Path:
+    return (root or cache_root()) / "models" / f"{ADAPTER_VERSION}-{family}"
+
+
+def ensure_tiny_adapter(family: str = "sd15", root: Optional[Path] = None) -> Path:
+    """The folder of the tiny T2I-Adapter for the tiny ``family`` stack (a diffusers
+    ``T2IAdapter``: config.json + weights), built on first use from a fixed seed."""
+    if family not in ADAPTER_CONFIGS:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
+    folder = tiny_adapter_dir(family, root)
+    if (folder / ".complete").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with quiet_progress_bars():
+            _build_adapter(tmp, family)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race, or a stale partial folder
+            if not (folder / ".complete").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _build_adapter(folder: Path, family: str) -> None:
+    import torch
+    from diffusers import T2IAdapter
+
+    cpu_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(SEED + (3 if family == "sdxl" else 2))
+        adapter = T2IAdapter(**ADAPTER_CONFIGS[family])
+    finally:
+        torch.random.set_rng_state(cpu_state)
+    adapter.save_pretrained(folder)
+    (folder / ".complete").write_text(ADAPTER_VERSION, encoding="utf-8")

@@ -48,7 +48,9 @@ How one request becomes pixels (``generate``):
    A unit whose scale is 0 at a step (weight 0, or outside its start/end range)
    is not run at all; when no unit runs the UNet gets no residuals, so weight 0
    is exactly "no control".  The units served by one union ControlNet (SDXL's default)
-   with the same control mode run as one call with one control type each.  A ControlNet's
+   with the same control mode run as one call with one control type each.  A unit whose
+   model is a T2I-Adapter is no ControlNet: :mod:`.adapters` gives its features to the
+   UNet of the same pipeline (every mode, beside ControlNet units).  A ControlNet's
    quirks (SD1.5 lineart_anime: clip skip 2, no guess mode) come from the families table.
 5. **Inpaint.** Only the selection changes: the generated region is pasted back
    with a feathered weight that is zero outside the selection, and every pixel
@@ -73,6 +75,7 @@ i of a batch is the same image as a single generation with its seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -101,6 +104,7 @@ from ..catalogue import DEMO_BASE, Catalogue, ModelConfig, Resolved
 from ..families import check_unit, quirks, union_control_type
 from ..presets import Sampling, apply_preset, check_family
 from ..tiny import quiet_progress_bars
+from .adapters import AdapterUnits, check_adapter_fits, check_adapter_unit, read_adapter
 from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews, choose_device,
                            choose_dtype, dtype_name, load_sdxl_vae, prepare_model,
                            prepare_pipeline, settings, vae_in_fp32)
@@ -379,7 +383,8 @@ class DiffusersEngine:
         self._make_room(disk_bytes(resolved.path), keep=keep)
         try:
             with quiet_progress_bars():
-                model = read_controlnet(resolved, self.dtype, self.catalogue)
+                model = read_adapter(resolved, self.dtype) if resolved.adapter else \
+                    read_controlnet(resolved, self.dtype, self.catalogue)
         except ControlCanvasError:
             raise  # our loader's own typed error says what to do
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
@@ -603,7 +608,10 @@ class DiffusersEngine:
         check_family(preset, entry.family, base.name)
         nets = [self._load_net(r, keep) for r in resolved_nets]
         for resolved, net in zip(resolved_nets, nets):
-            _check_compatible(resolved, net, entry)
+            if resolved.adapter:
+                check_adapter_fits(resolved, net, entry.pipe.unet)
+            else:
+                _check_compatible(resolved, net, entry)
         apply_loras(entry, request.loras, self.catalogue.loras, self.stats)
         request, images = self._annotate(request, images, entry)
         plan = self._plan(request, images, entry, low_memory)
@@ -617,13 +625,16 @@ class DiffusersEngine:
         # Units in an order that keeps the pipeline out of its global guess mode (it looks
         # at the first net's global_pool_conditions only); control is additive, so the
         # order does not change the sum.
-        order = sorted(range(len(nets)), key=lambda i: bool(nets[i].config.global_pool_conditions))
+        # T2I-Adapter units are not ControlNets: they run beside them (.adapters).
+        order = sorted((i for i, r in enumerate(resolved_nets) if not r.adapter),
+                       key=lambda i: bool(nets[i].config.global_pool_conditions))
         cfg = request.cfg > 1.0 and entry.pipe.unet.config.time_cond_proj_dim is None
         units = ControlUnits([nets[i] for i in order],
                              [request.controls[i].control_mode for i in order], cfg,
-                             [types[i] for i in order]) if nets else None
+                             [types[i] for i in order]) if order else None
+        adapters = AdapterUnits.of(request.controls, nets, [r.adapter for r in resolved_nets])
 
-        run = _JobRun(ctx, len(seeds) * plan.steps_per_image, sampling, cfg)
+        run = _JobRun(ctx, len(seeds) * plan.steps_per_image, sampling, cfg, adapters)
         out = []
         for seed in seeds:
             ctx.check_cancelled()
@@ -664,7 +675,7 @@ class DiffusersEngine:
 
     def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order,
                   seed: int, run: "_JobRun") -> np.ndarray:
-        controls = bool(request.controls)
+        controls = units is not None  # ControlNet units (adapter units need no pipeline)
         if entry.resolved.inpaint and p.kind != "inpaint":
             p = full_mask_pass(p)  # a 9-channel UNet runs in the inpaint pipelines only
         pipe = self._pipeline(entry, p.kind, controls, units)
@@ -689,7 +700,10 @@ class DiffusersEngine:
         kwargs.update(callback_on_step_end=on_step,
                       callback_on_step_end_tensor_inputs=["latents"])
         depth = self._depth
-        with cancel_points(pipe, ctx, active=lambda: self._depth == depth):
+        active = lambda: self._depth == depth  # noqa: E731 - this job, not one in its pause
+        adapted = run.adapters.injected(pipe.unet, p.controls, p.runs, active) \
+            if run.adapters is not None else contextlib.nullcontext()
+        with cancel_points(pipe, ctx, active=active), adapted:
             result = pipe(**kwargs).images[0]
         result = self._check_finite(result, entry)
         return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
@@ -709,7 +723,7 @@ class DiffusersEngine:
                       generator=generator, height=h, width=w, output_type="np")
         if run.sampling.eta is not None:
             kwargs["eta"] = run.sampling.eta
-        if request.controls:
+        if units is not None:
             images = [control_image(p.controls[i], union=units.control_types[k] is not None)
                       for k, i in enumerate(order)]
             units_ = request.controls
@@ -812,6 +826,9 @@ def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:
     """The unit's union control type (None for a classic ControlNet); typed errors, before
     anything loads, for a ControlNet of another family (as its files say) and for what it
     cannot do."""
+    if resolved.adapter:
+        check_adapter_unit(unit, resolved, base)
+        return None
     if resolved.family != base.family:
         raise _another_family(resolved, base)
     check_unit(base.family, unit.condition, unit.control_mode, resolved.union)
@@ -866,6 +883,7 @@ class _JobRun:
     total: int
     sampling: Sampling
     cfg: bool
+    adapters: Optional[AdapterUnits] = None  # the T2I-Adapter units
     done: int = 0
 
 
