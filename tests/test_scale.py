@@ -231,3 +231,11 @@ def test_serve_devices_option_gives_one_engine_per_device(tmp_path):
                                           'engine = "fake"\n')
     args = build_parser().parse_args(["serve", "--config", str(tmp_path / "config.toml")])
     assert len(serving_engine(build_config(_server_overrides(args), args.config)).engines) == 3
+
+
+def test_ray_without_the_extra_says_what_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray[serve] were not installed
+    from backend.engines.rayserve import RayDeployment, ray_engine
+    with pytest.raises(ConfigError, match=r"controlcanvas\[scale\]"):
+        ray_engine(RayDeployment(engine="fake"))

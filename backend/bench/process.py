@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import sys
 from typing import Optional
 
 from ..server.config import ServerConfig
@@ -15,6 +17,9 @@ from ..server.websocket import Server
 
 def _child(pipe, options: dict) -> None:
     logging.disable(logging.INFO)
+    # the bench prints one JSON object on stdout: whatever the server or the processes it
+    # starts (Ray's) write goes to stderr
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     echo_size = options.pop("echo_max_size", None)
     options.setdefault("engine", "fake")
     options.setdefault("port", 0)

@@ -241,11 +241,13 @@ class RayEngineGroup(EngineGroup):
                 "gpus_per_replica": self.spec.gpus}
 
     def close(self) -> None:
+        """Delete the deployment; stop Serve and Ray when they are this server's own (a
+        local Ray), only disconnect from a cluster it joined."""
         import ray
         from ray import serve
         try:
             serve.delete(APP_NAME)
-            if self._started_ray:
+            if self._started_ray and not self.spec.address:
                 serve.shutdown()
         finally:
             if self._started_ray:
@@ -253,19 +255,21 @@ class RayEngineGroup(EngineGroup):
 
 
 def _connect(spec: RayDeployment) -> bool:
-    """Join or start Ray; True when this process started it (and stops it at close)."""
+    """Join a cluster (``address``) or start Ray here; True when this call connected (the
+    server disconnects at close), False when this process was connected already."""
     import ray
     if ray.is_initialized():
         return False
     if spec.address:
-        ray.init(address=spec.address, namespace=APP_NAME, logging_level=logging.WARNING)
+        ray.init(address=spec.address, namespace=APP_NAME, logging_level=logging.WARNING,
+                 log_to_driver=False)  # replicas log on their hosts (Ray's session logs)
         return True
     # a local Ray: its workers import this very code (not another installed copy)
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=max(os.cpu_count() or 1, spec.max_replicas + 1),
              include_dashboard=False, namespace=APP_NAME, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
 
 
