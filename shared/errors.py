@@ -196,6 +196,12 @@ class OutOfMemory(EngineError):
                        "GPU programs, or start the server with --offload.")
 
 
+class WorkerLost(EngineError):
+    code = "worker_lost"
+    default_message = ("The GPU worker running this job stopped (it crashed or lost its device) "
+                       "before the job finished; the server is still up. Submit the job again.")
+
+
 class ModelMissing(EngineError):
     code = "model_missing"
     default_message = ("A model the request needs is not on the server; see "

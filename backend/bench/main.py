@@ -105,6 +105,14 @@ def _live_bench(args) -> Dict:
                       contention=not args.no_contention)
 
 
+def _scale_bench(args) -> Dict:
+    from .scale import bench_scale
+    workers = [int(n) for n in args.workers.split(",") if n.strip()]
+    return bench_scale(workers=workers, clients=args.clients_at_once, jobs=args.jobs,
+                       steps=args.steps, step_seconds=args.step_seconds,
+                       engine=args.scale_engine, ray=False if args.no_ray else None)
+
+
 def _training_bench(name: str) -> Dict:
     return getattr(bench_training, name)()
 
@@ -120,6 +128,7 @@ BENCHES = {
     "gpu": _gpu,
     "lora-cost": lambda args: _lora_bench(),
     "live": _live_bench,
+    "scale": _scale_bench,
 }
 
 

@@ -6,28 +6,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import sys
 from typing import Optional
 
-from ..engines.factory import create_engine
 from ..server.config import ServerConfig
+from ..server.scale import serving_engine
 from ..server.websocket import Server
 
 
 def _child(pipe, options: dict) -> None:
     logging.disable(logging.INFO)
+    # the bench prints one JSON object on stdout: whatever the server or the processes it
+    # starts (Ray's) write goes to stderr
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     echo_size = options.pop("echo_max_size", None)
-    engine_name = options.pop("engine", "fake")
-    engine_options = options.pop("engine_options", {})
-    step_seconds = options.pop("step_seconds", 0.0)
+    options.setdefault("engine", "fake")
+    options.setdefault("port", 0)
+    config = ServerConfig(**options)
+    engine = serving_engine(config)  # one engine, one per device, or Ray Serve (not on a loop)
 
     async def echo(ws):
         async for message in ws:
             await ws.send(message)
 
     async def main():
-        engine = create_engine(engine_name, step_seconds=step_seconds, **engine_options)
-        options.setdefault("port", 0)
-        server = Server(ServerConfig(**options), engine, token="bench")
+        server = Server(config, engine, token="bench")
         await server.start()
         echo_port = None
         bare = None
@@ -55,7 +59,8 @@ def rss_mb(pid: int) -> float:
 
 class ServerProcess:
     """``with ServerProcess(step_seconds=0.01) as s: s.url, s.token, s.pid``; options are
-    ServerConfig fields (``store_dir``, ``port``...) and the engine's."""
+    ServerConfig fields (``store_dir``, ``port``, ``engine`` (default fake),
+    ``engine_options``, ``devices``, ``ray``...)."""
 
     def __init__(self, **options) -> None:
         self.options = options

@@ -32,6 +32,7 @@ from ..imaging import load_input_image, size_problem
 from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
                              is_loopback_host, server_token)
 from ..server.local import ServerThread
+from ..server.scale import serving_engine
 from ..server.websocket import run_server
 from . import doctor, install
 from . import setup as setup_extras
@@ -48,6 +49,8 @@ def _server_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "engine": args.engine, "max_image_side": args.max_image_side,
         "max_pixels": args.max_pixels, "max_queue": args.max_queue,
         "step_seconds": args.step_seconds, "store_dir": args.store_dir,
+        "devices": args.devices, "ray": True if args.ray else None,
+        "ray_address": args.ray_address,
     }
     engine_options = {"device": args.device, "dtype": args.dtype,
                       "offload": True if args.offload else None,
@@ -81,6 +84,12 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         "outline); tiny: random-weight tiny models (tests); fake: test pixels "
                         "without torch")
     parser.add_argument("--device", help="torch device (default: cuda when available)")
+    parser.add_argument("--devices", help="several GPUs: one worker per device, e.g. "
+                        "cuda:0,cuda:1, or all (docs/remote.md#several-gpus)")
+    parser.add_argument("--ray", action="store_true", help="generate on a Ray Serve "
+                        "deployment (the scale extra; docs/remote.md#several-hosts)")
+    parser.add_argument("--ray-address", help="Ray cluster to join (auto: the one this "
+                        "machine belongs to; default: start Ray here)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                         help="weights precision (default fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--offload", action="store_true",
@@ -117,8 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = build_config(_server_overrides(args), args.config)
     token, created = server_token(config)
-    engine = create_engine(config.engine, step_seconds=config.step_seconds,
-                           **config.engine_options)
+    engine = serving_engine(config)
     _warn_without_cuda(engine)
 
     def ready(server) -> None:
@@ -586,6 +594,16 @@ def _add_tools(sub) -> None:
                    "comma-separated)")
     p.add_argument("--no-contention", action="store_true", help="live: skip the part with "
                    "another client's long job")
+    p.add_argument("--workers", default="1,2,4", help="scale: worker counts to compare")
+    p.add_argument("--clients-at-once", type=int, default=6, help="scale: clients")
+    p.add_argument("--jobs", type=int, default=8, help="scale: jobs per client")
+    p.add_argument("--steps", type=int, default=10, help="scale: steps per job")
+    p.add_argument("--step-seconds", type=float, default=0.02,
+                   help="scale: the fake engine's seconds per step")
+    p.add_argument("--scale-engine", choices=["fake", "tiny"], default="fake",
+                   help="scale: fake (fixed step time) or tiny (CPU-bound steps)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="scale: skip the Ray Serve comparison")
     p.set_defaults(func=cmd_bench)
 
 

@@ -224,6 +224,15 @@ class ServerConfig:
     # when the engine supports it (else it waits for that job to end).
     live_preemption: bool = True
     allow_remote: bool = False  # set by choosing a non-loopback --host
+    # Several GPUs (docs/remote.md#several-gpus): one engine and job worker per device
+    # ("cuda:0,cuda:1", or "all"); "" runs one engine on [engine] device.
+    devices: str = ""
+    # Generation as a Ray Serve deployment (the `scale` extra; docs/remote.md#several-hosts)
+    ray: bool = False
+    ray_address: str = ""  # "": start Ray on this machine; "auto": join the running cluster
+    ray_min_replicas: int = 1
+    ray_max_replicas: int = 1  # also how many jobs the front sends at once
+    ray_gpus_per_replica: float = 1.0  # 0 for CPU replicas (the fake engine always uses 0)
     engine_options: Dict[str, Any] = field(default_factory=dict)
     # where a client's `train` message may read datasets and write ControlNets
     train_data_root: Path = field(default_factory=lambda: data_dir() / "datasets")

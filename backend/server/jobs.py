@@ -1,11 +1,14 @@
-"""The job queue: fair FIFO, one worker thread that owns the engine, cancel,
+"""The job queue: fair FIFO, one worker thread per engine that owns it, cancel,
 progress, and results kept until the client acknowledges them.
 
 Threading: every public method of :class:`JobManager` runs on the asyncio loop
-thread.  The worker thread touches only the queue (under ``_lock``) and the job it
+thread.  A worker thread touches only the queue (under ``_lock``) and the job it
 runs, and hands everything else back to the loop with ``call_soon_threadsafe``.
-So job bookkeeping needs no lock, and the engine is only ever called from one
-thread.
+So job bookkeeping needs no lock, and each engine is only ever called from its one
+thread.  With several engines (an ``EngineGroup``: one per GPU) there is one worker per
+engine: the fair order below says which job starts next, backend.server.workers says on
+which free worker (the one holding its models, then the most free memory); a worker
+whose device fails ends its job with ``WorkerLost`` and stops, the others go on.
 
 Ownership: a job belongs to the connection that submitted it or last resumed it
 (``owner``).  When a connection goes away its jobs become orphans and keep
@@ -58,14 +61,16 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from shared.errors import (Cancelled, ControlCanvasError, DuplicateJob, EngineError, Expired,
-                           MissingImage, QueueFull, Superseded, UnknownJob)
+                           MissingImage, QueueFull, Superseded, UnknownJob, WorkerLost)
 from shared.images import Image
 from shared.messages import MAX_SEED, Generate, JobInfo, Preprocess, Train
 
 from ..annotators.registry import Annotated
 from ..engines.base import Engine
+from ..engines.group import devices_of, engines_of
 from ..training.folders import TrainRoots
 from .config import ServerConfig
+from .workers import Worker, device_lost, job_models, place
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +179,7 @@ class Job:
     dropped: str = ""  # "acked", "expired" or "superseded": forgotten, result bytes released
     stored: Optional[concurrent.futures.Future] = None  # the store's add(), if any
     superseded: bool = False  # a newer live job of its client replaced it
+    worker: str = ""  # the worker that ran it (its index and device), for the log and tests
 
     @property
     def live(self) -> bool:
@@ -231,10 +237,8 @@ class JobManager:
         self._lanes: "collections.OrderedDict[str, Deque[Job]]" = collections.OrderedDict()
         self._turn = 0
         self._last_served: Dict[str, int] = {}  # client key -> turn it was last served
-        self._running: Optional[Job] = None
         self._live: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
         self._live_round = False  # the last job started was live (lanes go next)
-        self._nested: Optional[Job] = None  # a live job running inside a paused one
         self.preemption = bool(live_preemption and
                                getattr(engine, "preempts_between_steps", False))
         self.live_stats = {"superseded": 0, "preempted_steps": 0, "nested": 0}
@@ -242,9 +246,23 @@ class JobManager:
         self.store = store
         if store is not None:
             self._restore(store.load())
-        self._worker = threading.Thread(target=self._work, name="controlcanvas-engine",
-                                        daemon=True)
-        self._worker.start()
+        # one worker thread per engine (an EngineGroup: one per device; backend.server.workers)
+        self._workers = [Worker(i, e, d) for i, (e, d) in
+                         enumerate(zip(engines_of(engine), devices_of(engine)))]
+        for worker in self._workers:
+            name = "controlcanvas-engine" + (f"-{worker.index}" if len(self._workers) > 1 else "")
+            worker.thread = threading.Thread(target=self._work, args=(worker,), name=name,
+                                             daemon=True)
+            worker.thread.start()
+
+    @property
+    def _running(self) -> Optional[Job]:
+        """A job running on some worker (the job, with one worker), or None."""
+        return next((w.running for w in self._workers if w.running is not None), None)
+
+    def _busy(self) -> List[Job]:
+        """Every job running now, on every worker (live jobs nested in a pause too)."""
+        return [j for w in self._workers for j in (w.running, w.nested) if j is not None]
 
     # -- loop-thread API -------------------------------------------------------
 
@@ -265,11 +283,16 @@ class JobManager:
         if job.live:
             return self._submit_live(job)
         with self._lock:
+            if not any(w.alive for w in self._workers):
+                raise WorkerLost("Every engine worker of this server has stopped (their GPUs "
+                                 "failed); restart the server, leaving out the failed GPUs "
+                                 "with --devices.", job_id=job_id)
             if self._queued_count() >= self.max_queue:
                 raise QueueFull(f"The queue already holds {self.max_queue} jobs; wait for some "
                                 f"to finish or cancel one, then submit again.", job_id=job_id)
-            mine = len(self._lanes.get(owner.key, ())) + (
-                self._running is not None and self._running.submitter == owner.key)
+            mine = len(self._lanes.get(owner.key, ())) + sum(
+                w.running is not None and w.running.submitter == owner.key
+                for w in self._workers)
             if self.max_jobs_per_client and mine >= self.max_jobs_per_client:
                 raise QueueFull(f"This connection already has {mine} jobs queued or running "
                                 f"(the server's limit per client is "
@@ -289,8 +312,7 @@ class JobManager:
         key = job.submitter
         with self._lock:
             replaced = self._live.pop(key, None)
-            running = [j for j in (self._running, self._nested)
-                       if j is not None and j.live and j.submitter == key]
+            running = [j for j in self._busy() if j.live and j.submitter == key]
             self.jobs[job.job_id] = job
             self._live[key] = job
             self._lock.notify()
@@ -475,11 +497,12 @@ class JobManager:
                     job.cancel_event.set()
             self._lanes.clear()
             self._live.clear()
-            for job in (self._running, self._nested):
-                if job is not None:
-                    job.cancel_event.set()
+            for job in self._busy():
+                job.cancel_event.set()
             self._lock.notify_all()
-        self._worker.join(timeout)
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
         if self.store is not None:  # queued jobs stay in it for the next start
             self.store.close()
 
@@ -563,85 +586,152 @@ class JobManager:
         except RuntimeError:  # loop closed during shutdown
             pass
 
-    # -- worker thread -----------------------------------------------------------
+    # -- worker threads ----------------------------------------------------------
 
-    def _take(self) -> Optional[Job]:
+    def _take(self, worker: Worker) -> Optional[Job]:
+        """The next job for ``worker``: one another worker placed on it, else the next in
+        fair order, placed on the best free worker (backend.server.workers.place): when
+        that is another one, it is handed over and this worker looks again."""
         with self._lock:
-            while not self._lanes and not self._live and not self._stopping:
-                self._lock.wait()
-            if self._stopping:
-                return None
-            if self._live and not (self._live_round and self._lanes):
-                self._live_round = True
-                _, job = self._live.popitem(last=False)
-                return self._start(job, nested=False)
-            self._live_round = False
-            key = self._next_lane(self._lanes, self._last_served)
-            lane = self._lanes[key]
-            job = lane.popleft()
-            if not lane:
-                del self._lanes[key]
-            self._last_served[key] = self._turn
-            self._turn += 1
-            if len(self._last_served) > 1024:  # forget clients long gone
-                horizon = self._turn - 1024
-                self._last_served = {k: t for k, t in self._last_served.items()
-                                     if t >= horizon or k in self._lanes}
-            return self._start(job, nested=False)
+            while True:
+                if self._stopping or not worker.alive:
+                    return None
+                if worker.running is not None:  # placed here by another worker
+                    return worker.running
+                job = self._next_job()
+                if job is None:
+                    worker.idle = True
+                    self._lock.wait()
+                    worker.idle = False
+                    continue
+                candidates = [w for w in self._workers if w.free and w is not worker]
+                target = place(job_models(job.message), [worker, *candidates])
+                self._start(job, target, nested=False)
+                if target is worker:
+                    return job
+                self._lock.notify_all()
 
-    def _start(self, job: Job, nested: bool) -> Job:
-        """Mark ``job`` running (under the lock)."""
-        if nested:
-            self._nested = job
-        else:
-            self._running = job
-        job.state = RUNNING
-        job.started_at = time.monotonic()
+    def _next_job(self) -> Optional[Job]:
+        """Take the job that starts next (under the lock): a live round, else the client
+        served longest ago (see the module docstring); None when nothing waits."""
+        if self._live and not (self._live_round and self._lanes):
+            self._live_round = True
+            return self._live.popitem(last=False)[1]
+        if not self._lanes:
+            return None
+        self._live_round = False
+        key = self._next_lane(self._lanes, self._last_served)
+        lane = self._lanes[key]
+        job = lane.popleft()
+        if not lane:
+            del self._lanes[key]
+        self._last_served[key] = self._turn
+        self._turn += 1
+        if len(self._last_served) > 1024:  # forget clients long gone
+            horizon = self._turn - 1024
+            self._last_served = {k: t for k, t in self._last_served.items()
+                                 if t >= horizon or k in self._lanes}
         return job
 
-    def _work(self) -> None:
+    def _start(self, job: Job, worker: Worker, nested: bool) -> Job:
+        """Mark ``job`` running on ``worker`` (under the lock)."""
+        if nested:
+            worker.nested = job
+        else:
+            worker.running = job
+        job.state = RUNNING
+        job.started_at = time.monotonic()
+        job.worker = worker.label
+        return job
+
+    def _work(self, worker: Worker) -> None:
         while True:
-            job = self._take()
+            job = self._take(worker)
             if job is None:
                 return
-            self._execute(job)
+            try:
+                self._execute(job, worker)
+            except BaseException as err:  # the worker's device is gone, not just this job
+                self._lose_worker(worker, err)
+                return
 
-    def _execute(self, job: Job) -> None:
-        """Run one job on the worker thread and hand its outcome to the loop."""
+    def _execute(self, job: Job, worker: Worker) -> None:
+        """Run one job on ``worker``'s thread and hand its outcome to the loop."""
         durable = self.store is not None and not job.live
         if durable:
             self.store.started(job)  # waits: its inputs and this attempt are on disk
         self._post(self._started, job)
         result, error = (), None
         try:
-            result = self._run(job)
+            result = self._run(job, worker)
         except ControlCanvasError as err:
             error = err
         except Exception as err:  # an engine bug must not kill the worker
+            if device_lost(err):
+                raise
             log.exception("job %s failed", job.job_id)
             error = EngineError(f"The engine failed: {type(err).__name__}: {err}. "
                                 f"See the server log; other jobs are not affected.")
         with self._lock:
-            if job is self._nested:
-                self._nested = None
+            if job is worker.nested:
+                worker.nested = None
             else:
-                self._running = None
+                worker.running = None
+                worker.models = job_models(job.message) or worker.models
+                worker.jobs_run += 1
             stopping = self._stopping
-        if durable:
+        self._finished_on_worker(job, result, error, stopping)
+
+    def _finished_on_worker(self, job: Job, result, error: Optional[ControlCanvasError],
+                            stopping: bool) -> None:
+        """Keep ``job``'s outcome (on disk first, when durable) and hand it to the loop."""
+        if self.store is not None and not job.live:
             if stopping and isinstance(error, Cancelled):
                 self.store.requeue(job)  # stopped by the server: it runs at next start
             else:  # on disk before the client hears of it
                 self.store.finished(job, result, error).result()
         self._post(self._finish, job, result, error)
 
-    def _preempt(self, paused: Job) -> None:
-        """At a step boundary of ``paused`` (worker thread): run one round of the live
-        jobs waiting now (each of those clients' newest, once), then let ``paused`` take
-        its next step."""
+    def _lose_worker(self, worker: Worker, err: BaseException) -> None:
+        """``worker``'s device failed under a job (worker thread): its jobs fail with
+        ``WorkerLost``, the worker stops, the others go on; with none left, the queued jobs
+        fail too (and new ones are refused)."""
+        log.error("worker %s stopped: its device failed (%s: %s); the other workers go on",
+                  worker.label, type(err).__name__, err)
+        with self._lock:
+            worker.alive = False
+            lost = [j for j in (worker.nested, worker.running) if j is not None]
+            worker.running = worker.nested = None
+            stopping = self._stopping
+            last = not any(w.alive for w in self._workers)
+            self._lock.notify_all()
+        for job in lost:
+            self._finished_on_worker(job, (), WorkerLost(job_id=job.job_id), stopping)
+        if last:
+            self._post(self._fail_queued)
+
+    def _fail_queued(self) -> None:
+        """No worker is left: every queued job fails with ``WorkerLost`` (loop thread)."""
+        with self._lock:
+            waiting = [*self._live.values(), *(j for lane in self._lanes.values() for j in lane)]
+            self._live.clear()
+            self._lanes.clear()
+        for job in waiting:
+            error = WorkerLost("Every engine worker of this server stopped before this job "
+                               "started; restart the server.", job_id=job.job_id)
+            if self.store is not None and not job.live:
+                self.store.finished(job, (), error)
+            self._finish(job, error=error)
+
+    def _preempt(self, paused: Job, worker: Worker) -> None:
+        """At a step boundary of ``paused`` (its worker's thread): run one round of the
+        live jobs waiting now (each of those clients' newest, once), then let ``paused``
+        take its next step. Not while another worker is free: that one takes them."""
         if not self.preemption or paused.live:
             return
         with self._lock:
-            if self._nested is not None or self._stopping or not self._live:
+            if (worker.nested is not None or self._stopping or not self._live
+                    or any(w.free for w in self._workers)):
                 return
             clients = list(self._live)
             self.live_stats["preempted_steps"] += 1
@@ -650,28 +740,29 @@ class JobManager:
                 job = self._live.pop(key, None)
                 if job is None or self._stopping:
                     continue
-                self._start(job, nested=True)
+                self._start(job, worker, nested=True)
             self.live_stats["nested"] += 1
-            self._execute(job)
+            self._execute(job, worker)
 
     def _started(self, job: Job) -> None:
         self._announce_positions()
         if job.owner is not None:
             job.owner.job_progress(job, 0, 0, "start")
 
-    def _run(self, job: Job) -> Tuple[Tuple[Optional[int], Image], ...]:
-        ctx = _Context(self, job)
+    def _run(self, job: Job, worker: Worker) -> Tuple[Tuple[Optional[int], Image], ...]:
+        ctx = _Context(self, job, worker)
+        engine = worker.engine
         ctx.check_cancelled()
         message = job.message
         if isinstance(message, Generate):
             # The engine annotates control images itself (annotators.controls.prepare_controls)
             # at the size it generates at: only it knows that size.
-            generated = self.engine.generate(message.request, job.images, ctx)
+            generated = engine.generate(message.request, job.images, ctx)
             ctx.check_cancelled()
             return tuple((g.seed, g.image) for g in generated)
         if isinstance(message, Train):
             return self._train(job, message, ctx)
-        annotated = self.engine.preprocess(message, job.images[message.image], ctx)
+        annotated = engine.preprocess(message, job.images[message.image], ctx)
         ctx.check_cancelled()
         if isinstance(annotated, Image):  # a bare image: an engine with nothing to add
             annotated = Annotated(annotated)
@@ -701,9 +792,10 @@ _Nobody = _NobodyType()
 class _Context:
     """The JobContext an engine sees while it runs one job (worker thread)."""
 
-    def __init__(self, manager: JobManager, job: Job) -> None:
+    def __init__(self, manager: JobManager, job: Job, worker: Worker) -> None:
         self._manager = manager
         self._job = job
+        self._worker = worker
         self.job_id = job.job_id
         every = job.message.preview_every if isinstance(job.message, Generate) else 0
         self._preview_every = every
@@ -729,7 +821,7 @@ class _Context:
         """The engine finished a denoising step and may pause here: live jobs waiting now
         run before its next step (see the module docstring). Only an engine whose state
         survives another job running in between calls it."""
-        self._manager._preempt(self._job)
+        self._manager._preempt(self._job, self._worker)
 
     def preview(self, step: int, image: Image) -> None:
         self._manager._post(self._deliver_preview, step, image)
