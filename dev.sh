@@ -22,7 +22,8 @@ setup() {
         "$VENV/bin/python" -m pip install -q --upgrade pip
         # torch first, so the project's "torch>=…" is already met by the chosen build
         "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        # the scale extra (Ray Serve) too: its tests run against a local Ray
+        "$VENV/bin/python" -m pip install -q -e ".[test,scale]"
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
@@ -40,6 +41,7 @@ system_test_packages() {
     if [ "${CI:-}" = true ]; then
         export CONTROLCANVAS_REQUIRE_BROWSER=1  # in CI a missing browser fails, not skips
         export CONTROLCANVAS_REQUIRE_EDITORS=1  # ... and so does a real-editor tier
+        export CONTROLCANVAS_REQUIRE_RAY=1      # ... and the Ray Serve tests' extra
     fi
 }
 
