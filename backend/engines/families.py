@@ -7,9 +7,11 @@ read), never the model's name: an Illustrious, Pony or NoobAI checkpoint is an S
 file whatever it is called.
 
 What the engine runs (``SUPPORTED``): Stable Diffusion 1.5 and SDXL, each also as a
-9-channel inpainting base, with classic and (SDXL) union ControlNets.  Flux.1, SD3 /
-SD3.5 and SD2 are recognised so that a request for them ends in a typed
-:class:`~shared.errors.UnsupportedFamily` instead of a crash.  A new family slots in
+9-channel inpainting base, with classic and (SDXL) union ControlNets; Flux.1 (classic and
+InstantX / Shakker union ControlNets, ``FLUX_UNION_MODES``) and SD3 / SD3.5 (SD3
+ControlNets), run by :mod:`backend.engines.diffusers.dit`.  SD2 is recognised so that a
+request for it ends in a typed :class:`~shared.errors.UnsupportedFamily` instead of a
+crash.  A new family slots in
 with an entry in ``FAMILIES``, its detection rules below, its pipelines in
 ``engines.diffusers.pipelines`` and its entry in ``SUPPORTED``.
 
@@ -44,8 +46,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("sd15", "Stable Diffusion 1.5", 512, True),
     Family("sdxl", "SDXL (also Pony, Illustrious, NoobAI)", 1024, True),
     Family("sd2", "Stable Diffusion 2.x", 768, False),
-    Family("sd3", "Stable Diffusion 3 / 3.5", 1024, False),
-    Family("flux", "Flux.1", 1024, False),
+    Family("sd3", "Stable Diffusion 3 / 3.5", 1024, True),
+    Family("flux", "Flux.1", 1024, True),
 )}
 SUPPORTED: Tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.supported)
 
@@ -127,8 +129,9 @@ def detect_controlnet_folder(folder: Path) -> Optional[Detected]:
     if cls == "ControlNetUnionModel":
         return Detected("controlnet", "sdxl", union=True,
                         control_types=int(config.get("num_control_type", 6)))
-    if cls.startswith("Flux"):
-        return Detected("controlnet", "flux")
+    if cls.startswith("Flux"):  # InstantX / Shakker's union model has control modes
+        modes = int(config.get("num_mode") or 0)
+        return Detected("controlnet", "flux", union=bool(modes), control_types=modes)
     if cls.startswith("SD3"):
         return Detected("controlnet", "sd3")
     if cls in _OTHER_CONTROL_CLASSES:
@@ -164,7 +167,8 @@ def _header(path: Path) -> Optional[Tuple[Tuple[str, ...], Shape]]:
 
 _LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _LDM_SD2_ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-_SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding"})
+_SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding",
+                          "controlnet_mode_embedder.weight"})
 
 
 def _starts(keys: Iterable[str], *prefixes: str) -> bool:
@@ -178,7 +182,9 @@ def _nine_channels(shape: Tuple[int, ...]) -> bool:
 def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
     """The rules, most specific first (a Flux ControlNet also has transformer blocks)."""
     if _starts(keys, "controlnet_x_embedder.", "controlnet_single_blocks."):
-        return Detected("controlnet", "flux")
+        modes = shape("controlnet_mode_embedder.weight")
+        return Detected("controlnet", "flux", union=bool(modes), control_types=modes[0]
+                        if modes else 0)
     if _starts(keys, "controlnet_blocks.") and _starts(keys, "transformer_blocks."):
         family = "flux" if _starts(keys, "single_transformer_blocks.") else "sd3"
         return Detected("controlnet", family)
@@ -279,6 +285,15 @@ def union_control_type(condition: str, control_types: int, name: str) -> int:
             f"{UNION_PROMAX_TYPES}: `controlcanvas models download sdxl:{condition}`.",
             field="condition")
     return index
+
+
+# The InstantX / Shakker-Labs union ControlNet for FLUX.1 ("control_mode" per unit): its
+# modes are canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6.  Edge-like
+# conditions use the canny mode (white lines on black, as canny's map).
+FLUX_UNION_MODES: Dict[str, int] = {
+    "canny": 0, "lineart": 0, "lineart_anime": 0, "mlsd": 0, "softedge": 0, "scribble": 0,
+    "tile": 1, "depth": 2, "openpose": 4,
+}
 
 
 @dataclass(frozen=True)
