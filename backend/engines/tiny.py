@@ -241,9 +241,9 @@ def build(folder: Path, family: str = "sd15") -> Path:
     """Build the tiny ``family`` stack into ``folder`` (deterministic, offline)."""
     from . import tiny_dit
 
-    if family in tiny_dit.FAMILIES:  # the transformer stacks (Flux, SD3)
-        return tiny_dit.build(Path(folder), family)
     with quiet_progress_bars():
+        if family in tiny_dit.FAMILIES:  # the transformer stacks (Flux, SD3), our tiny CLIP
+            return tiny_dit.build(Path(folder), family, _tokenizer, _text_config)
         return _build(Path(folder), family)
 
 

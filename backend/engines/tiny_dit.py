@@ -90,22 +90,20 @@ def _wake(module, names, generator, scale: float = 0.3) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def _flux(folder: Path) -> Dict[str, Any]:
+def _flux(folder: Path, clip_tokenizer, clip_config) -> Dict[str, Any]:
     import torch
     from diffusers import FluxControlNetModel, FluxTransformer2DModel
     from transformers import CLIPTextModel
-
-    from .tiny import _text_config, _tokenizer
 
     config = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
                   pooled_projection_dim=TEXT_WIDTH, guidance_embeds=True,
                   axes_dims_rope=(4, 6, 6))
     transformer = FluxTransformer2DModel(**config)
-    clip = _tokenizer(folder / "tokenizer")
+    clip = clip_tokenizer(folder / "tokenizer")
     eos = clip.convert_tokens_to_ids("<|endoftext|>")
     parts = {"transformer": transformer, "vae": _vae(),
-             "text_encoder": CLIPTextModel(_text_config(len(clip), eos))}
+             "text_encoder": CLIPTextModel(clip_config(len(clip), eos))}
     _, parts["text_encoder_2"] = _t5(folder)
     (folder / "tokenizer_t5").rename(folder / "tokenizer_2")
     generator = torch.Generator().manual_seed(SEED + 1)
@@ -120,24 +118,22 @@ def _flux(folder: Path) -> Dict[str, Any]:
     return parts
 
 
-def _sd3(folder: Path) -> Dict[str, Any]:
+def _sd3(folder: Path, clip_tokenizer, clip_config) -> Dict[str, Any]:
     import torch
     from diffusers import SD3ControlNetModel, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
-
-    from .tiny import _text_config, _tokenizer
 
     config = dict(sample_size=NATIVE_SIZE // 8, patch_size=2, in_channels=16, num_layers=2,
                   attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_WIDTH,
                   caption_projection_dim=32, pooled_projection_dim=2 * TEXT_WIDTH,
                   out_channels=16, pos_embed_max_size=16)
     transformer = SD3Transformer2DModel(**config)
-    clip = _tokenizer(folder / "tokenizer")
-    _tokenizer(folder / "tokenizer_2")
+    clip = clip_tokenizer(folder / "tokenizer")
+    clip_tokenizer(folder / "tokenizer_2")
     eos = clip.convert_tokens_to_ids("<|endoftext|>")
     parts = {"transformer": transformer, "vae": _vae()}
     for name in ("text_encoder", "text_encoder_2"):
-        parts[name] = CLIPTextModelWithProjection(_text_config(len(clip), eos))
+        parts[name] = CLIPTextModelWithProjection(clip_config(len(clip), eos))
     _, parts["text_encoder_3"] = _t5(folder)
     (folder / "tokenizer_t5").rename(folder / "tokenizer_3")
     generator = torch.Generator().manual_seed(SEED + 2)
@@ -165,17 +161,18 @@ def _scheduler(family: str):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
-def build(folder: Path, family: str) -> Path:
-    """Build the tiny ``family`` DiT stack into ``folder`` (deterministic, offline)."""
+def build(folder: Path, family: str, clip_tokenizer, clip_config) -> Path:
+    """Build the tiny ``family`` DiT stack into ``folder`` (deterministic, offline) with the
+    UNet stacks' tiny CLIP (``clip_tokenizer(folder)``, ``clip_config(vocab_size, eos)``:
+    :mod:`backend.engines.tiny` owns them and calls this)."""
     import torch
-
-    from .tiny import quiet_progress_bars
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with quiet_progress_bars(), torch.random.fork_rng():
+    with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        parts = _flux(folder) if family == "flux" else _sd3(folder)
+        maker = _flux if family == "flux" else _sd3
+        parts = maker(folder, clip_tokenizer, clip_config)
         for name, net in parts.pop("controlnets").items():
             net.save_pretrained(folder / "controlnets" / name)
         for name, model in parts.items():
