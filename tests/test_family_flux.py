@@ -288,3 +288,18 @@ def test_sd3_cancel_lands_inside_a_step(fresh):
     with pytest.raises(Cancelled):
         fresh.generate(request(base_model="tiny-sd3"), images(), ctx)
     assert ctx.steps_done() == 0
+
+
+# -----------------------------------------------------------------------------
+# bench engine
+# -----------------------------------------------------------------------------
+
+def test_bench_engine_runs_the_flux_and_sd3_stacks_on_their_bare_pipelines(dit_root):
+    from backend.bench.engine import bench_engine
+
+    figures = bench_engine(repeats=1, steps=2, tiny_root=str(dit_root),
+                           stacks=("flux-union", "sd3"))
+    flux, sd3 = figures["stacks"]["flux-union"], figures["stacks"]["sd3"]
+    assert (flux["bare"], sd3["bare"]) == ("FluxControlNetPipeline",
+                                           "StableDiffusion3ControlNetPipeline")
+    assert flux["same_pixels"] and sd3["same_pixels"] and figures["worst_ratio"] > 0
