@@ -303,3 +303,51 @@ def test_bench_engine_runs_the_flux_and_sd3_stacks_on_their_bare_pipelines(dit_r
     assert (flux["bare"], sd3["bare"]) == ("FluxControlNetPipeline",
                                            "StableDiffusion3ControlNetPipeline")
     assert flux["same_pixels"] and sd3["same_pixels"] and figures["worst_ratio"] > 0
+
+
+# -----------------------------------------------------------------------------
+# LoRAs (diffusers' Flux / SD3 LoRA loaders, on the transformer)
+# -----------------------------------------------------------------------------
+
+def make_transformer_lora(path, folder, family: str):
+    """A rank-4 LoRA on the tiny ``family`` transformer's attention, random non-zero up
+    matrices, saved with the family pipeline's ``save_lora_weights``."""
+    import torch
+    from diffusers import (FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    model_cls, pipe_cls = (FluxTransformer2DModel, FluxPipeline) if family == "flux" else \
+        (SD3Transformer2DModel, StableDiffusion3Pipeline)
+    generator = torch.Generator().manual_seed(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = inject_adapter_in_model(
+            LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+            model_cls.from_pretrained(folder / "transformer"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    pipe_cls.save_lora_weights(str(path.parent), weight_name=path.name,
+                               transformer_lora_layers=get_peft_model_state_dict(model))
+    return path
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_lora_on_the_transformer_changes_the_picture_and_strength_zero_is_none(
+        dit_root, tmp_path, family):
+    from shared.messages import LoraRef
+
+    make_transformer_lora(tmp_path / "loras" / "ink.safetensors",
+                          tiny.tiny_dir(family, dit_root), family)
+    engine = DiffusersEngine(Catalogue(ModelConfig(tiny_root=str(dit_root),
+                                                   lora_dir=str(tmp_path / "loras"))),
+                             device="cpu")
+    base = dict(base_model=f"tiny-{family}")
+    plain = pixels(engine, request(**base))
+    inked = pixels(engine, request(**base, loras=(LoraRef(name="ink"),)))
+    off = pixels(engine, request(**base, loras=(LoraRef(name="ink", strength=0.0),)))
+    engine.close()
+    assert not np.array_equal(plain, inked)
+    assert np.array_equal(plain, off)
