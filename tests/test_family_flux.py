@@ -116,6 +116,25 @@ def test_flux_every_mode_with_and_without_controlnets(engine, dit_root, mode, un
     assert out[..., :3].std() > 0  # a picture, not a flat fill
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_hires_and_batches_count_every_step_once(engine, family):
+    """The DiT img2img pipelines run ceil(steps x strength) steps; the engine asks for the
+    strength that runs the steps it counts, so progress ends exactly at its total (SD3's
+    hires pass refines without its units: it has no ControlNet img2img pipeline)."""
+    ctx = RecordingContext()
+    req = request(base_model=f"tiny-{family}", width=160, height=160, hires=True, batch=2,
+                  controls=(unit(),), steps=5)
+    out = engine.generate(req, images(160, 160), ctx)
+    assert len(out) == 2 and engine.last_plan.hires
+    steps = [e for e in ctx.events if e[0] == "progress"]
+    assert len(steps) == steps[-1][2] == steps[-1][1]
+    ctx = RecordingContext()
+    engine.generate(request(base_model=f"tiny-{family}", mode="img2img", strength=0.6,
+                            steps=5), images(), ctx)
+    steps = [e for e in ctx.events if e[0] == "progress"]
+    assert len(steps) == steps[-1][2] == 3
+
+
 def test_flux_same_seed_same_pixels_and_another_seed_others(engine, dit_root):
     req = request(controls=(unit(), unit("depth", 1)))
     first = pixels(engine, req)

@@ -8,6 +8,9 @@ What both share:
 
 * **Latents** have 16 channels; sizes are multiples of 16 (the VAE's 8x, then 2x2 patches:
   the engine rounds its work sizes with :attr:`DitFamily.multiple`).
+* **img2img / inpaint strength**: these pipelines run ``ceil(steps x strength)`` steps where
+  SD's run ``int(steps x strength)``; they get the strength that runs exactly the steps
+  the engine planned (``runs / steps``, which is also the noise level SD's start at).
 * **Scheduler**: the model's own flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``
   from its ``scheduler/`` config, with Flux's resolution-dependent shift); the request's
   sampler names the SD samplers and is not used (logged once per base).
@@ -43,7 +46,8 @@ SD3 / SD3.5:
   ``inpaint`` unit runs ``StableDiffusion3ControlNetInpaintingPipeline`` (an inpainting
   ControlNet: its condition is the picture and the mask); diffusers has no SD3 ControlNet
   img2img pipeline, so img2img with units (and inpaint with other units) is
-  :class:`~shared.errors.Unsupported` saying what works.  The SD3 ControlNet pipelines
+  :class:`~shared.errors.Unsupported` saying what works; the hires pass (img2img) refines
+  without the units.  The SD3 ControlNet pipelines
   VAE-encode the control image with torch's global generator; the call runs in a forked
   RNG seeded with the job's seed, so a seed still gives the same pixels.
 """
@@ -108,6 +112,7 @@ class DitFamily:
     encode: Encode                                # prompt -> the pipeline's embeddings
     true_cfg: bool                                # cfg is classifier-free guidance
     union_modes: Mapping[str, int]                # a union ControlNet's mode per condition
+    refine_controls: bool                         # the hires (img2img) pass keeps the units
     multiple: int = 16                            # work sizes are multiples of this
 
     @property
@@ -203,7 +208,9 @@ class DitFamily:
                       output_type="np")
         if p.kind != "txt2img" and not net_inpaint:
             kwargs["image"] = PILImage.fromarray(p.init)
-            kwargs["strength"] = p.strength
+            # these pipelines run ceil(steps x strength) steps, SD's int(steps x strength):
+            # the strength that runs exactly the steps planned (and counted for progress)
+            kwargs["strength"] = p.runs / p.steps
         if p.kind == "inpaint" and not net_inpaint:
             kwargs["mask_image"] = PILImage.fromarray(p.mask)
         if units is not None:
@@ -264,7 +271,7 @@ FLUX = DitFamily(
      ("img2img", True): FluxControlNetImg2ImgPipeline,
      ("inpaint", True): FluxControlNetInpaintPipeline},
     FluxControlNetModel, FluxMultiControlNetModel, _encode_flux, true_cfg=False,
-    union_modes=FLUX_UNION_MODES)
+    union_modes=FLUX_UNION_MODES, refine_controls=True)
 
 SD3 = DitFamily(
     "sd3",
@@ -273,7 +280,8 @@ SD3 = DitFamily(
      ("inpaint", False): StableDiffusion3InpaintPipeline,
      ("txt2img", True): StableDiffusion3ControlNetPipeline,
      ("inpaint", True): StableDiffusion3ControlNetInpaintingPipeline},
-    SD3ControlNetModel, SD3MultiControlNetModel, _encode_sd3, true_cfg=True, union_modes={})
+    SD3ControlNetModel, SD3MultiControlNetModel, _encode_sd3, true_cfg=True, union_modes={},
+    refine_controls=False)
 
 DIT_FAMILIES: Dict[str, DitFamily] = {f.name: f for f in (FLUX, SD3)}
 

@@ -671,6 +671,9 @@ class DiffusersEngine:
         p = self._pass(request, images, kind, (w, h), plan.region, plan.init_canvas,
                        mask_region, self.hires_strength, low_memory, plan.native)
         p.init = resize(rgb, w, h)  # the first pass, enlarged, is what gets refined
+        dit = dit_family(entry.family)
+        if dit and not dit.refine_controls:  # SD3: no ControlNet img2img pipeline (.dit)
+            units = None
         return self._run_pass(request, p, entry, units, order, seed, run)
 
     def _scheduler(self, entry: BaseEntry, name: str):
