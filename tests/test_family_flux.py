@@ -370,3 +370,53 @@ def test_a_lora_on_the_transformer_changes_the_picture_and_strength_zero_is_none
     engine.close()
     assert not np.array_equal(plain, inked)
     assert np.array_equal(plain, off)
+
+
+# -----------------------------------------------------------------------------
+# FLUX.1 Tools: a control base (its transformer reads 128 channels)
+# -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tools_base(dit_root):
+    """The tiny Flux stack with a 128-channel transformer, as FLUX.1 Canny / Depth [dev]."""
+    import shutil
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    source = tiny.tiny_dir("flux", dit_root)
+    folder = dit_root / "tiny-flux-tools"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("controlnets", ".complete"))
+    plain = FluxTransformer2DModel.from_pretrained(source / "transformer")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        wide = FluxTransformer2DModel.from_config({**plain.config, "in_channels": 128,
+                                                   "out_channels": 64})
+    shutil.rmtree(folder / "transformer")
+    wide.save_pretrained(folder / "transformer")
+    return folder
+
+
+def test_a_flux_tools_base_is_detected_from_its_transformer(tools_base, engine):
+    found = detect(tools_base, "base")
+    assert (found.family, found.control, found.name) == ("flux", True, "flux-control")
+    assert engine.catalogue.resolve_base(str(tools_base)).control
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_a_flux_tools_base_takes_the_units_image_itself(engine, tools_base, mode):
+    base = str(tools_base)
+    # "normal" has no Flux ControlNet: none is looked up for a control base
+    first = pixels(engine, request(base_model=base, mode=mode, controls=(unit("normal", 0),)))
+    other = pixels(engine, request(base_model=base, mode=mode, controls=(unit("normal", 1),)))
+    assert not np.array_equal(first, other)
+    assert np.array_equal(first, pixels(engine, request(base_model=base, mode=mode,
+                                                        controls=(unit("normal", 0),))))
+
+
+def test_a_flux_tools_base_needs_exactly_one_unit(engine, tools_base):
+    for units in ((), (unit(), unit("depth", 1))):
+        with pytest.raises(Unsupported, match="exactly one control unit") as info:
+            engine.generate(request(base_model=str(tools_base), controls=units), images(),
+                            RecordingContext())
+        assert info.value.field == "controls"

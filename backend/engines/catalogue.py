@@ -282,6 +282,7 @@ class Resolved:
     native_size: int = 512
     builtin: str = ""  # the built-in model's own name (``shapes-demo``, ``tiny-sd15``)
     inpaint: bool = False     # a base with a 9-channel (inpainting) UNet
+    control: bool = False     # a Flux Tools base: the unit's image goes to the base itself
     union: bool = False       # a union ControlNet (several conditions in one model)
     control_types: int = 0    # a union ControlNet's number of control types
     weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
@@ -452,6 +453,7 @@ class Catalogue:
         family = family or "sd15"
         return Resolved(name, kind, family, source, str(path), native_size=NATIVE_SIZE[family],
                         inpaint=bool(found and found.inpaint), union=bool(found and found.union),
+                        control=bool(found and found.control),
                         control_types=found.control_types if found else 0, **extra)
 
     def _request_path(self, where: str, kind: str) -> Optional[Path]:

@@ -64,11 +64,12 @@ class Detected:
     union: bool = False       # a ControlNet serving several conditions (control types)
     control_types: int = 0    # a union ControlNet's number of control types (ProMax: 8)
     what: str = ""            # for kind "adapter": what it is ("a T2I-Adapter")
+    control: bool = False     # a Flux Tools base (canny / depth dev): takes the control image
 
     @property
     def name(self) -> str:
         return self.family + ("-inpaint" if self.inpaint else "") + \
-            ("-union" if self.union else "")
+            ("-union" if self.union else "") + ("-control" if self.control else "")
 
 
 # -----------------------------------------------------------------------------
@@ -91,6 +92,9 @@ def _unet_family(config: Mapping) -> str:
     return "sd15"
 
 
+# FLUX.1 Tools' Canny / Depth [dev] transformers read the control image's latents beside
+# their own: 2 x 64 packed channels.
+FLUX_CONTROL_CHANNELS = 128
 _BASE_CLASSES = (("Flux", "flux"), ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"))
 
 
@@ -102,6 +106,9 @@ def detect_base_folder(folder: Path) -> Optional[Detected]:
     cls = str(index.get("_class_name", ""))
     unet = _read_json(Path(folder) / "unet" / "config.json")
     inpaint = bool(unet and unet.get("in_channels") == 9)
+    transformer = _read_json(Path(folder) / "transformer" / "config.json") or {}
+    if cls.startswith("Flux") and transformer.get("in_channels") == FLUX_CONTROL_CHANNELS:
+        return Detected("base", "flux", control=True)  # FLUX.1 Canny / Depth [dev]
     for prefix, family in _BASE_CLASSES:
         if cls.startswith(prefix):
             return Detected("base", family, inpaint=inpaint)

@@ -39,6 +39,11 @@ Flux.1:
   openpose -> pose); other conditions are :class:`~shared.errors.UnsupportedCondition`
   naming what serves them.
 
+FLUX.1 Tools (Canny / Depth [dev]): a Flux base whose transformer reads 128 channels
+(``families.FLUX_CONTROL_CHANNELS``, from its config) is a *control base*: no ControlNet is
+resolved; ``FluxControl{,Img2Img,Inpaint}Pipeline`` get the one unit's image as
+``control_image`` (the unit's weight only says it is on: the base has no strength knob).
+
 SD3 / SD3.5:
 
 * ``cfg`` is classifier-free guidance, with the negative prompt.
@@ -55,16 +60,18 @@ SD3 / SD3.5:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetImg2ImgPipeline,
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlImg2ImgPipeline,
+                       FluxControlInpaintPipeline, FluxControlNetImg2ImgPipeline,
                        FluxControlNetInpaintPipeline, FluxControlNetModel,
-                       FluxControlNetPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline,
+                       FluxControlNetPipeline, FluxControlPipeline, FluxImg2ImgPipeline,
+                       FluxInpaintPipeline,
                        FluxMultiControlNetModel, FluxPipeline, SD3ControlNetModel,
                        SD3MultiControlNetModel, StableDiffusion3ControlNetInpaintingPipeline,
                        StableDiffusion3ControlNetPipeline, StableDiffusion3Img2ImgPipeline,
@@ -112,6 +119,7 @@ class DitFamily:
     true_cfg: bool                                # cfg is classifier-free guidance
     union_modes: Mapping[str, int]                # a union ControlNet's mode per condition
     refine_controls: bool                         # the hires (img2img) pass keeps the units
+    tools: Mapping[str, type] = field(default_factory=dict)  # a control base's, per mode
     multiple: int = 16                            # work sizes are multiples of this
 
     @property
@@ -166,7 +174,7 @@ class DitFamily:
         in order: those with a weight)."""
         cfg = self.true_cfg and request.cfg > 1.0
         order = [i for i, unit in enumerate(request.controls) if unit.weight > 0]
-        if not order:
+        if not order or not nets:  # no unit on, or a control base (no ControlNets)
             return cfg, None, order
         if self.name == "sd3" and request.mode == "inpaint" and len(order) == 1:
             return cfg, nets[order[0]], order  # the inpainting pipeline takes one ControlNet
@@ -174,7 +182,9 @@ class DitFamily:
         units.control_types = [types[i] for i in order]
         return cfg, units, order
 
-    def pipeline_class(self, mode: str, controls: bool, request) -> type:
+    def pipeline_class(self, mode: str, controls: bool, request, base: Resolved) -> type:
+        if base.control:
+            return self._tools_class(mode, request, base)
         cls = self.pipelines.get((mode, controls))
         if cls is None or (controls and mode == "inpaint" and self.name == "sd3" and
                            [u.condition for u in request.controls if u.weight > 0]
@@ -185,6 +195,17 @@ class DitFamily:
                 f"ControlNet {mode} pipeline. Use txt2img, turn the units off for {mode}, or "
                 f"pick a Flux, SDXL or SD1.5 base.", field="mode")
         return cls
+
+    def _tools_class(self, mode: str, request, base: Resolved) -> type:
+        """A Flux Tools base (FLUX.1 Canny / Depth [dev]) runs with exactly one unit on."""
+        units = [u for u in request.controls if u.weight > 0]
+        if len(units) != 1 or mode not in self.tools:
+            raise Unsupported(
+                f"{base.name!r} is a FLUX.1 Tools control base: it takes exactly one control "
+                f"unit (got {len(units)} with a weight), whose image is the kind it was "
+                f"trained on (edges for Canny, a depth map for Depth). Use one unit, or a "
+                f"FLUX.1 base with ControlNets for several.", field="controls")
+        return self.tools[mode]
 
     # -- a pass --------------------------------------------------------------------------
 
@@ -214,6 +235,8 @@ class DitFamily:
             kwargs["mask_image"] = PILImage.fromarray(p.mask)
         if units is not None:
             kwargs.update(self._control_kwargs(request, p, units, order))
+        elif entry.resolved.control:  # a Flux Tools base: the unit's image, to the base
+            kwargs["control_image"] = _rgb(p.controls[order[0]])
         return kwargs
 
     def _control_kwargs(self, request, p: Pass, units, order) -> Dict[str, Any]:
@@ -270,7 +293,9 @@ FLUX = DitFamily(
      ("img2img", True): FluxControlNetImg2ImgPipeline,
      ("inpaint", True): FluxControlNetInpaintPipeline},
     FluxControlNetModel, FluxMultiControlNetModel, _encode_flux, true_cfg=False,
-    union_modes=FLUX_UNION_MODES, refine_controls=True)
+    union_modes=FLUX_UNION_MODES, refine_controls=True,
+    tools={"txt2img": FluxControlPipeline, "img2img": FluxControlImg2ImgPipeline,
+           "inpaint": FluxControlInpaintPipeline})
 
 SD3 = DitFamily(
     "sd3",

@@ -440,7 +440,7 @@ class DiffusersEngine:
     def _pipeline(self, entry: BaseEntry, mode: str, controls: bool, units: Optional[ControlUnits],
                   request: Optional[GenerateRequest] = None):
         dit = dit_family(entry.family)
-        cls = dit.pipeline_class(mode, controls, request) if dit else \
+        cls = dit.pipeline_class(mode, controls, request, entry.resolved) if dit else \
             PIPELINES[(entry.family, mode, controls)]
         # a job run in another's pause gets pipelines of its own (a pipeline keeps its
         # call's state in attributes); they share every model with the paused job's
@@ -603,7 +603,8 @@ class DiffusersEngine:
             request, (lora.name for lora in self.catalogue.loras.scan()))
         base = self.catalogue.resolve_base(request.base_model)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
-                         for u in request.controls]
+                         for u in request.controls] if not base.control else []
+        # (a Flux Tools base takes the unit's image itself: no ControlNet, .dit)
         types = [_control_type(u, r, base) for u, r in zip(request.controls, resolved_nets)]
         keep = [base.key] + [r.key for r in resolved_nets]
         self._in_use.append(keep)  # a job run in a pause must not evict these
