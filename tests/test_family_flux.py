@@ -403,8 +403,16 @@ def test_a_flux_tools_base_is_detected_from_its_transformer(tools_base, engine):
     assert engine.catalogue.resolve_base(str(tools_base)).control
 
 
+@pytest.fixture
+def tiny_native(monkeypatch):
+    """A Flux folder generates at 1024² (its family's native size): the tiny one at 64²."""
+    from backend.engines.catalogue import NATIVE_SIZE
+
+    monkeypatch.setitem(NATIVE_SIZE, "flux", tiny.NATIVE_SIZE)
+
+
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
-def test_a_flux_tools_base_takes_the_units_image_itself(engine, tools_base, mode):
+def test_a_flux_tools_base_takes_the_units_image_itself(engine, tools_base, tiny_native, mode):
     base = str(tools_base)
     # "normal" has no Flux ControlNet: none is looked up for a control base
     first = pixels(engine, request(base_model=base, mode=mode, controls=(unit("normal", 0),)))
@@ -414,7 +422,7 @@ def test_a_flux_tools_base_takes_the_units_image_itself(engine, tools_base, mode
                                                         controls=(unit("normal", 0),))))
 
 
-def test_a_flux_tools_base_needs_exactly_one_unit(engine, tools_base):
+def test_a_flux_tools_base_needs_exactly_one_unit(engine, tools_base, tiny_native):
     for units in ((), (unit(), unit("depth", 1))):
         with pytest.raises(Unsupported, match="exactly one control unit") as info:
             engine.generate(request(base_model=str(tools_base), controls=units), images(),
