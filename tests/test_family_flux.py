@@ -103,12 +103,13 @@ UNITS = {"none": lambda root: (),
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
 @pytest.mark.parametrize("units", sorted(UNITS))
 def test_flux_every_mode_with_and_without_controlnets(engine, dit_root, mode, units):
-    ctx = RecordingContext()
+    ctx = RecordingContext(preview_every=1)
     req = request(mode=mode, controls=UNITS[units](dit_root))
     out = pixels(engine, req, ctx=ctx)
     assert out.shape == (H, W, 4) and out[..., 3].min() == 255
     steps = [e for e in ctx.events if e[0] == "progress"]
-    assert steps and steps[-1][1] == steps[-1][2]  # every step reported, to the end
+    assert steps and steps[-1][1] == steps[-1][2] == len(steps)  # every step, once
+    assert len(ctx.previews) == len(steps)  # a preview of the unpacked latents each
     if mode == "inpaint":  # outside the selection: the input, bit for bit
         init = to_array(images()[10])
         outside = to_array(selection())[..., 0] == 0

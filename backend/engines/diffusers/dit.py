@@ -25,7 +25,9 @@ What both share:
   these families: the linear approximation's grey), prompt embeddings cached as for the
   UNet families (:func:`.reuse.prompt_kwargs`).
 * **Fast path**: the models keep their own attention processors (the SD ones would break
-  joint attention); ``compile`` compiles the transformer.  LoRAs go through :mod:`.lora`
+  joint attention); ``compile`` compiles the transformer.  FLUX.1's weights are bf16: on
+  CUDA ``dtype = "bf16"`` is the safe choice (in fp16 diffusers clips the activations that
+  would overflow; NaN pixels would be counted and logged by the engine).  LoRAs go through :mod:`.lora`
   (diffusers' Flux / SD3 LoRA loaders, on the transformer).
 
 Flux.1:
@@ -84,7 +86,7 @@ from ..families import FAMILIES, FLUX_UNION_MODES
 from .cache import BaseEntry
 from .geometry import Pass
 from .loaders import dtype_kwargs
-from .reuse import prompt_kwargs
+from .reuse import control_window, prompt_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +242,6 @@ class DitFamily:
         return kwargs
 
     def _control_kwargs(self, request, p: Pass, units, order) -> Dict[str, Any]:
-        from .reuse import control_window
-
         windows = [control_window(request.controls[i].start, request.controls[i].end, p.runs)
                    for i in order]
         kwargs: Dict[str, Any] = dict(
@@ -250,9 +250,10 @@ class DitFamily:
             control_guidance_end=[e for _, e in windows])
         if self.name == "sd3" and p.kind == "inpaint":
             # the inpainting ControlNet's condition: the picture and the selection
+            scale = kwargs["controlnet_conditioning_scale"][0]
             kwargs.update(control_image=PILImage.fromarray(p.init),
                           control_mask=PILImage.fromarray(p.mask),
-                          controlnet_conditioning_scale=kwargs["controlnet_conditioning_scale"][0])
+                          controlnet_conditioning_scale=scale)
             return kwargs
         kwargs["control_image"] = [_rgb(p.controls[i]) for i in order]
         if self.name == "flux":

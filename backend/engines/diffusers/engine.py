@@ -1,5 +1,8 @@
 """DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL, each also with a
-9-channel inpainting UNet; classic and union ControlNets).
+9-channel inpainting UNet; classic and union ControlNets; the transformer bases Flux.1 and
+SD3 / SD3.5, whose differences - pipelines, units, guidance, sizes in multiples of 16,
+scheduler, previews - live in :mod:`.dit`: the steps below ask ``dit_family`` and
+dispatch).
 
 This module imports torch and diffusers; nothing else in ``backend`` does at
 import time.  It is called from the job worker thread only (one thread owns the
@@ -107,11 +110,11 @@ from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews,
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .compiled import uncompile
+from .dit import dit_family
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
 from .loaders import dtype_kwargs, read_base, read_controlnet
-from .dit import dit_family
 from .lora import apply_loras
 from .reuse import PROMPT_CACHE_SIZE, control_window, prompt_kwargs
 from .pipelines import (PIPELINES, cancel_points, control_image, full_mask_pass,
