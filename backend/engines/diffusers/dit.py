@@ -27,8 +27,9 @@ What both share:
 * **Fast path**: the models keep their own attention processors (the SD ones would break
   joint attention); ``compile`` compiles the transformer.  FLUX.1's weights are bf16: on
   CUDA ``dtype = "bf16"`` is the safe choice (in fp16 diffusers clips the activations that
-  would overflow; NaN pixels would be counted and logged by the engine).  LoRAs go through :mod:`.lora`
-  (diffusers' Flux / SD3 LoRA loaders, on the transformer).
+  would overflow; NaN pixels would be counted and logged by the engine).
+* **LoRAs** go through :mod:`.lora` (diffusers' Flux / SD3 LoRA loaders, on the
+  transformer; strength 0 is none, as for the UNet families).
 
 Flux.1:
 
