@@ -36,7 +36,10 @@ any path when ``trust_request_paths`` is set (``controlcanvas generate`` without
 
 The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
 family: lllyasviel's ControlNet 1.1 set for SD1.5, one union ControlNet (xinsir's
-ProMax) for every SDXL condition it serves.  The ``[models]`` and ``[controlnets]``
+ProMax) for every SDXL condition it serves, Shakker-Labs' FLUX.1 union ControlNet for the
+Flux conditions it has a mode for, Stability's SD3.5 Large canny / depth / blur ControlNets
+for SD3 (``LICENCES`` names the Flux and SD3.5 models' licences: FLUX.1 [dev] and its
+ControlNets are non-commercial).  The ``[models]`` and ``[controlnets]``
 tables of ``config.toml`` override it::
 
     [models]
