@@ -275,12 +275,12 @@ def test_a_controlnet_of_another_family_is_refused_before_loading(fresh_engine, 
     assert not fresh_engine._bases and not fresh_engine._nets  # nothing was loaded
 
 
-def test_a_flux_request_is_a_typed_error_not_a_crash(tiny_engine, tmp_path):
+def test_an_sd2_request_is_a_typed_error_not_a_crash(tiny_engine, tmp_path):
     from test_families import FILES, write_header
 
-    flux = write_header(tmp_path / "flux1-dev.safetensors", FILES["flux1-dev.safetensors"][0])
-    with pytest.raises(UnsupportedFamily, match="Flux.1"):
-        tiny_engine.generate(request(base_model=str(flux)), images(), RecordingContext())
+    sd2 = write_header(tmp_path / "sd21.safetensors", FILES["sd21.safetensors"][0])
+    with pytest.raises(UnsupportedFamily, match="Stable Diffusion 2"):
+        tiny_engine.generate(request(base_model=str(sd2)), images(), RecordingContext())
 
 
 # -----------------------------------------------------------------------------

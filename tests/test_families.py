@@ -160,28 +160,35 @@ def catalogue(tmp_path, **config) -> Catalogue:
     return Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf"), **config))
 
 
-@pytest.mark.parametrize("name, label", [("flux1-dev.safetensors", "Flux.1"),
-                                         ("sd3.5_large.safetensors", "Stable Diffusion 3")])
-def test_a_flux_or_sd3_base_is_a_typed_not_supported_yet_error(tmp_path, name, label):
-    path = write_header(tmp_path / name, FILES[name][0])
-    with pytest.raises(UnsupportedFamily, match=label) as info:
+def test_an_sd2_base_is_a_typed_not_supported_yet_error(tmp_path):
+    path = write_header(tmp_path / "sd21.safetensors", FILES["sd21.safetensors"][0])
+    with pytest.raises(UnsupportedFamily, match="Stable Diffusion 2") as info:
         catalogue(tmp_path).resolve_base(str(path))
     assert "SDXL" in info.value.message and info.value.field == "base_model"
     assert isinstance(info.value, Unsupported)  # older clients see the parent code's meaning
 
 
-def test_a_flux_folder_and_a_flux_controlnet_are_refused_too(tmp_path):
-    flux = write_folder(tmp_path / "FLUX.1-dev", FOLDERS["flux"])  # no weights even
-    with pytest.raises(UnsupportedFamily, match="Flux"):
-        catalogue(tmp_path).resolve_base(str(flux))
+@pytest.mark.parametrize("name", ["flux1-dev.safetensors", "sd3.5_large.safetensors"])
+def test_flux_and_sd3_files_resolve_with_their_family(tmp_path, name):
+    path = write_header(tmp_path / name, FILES[name][0])
+    resolved = catalogue(tmp_path).resolve_base(str(path))
+    assert (resolved.family, resolved.native_size) == (FILES[name][1], 1024)
+
+
+def test_a_flux_folder_and_a_flux_controlnet_resolve_as_flux(tmp_path):
+    """The catalogue says what they are; the engine refuses a Flux ControlNet on an SDXL
+    base (tests/test_family_flux.py)."""
+    flux = write_folder(tmp_path / "FLUX.1-dev", FOLDERS["flux"])
+    (flux / "transformer").mkdir()
+    (flux / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    assert catalogue(tmp_path).resolve_base(str(flux)).family == "flux"
     sdxl = write_folder(tmp_path / "base", FOLDERS["sdxl"])
     (sdxl / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
     net = write_folder(tmp_path / "flux-net", {"config.json": NET_FOLDERS["flux"]})
     (net / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
     cat = catalogue(tmp_path)
-    base = cat.resolve_base(str(sdxl))
-    with pytest.raises(UnsupportedFamily, match="Flux.1 ControlNet"):
-        cat.resolve_controlnet("canny", base, str(net))
+    assert cat.resolve_controlnet("canny", cat.resolve_base(str(sdxl)), str(net)).family == \
+        "flux"
 
 
 def test_a_controlnet_picked_as_base_says_so(tmp_path):
@@ -219,9 +226,9 @@ def test_the_files_decide_the_family_not_the_name(tmp_path):
 
 
 def test_models_listing_survives_an_unsupported_configured_base(tmp_path):
-    flux = write_header(tmp_path / "flux.safetensors", FILES["flux1-dev.safetensors"][0])
-    listed = {m.name: m for m in catalogue(tmp_path, bases={"f": (str(flux), "")}).entries()}
-    assert not listed["f"].present and "Flux" in listed["f"].source
+    sd2 = write_header(tmp_path / "sd2.safetensors", FILES["sd21.safetensors"][0])
+    listed = {m.name: m for m in catalogue(tmp_path, bases={"f": (str(sd2), "")}).entries()}
+    assert not listed["f"].present and "Stable Diffusion 2" in listed["f"].source
 
 
 # -----------------------------------------------------------------------------

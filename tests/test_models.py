@@ -353,9 +353,9 @@ canny = "someone/sdxl-canny"
 
 @pytest.mark.parametrize("text, message", [
     ("[models]\nbse = 'x'\n", "unknown setting"),
-    ("[models]\nfamily = 'sd3'\n", "family"),
+    ("[models]\nfamily = 'sd2'\n", "family"),
     ("[controlnets]\nlinework = 'x'\n", "unknown condition"),
-    ("[controlnets.sd3]\ncanny = 'x'\n", "family"),
+    ("[controlnets.sd2]\ncanny = 'x'\n", "family"),
     ("[models.bases]\nmine = 3\n", "must be a string"),
 ])
 def test_bad_config_says_what_is_wrong(tmp_path, text, message):

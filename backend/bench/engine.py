@@ -2,7 +2,8 @@
 
 * :func:`bench_engine` - our DiffusersEngine path against the bare diffusers
   pipeline on the same tiny model, seed, steps and size, interleaved, for each tiny
-  stack (SD1.5 + ControlNet; SDXL + union ControlNet); ``ratio`` is the median of the
+  stack (SD1.5 + ControlNet; SDXL + union ControlNet; Flux.1 + its union ControlNet; SD3.5 +
+  a ControlNet); ``ratio`` is the median of the
   per-pair ours / bare (target <= 1.03).
 * :func:`bench_controlnet_cost` - per-step time of an SD1.5-sized UNet alone vs
   UNet + ControlNet (random weights, batch 2, 64x64 latent); ``ratio`` compares
@@ -62,7 +63,13 @@ def _set_threads(threads: Optional[int]) -> None:
 STACKS = {
     "sd15": ("tiny-sd15", "sd15", "lines", "StableDiffusionControlNetPipeline"),
     "sdxl-union": ("tiny-sdxl", "sdxl", tiny.UNION, "StableDiffusionXLControlNetUnionPipeline"),
+    "flux-union": ("tiny-flux", "flux", "union", "FluxControlNetPipeline"),
+    "sd3": ("tiny-sd3", "sd3", "lines", "StableDiffusion3ControlNetPipeline"),
 }
+# The bare pipeline's ControlNet class and control arguments per family (the DiT families:
+# ``control_image``; Flux's union model: lineart's control mode, canny = 0).
+_DIT_NETS = {"flux": ("FluxControlNetModel", {"control_mode": 0}),
+             "sd3": ("SD3ControlNetModel", {})}
 
 
 def bench_engine(repeats: int = 21, steps: int = 10, size: int = 64,
@@ -107,11 +114,13 @@ def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
                               steps=steps, cfg=7.0, sampler="dpmpp_2m_karras", base_model=base,
                               controls=(ControlUnit(condition="lineart", image=0),))
     ctx = NullContext()
-    union = net_name == tiny.UNION
+    union = net_name == tiny.UNION and family == "sdxl"
     net_cls = diffusers.ControlNetUnionModel if union else diffusers.ControlNetModel
+    if family in _DIT_NETS:
+        net_cls = getattr(diffusers, _DIT_NETS[family][0])
     net = net_cls.from_pretrained(folder / "controlnets" / net_name, local_files_only=True)
-    extra = {} if family == "sdxl" else dict(safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    extra = dict(safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False) if family == "sd15" else {}
     bare = getattr(diffusers, pipeline).from_pretrained(folder, controlnet=net,
                                                         local_files_only=True, **extra)
     bare = bare.to(device)
@@ -119,14 +128,18 @@ def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
     control_pil = PILImage.fromarray(to_array(control)[..., :3].copy())
     images = {"control_image": [control_pil], "control_mode": [3]} if union else \
         {"image": control_pil}
+    if family in _DIT_NETS:
+        images = dict(_DIT_NETS[family][1], control_image=control_pil)
 
     def ours():
         return engine.generate(request, {0: control}, ctx)[0].image
 
     def plain():
         generator = torch.Generator(device=device).manual_seed(request.seed)
-        return bare(request.prompt, num_inference_steps=steps, guidance_scale=request.cfg,
-                    generator=generator, height=size, width=size, **images).images[0]
+        with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+            torch.manual_seed(request.seed)  # SD3's ControlNet pipeline draws from it (.dit)
+            return bare(request.prompt, num_inference_steps=steps, guidance_scale=request.cfg,
+                        generator=generator, height=size, width=size, **images).images[0]
 
     a, b = ours(), plain()  # warm-up (loads, allocator) and an equality check
     same = np.array_equal(to_array(a)[..., :3], np.asarray(b))

@@ -12,7 +12,8 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   tiny base and an outline ControlNet trained here on synthetic shapes; see
   docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
 * ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.engines.tiny`
-  (every condition; for tests and benchmarks);
+  (every condition; for tests and benchmarks); ``tiny-flux`` / ``tiny-sd3``: the same for
+  Flux.1 and SD3.5 (:mod:`backend.engines.tiny_dit`; the conditions their ControlNets serve);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``; and the few-step
   presets' names (:mod:`backend.engines.presets`): ``models download lcm-sd15`` fetches
@@ -20,7 +21,8 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   preset: its base model).
 
 The family of a model (SD1.5, SDXL - Pony, Illustrious and NoobAI are SDXL -, a
-9-channel inpainting base, a union ControlNet; Flux and SD3 are recognised and refused)
+9-channel inpainting base, a union ControlNet, Flux.1, SD3 / SD3.5; SD2 is recognised and
+refused)
 is read from its files by :mod:`backend.engines.families`, never from its name.
 
 A request (a client of the server) may name a model path only inside a models folder:
@@ -34,7 +36,10 @@ any path when ``trust_request_paths`` is set (``controlcanvas generate`` without
 
 The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
 family: lllyasviel's ControlNet 1.1 set for SD1.5, one union ControlNet (xinsir's
-ProMax) for every SDXL condition it serves.  The ``[models]`` and ``[controlnets]``
+ProMax) for every SDXL condition it serves, Shakker-Labs' FLUX.1 union ControlNet for the
+Flux conditions it has a mode for, Stability's SD3.5 Large canny / depth / blur ControlNets
+for SD3 (``LICENCES`` names the Flux and SD3.5 models' licences: FLUX.1 [dev] and its
+ControlNets are non-commercial).  The ``[models]`` and ``[controlnets]``
 tables of ``config.toml`` override it::
 
     [models]
@@ -74,18 +79,21 @@ from ..configfile import table as toml_table
 from ..confine import confine
 from . import downloads, references, tiny
 from . import presets as few_step
-from .families import (UNION_CONTROL_TYPES, Detected, check_runnable, detect,
+from .families import (FLUX_UNION_MODES, UNION_CONTROL_TYPES, Detected, check_runnable, detect,
                        detect_base_folder, detect_file)
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl")  # what config.toml may name (families.SUPPORTED)
+FAMILIES = ("sd15", "sdxl", "flux", "sd3")  # what config.toml may name (families.SUPPORTED)
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "flux": "black-forest-labs/FLUX.1-dev",
+    "sd3": "stabilityai/stable-diffusion-3.5-large",
 }
-TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
+                              "tiny-sd3": "sd3"}
 DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
@@ -109,6 +117,11 @@ def demo_folder() -> Path:
 # ProMax (8 control types, tile and inpaint included) in diffusers layout, as an fp16
 # variant (2.5 GB; the same weights are in brad-twinkl/controlnet-union-sdxl-1.0-promax).
 SDXL_UNION = "OzzyGT/controlnet-union-promax-sdxl-1.0"
+# Flux.1: Shakker-Labs' union ControlNet Pro (InstantX's union model, further trained: the
+# same control modes, families.FLUX_UNION_MODES) for every condition it has a mode for.
+FLUX_UNION = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"
+# SD3.5 Large: Stability's canny / depth / blur ControlNets (blur serves tile upscaling).
+SD35_CANNY = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
 
 # Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: the
 # union model (one download for all of them); shuffle needs a [controlnets.sdxl] entry.
@@ -129,6 +142,23 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
         "inpaint": "lllyasviel/control_v11p_sd15_inpaint",
     },
     "sdxl": {condition: SDXL_UNION for condition in UNION_CONTROL_TYPES},
+    "flux": {condition: FLUX_UNION for condition in FLUX_UNION_MODES},
+    "sd3": {"canny": SD35_CANNY, "lineart": SD35_CANNY, "lineart_anime": SD35_CANNY,
+            "mlsd": SD35_CANNY, "softedge": SD35_CANNY, "scribble": SD35_CANNY,
+            "depth": "stabilityai/stable-diffusion-3.5-large-controlnet-depth",
+            "tile": "stabilityai/stable-diffusion-3.5-large-controlnet-blur"},
+}
+# Licences of the default Flux and SD3.5 models (the SD1.5 / SDXL ones are open RAIL):
+# FLUX.1-dev and every ControlNet made for it are non-commercial; schnell is Apache-2.0.
+LICENCES: Dict[str, str] = {
+    "black-forest-labs/FLUX.1-dev": "FLUX.1 [dev] Non-Commercial License",
+    "black-forest-labs/FLUX.1-schnell": "Apache-2.0",
+    FLUX_UNION: "FLUX.1 [dev] Non-Commercial License",
+    "stabilityai/stable-diffusion-3.5-large": "Stability AI Community License",
+    "stabilityai/stable-diffusion-3.5-medium": "Stability AI Community License",
+    SD35_CANNY: "Stability AI Community License",
+    "stabilityai/stable-diffusion-3.5-large-controlnet-depth": "Stability AI Community License",
+    "stabilityai/stable-diffusion-3.5-large-controlnet-blur": "Stability AI Community License",
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 
@@ -277,6 +307,7 @@ class Resolved:
     native_size: int = 512
     builtin: str = ""  # the built-in model's own name (``shapes-demo``, ``tiny-sd15``)
     inpaint: bool = False     # a base with a 9-channel (inpainting) UNet
+    control: bool = False     # a Flux Tools base: the unit's image goes to the base itself
     union: bool = False       # a union ControlNet (several conditions in one model)
     control_types: int = 0    # a union ControlNet's number of control types
     weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
@@ -448,6 +479,7 @@ class Catalogue:
         family = family or "sd15"
         return Resolved(name, kind, family, source, str(path), native_size=NATIVE_SIZE[family],
                         inpaint=bool(found and found.inpaint), union=bool(found and found.union),
+                        control=bool(found and found.control),
                         control_types=found.control_types if found else 0,
                         adapter=bool(found and found.t2i_adapter), **extra)
 

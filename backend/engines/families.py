@@ -8,9 +8,11 @@ file whatever it is called.
 
 What the engine runs (``SUPPORTED``): Stable Diffusion 1.5 and SDXL, each also as a
 9-channel inpainting base, with classic and (SDXL) union ControlNets and T2I-Adapters (their
-family from ``adapter_type``: ``full_adapter_xl`` is SDXL's layout).  Flux.1, SD3 /
-SD3.5 and SD2 are recognised so that a request for them ends in a typed
-:class:`~shared.errors.UnsupportedFamily` instead of a crash.  A new family slots in
+family from ``adapter_type``: ``full_adapter_xl`` is SDXL's layout); Flux.1 (classic and
+InstantX / Shakker union ControlNets, ``FLUX_UNION_MODES``) and SD3 / SD3.5 (SD3
+ControlNets), run by :mod:`backend.engines.diffusers.dit`.  SD2 is recognised so that a
+request for it ends in a typed :class:`~shared.errors.UnsupportedFamily` instead of a
+crash.  A new family slots in
 with an entry in ``FAMILIES``, its detection rules below, its pipelines in
 ``engines.diffusers.pipelines`` and its entry in ``SUPPORTED``.
 
@@ -45,8 +47,8 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("sd15", "Stable Diffusion 1.5", 512, True),
     Family("sdxl", "SDXL (also Pony, Illustrious, NoobAI)", 1024, True),
     Family("sd2", "Stable Diffusion 2.x", 768, False),
-    Family("sd3", "Stable Diffusion 3 / 3.5", 1024, False),
-    Family("flux", "Flux.1", 1024, False),
+    Family("sd3", "Stable Diffusion 3 / 3.5", 1024, True),
+    Family("flux", "Flux.1", 1024, True),
 )}
 SUPPORTED: Tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.supported)
 
@@ -63,6 +65,7 @@ class Detected:
     union: bool = False       # a ControlNet serving several conditions (control types)
     control_types: int = 0    # a union ControlNet's number of control types (ProMax: 8)
     what: str = ""            # for kind "adapter": what it is ("a T2I-Adapter")
+    control: bool = False     # a Flux Tools base (canny / depth dev): takes the control image
 
     @property
     def t2i_adapter(self) -> bool:
@@ -72,7 +75,7 @@ class Detected:
     @property
     def name(self) -> str:
         return self.family + ("-inpaint" if self.inpaint else "") + \
-            ("-union" if self.union else "")
+            ("-union" if self.union else "") + ("-control" if self.control else "")
 
 
 # -----------------------------------------------------------------------------
@@ -95,6 +98,9 @@ def _unet_family(config: Mapping) -> str:
     return "sd15"
 
 
+# FLUX.1 Tools' Canny / Depth [dev] transformers read the control image's latents beside
+# their own: 2 x 64 packed channels.
+FLUX_CONTROL_CHANNELS = 128
 _BASE_CLASSES = (("Flux", "flux"), ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"))
 
 
@@ -106,6 +112,9 @@ def detect_base_folder(folder: Path) -> Optional[Detected]:
     cls = str(index.get("_class_name", ""))
     unet = _read_json(Path(folder) / "unet" / "config.json")
     inpaint = bool(unet and unet.get("in_channels") == 9)
+    transformer = _read_json(Path(folder) / "transformer" / "config.json") or {}
+    if cls.startswith("Flux") and transformer.get("in_channels") == FLUX_CONTROL_CHANNELS:
+        return Detected("base", "flux", control=True)  # FLUX.1 Canny / Depth [dev]
     for prefix, family in _BASE_CLASSES:
         if cls.startswith(prefix):
             return Detected("base", family, inpaint=inpaint)
@@ -134,8 +143,9 @@ def detect_controlnet_folder(folder: Path) -> Optional[Detected]:
     if cls == "ControlNetUnionModel":
         return Detected("controlnet", "sdxl", union=True,
                         control_types=int(config.get("num_control_type", 6)))
-    if cls.startswith("Flux"):
-        return Detected("controlnet", "flux")
+    if cls.startswith("Flux"):  # InstantX / Shakker's union model has control modes
+        modes = int(config.get("num_mode") or 0)
+        return Detected("controlnet", "flux", union=bool(modes), control_types=modes)
     if cls.startswith("SD3"):
         return Detected("controlnet", "sd3")
     if cls == "T2IAdapter":  # SDXL's adapters have their own layout (one fewer level)
@@ -174,7 +184,8 @@ def _header(path: Path) -> Optional[Tuple[Tuple[str, ...], Shape]]:
 
 _LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _LDM_SD2_ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-_SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding"})
+_SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding",
+                          "controlnet_mode_embedder.weight"})
 
 
 def _starts(keys: Iterable[str], *prefixes: str) -> bool:
@@ -188,7 +199,9 @@ def _nine_channels(shape: Tuple[int, ...]) -> bool:
 def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
     """The rules, most specific first (a Flux ControlNet also has transformer blocks)."""
     if _starts(keys, "controlnet_x_embedder.", "controlnet_single_blocks."):
-        return Detected("controlnet", "flux")
+        modes = shape("controlnet_mode_embedder.weight")
+        return Detected("controlnet", "flux", union=bool(modes), control_types=modes[0]
+                        if modes else 0)
     if _starts(keys, "controlnet_blocks.") and _starts(keys, "transformer_blocks."):
         family = "flux" if _starts(keys, "single_transformer_blocks.") else "sd3"
         return Detected("controlnet", family)
@@ -291,6 +304,15 @@ def union_control_type(condition: str, control_types: int, name: str) -> int:
             f"{UNION_PROMAX_TYPES}: `controlcanvas models download sdxl:{condition}`.",
             field="condition")
     return index
+
+
+# The InstantX / Shakker-Labs union ControlNet for FLUX.1 ("control_mode" per unit): its
+# modes are canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6.  Edge-like
+# conditions use the canny mode (white lines on black, as canny's map).
+FLUX_UNION_MODES: Dict[str, int] = {
+    "canny": 0, "lineart": 0, "lineart_anime": 0, "mlsd": 0, "softedge": 0, "scribble": 0,
+    "tile": 1, "depth": 2, "openpose": 4,
+}
 
 
 @dataclass(frozen=True)

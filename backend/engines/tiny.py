@@ -57,8 +57,11 @@ def controlnet_for(condition: str, family: str = "sd15") -> str:
     """Name of the tiny ControlNet folder used for a condition: for SDXL the union
     ControlNet wherever it serves the condition (as the real catalogue), else one of
     ``CONTROLNETS``."""
+    from . import tiny_dit
     from .families import UNION_CONTROL_TYPES as SERVED
 
+    if family in tiny_dit.FAMILIES:
+        return tiny_dit.controlnet_for(condition, family)
     if family == "sdxl" and condition in SERVED:
         return UNION
     for name, conditions in CONTROLNETS.items():
@@ -73,7 +76,10 @@ def cache_root() -> Path:
 
 
 def tiny_dir(family: str, root: Optional[Path] = None) -> Path:
-    return (root or cache_root()) / "models" / f"{VERSION}-{family}"
+    from . import tiny_dit
+
+    version = tiny_dit.VERSION if family in tiny_dit.FAMILIES else VERSION  # keyed apart
+    return (root or cache_root()) / "models" / f"{version}-{family}"
 
 
 def is_built(folder: Path) -> bool:
@@ -82,8 +88,11 @@ def is_built(folder: Path) -> bool:
 
 def ensure_tiny(family: str = "sd15", root: Optional[Path] = None) -> Path:
     """The folder of the tiny ``family`` stack, built on first use (atomic, offline)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
+    from . import tiny_dit
+
+    if family not in FAMILIES + tiny_dit.FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of "
+                         f"{FAMILIES + tiny_dit.FAMILIES}")
     folder = tiny_dir(family, root)
     if is_built(folder):
         return folder
@@ -230,7 +239,11 @@ def union_controlnet(unet, generator):
 
 def build(folder: Path, family: str = "sd15") -> Path:
     """Build the tiny ``family`` stack into ``folder`` (deterministic, offline)."""
+    from . import tiny_dit
+
     with quiet_progress_bars():
+        if family in tiny_dit.FAMILIES:  # the transformer stacks (Flux, SD3), our tiny CLIP
+            return tiny_dit.build(Path(folder), family, _tokenizer, _text_config)
         return _build(Path(folder), family)
 
 

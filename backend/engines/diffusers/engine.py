@@ -1,5 +1,8 @@
 """DiffusersEngine: ControlNet generation with diffusers (SD1.5 and SDXL, each also with a
-9-channel inpainting UNet; classic and union ControlNets).
+9-channel inpainting UNet; classic and union ControlNets; the transformer bases Flux.1 and
+SD3 / SD3.5, whose differences - pipelines, units, guidance, sizes in multiples of 16,
+scheduler, previews - live in :mod:`.dit`: the steps below ask ``dit_family`` and
+dispatch).
 
 This module imports torch and diffusers; nothing else in ``backend`` does at
 import time.  It is called from the job worker thread only (one thread owns the
@@ -113,6 +116,7 @@ from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews,
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .compiled import uncompile
+from .dit import dit_family
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
@@ -304,7 +308,7 @@ class DiffusersEngine:
         self.offload = True
         for entry in self._bases.values():
             entry.offload_owner = None
-            uncompile(entry.pipe.unet)
+            uncompile(getattr(entry.pipe, "unet", None) or entry.pipe.transformer)
         for net in self._nets.values():
             uncompile(net.model)
 
@@ -336,7 +340,8 @@ class DiffusersEngine:
             return entry
         self._make_room(disk_bytes(resolved.path), keep=keep)
         family = resolved.family
-        cls = PIPELINES[(family, "txt2img", False)]
+        dit = dit_family(family)
+        cls = dit.pipelines[("txt2img", False)] if dit else PIPELINES[(family, "txt2img", False)]
         kwargs: Dict[str, Any] = {}
         if family == "sd15":
             kwargs.update(safety_checker=None, feature_extractor=None,
@@ -358,7 +363,8 @@ class DiffusersEngine:
                                field="base_model") from None
         pipe.set_progress_bar_config(disable=True)
         vae_fp32 = self._prepare_base(pipe, family, resolved.name)
-        native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        native = resolved.native_size if dit else \
+            int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         entry = BaseEntry(resolved, pipe, family, native, dict(pipe.scheduler.config),
                           module_bytes(*pipe.components.values()), vae_fp32=vae_fp32)
         self._bases[key] = entry
@@ -375,6 +381,12 @@ class DiffusersEngine:
             pipe.register_modules(vae=fixed_vae)
         if not self.offload:
             pipe.to(self.device)
+        if dit_family(family):  # its own attention processors; compile only (.dit)
+            if self.fast.compile and not self.offload:
+                prepare_model(pipe.transformer, dataclasses.replace(
+                    self.fast, sdpa=False, fuse_qkv=False, channels_last=False),
+                    f"transformer of {name}", self.stats, compile_it=True)
+            return False
         return prepare_pipeline(pipe, self.fast, family, self.dtype, self.stats, name,
                                 compile_it=not self.offload)
 
@@ -387,8 +399,13 @@ class DiffusersEngine:
         self._make_room(disk_bytes(resolved.path), keep=keep)
         try:
             with quiet_progress_bars():
-                model = read_adapter(resolved, self.dtype) if resolved.adapter else \
-                    read_controlnet(resolved, self.dtype, self.catalogue)
+                dit = dit_family(resolved.family)
+                if resolved.adapter:
+                    model = read_adapter(resolved, self.dtype)
+                elif dit:
+                    model = dit.read_controlnet(resolved, self.dtype)
+                else:
+                    model = read_controlnet(resolved, self.dtype, self.catalogue)
         except ControlCanvasError:
             raise  # our loader's own typed error says what to do
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
@@ -401,8 +418,9 @@ class DiffusersEngine:
         if not self.offload:
             model.to(self.device)
         model.eval()
-        prepare_model(model, self.fast, f"ControlNet {resolved.name}", self.stats,
-                      compile_it=not self.offload)
+        if not dit_family(resolved.family):
+            prepare_model(model, self.fast, f"ControlNet {resolved.name}", self.stats,
+                          compile_it=not self.offload)
         self._nets[key] = NetEntry(model, module_bytes(model))
         self.stats["loads"] += 1
         return model
@@ -434,8 +452,11 @@ class DiffusersEngine:
     def _free_memory(self) -> None:
         free_memory()
 
-    def _pipeline(self, entry: BaseEntry, mode: str, controls: bool, units: Optional[ControlUnits]):
-        cls = PIPELINES[(entry.family, mode, controls)]
+    def _pipeline(self, entry: BaseEntry, mode: str, controls: bool, units: Optional[ControlUnits],
+                  request: Optional[GenerateRequest] = None):
+        dit = dit_family(entry.family)
+        cls = dit.pipeline_class(mode, controls, request, entry.resolved) if dit else \
+            PIPELINES[(entry.family, mode, controls)]
         # a job run in another's pause gets pipelines of its own (a pipeline keeps its
         # call's state in attributes); they share every model with the paused job's
         pipes = entry.nested_pipes if self._depth else entry.pipes
@@ -522,7 +543,9 @@ class DiffusersEngine:
             region = square_region(self._strokes(request, images), W, H)
         x0, y0, x1, y1 = region
         rw, rh = x1 - x0, y1 - y0
-        size = work_size(rw, rh, native, self.max_work_scale)
+        dit = dit_family(entry.family)
+        multiple = dit.multiple if dit else 8  # a DiT's latents come in 2x2 patches
+        size = work_size(rw, rh, native, self.max_work_scale, multiple)
         first = self._pass(request, images, request.mode, size, region, plan_init, mask_region,
                            request.strength, low_memory, native)
         plan = Plan((W, H), region, native, entry.family, first, init_canvas=plan_init,
@@ -530,8 +553,8 @@ class DiffusersEngine:
         if request.hires:
             scale = min(self.hires_scale, math.sqrt((rw * rh) / (size[0] * size[1])))
             if scale > 1.05:
-                hires = (max(8, int(round(size[0] * scale / 8)) * 8),
-                         max(8, int(round(size[1] * scale / 8)) * 8))
+                hires = (max(multiple, int(round(size[0] * scale / multiple)) * multiple),
+                         max(multiple, int(round(size[1] * scale / multiple)) * multiple))
                 plan.hires = hires
                 plan.hires_runs = denoise_steps(request.steps, self.hires_strength)[1]
         return plan
@@ -595,7 +618,8 @@ class DiffusersEngine:
             request, (lora.name for lora in self.catalogue.loras.scan()))
         base = self.catalogue.resolve_base(request.base_model)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
-                         for u in request.controls]
+                         for u in request.controls] if not base.control else []
+        # (a Flux Tools base takes the unit's image itself: no ControlNet, .dit)
         types = [_control_type(u, r, base) for u, r in zip(request.controls, resolved_nets)]
         keep = [base.key] + [r.key for r in resolved_nets]
         self._in_use.append(keep)  # a job run in a pause must not evict these
@@ -632,14 +656,20 @@ class DiffusersEngine:
         # Units in an order that keeps the pipeline out of its global guess mode (it looks
         # at the first net's global_pool_conditions only); control is additive, so the
         # order does not change the sum.
-        # T2I-Adapter units are not ControlNets: they run beside them (.adapters).
-        order = sorted((i for i, r in enumerate(resolved_nets) if not r.adapter),
-                       key=lambda i: bool(nets[i].config.global_pool_conditions))
-        cfg = request.cfg > 1.0 and entry.pipe.unet.config.time_cond_proj_dim is None
-        units = ControlUnits([nets[i] for i in order],
-                             [request.controls[i].control_mode for i in order], cfg,
-                             [types[i] for i in order]) if order else None
-        adapters = AdapterUnits.of(request.controls, nets, [r.adapter for r in resolved_nets])
+        dit = dit_family(entry.family)
+        adapters = None
+        if dit:  # its own multi-ControlNet, units with a weight only (.dit)
+            cfg, units, order = dit.job_units(request, nets, types)
+        else:
+            # T2I-Adapter units are not ControlNets: they run beside them (.adapters).
+            order = sorted((i for i, r in enumerate(resolved_nets) if not r.adapter),
+                           key=lambda i: bool(nets[i].config.global_pool_conditions))
+            cfg = request.cfg > 1.0 and entry.pipe.unet.config.time_cond_proj_dim is None
+            units = ControlUnits([nets[i] for i in order],
+                                 [request.controls[i].control_mode for i in order], cfg,
+                                 [types[i] for i in order]) if order else None
+            adapters = AdapterUnits.of(request.controls, nets,
+                                       [r.adapter for r in resolved_nets])
 
         run = _JobRun(ctx, len(seeds) * plan.steps_per_image, sampling, cfg,
                       adapters=adapters, references=references)
@@ -668,25 +698,31 @@ class DiffusersEngine:
         p = self._pass(request, images, kind, (w, h), plan.region, plan.init_canvas,
                        mask_region, self.hires_strength, low_memory, plan.native)
         p.init = resize(rgb, w, h)  # the first pass, enlarged, is what gets refined
+        dit = dit_family(entry.family)
+        if dit and not dit.refine_controls:  # SD3: no ControlNet img2img pipeline (.dit)
+            units = None
         return self._run_pass(request, p, entry, units, order, seed, run)
 
     def _scheduler(self, entry: BaseEntry, name: str):
         """The scheduler for ``name``: kept per base (``set_timesteps`` resets it), but a
         fresh one for a job run in another job's pause (the paused job's is mid-run)."""
+        dit = dit_family(entry.family)
+        make = dit.scheduler if dit else make_scheduler  # a DiT: its own flow-matching one
         if self._depth:
-            return make_scheduler(name, entry.scheduler_config)
+            return make(name, entry.scheduler_config)
         scheduler = entry.schedulers.get(name)
         if scheduler is None:
-            scheduler = make_scheduler(name, entry.scheduler_config)
+            scheduler = make(name, entry.scheduler_config)
             entry.schedulers[name] = scheduler
         return scheduler
 
     def _run_pass(self, request: GenerateRequest, p: Pass, entry: BaseEntry, units, order,
                   seed: int, run: "_JobRun") -> np.ndarray:
         controls = units is not None  # ControlNet units (adapter units need no pipeline)
+        dit = dit_family(entry.family)
         if entry.resolved.inpaint and p.kind != "inpaint":
             p = full_mask_pass(p)  # a 9-channel UNet runs in the inpaint pipelines only
-        pipe = self._pipeline(entry, p.kind, controls, units)
+        pipe = self._pipeline(entry, p.kind, controls, units, request)
         pipe.scheduler = self._scheduler(entry, run.sampling.scheduler)
         _set_vae_tiling(pipe, p.vae_tiling)
         ctx, family, refs = run.ctx, entry.family, run.references
@@ -699,6 +735,8 @@ class DiffusersEngine:
             ctx.progress(done, run.total)
             if ctx.wants_preview(done):
                 latents = tensors["latents"]
+                if dit:
+                    latents = dit.preview_latents(pipeline, latents, p.size)
                 image = self.previews.decode(latents, family)
                 ctx.preview(done, image if image is not None else
                             latent_preview(latents, family))
@@ -717,7 +755,8 @@ class DiffusersEngine:
         adapted = run.adapters.injected(pipe.unet, p.controls, p.runs, active) \
             if run.adapters is not None else contextlib.nullcontext()
         with cancel_points(pipe, ctx, active=active), adapted:
-            result = pipe(**kwargs).images[0]
+            result = dit.run(pipe, kwargs, seed, self.device) if dit else \
+                pipe(**kwargs).images[0]
         result = self._check_finite(result, entry)
         return (np.clip(result, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
@@ -726,6 +765,10 @@ class DiffusersEngine:
         """The pipeline's arguments for one pass (the step callback apart)."""
         w, h = p.size
         generator = torch.Generator(device=self._generator_device()).manual_seed(seed)
+        dit = dit_family(entry.family)
+        if dit:
+            return dit.call_kwargs(request, p, entry, pipe, units, order, generator, run.cfg,
+                                   self.stats, self.prompt_cache_size)
         negative = request.negative_prompt or None
         skip = _clip_skip(request.controls, order, units.control_types, entry.family) \
             if units else 1
@@ -849,6 +892,9 @@ def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:
         return None
     if resolved.family != base.family:
         raise _another_family(resolved, base)
+    dit = dit_family(base.family)
+    if dit:
+        return dit.control_type(unit.condition, unit.control_mode, resolved)
     check_unit(base.family, unit.condition, unit.control_mode, resolved.union)
     if not resolved.union:
         return None
@@ -915,6 +961,11 @@ def _set_vae_tiling(pipe, on: bool) -> None:
 
 def _check_compatible(resolved: Resolved, net: ControlNetModel, entry: BaseEntry) -> None:
     """A ControlNet must match its base's text-embedding width and conditioning type."""
+    dit = dit_family(entry.family)
+    if dit:
+        if not dit.check_compatible(net, entry):
+            raise _another_family(resolved, entry.resolved)
+        return
     unet = entry.pipe.unet.config
     ours = (net.config.cross_attention_dim, net.config.addition_embed_type)
     theirs = (unet.cross_attention_dim, unet.addition_embed_type)

@@ -87,9 +87,10 @@ def inpaint_condition(init_rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
 
 def _cancel_modules(pipe) -> Iterator[torch.nn.Module]:
     """The blocks before which a running pipeline checks for cancel: each down, mid and
-    up block of the UNet and the ControlNet(s) (unless compiled: then the step callback is
-    the check), the text encoder(s), the VAE coder."""
-    for name in ("unet", "controlnet"):
+    up block of the UNet, each block of a transformer (Flux, SD3), and of the ControlNet(s)
+    (unless compiled: then the step callback is the check), the text encoder(s), the VAE
+    coder."""
+    for name in ("unet", "transformer", "controlnet"):
         model = getattr(pipe, name, None)
         if model is None:
             continue
@@ -97,11 +98,12 @@ def _cancel_modules(pipe) -> Iterator[torch.nn.Module]:
         for net in nets:
             if is_compiled(net):
                 continue  # a Python hook inside a compiled graph would break it
-            for blocks in ("down_blocks", "up_blocks"):
+            for blocks in ("down_blocks", "up_blocks", "transformer_blocks",
+                           "single_transformer_blocks"):
                 yield from getattr(net, blocks, None) or ()
             if getattr(net, "mid_block", None) is not None:
                 yield net.mid_block
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             yield getattr(pipe, name)
     vae = getattr(pipe, "vae", None)

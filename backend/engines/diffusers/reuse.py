@@ -40,11 +40,13 @@ def _lora_state(entry: BaseEntry) -> Hashable:
 
 def prompt_kwargs(pipe, entry: BaseEntry, prompt: str, negative: Optional[str], do_cfg: bool,
                   stats: Dict[str, Any], size: int = PROMPT_CACHE_SIZE,
-                  on_miss: Callable[[], None] = lambda: None, skip: int = 1) -> Dict[str, Any]:
+                  on_miss: Callable[[], None] = lambda: None, skip: int = 1,
+                  encode: Optional[Callable[[], Dict[str, Any]]] = None) -> Dict[str, Any]:
     """The pipeline's prompt arguments: cached embeddings (see the module docstring), or
     with ``size`` 0 the texts themselves (the pipeline encodes them; with a clip skip the
     embeddings, not kept). ``on_miss`` runs when the texts are encoded (the engine's note
-    on prompts longer than CLIP reads); ``skip``: the clip skip (1 = none)."""
+    on prompts longer than CLIP reads); ``skip``: the clip skip (1 = none); ``encode``: the
+    family's own encoding (the transformer families, :mod:`.dit`), else SD1.5's / SDXL's."""
     if size <= 0 and skip <= 1:
         on_miss()
         return dict(prompt=prompt, negative_prompt=negative)
@@ -59,7 +61,9 @@ def prompt_kwargs(pipe, entry: BaseEntry, prompt: str, negative: Optional[str], 
     on_miss()
     device = pipe._execution_device
     with torch.no_grad(), clip_skip(pipe, skip):
-        if entry.family == "sdxl":
+        if encode is not None:
+            found = encode()
+        elif entry.family == "sdxl":
             embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
                 prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
                 do_classifier_free_guidance=do_cfg, negative_prompt=negative,
