@@ -65,11 +65,14 @@ STACKS = {
     "sdxl-union": ("tiny-sdxl", "sdxl", tiny.UNION, "StableDiffusionXLControlNetUnionPipeline"),
     "flux-union": ("tiny-flux", "flux", "union", "FluxControlNetPipeline"),
     "sd3": ("tiny-sd3", "sd3", "lines", "StableDiffusion3ControlNetPipeline"),
+    "qwen-union": ("tiny-qwen", "qwen", "union", "QwenImageControlNetPipeline"),
 }
 # The bare pipeline's ControlNet class and control arguments per family (the DiT families:
-# ``control_image``; Flux's union model: lineart's control mode, canny = 0).
+# ``control_image``; Flux's union model: lineart's control mode, canny = 0; Qwen-Image: cfg
+# is its true guidance, which runs with a negative prompt, the blank one the engine sends).
 _DIT_NETS = {"flux": ("FluxControlNetModel", {"control_mode": 0}),
-             "sd3": ("SD3ControlNetModel", {})}
+             "sd3": ("SD3ControlNetModel", {}),
+             "qwen": ("QwenImageControlNetModel", {"negative_prompt": " "})}
 
 
 def bench_engine(repeats: int = 21, steps: int = 10, size: int = 64,
@@ -130,6 +133,7 @@ def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
         {"image": control_pil}
     if family in _DIT_NETS:
         images = dict(_DIT_NETS[family][1], control_image=control_pil)
+    guidance = {"true_cfg_scale" if family == "qwen" else "guidance_scale": request.cfg}
 
     def ours():
         return engine.generate(request, {0: control}, ctx)[0].image
@@ -138,8 +142,8 @@ def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
         generator = torch.Generator(device=device).manual_seed(request.seed)
         with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
             torch.manual_seed(request.seed)  # SD3's ControlNet pipeline draws from it (.dit)
-            return bare(request.prompt, num_inference_steps=steps, guidance_scale=request.cfg,
-                        generator=generator, height=size, width=size, **images).images[0]
+            return bare(request.prompt, num_inference_steps=steps, generator=generator,
+                        height=size, width=size, **guidance, **images).images[0]
 
     a, b = ours(), plain()  # warm-up (loads, allocator) and an equality check
     same = np.array_equal(to_array(a)[..., :3], np.asarray(b))

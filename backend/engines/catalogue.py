@@ -79,21 +79,22 @@ from ..configfile import table as toml_table
 from ..confine import confine
 from . import downloads, references, tiny
 from . import presets as few_step
-from .families import (FLUX_UNION_MODES, UNION_CONTROL_TYPES, Detected, check_runnable, detect,
-                       detect_base_folder, detect_file)
+from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES, Detected,
+                       check_runnable, detect, detect_base_folder, detect_file)
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl", "flux", "sd3")  # what config.toml may name (families.SUPPORTED)
+FAMILIES = ("sd15", "sdxl", "flux", "sd3", "qwen")  # what config.toml may name (families.SUPPORTED)
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "flux": "black-forest-labs/FLUX.1-dev",
     "sd3": "stabilityai/stable-diffusion-3.5-large",
+    "qwen": "Qwen/Qwen-Image",
 }
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
-                              "tiny-sd3": "sd3"}
+                              "tiny-sd3": "sd3", "tiny-qwen": "qwen"}
 DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
@@ -120,6 +121,11 @@ SDXL_UNION = "OzzyGT/controlnet-union-promax-sdxl-1.0"
 # Flux.1: Shakker-Labs' union ControlNet Pro (InstantX's union model, further trained: the
 # same control modes, families.FLUX_UNION_MODES) for every condition it has a mode for.
 FLUX_UNION = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"
+# Qwen-Image: InstantX's union ControlNet (canny, soft edge, depth, pose: the condition read
+# from the image, families.QWEN_UNION_MODES) and inpainting ControlNet (Apache-2.0, as
+# Qwen-Image itself).
+QWEN_UNION = "InstantX/Qwen-Image-ControlNet-Union"
+QWEN_INPAINT = "InstantX/Qwen-Image-ControlNet-Inpainting"
 # SD3.5 Large: Stability's canny / depth / blur ControlNets (blur serves tile upscaling).
 SD35_CANNY = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
 
@@ -147,6 +153,8 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
             "mlsd": SD35_CANNY, "softedge": SD35_CANNY, "scribble": SD35_CANNY,
             "depth": "stabilityai/stable-diffusion-3.5-large-controlnet-depth",
             "tile": "stabilityai/stable-diffusion-3.5-large-controlnet-blur"},
+    "qwen": dict({condition: QWEN_UNION for condition in QWEN_UNION_MODES},
+                 inpaint=QWEN_INPAINT),
 }
 # Licences of the default Flux and SD3.5 models (the SD1.5 / SDXL ones are open RAIL):
 # FLUX.1-dev and every ControlNet made for it are non-commercial; schnell is Apache-2.0.
@@ -159,6 +167,7 @@ LICENCES: Dict[str, str] = {
     SD35_CANNY: "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-large-controlnet-depth": "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-large-controlnet-blur": "Stability AI Community License",
+    "Qwen/Qwen-Image": "Apache-2.0", QWEN_UNION: "Apache-2.0", QWEN_INPAINT: "Apache-2.0",
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 

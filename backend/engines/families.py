@@ -49,6 +49,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("sd2", "Stable Diffusion 2.x", 768, False),
     Family("sd3", "Stable Diffusion 3 / 3.5", 1024, True),
     Family("flux", "Flux.1", 1024, True),
+    Family("qwen", "Qwen-Image", 1328, True),
 )}
 SUPPORTED: Tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.supported)
 
@@ -101,7 +102,8 @@ def _unet_family(config: Mapping) -> str:
 # FLUX.1 Tools' Canny / Depth [dev] transformers read the control image's latents beside
 # their own: 2 x 64 packed channels.
 FLUX_CONTROL_CHANNELS = 128
-_BASE_CLASSES = (("Flux", "flux"), ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"))
+_BASE_CLASSES = (("Flux", "flux"), ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"),
+                 ("QwenImage", "qwen"))
 
 
 def detect_base_folder(folder: Path) -> Optional[Detected]:
@@ -148,6 +150,8 @@ def detect_controlnet_folder(folder: Path) -> Optional[Detected]:
         return Detected("controlnet", "flux", union=bool(modes), control_types=modes)
     if cls.startswith("SD3"):
         return Detected("controlnet", "sd3")
+    if cls.startswith("QwenImage"):
+        return qwen_controlnet(int(config.get("extra_condition_channels") or 0))
     if cls == "T2IAdapter":  # SDXL's adapters have their own layout (one fewer level)
         family = "sdxl" if config.get("adapter_type") == "full_adapter_xl" else "sd15"
         return Detected("adapter", family, what=T2I_ADAPTER)
@@ -185,7 +189,8 @@ def _header(path: Path) -> Optional[Tuple[Tuple[str, ...], Shape]]:
 _LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _LDM_SD2_ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding",
-                          "controlnet_mode_embedder.weight"})
+                          "controlnet_mode_embedder.weight", "controlnet_x_embedder.weight",
+                          "img_in.weight"})
 
 
 def _starts(keys: Iterable[str], *prefixes: str) -> bool:
@@ -198,6 +203,9 @@ def _nine_channels(shape: Tuple[int, ...]) -> bool:
 
 def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
     """The rules, most specific first (a Flux ControlNet also has transformer blocks)."""
+    qwen = _detect_qwen_keys(keys, shape)
+    if qwen is not None:
+        return qwen
     if _starts(keys, "controlnet_x_embedder.", "controlnet_single_blocks."):
         modes = shape("controlnet_mode_embedder.weight")
         return Detected("controlnet", "flux", union=bool(modes), control_types=modes[0]
@@ -230,6 +238,21 @@ def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
     if _starts(keys, "down_blocks.") and "conv_in.weight" in keys:
         return Detected("base", "sd15", inpaint=inpaint)
     return None
+
+
+def _detect_qwen_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
+    """Qwen-Image's transformer (diffusers' names, as its single files keep them, or
+    ComfyUI's ``model.diffusion_model.`` prefix): a text norm and an image input projection
+    beside the blocks, which Flux's and SD3's lack; its ControlNets add an x embedder."""
+    prefix = "model.diffusion_model." if _starts(keys, "model.diffusion_model.txt_norm.") \
+        else ""
+    if not (_starts(keys, prefix + "txt_norm.") and _starts(keys, prefix + "img_in.")):
+        return None
+    if not _starts(keys, "controlnet_x_embedder."):
+        return Detected("base", "qwen")
+    extra = shape("controlnet_x_embedder.weight")[1:2] or (0,)
+    inner = shape("img_in.weight")[1:2] or extra
+    return qwen_controlnet(extra[0] - inner[0])
 
 
 def detect_file(path: Path) -> Optional[Detected]:
@@ -313,6 +336,26 @@ FLUX_UNION_MODES: Dict[str, int] = {
     "canny": 0, "lineart": 0, "lineart_anime": 0, "mlsd": 0, "softedge": 0, "scribble": 0,
     "tile": 1, "depth": 2, "openpose": 4,
 }
+
+
+# InstantX's Qwen-Image union ControlNet has no control-mode input: it reads the condition
+# from the image and was trained on canny, soft edge, depth and pose (its model card).  Our
+# conditions map onto those four (edge-like ones onto canny, white lines on black); the
+# numbers order the four (a Qwen union Detected counts them as its control types).
+QWEN_UNION_MODES: Dict[str, int] = {
+    "canny": 0, "lineart": 0, "lineart_anime": 0, "mlsd": 0, "scribble": 0, "softedge": 1,
+    "depth": 2, "openpose": 3,
+}
+QWEN_UNION_TYPES = 4
+
+
+def qwen_controlnet(extra_channels: int) -> Detected:
+    """A QwenImageControlNetModel: the inpainting one (InstantX's) takes extra condition
+    channels (the mask beside the image latents): a classic single-condition ControlNet;
+    without them, the union model (see :data:`QWEN_UNION_MODES`)."""
+    if extra_channels > 0:
+        return Detected("controlnet", "qwen")
+    return Detected("controlnet", "qwen", union=True, control_types=QWEN_UNION_TYPES)
 
 
 @dataclass(frozen=True)
