@@ -172,7 +172,7 @@ def build(folder: Path, family: str, clip_tokenizer, clip_config) -> Path:
 
     if family == "qwen":
         from .tiny_qwen import build as build_qwen
-        return build_qwen(Path(folder), VERSION)
+        return build_qwen(Path(folder), VERSION, _wake)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():

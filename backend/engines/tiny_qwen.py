@@ -5,22 +5,23 @@ SD3 stacks (random weights, fixed seed, no hub):
 * an AutoencoderKLQwenImage (Qwen-Image's causal 3D VAE: 16 latent channels, 8x),
 * a tiny Qwen2.5-VL text encoder (``Qwen2_5_VLForConditionalGeneration`` from a
   transformers config: Qwen-Image reads its last hidden states) and a Qwen2 tokenizer made
-  in memory (the byte-level vocabulary of :func:`backend.engines.tiny.tiny_vocab` plus
-  Qwen's chat-template tokens),
+  in memory (byte-level BPE: the 256 byte symbols, a few merges, Qwen's chat-template
+  tokens),
 * FlowMatchEulerDiscreteScheduler with Qwen-Image's dynamic shift,
 * two QwenImageControlNetModels: ``union`` (InstantX's union model: one model for canny,
   soft edge, depth and pose, the condition read from the image) and ``inpaint`` (InstantX's
   inpainting ControlNet: 4 extra condition channels, the mask beside the image latents).
 
-Built by :func:`backend.engines.tiny_dit.build` (keyed by its ``VERSION``); addressable as
-base ``tiny-qwen``.
+Built by :func:`backend.engines.tiny_dit.build` (keyed by its ``VERSION``, which hands over
+its helpers: this module imports neither it nor :mod:`backend.engines.tiny`); addressable
+as base ``tiny-qwen``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 SEED = 20252
 TEXT_WIDTH = 32       # the Qwen2.5-VL text model's hidden size (the joint attention width)
@@ -47,14 +48,13 @@ def controlnet_for(condition: str) -> str:
 
 def _tokenizer(folder: Path):
     """Qwen2's byte-level BPE, tiny: every byte and a few merges, made in memory."""
+    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Qwen2TokenizerFast
 
-    from .tiny import tiny_vocab
-
-    vocab, merges = tiny_vocab()
-    vocab = {k: v for k, v in vocab.items() if not k.endswith("</w>") and "<|" not in k}
-    vocab = {k: i for i, k in enumerate(vocab)}
-    merges = [(a, b) for a, b in merges if not b.endswith("</w>")]
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    merges = [("t", "h"), ("e", "r"), ("i", "n"), ("a", "n"), ("o", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
     for token in _SPECIAL:
         vocab[token] = len(vocab)
     tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=merges, model_max_length=2048)
@@ -73,7 +73,7 @@ def _text_encoder(tokenizer):
                      "num_key_value_heads": 2, "vocab_size": len(tokenizer),
                      "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default",
                                       "type": "default"},
-                     "rope_theta": 1_000_000.0, "eos_token_id": ids["<|endoftext|>"],
+                     "rope_theta": 1_000_000.0, "bos_token_id": None, "eos_token_id": ids["<|endoftext|>"],
                      "pad_token_id": ids["<|endoftext|>"]},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
                        "num_heads": 2, "out_hidden_size": TEXT_WIDTH},
@@ -92,11 +92,9 @@ def _vae():
                                   latents_mean=[0.0] * LATENT, latents_std=[1.0] * LATENT)
 
 
-def _parts(folder: Path) -> Dict[str, Any]:
+def _parts(folder: Path, wake: Callable) -> Dict[str, Any]:
     import torch
     from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
-
-    from .tiny_dit import _wake
 
     config = dict(patch_size=2, in_channels=4 * LATENT, out_channels=LATENT, num_layers=2,
                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
@@ -113,7 +111,7 @@ def _parts(folder: Path) -> Dict[str, Any]:
                                        extra_condition_channels=extra)
         net.load_state_dict({k: v for k, v in transformer.state_dict().items()
                              if not k.startswith("transformer_blocks.1.")}, strict=False)
-        _wake(net, ("controlnet_blocks", "controlnet_x_embedder"), generator)
+        wake(net, ("controlnet_blocks", "controlnet_x_embedder"), generator)
         nets[name] = net
     parts["controlnets"] = nets
     return parts
@@ -138,15 +136,16 @@ MODEL_INDEX: Dict[str, Any] = {
 }
 
 
-def build(folder: Path, version: str) -> Path:
-    """Build the tiny Qwen-Image stack into ``folder`` (deterministic, offline)."""
+def build(folder: Path, version: str, wake: Callable) -> Path:
+    """Build the tiny Qwen-Image stack into ``folder`` (deterministic, offline);
+    ``wake(module, names, generator)`` gives zero-initialised parameters small values."""
     import torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        parts = _parts(folder)
+        parts = _parts(folder, wake)
         for name, net in parts.pop("controlnets").items():
             net.save_pretrained(folder / "controlnets" / name)
         for name, model in parts.items():
