@@ -12,8 +12,9 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   tiny base and an outline ControlNet trained here on synthetic shapes; see
   docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
 * ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.engines.tiny`
-  (every condition; for tests and benchmarks); ``tiny-flux`` / ``tiny-sd3``: the same for
-  Flux.1 and SD3.5 (:mod:`backend.engines.tiny_dit`; the conditions their ControlNets serve);
+  (every condition; for tests and benchmarks); ``tiny-flux`` / ``tiny-sd3`` / ``tiny-qwen``:
+  the same for Flux.1, SD3.5 and Qwen-Image (:mod:`backend.engines.tiny_dit`,
+  :mod:`backend.engines.tiny_qwen`; the conditions their ControlNets serve);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``; and the few-step
   presets' names (:mod:`backend.engines.presets`): ``models download lcm-sd15`` fetches
@@ -38,8 +39,9 @@ The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
 family: lllyasviel's ControlNet 1.1 set for SD1.5, one union ControlNet (xinsir's
 ProMax) for every SDXL condition it serves, Shakker-Labs' FLUX.1 union ControlNet for the
 Flux conditions it has a mode for, Stability's SD3.5 Large canny / depth / blur ControlNets
-for SD3 (``LICENCES`` names the Flux and SD3.5 models' licences: FLUX.1 [dev] and its
-ControlNets are non-commercial).  The ``[models]`` and ``[controlnets]``
+for SD3, InstantX's union and inpainting ControlNets for Qwen-Image (``LICENCES`` names the
+Flux, SD3.5 and Qwen-Image models' licences: FLUX.1 [dev] and its ControlNets are
+non-commercial, Qwen-Image and its ControlNets Apache-2.0).  The ``[models]`` and ``[controlnets]``
 tables of ``config.toml`` override it::
 
     [models]

@@ -10,7 +10,8 @@ What the engine runs (``SUPPORTED``): Stable Diffusion 1.5 and SDXL, each also a
 9-channel inpainting base, with classic and (SDXL) union ControlNets and T2I-Adapters (their
 family from ``adapter_type``: ``full_adapter_xl`` is SDXL's layout); Flux.1 (classic and
 InstantX / Shakker union ControlNets, ``FLUX_UNION_MODES``) and SD3 / SD3.5 (SD3
-ControlNets), run by :mod:`backend.engines.diffusers.dit`.  SD2 is recognised so that a
+ControlNets) and Qwen-Image (InstantX's union and inpainting ControlNets,
+``QWEN_UNION_MODES``), run by :mod:`backend.engines.diffusers.dit`.  SD2 is recognised so that a
 request for it ends in a typed :class:`~shared.errors.UnsupportedFamily` instead of a
 crash.  A new family slots in
 with an entry in ``FAMILIES``, its detection rules below, its pipelines in

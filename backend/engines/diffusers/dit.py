@@ -1,8 +1,9 @@
-"""Transformer (DiT) families: Flux.1 and Stable Diffusion 3 / 3.5.
+"""Transformer (DiT) families: Flux.1, Stable Diffusion 3 / 3.5 and Qwen-Image.
 
 The engine (:mod:`.engine`) plans, composes, caches and reports the same way for every
 family; what differs for a transformer base is here, one :class:`DitFamily` per family
-(:data:`FLUX`, :data:`SD3`), and the engine asks :func:`dit_family` whether a base is one.
+(:data:`FLUX`, :data:`SD3`, :data:`QWEN`: built from :data:`.dit_qwen.PARTS`, where what
+Qwen-Image differs in is told), and the engine asks :func:`dit_family` whether a base is one.
 
 What both share:
 
