@@ -279,3 +279,67 @@ def test_bench_engine_runs_the_qwen_stack_on_its_bare_pipeline(qwen_root):
     figures = bench_engine(repeats=1, steps=2, tiny_root=str(qwen_root), stacks=("qwen-union",))
     qwen = figures["stacks"]["qwen-union"]
     assert qwen["bare"] == "QwenImageControlNetPipeline" and qwen["same_pixels"]
+
+
+# -----------------------------------------------------------------------------
+# a single file: the transformer, the rest from the default repo
+# -----------------------------------------------------------------------------
+
+def _hub_cache(root, stack):
+    """A Hugging Face cache holding ``stack`` as Qwen/Qwen-Image (as a download leaves it)."""
+    import shutil
+
+    repo = root / "models--Qwen--Qwen-Image"
+    shutil.copytree(stack, repo / "snapshots" / "0123abcd",
+                    ignore=shutil.ignore_patterns("controlnets"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    return root
+
+
+def test_a_single_transformer_file_runs_with_the_default_repos_other_parts(
+        qwen_root, tmp_path, monkeypatch):
+    import shutil
+
+    from backend.engines.catalogue import NATIVE_SIZE
+
+    monkeypatch.setitem(NATIVE_SIZE, "qwen", tiny.NATIVE_SIZE)  # the tiny stack's 64²
+    stack = tiny.tiny_dir("qwen", qwen_root)
+    models = tmp_path / "models"
+    models.mkdir()
+    single = models / "qwen_image_bf16.safetensors"
+    shutil.copy(stack / "transformer" / "diffusion_pytorch_model.safetensors", single)
+    cache = _hub_cache(tmp_path / "hf", stack)
+    engine = DiffusersEngine(Catalogue(ModelConfig(tiny_root=str(qwen_root), cache_dir=str(cache),
+                                                   roots=(str(models),))), device="cpu")
+    try:
+        got = pixels(engine, request(base_model=str(single)))
+    finally:
+        engine.close()
+    with_builtin = _engine(qwen_root)
+    try:
+        assert np.array_equal(got, pixels(with_builtin, request()))  # the same model
+    finally:
+        with_builtin.close()
+
+
+def test_a_single_transformer_file_without_the_default_repo_says_to_download_it(
+        qwen_root, tmp_path):
+    import shutil
+
+    from shared.errors import ModelMissing
+
+    models = tmp_path / "models"
+    models.mkdir()
+    single = models / "qwen_image_bf16.safetensors"
+    shutil.copy(tiny.tiny_dir("qwen", qwen_root) / "transformer" /
+                "diffusion_pytorch_model.safetensors", single)
+    engine = DiffusersEngine(Catalogue(ModelConfig(cache_dir=str(tmp_path / "empty"),
+                                                   roots=(str(models),))), device="cpu")
+    try:
+        with pytest.raises(ModelMissing, match="models download qwen") as info:
+            engine.generate(request(base_model=str(single)), images(), RecordingContext())
+    finally:
+        engine.close()
+    assert "transformer only" in info.value.message and "Qwen/Qwen-Image" in info.value.message
+    assert info.value.field == "base_model"
