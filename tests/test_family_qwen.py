@@ -343,3 +343,50 @@ def test_a_single_transformer_file_without_the_default_repo_says_to_download_it(
         engine.close()
     assert "transformer only" in info.value.message and "Qwen/Qwen-Image" in info.value.message
     assert info.value.field == "base_model"
+
+
+# -----------------------------------------------------------------------------
+# LoRAs (diffusers' Qwen-Image LoRA loader, on the transformer)
+# -----------------------------------------------------------------------------
+
+def make_qwen_lora(path, folder):
+    """A rank-4 LoRA on the tiny transformer's attention and image MLP (as Qwen-Image's
+    LoRAs are), random non-zero up matrices, saved with the pipeline's own saver."""
+    import torch
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.net.2"]
+        model = inject_adapter_in_model(
+            LoraConfig(r=4, lora_alpha=4, target_modules=targets),
+            QwenImageTransformer2DModel.from_pretrained(folder / "transformer"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    QwenImagePipeline.save_lora_weights(str(path.parent), weight_name=path.name,
+                                        transformer_lora_layers=get_peft_model_state_dict(model))
+    return path
+
+
+def test_a_lora_is_qwen_by_its_tensors_changes_the_picture_and_strength_zero_is_none(
+        qwen_root, tmp_path):
+    from backend.engines.loras import LoraFolder
+    from shared.messages import LoraRef
+
+    make_qwen_lora(tmp_path / "loras" / "ink.safetensors", tiny.tiny_dir("qwen", qwen_root))
+    assert [i.family for i in LoraFolder(tmp_path / "loras").infos()] == ["qwen"]
+    engine = DiffusersEngine(Catalogue(ModelConfig(tiny_root=str(qwen_root),
+                                                   lora_dir=str(tmp_path / "loras"))),
+                             device="cpu")
+    try:
+        plain = pixels(engine, request())
+        inked = pixels(engine, request(loras=(LoraRef(name="ink"),)))
+        off = pixels(engine, request(loras=(LoraRef(name="ink", strength=0.0),)))
+    finally:
+        engine.close()
+    assert not np.array_equal(plain, inked)
+    assert np.array_equal(plain, off)
