@@ -79,21 +79,22 @@ from ..configfile import table as toml_table
 from ..confine import confine
 from . import downloads, references, tiny
 from . import presets as few_step
-from .families import (FLUX_UNION_MODES, UNION_CONTROL_TYPES, Detected, check_runnable, detect,
+from .families import (FLUX_UNION_MODES, UNION_CONTROL_TYPES, ZIMAGE_CONDITIONS, Detected, check_runnable, detect,
                        detect_base_folder, detect_file)
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl", "flux", "sd3")  # what config.toml may name (families.SUPPORTED)
+FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage")  # what config.toml may name (families.SUPPORTED)
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "flux": "black-forest-labs/FLUX.1-dev",
     "sd3": "stabilityai/stable-diffusion-3.5-large",
+    "zimage": "Tongyi-MAI/Z-Image-Turbo",
 }
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
-                              "tiny-sd3": "sd3"}
+                              "tiny-sd3": "sd3", "tiny-zimage": "zimage"}
 DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
@@ -122,6 +123,9 @@ SDXL_UNION = "OzzyGT/controlnet-union-promax-sdxl-1.0"
 FLUX_UNION = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"
 # SD3.5 Large: Stability's canny / depth / blur ControlNets (blur serves tile upscaling).
 SD35_CANNY = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
+# Z-Image Turbo: alibaba-pai's Fun ControlNet Union 2.1 in diffusers layout (the repo
+# diffusers' single-file loader takes its config from; the 2.x models also inpaint).
+ZIMAGE_UNION = "hlky/Z-Image-Turbo-Fun-Controlnet-Union-2.1"
 
 # Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: the
 # union model (one download for all of them); shuffle needs a [controlnets.sdxl] entry.
@@ -147,6 +151,7 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
             "mlsd": SD35_CANNY, "softedge": SD35_CANNY, "scribble": SD35_CANNY,
             "depth": "stabilityai/stable-diffusion-3.5-large-controlnet-depth",
             "tile": "stabilityai/stable-diffusion-3.5-large-controlnet-blur"},
+    "zimage": {condition: ZIMAGE_UNION for condition in ZIMAGE_CONDITIONS},
 }
 # Licences of the default Flux and SD3.5 models (the SD1.5 / SDXL ones are open RAIL):
 # FLUX.1-dev and every ControlNet made for it are non-commercial; schnell is Apache-2.0.
@@ -159,6 +164,8 @@ LICENCES: Dict[str, str] = {
     SD35_CANNY: "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-large-controlnet-depth": "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-large-controlnet-blur": "Stability AI Community License",
+    "Tongyi-MAI/Z-Image-Turbo": "Apache-2.0",
+    ZIMAGE_UNION: "Apache-2.0",
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 

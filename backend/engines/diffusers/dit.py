@@ -312,6 +312,11 @@ SD3 = DitFamily(
 DIT_FAMILIES: Dict[str, DitFamily] = {f.name: f for f in (FLUX, SD3)}
 
 
+from .dit_zimage import ZIMAGE  # noqa: E402 - it builds on DitFamily above
+
+DIT_FAMILIES[ZIMAGE.name] = ZIMAGE
+
+
 def dit_family(family: str) -> Optional[DitFamily]:
     """The transformer family ``family`` is, or None for a UNet family."""
     return DIT_FAMILIES.get(family)
