@@ -23,10 +23,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from . import tiny_zimage
-
 VERSION = "tiny-dit-v1"
-FAMILIES = ("flux", "sd3", "zimage")  # zimage: backend.engines.tiny_zimage
+FAMILIES = ("flux", "sd3")
 SEED = 20251
 NATIVE_SIZE = 64
 TEXT_WIDTH = 32      # CLIP hidden size (and pooled width)
@@ -45,8 +43,6 @@ FLUX_UNION = "union"
 def controlnet_for(condition: str, family: str) -> str:
     """The tiny ControlNet folder for ``condition`` (KeyError: none serves it).  Flux: the
     union model wherever it has a mode for the condition (as the real catalogue)."""
-    if family == "zimage":
-        return tiny_zimage.controlnet_for(condition)
     if family == "flux":
         from .families import FLUX_UNION_MODES as SERVED
 
@@ -171,8 +167,6 @@ def build(folder: Path, family: str, clip_tokenizer, clip_config) -> Path:
     :mod:`backend.engines.tiny` owns them and calls this)."""
     import torch
 
-    if family == "zimage":
-        return tiny_zimage.build(Path(folder))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():

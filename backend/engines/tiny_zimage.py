@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 VERSION = "tiny-zimage-v1"
 FAMILY = "zimage"
@@ -34,14 +34,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _tokenizer(folder: Path):
+def _tokenizer(folder: Path, byte_tokens: Sequence[str]):
     """A byte-level BPE tokenizer (every byte a token, no merges) in Qwen2's class."""
     from transformers import Qwen2TokenizerFast
 
-    from .tiny import _bytes_to_unicode
-
     vocab: Dict[str, int] = {}
-    for token in _bytes_to_unicode().values():
+    for token in byte_tokens:
         vocab.setdefault(token, len(vocab))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None,
@@ -68,13 +66,13 @@ TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, d
                    cap_feat_dim=TEXT_WIDTH, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
 
 
-def _parts(folder: Path) -> Dict[str, Any]:
+def _parts(folder: Path, byte_tokens: Sequence[str]) -> Dict[str, Any]:
     import torch
     from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
 
     from .tiny_dit import _vae, _wake
 
-    tok = _tokenizer(folder / "tokenizer")
+    tok = _tokenizer(folder / "tokenizer", byte_tokens)
     parts: Dict[str, Any] = {
         "transformer": ZImageTransformer2DModel(**TRANSFORMER), "vae": _vae(),
         "text_encoder": _text_encoder(len(tok), tok.convert_tokens_to_ids("<|endoftext|>"))}
@@ -90,8 +88,10 @@ def _parts(folder: Path) -> Dict[str, Any]:
     return parts
 
 
-def build(folder: Path) -> Path:
-    """Build the tiny Z-Image stack into ``folder`` (deterministic, offline)."""
+def build(folder: Path, byte_tokens: Sequence[str]) -> Path:
+    """Build the tiny Z-Image stack into ``folder`` (deterministic, offline); its tokenizer
+    has one token per byte (``byte_tokens``: GPT-2's byte-to-unicode characters, which
+    :mod:`backend.engines.tiny` owns and passes)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -99,7 +99,7 @@ def build(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        parts = _parts(folder)
+        parts = _parts(folder, byte_tokens)
         for name, net in parts.pop("controlnets").items():
             net.save_pretrained(folder / "controlnets" / name)
         for name, model in parts.items():

@@ -2,7 +2,8 @@
 
 The engine (:mod:`.engine`) plans, composes, caches and reports the same way for every
 family; what differs for a transformer base is here, one :class:`DitFamily` per family
-(:data:`FLUX`, :data:`SD3`), and the engine asks :func:`dit_family` whether a base is one.
+(:data:`FLUX`, :data:`SD3`); :mod:`.dit_families` lists every family (Z-Image's lives in
+:mod:`.dit_zimage`), and the engine asks its ``dit_family`` whether a base is one.
 
 What both share:
 
@@ -308,15 +309,3 @@ SD3 = DitFamily(
      ("inpaint", True): StableDiffusion3ControlNetInpaintingPipeline},
     SD3ControlNetModel, SD3MultiControlNetModel, _encode_sd3, true_cfg=True, union_modes={},
     refine_controls=False)
-
-DIT_FAMILIES: Dict[str, DitFamily] = {f.name: f for f in (FLUX, SD3)}
-
-
-from .dit_zimage import ZIMAGE  # noqa: E402 - it builds on DitFamily above
-
-DIT_FAMILIES[ZIMAGE.name] = ZIMAGE
-
-
-def dit_family(family: str) -> Optional[DitFamily]:
-    """The transformer family ``family`` is, or None for a UNet family."""
-    return DIT_FAMILIES.get(family)

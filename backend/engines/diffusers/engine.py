@@ -116,7 +116,7 @@ from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews,
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .compiled import uncompile
-from .dit import dit_family
+from .dit_families import dit_family
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
