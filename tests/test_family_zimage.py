@@ -190,3 +190,11 @@ def test_the_catalogue_offers_zimage_turbo_and_its_union_controlnet(z_root):
     assert "normal" not in turbo.conditions
     assert set(listed["tiny-zimage"].conditions) == set(turbo.conditions)
     assert LICENCES["Tongyi-MAI/Z-Image-Turbo"] == "Apache-2.0"
+
+
+def test_bench_engine_runs_the_zimage_stack_on_its_bare_pipeline(z_root):
+    from backend.bench.engine import bench_engine
+
+    figures = bench_engine(repeats=1, steps=2, tiny_root=str(z_root), stacks=("zimage",))
+    zimage = figures["stacks"]["zimage"]
+    assert zimage["same_pixels"] and zimage["bare"] == "ZImageControlNetPipeline"

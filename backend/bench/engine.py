@@ -65,11 +65,15 @@ STACKS = {
     "sdxl-union": ("tiny-sdxl", "sdxl", tiny.UNION, "StableDiffusionXLControlNetUnionPipeline"),
     "flux-union": ("tiny-flux", "flux", "union", "FluxControlNetPipeline"),
     "sd3": ("tiny-sd3", "sd3", "lines", "StableDiffusion3ControlNetPipeline"),
+    "zimage": ("tiny-zimage", "zimage", "union", "ZImageControlNetPipeline"),
 }
 # The bare pipeline's ControlNet class and control arguments per family (the DiT families:
 # ``control_image``; Flux's union model: lineart's control mode, canny = 0).
 _DIT_NETS = {"flux": ("FluxControlNetModel", {"control_mode": 0}),
-             "sd3": ("SD3ControlNetModel", {})}
+             "sd3": ("SD3ControlNetModel", {}),
+             "zimage": ("ZImageControlNetModel", {"controlnet_conditioning_scale": 1.0})}
+# Z-Image's pipelines read guidance g as pos + g x (pos - neg): our cfg c is g = c - 1.
+_GUIDANCE_OFFSET = {"zimage": 1.0}
 
 
 def bench_engine(repeats: int = 21, steps: int = 10, size: int = 64,
@@ -138,7 +142,8 @@ def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
         generator = torch.Generator(device=device).manual_seed(request.seed)
         with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
             torch.manual_seed(request.seed)  # SD3's ControlNet pipeline draws from it (.dit)
-            return bare(request.prompt, num_inference_steps=steps, guidance_scale=request.cfg,
+            guidance = request.cfg - _GUIDANCE_OFFSET.get(family, 0.0)
+            return bare(request.prompt, num_inference_steps=steps, guidance_scale=guidance,
                         generator=generator, height=size, width=size, **images).images[0]
 
     a, b = ours(), plain()  # warm-up (loads, allocator) and an equality check
