@@ -14,6 +14,8 @@ unit's ``model``, or ``controlcanvas models download NAME``):
 * ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.engines.tiny`
   (every condition; for tests and benchmarks); ``tiny-flux`` / ``tiny-sd3``: the same for
   Flux.1 and SD3.5 (:mod:`backend.engines.tiny_dit`; the conditions their ControlNets serve);
+  ``tiny-flux-kontext``: the tiny Flux stack as an edit base (:mod:`backend.engines.tiny_kontext`;
+  edit mode; ``EDIT_BASES`` names the real one, FLUX.1 Kontext [dev], non-commercial);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``; and the few-step
   presets' names (:mod:`backend.engines.presets`): ``models download lcm-sd15`` fetches

@@ -76,7 +76,8 @@ class Detected:
     @property
     def name(self) -> str:
         return self.family + ("-inpaint" if self.inpaint else "") + \
-            ("-union" if self.union else "") + ("-control" if self.control else "") + ("-edit" if self.edit else "")
+            ("-union" if self.union else "") + ("-control" if self.control else "") + \
+            ("-edit" if self.edit else "")
 
 
 # -----------------------------------------------------------------------------
