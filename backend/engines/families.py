@@ -67,6 +67,7 @@ class Detected:
     control_types: int = 0    # a union ControlNet's number of control types (ProMax: 8)
     what: str = ""            # for kind "adapter": what it is ("a T2I-Adapter")
     control: bool = False     # a Flux Tools base (canny / depth dev): takes the control image
+    edit: bool = False        # an edit base (FLUX.1 Kontext): an instruction applied to a layer
 
     @property
     def t2i_adapter(self) -> bool:
@@ -76,7 +77,8 @@ class Detected:
     @property
     def name(self) -> str:
         return self.family + ("-inpaint" if self.inpaint else "") + \
-            ("-union" if self.union else "") + ("-control" if self.control else "")
+            ("-union" if self.union else "") + ("-control" if self.control else "") + \
+            ("-edit" if self.edit else "")
 
 
 # -----------------------------------------------------------------------------
@@ -102,7 +104,11 @@ def _unet_family(config: Mapping) -> str:
 # FLUX.1 Tools' Canny / Depth [dev] transformers read the control image's latents beside
 # their own: 2 x 64 packed channels.
 FLUX_CONTROL_CHANNELS = 128
-_BASE_CLASSES = (("ZImage", "zimage"), ("Flux", "flux"), ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"))
+# model_index classes of edit bases (an instruction applied to a layer) -> their family.
+EDIT_PIPELINES: Dict[str, str] = {"FluxKontextPipeline": "flux",
+                                  "FluxKontextInpaintPipeline": "flux"}
+_BASE_CLASSES = (("ZImage", "zimage"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
+                 ("StableDiffusionXL", "sdxl"))
 
 
 def detect_base_folder(folder: Path) -> Optional[Detected]:
@@ -116,6 +122,8 @@ def detect_base_folder(folder: Path) -> Optional[Detected]:
     transformer = _read_json(Path(folder) / "transformer" / "config.json") or {}
     if cls.startswith("Flux") and transformer.get("in_channels") == FLUX_CONTROL_CHANNELS:
         return Detected("base", "flux", control=True)  # FLUX.1 Canny / Depth [dev]
+    if cls in EDIT_PIPELINES:  # FLUX.1 Kontext: the Flux transformer, an edit pipeline
+        return Detected("base", EDIT_PIPELINES[cls], edit=True)
     for prefix, family in _BASE_CLASSES:
         if cls.startswith(prefix):
             return Detected("base", family, inpaint=inpaint)

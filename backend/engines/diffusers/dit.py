@@ -75,7 +75,7 @@ from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlImg2ImgPipeli
                        FluxControlInpaintPipeline, FluxControlNetImg2ImgPipeline,
                        FluxControlNetInpaintPipeline, FluxControlNetModel,
                        FluxControlNetPipeline, FluxControlPipeline, FluxImg2ImgPipeline,
-                       FluxInpaintPipeline,
+                       FluxInpaintPipeline, FluxKontextInpaintPipeline, FluxKontextPipeline,
                        FluxMultiControlNetModel, FluxPipeline, SD3ControlNetModel,
                        SD3MultiControlNetModel, StableDiffusion3ControlNetInpaintingPipeline,
                        StableDiffusion3ControlNetPipeline, StableDiffusion3Img2ImgPipeline,
@@ -86,6 +86,7 @@ from shared.errors import Unsupported, UnsupportedCondition
 from ..catalogue import Resolved
 from ..families import FAMILIES, FLUX_UNION_MODES
 from .cache import BaseEntry
+from .edit import EDIT_KINDS, edit_kwargs
 from .geometry import Pass
 from .loaders import dtype_kwargs
 from .reuse import control_window, prompt_kwargs
@@ -230,7 +231,9 @@ class DitFamily:
         kwargs.update(num_inference_steps=p.runs if net_inpaint else p.steps,
                       guidance_scale=request.cfg, generator=generator, height=h, width=w,
                       output_type="np")
-        if p.kind != "txt2img" and not net_inpaint:
+        if p.kind in EDIT_KINDS:  # an instruction applied to the layer (.edit)
+            kwargs.update(edit_kwargs(p, self.multiple))
+        elif p.kind != "txt2img" and not net_inpaint:
             kwargs["image"] = PILImage.fromarray(p.init)
             # these pipelines run ceil(steps x strength) steps, SD's int(steps x strength):
             # the strength that runs exactly the steps planned (and counted for progress)
@@ -294,7 +297,8 @@ FLUX = DitFamily(
     {("txt2img", False): FluxPipeline, ("img2img", False): FluxImg2ImgPipeline,
      ("inpaint", False): FluxInpaintPipeline, ("txt2img", True): FluxControlNetPipeline,
      ("img2img", True): FluxControlNetImg2ImgPipeline,
-     ("inpaint", True): FluxControlNetInpaintPipeline},
+     ("inpaint", True): FluxControlNetInpaintPipeline,
+     ("edit", False): FluxKontextPipeline, ("edit_inpaint", False): FluxKontextInpaintPipeline},
     FluxControlNetModel, FluxMultiControlNetModel, _encode_flux, true_cfg=False,
     union_modes=FLUX_UNION_MODES, refine_controls=True,
     tools={"txt2img": FluxControlPipeline, "img2img": FluxControlImg2ImgPipeline,
