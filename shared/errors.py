@@ -256,6 +256,15 @@ class ReferenceUnsupported(Unsupported):
                        "or SDXL base, or remove the reference.")
 
 
+class EditModelNeeded(Unsupported):
+    """An edit request (an instruction applied to a layer) on a base that is not an edit
+    model."""
+
+    code = "edit_model_needed"
+    default_message = ("Edit mode needs an edit model as the base (FLUX.1 Kontext); pick "
+                       "one, or use img2img / inpaint with this base.")
+
+
 # -- client side only -------------------------------------------------------------
 
 class ServerUnavailable(ControlCanvasError):

@@ -33,7 +33,7 @@ from .errors import FieldError, MalformedMessage, UnknownMessage, VersionMismatc
 
 PROTOCOL_VERSION = 1
 
-Mode = Literal["txt2img", "img2img", "inpaint"]
+Mode = Literal["txt2img", "img2img", "inpaint", "edit"]
 ControlMode = Literal["balanced", "prompt", "control"]
 ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill"]
 Sampler = Literal["dpmpp_2m_karras", "dpmpp_2m", "unipc", "euler_a", "euler", "ddim", "lcm"]
@@ -54,6 +54,7 @@ LORA_SUFFIX = ".safetensors"
 _LORA_NAME_MAX = 200
 _PRESET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 MAX_REFERENCES = 4  # IP-Adapter reference units in one request
+MAX_EDIT_REFERENCES = 3  # further reference images (layers) of an edit request
 
 
 def new_job_id() -> str:
@@ -400,7 +401,13 @@ class GenerateRequest(_Checked):
     preset: str = ""
     # IP-Adapter references (added within protocol 1, left out of the JSON when empty).
     references: Tuple[ReferenceUnit, ...] = ()
-    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "preset", "references")
+    # Edit mode (added within protocol 1, left out of the JSON when empty): the image slots
+    # of up to MAX_EDIT_REFERENCES further reference pictures (layers) the instruction may
+    # name ("the jacket from the second picture").  In edit mode the prompt is the
+    # instruction, init_image the layer to edit and mask_image (optional) the selection.
+    edit_references: Tuple[int, ...] = ()
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "preset", "references",
+                                                  "edit_references")
 
     def _check(self) -> None:
         if self.preset and not _PRESET_NAME.match(self.preset):
@@ -418,9 +425,10 @@ class GenerateRequest(_Checked):
             if name in names[:i]:
                 raise FieldError(f"loras[{i}].name {_show(name)} is named before; give each LoRA "
                                  f"once, with its strength.", field=f"loras[{i}].name")
-        if self.mode in ("img2img", "inpaint") and self.init_image is None:
+        if self.mode in ("img2img", "inpaint", "edit") and self.init_image is None:
             raise FieldError(f"{self.mode} needs init_image: the slot of the canvas image.",
                              field="init_image")
+        self._check_edit()
         if self.mode == "inpaint" and self.mask_image is None:
             raise FieldError("inpaint needs mask_image: the slot of the selection mask.",
                              field="mask_image")
@@ -429,9 +437,26 @@ class GenerateRequest(_Checked):
             if slot is not None and slot < 0:
                 raise FieldError(f"{name} slot must be 0 or more.", field=name)
 
+    def _check_edit(self) -> None:
+        refs = self.edit_references
+        if refs and self.mode != "edit":
+            raise FieldError(f"edit_references are for edit mode; this request's mode is "
+                             f"{self.mode!r}. Choose mode \"edit\", or leave them out.",
+                             field="edit_references")
+        if len(refs) > MAX_EDIT_REFERENCES:
+            raise FieldError(f"edit_references holds {len(refs)} images; an edit takes at "
+                             f"most {MAX_EDIT_REFERENCES} references beside the layer it "
+                             f"edits. Remove {len(refs) - MAX_EDIT_REFERENCES}.",
+                             field="edit_references")
+        for i, slot in enumerate(refs):
+            if slot < 0:
+                raise FieldError("edit_references slots must be 0 or more.",
+                                 field=f"edit_references[{i}]")
+
     def slots(self) -> Tuple[int, ...]:
         """Every image slot this request refers to, each once, in ascending order."""
         used = {s for s in (self.init_image, self.mask_image) if s is not None}
+        used.update(self.edit_references)
         used.update(u.image for u in self.controls if u.image is not None)
         used.update(r.image for r in self.references)
         return tuple(sorted(used))

@@ -55,6 +55,7 @@ def assert_runs(command: str, catalogue: Catalogue) -> None:
 def _bases(tmp_path, monkeypatch):
     """Every built-in base and each family's default hub base (as if downloaded)."""
     monkeypatch.setattr(catalogue_module.tiny, "ensure_tiny", lambda family, root=None: tmp_path)
+    monkeypatch.setattr(catalogue_module.tiny_kontext, "ensure_kontext", lambda root=None: tmp_path)
     catalogue = Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf")))
     bases = [catalogue.resolve_base(DEMO_BASE)]
     bases += [catalogue.resolve_base(name) for name in TINY_BASES]
@@ -277,7 +278,9 @@ def test_install_plugin_refuses_an_editor_that_is_not_installed(editor, tmp_path
 def test_models_download_of_an_unknown_name_lists_the_known_ones(tmp_path, capsys):
     rc, _, err = run_cli(["models", "download", "sd16"], capsys)
     assert rc == 1 and "'sd16' is not a known model name" in err and "local path" not in err
-    assert "sd15, sdxl, flux, sd3, canny" in err and "sdxl:depth" in err
+    from backend.engines.families import SUPPORTED
+    known = err.split("Known: ", 1)[1].split(", ")
+    assert set(SUPPORTED) <= set(known) and "canny" in known and "sdxl:depth" in err
     assert "flux:depth" in err and "hub id" in err
 
 

@@ -102,11 +102,12 @@ def values(server, **kw):
 
 # -- procedures: the menu and the scripting interface --------------------------------
 
-def test_eight_procedures_under_filters_controlnet():
+def test_nine_procedures_under_filters_controlnet():
     labels = {s.name: s.label for s in procedures.PROCEDURES}
     assert labels == {
         "python-fu-controlcanvas-generate": "Generate from layer…",
         "python-fu-controlcanvas-inpaint": "Regenerate selection…",
+        "python-fu-controlcanvas-edit": "Edit with instruction…",
         "python-fu-controlcanvas-colourise": "Colourise line art…",
         "python-fu-controlcanvas-figure-from-pose": "Figure from pose…",
         "python-fu-controlcanvas-control-image": "Make control image…",
@@ -672,6 +673,42 @@ def test_regenerate_selection_changes_only_the_selected_pixels(server, tmp_path,
 
 def coverage_at(host, x, y):
     return host.selection[y * host.canvas[0] + x]
+
+
+def test_edit_with_an_instruction_and_reference_layers(server, host):
+    layer_before = host.layers[0].image
+    outcome = actions.run(spec("edit"), host, values(server, prompt="make the coat red",
+                                                     **{"reference-layers": " paper "}))
+    request = outcome.request
+    assert (request.mode, request.prompt, request.init_image, request.mask_image,
+            request.edit_references, request.controls) == \
+        ("edit", "make the coat red", 0, None, (1,), ())
+    assert host.names() == ["make the coat red · seed 1234", "lines", "paper"]
+    assert host.undo_groups == 1
+    new = host.layers[0]
+    assert (new.x, new.y, new.width, new.height) == (13, 7, 64, 48)
+    expected = expect.generated(request, {0: layer_before, 1: host.layers[2].image})[0]
+    assert new.image == resize_nearest(expected, 64, 48)
+
+
+def test_edit_within_a_selection_changes_only_the_selected_pixels(server, tmp_path, token_dir):
+    host = big_host(tmp_path)
+    host.select_rectangle(100, 90, 20, 10)
+    before = {(x, y): seen(host, x, y) for x in range(240) for y in range(180)}
+    outcome = actions.run(spec("edit"), host, values(server, prompt="make it red", seed=5))
+    assert (outcome.request.mode, outcome.request.mask_image) == ("edit", 1)
+    changed = {xy for xy, colour in before.items()
+               if coverage_at(host, *xy) == 0 and seen(host, *xy) != colour}
+    assert changed == set()
+    assert seen(host, 105, 95) != before[(105, 95)]
+
+
+@pytest.mark.parametrize("refs, words", [("paper, lines, paper, lines", "at most 3"),
+                                         ("sky", "no layer called 'sky'")])
+def test_edit_reference_layer_mistakes_say_what_to_do(server, host, refs, words):
+    with pytest.raises(actions.Failed) as err:
+        actions.run(spec("edit"), host, values(server, **{"reference-layers": refs}))
+    assert words in err.value.message and host.names() == ["lines", "paper"]
 
 
 def test_regenerate_selection_steered_by_a_controlnet_in_variants(server, tmp_path, token_dir):

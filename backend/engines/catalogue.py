@@ -15,6 +15,8 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   (every condition; for tests and benchmarks); ``tiny-flux`` / ``tiny-sd3`` / ``tiny-qwen``:
   the same for Flux.1, SD3.5 and Qwen-Image (:mod:`backend.engines.tiny_dit`,
   :mod:`backend.engines.tiny_qwen`; the conditions their ControlNets serve);
+  ``tiny-flux-kontext``: the tiny Flux stack as an edit base (:mod:`backend.engines.tiny_kontext`;
+  edit mode; ``EDIT_BASES`` names the real one, FLUX.1 Kontext [dev], non-commercial);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``; and the few-step
   presets' names (:mod:`backend.engines.presets`): ``models download lcm-sd15`` fetches
@@ -79,24 +81,29 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import downloads, references, tiny
+from . import downloads, references, tiny, tiny_kontext
 from . import presets as few_step
-from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES, Detected,
-                       check_runnable, detect, detect_base_folder, detect_file)
+from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES,
+                       ZIMAGE_CONDITIONS, Detected, check_runnable, detect, detect_base_folder,
+                       detect_file)
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl", "flux", "sd3", "qwen")  # what config.toml may name (families.SUPPORTED)
+FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage", "qwen")  # what config.toml may name (families.SUPPORTED)
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "flux": "black-forest-labs/FLUX.1-dev",
     "sd3": "stabilityai/stable-diffusion-3.5-large",
+    "zimage": "Tongyi-MAI/Z-Image-Turbo",
     "qwen": "Qwen/Qwen-Image",
 }
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
-                              "tiny-sd3": "sd3", "tiny-qwen": "qwen"}
+                              "tiny-sd3": "sd3", "tiny-zimage": "zimage", "tiny-qwen": "qwen"}
+TINY_BASES[tiny_kontext.NAME] = "flux"  # the tiny Flux stack as an edit base (Kontext)
+# Edit bases (edit mode: an instruction applied to a layer) per family.
+EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev"}
 DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
@@ -130,6 +137,9 @@ QWEN_UNION = "InstantX/Qwen-Image-ControlNet-Union"
 QWEN_INPAINT = "InstantX/Qwen-Image-ControlNet-Inpainting"
 # SD3.5 Large: Stability's canny / depth / blur ControlNets (blur serves tile upscaling).
 SD35_CANNY = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
+# Z-Image Turbo: alibaba-pai's Fun ControlNet Union 2.1 in diffusers layout (the repo
+# diffusers' single-file loader takes its config from; the 2.x models also inpaint).
+ZIMAGE_UNION = "hlky/Z-Image-Turbo-Fun-Controlnet-Union-2.1"
 
 # Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: the
 # union model (one download for all of them); shuffle needs a [controlnets.sdxl] entry.
@@ -155,6 +165,7 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
             "mlsd": SD35_CANNY, "softedge": SD35_CANNY, "scribble": SD35_CANNY,
             "depth": "stabilityai/stable-diffusion-3.5-large-controlnet-depth",
             "tile": "stabilityai/stable-diffusion-3.5-large-controlnet-blur"},
+    "zimage": {condition: ZIMAGE_UNION for condition in ZIMAGE_CONDITIONS},
     "qwen": dict({condition: QWEN_UNION for condition in QWEN_UNION_MODES},
                  inpaint=QWEN_INPAINT),
 }
@@ -164,11 +175,14 @@ LICENCES: Dict[str, str] = {
     "black-forest-labs/FLUX.1-dev": "FLUX.1 [dev] Non-Commercial License",
     "black-forest-labs/FLUX.1-schnell": "Apache-2.0",
     FLUX_UNION: "FLUX.1 [dev] Non-Commercial License",
+    EDIT_BASES["flux"]: "FLUX.1 [dev] Non-Commercial License",
     "stabilityai/stable-diffusion-3.5-large": "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-medium": "Stability AI Community License",
     SD35_CANNY: "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-large-controlnet-depth": "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-large-controlnet-blur": "Stability AI Community License",
+    "Tongyi-MAI/Z-Image-Turbo": "Apache-2.0",
+    ZIMAGE_UNION: "Apache-2.0",
     "Qwen/Qwen-Image": "Apache-2.0", QWEN_UNION: "Apache-2.0", QWEN_INPAINT: "Apache-2.0",
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
@@ -323,6 +337,7 @@ class Resolved:
     control_types: int = 0    # a union ControlNet's number of control types
     weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
     adapter: bool = False     # a T2I-Adapter serving the unit (engines.diffusers.adapters)
+    edit: bool = False        # an edit base (FLUX.1 Kontext): runs edit mode
 
     @property
     def key(self) -> str:
@@ -490,7 +505,7 @@ class Catalogue:
         family = family or "sd15"
         return Resolved(name, kind, family, source, str(path), native_size=NATIVE_SIZE[family],
                         inpaint=bool(found and found.inpaint), union=bool(found and found.union),
-                        control=bool(found and found.control),
+                        control=bool(found and found.control), edit=bool(found and found.edit),
                         control_types=found.control_types if found else 0,
                         adapter=bool(found and found.t2i_adapter), **extra)
 
@@ -551,9 +566,12 @@ class Catalogue:
         root = Path(self.config.tiny_root) if self.config.tiny_root else None
         if kind == "base" and where in TINY_BASES:
             family = TINY_BASES[where]
-            folder = tiny.ensure_tiny(family, root)
+            folder = tiny_kontext.ensure_kontext(root) if where == tiny_kontext.NAME \
+                else tiny.ensure_tiny(family, root)
+            found = detect(folder, kind)
             return Resolved(name, kind, family, "builtin", str(folder),
-                            native_size=tiny.NATIVE_SIZE, builtin=where)
+                            native_size=tiny.NATIVE_SIZE, builtin=where,
+                            edit=bool(found and found.edit))
         if kind == "controlnet" and ":" in where and where.split(":", 1)[0] in TINY_BASES:
             base, condition = where.split(":", 1)
             family = TINY_BASES[base]
@@ -617,7 +635,7 @@ class Catalogue:
         add(self.default_base, "base")
         for name in self.config.bases:
             add(name, "base")
-        for name in DEFAULT_BASES.values():
+        for name in (*DEFAULT_BASES.values(), *EDIT_BASES.values()):
             add(name, "base")
         if not any(m.name == DEMO_BASE for m in out):
             out.append(ModelInfo(name=DEMO_BASE, kind="base", family="sd15", present=True,
@@ -671,7 +689,7 @@ class Catalogue:
             return self.config.bases[name][1]
         if name == self.default_base and self.config.family:
             return self.config.family
-        for family, default in DEFAULT_BASES.items():
+        for family, default in (*DEFAULT_BASES.items(), *EDIT_BASES.items()):
             if name == default:
                 return family
         return ""  # not on this machine: its files would tell, its name does not

@@ -78,13 +78,13 @@ class FakeEngine:
         for unit in request.controls:
             control = resize_nearest(to_array(images[unit.image]), w, h)
             rgb *= (1.0 - 0.5 * unit.weight * (luminance(control) / 255.0))[..., None].clip(0, 1)
-        if request.mode in ("img2img", "inpaint"):
+        if request.mode in ("img2img", "inpaint", "edit"):
             init = resize_nearest(to_array(images[request.init_image]), w, h)
             rgb = init[..., :3] * (1.0 - request.strength) + rgb * request.strength
         result = np.empty((h, w, 4), dtype=np.uint8)
         result[..., :3] = rgb.clip(0, 255).astype(np.uint8)
         result[..., 3] = 255
-        if request.mode == "inpaint":
+        if request.mode in ("inpaint", "edit") and request.mask_image is not None:
             init = resize_nearest(to_array(images[request.init_image]), w, h)
             mask = resize_nearest(to_array(images[request.mask_image]), w, h)
             keep = luminance(mask) < 128

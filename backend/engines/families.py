@@ -50,6 +50,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("sd2", "Stable Diffusion 2.x", 768, False),
     Family("sd3", "Stable Diffusion 3 / 3.5", 1024, True),
     Family("flux", "Flux.1", 1024, True),
+    Family("zimage", "Z-Image", 1024, True),
     Family("qwen", "Qwen-Image", 1328, True),
 )}
 SUPPORTED: Tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.supported)
@@ -68,6 +69,7 @@ class Detected:
     control_types: int = 0    # a union ControlNet's number of control types (ProMax: 8)
     what: str = ""            # for kind "adapter": what it is ("a T2I-Adapter")
     control: bool = False     # a Flux Tools base (canny / depth dev): takes the control image
+    edit: bool = False        # an edit base (FLUX.1 Kontext): an instruction applied to a layer
 
     @property
     def t2i_adapter(self) -> bool:
@@ -77,7 +79,8 @@ class Detected:
     @property
     def name(self) -> str:
         return self.family + ("-inpaint" if self.inpaint else "") + \
-            ("-union" if self.union else "") + ("-control" if self.control else "")
+            ("-union" if self.union else "") + ("-control" if self.control else "") + \
+            ("-edit" if self.edit else "")
 
 
 # -----------------------------------------------------------------------------
@@ -103,8 +106,11 @@ def _unet_family(config: Mapping) -> str:
 # FLUX.1 Tools' Canny / Depth [dev] transformers read the control image's latents beside
 # their own: 2 x 64 packed channels.
 FLUX_CONTROL_CHANNELS = 128
-_BASE_CLASSES = (("Flux", "flux"), ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"),
-                 ("QwenImage", "qwen"))
+# model_index classes of edit bases (an instruction applied to a layer) -> their family.
+EDIT_PIPELINES: Dict[str, str] = {"FluxKontextPipeline": "flux",
+                                  "FluxKontextInpaintPipeline": "flux"}
+_BASE_CLASSES = (("ZImage", "zimage"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
+                 ("StableDiffusionXL", "sdxl"), ("QwenImage", "qwen"))
 
 
 def detect_base_folder(folder: Path) -> Optional[Detected]:
@@ -118,6 +124,8 @@ def detect_base_folder(folder: Path) -> Optional[Detected]:
     transformer = _read_json(Path(folder) / "transformer" / "config.json") or {}
     if cls.startswith("Flux") and transformer.get("in_channels") == FLUX_CONTROL_CHANNELS:
         return Detected("base", "flux", control=True)  # FLUX.1 Canny / Depth [dev]
+    if cls in EDIT_PIPELINES:  # FLUX.1 Kontext: the Flux transformer, an edit pipeline
+        return Detected("base", EDIT_PIPELINES[cls], edit=True)
     for prefix, family in _BASE_CLASSES:
         if cls.startswith(prefix):
             return Detected("base", family, inpaint=inpaint)
@@ -151,6 +159,8 @@ def detect_controlnet_folder(folder: Path) -> Optional[Detected]:
         return Detected("controlnet", "flux", union=bool(modes), control_types=modes)
     if cls.startswith("SD3"):
         return Detected("controlnet", "sd3")
+    if cls == "ZImageControlNetModel":
+        return _zimage_controlnet(config.get("control_in_dim"))
     if cls.startswith("QwenImage"):
         return qwen_controlnet(int(config.get("extra_condition_channels") or 0))
     if cls == "T2IAdapter":  # SDXL's adapters have their own layout (one fewer level)
@@ -189,9 +199,10 @@ def _header(path: Path) -> Optional[Tuple[Tuple[str, ...], Shape]]:
 
 _LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _LDM_SD2_ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_ZIMAGE_CONTROL_EMBEDDER = "control_all_x_embedder.2-1.weight"  # (width, 2x2 x control_in_dim)
 _SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding",
-                          "controlnet_mode_embedder.weight", "controlnet_x_embedder.weight",
-                          "img_in.weight"})
+                          "controlnet_mode_embedder.weight", _ZIMAGE_CONTROL_EMBEDDER,
+                          "controlnet_x_embedder.weight", "img_in.weight"})
 
 
 def _starts(keys: Iterable[str], *prefixes: str) -> bool:
@@ -204,6 +215,9 @@ def _nine_channels(shape: Tuple[int, ...]) -> bool:
 
 def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
     """The rules, most specific first (a Flux ControlNet also has transformer blocks)."""
+    zimage = _detect_zimage_keys(keys, shape)
+    if zimage is not None:
+        return zimage
     qwen = _detect_qwen_keys(keys, shape)
     if qwen is not None:
         return qwen
@@ -238,6 +252,20 @@ def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
         return Detected("base", "sdxl", inpaint=inpaint)
     if _starts(keys, "down_blocks.") and "conv_in.weight" in keys:
         return Detected("base", "sd15", inpaint=inpaint)
+    return None
+
+
+def _detect_zimage_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
+    """Z-Image's transformer (original or diffusers keys: its per-layer ``adaLN_modulation``
+    beside a ``context_refiner``) and alibaba-pai's union ControlNet
+    (``control_all_x_embedder``), as diffusers' single-file loader tells them."""
+    if _ZIMAGE_CONTROL_EMBEDDER in keys:
+        width = shape(_ZIMAGE_CONTROL_EMBEDDER)
+        return _zimage_controlnet(width[1] // 4 if len(width) > 1 else None)
+    if _starts(keys, "layers.0.adaLN_modulation.0.", "model.diffusion_model.layers.0."
+               "adaLN_modulation.0.") and _starts(keys, "context_refiner.",
+                                                  "model.diffusion_model.context_refiner."):
+        return Detected("base", "zimage")
     return None
 
 
@@ -337,6 +365,23 @@ FLUX_UNION_MODES: Dict[str, int] = {
     "canny": 0, "lineart": 0, "lineart_anime": 0, "mlsd": 0, "softedge": 0, "scribble": 0,
     "tile": 1, "depth": 2, "openpose": 4,
 }
+
+
+# alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union reads one control image and tells the
+# kind from the picture itself (no control modes): Canny, HED, depth, pose and MLSD maps;
+# line art and scribbles are white lines on black, as a canny map.  Union 2.x also reads
+# the mask and the masked picture (33 control channels: ZIMAGE_INPAINT_CONTROL_DIM), which
+# serves inpainting.
+ZIMAGE_CONDITIONS: Tuple[str, ...] = ("canny", "softedge", "depth", "openpose", "mlsd",
+                                      "lineart", "lineart_anime", "scribble")
+ZIMAGE_INPAINT_CONTROL_DIM = 33
+
+
+def _zimage_controlnet(control_in_dim) -> Detected:
+    """A Z-Image union ControlNet; ``inpaint`` when it reads the mask and masked picture."""
+    return Detected("controlnet", "zimage", union=True,
+                    control_types=len(ZIMAGE_CONDITIONS),
+                    inpaint=control_in_dim == ZIMAGE_INPAINT_CONTROL_DIM)
 
 
 # InstantX's Qwen-Image union ControlNet has no control-mode input: it reads the condition

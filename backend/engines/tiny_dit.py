@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 VERSION = "tiny-dit-v1"
-FAMILIES = ("flux", "sd3", "qwen")  # qwen: backend.engines.tiny_qwen
+FAMILIES = ("flux", "sd3")
 SEED = 20251
 NATIVE_SIZE = 64
 TEXT_WIDTH = 32      # CLIP hidden size (and pooled width)
@@ -43,9 +43,6 @@ FLUX_UNION = "union"
 def controlnet_for(condition: str, family: str) -> str:
     """The tiny ControlNet folder for ``condition`` (KeyError: none serves it).  Flux: the
     union model wherever it has a mode for the condition (as the real catalogue)."""
-    if family == "qwen":
-        from .tiny_qwen import controlnet_for as qwen_controlnet_for
-        return qwen_controlnet_for(condition)
     if family == "flux":
         from .families import FLUX_UNION_MODES as SERVED
 
@@ -170,9 +167,6 @@ def build(folder: Path, family: str, clip_tokenizer, clip_config) -> Path:
     :mod:`backend.engines.tiny` owns them and calls this)."""
     import torch
 
-    if family == "qwen":
-        from .tiny_qwen import build as build_qwen
-        return build_qwen(Path(folder), VERSION, _wake)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():

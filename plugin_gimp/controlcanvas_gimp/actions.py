@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from shared import doc_history, geometry, naming
 from shared import pose as openpose
 from shared.client import Client
-from shared.messages import CONDITIONS, GenerateRequest, Progress, Queued
+from shared.messages import (CONDITIONS, MAX_EDIT_REFERENCES, GenerateRequest, Progress,
+                             Queued)
 from shared.offers import Offers, family_label, format_loras
 
 from . import generation, pose, procedures, settings, worker
@@ -195,6 +196,61 @@ def inpaint(ctx: _Run) -> Outcome:
     request, result = _run_job(ctx, opts, box[2:], images, "regenerating the selection",
                                inpaint_strength=ctx.values["strength"])
     return _add_results(ctx, layer, box, request, result, mask=coverage)
+
+
+def edit(ctx: _Run) -> Outcome:
+    """Edit with instruction: the layer (or its selection) changed as the instruction says,
+    as a new layer; outside a selection nothing changes."""
+    host, values = ctx.host, ctx.values
+    layer = host.active_layer()
+    bounds = host.selection_bounds(layer)
+    coverage = None
+    if bounds is None:
+        box = (0, 0, layer.width, layer.height)
+        images = {0: host.read_pixels(layer)}
+    else:
+        box = geometry.context_box(bounds, layer.width, layer.height)
+        coverage = host.read_selection(layer, box)
+        images = {0: host.read_pixels(layer, box),
+                  1: generation.mask_image(box[2], box[3], coverage)}
+    slots = _edit_references(host, values["reference-layers"], images)
+    seed = generation.choose_seed(_last_seed(host) if values["seed"] == generation.SAME_SEED
+                                  else values["seed"], values["batch"])
+    conn = ctx.connection()
+    host.progress(text=f"ControlCanvas: connecting to {conn.url}", fraction=0.0)
+    ctx.doing = "while editing"
+
+    def work(emit):
+        with ctx.open() as client:
+            request = generation.build_edit_request(
+                values, box[2], box[3], seed=seed, masked=coverage is not None,
+                reference_slots=slots, models=client.models(), limits=client.welcome.limits)
+            job = client.submit(request, images, cancel_on_disconnect=True)
+            return request, client.wait(job, on_event=emit)
+
+    request, result = worker.run(work, Reporter(host, "editing"))
+    return _add_results(ctx, layer, box, request, result, mask=coverage)
+
+
+def _edit_references(host: Host, names: str, images) -> Tuple[int, ...]:
+    """The 'Reference layers' argument (comma-separated names): each layer's picture in
+    the next free image slot; their slots."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if len(wanted) > MAX_EDIT_REFERENCES:
+        raise UsageError(f"'Reference layers' names {len(wanted)} layers; an edit takes at "
+                         f"most {MAX_EDIT_REFERENCES}. Remove {len(wanted) - MAX_EDIT_REFERENCES}.",
+                         field="reference-layers")
+    slots = []
+    for name in wanted:
+        layer = host.find_layer(name)
+        if layer is None:
+            raise UsageError(f"There is no layer called {name!r} in this image for 'Reference "
+                             f"layers'; type the names of layers that hold the pictures, "
+                             f"separated by commas, or leave it blank.", field="reference-layers")
+        slot = max(images, default=-1) + 1
+        images[slot] = host.read_scaled(layer, REFERENCE_SIDE)
+        slots.append(slot)
+    return tuple(slots)
 
 
 def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra):
@@ -460,6 +516,7 @@ def repeat_last(ctx: _Run) -> Outcome:
 ACTIONS: Dict[str, Callable[[_Run], Outcome]] = {
     "generate": generate,
     "inpaint": inpaint,
+    "edit": edit,
     "repeat_last": repeat_last,
     "control_image": control_image,
     "pose_from_photo": pose_from_photo,

@@ -217,6 +217,25 @@ def build_request(opts: GenerateOptions, width: int, height: int, *, seed: int,
                            references=references, **mode)
 
 
+def build_edit_request(values: Mapping[str, Any], width: int, height: int, *, seed: int,
+                       masked: bool, reference_slots: Tuple[int, ...],
+                       models: Optional[Models] = None,
+                       limits: Optional[Limits] = None) -> GenerateRequest:
+    """An edit request (Edit with instruction) for a layer or region of ``width`` x
+    ``height``: its pixels in slot 0, the selection mask in slot 1 when ``masked``, the
+    reference layers' pictures in ``reference_slots``."""
+    base = values["base-model"].strip()
+    w, h = generation_size(width, height, values["size"], native_side(models, base), limits)
+    prompt = values["prompt"].strip()
+    if not prompt:
+        raise UsageError("Type the instruction first: what to change, in words (for example "
+                         "'make the jacket red').", field="prompt")
+    return GenerateRequest(width=w, height=h, mode="edit", prompt=prompt, seed=seed,
+                           steps=values["steps"], cfg=values["cfg"], batch=values["batch"],
+                           base_model=base, init_image=0, mask_image=1 if masked else None,
+                           edit_references=tuple(reference_slots))
+
+
 _GREY_TO_RGBA = tuple(bytes((v, v, v, 255)) for v in range(256))
 
 

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from shared.messages import SAMPLERS
+from shared.messages import MAX_EDIT_REFERENCES, SAMPLERS
 
 from .generation import GINT_MAX, SAME_SEED
 from .problems import UsageError
@@ -286,6 +286,31 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
         + (_double("strength", "Strength", "How much the selected area changes: 1 paints "
                    "it anew, lower values keep more of what is there", 0.75, 0.0, 1.0),)
         + generation_args() + connection_args(),
+        returns=("seed", "layer")),
+    ProcedureSpec(
+        name=PREFIX + "edit", label="Edit with instruction…",
+        blurb="Change the layer (or its selection) as an instruction says, with an edit model",
+        help="Type what to change ('colour this line art as a watercolour', 'make the jacket "
+             "red'). The server's edit model (FLUX.1 Kontext) sees the layer, and up to "
+             f"{MAX_EDIT_REFERENCES} reference layers named below, and the result is added "
+             "above the layer as a new layer. With a selection only the selected pixels "
+             "change: outside it the image stays exactly as it was.",
+        action="edit",
+        args=(_string("prompt", "Instruction", "What to change, in words"),
+              _string("reference-layers", "Reference layers",
+                      f"Up to {MAX_EDIT_REFERENCES} layer names, separated by commas, whose "
+                      f"pictures the instruction may refer to; blank: none"),
+              _int("seed", "Seed", "Same seed + same settings = same picture; -1 picks a "
+                   "random seed", -1, SAME_SEED, GINT_MAX),
+              _int("batch", "Variants", "How many pictures (seed, seed+1, ...)", 1, 1, 16),
+              _int("steps", "Steps", "Denoising steps", 28, 1, 150),
+              _double("cfg", "Guidance", "How strictly to follow the instruction (FLUX.1 "
+                      "Kontext: about 2.5)", 2.5, 0.0, 30.0),
+              _choice("size", "Work at", "Generation size: the model's own scale, or the "
+                      "layer's size", SIZE_CHOICES, "model"),
+              _string("base-model", "Edit model", "An edit model on the server (FLUX.1 "
+                      "Kontext); blank: the server's default"))
+        + connection_args(),
         returns=("seed", "layer")),
     ProcedureSpec(
         name=PREFIX + "control-image", label="Make control image…",

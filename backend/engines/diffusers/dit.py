@@ -2,8 +2,9 @@
 
 The engine (:mod:`.engine`) plans, composes, caches and reports the same way for every
 family; what differs for a transformer base is here, one :class:`DitFamily` per family
-(:data:`FLUX`, :data:`SD3`, :data:`QWEN`: built from :data:`.dit_qwen.PARTS`, where what
-Qwen-Image differs in is told), and the engine asks :func:`dit_family` whether a base is one.
+(:data:`FLUX`, :data:`SD3`); :mod:`.dit_families` lists every family (Z-Image's lives in
+:mod:`.dit_zimage`, Qwen-Image's in :mod:`.dit_qwen`), and the engine asks its
+``dit_family`` whether a base is one.
 
 What both share:
 
@@ -75,7 +76,7 @@ from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlImg2ImgPipeli
                        FluxControlInpaintPipeline, FluxControlNetImg2ImgPipeline,
                        FluxControlNetInpaintPipeline, FluxControlNetModel,
                        FluxControlNetPipeline, FluxControlPipeline, FluxImg2ImgPipeline,
-                       FluxInpaintPipeline,
+                       FluxInpaintPipeline, FluxKontextInpaintPipeline, FluxKontextPipeline,
                        FluxMultiControlNetModel, FluxPipeline, SD3ControlNetModel,
                        SD3MultiControlNetModel, StableDiffusion3ControlNetInpaintingPipeline,
                        StableDiffusion3ControlNetPipeline, StableDiffusion3Img2ImgPipeline,
@@ -86,7 +87,7 @@ from shared.errors import Unsupported, UnsupportedCondition
 from ..catalogue import Resolved
 from ..families import FAMILIES, FLUX_UNION_MODES
 from .cache import BaseEntry
-from .dit_qwen import PARTS as QWEN_PARTS
+from .edit import EDIT_KINDS, edit_kwargs
 from .geometry import Pass
 from .loaders import dtype_kwargs
 from .reuse import control_window, prompt_kwargs
@@ -248,7 +249,9 @@ class DitFamily:
         kwargs.update(num_inference_steps=p.runs if net_inpaint else p.steps,
                       generator=generator, height=h, width=w,
                       output_type="np", **{self.cfg_arg: request.cfg})
-        if p.kind != "txt2img" and not net_inpaint:
+        if p.kind in EDIT_KINDS:  # an instruction applied to the layer (.edit)
+            kwargs.update(edit_kwargs(p, self.multiple))
+        elif p.kind != "txt2img" and not net_inpaint:
             kwargs["image"] = PILImage.fromarray(p.init)
             # these pipelines run ceil(steps x strength) steps, SD's int(steps x strength):
             # the strength that runs exactly the steps planned (and counted for progress)
@@ -315,7 +318,8 @@ FLUX = DitFamily(
     {("txt2img", False): FluxPipeline, ("img2img", False): FluxImg2ImgPipeline,
      ("inpaint", False): FluxInpaintPipeline, ("txt2img", True): FluxControlNetPipeline,
      ("img2img", True): FluxControlNetImg2ImgPipeline,
-     ("inpaint", True): FluxControlNetInpaintPipeline},
+     ("inpaint", True): FluxControlNetInpaintPipeline,
+     ("edit", False): FluxKontextPipeline, ("edit_inpaint", False): FluxKontextInpaintPipeline},
     FluxControlNetModel, FluxMultiControlNetModel, _encode_flux, true_cfg=False,
     union_modes=FLUX_UNION_MODES, refine_controls=True,
     tools={"txt2img": FluxControlPipeline, "img2img": FluxControlImg2ImgPipeline,
@@ -330,11 +334,3 @@ SD3 = DitFamily(
      ("inpaint", True): StableDiffusion3ControlNetInpaintingPipeline},
     SD3ControlNetModel, SD3MultiControlNetModel, _encode_sd3, true_cfg=True, union_modes={},
     refine_controls=False, inpaint_net=True, global_rng=True)
-QWEN = DitFamily(**QWEN_PARTS)
-
-DIT_FAMILIES: Dict[str, DitFamily] = {f.name: f for f in (FLUX, SD3, QWEN)}
-
-
-def dit_family(family: str) -> Optional[DitFamily]:
-    """The transformer family ``family`` is, or None for a UNet family."""
-    return DIT_FAMILIES.get(family)

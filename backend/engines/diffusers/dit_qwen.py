@@ -1,5 +1,5 @@
-"""Qwen-Image: what :class:`.dit.DitFamily` needs for it (:data:`.dit.QWEN` is built from
-:data:`PARTS`; this module imports nothing of :mod:`.dit`, so the table there can name it).
+"""Qwen-Image (Qwen/Qwen-Image) as a transformer family (see :mod:`.dit`): :data:`QWEN`,
+listed in :mod:`.dit_families`.  What differs from Flux / SD3:
 
 * **Pipelines**: ``QwenImage{,Img2Img,Inpaint}Pipeline``; with units
   ``QwenImageControlNetPipeline`` (txt2img) and ``QwenImageControlNetInpaintPipeline``
@@ -33,6 +33,7 @@ from diffusers import (QwenImageControlNetInpaintPipeline, QwenImageControlNetMo
                        QwenImagePipeline)
 
 from ..families import QWEN_UNION_MODES
+from .dit import DitFamily
 
 # Qwen-Image's pipelines guide only with a negative prompt: the blank one its card uses.
 BLANK_NEGATIVE = " "
@@ -50,14 +51,11 @@ def encode(pipe, prompt: str, negative: Optional[str], cfg: bool) -> Dict[str, A
     return found
 
 
-PARTS: Dict[str, Any] = dict(
-    name="qwen",
-    pipelines={("txt2img", False): QwenImagePipeline,
-               ("img2img", False): QwenImageImg2ImgPipeline,
-               ("inpaint", False): QwenImageInpaintPipeline,
-               ("txt2img", True): QwenImageControlNetPipeline,
-               ("inpaint", True): QwenImageControlNetInpaintPipeline},
-    controlnet=QwenImageControlNetModel, multi=QwenImageMultiControlNetModel, encode=encode,
-    true_cfg=True, union_modes=QWEN_UNION_MODES, refine_controls=False,
-    cfg_arg="true_cfg_scale", blank_negative=BLANK_NEGATIVE, inpaint_net=True, one_net=True,
-    global_rng=True)
+QWEN = DitFamily(
+    "qwen",
+    {("txt2img", False): QwenImagePipeline, ("img2img", False): QwenImageImg2ImgPipeline,
+     ("inpaint", False): QwenImageInpaintPipeline, ("txt2img", True): QwenImageControlNetPipeline,
+     ("inpaint", True): QwenImageControlNetInpaintPipeline},
+    QwenImageControlNetModel, QwenImageMultiControlNetModel, encode, true_cfg=True,
+    union_modes=QWEN_UNION_MODES, refine_controls=False, cfg_arg="true_cfg_scale",
+    blank_negative=BLANK_NEGATIVE, inpaint_net=True, one_net=True, global_rng=True)

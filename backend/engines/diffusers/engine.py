@@ -116,7 +116,8 @@ from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews,
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .compiled import uncompile
-from .dit import dit_family
+from .dit_families import dit_family
+from .edit import EDIT_KINDS, check_edit, edit_kind, reference_arrays
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
@@ -517,12 +518,12 @@ class DiffusersEngine:
         weights = None
         region = (0, 0, W, H)
         mask_region = None
-        if request.mode in ("img2img", "inpaint"):
+        if request.mode in ("img2img", "inpaint", "edit"):
             init = to_array(_image(images, request.init_image, "init_image"))
             if init.shape[:2] != (H, W):
                 init = resize(np.ascontiguousarray(init), W, H)
             plan_init = init
-        if request.mode == "inpaint":
+        if request.mode == "inpaint" or edit_kind(request) == "edit_inpaint":
             mask_img = to_array(_image(images, request.mask_image, "mask_image"))
             mask = mask_values(mask_img)
             if mask.shape != (H, W):
@@ -537,7 +538,7 @@ class DiffusersEngine:
             mask_region = mask[y0:y1, x0:x1]
             radius = max(2.0, self.feather * max(x1 - x0, y1 - y0))
             weights = feather_weights(mask_region, radius)
-        if request.mode != "txt2img" and request.strength == 0.0:
+        if request.mode not in ("txt2img", "edit") and request.strength == 0.0:
             return Plan((W, H), region, native, entry.family, Pass(request.mode, (W, H), 0, 0),
                         init_canvas=plan_init, weights=weights, unchanged=True)
         square = self._square(request)
@@ -548,11 +549,12 @@ class DiffusersEngine:
         dit = dit_family(entry.family)
         multiple = dit.multiple if dit else 8  # a DiT's latents come in 2x2 patches
         size = work_size(rw, rh, native, self.max_work_scale, multiple)
-        first = self._pass(request, images, request.mode, size, region, plan_init, mask_region,
+        kind = edit_kind(request) if request.mode == "edit" else request.mode
+        first = self._pass(request, images, kind, size, region, plan_init, mask_region,
                            request.strength, low_memory, native)
         plan = Plan((W, H), region, native, entry.family, first, init_canvas=plan_init,
                     weights=weights, square=square)
-        if request.hires:
+        if request.hires and request.mode != "edit":  # an edit has no hires pass (.edit)
             scale = min(self.hires_scale, math.sqrt((rw * rh) / (size[0] * size[1])))
             if scale > 1.05:
                 hires = (max(multiple, int(round(size[0] * scale / multiple)) * multiple),
@@ -586,17 +588,21 @@ class DiffusersEngine:
         full = region == (0, 0, W, H)
         if kind == "txt2img":
             steps, runs = request.steps, request.steps
+        elif kind in EDIT_KINDS:  # an edit regenerates what it covers (.edit)
+            steps, runs, strength = request.steps, request.steps, 1.0
         else:
             steps, runs = denoise_steps(request.steps, strength)
         p = Pass(kind, size, steps, runs, strength)
         if init_canvas is not None and kind != "txt2img":
             p.init = resize(rgb_on_white(init_canvas[y0:y1, x0:x1]), w, h)
-        if mask_region is not None and kind == "inpaint":
+        if mask_region is not None and kind in ("inpaint", "edit_inpaint"):
             # Any coverage of a work pixel selects it (a thin selection must not vanish);
             # only the selection itself is pasted back later.
             covered = cv2.resize(mask_region.astype(np.float32), (w, h),
                                  interpolation=cv2.INTER_AREA) > 0.02
             p.mask = covered.astype(np.uint8) * 255
+        if kind in EDIT_KINDS:
+            p.references = reference_arrays(request, lambda s, n: _image(images, s, n))
         for unit in request.controls:
             array = rgb_on_black(to_array(_image(images, unit.image, "controls.image")))
             if full:
@@ -619,6 +625,7 @@ class DiffusersEngine:
         request, sampling, preset = apply_preset(
             request, (lora.name for lora in self.catalogue.loras.scan()))
         base = self.catalogue.resolve_base(request.base_model)
+        check_edit(request, base)  # edit mode: an edit base, no units (.edit)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
                          for u in request.controls] if not base.control else []
         # (a Flux Tools base takes the unit's image itself: no ControlNet, .dit)

@@ -200,7 +200,7 @@ def denoise_steps(steps: int, strength: float) -> Tuple[int, int]:
 class Pass:
     """One pipeline call per image: what goes in, at which size."""
 
-    kind: str                         # "txt2img" | "img2img" | "inpaint"
+    kind: str                         # "txt2img" | "img2img" | "inpaint" | "edit" | "edit_inpaint"
     size: Tuple[int, int]
     steps: int                        # num_inference_steps
     runs: int                         # steps that actually run
@@ -209,6 +209,7 @@ class Pass:
     mask: Optional[np.ndarray] = None     # uint8 0/255 at size
     controls: List[Any] = field(default_factory=list)  # RGB8 arrays or tensors, unit order
     vae_tiling: bool = False
+    references: List[Any] = field(default_factory=list)  # edit mode: further pictures, RGB8
 
 
 @dataclass

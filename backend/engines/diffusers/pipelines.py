@@ -87,7 +87,7 @@ def inpaint_condition(init_rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
 
 def _cancel_modules(pipe) -> Iterator[torch.nn.Module]:
     """The blocks before which a running pipeline checks for cancel: each down, mid and
-    up block of the UNet, each block of a transformer (Flux, SD3), and of the ControlNet(s)
+    up block of the UNet, each block of a transformer (Flux, SD3, Z-Image's layers), and of the ControlNet(s)
     (unless compiled: then the step callback is the check), the text encoder(s), the VAE
     coder."""
     for name in ("unet", "transformer", "controlnet"):
@@ -99,7 +99,7 @@ def _cancel_modules(pipe) -> Iterator[torch.nn.Module]:
             if is_compiled(net):
                 continue  # a Python hook inside a compiled graph would break it
             for blocks in ("down_blocks", "up_blocks", "transformer_blocks",
-                           "single_transformer_blocks"):
+                           "single_transformer_blocks", "layers", "control_layers"):
                 yield from getattr(net, blocks, None) or ()
             if getattr(net, "mid_block", None) is not None:
                 yield net.mid_block
