@@ -90,7 +90,8 @@ from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage", "qwen")  # what config.toml may name (families.SUPPORTED)
+# what config.toml may name (families.SUPPORTED)
+FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage", "qwen")
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",

@@ -5,9 +5,9 @@ listed in :mod:`.dit_families`.  What differs from Flux / SD3:
   ``QwenImageControlNetPipeline`` (txt2img) and ``QwenImageControlNetInpaintPipeline``
   (inpaint with one ``inpaint`` unit: InstantX's inpainting ControlNet, whose condition is
   the picture and the selection; it VAE-encodes the masked picture with torch's global
-  generator, so the call runs in an RNG forked and seeded with the job's seed).  diffusers has no Qwen-Image ControlNet img2img pipeline:
-  img2img with units is :class:`~shared.errors.Unsupported` (as SD3), the hires pass refines
-  without them.
+  generator, so the call runs in an RNG forked and seeded with the job's seed).  diffusers
+  has no Qwen-Image ControlNet img2img pipeline: img2img with units is
+  :class:`~shared.errors.Unsupported` (as SD3), the hires pass refines without them.
 * **Guidance**: Qwen-Image has no distilled guidance; ``cfg`` is its true classifier-free
   guidance (``true_cfg_scale``), which its pipelines run only with a negative prompt: an
   empty one is sent as ``" "`` (as the model card does), so cfg > 1 always guides.
