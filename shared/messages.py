@@ -510,8 +510,10 @@ class ModelInfo(_Checked):
     ControlNets (and union models) the server has for its family; left out of the JSON when
     empty, and an empty tuple means "not said" (an older server, or a base whose family is
     unknown): a plug-in then offers every condition and the server answers for itself.
-    Names outside :data:`CONDITIONS` (a newer server's) are kept; a plug-in skips them."""
-    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("conditions",)
+    Names outside :data:`CONDITIONS` (a newer server's) are kept; a plug-in skips them.
+    ``edit`` (added within protocol 1, left out when false): a base that runs edit mode
+    (an instruction applied to a layer: FLUX.1 Kontext); a plug-in offers these for Edit."""
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("conditions", "edit")
     name: str
     kind: Literal["base", "controlnet"]
     condition: str = ""
@@ -519,6 +521,7 @@ class ModelInfo(_Checked):
     present: bool = False
     source: str = ""
     conditions: Tuple[str, ...] = ()
+    edit: bool = False
 
 
 @dataclass(frozen=True)

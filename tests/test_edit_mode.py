@@ -14,10 +14,10 @@ from backend.engines.catalogue import EDIT_BASES, LICENCES, Catalogue, ModelConf
 from backend.engines.diffusers.engine import DiffusersEngine
 from backend.engines.families import detect
 from backend.imaging import to_array
-from shared.errors import EditModelNeeded, FieldError, Unsupported
+from shared.errors import EditModelNeeded, FieldError, ModelMissing, Unsupported
 from shared.images import Image
 from shared.messages import (MAX_EDIT_REFERENCES, ControlUnit, Generate, GenerateRequest,
-                             from_json, to_json)
+                             Models, from_json, to_json)
 
 from tiny_fixtures import RecordingContext, lines_image, random_rgba, torch_threads  # noqa: F401
 
@@ -114,6 +114,28 @@ def test_non_edit_base_is_a_typed_error_naming_the_edit_models(engine):
         run(engine, edit(base_model="tiny-flux"))
     assert err.value.code == "edit_model_needed"
     assert "FLUX.1-Kontext-dev" in err.value.message and tiny_kontext.NAME in err.value.message
+
+
+def test_a_blank_edit_model_is_the_servers_edit_model(root, engine):
+    """An artist need not know the edit model's name: with no base named, a server whose
+    default base is built in edits with the built-in edit model, one with a real default
+    names the edit model to download; the models list marks the edit bases."""
+    tiny_default = DiffusersEngine(Catalogue(ModelConfig(base="tiny-sd15", tiny_root=str(root),
+                                                         cache_dir=str(root / "empty-hf-cache"),
+                                                         roots=(str(root),))), device="cpu")
+    try:
+        assert tiny_default.catalogue.edit_base("") == tiny_kontext.NAME
+        assert np.array_equal(run(tiny_default, edit(base_model="")), run(engine, edit()))
+    finally:
+        tiny_default.close()
+    assert engine.catalogue.edit_base("") == EDIT_BASES["flux"]  # not downloaded here
+    with pytest.raises(ModelMissing, match="FLUX.1-Kontext-dev"):
+        run(engine, edit(base_model=""))
+    assert engine.catalogue.edit_base("tiny-flux") == "tiny-flux"  # a named base is kept
+    listed = {m.name: m for m in engine.catalogue.entries()}
+    assert listed[tiny_kontext.NAME].edit and listed[EDIT_BASES["flux"]].edit
+    assert not listed["tiny-sd15"].edit and not listed["tiny-flux"].edit
+    assert '"edit"' not in to_json(Models(models=(listed["tiny-sd15"],), annotators=()))
 
 
 def test_edit_with_control_units_is_unsupported(engine):

@@ -203,5 +203,9 @@ def test_an_edit_with_the_tiny_kontext_engine(make_server, kontext_root, control
         assert c.edit() is not None
         assert c.run_until_idle(60)
         assert c.level == "error" and "edit model" in c.message.lower(), c.message
+        # the Edit section offers the bases the server marks as edit models
+        assert c.models is not None  # sent with the welcome
+        assert tiny_kontext.NAME in c.edit_models()
+        assert "tiny-flux" not in c.edit_models() and "tiny-flux" in c.base_models()
     finally:
         engine.close()

@@ -73,7 +73,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from shared.errors import ConfigError, ModelMissing, PathRefused, UnsupportedFamily
+from shared.errors import (ConfigError, ControlCanvasError, ModelMissing, PathRefused,
+                           UnsupportedFamily)
 from shared.messages import CONDITIONS, AnnotatorInfo, ModelInfo, Models
 from shared.geometry import NATIVE_SIDE
 from shared.paths import config_dir, data_dir
@@ -103,6 +104,7 @@ DEFAULT_BASES: Dict[str, str] = {
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
                               "tiny-sd3": "sd3", "tiny-zimage": "zimage", "tiny-qwen": "qwen"}
 TINY_BASES[tiny_kontext.NAME] = "flux"  # the tiny Flux stack as an edit base (Kontext)
+TINY_EDIT_BASES = {tiny_kontext.NAME}    # the built-in bases that run edit mode
 # Edit bases (edit mode: an instruction applied to a layer) per family.
 EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev"}
 DEMO_BASE = "shapes-demo"
@@ -421,6 +423,30 @@ class Catalogue:
     def default_base(self) -> str:
         return self.config.base or DEFAULT_BASES["sd15"]
 
+    def edit_base(self, name: str = "") -> str:
+        """The base an edit request runs on: the one it names; else the default base when
+        that is an edit model; else, with a built-in default, the built-in edit model; else
+        the first edit model that is downloaded, else FLUX.1 Kontext [dev] (its absence then
+        says how to get it).  So an artist need not know the edit model's name."""
+        if name:
+            return name
+        default = self.default_base
+        try:
+            if self.resolve_base(default).edit:
+                return default
+        except ControlCanvasError:
+            pass
+        where = self.config.bases[default][0] if default in self.config.bases else default
+        if where == DEMO_BASE or where in TINY_BASES:
+            return sorted(TINY_EDIT_BASES)[0]
+        for candidate in EDIT_BASES.values():
+            try:
+                self.resolve_base(candidate)
+            except ControlCanvasError:
+                continue
+            return candidate
+        return next(iter(EDIT_BASES.values()))
+
     def controlnet_name(self, condition: str, family: str, base: Optional[Resolved] = None) -> str:
         """The configured (or default) ControlNet name for ``condition`` on ``family``."""
         if condition not in CONDITIONS:
@@ -625,13 +651,14 @@ class Catalogue:
                 else:
                     resolved = self._resolve(name, name, kind, family)
                 present, source, found = True, _describe_source(resolved), resolved.family
+                edit = resolved.edit
             except ModelMissing:
-                present = False
+                present, edit = False, kind == "base" and name in EDIT_BASES.values()
                 source = "hub" if _HUB_ID.match(name) and not Path(name).exists() else "local"
             except UnsupportedFamily as err:
-                present, source = False, f"not runnable: {err.message}"
+                present, source, edit = False, f"not runnable: {err.message}", False
             out.append(ModelInfo(name=name, kind=kind, condition=condition, family=found,
-                                 present=present, source=source))
+                                 present=present, source=source, edit=edit))
 
         add(self.default_base, "base")
         for name in self.config.bases:
@@ -646,7 +673,8 @@ class Catalogue:
             if any(m.name == tiny_name for m in out):
                 continue
             out.append(ModelInfo(name=tiny_name, kind="base", family=family, present=True,
-                                 source="built in (random weights, for the demo and tests)"))
+                                 source="built in (random weights, for the demo and tests)",
+                                 edit=tiny_name in TINY_EDIT_BASES))
         for family in FAMILIES:
             for condition in CONDITIONS:
                 try:

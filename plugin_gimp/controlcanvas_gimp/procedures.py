@@ -309,7 +309,7 @@ PROCEDURES: Tuple[ProcedureSpec, ...] = (
               _choice("size", "Work at", "Generation size: the model's own scale, or the "
                       "layer's size", SIZE_CHOICES, "model"),
               _string("base-model", "Edit model", "An edit model on the server (FLUX.1 "
-                      "Kontext); blank: the server's default"))
+                      "Kontext); blank: the server picks its edit model"))
         + connection_args(),
         returns=("seed", "layer")),
     ProcedureSpec(

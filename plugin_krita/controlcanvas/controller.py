@@ -258,6 +258,15 @@ class Controller:
         bases = [m for m in self.models.models if m.kind == "base"]
         return [m.name for m in sorted(bases, key=lambda m: not m.present)]
 
+    def edit_models(self) -> List[str]:
+        """The bases that run edit mode (the server marks them), the downloaded ones first;
+        a server that marks none (older, or none it has) gets every base offered."""
+        if self.models is None:
+            return []
+        bases = [m for m in self.models.models if m.kind == "base"]
+        edit = [m for m in bases if m.edit] or bases
+        return [m.name for m in sorted(edit, key=lambda m: not m.present)]
+
     def pose_detector(self) -> str:
         """The server's pose-detection annotator, "" when it has none available."""
         if self.models is None:

@@ -961,7 +961,7 @@ class DockerPanel(W.QWidget):
         default = models.default_base if models is not None else ""
         self.base_model.lineEdit().setPlaceholderText(
             f"server default ({default})" if default else "server default")
-        self.edit_panel.fill_models(self.controller.base_models(), default)
+        self.edit_panel.fill_models(self.controller.edit_models())
 
     def _fill_history(self) -> None:
         self.history.clear()

@@ -8,8 +8,9 @@ above the layer, in one undo step; outside a selection nothing changes (the serv
 those pixels and the new layer is transparent there).  ``plan.build_edit`` builds the
 request; this module only owns the widgets.
 
-The edit model is picked among the server's base models.  The server's list does not say
-which bases can edit, so any may be picked; one that cannot answers with the typed error
+The edit model is picked among the bases the server marks as edit models
+(``ModelInfo.edit``; an older server marks none, and then every base is offered); empty lets
+the server pick its edit model.  A base that cannot edit answers with the typed error
 ``edit_model_needed``, which names the edit models and shows in the docker's message.
 """
 
@@ -26,8 +27,8 @@ NO_REFERENCE = "(none)"
 INSTRUCTION_TIP = ("What to change, in words: 'make the jacket red', 'colour this line art "
                    "as a watercolour'. It applies to the selected layer, or to the selected "
                    "part of it")
-MODEL_TIP = ("An edit model on the server (FLUX.1 Kontext); empty: the server's default "
-             "base, which must be an edit model")
+MODEL_TIP = ("An edit model on the server (FLUX.1 Kontext); empty: the server picks its "
+             "edit model")
 REFERENCE_TIP = "A layer whose picture the instruction may refer to (it is sent whole)"
 NOTE = ("Edits the selected layer (with a selection, only the selected part: nothing "
         "changes outside it). The result is a new layer above it.")
@@ -119,13 +120,12 @@ class EditPanel:
             self._references[index] = fill_layer_combo(picker, self._layers,
                                                        self._references[index], NO_REFERENCE)
 
-    def fill_models(self, names: Sequence[str], default: str = "") -> None:
-        """The server's base models as suggestions; the text stays free."""
+    def fill_models(self, names: Sequence[str]) -> None:
+        """The server's edit models as suggestions; the text stays free."""
         keep = self.model.currentText()
         self.model.blockSignals(True)
         self.model.clear()
         self.model.addItems([""] + list(names))
         self.model.setEditText(keep)
         self.model.blockSignals(False)
-        self.model.lineEdit().setPlaceholderText(
-            f"server default ({default})" if default else "server default")
+        self.model.lineEdit().setPlaceholderText("the server's edit model")

@@ -624,7 +624,8 @@ class DiffusersEngine:
         self._started += 1
         request, sampling, preset = apply_preset(
             request, (lora.name for lora in self.catalogue.loras.scan()))
-        base = self.catalogue.resolve_base(request.base_model)
+        base = self.catalogue.resolve_base(self.catalogue.edit_base(request.base_model)
+                                           if request.mode == "edit" else request.base_model)
         check_edit(request, base)  # edit mode: an edit base, no units (.edit)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
                          for u in request.controls] if not base.control else []
