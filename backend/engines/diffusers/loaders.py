@@ -11,6 +11,10 @@
   original format or diffusers-keyed beside its ``config.json``; a union ControlNet file
   (diffusers-keyed only) needs its ``config.json`` (or xinsir's ``config_promax.json``)
   beside it.
+* GGUF transformers (``*.gguf``, the ``quant`` extra's ``gguf`` package): a quantized
+  transformer file plus a diffusers folder (or cached hub id) for the rest of the
+  pipeline: :func:`read_gguf_base`; the weights stay quantized and are dequantized per
+  layer in ``compute_dtype``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,27 @@ def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
         kwargs["num_in_channels"] = 9  # the UNet's only setting the family config gets wrong
     return cls.from_single_file(resolved.path, cache_dir=catalogue.config.cache_dir,
                                 local_files_only=_local_only(), **kwargs)
+
+
+def read_gguf_base(gguf_path: str, rest: str, cls, dtype):
+    """The ``cls`` pipeline with its transformer read from a GGUF file, the other
+    components from the diffusers folder ``rest``; ModelMissing when ``gguf`` is missing."""
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.utils import is_gguf_available
+
+    if not is_gguf_available():
+        raise ModelMissing(f"Reading the GGUF file {Path(gguf_path).name!r} needs the gguf "
+                           f"package: pip install \"controlcanvas[quant]\".", field="base_model")
+    transformer_cls = cls._get_signature_types()["transformer"][0] \
+        if hasattr(cls, "_get_signature_types") else None
+    if transformer_cls is None:
+        raise ModelMissing(f"{cls.__name__} has no transformer to read from a GGUF file.",
+                           field="base_model")
+    transformer = transformer_cls.from_single_file(
+        gguf_path, config=rest, subfolder="transformer", local_files_only=_local_only(),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), **dtype_kwargs(dtype))
+    return cls.from_pretrained(rest, transformer=transformer, local_files_only=True,
+                               **dtype_kwargs(dtype))
 
 
 def read_controlnet(resolved: Resolved, dtype, catalogue: Catalogue):
