@@ -196,3 +196,19 @@ def test_gguf_transformer_loads(flux_root, tmp_path):
     image = pipe("a cat", height=64, width=64, num_inference_steps=1, output_type="np",
                  max_sequence_length=16).images
     assert image.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("free,status,text", [(80 * G, "ok", "gpu (needs"),
+                                              (G // 2, "fail", "does not fit")])
+def test_doctor_reports_the_loading(monkeypatch, tmp_path, free, status, text):
+    import torch
+
+    from backend.cli import doctor
+    from backend.engines.diffusers import acceleration, devices
+
+    monkeypatch.setenv("CONTROLCANVAS_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(acceleration, "choose_device", lambda name=None: torch.device("cuda"))
+    monkeypatch.setattr(devices, "free_bytes", lambda device: free)
+    monkeypatch.setattr(devices, "available_ram", lambda: 64 * G)
+    check = doctor.check_fit()
+    assert check.name == "loading" and check.status == status and text in check.detail

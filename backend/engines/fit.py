@@ -75,7 +75,7 @@ class Sized:
     name: str
     family: str
     components: Tuple[Component, ...]
-    quantizable: str = "transformer"  # the component a GGUF file replaces
+    quantizable: str = "transformer"  # the component a GGUF file replaces ("" : none)
 
     def weights(self) -> int:
         return sum(c.nbytes for c in self.components)
@@ -92,6 +92,10 @@ class Sized:
         return replace(self, components=tuple(
             replace(c, dtype=dtype) if c.dtype in ("fp32", "fp16", "bf16") else c
             for c in self.components))
+
+    def quantizations(self) -> List["Sized"]:
+        """Its GGUF transformers, mildest first (none for a UNet family)."""
+        return [self.quantized(q) for q in GGUF_QUANTS] if self.quantizable else []
 
     def quantized(self, quant: str) -> "Sized":
         """The same model with a ``quant`` GGUF file for its transformer."""
@@ -138,7 +142,7 @@ def plan(model: Sized, free: Optional[int], ram: Optional[int] = None,
     if choice is not None:
         notes = []
         if choice == "sequential":  # the slow last resort: say what would run faster
-            faster = next((c for c in [model.quantized(q) for q in GGUF_QUANTS] + variants
+            faster = next((c for c in model.quantizations() + variants
                            if choose(c, free, ram) in ("gpu", "model")), None)
             if faster is not None:
                 notes.append(f"faster: {faster.name} with {choose(faster, free, ram)} loading")
@@ -153,7 +157,7 @@ def _refusal(model: Sized, free: int, ram: Optional[int], variants: List[Sized])
             f"{ram_text}: it needs {needs['gpu'] / GIB:.1f} GiB on the GPU, "
             f"{needs['sequential'] / GIB:.1f} GiB even with sequential CPU offload "
             f"(weights {model.weights() / GIB:.1f} GiB).")
-    candidates = [model.quantized(q) for q in GGUF_QUANTS] + list(variants)
+    candidates = model.quantizations() + list(variants)
     for candidate in candidates:
         fits = choose(candidate, free, ram)
         if fits is not None:
@@ -185,9 +189,8 @@ _QWEN3_8B = _c("text_encoder", 8.19e9, 36)
 _QWEN25_VL_7B = _c("text_encoder", 8.29e9, 28)
 
 REAL: Dict[str, Sized] = {s.name: s for s in (
-    Sized("SD1.5", "sd15", (_c("unet", 859.5e6, 12), _CLIP_L, _VAE), quantizable="unet"),
-    Sized("SDXL", "sdxl", (_c("unet", 2.567e9, 14), _CLIP_L, _CLIP_G, _VAE),
-          quantizable="unet"),
+    Sized("SD1.5", "sd15", (_c("unet", 859.5e6, 12), _CLIP_L, _VAE), quantizable=""),
+    Sized("SDXL", "sdxl", (_c("unet", 2.567e9, 14), _CLIP_L, _CLIP_G, _VAE), quantizable=""),
     Sized("FLUX.1 [dev]", "flux", (_c("transformer", 11.90e9, 57), _CLIP_L, _T5, _VAE)),
     Sized("SD3.5 Large", "sd3", (_c("transformer", 8.06e9, 38), _CLIP_L, _CLIP_G, _T5, _VAE)),
     Sized("SD3.5 Medium", "sd3", (_c("transformer", 2.47e9, 24), _CLIP_L, _CLIP_G, _T5,
@@ -213,7 +216,7 @@ def smaller_variants(model: Sized, dtype: str) -> List[Sized]:
     for sibling in sorted((m for m in smaller if m.weights() < model.weights()),
                           key=Sized.weights, reverse=True):
         out.append(sibling)
-        out.extend(sibling.quantized(q) for q in GGUF_QUANTS)
+        out.extend(sibling.quantizations())
     return out
 
 
@@ -244,8 +247,9 @@ def real_size_table(dtypes: Iterable[str] = ("bf16", "fp8"),
     table: Dict[str, Dict[str, Dict]] = {}
     for name, model in REAL.items():
         rows = {d: model.with_dtype(d) for d in dtypes}
-        rows.update({f"{next(iter(dtypes))}+{q}": rows[next(iter(dtypes))].quantized(q)
-                     for q in quants})
+        first = next(iter(dtypes))
+        if model.quantizable:
+            rows.update({f"{first}+{q}": rows[first].quantized(q) for q in quants})
         table[name] = {k: dict(weights=m.weights(), **m.needs()) for k, m in rows.items()}
     return table
 
@@ -302,6 +306,8 @@ def sized_from_files(name: str, family: str, path: str,
                      gguf: Optional[Mapping[str, int]] = None) -> Optional[Sized]:
     """A base's size from its files (a diffusers folder or one safetensors file); None
     when they cannot be read (the caller falls back to the family's real size)."""
+    if not path:
+        return None
     p = Path(path)
     try:
         if p.is_dir():
