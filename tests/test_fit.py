@@ -212,3 +212,8 @@ def test_doctor_reports_the_loading(monkeypatch, tmp_path, free, status, text):
     monkeypatch.setattr(devices, "available_ram", lambda: 64 * G)
     check = doctor.check_fit()
     assert check.name == "loading" and check.status == status and text in check.detail
+
+
+def test_offload_text_other_than_auto_is_refused_when_the_engine_is_built():
+    with pytest.raises(ConfigError, match="must be \"auto\", true or false"):
+        engine_options({"offload": "yes please"})

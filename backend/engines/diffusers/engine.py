@@ -974,6 +974,8 @@ def engine_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
                               f"{type(value).__name__}.")
         if key == "memory_budget_gb":
             kwargs["memory_budget"] = int(float(value) * (1 << 30))
+        elif key == "offload":
+            kwargs[key] = offload_setting(value)  # "auto", true or false
         else:
             kwargs[key] = value
     if fast:
