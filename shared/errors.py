@@ -196,6 +196,15 @@ class OutOfMemory(EngineError):
                        "GPU programs, or start the server with --offload.")
 
 
+class DoesNotFit(OutOfMemory):
+    """A base cannot be loaded in the device's free memory by any loading (all on the GPU,
+    model or sequential CPU offload); the message names the variant that would fit."""
+
+    code = "does_not_fit"
+    default_message = ("The model does not fit this GPU's free memory, even with sequential "
+                       "CPU offload; pick a smaller or quantized (GGUF) variant.")
+
+
 class WorkerLost(EngineError):
     code = "worker_lost"
     default_message = ("The GPU worker running this job stopped (it crashed or lost its device) "

@@ -277,7 +277,7 @@ def test_every_server_setting_is_known_and_type_checked(tmp_path, monkeypatch):
     ("engine = 5\n", "engine must be a table"),
     ("[server]\nengine_options = 5\n", "[server] engine_options must be a table"),
     ("[engine]\nturbo = true\n", "unknown engine option 'turbo'"),
-    ("[engine]\noffload = \"yes please\"\n", "[engine] offload must be true or false"),
+    ("[engine]\noffload = \"yes please\"\n", "[engine] offload must be \"auto\", true or false"),
     ("[engine]\ncpu_threads = 1.5\n", "[engine] cpu_threads must be a whole number"),
     ("[engine]\ncompile_mode = \"fastest\"\n", "[engine] compile_mode must be one of"),
 ])

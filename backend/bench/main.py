@@ -98,6 +98,11 @@ def _lora_bench() -> Dict:
     return bench_lora_cost()
 
 
+def _memory_bench() -> Dict:
+    from .memory import bench_memory  # torch: only when chosen
+    return bench_memory()
+
+
 def _live_bench(args) -> Dict:
     from .live import bench_live  # torch: only when chosen
     return bench_live(seconds=args.seconds, rate=args.rate,
@@ -129,6 +134,7 @@ BENCHES = {
     "lora-cost": lambda args: _lora_bench(),
     "live": _live_bench,
     "scale": _scale_bench,
+    "memory": lambda args: _memory_bench(),
 }
 
 

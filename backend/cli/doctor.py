@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from ..engines.catalogue import Catalogue, ModelConfig, download_command
+from shared.errors import ControlCanvasError
+
+from ..engines.catalogue import DEFAULT_BASES, Catalogue, ModelConfig, download_command
 from ..engines.requirements import DIFFUSERS_FLOOR, TORCH_FLOOR, floor_text, release
 from .install import installed_plugins
 
@@ -153,6 +155,43 @@ def check_fast_path() -> Check:
     return Check("fast path", OK, detail)
 
 
+def check_fit() -> Check:
+    """How the default base would be loaded (backend/engines/fit.py): all on the GPU, model
+    or sequential CPU offload, or that it does not fit (and the variant that would)."""
+    from ..engines import fit
+    from ..server.config import build_config
+
+    config = build_config({})
+    if config.engine != "diffusers":
+        return Check("loading", OK, f"the {config.engine} engine loads no large model")
+    from ..engines.diffusers.acceleration import choose_device, choose_dtype, dtype_name
+    from ..engines.diffusers.devices import available_ram, free_bytes
+
+    options = config.engine_options
+    device = choose_device(options.get("device"))
+    if device.type != "cuda":
+        return Check("loading", OK, f"on {device}: the whole model in RAM")
+    setting = options.get("offload", "auto")
+    if setting is not None and setting != "auto":
+        return Check("loading", OK, f"offload = {str(setting).lower()} in [engine] (no plan)")
+    catalogue = Catalogue(ModelConfig.from_toml())
+    name, path = catalogue.default_base, ""
+    family = next((f for f, n in DEFAULT_BASES.items() if n == name), "sd15")
+    try:
+        resolved = catalogue.resolve_base()
+        family, path = resolved.family, resolved.path
+    except ControlCanvasError:  # not downloaded: its family's real size ("base model" says)
+        pass
+    dtype = dtype_name(choose_dtype(options.get("dtype"), True))
+    try:
+        plan = fit.plan_base(name, family, path, dtype, free_bytes(str(device)),
+                             available_ram())
+    except ControlCanvasError as err:
+        return Check("loading", FAIL, err.message)
+    status = WARN if plan.choice == "sequential" else OK
+    return Check("loading", status, f"{name}: {plan.line()}")
+
+
 def configured_engine() -> str:
     """The engine ``controlcanvas serve`` would use with this machine's config and env."""
     from ..server.config import build_config
@@ -251,7 +290,7 @@ def check_pose_helper() -> Check:
 
 def run_checks(token_file: Path, host: str, port: int) -> List[Check]:
     checks: List[Check] = [check_python()]
-    for run in (check_torch, check_diffusers, check_models, check_fast_path):
+    for run in (check_torch, check_diffusers, check_models, check_fast_path, check_fit):
         result = _guard(run)
         checks.extend(result if isinstance(result, list) else [result])
     checks.append(check_token(token_file))

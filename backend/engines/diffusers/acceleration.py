@@ -113,6 +113,18 @@ class FastPath:
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(FastPath)) | {"fast_path"}
 
 
+def offload_setting(value: Any) -> Union[bool, str]:
+    """``[engine] offload``: ``"auto"`` (plan each base's loading from its size and the free
+    VRAM: :mod:`backend.engines.fit`), or true / false (model CPU offload always / never)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return "auto"
+    try:
+        return _as_bool(value, "offload")
+    except ConfigError:
+        raise ConfigError(f"[engine] offload must be \"auto\", true or false; got "
+                          f"{value!r}") from None
+
+
 def _as_bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -177,13 +189,13 @@ def dtype_name(dtype) -> str:
     return _SHORT.get(str(dtype).replace("torch.", ""), str(dtype))
 
 
-def settings(device, dtype, offload: bool, fast: FastPath,
+def settings(device, dtype, offload: Union[bool, str], fast: FastPath,
              compile_failed: bool = False) -> Dict[str, Scalar]:
     """Device, precision, offload and the fast path, as the doctor and the welcome show it."""
     out: Dict[str, Scalar] = {"device": str(device), "dtype": dtype_name(dtype),
-                              "offload": bool(offload)}
+                              "offload": offload if offload == "auto" else bool(offload)}
     out.update(fast.describe())
-    if offload and out["compile"]:
+    if offload is True and out["compile"]:
         out["compile"] = False  # offload wraps forward itself: compile stays off
     elif compile_failed and out["compile"]:
         out["compile"] = "eager (failed)"
@@ -196,7 +208,7 @@ def planned_settings(options: Mapping[str, Any]) -> Dict[str, Scalar]:
     device = choose_device(options.get("device"))
     cuda = device.type == "cuda"
     fast = FastPath.from_options({k: v for k, v in options.items() if k in OPTION_NAMES}, cuda)
-    offload = _as_bool(options.get("offload", False), "offload") and cuda
+    offload = offload_setting(options.get("offload")) if cuda else False
     return settings(device, choose_dtype(options.get("dtype"), cuda), offload, fast)
 
 

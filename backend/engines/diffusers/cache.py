@@ -52,6 +52,7 @@ class BaseEntry:
     references: Any = None  # ipadapter.ReferenceAdapters: its IP-Adapters (made on first use)
     prompts: Any = field(default_factory=OrderedDict)  # reuse.prompt_kwargs' embeddings
     nested_pipes: Dict[type, Any] = field(default_factory=dict)  # for jobs run in a pause
+    loading: str = "gpu"  # fit.CHOICES: all on the GPU, model or sequential CPU offload
 
 
 @dataclass

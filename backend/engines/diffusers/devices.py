@@ -13,6 +13,19 @@ def cuda_devices() -> List[str]:
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
+def available_ram() -> Optional[int]:
+    """RAM the system can give without swapping (None when it cannot be read): where
+    offloaded weights wait."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def free_bytes(device: str) -> Optional[int]:
     """Free memory on a CUDA device, as the driver counts it (other processes included);
     None when it cannot be read."""

@@ -86,7 +86,7 @@ import logging
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -111,11 +111,13 @@ from ..presets import Sampling, apply_preset, check_family
 from ..tiny import quiet_progress_bars
 from .adapters import AdapterUnits, check_adapter_fits, check_adapter_unit, read_adapter
 from .acceleration import (OPTION_NAMES as FAST_OPTIONS, FastPath, TinyPreviews, choose_device,
-                           choose_dtype, dtype_name, load_sdxl_vae, prepare_model,
+                           choose_dtype, dtype_name, load_sdxl_vae, offload_setting, prepare_model,
                            prepare_pipeline, settings, vae_in_fp32)
 from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory,
                     is_out_of_memory, module_bytes)
 from .compiled import uncompile
+from .devices import available_ram, free_bytes
+from .. import fit
 from .dit_families import dit_family
 from .edit import EDIT_KINDS, check_edit, edit_kind, reference_arrays
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
@@ -169,7 +171,9 @@ class DiffusersEngine:
     ``catalogue`` resolves names (default: ``Catalogue(ModelConfig.from_toml())``).
     ``device``: "cuda", "cpu", ... (default: CUDA when available).  ``dtype``:
     "fp16" | "bf16" | "fp32" (default fp16 on CUDA, fp32 on CPU).  ``offload``:
-    model CPU offload (CUDA only).  ``memory_budget``: bytes of loaded models kept
+    ``"auto"`` (default): each base's loading is planned from its size and the GPU's free
+    memory (:mod:`backend.engines.fit`: all on the GPU, model or sequential CPU offload, or
+    ``DoesNotFit``); True: model CPU offload always; False: all on the GPU (CUDA only).  ``memory_budget``: bytes of loaded models kept
     (default 90 % of VRAM on CUDA, half the RAM on CPU).  ``fast_options``: the options of
     :class:`~.acceleration.FastPath` (defaults: on where safe on CUDA, off on the CPU).
     """
@@ -177,7 +181,7 @@ class DiffusersEngine:
     name = "diffusers"
 
     def __init__(self, catalogue: Optional[Catalogue] = None, *, device: Optional[str] = None,
-                 dtype: Optional[str] = None, offload: bool = False,
+                 dtype: Optional[str] = None, offload: Union[bool, str] = "auto",
                  memory_budget: Optional[int] = None, vae_tiling_pixels: Optional[int] = None,
                  max_work_scale: float = 1.5, hires_scale: float = 2.0,
                  hires_strength: float = 0.35,
@@ -195,8 +199,10 @@ class DiffusersEngine:
         self.device = choose_device(device)
         cuda = self.device.type == "cuda"
         self.dtype = choose_dtype(dtype, cuda)
-        self.offload = bool(offload) and cuda
-        if offload and not cuda:
+        self.offload_setting = offload_setting(offload)
+        self.offload = self.offload_setting is True and cuda
+        self.loadings: Dict[str, "fit.Plan"] = {}  # base name -> its planned loading
+        if self.offload_setting is True and not cuda:
             log.warning("CPU offload needs CUDA; ignored on %s", self.device)
         self.fast = FastPath.from_options(fast_options or {}, cuda)
         self.previews = TinyPreviews(self.fast, self.catalogue, self.dtype, self.device)
@@ -316,8 +322,14 @@ class DiffusersEngine:
     def info(self) -> Dict[str, Any]:
         """What the doctor prints and the welcome carries: device, precision, offload and
         the fast-path choices (``compile`` says ``eager (failed)`` after a fall back)."""
-        return settings(self.device, self.dtype, self.offload, self.fast,
+        info = settings(self.device, self.dtype, self.offload, self.fast,
                         compile_failed=bool(self.stats["compile_fallbacks"]))
+        if self._plans_loading() and not self.offload:
+            info["offload"] = "auto"
+        if self.loadings:
+            info["loading"] = "; ".join(f"{name}: {plan.line()}"
+                                        for name, plan in self.loadings.items())
+        return info
 
     def preprocess(self, message: Preprocess, image: Image, ctx: JobContext) -> Annotated:
         """The annotator registry (backend.annotators.library); "none" is the layer itself."""
@@ -341,6 +353,7 @@ class DiffusersEngine:
             return entry
         self._make_room(disk_bytes(resolved.path), keep=keep)
         family = resolved.family
+        loading = self._plan_loading(resolved)
         dit = dit_family(family)
         cls = dit.pipelines[("txt2img", False)] if dit else PIPELINES[(family, "txt2img", False)]
         kwargs: Dict[str, Any] = {}
@@ -369,11 +382,30 @@ class DiffusersEngine:
         native = resolved.native_size if dit else \
             int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         entry = BaseEntry(resolved, pipe, family, native, dict(pipe.scheduler.config),
-                          module_bytes(*pipe.components.values()), vae_fp32=vae_fp32)
+                          module_bytes(*pipe.components.values()), vae_fp32=vae_fp32,
+                          loading=loading)
         self._bases[key] = entry
         self.stats["loads"] += 1
         log.info("loaded base %s (%s, %.0f MB)", resolved.name, family, entry.nbytes / 2**20)
         return entry
+
+    def _plan_loading(self, resolved: Resolved) -> str:
+        """With ``offload = "auto"`` on CUDA: the loading :mod:`..fit` plans for this base
+        from its size and the free memory (model or sequential offload turn the engine's
+        offload on); raises DoesNotFit when nothing fits.  Else what the setting says."""
+        if not self._plans_loading():
+            return "model" if self.offload else "gpu"
+        plan = fit.plan_base(resolved.name, resolved.family, resolved.path,
+                             dtype_name(self.dtype), free_bytes(str(self.device)),
+                             available_ram())
+        self.loadings[resolved.name] = plan
+        log.info("loading %s: %s", resolved.name, plan.line())
+        if plan.choice != "gpu" and not self.offload:
+            self._turn_on_offload()
+        return plan.choice
+
+    def _plans_loading(self) -> bool:
+        return self.device.type == "cuda" and self.offload_setting == "auto"
 
     def _prepare_base(self, pipe, family: str, name: str) -> bool:
         """The fast path on a freshly loaded base (see .acceleration), on its device.
@@ -479,7 +511,10 @@ class DiffusersEngine:
         if controls:
             pipe.controlnet = units
         if self.offload and (entry.offload_owner is not pipe or controls):
-            pipe.enable_model_cpu_offload(device=self.device)
+            if entry.loading == "sequential":  # the last resort: one block at a time
+                pipe.enable_sequential_cpu_offload(device=self.device)
+            else:
+                pipe.enable_model_cpu_offload(device=self.device)
             entry.offload_owner = pipe
         return pipe
 
@@ -914,7 +949,7 @@ def _control_type(unit, resolved: Resolved, base: Resolved) -> Optional[int]:
 # [engine] options of the engine itself (the fast path's are acceleration.OPTION_NAMES),
 # with the type each must have in config.toml
 _BASIC_OPTIONS: Dict[str, Tuple[type, ...]] = {
-    "device": (str,), "dtype": (str,), "offload": (bool,), "memory_budget_gb": (int, float),
+    "device": (str,), "dtype": (str,), "offload": (str, bool), "memory_budget_gb": (int, float),
     "vae_tiling_pixels": (int,), "max_work_scale": (int, float), "hires_scale": (int, float),
     "hires_strength": (int, float), "inpaint_margin": (int, float),
     "inpaint_min_margin": (int,), "feather": (int, float), "square_only": (bool,),
@@ -942,6 +977,8 @@ def engine_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
                               f"{type(value).__name__}.")
         if key == "memory_budget_gb":
             kwargs["memory_budget"] = int(float(value) * (1 << 30))
+        elif key == "offload":
+            kwargs[key] = offload_setting(value)  # "auto", true or false
         else:
             kwargs[key] = value
     if fast:

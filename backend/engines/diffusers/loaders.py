@@ -14,6 +14,10 @@
 * A family whose pipeline diffusers cannot read from one file (Qwen-Image: its single
   files, as ComfyUI's, hold the transformer only) reads the file as its transformer and
   the text encoder, VAE and scheduler from the family's default repo, downloaded.
+* GGUF transformers (``*.gguf``, the ``quant`` extra's ``gguf`` package): a quantized
+  transformer file plus a diffusers folder (or cached hub id) for the rest of the
+  pipeline: :func:`read_gguf_base`; the weights stay quantized and are dequantized per
+  layer in ``compute_dtype``.
 """
 
 from __future__ import annotations
@@ -86,6 +90,27 @@ def _around_transformer(resolved: Resolved, cls, catalogue: Catalogue, kwargs: D
         resolved.path, config=str(folder), subfolder="transformer",
         local_files_only=True, **{k: v for k, v in kwargs.items() if k == DTYPE_KEYWORD})
     return cls.from_pretrained(folder, transformer=transformer, local_files_only=True, **kwargs)
+
+
+def read_gguf_base(gguf_path: str, rest: str, cls, dtype):
+    """The ``cls`` pipeline with its transformer read from a GGUF file, the other
+    components from the diffusers folder ``rest``; ModelMissing when ``gguf`` is missing."""
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.utils import is_gguf_available
+
+    if not is_gguf_available():
+        raise ModelMissing(f"Reading the GGUF file {Path(gguf_path).name!r} needs the gguf "
+                           f"package: pip install \"controlcanvas[quant]\".", field="base_model")
+    transformer_cls = cls._get_signature_types()["transformer"][0] \
+        if hasattr(cls, "_get_signature_types") else None
+    if transformer_cls is None:
+        raise ModelMissing(f"{cls.__name__} has no transformer to read from a GGUF file.",
+                           field="base_model")
+    transformer = transformer_cls.from_single_file(
+        gguf_path, config=rest, subfolder="transformer", local_files_only=_local_only(),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), **dtype_kwargs(dtype))
+    return cls.from_pretrained(rest, transformer=transformer, local_files_only=True,
+                               **dtype_kwargs(dtype))
 
 
 def read_controlnet(resolved: Resolved, dtype, catalogue: Catalogue):
