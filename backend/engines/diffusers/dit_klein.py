@@ -137,6 +137,7 @@ class KleinFamily(DitFamily):
             log.info("Flux.2 Klein has no ControlNet: %d control unit(s) run as reference "
                      "images with the instruction(s) %r", len(order),
                      prompt[len(request.prompt):].strip())
+        cfg = cfg and not pipe.config.get("is_distilled", False)  # distilled: no guidance
         negative = (request.negative_prompt or None) if cfg else None
         kwargs: Dict[str, Any] = prompt_kwargs(
             pipe, entry, prompt, negative, cfg, stats, cache_size,
