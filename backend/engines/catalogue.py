@@ -706,7 +706,8 @@ class Catalogue:
         """The names ``controlcanvas models download`` knows besides hub ids."""
         names = list(DEFAULT_BASES) + [n for n in self.config.bases if n not in DEFAULT_BASES]
         names += list(CONTROLNETS["sd15"]) + [f"{family}:{c}" for family in FAMILIES
-                                              if family != "sd15" for c in CONTROLNETS.get(family, {})]
+                                              if family != "sd15"
+                                              for c in CONTROLNETS.get(family, {})]
         return names + list(few_step.load_presets()) + list(references.ADAPTERS)
 
     def download_target(self, name: str) -> Tuple[str, str]:

@@ -1,7 +1,7 @@
 """Every transformer (DiT) family the engine runs, by name: :mod:`.dit` (Flux.1, SD3 /
 SD3.5 and the :class:`~.dit.DitFamily` they share) and one module per further family
-(:mod:`.dit_zimage`, :mod:`.dit_klein`).  A family's module builds on :mod:`.dit`; this one only lists them
-(so that no family module imports another)."""
+(:mod:`.dit_zimage`, :mod:`.dit_klein`).  A family's module builds on :mod:`.dit`; this
+one only lists them (so that no family module imports another)."""
 
 from __future__ import annotations
 
