@@ -1123,8 +1123,8 @@ def test_docker_headings_read_on_dark_and_light_themes(docker_on, qapp, tmp_path
     assert (shot.width(), shot.height()) == KRITA_DOCKED
     body = panel.scroll.widget()
     whole = body.grab().toImage()  # every section, also those scrolled out of view
-    assert set(panel.sections) == {"Prompt", "Control", "Sampling", "LoRA", "Reference", "Live",
-                                   "History"}
+    assert set(panel.sections) == {"Prompt", "Control", "Sampling", "LoRA", "Reference", "Edit",
+                                   "Live", "History"}
     for title, section in panel.sections.items():
         toggle = section.toggle
         box = QtCore.QRect(toggle.mapTo(body, QtCore.QPoint(0, 0)), toggle.size())

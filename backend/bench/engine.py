@@ -66,12 +66,15 @@ STACKS = {
     "flux-union": ("tiny-flux", "flux", "union", "FluxControlNetPipeline"),
     "sd3": ("tiny-sd3", "sd3", "lines", "StableDiffusion3ControlNetPipeline"),
     "zimage": ("tiny-zimage", "zimage", "union", "ZImageControlNetPipeline"),
+    "qwen-union": ("tiny-qwen", "qwen", "union", "QwenImageControlNetPipeline"),
 }
 # The bare pipeline's ControlNet class and control arguments per family (the DiT families:
-# ``control_image``; Flux's union model: lineart's control mode, canny = 0).
+# ``control_image``; Flux's union model: lineart's control mode, canny = 0; Qwen-Image: cfg
+# is its true guidance, which runs with a negative prompt, the blank one the engine sends).
 _DIT_NETS = {"flux": ("FluxControlNetModel", {"control_mode": 0}),
              "sd3": ("SD3ControlNetModel", {}),
-             "zimage": ("ZImageControlNetModel", {"controlnet_conditioning_scale": 1.0})}
+             "zimage": ("ZImageControlNetModel", {"controlnet_conditioning_scale": 1.0}),
+             "qwen": ("QwenImageControlNetModel", {"negative_prompt": " "})}
 # Z-Image's pipelines read guidance g as pos + g x (pos - neg): our cfg c is g = c - 1.
 _GUIDANCE_OFFSET = {"zimage": 1.0}
 
@@ -134,6 +137,7 @@ def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
         {"image": control_pil}
     if family in _DIT_NETS:
         images = dict(_DIT_NETS[family][1], control_image=control_pil)
+    cfg_name = "true_cfg_scale" if family == "qwen" else "guidance_scale"  # (.dit_qwen)
 
     def ours():
         return engine.generate(request, {0: control}, ctx)[0].image
@@ -143,8 +147,8 @@ def _bench_stack(engine, stack: str, repeats: int, steps: int, size: int,
         with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
             torch.manual_seed(request.seed)  # SD3's ControlNet pipeline draws from it (.dit)
             guidance = request.cfg - _GUIDANCE_OFFSET.get(family, 0.0)
-            return bare(request.prompt, num_inference_steps=steps, guidance_scale=guidance,
-                        generator=generator, height=size, width=size, **images).images[0]
+            return bare(request.prompt, num_inference_steps=steps, generator=generator,
+                        height=size, width=size, **{cfg_name: guidance}, **images).images[0]
 
     a, b = ours(), plain()  # warm-up (loads, allocator) and an equality check
     same = np.array_equal(to_array(a)[..., :3], np.asarray(b))

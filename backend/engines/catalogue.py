@@ -12,8 +12,9 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   tiny base and an outline ControlNet trained here on synthetic shapes; see
   docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
 * ``tiny-sd15`` / ``tiny-sdxl``: random-weight tiny models built by :mod:`backend.engines.tiny`
-  (every condition; for tests and benchmarks); ``tiny-flux`` / ``tiny-sd3``: the same for
-  Flux.1 and SD3.5 (:mod:`backend.engines.tiny_dit`; the conditions their ControlNets serve);
+  (every condition; for tests and benchmarks); ``tiny-flux`` / ``tiny-sd3`` / ``tiny-qwen``:
+  the same for Flux.1, SD3.5 and Qwen-Image (:mod:`backend.engines.tiny_dit`,
+  :mod:`backend.engines.tiny_qwen`; the conditions their ControlNets serve);
   ``tiny-flux-kontext``: the tiny Flux stack as an edit base (:mod:`backend.engines.tiny_kontext`;
   edit mode; ``EDIT_BASES`` names the real one, FLUX.1 Kontext [dev], non-commercial);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
@@ -40,8 +41,9 @@ The catalogue (``CONTROLNETS``) gives the default ControlNet per condition and
 family: lllyasviel's ControlNet 1.1 set for SD1.5, one union ControlNet (xinsir's
 ProMax) for every SDXL condition it serves, Shakker-Labs' FLUX.1 union ControlNet for the
 Flux conditions it has a mode for, Stability's SD3.5 Large canny / depth / blur ControlNets
-for SD3 (``LICENCES`` names the Flux and SD3.5 models' licences: FLUX.1 [dev] and its
-ControlNets are non-commercial).  The ``[models]`` and ``[controlnets]``
+for SD3, InstantX's union and inpainting ControlNets for Qwen-Image (``LICENCES`` names the
+Flux, SD3.5 and Qwen-Image models' licences: FLUX.1 [dev] and its ControlNets are
+non-commercial, Qwen-Image and its ControlNets Apache-2.0).  The ``[models]`` and ``[controlnets]``
 tables of ``config.toml`` override it::
 
     [models]
@@ -81,24 +83,27 @@ from ..configfile import table as toml_table
 from ..confine import confine
 from . import downloads, references, tiny, tiny_kontext
 from . import presets as few_step
-from .families import (FLUX_UNION_MODES, UNION_CONTROL_TYPES, ZIMAGE_CONDITIONS, Detected, check_runnable, detect,
-                       detect_base_folder, detect_file)
+from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES,
+                       ZIMAGE_CONDITIONS, Detected, check_runnable, detect, detect_base_folder,
+                       detect_file)
 from .families import REFERENCE_CONTROLS
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage", "klein")  # what config.toml may name (families.SUPPORTED)
+# what config.toml may name (families.SUPPORTED)
+FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage", "qwen", "klein")
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "flux": "black-forest-labs/FLUX.1-dev",
     "sd3": "stabilityai/stable-diffusion-3.5-large",
     "zimage": "Tongyi-MAI/Z-Image-Turbo",
+    "qwen": "Qwen/Qwen-Image",
     "klein": "black-forest-labs/FLUX.2-klein-4B",
 }
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
-                              "tiny-sd3": "sd3", "tiny-zimage": "zimage"}
+                              "tiny-sd3": "sd3", "tiny-zimage": "zimage", "tiny-qwen": "qwen"}
 TINY_BASES["tiny-klein"] = "klein"  # Flux.2 Klein (backend.engines.tiny_klein), also an edit base
 TINY_BASES[tiny_kontext.NAME] = "flux"  # the tiny Flux stack as an edit base (Kontext)
 # Edit bases (edit mode: an instruction applied to a layer) per family.
@@ -132,6 +137,11 @@ SDXL_UNION = "OzzyGT/controlnet-union-promax-sdxl-1.0"
 # Flux.1: Shakker-Labs' union ControlNet Pro (InstantX's union model, further trained: the
 # same control modes, families.FLUX_UNION_MODES) for every condition it has a mode for.
 FLUX_UNION = "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"
+# Qwen-Image: InstantX's union ControlNet (canny, soft edge, depth, pose: the condition read
+# from the image, families.QWEN_UNION_MODES) and inpainting ControlNet (Apache-2.0, as
+# Qwen-Image itself).
+QWEN_UNION = "InstantX/Qwen-Image-ControlNet-Union"
+QWEN_INPAINT = "InstantX/Qwen-Image-ControlNet-Inpainting"
 # SD3.5 Large: Stability's canny / depth / blur ControlNets (blur serves tile upscaling).
 SD35_CANNY = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
 # Z-Image Turbo: alibaba-pai's Fun ControlNet Union 2.1 in diffusers layout (the repo
@@ -163,6 +173,8 @@ CONTROLNETS: Dict[str, Dict[str, str]] = {
             "depth": "stabilityai/stable-diffusion-3.5-large-controlnet-depth",
             "tile": "stabilityai/stable-diffusion-3.5-large-controlnet-blur"},
     "zimage": {condition: ZIMAGE_UNION for condition in ZIMAGE_CONDITIONS},
+    "qwen": dict({condition: QWEN_UNION for condition in QWEN_UNION_MODES},
+                 inpaint=QWEN_INPAINT),
 }
 # Licences of the default Flux and SD3.5 models (the SD1.5 / SDXL ones are open RAIL):
 # FLUX.1-dev and every ControlNet made for it are non-commercial; schnell is Apache-2.0.
@@ -178,6 +190,7 @@ LICENCES: Dict[str, str] = {
     "stabilityai/stable-diffusion-3.5-large-controlnet-blur": "Stability AI Community License",
     "Tongyi-MAI/Z-Image-Turbo": "Apache-2.0",
     ZIMAGE_UNION: "Apache-2.0",
+    "Qwen/Qwen-Image": "Apache-2.0", QWEN_UNION: "Apache-2.0", QWEN_INPAINT: "Apache-2.0",
     "black-forest-labs/FLUX.2-klein-4B": "Apache-2.0",
     "black-forest-labs/FLUX.2-klein-9B": "FLUX Non-Commercial License",
 }

@@ -10,7 +10,8 @@ What the engine runs (``SUPPORTED``): Stable Diffusion 1.5 and SDXL, each also a
 9-channel inpainting base, with classic and (SDXL) union ControlNets and T2I-Adapters (their
 family from ``adapter_type``: ``full_adapter_xl`` is SDXL's layout); Flux.1 (classic and
 InstantX / Shakker union ControlNets, ``FLUX_UNION_MODES``) and SD3 / SD3.5 (SD3
-ControlNets), run by :mod:`backend.engines.diffusers.dit`.  SD2 is recognised so that a
+ControlNets) and Qwen-Image (InstantX's union and inpainting ControlNets,
+``QWEN_UNION_MODES``), run by :mod:`backend.engines.diffusers.dit`.  SD2 is recognised so that a
 request for it ends in a typed :class:`~shared.errors.UnsupportedFamily` instead of a
 crash.  A new family slots in
 with an entry in ``FAMILIES``, its detection rules below, its pipelines in
@@ -51,6 +52,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("flux", "Flux.1", 1024, True),
     Family("zimage", "Z-Image", 1024, True),
     Family("klein", "Flux.2 Klein", 1024, True),
+    Family("qwen", "Qwen-Image", 1328, True),
 )}
 SUPPORTED: Tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.supported)
 
@@ -110,8 +112,8 @@ EDIT_PIPELINES: Dict[str, str] = {"FluxKontextPipeline": "flux",
                                   "FluxKontextInpaintPipeline": "flux"}
 EDIT_PIPELINES.update(dict.fromkeys(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
                                     "klein"))  # Klein: txt2img and edit, one pipeline
-_BASE_CLASSES = (("ZImage", "zimage"), ("Flux2Klein", "klein"), ("Flux", "flux"),
-                 ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"))
+_BASE_CLASSES = (("ZImage", "zimage"), ("Flux2Klein", "klein"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
+                 ("StableDiffusionXL", "sdxl"), ("QwenImage", "qwen"))
 
 
 def detect_base_folder(folder: Path) -> Optional[Detected]:
@@ -166,6 +168,8 @@ def detect_controlnet_folder(folder: Path) -> Optional[Detected]:
         return Detected("controlnet", "sd3")
     if cls == "ZImageControlNetModel":
         return _zimage_controlnet(config.get("control_in_dim"))
+    if cls.startswith("QwenImage"):
+        return qwen_controlnet(int(config.get("extra_condition_channels") or 0))
     if cls == "T2IAdapter":  # SDXL's adapters have their own layout (one fewer level)
         family = "sdxl" if config.get("adapter_type") == "full_adapter_xl" else "sd15"
         return Detected("adapter", family, what=T2I_ADAPTER)
@@ -204,7 +208,8 @@ _LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _LDM_SD2_ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _ZIMAGE_CONTROL_EMBEDDER = "control_all_x_embedder.2-1.weight"  # (width, 2x2 x control_in_dim)
 _SHAPED_KEYS = frozenset({_LDM_CONV_IN, _LDM_SD2_ATTN, "conv_in.weight", "task_embedding",
-                          "controlnet_mode_embedder.weight", _ZIMAGE_CONTROL_EMBEDDER})
+                          "controlnet_mode_embedder.weight", _ZIMAGE_CONTROL_EMBEDDER,
+                          "controlnet_x_embedder.weight", "img_in.weight"})
 
 
 def _starts(keys: Iterable[str], *prefixes: str) -> bool:
@@ -220,6 +225,9 @@ def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
     zimage = _detect_zimage_keys(keys, shape) or _detect_klein_keys(keys)
     if zimage is not None:
         return zimage
+    qwen = _detect_qwen_keys(keys, shape)
+    if qwen is not None:
+        return qwen
     if _starts(keys, "controlnet_x_embedder.", "controlnet_single_blocks."):
         modes = shape("controlnet_mode_embedder.weight")
         return Detected("controlnet", "flux", union=bool(modes), control_types=modes[0]
@@ -283,6 +291,21 @@ def _detect_klein_keys(keys: Tuple[str, ...]) -> Optional[Detected]:
     if _starts(keys, *_FLUX2_KEYS) and not _starts(keys, *_FLUX2_GUIDANCE):
         return Detected("base", "klein", edit=True)
     return None
+
+
+def _detect_qwen_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
+    """Qwen-Image's transformer (diffusers' names, as its single files keep them, or
+    ComfyUI's ``model.diffusion_model.`` prefix): a text norm and an image input projection
+    beside the blocks, which Flux's and SD3's lack; its ControlNets add an x embedder."""
+    prefix = "model.diffusion_model." if _starts(keys, "model.diffusion_model.txt_norm.") \
+        else ""
+    if not (_starts(keys, prefix + "txt_norm.") and _starts(keys, prefix + "img_in.")):
+        return None
+    if not _starts(keys, "controlnet_x_embedder."):
+        return Detected("base", "qwen")
+    extra = shape("controlnet_x_embedder.weight")[1:2] or (0,)
+    inner = shape("img_in.weight")[1:2] or extra
+    return qwen_controlnet(extra[0] - inner[0])
 
 
 def detect_file(path: Path) -> Optional[Detected]:
@@ -391,6 +414,26 @@ def _zimage_controlnet(control_in_dim) -> Detected:
     return Detected("controlnet", "zimage", union=True,
                     control_types=len(ZIMAGE_CONDITIONS),
                     inpaint=control_in_dim == ZIMAGE_INPAINT_CONTROL_DIM)
+
+
+# InstantX's Qwen-Image union ControlNet has no control-mode input: it reads the condition
+# from the image and was trained on canny, soft edge, depth and pose (its model card).  Our
+# conditions map onto those four (edge-like ones onto canny, white lines on black); the
+# numbers order the four (a Qwen union Detected counts them as its control types).
+QWEN_UNION_MODES: Dict[str, int] = {
+    "canny": 0, "lineart": 0, "lineart_anime": 0, "mlsd": 0, "scribble": 0, "softedge": 1,
+    "depth": 2, "openpose": 3,
+}
+QWEN_UNION_TYPES = 4
+
+
+def qwen_controlnet(extra_channels: int) -> Detected:
+    """A QwenImageControlNetModel: the inpainting one (InstantX's) takes extra condition
+    channels (the mask beside the image latents): a classic single-condition ControlNet;
+    without them, the union model (see :data:`QWEN_UNION_MODES`)."""
+    if extra_channels > 0:
+        return Detected("controlnet", "qwen")
+    return Detected("controlnet", "qwen", union=True, control_types=QWEN_UNION_TYPES)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ is used only when it points to a file inside the folder.
 The family comes from the file's tensors, never from its name:
 
 * Flux: ``single_transformer_blocks`` / ``single_blocks`` / ``double_blocks`` keys;
+  Qwen-Image: its blocks' ``img_mlp`` / ``txt_mlp`` / ``img_mod`` / ``txt_mod`` parts (a
+  LoRA on its attention alone is named as SD3's: it reads as SD3);
   SD3: ``joint_blocks`` keys, or diffusers ``transformer.transformer_blocks`` keys;
 * UNet LoRAs (kohya ``lora_unet_...``, diffusers ``unet.`` / peft ``lora_A``): the width
   of the text embeddings that the cross-attention key/value projections read, i.e. the
@@ -40,7 +42,10 @@ log = logging.getLogger(__name__)
 
 CONTEXT_FAMILIES: Dict[int, str] = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 FAMILY_NAMES: Dict[str, str] = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux",
-                                "sd3": "SD3"}
+                                "sd3": "SD3", "qwen": "Qwen-Image"}
+# Qwen-Image's block parts (its image / text streams' MLPs and modulations), which SD3's
+# joint blocks name otherwise (ff, norm1); Flux's double blocks, checked first, share some.
+_QWEN_PARTS = (".img_mlp.", ".txt_mlp.", ".img_mod.", ".txt_mod.")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Names of a LoRA's down (A) matrix: [rank, in_features] for a linear layer.
 _DOWN = ("lora_down.weight", "lora.down.weight", "lora_A.weight", "lora_A.default.weight",
@@ -59,7 +64,7 @@ class LoraFile:
 
     name: str
     path: Path
-    family: str            # sd15 | sd2 | sdxl | flux | sd3 | unknown
+    family: str            # sd15 | sd2 | sdxl | flux | sd3 | qwen | unknown
     context_dim: int       # width of the text embeddings its cross-attention reads (0: none)
     size: int
     mtime_ns: int
@@ -80,6 +85,8 @@ def family_of_tensors(shapes: Mapping[str, Sequence[int]],
     if any(part in k for k in keys for part in ("single_transformer_blocks", "single_blocks",
                                                  "double_blocks")):
         return "flux", 0
+    if any(part in k for k in keys for part in _QWEN_PARTS):
+        return "qwen", 0
     if any("joint_blocks" in k for k in keys) or \
             any(k.startswith("transformer.") and ".transformer_blocks." in k for k in keys):
         return "sd3", 0

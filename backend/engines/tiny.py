@@ -57,11 +57,13 @@ def controlnet_for(condition: str, family: str = "sd15") -> str:
     """Name of the tiny ControlNet folder used for a condition: for SDXL the union
     ControlNet wherever it serves the condition (as the real catalogue), else one of
     ``CONTROLNETS``."""
-    from . import tiny_dit, tiny_zimage
+    from . import tiny_dit, tiny_qwen, tiny_zimage
     from .families import UNION_CONTROL_TYPES as SERVED
 
     if family == tiny_zimage.FAMILY:
         return tiny_zimage.controlnet_for(condition)
+    if family == tiny_qwen.FAMILY:
+        return tiny_qwen.controlnet_for(condition)
     if family in tiny_dit.FAMILIES:
         return tiny_dit.controlnet_for(condition, family)
     if family == "sdxl" and condition in SERVED:
@@ -78,10 +80,11 @@ def cache_root() -> Path:
 
 
 def tiny_dir(family: str, root: Optional[Path] = None) -> Path:
-    from . import tiny_dit, tiny_klein, tiny_zimage
+    from . import tiny_dit, tiny_klein, tiny_qwen, tiny_zimage
 
     version = tiny_dit.VERSION if family in tiny_dit.FAMILIES else VERSION  # keyed apart
     version = tiny_zimage.VERSION if family == tiny_zimage.FAMILY else version
+    version = tiny_qwen.VERSION if family == tiny_qwen.FAMILY else version
     version = tiny_klein.VERSION if family == tiny_klein.FAMILY else version
     return (root or cache_root()) / "models" / f"{version}-{family}"
 
@@ -92,9 +95,10 @@ def is_built(folder: Path) -> bool:
 
 def ensure_tiny(family: str = "sd15", root: Optional[Path] = None) -> Path:
     """The folder of the tiny ``family`` stack, built on first use (atomic, offline)."""
-    from . import tiny_dit, tiny_klein, tiny_zimage
+    from . import tiny_dit, tiny_klein, tiny_qwen, tiny_zimage
 
-    known = FAMILIES + tiny_dit.FAMILIES + (tiny_zimage.FAMILY, tiny_klein.FAMILY)
+    known = FAMILIES + tiny_dit.FAMILIES + (tiny_zimage.FAMILY, tiny_qwen.FAMILY,
+                                              tiny_klein.FAMILY)
     if family not in known:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {known}")
     folder = tiny_dir(family, root)
@@ -243,11 +247,13 @@ def union_controlnet(unet, generator):
 
 def build(folder: Path, family: str = "sd15") -> Path:
     """Build the tiny ``family`` stack into ``folder`` (deterministic, offline)."""
-    from . import tiny_dit, tiny_klein, tiny_zimage
+    from . import tiny_dit, tiny_klein, tiny_qwen, tiny_zimage
 
     with quiet_progress_bars():
         if family == tiny_zimage.FAMILY:  # Z-Image: a Qwen tokenizer over the same bytes
             return tiny_zimage.build(Path(folder), list(_bytes_to_unicode().values()))
+        if family == tiny_qwen.FAMILY:  # Qwen-Image: the same
+            return tiny_qwen.build(Path(folder), list(_bytes_to_unicode().values()))
         if family == tiny_klein.FAMILY:  # Klein: the same Qwen tokenizer and text encoder
             return tiny_klein.build(Path(folder), list(_bytes_to_unicode().values()))
         if family in tiny_dit.FAMILIES:  # the transformer stacks (Flux, SD3), our tiny CLIP

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import live as live_mod, pixels, plan, pose as pose_mod
-from .plan import CanvasPort, HistoryItem, Placement, PlanError
+from .plan import CanvasPort, HistoryItem, Placement, Plan, PlanError
 from .proto import WEBSOCKETS_PROBLEM, ControlCanvasError, Image, PreviewReady, ResultReady, \
     messages, pose as openpose
 from .proto import doc_history, loopback, naming, offers
@@ -296,12 +296,24 @@ class Controller:
 
     def generate(self, *, seed: Optional[int] = None, batch: Optional[int] = None) -> Optional[str]:
         """Read the canvas, send the request; returns the job id (None + message on error)."""
+        return self._start(lambda canvas: plan.build(
+            self.settings, canvas, seed=seed, batch=batch, declared=self.declared_params(),
+            offer=self.offers()))
+
+    def edit(self, *, seed: Optional[int] = None) -> Optional[str]:
+        """The Edit section's action: the selected layer (or the selected part of it)
+        changed as the instruction says, the result a new layer above it; the job id
+        (None + message on error).  Whether the base can edit is the server's answer
+        (``edit_model_needed``, shown like any error)."""
+        return self._start(lambda canvas: plan.build_edit(self.settings, canvas, seed=seed))
+
+    def _start(self, build: Callable[[CanvasPort], Plan]) -> Optional[str]:
+        """Build a plan from the current canvas and send it (see generate)."""
         canvas = self._current_canvas()
         if canvas is None or not self._ready():
             return None
         try:
-            job_plan = plan.build(self.settings, canvas, seed=seed, batch=batch,
-                                  declared=self.declared_params(), offer=self.offers())
+            job_plan = build(canvas)
         except (PlanError, pixels.PixelError, openpose.PoseError) as err:
             self.say(str(err), "error")
             return None
@@ -319,7 +331,8 @@ class Controller:
         self.preview = None
         note = " ".join(job_plan.notes)
         waiting = "" if self.online else f" (waiting for the server at {self.settings.url})"
-        self.say(f"Generating {request.batch} image(s), seed {request.seed}{waiting}."
+        doing = "Editing the layer:" if job_plan.kind == "edit" else "Generating"
+        self.say(f"{doing} {request.batch} image(s), seed {request.seed}{waiting}."
                   + (f" {note}" if note else ""), "warning" if note else "info")
         self._changed("busy")
         return job_id

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import plan
 from .controller import Controller
+from .edit_panel import EditPanel
 from .lora_panel import LoraPanel
 from .reference_panel import ReferencePanel
 from .proto import messages, offers
@@ -430,6 +431,7 @@ class DockerPanel(W.QWidget):
                              ("Sampling", self._build_sampling),
                              ("LoRA", self._build_loras),
                              ("Reference", self._build_references),
+                             ("Edit", self._build_edit),
                              ("Live", self._build_live),
                              ("History", self._build_history)):
             section = Section(title)
@@ -616,6 +618,9 @@ class DockerPanel(W.QWidget):
         self.reference_panel = ReferencePanel(section, self.collect,
                                               self.controller.active_layer_id)
 
+    def _build_edit(self, section: "Section") -> None:
+        self.edit_panel = EditPanel(section, self.collect, self.on_edit)
+
     def _build_live(self, section: "Section") -> None:
         """Live painting's options (the toggle sits beside Generate): the few-step preset,
         and what the last frames did."""
@@ -739,6 +744,7 @@ class DockerPanel(W.QWidget):
             self._add_unit(unit)
         self.lora_panel.load(s.loras)
         self.reference_panel.load(s.references)
+        self.edit_panel.load(s.edit)
         self._mode_changed()
         self._base_changed()
 
@@ -762,6 +768,7 @@ class DockerPanel(W.QWidget):
         s.units = [w.value() for w in self.units]
         s.loras = self.lora_panel.values()
         s.references = self.reference_panel.values()
+        s.edit = self.edit_panel.values()
         return s
 
     def _mode_changed(self) -> None:
@@ -819,6 +826,7 @@ class DockerPanel(W.QWidget):
         for widget in self.units:
             widget.fill_layers(layers)
         self.reference_panel.fill_layers(layers)
+        self.edit_panel.fill_layers(layers)
 
     # -- actions ----------------------------------------------------------------------
 
@@ -847,6 +855,11 @@ class DockerPanel(W.QWidget):
             return
         self.collect()
         self.controller.generate()
+        self._sync_seed()
+
+    def on_edit(self) -> None:
+        self.collect()
+        self.controller.edit()
         self._sync_seed()
 
     def on_same_seed(self) -> None:
@@ -948,6 +961,7 @@ class DockerPanel(W.QWidget):
         default = models.default_base if models is not None else ""
         self.base_model.lineEdit().setPlaceholderText(
             f"server default ({default})" if default else "server default")
+        self.edit_panel.fill_models(self.controller.base_models(), default)
 
     def _fill_history(self) -> None:
         self.history.clear()

@@ -212,18 +212,18 @@ def lora_refs(settings: Settings, offer: Optional[offers.Offers] = None
     return tuple(refs)
 
 
-def reference_image(canvas: "CanvasPort", doc: DocInfo, row: ReferenceSettings,
-                    index: int) -> Image:
-    """The whole layer of a reference row (the picture, not the region generated), at most
-    :data:`REFERENCE_SIDE` on its longer side."""
-    layer = doc.layer(row.layer_id) if row.layer_id else None
+def reference_image(canvas: "CanvasPort", doc: DocInfo, layer_id: str, what: str) -> Image:
+    """The whole layer ``layer_id`` (the picture, not the region generated), at most
+    :data:`REFERENCE_SIDE` on its longer side; ``what`` names it in a message
+    ("Reference 2")."""
+    layer = doc.layer(layer_id) if layer_id else None
     if layer is None:
-        raise PlanError(f"Reference {index + 1}: pick the layer that holds the reference "
-                        f"picture (the layer it had is gone).")
-    image = canvas.read_layer(row.layer_id, (0, 0, doc.width, doc.height))
+        raise PlanError(f"{what}: pick the layer that holds the reference picture (the layer "
+                        f"it had is gone).")
+    image = canvas.read_layer(layer_id, (0, 0, doc.width, doc.height))
     if image.is_transparent():
-        raise PlanError(f"Reference {index + 1}: the layer {layer.name!r} is empty; paste the "
-                        f"reference picture into it or pick another layer.")
+        raise PlanError(f"{what}: the layer {layer.name!r} is empty; paste the reference "
+                        f"picture into it or pick another layer.")
     scale = min(1.0, REFERENCE_SIDE / max(doc.width, doc.height))
     if scale < 1.0:
         image = pixels.scale_nearest(image, max(1, round(doc.width * scale)),
@@ -240,7 +240,7 @@ def reference_units(settings: Settings, canvas: "CanvasPort", doc: DocInfo,
         if row.weight <= 0:
             continue
         slot = len(images)
-        images[slot] = reference_image(canvas, doc, row, index)
+        images[slot] = reference_image(canvas, doc, row.layer_id, f"Reference {index + 1}")
         try:
             refs.append(messages.ReferenceUnit(image=slot, weight=row.weight, start=row.start,
                                                end=row.end, mode=row.mode))
@@ -281,14 +281,10 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
     box, mask_plane = full, None
     mode = settings.mode
     if mode == "inpaint":
-        selection = canvas.read_selection()
-        bbox = None if selection is None else pixels.selection_bbox(doc.width, doc.height,
-                                                                    selection)
-        if bbox is None:
+        box, mask_plane = _selected_region(canvas, doc)
+        if mask_plane is None:
             raise PlanError("Inpaint changes the selected pixels only: select the area to "
                             "regenerate first (or choose another mode).")
-        box = geometry.context_box(bbox, doc.width, doc.height)
-        mask_plane = pixels.crop_plane(selection, doc.width, box)
     x, y, w, h = box
     images: Dict[int, Image] = {}
     init_slot = mask_slot = None
@@ -336,6 +332,63 @@ def build(settings: Settings, canvas: CanvasPort, *, seed: Optional[int] = None,
     if placement.note:
         notes.append(placement.note)
     return Plan(request, images, placement, settings.prompt, tuple(notes))
+
+
+def _selected_region(canvas: CanvasPort, doc: DocInfo) -> Tuple[Box, Optional[bytes]]:
+    """The region an edit reads: the selection's box with some context and its mask plane,
+    or the whole document and no mask when nothing is selected."""
+    selection = canvas.read_selection()
+    bbox = None if selection is None else pixels.selection_bbox(doc.width, doc.height,
+                                                                selection)
+    if bbox is None:
+        return (0, 0, doc.width, doc.height), None
+    box = geometry.context_box(bbox, doc.width, doc.height)
+    return box, pixels.crop_plane(selection, doc.width, box)
+
+
+def build_edit(settings: Settings, canvas: CanvasPort, *,
+               seed: Optional[int] = None) -> Plan:
+    """The request the Edit section's button sends: the active layer's own pixels (inside
+    the selection's box with its mask when something is selected) changed as the
+    instruction says, with the section's reference layers; the result goes above it."""
+    edit = settings.edit
+    instruction = edit.instruction.strip()
+    if not instruction:
+        raise PlanError("Type the instruction first: what to change, in words (for example "
+                        "'make the jacket red').")
+    doc = canvas.info()
+    layer = doc.layer(doc.active_id)
+    if layer is None:
+        raise PlanError("Select the layer to edit first (Edit changes the selected layer, "
+                        "or the selected part of it).")
+    notes = [n for n in (pixels.depth_note(doc.color_model, doc.color_depth),) if n]
+    box, mask_plane = _selected_region(canvas, doc)
+    images: Dict[int, Image] = {0: canvas.read_layer(layer.id, box)}
+    if images[0].is_transparent():
+        raise PlanError(f"The layer {layer.name!r} is empty there; select the layer that holds "
+                        f"the picture to edit.")
+    if mask_plane is not None:
+        images[1] = pixels.mask_image(box[2], box[3], mask_plane)
+    picked = [layer_id for layer_id in edit.references if layer_id]
+    if len(picked) > messages.MAX_EDIT_REFERENCES:
+        raise PlanError(f"{len(picked)} reference layers: an edit takes at most "
+                        f"{messages.MAX_EDIT_REFERENCES}; remove one.")
+    slots = []
+    for index, layer_id in enumerate(picked):
+        slots.append(len(images))
+        images[slots[-1]] = reference_image(canvas, doc, layer_id,
+                                            f"Edit reference {index + 1}")
+    try:
+        request = messages.GenerateRequest(
+            width=box[2], height=box[3], mode="edit", prompt=instruction,
+            seed=choose_seed(settings) if seed is None else seed, steps=edit.steps,
+            cfg=edit.cfg, batch=settings.batch, base_model=edit.base_model.strip(),
+            init_image=0, mask_image=1 if mask_plane is not None else None,
+            edit_references=tuple(slots))
+    except errors.ControlCanvasError as err:
+        raise PlanError(f"A setting is out of range: {err}") from None
+    placement = Placement("above", layer.id, box, mask_plane)
+    return Plan(request, images, placement, instruction, tuple(notes), kind="edit")
 
 
 def place_results(settings: Settings, doc: DocInfo, box: Box,

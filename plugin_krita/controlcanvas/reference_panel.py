@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 from .qt import Qt, QtWidgets
 from .settings import REFERENCE_MODE_LABELS, REFERENCE_MODES, ReferenceSettings
-from .widgets import narrow, small_label
+from .widgets import fill_layer_combo, narrow, small_label
 
 W = QtWidgets
 STEPS_PER_UNIT = 20  # slider positions per unit of weight: steps of 0.05
@@ -108,19 +108,7 @@ class ReferenceRow(W.QWidget):
 
     def fill_layers(self, layers: Sequence) -> None:
         """The document's layers (``plan.LayerInfo``); the row's layer stays selected."""
-        keep = self._layer_id
-        self.layer.blockSignals(True)
-        self.layer.clear()
-        for info in layers:
-            self.layer.addItem("  " * info.depth + info.name, info.id)
-        index = self.layer.findData(keep) if keep else -1
-        if keep and index < 0:
-            self.layer.addItem("(layer gone: pick one)", keep)
-            index = self.layer.count() - 1
-        self.layer.setCurrentIndex(index if index >= 0 else (0 if layers else -1))
-        self._layer_id = (self.layer.currentData() or "") if self.layer.currentIndex() >= 0 \
-            else keep
-        self.layer.blockSignals(False)
+        self._layer_id = fill_layer_combo(self.layer, layers, self._layer_id)
 
     def value(self) -> ReferenceSettings:
         start, end = self.start.value(), self.end.value()

@@ -28,6 +28,7 @@ REFERENCE_MODES = messages.REFERENCE_MODES  # reference, style, composition, fac
 REFERENCE_MODE_LABELS = {"reference": "Reference", "style": "Style", "composition": "Composition",
                          "face": "Face"}
 REFERENCE_WEIGHT = 0.8  # a new reference's weight (IP-Adapter's usual 0.5-1)
+EDIT_REFERENCES = messages.MAX_EDIT_REFERENCES  # reference layers an edit may name (3)
 RESIZE_MODE_LABELS = {"crop_and_resize": "Crop to fit", "just_resize": "Stretch",
                       "resize_and_fill": "Fit inside (pad)"}
 
@@ -67,6 +68,18 @@ class ReferenceSettings:
 
 
 @dataclass
+class EditSettings:
+    """The Edit section: the instruction, the edit model ("" = the server's default), its
+    steps and guidance (FLUX.1 Kontext's usual 28 and 2.5) and the layers (by id) whose
+    pictures the instruction may refer to, at most :data:`EDIT_REFERENCES` ("" = none)."""
+    instruction: str = ""
+    base_model: str = ""
+    steps: int = 28
+    cfg: float = 2.5
+    references: List[str] = field(default_factory=list)
+
+
+@dataclass
 class Settings:
     url: str = DEFAULT_URL
     token: str = ""
@@ -87,6 +100,7 @@ class Settings:
     hires: bool = False  # a second, full-size pass for detail
     loras: List[LoraSettings] = field(default_factory=list)
     references: List[ReferenceSettings] = field(default_factory=list)
+    edit: EditSettings = field(default_factory=EditSettings)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -125,6 +139,8 @@ class Settings:
                 out.loras = _loras_from(value)
             elif f.name == "references":
                 out.references = _references_from(value)
+            elif f.name == "edit":
+                out.edit = _edit_from(value)
             elif isinstance(value, type(getattr(out, f.name))) or \
                     (isinstance(getattr(out, f.name), float) and type(value) is int):
                 setattr(out, f.name, type(getattr(out, f.name))(value))
@@ -167,3 +183,24 @@ def _references_from(value: Any) -> List[ReferenceSettings]:
             row.start, row.end = float(start), float(end)
         rows.append(row)
     return rows
+
+
+def _edit_from(value: Any) -> EditSettings:
+    """The saved Edit section: text fields that are not text, steps or guidance out of
+    range fall back to the defaults; reference layer ids that are not text are dropped,
+    and at most :data:`EDIT_REFERENCES` are kept."""
+    out = EditSettings()
+    if not isinstance(value, dict):
+        return out
+    for name in ("instruction", "base_model"):
+        if isinstance(value.get(name), str):
+            setattr(out, name, value[name])
+    steps, cfg = value.get("steps"), value.get("cfg")
+    if type(steps) is int and 1 <= steps <= 150:
+        out.steps = steps
+    if type(cfg) in (int, float) and 0.0 <= cfg <= 30.0:
+        out.cfg = float(cfg)
+    refs = value.get("references")
+    out.references = [r for r in refs if isinstance(r, str)][:EDIT_REFERENCES] \
+        if isinstance(refs, list) else []
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from .qt import QtWidgets
 
 W = QtWidgets
@@ -29,3 +31,24 @@ def set_item_enabled(box: W.QComboBox, index: int, enabled: bool, tip: str = "")
     if item is not None:
         item.setEnabled(enabled)
         item.setToolTip(tip)
+
+
+def fill_layer_combo(box: W.QComboBox, layers: Sequence, keep: str,
+                     none_label: str = "") -> str:
+    """List the document's layers (``plan.LayerInfo``, indented by depth) in ``box`` with
+    ``keep`` (a layer id) still selected, a first entry ``none_label`` (id "") when given;
+    a layer that is gone stays listed as such, to be picked again.  Signals are held
+    back.  Returns the id now selected (``keep`` when nothing can be)."""
+    box.blockSignals(True)
+    box.clear()
+    if none_label:
+        box.addItem(none_label, "")
+    for info in layers:
+        box.addItem("  " * info.depth + info.name, info.id)
+    index = box.findData(keep) if keep or none_label else -1
+    if keep and index < 0:
+        box.addItem("(layer gone: pick one)", keep)
+        index = box.count() - 1
+    box.setCurrentIndex(index if index >= 0 else (0 if box.count() else -1))
+    box.blockSignals(False)
+    return (box.currentData() or "") if box.currentIndex() >= 0 else keep

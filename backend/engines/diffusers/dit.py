@@ -1,9 +1,10 @@
-"""Transformer (DiT) families: Flux.1 and Stable Diffusion 3 / 3.5.
+"""Transformer (DiT) families: Flux.1, Stable Diffusion 3 / 3.5 and Qwen-Image.
 
 The engine (:mod:`.engine`) plans, composes, caches and reports the same way for every
 family; what differs for a transformer base is here, one :class:`DitFamily` per family
 (:data:`FLUX`, :data:`SD3`); :mod:`.dit_families` lists every family (Z-Image's lives in
-:mod:`.dit_zimage`), and the engine asks its ``dit_family`` whether a base is one.
+:mod:`.dit_zimage`, Qwen-Image's in :mod:`.dit_qwen`), and the engine asks its
+``dit_family`` whether a base is one.
 
 What both share:
 
@@ -126,6 +127,11 @@ class DitFamily:
     refine_controls: bool                         # the hires (img2img) pass keeps the units
     tools: Mapping[str, type] = field(default_factory=dict)  # a control base's, per mode
     multiple: int = 16                            # work sizes are multiples of this
+    cfg_arg: str = "guidance_scale"               # the pipelines' argument for ``cfg``
+    blank_negative: Optional[str] = None          # the negative prompt sent for none
+    inpaint_net: bool = False                     # inpaint + units: an inpainting ControlNet
+    one_net: bool = False                         # its multi-ControlNet runs one model only
+    global_rng: bool = False                      # ControlNet pipelines use torch's global RNG
 
     @property
     def label(self) -> str:
@@ -181,17 +187,29 @@ class DitFamily:
         order = [i for i, unit in enumerate(request.controls) if unit.weight > 0]
         if not order or not nets:  # no unit on, or a control base (no ControlNets)
             return cfg, None, order
-        if self.name == "sd3" and request.mode == "inpaint" and len(order) == 1:
+        if self.inpaint_net and request.mode == "inpaint" and len(order) == 1:
             return cfg, nets[order[0]], order  # the inpainting pipeline takes one ControlNet
-        units = self.multi([nets[i] for i in order])
+        models = [nets[i] for i in order]
+        if self.one_net and request.mode != "inpaint":  # one union model, several images
+            models = self._one_model(models, request)
+        units = self.multi(models)
         units.control_types = [types[i] for i in order]
         return cfg, units, order
+
+    def _one_model(self, models: Sequence, request) -> List:
+        if any(m is not models[0] for m in models):
+            raise Unsupported(
+                f"{self.label} runs several control units through one ControlNet only (its "
+                f"union model, given each unit's image); these units use different "
+                f"ControlNets. Use the default union ControlNet for every unit, or one unit.",
+                field="controls")
+        return models[:1]
 
     def pipeline_class(self, mode: str, controls: bool, request, base: Resolved) -> type:
         if base.control:
             return self._tools_class(mode, request, base)
         cls = self.pipelines.get((mode, controls))
-        if cls is None or (controls and mode == "inpaint" and self.name == "sd3" and
+        if cls is None or (controls and mode == "inpaint" and self.inpaint_net and
                            [u.condition for u in request.controls if u.weight > 0]
                            != ["inpaint"]):
             raise Unsupported(
@@ -217,7 +235,7 @@ class DitFamily:
     def call_kwargs(self, request, p: Pass, entry: BaseEntry, pipe, units, order, generator,
                     cfg: bool, stats: Dict[str, Any], cache_size: int) -> Dict[str, Any]:
         """The pipeline's arguments for one pass (the step callback apart)."""
-        negative = request.negative_prompt or None
+        negative = request.negative_prompt or (self.blank_negative if cfg else None)
         if negative and not self.true_cfg and entry.resolved.key not in _NOTED:
             _NOTED.add(entry.resolved.key)
             log.info("%s is guidance-distilled: the negative prompt is not used",
@@ -227,10 +245,10 @@ class DitFamily:
             cache_size, encode=lambda: self.encode(pipe, request.prompt, negative, cfg))
         w, h = p.size
         # SD3's inpainting ControlNet inpaints from noise (no init latents, no strength)
-        net_inpaint = units is not None and self.name == "sd3" and p.kind == "inpaint"
+        net_inpaint = units is not None and self.inpaint_net and p.kind == "inpaint"
         kwargs.update(num_inference_steps=p.runs if net_inpaint else p.steps,
-                      guidance_scale=request.cfg, generator=generator, height=h, width=w,
-                      output_type="np")
+                      generator=generator, height=h, width=w,
+                      output_type="np", **{self.cfg_arg: request.cfg})
         if p.kind in EDIT_KINDS:  # an instruction applied to the layer (.edit)
             kwargs.update(edit_kwargs(p, self.multiple))
         elif p.kind != "txt2img" and not net_inpaint:
@@ -253,7 +271,7 @@ class DitFamily:
             controlnet_conditioning_scale=[request.controls[i].weight for i in order],
             control_guidance_start=[s for s, _ in windows],
             control_guidance_end=[e for _, e in windows])
-        if self.name == "sd3" and p.kind == "inpaint":
+        if self.inpaint_net and p.kind == "inpaint":
             # the inpainting ControlNet's condition: the picture and the selection
             scale = kwargs["controlnet_conditioning_scale"][0]
             kwargs.update(control_image=PILImage.fromarray(p.init),
@@ -266,9 +284,10 @@ class DitFamily:
         return kwargs
 
     def run(self, pipe, kwargs: Dict[str, Any], seed: int, device: torch.device):
-        """Call the pipeline; SD3's ControlNet pipelines draw from torch's global generator
-        (see the module docstring), so they run in a forked RNG seeded with ``seed``."""
-        if self.name != "sd3" or "control_image" not in kwargs:
+        """Call the pipeline; SD3's (and Qwen-Image's inpainting) ControlNet pipelines draw
+        from torch's global generator (see the module docstring), so they run in a forked RNG
+        seeded with ``seed``."""
+        if not self.global_rng or "control_image" not in kwargs:
             return pipe(**kwargs).images[0]
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -276,11 +295,13 @@ class DitFamily:
             return pipe(**kwargs).images[0]
 
     def preview_latents(self, pipe, latents: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        """Flux's packed latents (batch, tokens, 64) as (batch, 16, h, w); SD3's as they are."""
+        """Flux's and Qwen-Image's packed latents (batch, tokens, 64) as (batch, 16, h, w)
+        (Qwen-Image's unpack to one video frame); SD3's as they are."""
         if latents.ndim != 3:
             return latents
         w, h = size
-        return pipe._unpack_latents(latents, h, w, pipe.vae_scale_factor)
+        latents = pipe._unpack_latents(latents, h, w, pipe.vae_scale_factor)
+        return latents[:, :, 0] if latents.ndim == 5 else latents
 
 
 def _rgb(control):
@@ -312,4 +333,4 @@ SD3 = DitFamily(
      ("txt2img", True): StableDiffusion3ControlNetPipeline,
      ("inpaint", True): StableDiffusion3ControlNetInpaintingPipeline},
     SD3ControlNetModel, SD3MultiControlNetModel, _encode_sd3, true_cfg=True, union_modes={},
-    refine_controls=False)
+    refine_controls=False, inpaint_net=True, global_rng=True)

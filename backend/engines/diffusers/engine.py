@@ -350,6 +350,8 @@ class DiffusersEngine:
         try:
             with quiet_progress_bars():
                 pipe = read_base(resolved, cls, self.dtype, self.catalogue, **kwargs)
+        except ModelMissing:
+            raise  # the loader said what is missing and what to do (loaders)
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
             if is_out_of_memory(err):
                 raise

@@ -11,10 +11,14 @@
   original format or diffusers-keyed beside its ``config.json``; a union ControlNet file
   (diffusers-keyed only) needs its ``config.json`` (or xinsir's ``config_promax.json``)
   beside it.
+* A family whose pipeline diffusers cannot read from one file (Qwen-Image: its single
+  files, as ComfyUI's, hold the transformer only) reads the file as its transformer and
+  the text encoder, VAE and scheduler from the family's default repo, downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Dict
@@ -55,6 +59,8 @@ def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
     # family's default repo when its configs are cached (downloaded or not), else
     # diffusers fetches just those small files (online) - into, and later from, the
     # configured cache.
+    if not hasattr(cls, "from_single_file"):
+        return _around_transformer(resolved, cls, catalogue, kwargs)
     config = catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base", complete=False)
     if config is not None:
         kwargs["config"] = str(config)
@@ -62,6 +68,24 @@ def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
         kwargs["num_in_channels"] = 9  # the UNet's only setting the family config gets wrong
     return cls.from_single_file(resolved.path, cache_dir=catalogue.config.cache_dir,
                                 local_files_only=_local_only(), **kwargs)
+
+
+def _around_transformer(resolved: Resolved, cls, catalogue: Catalogue, kwargs: Dict[str, Any]):
+    """The family's pipeline with ``resolved``'s file as its transformer, the rest from the
+    default repo (a ModelMissing saying to download it when it is not on this machine)."""
+    repo = DEFAULT_BASES[resolved.family]
+    folder = catalogue.cached_snapshot(repo, "base")
+    if folder is None:
+        raise ModelMissing(
+            f"{resolved.name!r} holds a transformer only; its text encoder and VAE come from "
+            f"{repo}, which is not on this machine: `controlcanvas models download "
+            f"{resolved.family}` first.", field="base_model")
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    model_cls = getattr(diffusers, index["transformer"][1])
+    transformer = model_cls.from_single_file(
+        resolved.path, config=str(folder), subfolder="transformer",
+        local_files_only=True, **{k: v for k, v in kwargs.items() if k == DTYPE_KEYWORD})
+    return cls.from_pretrained(folder, transformer=transformer, local_files_only=True, **kwargs)
 
 
 def read_controlnet(resolved: Resolved, dtype, catalogue: Catalogue):
