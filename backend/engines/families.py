@@ -112,8 +112,8 @@ EDIT_PIPELINES: Dict[str, str] = {"FluxKontextPipeline": "flux",
                                   "FluxKontextInpaintPipeline": "flux"}
 EDIT_PIPELINES.update(dict.fromkeys(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
                                     "klein"))  # Klein: txt2img and edit, one pipeline
-_BASE_CLASSES = (("ZImage", "zimage"), ("Flux2Klein", "klein"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
-                 ("StableDiffusionXL", "sdxl"), ("QwenImage", "qwen"))
+_BASE_CLASSES = (("ZImage", "zimage"), ("Flux2Klein", "klein"), ("Flux", "flux"),
+                 ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"), ("QwenImage", "qwen"))
 
 
 def detect_base_folder(folder: Path) -> Optional[Detected]:

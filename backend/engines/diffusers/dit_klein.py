@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from diffusers import (FlowMatchEulerDiscreteScheduler, Flux2KleinInpaintPipeline,
-                       Flux2KleinPipeline)
+from diffusers import Flux2KleinInpaintPipeline, Flux2KleinPipeline
 
 from shared.errors import UnsupportedCondition
 
@@ -47,6 +46,7 @@ from .cache import BaseEntry
 from .dit import DitFamily, _rgb
 from .edit import EDIT_KINDS, context_image
 from .geometry import Pass, resize
+from .reuse import prompt_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,6 @@ def control_instructions(request, order: Sequence[int], first: int) -> List[str]
 class KleinFamily(DitFamily):
     """Klein's differences (see the module docstring) over :class:`.dit.DitFamily`."""
 
-    def scheduler(self, sampler: str, config):
-        return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
-
     def job_units(self, request, nets: Sequence, types: Sequence[Optional[int]]
                   ) -> Tuple[bool, Optional[torch.nn.Module], List[int]]:
         """No ControlNet: the units with a weight, in order, become references."""
@@ -128,8 +125,6 @@ class KleinFamily(DitFamily):
 
     def call_kwargs(self, request, p: Pass, entry: BaseEntry, pipe, units, order, generator,
                     cfg: bool, stats: Dict[str, Any], cache_size: int) -> Dict[str, Any]:
-        from .reuse import prompt_kwargs
-
         inpainting = p.kind in ("img2img", "inpaint", "edit_inpaint")  # the inpaint pipeline
         refs, first = self._references(p, order, inpainting)
         prompt = " ".join([request.prompt, *control_instructions(request, order, first)])
