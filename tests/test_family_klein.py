@@ -260,3 +260,4 @@ def test_original_flux2_single_file_keys_tell_klein_from_flux2_dev_and_flux1():
     assert _detect_keys(dev, lambda k: ()).family != "klein"
     flux1 = ("model.diffusion_model.double_blocks.0.img_mod.lin.weight",)
     assert _detect_keys(flux1, lambda k: ()).family == "flux"
+

@@ -110,8 +110,10 @@ class KleinFamily(DitFamily):
 
     def job_units(self, request, nets: Sequence, types: Sequence[Optional[int]]
                   ) -> Tuple[bool, Optional[torch.nn.Module], List[int]]:
-        """No ControlNet: the units with a weight, in order, become references."""
+        """No ControlNet: the units with a weight, in order, become references (a typed
+        error, before any step runs, for a condition no instruction serves)."""
         order = [i for i, unit in enumerate(request.controls) if unit.weight > 0]
+        control_instructions(request, order, 1)
         for i in order:
             unit = request.controls[i]
             if unit.start > 0 or unit.end < 1 or unit.weight != 1:
