@@ -14,7 +14,8 @@ from typing import Dict, Tuple
 Box = Tuple[int, int, int, int]  # x, y, width, height
 
 NATIVE_SIDE: Dict[str, int] = {"sd15": 512, "sdxl": 1024, "flux": 1024, "sd3": 1024,
-                               "zimage": 1024, "qwen": 1328}
+                               "zimage": 1024, "qwen": 1328,
+                               "klein": 1024}
 DEFAULT_NATIVE_SIDE = NATIVE_SIDE["sd15"]
 INPAINT_MARGIN = 64  # context pixels around a selection, each side
 

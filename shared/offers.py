@@ -5,6 +5,9 @@
   server that does not say (an older one, or a base whose family it cannot tell, or a
   base typed by hand that it does not list) leaves every condition open: the server
   answers for itself when the request comes.
+* Whether a base's control units are emulated (``REFERENCE_CONTROL_FAMILIES``: Flux.2 Klein
+  has no ControlNet; the server gives each unit's image to the model as a reference with a
+  fitting instruction): :meth:`Offers.control_note` is what a plug-in shows then.
 * Which LoRAs fit a base: a LoRA made for one family (``LoraInfo.family``) fits bases of
   that family only; when either side's family is unknown it is offered, and the server
   checks when it loads it.
@@ -29,6 +32,10 @@ from .messages import (CONDITIONS, LORA_STRENGTH, MAX_LORAS, LoraInfo, LoraRef, 
                        Models)
 
 FAMILY_LABELS = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3"}
+FAMILY_LABELS["klein"] = "Flux.2 Klein"
+# Families without ControlNets whose control units the server emulates: each unit's image
+# goes to the model as a reference picture with an instruction fitting its condition.
+REFERENCE_CONTROL_FAMILIES: Tuple[str, ...] = ("klein",)
 UNKNOWN_FAMILY = ("", "unknown")
 CONDITION_LABELS = {
     "lineart": "Line art", "lineart_anime": "Anime line art", "scribble": "Scribble",
@@ -88,6 +95,16 @@ class Offers:
         if info is None or not info.conditions:
             return CONDITIONS
         return tuple(c for c in CONDITIONS if c in info.conditions)
+
+    def control_note(self, base: str = "") -> str:
+        """What a plug-in shows beside the control units when ``base`` has no ControlNet and
+        the server emulates them ('' for every other base, or when the server does not say)."""
+        family = self.family(base)
+        if family not in REFERENCE_CONTROL_FAMILIES:
+            return ""
+        return (f"{family_label(family)} has no ControlNet: each control layer is given to "
+                f"the model as a reference image with an instruction to follow it (its "
+                f"weight only turns it on; start and end are not used).")
 
     def bases_serving(self, condition: str) -> List[str]:
         """The listed bases that say they serve ``condition``, downloaded ones first."""

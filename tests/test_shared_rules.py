@@ -25,7 +25,8 @@ def test_inpaint_context_box_is_clipped_to_the_layer():
 def test_native_sides_and_the_engine_catalogue_agree():
     from backend.engines.catalogue import NATIVE_SIZE
     assert NATIVE_SIZE == geometry.NATIVE_SIDE == {"sd15": 512, "sdxl": 1024, "flux": 1024,
-                                                   "sd3": 1024, "zimage": 1024, "qwen": 1328}
+                                                   "sd3": 1024, "zimage": 1024, "qwen": 1328,
+                                                   "klein": 1024}
     assert geometry.DEFAULT_NATIVE_SIDE == 512
 
 

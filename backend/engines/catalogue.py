@@ -87,12 +87,13 @@ from . import presets as few_step
 from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES,
                        ZIMAGE_CONDITIONS, Detected, check_runnable, detect, detect_base_folder,
                        detect_file)
+from .families import REFERENCE_CONTROLS
 from .loras import LoraFolder
 
 log = logging.getLogger(__name__)
 
 # what config.toml may name (families.SUPPORTED)
-FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage", "qwen")
+FAMILIES = ("sd15", "sdxl", "flux", "sd3", "zimage", "qwen", "klein")
 DEFAULT_BASES: Dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -100,13 +101,18 @@ DEFAULT_BASES: Dict[str, str] = {
     "sd3": "stabilityai/stable-diffusion-3.5-large",
     "zimage": "Tongyi-MAI/Z-Image-Turbo",
     "qwen": "Qwen/Qwen-Image",
+    "klein": "black-forest-labs/FLUX.2-klein-4B",
 }
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
                               "tiny-sd3": "sd3", "tiny-zimage": "zimage", "tiny-qwen": "qwen"}
+TINY_BASES["tiny-klein"] = "klein"  # Flux.2 Klein (backend.engines.tiny_klein), also an edit base
 TINY_BASES[tiny_kontext.NAME] = "flux"  # the tiny Flux stack as an edit base (Kontext)
 TINY_EDIT_BASES = {tiny_kontext.NAME}    # the built-in bases that run edit mode
 # Edit bases (edit mode: an instruction applied to a layer) per family.
 EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev"}
+EDIT_BASES["klein"] = DEFAULT_BASES["klein"]  # Klein generates and edits: one model
+# Larger variants listed beside a family's default base (Klein 9B: non-commercial).
+MORE_BASES: Dict[str, str] = {"black-forest-labs/FLUX.2-klein-9B": "klein"}
 DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
@@ -187,6 +193,8 @@ LICENCES: Dict[str, str] = {
     "Tongyi-MAI/Z-Image-Turbo": "Apache-2.0",
     ZIMAGE_UNION: "Apache-2.0",
     "Qwen/Qwen-Image": "Apache-2.0", QWEN_UNION: "Apache-2.0", QWEN_INPAINT: "Apache-2.0",
+    "black-forest-labs/FLUX.2-klein-4B": "Apache-2.0",
+    "black-forest-labs/FLUX.2-klein-9B": "FLUX Non-Commercial License",
 }
 assert all(c in CONDITIONS for table in CONTROLNETS.values() for c in table)
 
@@ -663,7 +671,7 @@ class Catalogue:
         add(self.default_base, "base")
         for name in self.config.bases:
             add(name, "base")
-        for name in (*DEFAULT_BASES.values(), *EDIT_BASES.values()):
+        for name in (*DEFAULT_BASES.values(), *EDIT_BASES.values(), *MORE_BASES):
             add(name, "base")
         if not any(m.name == DEMO_BASE for m in out):
             out.append(ModelInfo(name=DEMO_BASE, kind="base", family="sd15", present=True,
@@ -698,6 +706,8 @@ class Catalogue:
         where = self.config.bases[base][0] if base in self.config.bases else base
         if not family and where != DEMO_BASE and where not in TINY_BASES:
             return ()
+        if family in REFERENCE_CONTROLS:  # no ControlNet: control images as references
+            return tuple(c for c in CONDITIONS if c in REFERENCE_CONTROLS[family])
         served = []
         for condition in CONDITIONS:
             if any(condition in self.config.controlnets.get(table, {})
@@ -718,7 +728,8 @@ class Catalogue:
             return self.config.bases[name][1]
         if name == self.default_base and self.config.family:
             return self.config.family
-        for family, default in (*DEFAULT_BASES.items(), *EDIT_BASES.items()):
+        for family, default in (*DEFAULT_BASES.items(), *EDIT_BASES.items(),
+                                *((f, n) for n, f in MORE_BASES.items())):
             if name == default:
                 return family
         return ""  # not on this machine: its files would tell, its name does not
@@ -736,7 +747,8 @@ class Catalogue:
         """The names ``controlcanvas models download`` knows besides hub ids."""
         names = list(DEFAULT_BASES) + [n for n in self.config.bases if n not in DEFAULT_BASES]
         names += list(CONTROLNETS["sd15"]) + [f"{family}:{c}" for family in FAMILIES
-                                              if family != "sd15" for c in CONTROLNETS[family]]
+                                              if family != "sd15"
+                                              for c in CONTROLNETS.get(family, {})]
         return names + list(few_step.load_presets()) + list(references.ADAPTERS)
 
     def download_target(self, name: str) -> Tuple[str, str]:

@@ -51,6 +51,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("sd3", "Stable Diffusion 3 / 3.5", 1024, True),
     Family("flux", "Flux.1", 1024, True),
     Family("zimage", "Z-Image", 1024, True),
+    Family("klein", "Flux.2 Klein", 1024, True),
     Family("qwen", "Qwen-Image", 1328, True),
 )}
 SUPPORTED: Tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.supported)
@@ -109,8 +110,10 @@ FLUX_CONTROL_CHANNELS = 128
 # model_index classes of edit bases (an instruction applied to a layer) -> their family.
 EDIT_PIPELINES: Dict[str, str] = {"FluxKontextPipeline": "flux",
                                   "FluxKontextInpaintPipeline": "flux"}
-_BASE_CLASSES = (("ZImage", "zimage"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
-                 ("StableDiffusionXL", "sdxl"), ("QwenImage", "qwen"))
+EDIT_PIPELINES.update(dict.fromkeys(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
+                                    "klein"))  # Klein: txt2img and edit, one pipeline
+_BASE_CLASSES = (("ZImage", "zimage"), ("Flux2Klein", "klein"), ("Flux", "flux"),
+                 ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"), ("QwenImage", "qwen"))
 
 
 def detect_base_folder(folder: Path) -> Optional[Detected]:
@@ -122,13 +125,17 @@ def detect_base_folder(folder: Path) -> Optional[Detected]:
     unet = _read_json(Path(folder) / "unet" / "config.json")
     inpaint = bool(unet and unet.get("in_channels") == 9)
     transformer = _read_json(Path(folder) / "transformer" / "config.json") or {}
-    if cls.startswith("Flux") and transformer.get("in_channels") == FLUX_CONTROL_CHANNELS:
+    if cls.startswith("Flux") and not cls.startswith("Flux2") and \
+            transformer.get("in_channels") == FLUX_CONTROL_CHANNELS:
         return Detected("base", "flux", control=True)  # FLUX.1 Canny / Depth [dev]
     if cls in EDIT_PIPELINES:  # FLUX.1 Kontext: the Flux transformer, an edit pipeline
         return Detected("base", EDIT_PIPELINES[cls], edit=True)
     for prefix, family in _BASE_CLASSES:
         if cls.startswith(prefix):
             return Detected("base", family, inpaint=inpaint)
+    if transformer.get("_class_name") == KLEIN_TRANSFORMER and \
+            not transformer.get("guidance_embeds", True):  # Klein under another class name
+        return Detected("base", "klein", edit=True)
     if "transformer" in index and "unet" not in index:
         family = "sd3" if "text_encoder_3" in index else "flux"
         return Detected("base", family)
@@ -215,7 +222,7 @@ def _nine_channels(shape: Tuple[int, ...]) -> bool:
 
 def _detect_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]:
     """The rules, most specific first (a Flux ControlNet also has transformer blocks)."""
-    zimage = _detect_zimage_keys(keys, shape)
+    zimage = _detect_zimage_keys(keys, shape) or _detect_klein_keys(keys)
     if zimage is not None:
         return zimage
     qwen = _detect_qwen_keys(keys, shape)
@@ -266,6 +273,23 @@ def _detect_zimage_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detecte
                "adaLN_modulation.0.") and _starts(keys, "context_refiner.",
                                                   "model.diffusion_model.context_refiner."):
         return Detected("base", "zimage")
+    return None
+
+
+# Flux.2's transformer: one modulation shared by every single-stream block
+# (``single_stream_modulation``, the key diffusers' single-file loader tells Flux.2 by), where
+# Flux.1 modulates per block.  Klein is the Flux.2 transformer without a guidance embedding
+# (Flux.2 [dev] has one); Klein bases also run edit mode (references in the pipeline call).
+KLEIN_TRANSFORMER = "Flux2Transformer2DModel"
+_FLUX2_KEYS = ("single_stream_modulation.", "model.diffusion_model.single_stream_modulation.")
+_FLUX2_GUIDANCE = ("guidance_in.", "model.diffusion_model.guidance_in.",
+                   "time_guidance_embed.guidance_embedder.")
+
+
+def _detect_klein_keys(keys: Tuple[str, ...]) -> Optional[Detected]:
+    """A Flux.2 Klein transformer file (original or diffusers keys; see KLEIN_TRANSFORMER)."""
+    if _starts(keys, *_FLUX2_KEYS) and not _starts(keys, *_FLUX2_GUIDANCE):
+        return Detected("base", "klein", edit=True)
     return None
 
 
@@ -375,6 +399,14 @@ FLUX_UNION_MODES: Dict[str, int] = {
 ZIMAGE_CONDITIONS: Tuple[str, ...] = ("canny", "softedge", "depth", "openpose", "mlsd",
                                       "lineart", "lineart_anime", "scribble")
 ZIMAGE_INPAINT_CONTROL_DIM = 33
+
+# Flux.2 Klein has no ControlNet: a unit's control image becomes a reference image with an
+# instruction fitting its condition (backend.engines.diffusers.dit_klein), as Black Forest
+# Labs recommend.  The conditions so emulated, per family that emulates control this way:
+KLEIN_REFERENCE_CONDITIONS: Tuple[str, ...] = (
+    "canny", "lineart", "lineart_anime", "scribble", "softedge", "mlsd", "depth", "normal",
+    "openpose", "seg", "tile", "shuffle")
+REFERENCE_CONTROLS: Dict[str, Tuple[str, ...]] = {"klein": KLEIN_REFERENCE_CONDITIONS}
 
 
 def _zimage_controlnet(control_in_dim) -> Detected:

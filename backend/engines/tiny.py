@@ -80,11 +80,12 @@ def cache_root() -> Path:
 
 
 def tiny_dir(family: str, root: Optional[Path] = None) -> Path:
-    from . import tiny_dit, tiny_qwen, tiny_zimage
+    from . import tiny_dit, tiny_klein, tiny_qwen, tiny_zimage
 
     version = tiny_dit.VERSION if family in tiny_dit.FAMILIES else VERSION  # keyed apart
     version = tiny_zimage.VERSION if family == tiny_zimage.FAMILY else version
     version = tiny_qwen.VERSION if family == tiny_qwen.FAMILY else version
+    version = tiny_klein.VERSION if family == tiny_klein.FAMILY else version
     return (root or cache_root()) / "models" / f"{version}-{family}"
 
 
@@ -94,9 +95,10 @@ def is_built(folder: Path) -> bool:
 
 def ensure_tiny(family: str = "sd15", root: Optional[Path] = None) -> Path:
     """The folder of the tiny ``family`` stack, built on first use (atomic, offline)."""
-    from . import tiny_dit, tiny_qwen, tiny_zimage
+    from . import tiny_dit, tiny_klein, tiny_qwen, tiny_zimage
 
-    known = FAMILIES + tiny_dit.FAMILIES + (tiny_zimage.FAMILY, tiny_qwen.FAMILY)
+    known = FAMILIES + tiny_dit.FAMILIES + (tiny_zimage.FAMILY, tiny_qwen.FAMILY,
+                                              tiny_klein.FAMILY)
     if family not in known:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {known}")
     folder = tiny_dir(family, root)
@@ -245,13 +247,15 @@ def union_controlnet(unet, generator):
 
 def build(folder: Path, family: str = "sd15") -> Path:
     """Build the tiny ``family`` stack into ``folder`` (deterministic, offline)."""
-    from . import tiny_dit, tiny_qwen, tiny_zimage
+    from . import tiny_dit, tiny_klein, tiny_qwen, tiny_zimage
 
     with quiet_progress_bars():
         if family == tiny_zimage.FAMILY:  # Z-Image: a Qwen tokenizer over the same bytes
             return tiny_zimage.build(Path(folder), list(_bytes_to_unicode().values()))
         if family == tiny_qwen.FAMILY:  # Qwen-Image: the same
             return tiny_qwen.build(Path(folder), list(_bytes_to_unicode().values()))
+        if family == tiny_klein.FAMILY:  # Klein: the same Qwen tokenizer and text encoder
+            return tiny_klein.build(Path(folder), list(_bytes_to_unicode().values()))
         if family in tiny_dit.FAMILIES:  # the transformer stacks (Flux, SD3), our tiny CLIP
             return tiny_dit.build(Path(folder), family, _tokenizer, _text_config)
         return _build(Path(folder), family)

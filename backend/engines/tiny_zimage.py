@@ -52,12 +52,13 @@ def _tokenizer(folder: Path, byte_tokens: Sequence[str]):
     return tok
 
 
-def _text_encoder(vocab_size: int, pad: int):
+def _text_encoder(vocab_size: int, pad: int, layers: int = 2):
+    """A tiny Qwen3 text encoder (``layers`` deep: Flux.2 Klein reads layers 9, 18, 27)."""
     from transformers import Qwen3Config, Qwen3Model
 
     return Qwen3Model(Qwen3Config(
         vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=37,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         max_position_embeddings=1024, pad_token_id=pad, tie_word_embeddings=False))
 
 

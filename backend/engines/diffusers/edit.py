@@ -16,6 +16,10 @@ naming the edit models.
 * The request's ``strength`` and ``hires`` are not used (the edit regenerates what it
   covers, at the work size); control units are :class:`~shared.errors.Unsupported` (there
   are no Kontext ControlNet pipelines).
+
+Flux.2 Klein edits with its own pipelines (:mod:`.dit_klein`): the layer and up to three
+references go to ``Flux2KleinPipeline`` as a list of images; control units are allowed
+there and become further references with an instruction.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from shared.errors import EditModelNeeded, Unsupported
 
 from ...imaging import to_array
 from ..catalogue import EDIT_BASES, Resolved
+from ..families import REFERENCE_CONTROLS
+from ..tiny_klein import NAME as TINY_KLEIN
 from ..tiny_kontext import NAME as TINY_KONTEXT
 from .geometry import Pass, resize, rgb_on_white
 
@@ -40,12 +46,13 @@ def check_edit(request, base: Resolved) -> None:
     if request.mode != "edit":
         return
     if not base.edit:
-        models = ", ".join([*EDIT_BASES.values(), TINY_KONTEXT])
+        models = ", ".join([*dict.fromkeys(EDIT_BASES.values()), TINY_KONTEXT, TINY_KLEIN])
         raise EditModelNeeded(
             f"Edit mode needs an edit model as the base; {base.name!r} is not one (its files "
             f"name no edit pipeline). Pick an edit model ({models}), or use img2img / inpaint "
             f"with this base.", field="base_model")
-    if any(unit.weight > 0 for unit in request.controls):
+    if any(unit.weight > 0 for unit in request.controls) and \
+            base.family not in REFERENCE_CONTROLS:  # Klein: units become references
         raise Unsupported(
             "Edit mode takes no control units (there is no FLUX.1 Kontext ControlNet "
             "pipeline): turn the units off, or describe the change in the instruction.",

@@ -106,7 +106,7 @@ from ...annotators.registry import Annotated
 from ...imaging import from_array, to_array
 from ..base import Generated, JobContext, step_boundary
 from ..catalogue import DEMO_BASE, Catalogue, ModelConfig, Resolved
-from ..families import check_unit, quirks, union_control_type
+from ..families import REFERENCE_CONTROLS, check_unit, quirks, union_control_type
 from ..presets import Sampling, apply_preset, check_family
 from ..tiny import quiet_progress_bars
 from .adapters import AdapterUnits, check_adapter_fits, check_adapter_unit, read_adapter
@@ -663,8 +663,9 @@ class DiffusersEngine:
                                            if request.mode == "edit" else request.base_model)
         check_edit(request, base)  # edit mode: an edit base, no units (.edit)
         resolved_nets = [self.catalogue.resolve_controlnet(u.condition, base, u.model)
-                         for u in request.controls] if not base.control else []
-        # (a Flux Tools base takes the unit's image itself: no ControlNet, .dit)
+                         for u in request.controls] \
+            if not base.control and base.family not in REFERENCE_CONTROLS else []
+        # (a Flux Tools base takes the unit's image itself, Klein as a reference: .dit_klein)
         types = [_control_type(u, r, base) for u, r in zip(request.controls, resolved_nets)]
         keep = [base.key] + [r.key for r in resolved_nets]
         self._in_use.append(keep)  # a job run in a pause must not evict these
