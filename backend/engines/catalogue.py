@@ -17,6 +17,8 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   :mod:`backend.engines.tiny_qwen`; the conditions their ControlNets serve);
   ``tiny-flux-kontext``: the tiny Flux stack as an edit base (:mod:`backend.engines.tiny_kontext`;
   edit mode; ``EDIT_BASES`` names the real one, FLUX.1 Kontext [dev], non-commercial);
+  ``tiny-qwen-edit``: the tiny Qwen-Image stack as an edit base
+  (:mod:`backend.engines.tiny_qwen_edit`; the real one: Qwen-Image-Edit-2509, Apache-2.0);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``; and the few-step
   presets' names (:mod:`backend.engines.presets`): ``models download lcm-sd15`` fetches
@@ -81,7 +83,7 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import downloads, references, tiny, tiny_kontext
+from . import downloads, references, tiny, tiny_kontext, tiny_qwen_edit
 from . import presets as few_step
 from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES,
                        ZIMAGE_CONDITIONS, Detected, check_runnable, detect, detect_base_folder,
@@ -103,8 +105,13 @@ DEFAULT_BASES: Dict[str, str] = {
 TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux",
                               "tiny-sd3": "sd3", "tiny-zimage": "zimage", "tiny-qwen": "qwen"}
 TINY_BASES[tiny_kontext.NAME] = "flux"  # the tiny Flux stack as an edit base (Kontext)
+TINY_BASES[tiny_qwen_edit.NAME] = "qwen"  # the tiny Qwen-Image stack as Qwen-Image-Edit-Plus
+# the tiny edit bases, each built from its family's tiny stack
+TINY_EDIT = {tiny_kontext.NAME: tiny_kontext.ensure_kontext,
+             tiny_qwen_edit.NAME: tiny_qwen_edit.ensure_edit}
 # Edit bases (edit mode: an instruction applied to a layer) per family.
-EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev"}
+EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev",
+                              "qwen": "Qwen/Qwen-Image-Edit-2509"}
 DEMO_BASE = "shapes-demo"
 # The demo ControlNet reads white outlines on black: what these conditions' annotators make.
 DEMO_CONDITIONS = ("lineart", "scribble", "canny", "softedge")
@@ -177,6 +184,7 @@ LICENCES: Dict[str, str] = {
     "black-forest-labs/FLUX.1-schnell": "Apache-2.0",
     FLUX_UNION: "FLUX.1 [dev] Non-Commercial License",
     EDIT_BASES["flux"]: "FLUX.1 [dev] Non-Commercial License",
+    EDIT_BASES["qwen"]: "Apache-2.0",
     "stabilityai/stable-diffusion-3.5-large": "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-medium": "Stability AI Community License",
     SD35_CANNY: "Stability AI Community License",
@@ -338,7 +346,7 @@ class Resolved:
     control_types: int = 0    # a union ControlNet's number of control types
     weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
     adapter: bool = False     # a T2I-Adapter serving the unit (engines.diffusers.adapters)
-    edit: bool = False        # an edit base (FLUX.1 Kontext): runs edit mode
+    edit: bool = False        # an edit base (FLUX.1 Kontext, Qwen-Image-Edit): runs edit mode
 
     @property
     def key(self) -> str:
@@ -567,7 +575,7 @@ class Catalogue:
         root = Path(self.config.tiny_root) if self.config.tiny_root else None
         if kind == "base" and where in TINY_BASES:
             family = TINY_BASES[where]
-            folder = tiny_kontext.ensure_kontext(root) if where == tiny_kontext.NAME \
+            folder = TINY_EDIT[where](root) if where in TINY_EDIT \
                 else tiny.ensure_tiny(family, root)
             found = detect(folder, kind)
             return Resolved(name, kind, family, "builtin", str(folder),

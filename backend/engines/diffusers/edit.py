@@ -16,6 +16,8 @@ naming the edit models.
 * The request's ``strength`` and ``hires`` are not used (the edit regenerates what it
   covers, at the work size); control units are :class:`~shared.errors.Unsupported` (there
   are no Kontext ControlNet pipelines).
+* Qwen-Image-Edit bases run edit mode their own way (several pictures natively on
+  Edit-Plus): :mod:`.qwen_edit`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from PIL import Image as PILImage
 from shared.errors import EditModelNeeded, Unsupported
 
 from ...imaging import to_array
-from ..catalogue import EDIT_BASES, Resolved
-from ..tiny_kontext import NAME as TINY_KONTEXT
+from ..catalogue import EDIT_BASES, TINY_EDIT, Resolved
 from .geometry import Pass, resize, rgb_on_white
 
 EDIT_KINDS = ("edit", "edit_inpaint")  # the passes of edit mode (see the module docstring)
@@ -40,15 +41,16 @@ def check_edit(request, base: Resolved) -> None:
     if request.mode != "edit":
         return
     if not base.edit:
-        models = ", ".join([*EDIT_BASES.values(), TINY_KONTEXT])
+        models = ", ".join([*EDIT_BASES.values(), *TINY_EDIT])
         raise EditModelNeeded(
             f"Edit mode needs an edit model as the base; {base.name!r} is not one (its files "
             f"name no edit pipeline). Pick an edit model ({models}), or use img2img / inpaint "
             f"with this base.", field="base_model")
     if any(unit.weight > 0 for unit in request.controls):
         raise Unsupported(
-            "Edit mode takes no control units (there is no FLUX.1 Kontext ControlNet "
-            "pipeline): turn the units off, or describe the change in the instruction.",
+            "Edit mode takes no control units (diffusers has no ControlNet pipeline for "
+            "FLUX.1 Kontext or Qwen-Image-Edit): turn the units off, or describe the "
+            "change in the instruction.",
             field="controls")
 
 
