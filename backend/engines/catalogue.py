@@ -17,6 +17,8 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   :mod:`backend.engines.tiny_qwen`; the conditions their ControlNets serve);
   ``tiny-flux-kontext``: the tiny Flux stack as an edit base (:mod:`backend.engines.tiny_kontext`;
   edit mode; ``EDIT_BASES`` names the real one, FLUX.1 Kontext [dev], non-commercial);
+  ``tiny-qwen-edit``: the tiny Qwen-Image stack as an edit base
+  (:mod:`backend.engines.tiny_qwen_edit`; the real one: Qwen-Image-Edit-2509, Apache-2.0);
 * the aliases ``sd15`` / ``sdxl`` (default bases) and ``CONDITION`` /
   ``sdxl:CONDITION`` (default ControlNets) for ``models download``; and the few-step
   presets' names (:mod:`backend.engines.presets`): ``models download lcm-sd15`` fetches
@@ -82,7 +84,7 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import downloads, references, tiny, tiny_kontext
+from . import downloads, references, tiny, tiny_kontext, tiny_qwen_edit
 from . import presets as few_step
 from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES,
                        ZIMAGE_CONDITIONS, Detected, check_runnable, detect, detect_base_folder,
@@ -107,9 +109,15 @@ TINY_BASES: Dict[str, str] = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-fl
                               "tiny-sd3": "sd3", "tiny-zimage": "zimage", "tiny-qwen": "qwen"}
 TINY_BASES["tiny-klein"] = "klein"  # Flux.2 Klein (backend.engines.tiny_klein), also an edit base
 TINY_BASES[tiny_kontext.NAME] = "flux"  # the tiny Flux stack as an edit base (Kontext)
-TINY_EDIT_BASES = {tiny_kontext.NAME}    # the built-in bases that run edit mode
+TINY_BASES[tiny_qwen_edit.NAME] = "qwen"  # the tiny Qwen-Image stack as Qwen-Image-Edit-Plus
+# the tiny edit bases, each built from its family's tiny stack
+TINY_EDIT = {tiny_kontext.NAME: tiny_kontext.ensure_kontext,
+             tiny_qwen_edit.NAME: tiny_qwen_edit.ensure_edit}
+# the built-in bases that run edit mode (tiny Klein generates and edits: its own stack)
+TINY_EDIT_BASES = {*TINY_EDIT, "tiny-klein"}
 # Edit bases (edit mode: an instruction applied to a layer) per family.
-EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev"}
+EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev",
+                              "qwen": "Qwen/Qwen-Image-Edit-2509"}
 EDIT_BASES["klein"] = DEFAULT_BASES["klein"]  # Klein generates and edits: one model
 # Larger variants listed beside a family's default base (Klein 9B: non-commercial).
 MORE_BASES: Dict[str, str] = {"black-forest-labs/FLUX.2-klein-9B": "klein"}
@@ -185,6 +193,7 @@ LICENCES: Dict[str, str] = {
     "black-forest-labs/FLUX.1-schnell": "Apache-2.0",
     FLUX_UNION: "FLUX.1 [dev] Non-Commercial License",
     EDIT_BASES["flux"]: "FLUX.1 [dev] Non-Commercial License",
+    EDIT_BASES["qwen"]: "Apache-2.0",
     "stabilityai/stable-diffusion-3.5-large": "Stability AI Community License",
     "stabilityai/stable-diffusion-3.5-medium": "Stability AI Community License",
     SD35_CANNY: "Stability AI Community License",
@@ -348,7 +357,7 @@ class Resolved:
     control_types: int = 0    # a union ControlNet's number of control types
     weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
     adapter: bool = False     # a T2I-Adapter serving the unit (engines.diffusers.adapters)
-    edit: bool = False        # an edit base (FLUX.1 Kontext): runs edit mode
+    edit: bool = False        # an edit base (FLUX.1 Kontext, Qwen-Image-Edit): runs edit mode
 
     @property
     def key(self) -> str:
@@ -601,7 +610,7 @@ class Catalogue:
         root = Path(self.config.tiny_root) if self.config.tiny_root else None
         if kind == "base" and where in TINY_BASES:
             family = TINY_BASES[where]
-            folder = tiny_kontext.ensure_kontext(root) if where == tiny_kontext.NAME \
+            folder = TINY_EDIT[where](root) if where in TINY_EDIT \
                 else tiny.ensure_tiny(family, root)
             found = detect(folder, kind)
             return Resolved(name, kind, family, "builtin", str(folder),

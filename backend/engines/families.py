@@ -112,6 +112,8 @@ EDIT_PIPELINES: Dict[str, str] = {"FluxKontextPipeline": "flux",
                                   "FluxKontextInpaintPipeline": "flux"}
 EDIT_PIPELINES.update(dict.fromkeys(("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
                                     "klein"))  # Klein: txt2img and edit, one pipeline
+EDIT_PIPELINES.update(dict.fromkeys(("QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                                     "QwenImageEditInpaintPipeline"), "qwen"))
 _BASE_CLASSES = (("ZImage", "zimage"), ("Flux2Klein", "klein"), ("Flux", "flux"),
                  ("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"), ("QwenImage", "qwen"))
 
@@ -128,7 +130,8 @@ def detect_base_folder(folder: Path) -> Optional[Detected]:
     if cls.startswith("Flux") and not cls.startswith("Flux2") and \
             transformer.get("in_channels") == FLUX_CONTROL_CHANNELS:
         return Detected("base", "flux", control=True)  # FLUX.1 Canny / Depth [dev]
-    if cls in EDIT_PIPELINES:  # FLUX.1 Kontext: the Flux transformer, an edit pipeline
+    # before the base classes ("QwenImage" also starts "QwenImageEdit..."):
+    if cls in EDIT_PIPELINES:  # FLUX.1 Kontext, Qwen-Image-Edit: an edit pipeline
         return Detected("base", EDIT_PIPELINES[cls], edit=True)
     for prefix, family in _BASE_CLASSES:
         if cls.startswith(prefix):

@@ -36,6 +36,10 @@ CONTROLNETS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+# Qwen2.5-VL's picture tokens: a picture's patches go between the first two, as the third.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+
+
 def controlnet_for(condition: str) -> str:
     """The tiny ControlNet folder for ``condition`` (KeyError: none serves it)."""
     for name, conditions in CONTROLNETS.items():
@@ -44,11 +48,16 @@ def controlnet_for(condition: str) -> str:
     raise KeyError(condition)
 
 
-def _text_encoder(tokenizer):
+def _text_encoder(tokenizer, vision_tokens: bool = False):
+    """The tiny Qwen2.5-VL; ``vision_tokens``: the tokenizer has Qwen's vision tokens
+    (the edit stack, :mod:`backend.engines.tiny_qwen_edit`, feeds it pictures)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     vision = len(tokenizer)  # no image reaches Qwen-Image's text encoder: ids past the vocab
+    start = end = image = vision
+    if vision_tokens:
+        start, end, image = (tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS)
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": TEXT_WIDTH, "intermediate_size": 37,
                      "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -59,8 +68,8 @@ def _text_encoder(tokenizer):
                      "pad_token_id": pad},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
                        "num_heads": 2, "out_hidden_size": TEXT_WIDTH},
-        hidden_size=TEXT_WIDTH, vocab_size=len(tokenizer), vision_start_token_id=vision,
-        vision_end_token_id=vision, image_token_id=vision, vision_token_id=vision)
+        hidden_size=TEXT_WIDTH, vocab_size=len(tokenizer), vision_start_token_id=start,
+        vision_end_token_id=end, image_token_id=image, vision_token_id=vision)
     return Qwen2_5_VLForConditionalGeneration(config)
 
 

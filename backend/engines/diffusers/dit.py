@@ -147,6 +147,11 @@ class DitFamily:
             return self.controlnet.from_single_file(resolved.path, **kwargs)
         return self.controlnet.from_pretrained(resolved.path, local_files_only=True, **kwargs)
 
+    def base_pipeline(self, resolved: Resolved) -> Tuple[type, Dict[str, Any]]:
+        """The pipeline class a base loads as, and components to load it with beyond its
+        files (Flux / SD3: the txt2img pipeline, nothing more)."""
+        return self.pipelines[("txt2img", False)], {}
+
     def check_compatible(self, net, entry: BaseEntry) -> bool:
         """Whether ``net`` fits the base's transformer (its text and latent widths)."""
         ours, theirs = net.config, entry.pipe.transformer.config

@@ -21,19 +21,26 @@ listed in :mod:`.dit_families`.  What differs from Flux / SD3:
   diffusers' multi-ControlNet runs one model with several images: several units must share
   one ControlNet (the union model), else :class:`~shared.errors.Unsupported`.
 * **Latents**: packed 2x2 like Flux; unpacked they are 5-D (a video VAE's one frame).
+* **Edit mode** (Qwen-Image-Edit / -Plus bases): :mod:`.qwen_edit`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from diffusers import (QwenImageControlNetInpaintPipeline, QwenImageControlNetModel,
                        QwenImageControlNetPipeline, QwenImageImg2ImgPipeline,
                        QwenImageInpaintPipeline, QwenImageMultiControlNetModel,
                        QwenImagePipeline)
 
+from ..catalogue import Resolved
 from ..families import QWEN_UNION_MODES
+from .cache import BaseEntry
 from .dit import DitFamily
+from .edit import EDIT_KINDS
+from .geometry import Pass
+from .qwen_edit import PIPELINES as EDIT_PIPELINES
+from .qwen_edit import base_components, edit_class, edit_kwargs, edit_pipeline, work_area
 
 # Qwen-Image's pipelines guide only with a negative prompt: the blank one its card uses.
 BLANK_NEGATIVE = " "
@@ -51,7 +58,41 @@ def encode(pipe, prompt: str, negative: Optional[str], cfg: bool) -> Dict[str, A
     return found
 
 
-QWEN = DitFamily(
+class QwenFamily(DitFamily):
+    """Qwen-Image, and on a Qwen-Image-Edit base edit mode (:mod:`.qwen_edit`)."""
+
+    def base_pipeline(self, resolved: Resolved) -> Tuple[type, Dict[str, Any]]:
+        cls = edit_class(resolved.path) if resolved.edit else None
+        if cls is None:
+            return super().base_pipeline(resolved)
+        return cls, base_components(resolved)
+
+    def pipeline_class(self, mode: str, controls: bool, request, base: Resolved) -> type:
+        if mode in EDIT_KINDS:
+            return edit_pipeline(mode, base, request)
+        return super().pipeline_class(mode, controls, request, base)
+
+    def call_kwargs(self, request, p: Pass, entry: BaseEntry, pipe, units, order, generator,
+                    cfg: bool, stats: Dict[str, Any], cache_size: int) -> Dict[str, Any]:
+        if p.kind not in EDIT_KINDS:
+            return super().call_kwargs(request, p, entry, pipe, units, order, generator, cfg,
+                                       stats, cache_size)
+        w, h = p.size
+        # the texts, not cached embeddings: the encoder reads them with the pictures
+        negative = (request.negative_prompt or BLANK_NEGATIVE) if cfg else None
+        return dict(edit_kwargs(p, pipe, self.multiple), prompt=request.prompt,
+                    negative_prompt=negative, true_cfg_scale=request.cfg,
+                    num_inference_steps=p.steps, generator=generator, height=h, width=w,
+                    output_type="np")
+
+    def run(self, pipe, kwargs: Dict[str, Any], seed: int, device):
+        if not isinstance(pipe, EDIT_PIPELINES):
+            return super().run(pipe, kwargs, seed, device)
+        with work_area((kwargs["width"], kwargs["height"])):
+            return pipe(**kwargs).images[0]
+
+
+QWEN = QwenFamily(
     "qwen",
     {("txt2img", False): QwenImagePipeline, ("img2img", False): QwenImageImg2ImgPipeline,
      ("inpaint", False): QwenImageInpaintPipeline, ("txt2img", True): QwenImageControlNetPipeline,

@@ -20,6 +20,9 @@ naming the edit models.
 Flux.2 Klein edits with its own pipelines (:mod:`.dit_klein`): the layer and up to three
 references go to ``Flux2KleinPipeline`` as a list of images; control units are allowed
 there and become further references with an instruction.
+
+* Qwen-Image-Edit bases run edit mode their own way (several pictures natively on
+  Edit-Plus): :mod:`.qwen_edit`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,8 @@ from PIL import Image as PILImage
 from shared.errors import EditModelNeeded, Unsupported
 
 from ...imaging import to_array
-from ..catalogue import EDIT_BASES, Resolved
+from ..catalogue import EDIT_BASES, TINY_EDIT_BASES, Resolved
 from ..families import REFERENCE_CONTROLS
-from ..tiny_klein import NAME as TINY_KLEIN
-from ..tiny_kontext import NAME as TINY_KONTEXT
 from .geometry import Pass, resize, rgb_on_white
 
 EDIT_KINDS = ("edit", "edit_inpaint")  # the passes of edit mode (see the module docstring)
@@ -46,7 +47,7 @@ def check_edit(request, base: Resolved) -> None:
     if request.mode != "edit":
         return
     if not base.edit:
-        models = ", ".join([*dict.fromkeys(EDIT_BASES.values()), TINY_KONTEXT, TINY_KLEIN])
+        models = ", ".join([*dict.fromkeys(EDIT_BASES.values()), *sorted(TINY_EDIT_BASES)])
         raise EditModelNeeded(
             f"Edit mode needs an edit model as the base; {base.name!r} is not one (its files "
             f"name no edit pipeline). Pick an edit model ({models}), or use img2img / inpaint "
@@ -54,8 +55,9 @@ def check_edit(request, base: Resolved) -> None:
     if any(unit.weight > 0 for unit in request.controls) and \
             base.family not in REFERENCE_CONTROLS:  # Klein: units become references
         raise Unsupported(
-            "Edit mode takes no control units (there is no FLUX.1 Kontext ControlNet "
-            "pipeline): turn the units off, or describe the change in the instruction.",
+            "Edit mode takes no control units (diffusers has no ControlNet pipeline for "
+            "FLUX.1 Kontext or Qwen-Image-Edit): turn the units off, or describe the "
+            "change in the instruction.",
             field="controls")
 
 

@@ -355,8 +355,8 @@ class DiffusersEngine:
         family = resolved.family
         loading = self._plan_loading(resolved)
         dit = dit_family(family)
-        cls = dit.pipelines[("txt2img", False)] if dit else PIPELINES[(family, "txt2img", False)]
-        kwargs: Dict[str, Any] = {}
+        cls, kwargs = dit.base_pipeline(resolved) if dit else \
+            (PIPELINES[(family, "txt2img", False)], {})
         if family == "sd15":
             kwargs.update(safety_checker=None, feature_extractor=None,
                           requires_safety_checker=False)
