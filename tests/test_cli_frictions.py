@@ -55,7 +55,8 @@ def assert_runs(command: str, catalogue: Catalogue) -> None:
 def _bases(tmp_path, monkeypatch):
     """Every built-in base and each family's default hub base (as if downloaded)."""
     monkeypatch.setattr(catalogue_module.tiny, "ensure_tiny", lambda family, root=None: tmp_path)
-    monkeypatch.setattr(catalogue_module.tiny_kontext, "ensure_kontext", lambda root=None: tmp_path)
+    for name in catalogue_module.TINY_EDIT:  # the tiny edit bases (built from a tiny stack)
+        monkeypatch.setitem(catalogue_module.TINY_EDIT, name, lambda root=None: tmp_path)
     catalogue = Catalogue(ModelConfig(cache_dir=str(tmp_path / "hf")))
     bases = [catalogue.resolve_base(DEMO_BASE)]
     bases += [catalogue.resolve_base(name) for name in TINY_BASES]
