@@ -159,8 +159,23 @@ def results(output: str) -> dict:
     return found
 
 
+TOKEN = "real-krita-test-token"
+
+
+@pytest.fixture(scope="module")
+def artist_server(tmp_path_factory):
+    """The tiny engine over issue 15's stack (tests/artist_stack.py)."""
+    from tests import artist_stack
+
+    server, engine = artist_stack.start_server(tmp_path_factory.mktemp("artist"), TOKEN)
+    try:
+        yield server, engine
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module", params=list(SUITES))
-def krita_env(request, krita_zip, tmp_path_factory):
+def krita_env(request, krita_zip, tmp_path_factory, artist_server):
     """Chroot ready, zip imported by Krita's importer, token file in place, server up."""
     from backend.server.config import ServerConfig
     from backend.server.local import ServerThread
@@ -179,6 +194,8 @@ def krita_env(request, krita_zip, tmp_path_factory):
     shutil.copy(krita_zip, work / krita_zip.name)
     shutil.copy(SUPPORT / "krita_real_runner.py", work / "mod")
     line_art_png(work / "lineart.png")
+    from tests import artist_stack
+    artist_stack.reference_png(work / "reference.png", W, H)
     big_line_art_png(work / "lineart_big.png")
     pykrita = home / ".local/share/krita/pykrita"
     pykrita.mkdir(parents=True, exist_ok=True)
@@ -203,12 +220,13 @@ def krita_env(request, krita_zip, tmp_path_factory):
     (home / ".config" / "kritarc").write_text(
         "[python]\nenable_controlcanvas=true\nenable_cc_test_driver=true\n")
     engine = RecordingEngine(step_seconds=0.002)
-    server = ServerThread(engine, ServerConfig(port=0)).start()
+    server = ServerThread(engine, ServerConfig(port=0), token=TOKEN).start()
     token_file = home / ".config" / "controlcanvas" / "token"  # where the backend puts it
     token_file.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(server.token + "\n")
     token_file.chmod(0o600)
-    env = dict(suite=suite, krita=SUITES[suite][0], qt=SUITES[suite][1], root=root, home=HOME_REL, rel=rel, work=work, server=server, engine=engine,
+    artist_server[1].calls.clear()
+    env = dict(artist=artist_server, suite=suite, krita=SUITES[suite][0], qt=SUITES[suite][1], root=root, home=HOME_REL, rel=rel, work=work, server=server, engine=engine,
                install_seconds=round(time.monotonic() - t0, 2))
     try:
         yield env
@@ -232,7 +250,7 @@ def test_generate_path_in_kritarunner(krita_env):
         "QT_QPA_PLATFORM": "offscreen",
         "PYTHONPATH": f"/{env['home']}/.local/share/krita/pykrita:/{env['rel']}/mod"},
         ["timeout", "240", "kritarunner", "-s", "krita_real_runner", "-f", "main",
-         f"/{env['rel']}", env["server"].url])
+         f"/{env['rel']}", env["server"].url, env["artist"][0].url])
     seconds = time.monotonic() - t0
     out = done.stdout + done.stderr
     found = results(out)
@@ -282,6 +300,47 @@ def test_generate_path_in_kritarunner(krita_env):
                                                   "lineart"], live
     assert live["tree_off"] == [n for n in live["tree_kept"] if n != "ControlCanvas live"]
     print(f"kritarunner tier: {seconds:.1f} s (install {env['install_seconds']} s)")
+    check_artist_flow(env, found["artist"])
+
+
+def check_artist_flow(env, found):
+    """Issue 15's "done when" in Krita: the Illustrious single file the server lists, a
+    lineart unit (served by the union ControlNet), a style LoRA and a hidden layer of the
+    document as a style reference give one new layer of the document's size, and nothing
+    else changes; without the LoRA and the reference the picture differs."""
+    from PIL import Image as PILImage
+    from tests import artist_stack
+
+    assert artist_stack.BASE_NAME in found["models"], found["models"]
+    calls = env["artist"][1].calls
+    work = env["work"]
+    for key in ("artist", "artist_plain"):
+        run = found[key]
+        assert run["done"] and run["result"] == \
+            "flat colours, girl in a red coat · seed 1515", run
+        assert run["bounds"] == [0, 0, W, H], run
+        got = (work / f"{key}.bgra").read_bytes()
+        matches = [call for call in calls if call[2][0].image.to_bgra() == got]
+        assert matches, f"{key}: the new layer holds none of the pictures the server made"
+        request, images, _ = matches[0]
+        assert request.base_model == artist_stack.BASE_NAME and request.seed == 1515
+        (unit,) = request.controls
+        assert unit.condition == "lineart" and unit.model == ""  # the default: the union
+        if key == "artist_plain":
+            assert request.loras == () and request.references == ()
+            continue
+        assert [(lora.name, lora.strength) for lora in request.loras] == \
+            [(artist_stack.LORA_NAME, pytest.approx(0.8))]
+        (ref,) = request.references
+        assert (ref.mode, ref.weight) == ("style", pytest.approx(0.9))
+        want = PILImage.open(work / "reference.png").convert("RGBA").tobytes()
+        assert images[ref.image].data == want, "the hidden reference layer's own pixels"
+    assert found["artist"]["tree"] == ["Background", found["artist"]["result"], "lineart",
+                                       "reference photo"], found["artist"]["tree"]
+    assert (work / "artist.bgra").read_bytes() != (work / "artist_plain.bgra").read_bytes()
+    assert found["old_unchanged"] == {"Background": True, "lineart": True,
+                                      "reference photo": True}, found
+    assert found["reference_visible"] is False
 
 
 def test_docker_undo_and_pose_in_the_gui(krita_env):

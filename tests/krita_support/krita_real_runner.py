@@ -154,6 +154,64 @@ def colourise_settings(c, lines, seed):
     c.settings.seed, c.settings.seed_locked, c.settings.steps = seed, True, 8
 
 
+ARTIST_PROMPT = "flat colours, girl in a red coat"
+
+
+def artist_flow(work, url):
+    """Issue 15's flow through the controller: the server's Illustrious single file as the
+    base, a lineart unit on the line art, a style LoRA, and another layer of the document
+    (hidden, as a pasted photo often is) as a style reference; then the same without the
+    LoRA and the reference.  Every existing layer is dumped before and after."""
+    from controlcanvas import plan
+    from controlcanvas.canvas import _uid
+    from controlcanvas.settings import LoraSettings, ReferenceSettings
+    doc, lines = artist_document(os.path.join(work, "lineart.png"))
+    w, h = doc.width(), doc.height()
+    photo = Krita.instance().openDocument(os.path.join(work, "reference.png"))
+    photo.setBatchmode(True)
+    photo_px = bytes(photo.topLevelNodes()[0].pixelData(0, 0, w, h))
+    photo.close()
+    ref = doc.createNode("reference photo", "paintlayer")
+    ref.setPixelData(photo_px, 0, 0, w, h)
+    doc.rootNode().addChildNode(ref, None)
+    ref.setVisible(False)
+    doc.setActiveNode(lines)
+    doc.waitForDone()
+    old = [(n.name(), n) for n in doc.rootNode().childNodes()]
+    old_ids = {_uid(n) for _, n in old}
+    before = {name: dump(n, doc, os.path.join(work, "artist_before_%d.bgra" % i))
+              for i, (name, n) in enumerate(old)}
+    c = controller_for(doc, url)
+    out = {"models": [m.name for m in c.models.models if m.kind == "base"] if c.models else None}
+    c.settings = plan.apply_preset(c.settings, "colourise", _uid(lines), c.annotators("lineart"))
+    c.settings.prompt = ARTIST_PROMPT
+    c.settings.base_model = "illustrious"
+    c.settings.seed, c.settings.seed_locked, c.settings.steps = 1515, True, 4
+    runs = (("artist", [LoraSettings("xl_style", 0.8)],
+             [ReferenceSettings(layer_id=_uid(ref), weight=0.9, mode="style")]),
+            ("artist_plain", [], []))
+    for key, loras, references in runs:
+        c.settings.loras, c.settings.references = loras, references
+        done = c.run_until_idle(5) and c.generate() is not None and c.run_until_idle(120)
+        result = next((n for n in doc.rootNode().childNodes()
+                       if n.name().startswith(ARTIST_PROMPT) and _uid(n) not in old_ids),
+                      None)
+        out[key] = {"done": done, "message": c.message, "level": c.level,
+                    "tree": tree(doc.rootNode()),
+                    "result": result.name() if result else None,
+                    "sha": dump(result, doc, os.path.join(work, key + ".bgra"))
+                    if result else None}
+        if result is not None:
+            result.setName(key)  # the next run's layer is the other one
+            out[key]["bounds"] = [result.bounds().x(), result.bounds().y(),
+                                  result.bounds().width(), result.bounds().height()]
+    out["old_unchanged"] = {name: dump(n, doc, os.path.join(work, "artist_after.bgra"))
+                            == before[name] for name, n in old}
+    out["reference_visible"] = ref.visible()
+    c.shutdown()
+    return out
+
+
 def main(args):
     work, url = args[0], args[1]
     try:
@@ -210,6 +268,10 @@ def main(args):
 
         # 4. live painting: frames in one layer, replaced in place; Keep; off
         say("live", live_painting(work, url))
+
+        # 5. issue 15: single file + union lineart + LoRA + reference layer
+        if len(args) > 2:
+            say("artist", artist_flow(work, args[2]))
     except Exception:
         say("exception", traceback.format_exc())
     print("CC_END")
