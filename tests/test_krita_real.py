@@ -350,7 +350,8 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
     for attempt in range(2):
         done = run_in_chroot(env["root"], env["home"], {
             "CC_DRIVER_WORK": f"/{env['rel']}", "CC_DRIVER_MODDIR": f"/{env['rel']}/mod",
-            "CC_DRIVER_URL": env["server"].url, "CC_DRIVER_SCREENSHOT": shot},
+            "CC_DRIVER_URL": env["server"].url, "CC_DRIVER_SCREENSHOT": shot,
+            "CC_DRIVER_ARTIST_URL": env["artist"][0].url},
             ["timeout", "300", "xvfb-run", "-a", "-s", "-screen 0 1280x800x24",
              "krita", "--nosplash"])
         out = done.stdout + done.stderr
@@ -403,3 +404,36 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
     if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS") and env["suite"] in docs_name:
         shutil.copy(png, ROOT / "docs" / "img" / docs_name[env["suite"]])
     print(f"GUI tier: {seconds:.1f} s")
+    check_gui_artist(env, found["gui_artist"])
+
+
+def check_gui_artist(env, found):
+    """Issue 15 through the docker: the Model list, + LoRA, + Reference and the row's layer
+    list reach the server; Krita keeps them and the docker shows them again."""
+    from tests import artist_stack
+
+    assert found["online"] and found["done"], json.dumps(found)
+    assert found["unit_layer"] == "lineart", found
+    # + Reference starts on the active layer; Krita 5.2 under Xvfb (no window manager)
+    # reports no active node for a script-made view, and the row starts on the first layer
+    assert found["first_pick"] == ("lineart" if found["settled"] else "reference photo"), found
+    assert found["settled"] or env["krita"] == "5.2", found
+    request, images, outputs = next(call for call in env["artist"][1].calls
+                                    if call[0].seed == 1616)
+    assert (env["work"] / "gui_artist.bgra").read_bytes() == outputs[0].image.to_bgra()
+    assert request.base_model == artist_stack.BASE_NAME
+    assert [(lora.name, lora.strength) for lora in request.loras] == \
+        [(artist_stack.LORA_NAME, pytest.approx(0.8))]
+    (ref,) = request.references
+    assert (ref.mode, ref.weight) == ("style", pytest.approx(0.9))
+    (unit,) = request.controls
+    assert unit.condition == "lineart" and images[unit.image].data != images[ref.image].data
+    from PIL import Image as PILImage
+    assert images[ref.image].data == PILImage.open(env["work"] / "reference.png") \
+        .convert("RGBA").tobytes(), "the picked layer's pixels, not the active one's"
+    assert found["kept"] == {"base_model": artist_stack.BASE_NAME,
+                             "loras": [[artist_stack.LORA_NAME, pytest.approx(0.8)]],
+                             "references": [[True, "style", pytest.approx(0.9)]]}, found
+    assert found["reloaded"] == {"layers": ["reference photo"], "modes": ["style"],
+                                 "weights": [pytest.approx(0.9)],
+                                 "model": artist_stack.BASE_NAME}, found
