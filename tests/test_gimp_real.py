@@ -112,7 +112,7 @@ def locked(path: Path):
 # Issue 15's flow: an Illustrious single file + the union ControlNet (lineart) + a style LoRA
 # + another layer of the image as a style reference, on the tiny engine (tests/artist_stack).
 ARTIST_SEED = 1515
-REFERENCE = {"name": "reference photo", "offsets": [-20, -10]}
+REFERENCE = {"name": "reference photo", "group": "references", "offsets": [-20, -10]}
 REFERENCE_SIZE = (640, 420)  # sent at most 512 px: 512 x 336
 
 
@@ -522,7 +522,9 @@ def test_artist_flow_single_file_union_lora_and_reference_layer(gimp):
     new layer, at the source's place and size, and change nothing else."""
     c, (request, images, _) = artist_call(gimp, "artist")
     name = f"{PROMPT} · seed {ARTIST_SEED}"
-    assert names(c["layers"]) == [REFERENCE["name"], name, "lines", "paper"]
+    # (the reference layer is hidden, in a layer group: found by its name all the same)
+    assert names(c["layers"]) == [REFERENCE["group"], name, "lines", "paper"]
+    assert names(c["layers"][0]["children"]) == [REFERENCE["name"]]
     new = c["layers"][1]
     assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
     assert c["old_layers_unchanged"] == {REFERENCE["name"]: True, "lines": True,

@@ -97,12 +97,16 @@ def setup_image(reference=None):
     shadow.set(Gegl.Rectangle.new(0, 0, cw, ch), FMT, b'\xff\xff\xff\xff' * (cw * ch))
     shadow.flush()
     paper.merge_shadow(True)
-    if reference:  # another layer of the image: a picture the artist pasted, on top
+    if reference:  # another layer of the image: a picture the artist pasted, hidden, in a
+        # layer group on top
+        group = Gimp.GroupLayer.new(image, reference['group'])
+        image.insert_layer(group, None, 0)
         ref = Gimp.file_load_layer(Gimp.RunMode.NONINTERACTIVE, image,
                                    Gio.File.new_for_path(reference['png']))
         ref.set_name(reference['name'])
-        image.insert_layer(ref, None, 0)
+        image.insert_layer(ref, group, 0)
         ref.set_offsets(*reference['offsets'])
+        ref.set_visible(False)
     return image, source
 
 
