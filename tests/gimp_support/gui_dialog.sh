@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GUI GIMP under Xvfb, in the chroot of tests/editors/setup_gimp.sh: opens an image,
 # calls Filters > ControlNet > Generate from layer INTERACTIVELY (a hidden "reference photo"
-# layer below as its style reference), screenshots GIMP's own dialog (GimpUi.ProcedureDialog), presses OK, screenshots the image window while the job
-# runs (progress text) and the result, presses Ctrl+Z in the image window and checks that
-# one undo removed exactly the new layer.
+# layer below as its style reference), screenshots GIMP's own dialog
+# (GimpUi.ProcedureDialog), presses OK, screenshots the image window while the job runs
+# (progress text) and the result, presses Ctrl+Z in the image window and checks that one
+# undo removed exactly the new layer.
 #
 # Usage (as root, from the checkout):
 #   bash tests/gimp_support/gui_dialog.sh [OUT_DIR]     (default OUT_DIR: docs/img)
