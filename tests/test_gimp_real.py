@@ -7,7 +7,10 @@ engine on 127.0.0.1 and a token file the plug-in finds by itself, then runs
 gimp-console-3 once with tests/gimp_support/gimp_batch.py: every case loads a
 PNG, runs one Filters ▸ ControlNet procedure non-interactively, and records what
 GIMP ended up with.  The tests below assert on that record: pixels equal to what
-FakeEngine makes for the same request, offsets, stacking, paths, messages.
+FakeEngine makes for the same request, offsets, stacking, paths, messages.  Two more cases
+run issue 15's flow against a second server, the tiny diffusers engine over
+tests/artist_stack.py (an SDXL single file, the union ControlNet, a LoRA, the IP-Adapter),
+with a hidden layer of the image as the style reference.
 
 Every GIMP run goes through tests/editors/jail.sh (bubblewrap: nothing is mounted on the
 host). Skips (with the reason) only where the chroot cannot be built or used: not Linux,

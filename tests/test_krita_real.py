@@ -6,6 +6,10 @@ bookworm, trixie, sid and experimental (chroots, see tests/editors/setup_krita.s
 * kritarunner (no window): open a line-art PNG, run the plug-in's generate path (the
   code behind the docker's Generate button), check the new layer holds exactly the
   engine's pixels, sits under the line art, and the line art is untouched;
+* issue 15's flow on the tiny engine (tests/artist_stack.py: an SDXL single file as a named
+  base, the union ControlNet, a style LoRA, the SDXL IP-Adapter): through the controller
+  (kritarunner) and through the docker's Model list, + LoRA and + Reference rows (GUI),
+  with what Krita keeps of those settings;
 * the full Krita under Xvfb: the real docker's buttons, then one ``edit_undo``
   removes the result (and a whole batch group) in one step; a pose skeleton as an
   editable vector layer; a screenshot of the window (docs/img/krita-real.png).
