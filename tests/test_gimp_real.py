@@ -519,6 +519,18 @@ def artist_call(gimp, seed_case: str):
     return c, found[0]
 
 
+def test_artist_server_lists_the_single_file_and_serves_lineart_with_the_union(artist_server):
+    from backend.engines.catalogue import SDXL_UNION
+
+    catalogue = artist_server[1].catalogue
+    models = {m.name: m for m in catalogue.models_message().models}
+    base = models[artist_stack.BASE_NAME]
+    assert (base.kind, base.family, base.present) == ("base", "sdxl", True)
+    assert "lineart" in base.conditions and models[SDXL_UNION].present
+    assert catalogue.controlnet_name("lineart", "sdxl") == SDXL_UNION
+    assert [lora.name for lora in catalogue.models_message().loras] == [artist_stack.LORA_NAME]
+
+
 def test_artist_flow_single_file_union_lora_and_reference_layer(gimp):
     """Issue 15's "done when", in GIMP: an Illustrious single file, a lineart unit served
     by the union ControlNet, a style LoRA and another layer as a style reference give one
