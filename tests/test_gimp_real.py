@@ -7,7 +7,10 @@ engine on 127.0.0.1 and a token file the plug-in finds by itself, then runs
 gimp-console-3 once with tests/gimp_support/gimp_batch.py: every case loads a
 PNG, runs one Filters ▸ ControlNet procedure non-interactively, and records what
 GIMP ended up with.  The tests below assert on that record: pixels equal to what
-FakeEngine makes for the same request, offsets, stacking, paths, messages.
+FakeEngine makes for the same request, offsets, stacking, paths, messages.  Two more cases
+run issue 15's flow against a second server, the tiny diffusers engine over
+tests/artist_stack.py (an SDXL single file, the union ControlNet, a LoRA, the IP-Adapter),
+with a hidden layer of the image as the style reference.
 
 Every GIMP run goes through tests/editors/jail.sh (bubblewrap: nothing is mounted on the
 host). Skips (with the reason) only where the chroot cannot be built or used: not Linux,
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT / "plugin_gimp"))
 from backend.server.config import ServerConfig  # noqa: E402
 from backend.server.local import ServerThread  # noqa: E402
 from controlcanvas_gimp import pose  # noqa: E402
+from tests import artist_stack  # noqa: E402
 from tests.editor_jail import editor_root, jail, unavailable  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from gimp_support.packaging_build import load_build  # noqa: E402
@@ -108,6 +112,27 @@ def locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Issue 15's flow: an Illustrious single file + the union ControlNet (lineart) + a style LoRA
+# + another layer of the image as a style reference, on the tiny engine (tests/artist_stack).
+ARTIST_SEED = 1515
+REFERENCE = {"name": "reference photo", "group": "references", "offsets": [-20, -10]}
+REFERENCE_SIZE = (640, 420)  # sent at most 512 px: 512 x 336
+
+
+def artist_cases(artist_url: str, reference_png: str):
+    flow = {"server-url": artist_url, "prompt": PROMPT, "steps": 4, "size": "layer",
+            "seed": ARTIST_SEED, "base-model": artist_stack.BASE_NAME, "condition": "lineart"}
+    reference = dict(REFERENCE, png=reference_png)
+    return [
+        {"id": "artist", "proc": PREFIX + "generate", "reference": reference,
+         "args": dict(flow, loras=f"{artist_stack.LORA_NAME}:0.8",
+                      **{"reference-layer": REFERENCE["name"], "reference-weight": 0.9,
+                         "reference-mode": "style"})},
+        {"id": "artist-plain", "proc": PREFIX + "generate", "reference": reference,
+         "args": flow},
+    ]
+
+
 def cases(server_url: str, down_url: str, pose_url: str):
     base = {"server-url": server_url, "prompt": PROMPT, "steps": 8, "size": "layer"}
 
@@ -140,7 +165,8 @@ def cases(server_url: str, down_url: str, pose_url: str):
 
 class GimpRun:
     def __init__(self, results: dict, work: Path, stderr: str, returncode: int,
-                 source: Image, settings_saved: str) -> None:
+                 source: Image, settings_saved: str, artist_calls: list) -> None:
+        self.artist_calls = artist_calls  # (request, images, pictures) the artist server ran
         self.results = results
         self.work = work
         self.stderr = stderr
@@ -160,8 +186,18 @@ class GimpRun:
         return self.pixels(node["pixels"], node["w"], node["h"])
 
 
+@pytest.fixture(scope="module")
+def artist_server(tmp_path_factory):
+    """The tiny engine over issue 15's stack (tests/artist_stack.py), token TOKEN."""
+    server, engine = artist_stack.start_server(tmp_path_factory.mktemp("artist"), TOKEN)
+    try:
+        yield server, engine
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module", params=sorted(SUITES))
-def gimp(request, tmp_path_factory):
+def gimp(request, tmp_path_factory, artist_server):
     root = chroot_root(request.param)
     build = load_build()
     out = tmp_path_factory.mktemp("bundle")
@@ -192,6 +228,9 @@ def gimp(request, tmp_path_factory):
             (work / "config" / "token").write_text(TOKEN + "\n")
             from PIL import Image as PILImage
             PILImage.frombytes("RGBA", source.size, source.data).save(work / "lines.png")
+            artist_stack.reference_png(work / "reference.png", *REFERENCE_SIZE)
+            artist, artist_engine = artist_server
+            artist_engine.calls.clear()
             shutil.copy(BATCH, work / "gimp_batch.py")
             with ServerThread(expect.NoPoseEngine(), ServerConfig(port=0),
                               token=TOKEN) as server, \
@@ -199,7 +238,8 @@ def gimp(request, tmp_path_factory):
                 params = {"work": inside, "input": f"{inside}/lines.png",
                           "offsets": list(OFFSETS), "canvas": list(CANVAS),
                           "cases": cases(server.url, f"ws://127.0.0.1:{free_port()}",
-                                         poser.url)}
+                                         poser.url)
+                          + artist_cases(artist.url, f"{inside}/reference.png")}
                 (work / "params.json").write_text(json.dumps(params))
                 command = (f"p='{inside}/gimp_batch.py'; exec(compile(open(p).read(), p, "
                            f"'exec'), {{'PARAMS': '{inside}/params.json'}})")
@@ -213,7 +253,7 @@ def gimp(request, tmp_path_factory):
                                           f"{done.stderr[-3000:]}"
             saved = saved_settings.read_text() if saved_settings.exists() else ""
             yield GimpRun(json.loads(results_file.read_text()), work, done.stderr,
-                          done.returncode, source, saved)
+                          done.returncode, source, saved, list(artist_engine.calls))
         finally:
             saved_settings.unlink(missing_ok=True)
             shutil.rmtree(plugin, ignore_errors=True)
@@ -464,6 +504,74 @@ def test_settings_finds_the_token_file_and_saves_the_address(gimp):
     report = c["returned"]["report"]
     assert "engine fake" in report and "token file" in report
     assert json.loads(gimp.settings_saved)["server-url"].startswith("ws://127.0.0.1:")
+
+
+# -- issue 15: single file + union ControlNet + LoRA + reference layer ----------------------
+
+def artist_call(gimp, seed_case: str):
+    """The request, images and pictures the artist server ran for case ``seed_case``: the
+    call whose result is that case's new layer."""
+    c = gimp.case(seed_case)
+    assert c["status"] == "success", c.get("error")
+    got = gimp.layer_image(c["layers"][1]).data
+    found = [call for call in gimp.artist_calls if call[2][0].image.data == got]
+    assert found, "the new layer holds none of the pictures the server made"
+    return c, found[0]
+
+
+def test_artist_server_lists_the_single_file_and_serves_lineart_with_the_union(artist_server):
+    from backend.engines.catalogue import SDXL_UNION
+
+    catalogue = artist_server[1].catalogue
+    models = {m.name: m for m in catalogue.models_message().models}
+    base = models[artist_stack.BASE_NAME]
+    assert (base.kind, base.family, base.present) == ("base", "sdxl", True)
+    assert "lineart" in base.conditions and models[SDXL_UNION].present
+    assert catalogue.controlnet_name("lineart", "sdxl") == SDXL_UNION
+    assert [lora.name for lora in catalogue.models_message().loras] == [artist_stack.LORA_NAME]
+
+
+def test_artist_flow_single_file_union_lora_and_reference_layer(gimp):
+    """Issue 15's "done when", in GIMP: an Illustrious single file, a lineart unit served
+    by the union ControlNet, a style LoRA and another layer as a style reference give one
+    new layer, at the source's place and size, and change nothing else."""
+    c, (request, images, _) = artist_call(gimp, "artist")
+    name = f"{PROMPT} · seed {ARTIST_SEED}"
+    # (the reference layer is hidden, in a layer group: found by its name all the same)
+    assert names(c["layers"]) == [REFERENCE["group"], name, "lines", "paper"]
+    assert names(c["layers"][0]["children"]) == [REFERENCE["name"]]
+    new = c["layers"][1]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    assert c["old_layers_unchanged"] == {REFERENCE["name"]: True, "lines": True,
+                                         "paper": True}
+    # what the server received: the single file by its name, the default (union)
+    # ControlNet, the LoRA with its strength, the reference layer's picture in style mode
+    assert request.base_model == artist_stack.BASE_NAME
+    (unit,) = request.controls
+    assert unit.condition == "lineart" and unit.model == ""
+    assert [(lora.name, lora.strength) for lora in request.loras] == \
+        [(artist_stack.LORA_NAME, pytest.approx(0.8))]
+    (ref,) = request.references
+    assert (ref.mode, ref.weight) == ("style", pytest.approx(0.9))
+    sent = images[ref.image]
+    assert (sent.width, sent.height) == (512, 336), "the layer whole, at most 512 px"
+    from PIL import Image as PILImage
+    want = PILImage.open(gimp.work / "reference.png").convert("RGBA").resize(
+        (512, 336), PILImage.BOX).tobytes()
+    diff = sum(abs(a - b) for a, b in zip(sent.data, want)) / len(want)
+    assert diff < 3, f"the reference layer's own picture, scaled (mean difference {diff})"
+    assert images[unit.image] == gimp.source, "the control: the selected layer"
+
+
+def test_artist_flow_lora_and_reference_change_the_result(gimp):
+    """The same request without the LoRA and the reference: the server got neither, and
+    the picture differs - they reached the engine."""
+    with_them = gimp.layer_image(artist_call(gimp, "artist")[0]["layers"][1])
+    c, (request, images, _) = artist_call(gimp, "artist-plain")
+    assert request.loras == () and request.references == () and len(images) == 1
+    assert request.base_model == artist_stack.BASE_NAME and request.seed == ARTIST_SEED
+    plain = gimp.layer_image(c["layers"][1])
+    assert plain.size == with_them.size and plain != with_them
 
 
 # -- the GUI: GIMP's dialog, OK, one undo step ---------------------------------------------------

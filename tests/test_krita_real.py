@@ -6,6 +6,10 @@ bookworm, trixie, sid and experimental (chroots, see tests/editors/setup_krita.s
 * kritarunner (no window): open a line-art PNG, run the plug-in's generate path (the
   code behind the docker's Generate button), check the new layer holds exactly the
   engine's pixels, sits under the line art, and the line art is untouched;
+* issue 15's flow on the tiny engine (tests/artist_stack.py: an SDXL single file as a named
+  base, the union ControlNet, a style LoRA, the SDXL IP-Adapter): through the controller
+  (kritarunner) and through the docker's Model list, + LoRA and + Reference rows (GUI),
+  with what Krita keeps of those settings;
 * the full Krita under Xvfb: the real docker's buttons, then one ``edit_undo``
   removes the result (and a whole batch group) in one step; a pose skeleton as an
   editable vector layer; a screenshot of the window (docs/img/krita-real.png).
@@ -159,8 +163,23 @@ def results(output: str) -> dict:
     return found
 
 
+TOKEN = "real-krita-test-token"
+
+
+@pytest.fixture(scope="module")
+def artist_server(tmp_path_factory):
+    """The tiny engine over issue 15's stack (tests/artist_stack.py)."""
+    from tests import artist_stack
+
+    server, engine = artist_stack.start_server(tmp_path_factory.mktemp("artist"), TOKEN)
+    try:
+        yield server, engine
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module", params=list(SUITES))
-def krita_env(request, krita_zip, tmp_path_factory):
+def krita_env(request, krita_zip, tmp_path_factory, artist_server):
     """Chroot ready, zip imported by Krita's importer, token file in place, server up."""
     from backend.server.config import ServerConfig
     from backend.server.local import ServerThread
@@ -179,6 +198,8 @@ def krita_env(request, krita_zip, tmp_path_factory):
     shutil.copy(krita_zip, work / krita_zip.name)
     shutil.copy(SUPPORT / "krita_real_runner.py", work / "mod")
     line_art_png(work / "lineart.png")
+    from tests import artist_stack
+    artist_stack.reference_png(work / "reference.png", W, H)
     big_line_art_png(work / "lineart_big.png")
     pykrita = home / ".local/share/krita/pykrita"
     pykrita.mkdir(parents=True, exist_ok=True)
@@ -203,12 +224,14 @@ def krita_env(request, krita_zip, tmp_path_factory):
     (home / ".config" / "kritarc").write_text(
         "[python]\nenable_controlcanvas=true\nenable_cc_test_driver=true\n")
     engine = RecordingEngine(step_seconds=0.002)
-    server = ServerThread(engine, ServerConfig(port=0)).start()
+    server = ServerThread(engine, ServerConfig(port=0), token=TOKEN).start()
     token_file = home / ".config" / "controlcanvas" / "token"  # where the backend puts it
     token_file.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text(server.token + "\n")
     token_file.chmod(0o600)
-    env = dict(suite=suite, krita=SUITES[suite][0], qt=SUITES[suite][1], root=root, home=HOME_REL, rel=rel, work=work, server=server, engine=engine,
+    artist_server[1].calls.clear()
+    env = dict(artist=artist_server, suite=suite, krita=SUITES[suite][0], qt=SUITES[suite][1],
+               root=root, home=HOME_REL, rel=rel, work=work, server=server, engine=engine,
                install_seconds=round(time.monotonic() - t0, 2))
     try:
         yield env
@@ -232,7 +255,7 @@ def test_generate_path_in_kritarunner(krita_env):
         "QT_QPA_PLATFORM": "offscreen",
         "PYTHONPATH": f"/{env['home']}/.local/share/krita/pykrita:/{env['rel']}/mod"},
         ["timeout", "240", "kritarunner", "-s", "krita_real_runner", "-f", "main",
-         f"/{env['rel']}", env["server"].url])
+         f"/{env['rel']}", env["server"].url, env["artist"][0].url])
     seconds = time.monotonic() - t0
     out = done.stdout + done.stderr
     found = results(out)
@@ -282,6 +305,47 @@ def test_generate_path_in_kritarunner(krita_env):
                                                   "lineart"], live
     assert live["tree_off"] == [n for n in live["tree_kept"] if n != "ControlCanvas live"]
     print(f"kritarunner tier: {seconds:.1f} s (install {env['install_seconds']} s)")
+    check_artist_flow(env, found["artist"])
+
+
+def check_artist_flow(env, found):
+    """Issue 15's "done when" in Krita: the Illustrious single file the server lists, a
+    lineart unit (served by the union ControlNet), a style LoRA and a hidden layer of the
+    document as a style reference give one new layer of the document's size, and nothing
+    else changes; without the LoRA and the reference the picture differs."""
+    from PIL import Image as PILImage
+    from tests import artist_stack
+
+    assert artist_stack.BASE_NAME in found["models"], found["models"]
+    calls = env["artist"][1].calls
+    work = env["work"]
+    for key in ("artist", "artist_plain"):
+        run = found[key]
+        assert run["done"] and run["result"] == \
+            "flat colours, girl in a red coat · seed 1515", run
+        assert run["bounds"] == [0, 0, W, H], run
+        got = (work / f"{key}.bgra").read_bytes()
+        matches = [call for call in calls if call[2][0].image.to_bgra() == got]
+        assert matches, f"{key}: the new layer holds none of the pictures the server made"
+        request, images, _ = matches[0]
+        assert request.base_model == artist_stack.BASE_NAME and request.seed == 1515
+        (unit,) = request.controls
+        assert unit.condition == "lineart" and unit.model == ""  # the default: the union
+        if key == "artist_plain":
+            assert request.loras == () and request.references == ()
+            continue
+        assert [(lora.name, lora.strength) for lora in request.loras] == \
+            [(artist_stack.LORA_NAME, pytest.approx(0.8))]
+        (ref,) = request.references
+        assert (ref.mode, ref.weight) == ("style", pytest.approx(0.9))
+        want = PILImage.open(work / "reference.png").convert("RGBA").tobytes()
+        assert images[ref.image].data == want, "the hidden reference layer's own pixels"
+    assert found["artist"]["tree"] == ["Background", found["artist"]["result"], "lineart",
+                                       "reference photo"], found["artist"]["tree"]
+    assert (work / "artist.bgra").read_bytes() != (work / "artist_plain.bgra").read_bytes()
+    assert found["old_unchanged"] == {"Background": True, "lineart": True,
+                                      "reference photo": True}, found
+    assert found["reference_visible"] is False
 
 
 def test_docker_undo_and_pose_in_the_gui(krita_env):
@@ -291,7 +355,8 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
     for attempt in range(2):
         done = run_in_chroot(env["root"], env["home"], {
             "CC_DRIVER_WORK": f"/{env['rel']}", "CC_DRIVER_MODDIR": f"/{env['rel']}/mod",
-            "CC_DRIVER_URL": env["server"].url, "CC_DRIVER_SCREENSHOT": shot},
+            "CC_DRIVER_URL": env["server"].url, "CC_DRIVER_SCREENSHOT": shot,
+            "CC_DRIVER_ARTIST_URL": env["artist"][0].url},
             ["timeout", "300", "xvfb-run", "-a", "-s", "-screen 0 1280x800x24",
              "krita", "--nosplash"])
         out = done.stdout + done.stderr
@@ -344,3 +409,36 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
     if os.environ.get("CONTROLCANVAS_UPDATE_SCREENSHOTS") and env["suite"] in docs_name:
         shutil.copy(png, ROOT / "docs" / "img" / docs_name[env["suite"]])
     print(f"GUI tier: {seconds:.1f} s")
+    check_gui_artist(env, found["gui_artist"])
+
+
+def check_gui_artist(env, found):
+    """Issue 15 through the docker: the Model list, + LoRA, + Reference and the row's layer
+    list reach the server; Krita keeps them and the docker shows them again."""
+    from tests import artist_stack
+
+    assert found["online"] and found["done"], json.dumps(found)
+    assert found["unit_layer"] == "lineart", found
+    # + Reference starts on the active layer; Krita 5.2 under Xvfb (no window manager)
+    # reports no active node for a script-made view, and the row starts on the first layer
+    assert found["first_pick"] == ("lineart" if found["settled"] else "reference photo"), found
+    assert found["settled"] or env["krita"] == "5.2", found
+    request, images, outputs = next(call for call in env["artist"][1].calls
+                                    if call[0].seed == 1616)
+    assert (env["work"] / "gui_artist.bgra").read_bytes() == outputs[0].image.to_bgra()
+    assert request.base_model == artist_stack.BASE_NAME
+    assert [(lora.name, lora.strength) for lora in request.loras] == \
+        [(artist_stack.LORA_NAME, pytest.approx(0.8))]
+    (ref,) = request.references
+    assert (ref.mode, ref.weight) == ("style", pytest.approx(0.9))
+    (unit,) = request.controls
+    assert unit.condition == "lineart" and images[unit.image].data != images[ref.image].data
+    from PIL import Image as PILImage
+    assert images[ref.image].data == PILImage.open(env["work"] / "reference.png") \
+        .convert("RGBA").tobytes(), "the picked layer's pixels, not the active one's"
+    assert found["kept"] == {"base_model": artist_stack.BASE_NAME,
+                             "loras": [[artist_stack.LORA_NAME, pytest.approx(0.8)]],
+                             "references": [[True, "style", pytest.approx(0.9)]]}, found
+    assert found["reloaded"] == {"layers": ["reference photo"], "modes": ["style"],
+                                 "weights": [pytest.approx(0.9)],
+                                 "model": artist_stack.BASE_NAME}, found

@@ -84,12 +84,27 @@ class GimpHost:
         return LayerInfo(found.get_name(), found.get_width(), found.get_height(), x, y, found)
 
     def read_scaled(self, layer: LayerInfo, max_side: int) -> Image:
-        """GEGL reads the buffer at a scale (its own mipmap filtering): no full-size copy."""
+        """The whole layer, at most ``max_side`` on its longer side: GIMP scales a copy in a
+        scratch image (its own interpolation), the artist's image is not touched.
+
+        Not ``buffer.get`` at a scale below 1: a plug-in's GEGL buffer has no mipmaps, and
+        in GIMP 3.0 and 3.2 such a read gives transparent or black pixels."""
         scale = min(1.0, max_side / max(layer.width, layer.height))
+        if scale >= 1.0:
+            return self.read_pixels(layer)
         w, h = max(1, round(layer.width * scale)), max(1, round(layer.height * scale))
-        rect = Gegl.Rectangle.new(0, 0, w, h)
-        data = layer.handle.get_buffer().get(rect, scale, FORMAT, Gegl.AbyssPolicy.CLAMP)
-        return Image(w, h, bytes(data))
+        base = self.image.get_base_type()
+        scratch = Gimp.Image.new(layer.width, layer.height,
+                                 Gimp.ImageBaseType.RGB if base == Gimp.ImageBaseType.INDEXED
+                                 else base)
+        try:
+            scratch.undo_disable()
+            copy = Gimp.Layer.new_from_drawable(layer.handle, scratch)
+            scratch.insert_layer(copy, None, 0)
+            copy.scale(w, h, False)
+            return self.read_pixels(LayerInfo(layer.name, w, h, 0, 0, copy))
+        finally:
+            scratch.delete()
 
     def read_pixels(self, layer: LayerInfo, box=None) -> Image:
         x, y, w, h = box or (0, 0, layer.width, layer.height)

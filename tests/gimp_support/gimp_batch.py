@@ -76,7 +76,14 @@ def paths_of(image):
     return out
 
 
-def setup_image():
+def all_layers(items):
+    for item in items:
+        yield item
+        if item.is_group_layer():
+            yield from all_layers(item.get_children())
+
+
+def setup_image(reference=None):
     image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(P['input']))
     source = image.get_layers()[0]
     source.set_name('lines')
@@ -90,6 +97,16 @@ def setup_image():
     shadow.set(Gegl.Rectangle.new(0, 0, cw, ch), FMT, b'\xff\xff\xff\xff' * (cw * ch))
     shadow.flush()
     paper.merge_shadow(True)
+    if reference:  # another layer of the image: a picture the artist pasted, hidden, in a
+        # layer group on top
+        group = Gimp.GroupLayer.new(image, reference['group'])
+        image.insert_layer(group, None, 0)
+        ref = Gimp.file_load_layer(Gimp.RunMode.NONINTERACTIVE, image,
+                                   Gio.File.new_for_path(reference['png']))
+        ref.set_name(reference['name'])
+        image.insert_layer(ref, group, 0)
+        ref.set_offsets(*reference['offsets'])
+        ref.set_visible(False)
     return image, source
 
 
@@ -106,7 +123,9 @@ for case in P['cases']:
     c = results['cases'][cid] = {}
     image = None
     try:
-        image, source = setup_image()
+        image, source = setup_image(case.get('reference'))
+        existing = [(item, pixels(item)) for item in all_layers(image.get_layers())
+                    if not item.is_group_layer()]
         if case.get('select'):
             image.select_rectangle(Gimp.ChannelOps.REPLACE, *case['select'])
         before = pixels(source)
@@ -132,6 +151,8 @@ for case in P['cases']:
         c['layers'] = tree(cid, image.get_layers(), [0])
         c['looks_after'] = dump(cid + '-looks-after.rgba', looks(image))
         c['source_unchanged'] = pixels(source) == before
+        c['old_layers_unchanged'] = {item.get_name(): pixels(item) == data
+                                     for item, data in existing}
         _, sx, sy = source.get_offsets()
         c['source_offsets'] = [sx, sy]
         c['paths'] = paths_of(image)

@@ -34,6 +34,13 @@ def save():
 
 image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(P['input']))
 source = image.get_layers()[0]
+if P.get('reference'):  # a pasted picture, hidden, below: the 'Reference layer'
+    ref = Gimp.file_load_layer(Gimp.RunMode.NONINTERACTIVE, image,
+                               Gio.File.new_for_path(P['reference']))
+    ref.set_name('reference photo')
+    image.insert_layer(ref, None, 1)
+    ref.set_visible(False)
+    image.clean_all()
 Gimp.Display.new(image)
 Gimp.displays_flush()
 out['before'] = layers(image)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GUI GIMP under Xvfb, in the chroot of tests/editors/setup_gimp.sh: opens an image,
-# calls Filters > ControlNet > Generate from layer INTERACTIVELY, screenshots GIMP's own
-# dialog (GimpUi.ProcedureDialog), presses OK, screenshots the image window while the job
-# runs (progress text) and the result, presses Ctrl+Z in the image window and checks that
-# one undo removed exactly the new layer.
+# calls Filters > ControlNet > Generate from layer INTERACTIVELY (a hidden "reference photo"
+# layer below as its style reference), screenshots GIMP's own dialog
+# (GimpUi.ProcedureDialog), presses OK, screenshots the image window while the job runs
+# (progress text) and the result, presses Ctrl+Z in the image window and checks that one
+# undo removed exactly the new layer.
 #
 # Usage (as root, from the checkout):
 #   bash tests/gimp_support/gui_dialog.sh [OUT_DIR]     (default OUT_DIR: docs/img)
@@ -61,6 +62,10 @@ bg_chroot() {
 rm -rf "$PROFILE/plug-ins/controlcanvas"
 cp -a "$W/dist/controlcanvas" "$PROFILE/plug-ins/"
 rm -f "$PROFILE/controlcanvas.json"
+# GIMP fills an interactive run's dialog with the procedure's last-used values, over the
+# arguments the script gives: forget them, so the dialog shows params.json's.
+LAST="$PROFILE/plug-in-settings/GimpProcedureConfigRun-python-fu-controlcanvas-generate.last"
+rm -f "$LAST"
 
 # The picture: an OpenPose skeleton drawn by the plug-ins' renderer (shared.pose); a server
 # with the fake engine (0.15 s per step, so the progress bar is visible) and its token file.
@@ -71,6 +76,9 @@ from shared import pose
 from PIL import Image
 img = pose.render_people((pose.default_person(320, 400),), 320, 400)
 Image.frombytes("RGBA", img.size, img.data).save(sys.argv[1] + "/pose.png")
+from pathlib import Path
+from tests import artist_stack  # a painting as the reference layer (IP-Adapter), in style mode
+artist_stack.reference_png(Path(sys.argv[1]) / "reference.png")
 PY
 setsid "$PY" - "$W" 9>&- <<'PY' &
 import sys, time
@@ -96,8 +104,11 @@ URL="$(cat "$W/url")"
 printf '{"server-url": "%s"}\n' "$URL" >"$PROFILE/controlcanvas.json"
 cat >"$W/params.json" <<JSON
 {"work": "/$REL", "input": "/$REL/pose.png",
+ "reference": "/$REL/reference.png",
  "args": {"prompt": "knight in armour, full body", "seed": 1234,
-          "condition": "openpose", "annotate": false, "steps": 12}}
+          "condition": "openpose", "annotate": false, "steps": 12,
+          "reference-layer": "reference photo", "reference-mode": "style",
+          "reference-weight": 0.9}}
 JSON
 
 cp "$HERE/gui_batch.py" "$W/gimp_support_gui_batch.py"
@@ -149,10 +160,13 @@ sleep 1
 touch "$W/undone"
 wait_file finished 60
 
-if "$PY" - "$W/gui_results.json" <<'PY'
+if "$PY" - "$W/gui_results.json" "$LAST" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
+last = open(sys.argv[2]).read()  # what the dialog ran with, as GIMP keeps it
 checks = {
+    "the dialog ran with the reference layer": '(reference-layer "reference photo")' in last
+        and '(reference-mode "style")' in last,
     "dialog OK -> success": r.get("status") == "success",
     "one new layer above the source": len(r["after"]) == len(r["before"]) + 1
         and r["after"][1:] == r["before"] and "seed 1234" in r["after"][0],

@@ -154,6 +154,71 @@ def colourise_settings(c, lines, seed):
     c.settings.seed, c.settings.seed_locked, c.settings.steps = seed, True, 8
 
 
+ARTIST_PROMPT = "flat colours, girl in a red coat"
+REFERENCE_NAME = "reference photo"
+
+
+def add_reference_layer(doc, lines, work):
+    """A hidden layer on top holding WORK/reference.png (a photo the artist pasted)."""
+    w, h = doc.width(), doc.height()
+    photo = Krita.instance().openDocument(os.path.join(work, "reference.png"))
+    photo.setBatchmode(True)
+    photo_px = bytes(photo.topLevelNodes()[0].pixelData(0, 0, w, h))
+    photo.close()
+    ref = doc.createNode(REFERENCE_NAME, "paintlayer")
+    ref.setPixelData(photo_px, 0, 0, w, h)
+    doc.rootNode().addChildNode(ref, None)
+    ref.setVisible(False)
+    doc.setActiveNode(lines)
+    doc.waitForDone()
+    return ref
+
+
+def artist_flow(work, url):
+    """Issue 15's flow through the controller: the server's Illustrious single file as the
+    base, a lineart unit on the line art, a style LoRA, and another layer of the document
+    (hidden, as a pasted photo often is) as a style reference; then the same without the
+    LoRA and the reference.  Every existing layer is dumped before and after."""
+    from controlcanvas import plan
+    from controlcanvas.canvas import _uid
+    from controlcanvas.settings import LoraSettings, ReferenceSettings
+    doc, lines = artist_document(os.path.join(work, "lineart.png"))
+    ref = add_reference_layer(doc, lines, work)
+    old = [(n.name(), n) for n in doc.rootNode().childNodes()]
+    old_ids = {_uid(n) for _, n in old}
+    before = {name: dump(n, doc, os.path.join(work, "artist_before_%d.bgra" % i))
+              for i, (name, n) in enumerate(old)}
+    c = controller_for(doc, url)
+    out = {"models": [m.name for m in c.models.models if m.kind == "base"] if c.models else None}
+    c.settings = plan.apply_preset(c.settings, "colourise", _uid(lines), c.annotators("lineart"))
+    c.settings.prompt = ARTIST_PROMPT
+    c.settings.base_model = "illustrious"
+    c.settings.seed, c.settings.seed_locked, c.settings.steps = 1515, True, 4
+    runs = (("artist", [LoraSettings("xl_style", 0.8)],
+             [ReferenceSettings(layer_id=_uid(ref), weight=0.9, mode="style")]),
+            ("artist_plain", [], []))
+    for key, loras, references in runs:
+        c.settings.loras, c.settings.references = loras, references
+        done = c.run_until_idle(5) and c.generate() is not None and c.run_until_idle(120)
+        result = next((n for n in doc.rootNode().childNodes()
+                       if n.name().startswith(ARTIST_PROMPT) and _uid(n) not in old_ids),
+                      None)
+        out[key] = {"done": done, "message": c.message, "level": c.level,
+                    "tree": tree(doc.rootNode()),
+                    "result": result.name() if result else None,
+                    "sha": dump(result, doc, os.path.join(work, key + ".bgra"))
+                    if result else None}
+        if result is not None:
+            result.setName(key)  # the next run's layer is the other one
+            out[key]["bounds"] = [result.bounds().x(), result.bounds().y(),
+                                  result.bounds().width(), result.bounds().height()]
+    out["old_unchanged"] = {name: dump(n, doc, os.path.join(work, "artist_after.bgra"))
+                            == before[name] for name, n in old}
+    out["reference_visible"] = ref.visible()
+    c.shutdown()
+    return out
+
+
 def main(args):
     work, url = args[0], args[1]
     try:
@@ -210,6 +275,10 @@ def main(args):
 
         # 4. live painting: frames in one layer, replaced in place; Keep; off
         say("live", live_painting(work, url))
+
+        # 5. issue 15: single file + union lineart + LoRA + reference layer
+        if len(args) > 2:
+            say("artist", artist_flow(work, args[2]))
     except Exception:
         say("exception", traceback.format_exc())
     print("CC_END")
@@ -269,6 +338,75 @@ def gui_live(panel, doc, lines, work, screenshot):
     panel.live_button.click()
     out["tree_off"] = tree(doc.rootNode())
     out["message"] = panel.message.text()
+    return out
+
+
+def gui_artist(panel, window, work, url):
+    """Issue 15 through the docker's own widgets: connect to the artist's server, pick the
+    single file in the Model list, the colourise preset (lineart unit), + LoRA (strength
+    0.8), + Reference with the line art active, then the reference layer picked in the
+    row's layer list, mode Style, weight 0.9; Generate.  Then what Krita keeps of the
+    settings, loaded into the docker again."""
+    from controlcanvas import canvas
+    from controlcanvas.settings import Settings
+    doc, lines = artist_document(os.path.join(work, "lineart.png"))
+    ref = add_reference_layer(doc, lines, work)
+    view = window.addView(doc)
+    window.showView(view)
+
+    def lines_active():  # the view settles its active node a few event-loop turns later
+        doc.setActiveNode(lines)
+        node = doc.activeNode()
+        return node is not None and node.name() == W_NAME
+
+    settled = _pump(lines_active, 10)
+    panel.url.setText(url)
+    panel.on_connect()
+    online = _pump(lambda: panel.controller.online and panel.base_model.findText("illustrious")
+                   >= 0)
+    panel.refresh_layers()
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    panel.base_model.setCurrentIndex(panel.base_model.findText("illustrious"))
+    panel.prompt.setPlainText(ARTIST_PROMPT)
+    panel.seed.setValue(1616)
+    panel.seed_lock.setChecked(True)
+    panel.steps.setValue(4)
+    panel.lora_panel.add_button.click()
+    lora = panel.lora_panel.rows[-1]
+    lora.set_strength(0.8)
+    panel.reference_panel.add_button.click()  # the active layer: the line art
+    row = panel.reference_panel.rows[-1]
+    first_pick = row.layer.currentText().strip()
+    row.layer.setCurrentIndex(next(i for i in range(row.layer.count())
+                                   if row.layer.itemText(i).strip() == REFERENCE_NAME))
+    row.mode.setCurrentIndex(row.mode.findData("style"))
+    row.slider.setValue(18)  # 0.90
+    count = panel.history.count()
+    panel.generate_button.click()
+    done = _pump(lambda: panel.history.count() == count + 1, 60)
+    result = next((n for n in doc.rootNode().childNodes()
+                   if n.name().startswith(ARTIST_PROMPT)), None)
+    out = {"online": online, "done": done, "message": panel.message.text(),
+           "settled": settled, "active": doc.activeNode().name() if doc.activeNode() else None,
+           "view_doc": window.activeView().document().name() if window.activeView() else None,
+"unit_layer": panel.units[0].layer.currentText().strip(),
+           "first_pick": first_pick, "lora": [lora.value().name, lora.value().strength],
+           "tree": tree(doc.rootNode()),
+           "sha": dump(result, doc, os.path.join(work, "gui_artist.bgra")) if result else None}
+    kept = Settings.from_json(canvas.load_settings())  # what Krita keeps (kritarc)
+    out["kept"] = {"base_model": kept.base_model,
+                   "loras": [[r.name, r.strength] for r in kept.loras],
+                   "references": [[r.layer_id == canvas._uid(ref), r.mode, r.weight]
+                                  for r in kept.references]}
+    panel.reference_panel.load([])
+    panel.load(kept)  # the docker shows them again, the row on the reference layer
+    rows = panel.reference_panel.rows
+    out["reloaded"] = {"layers": [r.layer.currentText().strip() for r in rows],
+                       "modes": [r.mode.currentData() for r in rows],
+                       "weights": [r.weight for r in rows],
+                       "model": panel.base_model.currentText()}
+    doc.setModified(False)
     return out
 
 
@@ -392,6 +530,12 @@ def gui_main(work, url, screenshot):
                                "tree": tree(big.rootNode()),
                                "dockers": [d.objectName() for d in app.dockers()
                                            if d.isVisible()]})
+        if os.environ.get("CC_DRIVER_ARTIST_URL"):
+            big.setModified(False)
+            big.close()  # one document, one view: Krita 5.2 reports no active node else
+            _pump(lambda: False, 0.5)
+            say("gui_artist", gui_artist(panel, window, work,
+                                         os.environ["CC_DRIVER_ARTIST_URL"]))
         panel.controller.shutdown()
     except Exception:
         say("exception", traceback.format_exc())
