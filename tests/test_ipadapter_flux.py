@@ -305,3 +305,18 @@ def test_models_download_fetches_the_flux_adapter_and_its_encoder(monkeypatch, t
     assert len(hub.fetched) == 2  # nothing more
     listed = {row[0]: row for row in references.listing(str(tmp_path / "hf"))}
     assert listed["ip-adapter-flux"][2] and "Non-Commercial" in listed["ip-adapter-flux"][3]
+
+
+def test_a_kontext_edit_takes_a_flux_reference(ref_engine):
+    """The tiny Flux stack as a FLUX.1 Kontext edit base: FluxKontextPipeline takes the
+    reference as FluxPipeline does (weight 0: the edit without it, bit for bit)."""
+    from backend.engines import tiny_kontext
+
+    def edit(*refs):
+        return pixels(ref_engine, request(*refs, mode="edit", prompt="make it red", cfg=2.5,
+                                          steps=3, base_model=tiny_kontext.NAME,
+                                          init_image=INIT))
+
+    plain = edit()
+    assert differ(edit(ReferenceUnit(image=REF)), plain) > 2.0  # (16.1 measured)
+    assert np.array_equal(edit(ReferenceUnit(image=REF, weight=0.0)), plain)
