@@ -258,11 +258,12 @@ class LoraMismatch(Unsupported):
 
 class ReferenceUnsupported(Unsupported):
     """An IP-Adapter reference the base model cannot take: a family without IP-Adapter
-    support, or an adapter made for another family."""
+    support, an adapter made for another family, or a mode the family's adapter cannot
+    serve (Flux.1: reference only)."""
 
     code = "reference_unsupported"
-    default_message = ("This base model cannot take an IP-Adapter reference; use an SD1.5 "
-                       "or SDXL base, or remove the reference.")
+    default_message = ("This base model cannot take an IP-Adapter reference; use an SD1.5, "
+                       "SDXL or Flux.1 base, or remove the reference.")
 
 
 class EditModelNeeded(Unsupported):

@@ -380,7 +380,7 @@ def _print_references(catalogue: Catalogue) -> None:
     """The IP-Adapters for reference units: downloaded, or the command that fetches them."""
     from ..engines.references import download_command as fetch, listing
 
-    print("IP-Adapters (reference units; the tiny bases have a built-in one):")
+    print("IP-Adapters (reference units; the tiny bases have built-in ones):")
     for name, family, present, modes in listing(catalogue.config.cache_dir):
         where = "ready" if present else f"missing: {fetch(name)}"
         kind = "ip-adapter face" if modes == "face" else "ip-adapter"

@@ -762,8 +762,8 @@ class Catalogue:
 
     def download_target(self, name: str) -> Tuple[str, str]:
         """(hub id, kind) that ``controlcanvas models download NAME`` fetches for ``name``."""
-        if name in references.ADAPTERS:  # an IP-Adapter: a few files of h94/IP-Adapter
-            return references.HUB_REPO, "ipadapter"
+        if name in references.ADAPTERS:  # an IP-Adapter: a few files of its hub repo
+            return references.ADAPTERS[name].repo, "ipadapter"
         if name in DEFAULT_BASES:
             return DEFAULT_BASES[name], "base"
         if name in self.config.bases:

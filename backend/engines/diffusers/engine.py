@@ -794,7 +794,7 @@ class DiffusersEngine:
         kwargs.update(callback_on_step_end=on_step,
                       callback_on_step_end_tensor_inputs=["latents"])
         if refs is not None:
-            kwargs.update(refs.kwargs(run.cfg))
+            kwargs.update(refs.kwargs(run.cfg, pipe))
             refs.begin(p.runs)
         depth = self._depth
         active = lambda: self._depth == depth  # noqa: E731 - this job, not one in its pause

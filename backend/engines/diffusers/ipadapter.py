@@ -26,6 +26,15 @@ base's UNet, kept there and switched per request.
     SD1.5 ``down_blocks.2.attentions.1``;
   - ``face``: every cross-attention of a face adapter (``ip-adapter-plus-face``).
 
+* **Flux.1** (XLabs-AI/flux-ip-adapter): the same, on the base's transformer (diffusers'
+  ``FluxIPAdapterMixin.load_ip_adapter``: ``FluxIPAdapterAttnProcessor`` on each
+  double-stream block; the file's XLabs key names are converted here, as diffusers does
+  when it reads the file itself).  Only ``reference`` runs (see
+  :mod:`backend.engines.references`); the negative embeddings are passed too, so the
+  pipeline never encodes an image itself.  The Flux pipelines that take a reference are
+  txt2img, img2img, inpaint, txt2img with ControlNet units and Kontext edits; the others
+  (ControlNet img2img / inpaint, FLUX.1 Tools bases) are :class:`~shared.errors.Unsupported`.
+
 * **Image embeddings** are computed here (the pipelines get ``ip_adapter_image_embeds``):
   the plain adapter reads the encoder's projected embedding (unconditional: zeros), a
   ``plus`` adapter its penultimate hidden states (unconditional: those of a black image),
@@ -46,6 +55,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image as PILImage
 
+from shared.errors import Unsupported
 from shared.images import Image
 from shared.messages import GenerateRequest, ReferenceUnit
 
@@ -82,8 +92,9 @@ def _quiet_loading():
 
 
 def mode_layers(unet, mode: str) -> Optional[Tuple[str, ...]]:
-    """The attention-processor name prefixes a mode's reference reaches (None: every one)."""
-    if mode in ("reference", "face"):
+    """The attention-processor name prefixes a mode's reference reaches (None: every one;
+    ``unet`` None: a transformer base, whose references run in ``reference`` mode only)."""
+    if mode in ("reference", "face") or unet is None:
         return None
     if mode == "style":
         blocks, prefix = unet.up_blocks, "up_blocks"
@@ -120,9 +131,10 @@ class ReferenceAdapters:
         self.pipe = entry.pipe
         self.device = device
         self.dtype = dtype
-        unet = self.pipe.unet
-        self.plain = dict(unet.attn_processors)  # the UNet's own processors
-        self.plain_hid_type = unet.config.encoder_hid_dim_type
+        self.flux = entry.family == "flux"
+        unet = self.denoiser
+        self.plain = dict(unet.attn_processors)  # the UNet's (transformer's) own processors
+        self.plain_hid_type = getattr(unet.config, "encoder_hid_dim_type", None)
         self.slots: Tuple[str, ...] = ()  # the adapter file of each loaded slot
         self.loaded: Optional[Tuple[Dict[str, Any], Any]] = None  # (processors, projection)
         self.on = False
@@ -137,28 +149,39 @@ class ReferenceAdapters:
         return module_bytes(*procs, *(self.loaded[1:] if self.loaded else ()),
                             *(model for model, _ in self._encoders.values()))
 
+    @property
+    def denoiser(self):
+        """The model the adapters go into: the UNet, or Flux's transformer."""
+        return self.pipe.transformer if self.flux else self.pipe.unet
+
     # -- switching ---------------------------------------------------------------
 
     def off(self) -> None:
         if not self.on:
             return
-        unet = self.pipe.unet
-        unet.set_attn_processor(dict(self.plain))
+        unet = self.denoiser
+        # the projection first: a plus adapter's Resampler holds attentions of its own,
+        # which attn_processors counts while it is there
         unet.encoder_hid_proj = None
+        unet.set_attn_processor(dict(self.plain))
         unet.config.encoder_hid_dim_type = self.plain_hid_type
         self.on = False
 
     def use(self, adapters: Sequence[ResolvedAdapter]) -> int:
         """Switch on exactly ``adapters`` (one slot each); returns how many loads it took."""
         keys = tuple(a.key for a in adapters)
-        unet = self.pipe.unet
+        unet = self.denoiser
         if keys != self.slots or self.loaded is None:
             self.off()
             dicts = [self._state_dict(a) for a in adapters]
+            names = [a.name for a in adapters]
             with _quiet_loading():
-                self.pipe.load_ip_adapter(dicts, subfolder=[""] * len(dicts),
-                                          weight_name=[a.name for a in adapters],
-                                          image_encoder_folder=None)
+                if self.flux:  # FluxIPAdapterMixin: its own argument for "no encoder"
+                    self.pipe.load_ip_adapter(dicts, weight_name=names,
+                                              image_encoder_pretrained_model_name_or_path=None)
+                else:
+                    self.pipe.load_ip_adapter(dicts, subfolder=[""] * len(dicts),
+                                              weight_name=names, image_encoder_folder=None)
             self.loaded = (dict(unet.attn_processors), unet.encoder_hid_proj)
             self.slots = keys
             self.loads += 1
@@ -166,8 +189,8 @@ class ReferenceAdapters:
             log.info("loaded IP-Adapter(s) %s", ", ".join(a.name for a in adapters))
             return 1
         if not self.on:
+            unet.encoder_hid_proj = self.loaded[1]  # (before the processors: see off)
             unet.set_attn_processor(dict(self.loaded[0]))
-            unet.encoder_hid_proj = self.loaded[1]
             unet.config.encoder_hid_dim_type = "ip_image_proj"
             self.on = True
         return 0
@@ -175,7 +198,7 @@ class ReferenceAdapters:
     def set_scales(self, scales: Sequence[Tuple[Optional[Tuple[str, ...]], float]]) -> None:
         """Slot i reaches the processors under its layer prefixes (None: all) at its scale,
         every other processor at 0."""
-        for name, proc in self.pipe.unet.attn_processors.items():
+        for name, proc in self.denoiser.attn_processors.items():
             if not hasattr(proc, "to_k_ip"):
                 continue
             for i, (layers, scale) in enumerate(scales):
@@ -192,7 +215,7 @@ class ReferenceAdapters:
             found = {"image_proj": {}, "ip_adapter": {}}
             with safe_open(adapter.weight, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    part, _, rest = key.partition(".")
+                    part, rest = _flux_key(key) if self.flux else _unet_key(key)
                     if part in found:
                         found[part][rest] = f.get_tensor(key).to(self.dtype)
             self._state_dicts[adapter.key] = found
@@ -241,6 +264,31 @@ class ReferenceAdapters:
         return found
 
 
+def _unet_key(key: str) -> Tuple[str, str]:
+    """(part, name in it) of a key of h94's layout: ``image_proj.*`` / ``ip_adapter.*``."""
+    part, _, rest = key.partition(".")
+    return part, rest
+
+
+_FLUX_PARTS = {"ip_adapter_proj_model": "image_proj", "image_proj": "image_proj",
+               "double_blocks": "ip_adapter", "ip_adapter": "ip_adapter"}
+
+
+def _flux_key(key: str) -> Tuple[str, str]:
+    """(part, diffusers' name) of a key of XLabs-AI/flux-ip-adapter's layout, as
+    ``FluxIPAdapterMixin.load_ip_adapter`` converts it when it reads the file:
+    ``ip_adapter_proj_model.proj.weight`` -> image_proj ``proj.weight``,
+    ``double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight`` -> ip_adapter
+    ``0.to_k_ip.weight``."""
+    head, _, rest = key.partition(".")
+    part = _FLUX_PARTS.get(head, "")
+    if part == "ip_adapter":
+        rest = (rest.replace("ip_adapter_double_stream_k_proj", "to_k_ip")
+                .replace("ip_adapter_double_stream_v_proj", "to_v_ip")
+                .replace("processor.", ""))
+    return part, rest
+
+
 @dataclass
 class ReferenceRun:
     """One request's references on a base: what each slot holds, its embeddings, and the
@@ -275,12 +323,37 @@ class ReferenceRun:
             scales.append((slot.layers, slot.unit.weight if inside else 0.0))
         self.adapters.set_scales(scales)
 
-    def kwargs(self, cfg: bool) -> Dict[str, Any]:
+    def kwargs(self, cfg: bool, pipe=None) -> Dict[str, Any]:
+        """The pipeline's image-embedding arguments (Unsupported: ``pipe`` takes none)."""
+        if pipe is not None:
+            check_pipeline(pipe)
+        if self.adapters.flux:
+            return _flux_kwargs(self.slots)
         embeds = []
         for slot in self.slots:
             positive, negative = slot.embeds
             embeds.append(torch.cat([negative, positive]) if cfg else positive)
         return {"ip_adapter_image_embeds": embeds}
+
+
+def _flux_kwargs(slots: Sequence[_Slot]) -> Dict[str, Any]:
+    """Flux's pipelines take the negative embeddings apart (used by true CFG only; given so
+    that the pipeline does not encode a black image with an encoder it does not have)."""
+    return {"ip_adapter_image_embeds": [s.embeds[0] for s in slots],
+            "negative_ip_adapter_image_embeds": [s.embeds[1] for s in slots]}
+
+
+def check_pipeline(pipe) -> None:
+    """Unsupported when ``pipe`` cannot take a reference (Flux's ControlNet img2img /
+    inpaint pipelines and the FLUX.1 Tools ones have no IP-Adapter argument)."""
+    import inspect
+
+    if "ip_adapter_image_embeds" in inspect.signature(type(pipe).__call__).parameters:
+        return
+    raise Unsupported(
+        f"diffusers' {type(pipe).__name__} takes no reference (IP-Adapter). References run "
+        f"in txt2img, img2img and inpaint, and with ControlNet units in txt2img; turn the "
+        f"references off for this job, or its control units.", field="references")
 
 
 def resolve_references(request: GenerateRequest, entry: BaseEntry,
@@ -318,7 +391,8 @@ def prepare_references(request: GenerateRequest, images, entry: BaseEntry,
     for i, adapter in chosen:
         unit = request.references[i]
         image = _pil(image_of(unit.image, f"references[{i}].image"))
-        slot = _Slot(adapter, unit, image, mode_layers(entry.pipe.unet, unit.mode))
+        slot = _Slot(adapter, unit, image,
+                     mode_layers(getattr(entry.pipe, "unet", None), unit.mode))
         slot.embeds = adapters.embeds(adapter, image)
         slots.append(slot)
     entry.nbytes += adapters.nbytes - before
