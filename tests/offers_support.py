@@ -30,3 +30,22 @@ class OfferingEngine(RecordingEngine):
                    LoraInfo(name="watercolour", family="sd15", size=151_000_000),
                    LoraInfo(name="xl_ink", family="sdxl", size=228_000_000),
                    LoraInfo(name="homemade", family="unknown", size=40_000)))
+
+
+class KleinOfferingEngine(OfferingEngine):
+    """The same server with a Flux.2 Klein base besides: no ControlNet, its control units
+    emulated as reference pictures (the conditions the server lists for it, as
+    ``families.REFERENCE_CONTROLS`` says)."""
+
+    KLEIN_CONDITIONS = ("canny", "lineart", "lineart_anime", "scribble", "softedge", "mlsd",
+                        "depth", "normal", "openpose", "seg", "tile", "shuffle")
+
+    def models(self):
+        from dataclasses import replace
+
+        from shared.messages import ModelInfo
+
+        base = super().models()
+        return replace(base, models=base.models + (
+            ModelInfo(name="klein-4b", kind="base", family="klein", present=True,
+                      conditions=self.KLEIN_CONDITIONS),))

@@ -1162,6 +1162,50 @@ def test_settings_report_lists_each_bases_conditions_and_the_loras(offering, hos
             "(SD1.5), xl_ink (SDXL), homemade (an unknown family).") in outcome.report
 
 
+@pytest.fixture(scope="module")
+def klein_offering():
+    """The same server with a Flux.2 Klein base (its control units emulated)."""
+    from tests.offers_support import KleinOfferingEngine
+    with ServerThread(KleinOfferingEngine(), ServerConfig(port=0), token=TOKEN) as running:
+        yield running
+
+
+KLEIN_SAYS = ("ControlCanvas: Flux.2 Klein has no ControlNet: each control layer is given to "
+              "the model as a reference image with an instruction to follow it")
+
+
+@pytest.mark.parametrize("procedure", ["generate", "colourise", "inpaint"])
+def test_a_base_that_emulates_control_says_so_with_the_result(klein_offering, host,
+                                                               procedure):
+    host.select_rectangle(20, 10, 8, 8)
+    outcome = actions.run(spec(procedure), host, values(
+        klein_offering, condition="lineart", **{"base-model": "klein-4b"}))
+    assert outcome.request.controls[0].condition == "lineart", "the unit is still sent"
+    assert outcome.layer is not None
+    said, = [m for m in host.messages if "ControlNet" in m]
+    assert said.startswith(KLEIN_SAYS) and "start and end are not used" in said
+    assert outcome.report == said[len("ControlCanvas: "):]
+
+
+@pytest.mark.parametrize("procedure, condition, base", [
+    ("generate", "canny", "anime-xl"), ("generate", "lineart", ""),
+    ("inpaint", "none", "klein-4b")])
+def test_no_word_of_emulation_for_a_controlnet_or_without_a_unit(klein_offering, host,
+                                                                 procedure, condition, base):
+    host.select_rectangle(20, 10, 8, 8)
+    outcome = actions.run(spec(procedure), host, values(
+        klein_offering, condition=condition, **{"base-model": base}))
+    assert outcome.layer is not None and outcome.report == ""
+    assert not any("ControlNet" in m for m in host.messages), host.messages
+
+
+def test_settings_report_says_which_bases_emulate_control(klein_offering, host):
+    report = actions.run(spec("settings"), host, {"server-url": klein_offering.url,
+                                                  "token": ""}).report
+    assert "Base 'klein-4b' (Flux.2 Klein) serves: canny, lineart" in report
+    assert report.count("Flux.2 Klein has no ControlNet: each control layer") == 1
+
+
 def test_loras_and_conditions_with_the_tiny_engine(lora_engine, host):
     """A real server (the tiny diffusers engine, a LoRA folder): the LoRAs argument changes
     the picture (strength 0 = none), an unknown one names the server's, and a condition the

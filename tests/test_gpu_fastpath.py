@@ -415,6 +415,48 @@ def test_the_real_size_builder_makes_a_stack_the_engine_loads(family, tmp_path, 
     assert engine._nets and next(iter(engine._bases.values())).family == family
 
 
+KLEIN_KEYS = {"seconds", "denoise_s", "its", "peak_vram_mb", "finite", "size", "steps",
+              "reference_images", "first_s"}
+
+
+def test_bench_gpu_klein_times_text_to_image_and_an_emulated_control(torch_threads):
+    """The klein group's dry run: tiny Klein at 64², 4 steps, on the CPU; the GPU runs
+    Klein 4B's transformer at 1024² (the plan)."""
+    from backend.bench import gpu
+
+    result = gpu.run(dry_run=True, groups=["klein"])
+    klein = result["groups"]["klein"]
+    assert "error" not in klein, klein
+    rows = klein["cases"]
+    assert set(rows) == {"klein4b", "klein4b_control"}
+    for row in rows.values():
+        assert KLEIN_KEYS <= set(row), KLEIN_KEYS - set(row)
+        assert row["finite"] == {"bare": True} and row["size"] == 64 and row["steps"] == 4
+        assert row["its"] == round(4 / row["denoise_s"], 2)
+    assert rows["klein4b_control"]["reference_images"] == 1
+    assert result["all_finite"] is True and result["ratio"] is None  # no engine ratio here
+    real = gpu.plan(dry_run=False)["klein"]
+    assert [(c.size, c.steps) for c in real] == [(1024, 4), (1024, 4)]
+
+
+def test_klein_4b_builder_makes_a_pipeline_that_generates(monkeypatch, torch_threads):
+    """The GPU builder (Klein 4B's config, the small text encoder) on the CPU, its
+    transformer and text width shrunk: the pipeline it makes runs and its widths agree."""
+    from backend.bench import gpu, gpu_klein
+
+    assert gpu_klein.KLEIN_4B["num_layers"] == 5 and \
+        gpu_klein.KLEIN_4B["num_single_layers"] == 20
+    assert gpu_klein.KLEIN_4B["joint_attention_dim"] == 3 * gpu_klein.TEXT_WIDTH
+    monkeypatch.setattr(gpu_klein, "KLEIN_4B", dict(
+        gpu_klein.KLEIN_4B, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, axes_dims_rope=(4, 4, 4, 4), joint_attention_dim=3 * 64))
+    monkeypatch.setattr(gpu_klein, "TEXT_WIDTH", 64)
+    pipe = gpu_klein.build_pipeline(False, "cpu", torch.float32)
+    assert pipe.text_encoder.config.num_hidden_layers == 28
+    row = gpu_klein.run_case(pipe, gpu._Device(False), "klein4b_control", 64, 1, 1, True)
+    assert row["finite"] == {"bare": True} and row["reference_images"] == 1
+
+
 def test_device_check_script_dry_run_writes_its_results(tmp_path):
     out = tmp_path / "out"
     started = time.monotonic()
@@ -428,7 +470,10 @@ def test_device_check_script_dry_run_writes_its_results(tmp_path):
     assert [s["name"] for s in summary["steps"]] == ["env", "pytest", "bench", "compiled"]
     assert all(s["rc"] == 0 for s in summary["steps"]), summary
     bench = json.loads((out / "bench-gpu.json").read_text())
-    assert bench["dry_run"] and set(bench["groups"]) == {"sd15", "sdxl"}
+    assert bench["dry_run"] and set(bench["groups"]) == {"klein", "sd15", "sdxl"}
+    klein = bench["groups"]["klein"]["cases"]
+    assert set(klein) == {"klein4b", "klein4b_control"}
+    assert all(row["finite"]["bare"] and row["its"] > 0 for row in klein.values())
     compiled = json.loads((out / "bench-gpu-compiled.json").read_text())
     assert compiled["groups"]["compiled"]["cases"]["sd15_compiled"]["compile_s"] > 0
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back

@@ -1581,6 +1581,42 @@ def test_docker_with_a_server_that_predates_per_base_lists(docker_on, qapp, krit
     assert engine.calls[-1][0].loras == ()
 
 
+def test_docker_says_when_the_base_emulates_its_control_units(docker_on, qapp, tmp_path):
+    """A Flux.2 Klein base has no ControlNet: the Control section says that each control
+    layer goes to the model as a reference picture, under the units, for that base only;
+    its units still offer the conditions the server emulates, and Generate sends them."""
+    from tests.offers_support import KleinOfferingEngine
+    engine = KleinOfferingEngine()
+    doc, docker, panel = open_docked(docker_on, qapp, engine)
+    panel.preset.setCurrentIndex(panel.preset.findData("colourise"))
+    panel.on_preset()
+    note = panel.control_note
+    assert not note.isVisible() and note.text() == "", "no note for the default SD1.5 base"
+    panel.base_model.setEditText("klein-4b")
+    pump(qapp, lambda: False, 0.1)
+    assert note.isVisible()
+    assert note.text().startswith("Flux.2 Klein has no ControlNet: each control layer is "
+                                  "given to the model as a reference image")
+    assert note.toolTip() == note.text(), "the whole sentence, should the label cut it"
+    unit = panel.units[0]
+    assert note.parentWidget() is unit.parentWidget() and \
+        note.geometry().top() > unit.geometry().bottom(), "the note sits under the units"
+    assert all(enabled for enabled, _ in condition_states(unit).values())
+    docker.resize(KRITA_DOCKED[0], 700)
+    pump(qapp, lambda: False, 0.2)
+    assert docker.grab().save(str(tmp_path / "krita-docker-klein-control.png"))
+    panel.generate_button.click()
+    assert pump(qapp, lambda: panel.history.count() == 1), panel.message.text()
+    request = engine.calls[-1][0]
+    assert request.base_model == "klein-4b" and request.controls[0].condition == "lineart"
+    panel.base_model.setEditText("anime-xl")  # a base with ControlNets: the note goes
+    assert not note.isVisible() and note.text() == ""
+    panel.base_model.setEditText("klein-4b")
+    assert note.isVisible()
+    panel.base_model.setEditText("")
+    assert not note.isVisible()
+
+
 def test_plan_sends_loras_and_refuses_what_the_server_lacks(krita_app):
     from controlcanvas.proto import offers
     from controlcanvas.settings import LoraSettings

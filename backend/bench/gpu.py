@@ -51,7 +51,7 @@ from .engine import _control_image
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("sd15", "sdxl", "compiled")
+GROUPS = ("sd15", "sdxl", "compiled", "klein")
 PROMPT = "a knight in armour, full body"
 
 
@@ -82,6 +82,10 @@ def plan(dry_run: bool) -> Dict[str, List[Case]]:
                       target_s=1.2)],
         "compiled": [Case("sd15_compiled", "sd15", side["sd15"], steps["sd15"],
                           repeats=repeats, target_s=0.25)],
+        # Flux.2 Klein 4B (backend.bench.gpu_klein): 1024², 4 steps, alone and with the
+        # reference picture an emulated control unit adds
+        "klein": [Case(name, "klein", 64 if dry_run else 1024, 4, cfg=1.0, sampler="euler",
+                       repeats=repeats) for name in ("klein4b", "klein4b_control")],
     }
 
 
@@ -480,7 +484,7 @@ def _summary(result: Dict[str, Any]) -> None:
     groups = result["groups"]
     rows = [row for group in groups.values() for row in group["cases"].values()]
     eager = [row["ratio"] for name, group in groups.items() if name != "compiled"
-             for row in group["cases"].values()]
+             for row in group["cases"].values() if "ratio" in row]
     result["ratio"] = max(eager, default=None)
     result["all_finite"] = all(all(row["finite"].values()) for row in rows) if rows else None
     result["targets_met"] = {row["name"]: row["meets_target"] for row in rows
@@ -521,7 +525,11 @@ def run(dry_run: Optional[bool] = None, groups: Sequence[str] = ("sd15", "sdxl")
                 result["skipped"].append(group)
                 continue
             try:
-                result["groups"][group] = run_group(state, group, cases[group])
+                if group == "klein":  # bare diffusers only, its own builder
+                    from .gpu_klein import run_group as run_klein
+                    result["groups"][group] = run_klein(state, cases[group])
+                else:
+                    result["groups"][group] = run_group(state, group, cases[group])
             except Exception as err:  # noqa: BLE001 - one broken group must not hide the rest
                 log.exception("bench gpu: group %s failed", group)
                 result["groups"][group] = {"error": f"{type(err).__name__}: {err}"[:500],

@@ -83,6 +83,7 @@ class _Run:
     conn: Optional[Connection] = None
     doing: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # said with the result: the base emulates its control units (Offers)
 
     def connection(self) -> Connection:
         saved = settings.load_saved(self.host.settings_path())
@@ -268,13 +269,16 @@ def _run_job(ctx: _Run, opts: GenerateOptions, size, images, what: str, **extra)
 
     def work(emit):
         with ctx.open() as client:
+            models = client.models()
             request = generation.build_request(opts, size[0], size[1], seed=seed,
-                                               models=client.models(),
+                                               models=models,
                                                limits=client.welcome.limits, **extra)
             job = client.submit(request, images, cancel_on_disconnect=True)
-            return request, client.wait(job, on_event=emit)
+            note = Offers(models).control_note(opts.base_model) if request.controls else ""
+            return request, client.wait(job, on_event=emit), note
 
-    return worker.run(work, Reporter(ctx.host, what))
+    request, result, ctx.note = worker.run(work, Reporter(ctx.host, what))
+    return request, result
 
 
 def _reference(host: Host, opts: GenerateOptions, images) -> Optional[int]:
@@ -361,8 +365,11 @@ def _add_results(ctx: _Run, layer, box, request: GenerateRequest, result, *,
         handles = host.insert_layers(layer, new, below=ctx.spec.below, group=group)
         _store_history(ctx, request, seeds, [n.name for n in new])
     host.progress(text=f"ControlCanvas: done, seed {seeds[0]}", fraction=1.0)
+    if ctx.note:  # GIMP's procedures are one-shot: the result is where to say it
+        host.message(f"ControlCanvas: {ctx.note}")
     return Outcome(seed=seeds[0] if seeds[0] is not None else -1, seeds=seeds,
-                   layer=handles[0] if handles else None, path=path, request=request)
+                   layer=handles[0] if handles else None, path=path, report=ctx.note,
+                   request=request)
 
 
 def control_image(ctx: _Run) -> Outcome:
@@ -445,6 +452,7 @@ def offered(models) -> str:
     bases = [m for m in models.models if m.kind == "base" and m.conditions]
     lines = [f"Base {m.name!r} ({family_label(m.family)}) serves: "
              f"{', '.join(c for c in m.conditions if c in CONDITIONS)}." for m in bases]
+    lines += sorted({offer.control_note(m.name) for m in bases} - {""})
     loras = ", ".join(f"{info.name} ({family_label(info.family)})" for info in offer.loras)
     lines.append(f"LoRAs (for the 'LoRAs' argument, e.g. \"name:0.8\"): {loras}." if loras
                  else "The server lists no LoRAs.")

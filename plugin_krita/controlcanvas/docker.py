@@ -553,6 +553,11 @@ class DockerPanel(W.QWidget):
         self.units_box = W.QVBoxLayout()
         self.units_box.setSpacing(3)
         section.box.addLayout(self.units_box)
+        # Shown while the chosen base has no ControlNet and the server emulates its units
+        # (Flux.2 Klein: each control image becomes a reference picture): offers.control_note
+        self.control_note = _lines_label(6)
+        self.control_note.setVisible(False)
+        section.box.addWidget(self.control_note)
         poses = W.QGridLayout()
         poses.setSpacing(3)
         self.pose_add = W.QPushButton("Add skeleton")
@@ -784,6 +789,9 @@ class DockerPanel(W.QWidget):
         offer, base = self.controller.offers(), self.base_model.currentText().strip()
         for widget in self.units:
             widget.fill_conditions(offer, base)
+        note = offer.control_note(base)
+        self.control_note.setText(note)
+        self.control_note.setVisible(bool(note))
         self.lora_panel.refresh(offer, base)
 
     def _add_unit(self, unit: UnitSettings) -> UnitWidget:

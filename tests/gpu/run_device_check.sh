@@ -5,7 +5,9 @@
 #   2. install:  the carried wheels (diffusers, websockets) into a private --target folder
 #   3. pytest:   the CUDA-only tests (pytest -m gpu: tests/test_gpu_fastpath.py and the CUDA
 #                tests of tests/test_engine_diffusers.py and tests/test_lora.py)
-#   4. bench:    controlcanvas bench gpu --groups sd15,sdxl  -> OUTDIR/bench-gpu.json
+#   4. bench:    controlcanvas bench gpu --groups klein,sd15,sdxl  -> OUTDIR/bench-gpu.json
+#                (klein: Flux.2 Klein 4B's transformer at 1024², 4 steps, random weights built
+#                on the GPU, a small text encoder; about 30 s, so it goes first; issue 23)
 #   5. compiled: controlcanvas bench gpu --groups compiled   -> OUTDIR/bench-gpu-compiled.json
 #
 # Each step has its own timeout, taken from what is left of CC_CHECK_BUDGET (default 450 s),
@@ -115,7 +117,7 @@ if [ "$DRY" = 1 ]; then
     BENCH+=(--dry-run)
 fi
 BENCH+=(--work-dir "$WORK/models")  # the compiled group reuses the SD1.5 models built first
-step bench 240 bench.log "${BENCH[@]}" --groups sd15,sdxl --deadline 200 \
+step bench 270 bench.log "${BENCH[@]}" --groups klein,sd15,sdxl --deadline 230 \
     --out "$OUT/bench-gpu.json"
 step compiled 200 compiled.log "${BENCH[@]}" --groups compiled --deadline 30 \
     --out "$OUT/bench-gpu-compiled.json"
