@@ -123,7 +123,7 @@ from .edit import EDIT_KINDS, check_edit, edit_kind, reference_arrays
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
-from .loaders import dtype_kwargs, read_base, read_controlnet
+from .loaders import dtype_kwargs, pipe_from_pipe, read_base, read_controlnet
 from .ipadapter import prepare_references
 from .lora import apply_loras
 from .reuse import PROMPT_CACHE_SIZE, control_window, prompt_kwargs
@@ -499,11 +499,10 @@ class DiffusersEngine:
         if pipe is None:
             if cls is type(entry.pipe) and not self._depth:
                 pipe = entry.pipe
-            # from_pipe casts the shared modules to its dtype (default fp32): pass ours.
             elif controls:
-                pipe = cls.from_pipe(entry.pipe, controlnet=units, **dtype_kwargs(self.dtype))
+                pipe = pipe_from_pipe(cls, entry.pipe, self.dtype, controlnet=units)
             else:
-                pipe = cls.from_pipe(entry.pipe, **dtype_kwargs(self.dtype))
+                pipe = pipe_from_pipe(cls, entry.pipe, self.dtype)
             if entry.vae_fp32:  # from_pipe cast the shared VAE to the pipeline's dtype
                 vae_in_fp32(pipe.vae, self.dtype)
             pipe.set_progress_bar_config(disable=True)

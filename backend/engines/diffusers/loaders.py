@@ -11,13 +11,12 @@
   original format or diffusers-keyed beside its ``config.json``; a union ControlNet file
   (diffusers-keyed only) needs its ``config.json`` (or xinsir's ``config_promax.json``)
   beside it.
-* A family whose pipeline diffusers cannot read from one file (Qwen-Image: its single
-  files, as ComfyUI's, hold the transformer only) reads the file as its transformer and
-  the text encoder, VAE and scheduler from the family's default repo, downloaded.
-* GGUF transformers (``*.gguf``, the ``quant`` extra's ``gguf`` package): a quantized
-  transformer file plus a diffusers folder (or cached hub id) for the rest of the
-  pipeline: :func:`read_gguf_base`; the weights stay quantized and are dequantized per
-  layer in ``compute_dtype``.
+* A transformer file with the rest of the pipeline elsewhere (:func:`read_transformer_file`):
+  a family whose pipeline diffusers cannot read from one file (Qwen-Image: its single
+  files, as ComfyUI's, hold the transformer only), and any GGUF transformer (``*.gguf``,
+  the ``quant`` extra's ``gguf`` package; the weights stay quantized and are dequantized
+  per layer in the engine's dtype): the file is the transformer, the text encoders, VAE
+  and scheduler come from the family's default repo, downloaded.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from diffusers import ControlNetModel, ControlNetUnionModel
 
 from shared.errors import ModelMissing
 
+from .. import gguf_files
 from ..catalogue import DEFAULT_BASES, Catalogue, Resolved
 from ..requirements import release
 
@@ -63,7 +63,7 @@ def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
     # family's default repo when its configs are cached (downloaded or not), else
     # diffusers fetches just those small files (online) - into, and later from, the
     # configured cache.
-    if not hasattr(cls, "from_single_file"):
+    if not hasattr(cls, "from_single_file") or gguf_files.is_gguf(resolved.path):
         return _around_transformer(resolved, cls, catalogue, kwargs)
     config = catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base", complete=False)
     if config is not None:
@@ -84,33 +84,45 @@ def _around_transformer(resolved: Resolved, cls, catalogue: Catalogue, kwargs: D
             f"{resolved.name!r} holds a transformer only; its text encoder and VAE come from "
             f"{repo}, which is not on this machine: `controlcanvas models download "
             f"{resolved.family}` first.", field="base_model")
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return read_transformer_file(resolved.path, folder, cls, **kwargs)
+
+
+def read_transformer_file(path: str, rest, cls, **kwargs):
+    """The ``cls`` pipeline with its transformer read from the single file ``path`` (a
+    ``.safetensors``, or a ``.gguf`` kept quantized: ``GGUFQuantizationConfig`` computing in
+    the engine's dtype), the other components from the diffusers folder ``rest``, whose
+    model_index names the transformer's class and whose ``transformer/`` its config."""
+    index = json.loads((Path(rest) / "model_index.json").read_text(encoding="utf-8"))
     model_cls = getattr(diffusers, index["transformer"][1])
-    transformer = model_cls.from_single_file(
-        resolved.path, config=str(folder), subfolder="transformer",
-        local_files_only=True, **{k: v for k, v in kwargs.items() if k == DTYPE_KEYWORD})
-    return cls.from_pretrained(folder, transformer=transformer, local_files_only=True, **kwargs)
+    own = {k: v for k, v in kwargs.items() if k == DTYPE_KEYWORD}
+    if gguf_files.is_gguf(path):
+        own["quantization_config"] = _gguf_config(path, own.get(DTYPE_KEYWORD))
+    transformer = model_cls.from_single_file(path, config=str(rest), subfolder="transformer",
+                                             local_files_only=True, **own)
+    return cls.from_pretrained(rest, transformer=transformer, local_files_only=True, **kwargs)
 
 
-def read_gguf_base(gguf_path: str, rest: str, cls, dtype):
-    """The ``cls`` pipeline with its transformer read from a GGUF file, the other
-    components from the diffusers folder ``rest``; ModelMissing when ``gguf`` is missing."""
+def _gguf_config(path: str, dtype):
+    """diffusers' GGUF reading (weights dequantized per layer in ``dtype``); ModelMissing
+    when the gguf package is missing."""
     from diffusers import GGUFQuantizationConfig
-    from diffusers.utils import is_gguf_available
 
-    if not is_gguf_available():
-        raise ModelMissing(f"Reading the GGUF file {Path(gguf_path).name!r} needs the gguf "
-                           f"package: pip install \"controlcanvas[quant]\".", field="base_model")
-    transformer_cls = cls._get_signature_types()["transformer"][0] \
-        if hasattr(cls, "_get_signature_types") else None
-    if transformer_cls is None:
-        raise ModelMissing(f"{cls.__name__} has no transformer to read from a GGUF file.",
+    if not gguf_files.available():
+        raise ModelMissing(f"The GGUF file {Path(path).name!r} {gguf_files.MISSING_GGUF}.",
                            field="base_model")
-    transformer = transformer_cls.from_single_file(
-        gguf_path, config=rest, subfolder="transformer", local_files_only=_local_only(),
-        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), **dtype_kwargs(dtype))
-    return cls.from_pretrained(rest, transformer=transformer, local_files_only=True,
-                               **dtype_kwargs(dtype))
+    return GGUFQuantizationConfig(compute_dtype=dtype)
+
+
+def pipe_from_pipe(cls, pipe, dtype, **kwargs):
+    """``cls.from_pipe(pipe)`` sharing its models.  from_pipe casts the shared modules to
+    its dtype (default fp32: ours is passed), which a quantized model (GGUF, torchao)
+    refuses: those join the new pipeline after the cast, as they are."""
+    quantized = {name: module for name, module in pipe.components.items()
+                 if getattr(module, "is_quantized", False) and name not in kwargs}
+    out = cls.from_pipe(pipe, **dict.fromkeys(quantized), **kwargs, **dtype_kwargs(dtype))
+    if quantized:
+        out.register_modules(**quantized)
+    return out
 
 
 def read_controlnet(resolved: Resolved, dtype, catalogue: Catalogue):
