@@ -242,12 +242,23 @@ def sized_for(name: str, family: str, path: str, dtype: str) -> Sized:
 
 
 def plan_base(name: str, family: str, path: str, dtype: str, free: Optional[int],
-              ram: Optional[int] = None) -> Plan:
-    """:func:`plan` for a base on disk, offering its family's smaller variants."""
-    model = sized_for(name, family, path, dtype)
+              ram: Optional[int] = None, quantize: str = "none") -> Plan:
+    """:func:`plan` for a base on disk, offering its family's smaller variants;
+    ``quantize``: the ``[engine] quantize`` the engine applies (none when inactive)."""
+    model = denoiser_in(sized_for(name, family, path, dtype), quantize)
     if not model.components:
         return Plan("gpu", {"gpu": 0, "model": 0, "sequential": 0}, free)
     return plan(model, free, ram, smaller_variants(model, dtype))
+
+
+def denoiser_in(model: Sized, quantize: str) -> Sized:
+    """``model`` with its transformer or UNet stored as ``[engine] quantize`` makes it
+    (bitsandbytes nf4 / int8, torchao fp8); as it is for "none" or a GGUF transformer."""
+    if quantize in ("", "none"):
+        return model
+    return replace(model, components=tuple(
+        replace(c, dtype=quantize) if c.name in ("transformer", "unet") and
+        c.dtype in ("fp32", "fp16", "bf16") else c for c in model.components))
 
 
 def real_size_table(dtypes: Iterable[str] = ("bf16", "fp8"),

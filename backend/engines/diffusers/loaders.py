@@ -11,6 +11,8 @@
   original format or diffusers-keyed beside its ``config.json``; a union ControlNet file
   (diffusers-keyed only) needs its ``config.json`` (or xinsir's ``config_promax.json``)
   beside it.
+* ``[engine] quantize`` (:mod:`..quantize`): the denoiser of a folder read quantized
+  (bitsandbytes NF4 / 8-bit, torchao float8) through ``PipelineQuantizationConfig``.
 * A transformer file with the rest of the pipeline elsewhere (:func:`read_transformer_file`):
   a family whose pipeline diffusers cannot read from one file (Qwen-Image: its single
   files, as ComfyUI's, hold the transformer only), and any GGUF transformer (``*.gguf``,
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import diffusers
 from diffusers import ControlNetModel, ControlNetUnionModel
@@ -33,6 +35,7 @@ from shared.errors import ModelMissing
 
 from .. import gguf_files
 from ..catalogue import DEFAULT_BASES, Catalogue, Resolved
+from ..quantize import GGUF_NOTE, Quantize, denoiser
 from ..requirements import release
 
 log = logging.getLogger(__name__)
@@ -52,13 +55,22 @@ def _local_only() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
-    """The ``cls`` pipeline (the family's txt2img pipeline) of a base model."""
+def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue,
+              quantize: Optional[Quantize] = None, **extra):
+    """The ``cls`` pipeline (the family's txt2img pipeline) of a base model; its denoiser
+    quantized when ``quantize`` is active and diffusers reads it from a folder."""
     kwargs: Dict[str, Any] = dict(extra, **dtype_kwargs(dtype))
     if resolved.source != "file":
         if resolved.weights_variant:
             kwargs["variant"] = resolved.weights_variant
+        if quantize is not None and quantize.active:
+            kwargs["quantization_config"] = pipeline_quantization(quantize, cls, dtype)
         return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
+    if quantize is not None and quantize.active:
+        log.info("[engine] quantize = %r does not apply to %s: %s", quantize.setting,
+                 resolved.name, GGUF_NOTE if resolved.quant else
+                 "diffusers quantizes models it reads from a folder; a single file loads "
+                 "as stored")
     # A single file carries weights only; the component configs come from the
     # family's default repo when its configs are cached (downloaded or not), else
     # diffusers fetches just those small files (online) - into, and later from, the
@@ -111,6 +123,27 @@ def _gguf_config(path: str, dtype):
         raise ModelMissing(f"The GGUF file {Path(path).name!r} {gguf_files.MISSING_GGUF}.",
                            field="base_model")
     return GGUFQuantizationConfig(compute_dtype=dtype)
+
+
+def pipeline_quantization(quantize: Quantize, cls, dtype):
+    """diffusers' PipelineQuantizationConfig for ``quantize`` on ``cls``'s denoiser (its
+    transformer, else its UNet): bitsandbytes NF4 / 8-bit, or torchao float8 weight-only."""
+    from diffusers import PipelineQuantizationConfig
+
+    signature = cls._get_signature_types() if hasattr(cls, "_get_signature_types") else {}
+    component = denoiser("transformer" in signature)
+    if quantize.setting == "fp8":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        config = TorchAoConfig(Float8WeightOnlyConfig())
+    else:
+        from diffusers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=dtype) \
+            if quantize.setting == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
+    return PipelineQuantizationConfig(quant_mapping={component: config})
 
 
 def pipe_from_pipe(cls, pipe, dtype, **kwargs):
