@@ -7,7 +7,9 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   fetching is an explicit step (``controlcanvas models download``);
 * a local diffusers folder (``model_index.json`` for a base, ``config.json`` for a
   ControlNet);
-* a single ``.safetensors`` / ``.ckpt`` file (loaded with ``from_single_file``);
+* a single ``.safetensors`` / ``.ckpt`` file (loaded with ``from_single_file``), or a
+  ``.gguf`` transformer file (its family from its tensor names, the rest of the pipeline
+  from the family's default repo; :mod:`backend.engines.gguf_files`);
 * ``shapes-demo``: the embedded trained demo model (``backend/assets/shapes-demo``, a
   tiny base and an outline ControlNet trained here on synthetic shapes; see
   docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
