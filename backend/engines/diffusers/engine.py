@@ -242,7 +242,7 @@ class DiffusersEngine:
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None,
                      config_file: Optional[Path] = None) -> "DiffusersEngine":
-        """Build from ``[engine]`` options (device, dtype, offload, memory_budget_gb,
+        """Build from ``[engine]`` options (device, dtype, offload, quantize, memory_budget_gb,
         vae_tiling_pixels, hires_scale, hires_strength, cpu_threads and the fast-path
         options of :class:`~.acceleration.FastPath`) and the config file's model tables.
         ``trust_request_paths``: requests may name any local model path (a server only the
