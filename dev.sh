@@ -22,8 +22,9 @@ setup() {
         "$VENV/bin/python" -m pip install -q --upgrade pip
         # torch first, so the project's "torch>=…" is already met by the chosen build
         "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-        # the scale extra (Ray Serve) too: its tests run against a local Ray
-        "$VENV/bin/python" -m pip install -q -e ".[test,scale]"
+        # the scale extra (Ray Serve) too: its tests run against a local Ray; the quant
+        # extra (gguf): the GGUF base tests
+        "$VENV/bin/python" -m pip install -q -e ".[test,scale,quant]"
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
@@ -42,6 +43,7 @@ system_test_packages() {
         export CONTROLCANVAS_REQUIRE_BROWSER=1  # in CI a missing browser fails, not skips
         export CONTROLCANVAS_REQUIRE_EDITORS=1  # ... and so does a real-editor tier
         export CONTROLCANVAS_REQUIRE_RAY=1      # ... and the Ray Serve tests' extra
+        export CONTROLCANVAS_REQUIRE_QUANT=1    # ... and the GGUF tests' (the quant extra)
     fi
 }
 

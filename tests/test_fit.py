@@ -179,13 +179,13 @@ def test_gguf_transformer_loads(flux_root, tmp_path):
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
-    from backend.engines.diffusers.loaders import read_gguf_base
+    from backend.engines.diffusers.loaders import read_transformer_file
     from backend.engines.tiny_gguf import write_gguf
 
     folder = _engine(flux_root).catalogue.resolve_base("tiny-flux").path
     plain = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     path = write_gguf(plain, tmp_path / "tiny-flux-Q8_0.gguf")
-    pipe = read_gguf_base(str(path), folder, FluxPipeline, torch.float32)
+    pipe = read_transformer_file(str(path), folder, FluxPipeline, dtype=torch.float32)
     weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
     assert isinstance(weight, GGUFParameter)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from shared.errors import ControlCanvasError
+from shared.errors import ConfigError, ControlCanvasError
 
 from ..engines.catalogue import DEFAULT_BASES, Catalogue, ModelConfig, download_command
 from ..engines.requirements import DIFFUSERS_FLOOR, TORCH_FLOOR, floor_text, release
@@ -185,11 +185,36 @@ def check_fit() -> Check:
     dtype = dtype_name(choose_dtype(options.get("dtype"), True))
     try:
         plan = fit.plan_base(name, family, path, dtype, free_bytes(str(device)),
-                             available_ram())
+                             available_ram(), quantize=_quantized(options, device.type))
     except ControlCanvasError as err:
         return Check("loading", FAIL, err.message)
     status = WARN if plan.choice == "sequential" else OK
     return Check("loading", status, f"{name}: {plan.line()}")
+
+
+def check_quantize() -> Check:
+    """``[engine] quantize`` (backend/engines/quantize.py): what the engine will do with
+    it here; a warning when it is asked but cannot apply (no CUDA, package missing)."""
+    from ..engines import quantize
+    from ..server.config import build_config
+
+    config = build_config({})
+    if config.engine != "diffusers":
+        return Check("quantize", OK, f"the {config.engine} engine loads no large model")
+    from ..engines.diffusers.acceleration import choose_device
+
+    options = config.engine_options
+    try:
+        choice = quantize.choose(options.get("quantize"),
+                                 choose_device(options.get("device")).type)
+    except ConfigError as err:
+        return Check("quantize", FAIL, err.message)
+    if choice.reason:
+        return Check("quantize", WARN, f"[engine] quantize = {choice.setting!r}: "
+                     f"{choice.reason}")
+    detail = choice.label() + ("" if choice.active else " (the denoiser as stored; GGUF "
+                               "files stay quantized)")
+    return Check("quantize", OK, detail)
 
 
 def configured_engine() -> str:
@@ -199,6 +224,17 @@ def configured_engine() -> str:
         return build_config({}).engine
     except Exception:  # noqa: BLE001 - a broken config file is reported by serve itself
         return "diffusers"
+
+
+def _quantized(options, device_type: str) -> str:
+    """The ``[engine] quantize`` the engine would apply ("none" when it cannot)."""
+    from ..engines import quantize
+
+    try:
+        choice = quantize.choose(options.get("quantize"), device_type)
+    except ConfigError:
+        return "none"  # check_quantize says what is wrong
+    return choice.setting if choice.active else "none"
 
 
 def check_token(path: Path) -> Check:
@@ -290,7 +326,8 @@ def check_pose_helper() -> Check:
 
 def run_checks(token_file: Path, host: str, port: int) -> List[Check]:
     checks: List[Check] = [check_python()]
-    for run in (check_torch, check_diffusers, check_models, check_fast_path, check_fit):
+    for run in (check_torch, check_diffusers, check_models, check_fast_path, check_fit,
+                check_quantize):
         result = _guard(run)
         checks.extend(result if isinstance(result, list) else [result])
     checks.append(check_token(token_file))

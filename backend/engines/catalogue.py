@@ -7,7 +7,9 @@ unit's ``model``, or ``controlcanvas models download NAME``):
   fetching is an explicit step (``controlcanvas models download``);
 * a local diffusers folder (``model_index.json`` for a base, ``config.json`` for a
   ControlNet);
-* a single ``.safetensors`` / ``.ckpt`` file (loaded with ``from_single_file``);
+* a single ``.safetensors`` / ``.ckpt`` file (loaded with ``from_single_file``), or a
+  ``.gguf`` transformer file (its family from its tensor names, the rest of the pipeline
+  from the family's default repo; :mod:`backend.engines.gguf_files`);
 * ``shapes-demo``: the embedded trained demo model (``backend/assets/shapes-demo``, a
   tiny base and an outline ControlNet trained here on synthetic shapes; see
   docs/training.md); its ControlNet serves the outline conditions ``DEMO_CONDITIONS``;
@@ -84,7 +86,7 @@ from shared.paths import config_dir, data_dir
 from ..configfile import load_toml
 from ..configfile import table as toml_table
 from ..confine import confine
-from . import downloads, references, tiny, tiny_kontext, tiny_qwen_edit
+from . import downloads, gguf_files, references, tiny, tiny_kontext, tiny_qwen_edit
 from . import presets as few_step
 from .families import (FLUX_UNION_MODES, QWEN_UNION_MODES, UNION_CONTROL_TYPES,
                        ZIMAGE_CONDITIONS, Detected, check_runnable, detect, detect_base_folder,
@@ -229,7 +231,7 @@ T2I_ADAPTERS: Dict[str, Dict[str, str]] = {
 }
 assert all(c in CONDITIONS for table in T2I_ADAPTERS.values() for c in table)
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", gguf_files.SUFFIX)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 # What a download fetches (and that fp16 weights come first): backend.engines.downloads.
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -358,6 +360,7 @@ class Resolved:
     weights_variant: str = ""  # "fp16": the folder holds only fp16-variant weights
     adapter: bool = False     # a T2I-Adapter serving the unit (engines.diffusers.adapters)
     edit: bool = False        # an edit base (FLUX.1 Kontext, Qwen-Image-Edit): runs edit mode
+    quant: str = ""           # a GGUF transformer file's quantization ("Q8_0", "Q4_K")
 
     @property
     def key(self) -> str:
@@ -585,12 +588,29 @@ class Catalogue:
             return self._resolved(name, kind, family, "folder", path, weights_variant=variant)
         if path.is_file():
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-                raise ModelMissing(f"{str(path)!r} is not a model file; use a .safetensors or "
-                                   f".ckpt file or a diffusers folder.", field="model")
+                raise ModelMissing(f"{str(path)!r} is not a model file; use a .safetensors, "
+                                   f".ckpt or .gguf file or a diffusers folder.", field="model")
+            if gguf_files.is_gguf(path):
+                return self._resolved_gguf(name, kind, family, path)
             return self._resolved(name, kind, family, "file", path)
         raise ModelMissing(f"The {kind} model {where!r} does not exist: no such file or "
                            f"folder. Check the path in config.toml or the request.",
                            field="model")
+
+    def _resolved_gguf(self, name: str, kind: str, family: str, path: Path) -> Resolved:
+        """A GGUF transformer file: a base of the family its tensor names say (the rest of
+        its pipeline comes from the family's default repo when it is loaded)."""
+        if not gguf_files.available():
+            raise ModelMissing(f"The GGUF file {str(path)!r} {gguf_files.MISSING_GGUF}.",
+                               field="model")
+        header = gguf_files.read_header(path)
+        found = detect(path, kind)
+        if kind != "base" or header is None or found is None or found.kind != "base":
+            what = "cannot be read" if header is None else "holds no transformer ControlCanvas " \
+                "knows (Flux.1, Flux.2 Klein, SD3, Z-Image or Qwen-Image)"
+            raise ModelMissing(f"The GGUF file {str(path)!r} {what}; GGUF files serve as base "
+                               f"models' transformers only.", field="model")
+        return replace(self._resolved(name, kind, family, "file", path), quant=header.quant)
 
     def _builtin(self, name: str, where: str, kind: str) -> Optional[Resolved]:
         if kind == "base" and where == DEMO_BASE:
@@ -901,6 +921,9 @@ def _describe_source(resolved: Resolved) -> str:
         return f"hub cache ({resolved.repo_id})"
     if resolved.source == "builtin":
         return "built in"
+    if resolved.quant:
+        return (f"{resolved.path} (GGUF {resolved.quant} transformer; the rest from "
+                f"{DEFAULT_BASES[resolved.family]})")
     return resolved.path
 
 

@@ -33,6 +33,8 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from shared.errors import UnsupportedCondition, UnsupportedFamily
 
+from . import gguf_files
+
 log = logging.getLogger(__name__)
 
 
@@ -191,7 +193,11 @@ Shape = Callable[[str], Tuple[int, ...]]
 
 
 def _header(path: Path) -> Optional[Tuple[Tuple[str, ...], Shape]]:
-    """Tensor names and a shape lookup from a .safetensors header (lazy: no tensor read)."""
+    """Tensor names and a shape lookup from a .safetensors header (lazy: no tensor read),
+    or a GGUF file's (:mod:`.gguf_files`; the same rules read its names)."""
+    if gguf_files.is_gguf(path):
+        found = gguf_files.read_header(path)
+        return None if found is None else (found.names, lambda key: found.shapes.get(key, ()))
     if Path(path).suffix.lower() != ".safetensors":
         return None
     try:
@@ -312,8 +318,8 @@ def _detect_qwen_keys(keys: Tuple[str, ...], shape: Shape) -> Optional[Detected]
 
 
 def detect_file(path: Path) -> Optional[Detected]:
-    """A single ``.safetensors`` file, from its tensor names and a few shapes (None for
-    other formats, an unreadable header, or keys no rule knows)."""
+    """A single ``.safetensors`` or ``.gguf`` file, from its tensor names and a few shapes
+    (None for other formats, an unreadable header, or keys no rule knows)."""
     header = _header(Path(path))
     return None if header is None else _detect_keys(*header)
 

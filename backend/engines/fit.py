@@ -30,6 +30,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from shared.errors import DoesNotFit
 
+from . import gguf_files
+
 GIB = 1 << 30
 CHOICES = ("gpu", "model", "sequential")
 
@@ -39,14 +41,20 @@ BYTES_PER_PARAM: Dict[str, float] = {
     "fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0,
     "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_k": 176 / 256, "q4_k": 144 / 256,
     "q4_0": 18 / 32, "q3_k": 110 / 256, "q2_k": 84 / 256, "nf4": 0.5 + 4 / 64,
+    "q5_0": 22 / 32, "q5_1": 24 / 32, "q4_1": 20 / 32,
 }
+# A GGUF tensor type (gguf's GGMLQuantizationType names) -> its key above.
+GGUF_TYPES: Dict[str, str] = {"F32": "fp32", "F16": "fp16", "BF16": "bf16",
+                              **{q.upper(): q for q in ("q8_0", "q6_k", "q5_k", "q4_k", "q4_0",
+                                                        "q3_k", "q2_k", "q5_0", "q5_1",
+                                                        "q4_1")}}
 GGUF_QUANTS = ("q8_0", "q6_k", "q5_k", "q4_k", "q3_k")  # mildest first
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
                       "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 # Working memory on the GPU beside the weights at the native size, batch 1 (estimates).
 WORKING: Dict[str, int] = {"sd15": GIB * 3 // 4, "sdxl": 2 * GIB, "flux": 3 * GIB,
-                           "sd3": 3 * GIB, "zimage": 3 * GIB, "qwenimage": 4 * GIB,
+                           "sd3": 3 * GIB, "zimage": 3 * GIB, "qwen": 4 * GIB,
                            "klein": 3 * GIB}
 DEFAULT_WORKING = 2 * GIB
 
@@ -196,7 +204,7 @@ REAL: Dict[str, Sized] = {s.name: s for s in (
     Sized("SD3.5 Medium", "sd3", (_c("transformer", 2.47e9, 24), _CLIP_L, _CLIP_G, _T5,
                                   _VAE)),
     Sized("Z-Image Turbo", "zimage", (_c("transformer", 6.15e9, 34), _QWEN3_4B, _VAE)),
-    Sized("Qwen-Image", "qwenimage", (_c("transformer", 20.43e9, 60), _QWEN25_VL_7B,
+    Sized("Qwen-Image", "qwen", (_c("transformer", 20.43e9, 60), _QWEN25_VL_7B,
                                       _c("vae", 126.9e6))),
     Sized("FLUX.2 [klein] 9B", "klein", (_c("transformer", 9.08e9, 32), _QWEN3_8B, _VAE)),
     Sized("FLUX.2 [klein] 4B", "klein", (_c("transformer", 3.88e9, 25), _QWEN3_4B, _VAE)),
@@ -204,7 +212,7 @@ REAL: Dict[str, Sized] = {s.name: s for s in (
 # The family's real model the engine plans with when a base's files cannot be read.
 FAMILY_REAL: Dict[str, str] = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "FLUX.1 [dev]",
                                "sd3": "SD3.5 Large", "zimage": "Z-Image Turbo",
-                               "qwenimage": "Qwen-Image", "klein": "FLUX.2 [klein] 9B"}
+                               "qwen": "Qwen-Image", "klein": "FLUX.2 [klein] 9B"}
 
 
 def smaller_variants(model: Sized, dtype: str) -> List[Sized]:
@@ -222,8 +230,9 @@ def smaller_variants(model: Sized, dtype: str) -> List[Sized]:
 
 def sized_for(name: str, family: str, path: str, dtype: str) -> Sized:
     """What a base weighs loaded in ``dtype``: from its files' headers, else the family's
-    real size (:data:`FAMILY_REAL`)."""
-    model = sized_from_files(name, family, path)
+    real size (:data:`FAMILY_REAL`); a GGUF transformer file weighs what its header says,
+    beside the family's other components at real size."""
+    model = sized_gguf(name, family, path) or sized_from_files(name, family, path)
     if model is None:
         real = REAL.get(FAMILY_REAL.get(family, ""))
         if real is None:
@@ -233,12 +242,23 @@ def sized_for(name: str, family: str, path: str, dtype: str) -> Sized:
 
 
 def plan_base(name: str, family: str, path: str, dtype: str, free: Optional[int],
-              ram: Optional[int] = None) -> Plan:
-    """:func:`plan` for a base on disk, offering its family's smaller variants."""
-    model = sized_for(name, family, path, dtype)
+              ram: Optional[int] = None, quantize: str = "none") -> Plan:
+    """:func:`plan` for a base on disk, offering its family's smaller variants;
+    ``quantize``: the ``[engine] quantize`` the engine applies (none when inactive)."""
+    model = denoiser_in(sized_for(name, family, path, dtype), quantize)
     if not model.components:
         return Plan("gpu", {"gpu": 0, "model": 0, "sequential": 0}, free)
     return plan(model, free, ram, smaller_variants(model, dtype))
+
+
+def denoiser_in(model: Sized, quantize: str) -> Sized:
+    """``model`` with its transformer or UNet stored as ``[engine] quantize`` makes it
+    (bitsandbytes nf4 / int8, torchao fp8); as it is for "none" or a GGUF transformer."""
+    if quantize in ("", "none"):
+        return model
+    return replace(model, components=tuple(
+        replace(c, dtype=quantize) if c.name in ("transformer", "unet") and
+        c.dtype in ("fp32", "fp16", "bf16") else c for c in model.components))
 
 
 def real_size_table(dtypes: Iterable[str] = ("bf16", "fp8"),
@@ -300,6 +320,19 @@ def folder_components(folder: Path) -> Tuple[Component, ...]:
             params, block = params + p, max(block, b)
         out.append(Component(sub.name, params, dtype, block))
     return tuple(out)
+
+
+def sized_gguf(name: str, family: str, path: str) -> Optional[Sized]:
+    """A GGUF transformer file (its parameters in its dominant quantization, from the
+    header) with the rest of its family's pipeline at real size; None for other files."""
+    header = gguf_files.read_header(path) if path else None
+    real = REAL.get(FAMILY_REAL.get(family, ""))
+    if header is None or real is None:
+        return None
+    dtype = GGUF_TYPES.get(header.quant.upper(), "q8_0")
+    transformer = Component("transformer", header.params, dtype, header.block_params)
+    rest = tuple(c for c in real.components if c.name != "transformer")
+    return Sized(name, family, (transformer, *rest), quantizable="")
 
 
 def sized_from_files(name: str, family: str, path: str,

@@ -118,12 +118,13 @@ from .cache import (BaseEntry, NetEntry, default_budget, disk_bytes, free_memory
 from .compiled import uncompile
 from .devices import available_ram, free_bytes
 from .. import fit
+from .. import quantize as quantization
 from .dit_families import dit_family
 from .edit import EDIT_KINDS, check_edit, edit_kind, reference_arrays
 from .geometry import (INPAINT_MARGIN_FRACTION, INPAINT_MIN_MARGIN, Pass, Plan, denoise_steps,
                        crop_padded, feather_weights, fit_image, mask_values, region_of, resize,
                        rgb_on_black, rgb_on_white, square_region, work_size)
-from .loaders import dtype_kwargs, read_base, read_controlnet
+from .loaders import dtype_kwargs, pipe_from_pipe, read_base, read_controlnet
 from .ipadapter import prepare_references
 from .lora import apply_loras
 from .reuse import PROMPT_CACHE_SIZE, control_window, prompt_kwargs
@@ -189,7 +190,8 @@ class DiffusersEngine:
                  inpaint_min_margin: int = INPAINT_MIN_MARGIN, feather: float = 0.015,
                  square_only: bool = False, cpu_threads: Optional[int] = None,
                  fast_options: Optional[Mapping[str, Any]] = None,
-                 prompt_cache: int = PROMPT_CACHE_SIZE, control_cache: int = 16) -> None:
+                 prompt_cache: int = PROMPT_CACHE_SIZE, control_cache: int = 16,
+                 quantize: str = "none") -> None:
         if cpu_threads:
             # Process-wide. On a CPU that other programs keep busy, fewer intra-op threads
             # than cores avoids stalls at OpenMP barriers (measured on 2 cores with one
@@ -202,6 +204,10 @@ class DiffusersEngine:
         self.offload_setting = offload_setting(offload)
         self.offload = self.offload_setting is True and cuda
         self.loadings: Dict[str, "fit.Plan"] = {}  # base name -> its planned loading
+        self.quantize = quantization.choose(quantize, self.device.type)  # [engine] quantize
+        if self.quantize.reason:
+            log.warning("[engine] quantize = %r: %s", self.quantize.setting,
+                        self.quantize.reason)
         if self.offload_setting is True and not cuda:
             log.warning("CPU offload needs CUDA; ignored on %s", self.device)
         self.fast = FastPath.from_options(fast_options or {}, cuda)
@@ -236,7 +242,7 @@ class DiffusersEngine:
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None,
                      config_file: Optional[Path] = None) -> "DiffusersEngine":
-        """Build from ``[engine]`` options (device, dtype, offload, memory_budget_gb,
+        """Build from ``[engine]`` options (device, dtype, offload, quantize, memory_budget_gb,
         vae_tiling_pixels, hires_scale, hires_strength, cpu_threads and the fast-path
         options of :class:`~.acceleration.FastPath`) and the config file's model tables.
         ``trust_request_paths``: requests may name any local model path (a server only the
@@ -326,6 +332,7 @@ class DiffusersEngine:
                         compile_failed=bool(self.stats["compile_fallbacks"]))
         if self._plans_loading() and not self.offload:
             info["offload"] = "auto"
+        info["quantize"] = self.quantize.label()
         if self.loadings:
             info["loading"] = "; ".join(f"{name}: {plan.line()}"
                                         for name, plan in self.loadings.items())
@@ -362,7 +369,8 @@ class DiffusersEngine:
                           requires_safety_checker=False)
         try:
             with quiet_progress_bars():
-                pipe = read_base(resolved, cls, self.dtype, self.catalogue, **kwargs)
+                pipe = read_base(resolved, cls, self.dtype, self.catalogue,
+                                 quantize=self.quantize, **kwargs)
         except ModelMissing:
             raise  # the loader said what is missing and what to do (loaders)
         except Exception as err:  # noqa: BLE001 - loaders raise many kinds; say which model
@@ -395,9 +403,11 @@ class DiffusersEngine:
         offload on); raises DoesNotFit when nothing fits.  Else what the setting says."""
         if not self._plans_loading():
             return "model" if self.offload else "gpu"
+        quantized = self.quantize.setting if self.quantize.active and \
+            resolved.source != "file" else "none"  # a single file loads as stored
         plan = fit.plan_base(resolved.name, resolved.family, resolved.path,
                              dtype_name(self.dtype), free_bytes(str(self.device)),
-                             available_ram())
+                             available_ram(), quantize=quantized)
         self.loadings[resolved.name] = plan
         log.info("loading %s: %s", resolved.name, plan.line())
         if plan.choice != "gpu" and not self.offload:
@@ -499,11 +509,10 @@ class DiffusersEngine:
         if pipe is None:
             if cls is type(entry.pipe) and not self._depth:
                 pipe = entry.pipe
-            # from_pipe casts the shared modules to its dtype (default fp32): pass ours.
             elif controls:
-                pipe = cls.from_pipe(entry.pipe, controlnet=units, **dtype_kwargs(self.dtype))
+                pipe = pipe_from_pipe(cls, entry.pipe, self.dtype, controlnet=units)
             else:
-                pipe = cls.from_pipe(entry.pipe, **dtype_kwargs(self.dtype))
+                pipe = pipe_from_pipe(cls, entry.pipe, self.dtype)
             if entry.vae_fp32:  # from_pipe cast the shared VAE to the pipeline's dtype
                 vae_in_fp32(pipe.vae, self.dtype)
             pipe.set_progress_bar_config(disable=True)
@@ -954,7 +963,7 @@ _BASIC_OPTIONS: Dict[str, Tuple[type, ...]] = {
     "vae_tiling_pixels": (int,), "max_work_scale": (int, float), "hires_scale": (int, float),
     "hires_strength": (int, float), "inpaint_margin": (int, float),
     "inpaint_min_margin": (int,), "feather": (int, float), "square_only": (bool,),
-    "cpu_threads": (int,)}
+    "cpu_threads": (int,), "quantize": (str,)}
 _TYPE_WORDS = {str: "text in quotes", bool: "true or false", int: "a whole number",
                float: "a number"}
 
@@ -980,6 +989,8 @@ def engine_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
             kwargs["memory_budget"] = int(float(value) * (1 << 30))
         elif key == "offload":
             kwargs[key] = offload_setting(value)  # "auto", true or false
+        elif key == "quantize":
+            kwargs[key] = quantization.quantize_setting(value)  # none | nf4 | int8 | fp8
         else:
             kwargs[key] = value
     if fast:

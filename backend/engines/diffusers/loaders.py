@@ -11,13 +11,14 @@
   original format or diffusers-keyed beside its ``config.json``; a union ControlNet file
   (diffusers-keyed only) needs its ``config.json`` (or xinsir's ``config_promax.json``)
   beside it.
-* A family whose pipeline diffusers cannot read from one file (Qwen-Image: its single
-  files, as ComfyUI's, hold the transformer only) reads the file as its transformer and
-  the text encoder, VAE and scheduler from the family's default repo, downloaded.
-* GGUF transformers (``*.gguf``, the ``quant`` extra's ``gguf`` package): a quantized
-  transformer file plus a diffusers folder (or cached hub id) for the rest of the
-  pipeline: :func:`read_gguf_base`; the weights stay quantized and are dequantized per
-  layer in ``compute_dtype``.
+* ``[engine] quantize`` (:mod:`..quantize`): the denoiser of a folder read quantized
+  (bitsandbytes NF4 / 8-bit, torchao float8) through ``PipelineQuantizationConfig``.
+* A transformer file with the rest of the pipeline elsewhere (:func:`read_transformer_file`):
+  a family whose pipeline diffusers cannot read from one file (Qwen-Image: its single
+  files, as ComfyUI's, hold the transformer only), and any GGUF transformer (``*.gguf``,
+  the ``quant`` extra's ``gguf`` package; the weights stay quantized and are dequantized
+  per layer in the engine's dtype): the file is the transformer, the text encoders, VAE
+  and scheduler come from the family's default repo, downloaded.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import diffusers
 from diffusers import ControlNetModel, ControlNetUnionModel
 
 from shared.errors import ModelMissing
 
+from .. import gguf_files
 from ..catalogue import DEFAULT_BASES, Catalogue, Resolved
+from ..quantize import GGUF_NOTE, Quantize, denoiser
 from ..requirements import release
 
 log = logging.getLogger(__name__)
@@ -52,18 +55,27 @@ def _local_only() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue, **extra):
-    """The ``cls`` pipeline (the family's txt2img pipeline) of a base model."""
+def read_base(resolved: Resolved, cls, dtype, catalogue: Catalogue,
+              quantize: Optional[Quantize] = None, **extra):
+    """The ``cls`` pipeline (the family's txt2img pipeline) of a base model; its denoiser
+    quantized when ``quantize`` is active and diffusers reads it from a folder."""
     kwargs: Dict[str, Any] = dict(extra, **dtype_kwargs(dtype))
     if resolved.source != "file":
         if resolved.weights_variant:
             kwargs["variant"] = resolved.weights_variant
+        if quantize is not None and quantize.active:
+            kwargs["quantization_config"] = pipeline_quantization(quantize, cls, dtype)
         return cls.from_pretrained(resolved.path, local_files_only=True, **kwargs)
+    if quantize is not None and quantize.active:
+        log.info("[engine] quantize = %r does not apply to %s: %s", quantize.setting,
+                 resolved.name, GGUF_NOTE if resolved.quant else
+                 "diffusers quantizes models it reads from a folder; a single file loads "
+                 "as stored")
     # A single file carries weights only; the component configs come from the
     # family's default repo when its configs are cached (downloaded or not), else
     # diffusers fetches just those small files (online) - into, and later from, the
     # configured cache.
-    if not hasattr(cls, "from_single_file"):
+    if not hasattr(cls, "from_single_file") or gguf_files.is_gguf(resolved.path):
         return _around_transformer(resolved, cls, catalogue, kwargs)
     config = catalogue.cached_snapshot(DEFAULT_BASES[resolved.family], "base", complete=False)
     if config is not None:
@@ -84,33 +96,66 @@ def _around_transformer(resolved: Resolved, cls, catalogue: Catalogue, kwargs: D
             f"{resolved.name!r} holds a transformer only; its text encoder and VAE come from "
             f"{repo}, which is not on this machine: `controlcanvas models download "
             f"{resolved.family}` first.", field="base_model")
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return read_transformer_file(resolved.path, folder, cls, **kwargs)
+
+
+def read_transformer_file(path: str, rest, cls, **kwargs):
+    """The ``cls`` pipeline with its transformer read from the single file ``path`` (a
+    ``.safetensors``, or a ``.gguf`` kept quantized: ``GGUFQuantizationConfig`` computing in
+    the engine's dtype), the other components from the diffusers folder ``rest``, whose
+    model_index names the transformer's class and whose ``transformer/`` its config."""
+    index = json.loads((Path(rest) / "model_index.json").read_text(encoding="utf-8"))
     model_cls = getattr(diffusers, index["transformer"][1])
-    transformer = model_cls.from_single_file(
-        resolved.path, config=str(folder), subfolder="transformer",
-        local_files_only=True, **{k: v for k, v in kwargs.items() if k == DTYPE_KEYWORD})
-    return cls.from_pretrained(folder, transformer=transformer, local_files_only=True, **kwargs)
+    own = {k: v for k, v in kwargs.items() if k == DTYPE_KEYWORD}
+    if gguf_files.is_gguf(path):
+        own["quantization_config"] = _gguf_config(path, own.get(DTYPE_KEYWORD))
+    transformer = model_cls.from_single_file(path, config=str(rest), subfolder="transformer",
+                                             local_files_only=True, **own)
+    return cls.from_pretrained(rest, transformer=transformer, local_files_only=True, **kwargs)
 
 
-def read_gguf_base(gguf_path: str, rest: str, cls, dtype):
-    """The ``cls`` pipeline with its transformer read from a GGUF file, the other
-    components from the diffusers folder ``rest``; ModelMissing when ``gguf`` is missing."""
+def _gguf_config(path: str, dtype):
+    """diffusers' GGUF reading (weights dequantized per layer in ``dtype``); ModelMissing
+    when the gguf package is missing."""
     from diffusers import GGUFQuantizationConfig
-    from diffusers.utils import is_gguf_available
 
-    if not is_gguf_available():
-        raise ModelMissing(f"Reading the GGUF file {Path(gguf_path).name!r} needs the gguf "
-                           f"package: pip install \"controlcanvas[quant]\".", field="base_model")
-    transformer_cls = cls._get_signature_types()["transformer"][0] \
-        if hasattr(cls, "_get_signature_types") else None
-    if transformer_cls is None:
-        raise ModelMissing(f"{cls.__name__} has no transformer to read from a GGUF file.",
+    if not gguf_files.available():
+        raise ModelMissing(f"The GGUF file {Path(path).name!r} {gguf_files.MISSING_GGUF}.",
                            field="base_model")
-    transformer = transformer_cls.from_single_file(
-        gguf_path, config=rest, subfolder="transformer", local_files_only=_local_only(),
-        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), **dtype_kwargs(dtype))
-    return cls.from_pretrained(rest, transformer=transformer, local_files_only=True,
-                               **dtype_kwargs(dtype))
+    return GGUFQuantizationConfig(compute_dtype=dtype)
+
+
+def pipeline_quantization(quantize: Quantize, cls, dtype):
+    """diffusers' PipelineQuantizationConfig for ``quantize`` on ``cls``'s denoiser (its
+    transformer, else its UNet): bitsandbytes NF4 / 8-bit, or torchao float8 weight-only."""
+    from diffusers import PipelineQuantizationConfig
+
+    signature = cls._get_signature_types() if hasattr(cls, "_get_signature_types") else {}
+    component = denoiser("transformer" in signature)
+    if quantize.setting == "fp8":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        config = TorchAoConfig(Float8WeightOnlyConfig())
+    else:
+        from diffusers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=dtype) \
+            if quantize.setting == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
+    return PipelineQuantizationConfig(quant_mapping={component: config})
+
+
+def pipe_from_pipe(cls, pipe, dtype, **kwargs):
+    """``cls.from_pipe(pipe)`` sharing its models.  from_pipe casts the shared modules to
+    its dtype (default fp32: ours is passed), which a quantized model (GGUF, torchao)
+    refuses: those join the new pipeline after the cast, as they are."""
+    quantized = {name: module for name, module in pipe.components.items()
+                 if getattr(module, "is_quantized", False) and name not in kwargs}
+    out = cls.from_pipe(pipe, **dict.fromkeys(quantized), **kwargs, **dtype_kwargs(dtype))
+    if quantized:
+        out.register_modules(**quantized)
+    return out
 
 
 def read_controlnet(resolved: Resolved, dtype, catalogue: Catalogue):
