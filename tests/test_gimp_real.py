@@ -299,6 +299,7 @@ def test_every_procedure_is_in_filters_controlnet(gimp):
         PREFIX + "pose-from-photo": "Pose from photo…",
         PREFIX + "settings": "Settings / connection test…",
         PREFIX + "repeat-last": "Repeat last",
+        PREFIX + "edit": "Edit with instruction…",
     }
     for name, p in procs.items():
         assert p["menu_paths"] == ["<Image>/Filters/ControlNet"], name
