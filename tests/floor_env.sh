@@ -29,5 +29,11 @@ export PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}"
 "$PYBIN" -c "import diffusers, sys
 assert diffusers.__version__ == '$FLOOR', diffusers.__version__
 print('floor tier: diffusers', diffusers.__version__, 'from', diffusers.__file__)"
-read -r -a TESTS <<< "${FLOOR_TESTS:-tests/test_engine_diffusers.py tests/test_engine_families.py tests/test_models.py tests/test_gpu_fastpath.py tests/test_lora.py tests/test_live_engine.py}"
+# the engine's tests, every family's, edit mode's and the adapters' (all run on the floor)
+ENGINE_TESTS="tests/test_engine_diffusers.py tests/test_engine_families.py tests/test_models.py
+tests/test_gpu_fastpath.py tests/test_lora.py tests/test_live_engine.py tests/test_family_flux.py
+tests/test_family_zimage.py tests/test_family_qwen.py tests/test_family_klein.py
+tests/test_edit_mode.py tests/test_edit_qwen.py tests/test_t2i_adapter.py tests/test_ipadapter.py
+tests/test_ipadapter_flux.py tests/test_gguf.py tests/test_fit.py"
+read -r -d '' -a TESTS <<< "${FLOOR_TESTS:-$ENGINE_TESTS}" || true
 HF_HUB_OFFLINE=1 exec "$PYBIN" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"
