@@ -111,17 +111,20 @@ def test_a_reference_layer_with_the_tiny_engine(tiny_root, host):
     with_photo(host)
     try:
         with ServerThread(engine, ServerConfig(port=0), token=TOKEN) as tiny:
-            def picture(**kw):
+            def picture(base="tiny-sd15", **kw):
                 outcome = actions.run(spec("generate"), host, values(
-                    tiny, steps=3, seed=3, **{"base-model": "tiny-sd15"}, **kw))
+                    tiny, steps=3, seed=3, **{"base-model": base}, **kw))
                 return outcome.layer.image
 
             plain = picture()
             ref = picture(**{"reference-layer": "photo", "reference-weight": 1.0})
             zero = picture(**{"reference-layer": "photo", "reference-weight": 0.0})
             assert ref != plain and zero == plain
-            with pytest.raises(actions.Failed) as info:
-                picture(**{"reference-layer": "photo", "reference-mode": "face"})
-            assert "no face IP-Adapter" in info.value.message
+            # face mode: the tiny face adapter (another adapter: another picture)
+            face = picture(**{"reference-layer": "photo", "reference-mode": "face"})
+            assert face not in (plain, ref)
+            with pytest.raises(actions.Failed) as info:  # Flux.1 references: mode reference
+                picture("tiny-flux", **{"reference-layer": "photo", "reference-mode": "face"})
+            assert "run in mode 'reference' only" in info.value.message
     finally:
         engine.close()

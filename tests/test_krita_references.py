@@ -150,9 +150,12 @@ def test_a_reference_layer_with_the_tiny_engine(make_server, tiny_root, controll
         ref = picture(ReferenceSettings(uid(photo), 1.0))
         zero = picture(ReferenceSettings(uid(photo), 0.0))
         assert ref != plain and zero == plain
+        face = picture(ReferenceSettings(uid(photo), 1.0, "face"))  # the tiny face adapter
+        assert face not in (plain, ref)
+        c.settings.base_model = "tiny-flux"  # Flux.1 references run in mode reference only
         c.settings.references = [ReferenceSettings(uid(photo), 1.0, "face")]
         assert c.generate() is not None
         assert c.run_until_idle(60)
-        assert "no face IP-Adapter" in c.message
+        assert c.level == "error" and "run in mode 'reference' only" in c.message, c.message
     finally:
         engine.close()
