@@ -195,6 +195,19 @@ def test_models_list_offline(tmp_path):
                                   CONTROLCANVAS_CONFIG_DIR=str(tmp_path)))
     assert out.returncode == 0
     assert "tiny-sd15" in out.stdout and "controlcanvas models download" in out.stdout
+    lines = out.stdout.splitlines()
+
+    def entry(name):  # the model's line and the lines below it (up to the next model)
+        i = next(k for k, line in enumerate(lines) if f" {name}  (" in line)
+        return [lines[i]] + [line for line in lines[i + 1:i + 3] if line.startswith(" ")]
+
+    kontext = entry("black-forest-labs/FLUX.1-Kontext-dev")
+    assert "base (edit)" in kontext[0] and not any("controls:" in x for x in kontext)
+    klein = entry("black-forest-labs/FLUX.2-klein-4B")  # generates (control emulated), edits
+    assert "base (edit)" in klein[0] and any("controls:" in x for x in klein)
+    # a ControlNet serving several conditions is not called a union model unless it is one
+    sd3_canny = entry("stabilityai/stable-diffusion-3.5-large-controlnet-canny")
+    assert "union" not in sd3_canny[0] and "serves:" in sd3_canny[1]
 
 
 def test_models_download_offline_says_so(tmp_path):

@@ -26,7 +26,7 @@ from shared.errors import ConfigError, ControlCanvasError, LimitError
 
 from ..bench import main as bench
 from ..engines.base import engine_info, info_line
-from ..engines.catalogue import Catalogue, ModelConfig, download_command
+from ..engines.catalogue import EDIT_FAMILIES, Catalogue, ModelConfig, download_command
 from ..engines.factory import ENGINES, create_engine
 from ..imaging import load_input_image, size_problem
 from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
@@ -359,13 +359,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         if entry.name in sizes:
             where += f"; {sizes[entry.name]}"
         served = entry.conditions or tuple(c for c in entry.condition.split(",") if c)
-        union = len(served) > 1 and entry.kind == "controlnet"
-        what = f"{entry.kind} union" if union else \
-            entry.kind if not entry.condition else f"{entry.kind} {entry.condition}"
-        print(f"{'✓' if entry.present else '✗'} {entry.family:5} {what:22} {entry.name}  "
+        several = len(served) > 1 and entry.kind == "controlnet"  # a union or shared model
+        what = "base (edit)" if entry.edit else entry.kind if several or not entry.condition \
+            else f"{entry.kind} {entry.condition}"
+        print(f"{'✓' if entry.present else '✗'} {entry.family:6} {what:22} {entry.name}  "
               f"({where})")
-        if entry.kind == "base" and served or union:
-            print(f"{'':30}{'serves' if union else 'controls'}: {_conditions_text(served)}")
+        edit_only = entry.edit and entry.family not in EDIT_FAMILIES  # Kontext, Qwen-Image-Edit
+        if entry.kind == "base" and served and not edit_only or several:
+            print(f"{'':31}{'serves' if several else 'controls'}: {_conditions_text(served)}")
+        if entry.edit:
+            print(f"{'':31}edit mode: an instruction applied to a layer, with references")
     if not args.sizes and any(not e.present and e.source == "hub" for e in entries):
         print("Download sizes: `controlcanvas models --sizes` asks the hub.")
     if unreachable:

@@ -121,6 +121,7 @@ TINY_EDIT_BASES = {*TINY_EDIT, "tiny-klein"}
 EDIT_BASES: Dict[str, str] = {"flux": "black-forest-labs/FLUX.1-Kontext-dev",
                               "qwen": "Qwen/Qwen-Image-Edit-2509"}
 EDIT_BASES["klein"] = DEFAULT_BASES["klein"]  # Klein generates and edits: one model
+EDIT_FAMILIES = {"klein"}  # every base of these families edits (Flux2KleinPipeline)
 # Larger variants listed beside a family's default base (Klein 9B: non-commercial).
 MORE_BASES: Dict[str, str] = {"black-forest-labs/FLUX.2-klein-9B": "klein"}
 DEMO_BASE = "shapes-demo"
@@ -690,7 +691,8 @@ class Catalogue:
                 present, source, found = True, _describe_source(resolved), resolved.family
                 edit = resolved.edit
             except ModelMissing:
-                present, edit = False, kind == "base" and name in EDIT_BASES.values()
+                present = False
+                edit = kind == "base" and (name in EDIT_BASES.values() or found in EDIT_FAMILIES)
                 source = "hub" if _HUB_ID.match(name) and not Path(name).exists() else "local"
             except UnsupportedFamily as err:
                 present, source, edit = False, f"not runnable: {err.message}", False
