@@ -272,7 +272,21 @@ def edit_flow(work, url):
     from controlcanvas.canvas import _uid
     from controlcanvas.settings import EditSettings
     doc, lines, ref, before, old = edit_document(work)
-    c = controller_for(doc, url)
+    # Krita has an active node only in a view (Document.activeNode asks the views) and
+    # kritarunner has none (opening a window there crashes Krita 5.1): here the canvas says
+    # the line art is the selected layer; the GUI run (gui_edit) reads Krita's own.
+    import dataclasses
+    from controlcanvas.canvas import KritaCanvas
+    from controlcanvas.controller import Controller
+    from controlcanvas.settings import Settings
+
+    class LinesSelected(KritaCanvas):
+        def info(self):
+            return dataclasses.replace(super().info(), active_id=_uid(lines))
+
+    c = Controller(lambda: LinesSelected(doc), settings=Settings(url=url, token=""))
+    c.connect()
+    c.wait_online(30)
     c.settings.edit = EditSettings(EDIT_INSTRUCTION, "", 3, 2.5, [_uid(ref)])
     c.settings.seed, c.settings.seed_locked = 2323, True
     started = c.edit() is not None
