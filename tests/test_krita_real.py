@@ -467,8 +467,21 @@ def test_docker_undo_and_pose_in_the_gui(krita_env):
         shutil.copy(png, ROOT / "docs" / "img" / docs_name[env["suite"]])
     print(f"GUI tier: {seconds:.1f} s")
     check_gui_artist(env, found["gui_artist"])
-    gui_edit = found["gui_edit"]  # the docker's Edit section, then one Krita Undo
+    check_gui_edit(env, found["gui_edit"])
+
+
+def check_gui_edit(env, gui_edit):
+    """Issue 23 through the docker's Edit section (instruction, the first reference picker,
+    Edit layer), then one Krita Undo removes the new layer."""
     assert gui_edit["online"], gui_edit
+    if not gui_edit["settled"]:
+        # Krita 5.2 under Xvfb (no window manager) reports no active node for a script-made
+        # view (see check_gui_artist): Edit then says what to do, and sends nothing
+        assert env["krita"] == "5.2", gui_edit
+        assert gui_edit["message"].startswith("Select the layer to edit first"), gui_edit
+        assert gui_edit["tree"] == ["Background", "lineart", "reference photo"], gui_edit
+        assert not [call for call in env["editor"][1].calls if call[0].seed == 2424]
+        return
     check_edit(env, gui_edit, "gui_edit", 2424)
     assert gui_edit["after_one_undo"] == ["Background", "lineart", "reference photo"], gui_edit
     assert gui_edit["looks_undone"], "one undo: the composite as before"

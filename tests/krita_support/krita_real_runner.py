@@ -523,10 +523,10 @@ def gui_edit(panel, window, work, url):
                              for n in doc.rootNode().childNodes())
                  and not panel.controller.busy, 120)
     out = edit_result(doc, work, "gui_edit", before, old)
-    _undo(doc)
-    out.update(online=online, settled=settled, done=done, message=panel.message.text(),
-               after_one_undo=tree(doc.rootNode()),
-               looks_undone=looks(doc) == before)
+    out.update(online=online, settled=settled, done=done, message=panel.message.text())
+    if out["result"] is not None:
+        _undo(doc)
+        out.update(after_one_undo=tree(doc.rootNode()), looks_undone=looks(doc) == before)
     doc.setModified(False)
     return out
 
