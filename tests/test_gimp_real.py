@@ -44,6 +44,7 @@ from tests.editor_jail import editor_root, jail, unavailable  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from gimp_support.packaging_build import load_build  # noqa: E402
 from shared import pose as openpose  # noqa: E402
+from shared.geometry import NATIVE_SIDE  # noqa: E402
 from shared.images import Image  # noqa: E402
 from shared.messages import ControlUnit, GenerateRequest  # noqa: E402
 
@@ -145,7 +146,11 @@ def edit_cases(edit_url: str, reference_png: str):
              "reference": dict(REFERENCE, png=reference_png),
              "args": {"server-url": edit_url, "prompt": INSTRUCTION, "steps": 3,
                       "seed": EDIT_SEED, "size": "layer", "base-model": "",
-                      "reference-layers": REFERENCE["name"]}}]
+                      "reference-layers": REFERENCE["name"]}},
+            # the dialog's defaults (Work at: the model's size, blank Edit model), 1 step
+            {"id": "edit-defaults", "proc": PREFIX + "edit",
+             "args": {"server-url": edit_url, "prompt": INSTRUCTION, "steps": 1,
+                      "seed": EDIT_SEED + 1}}]
 
 
 def cases(server_url: str, down_url: str, pose_url: str):
@@ -624,7 +629,8 @@ def test_edit_with_a_selection_and_a_reference_layer(gimp):
     assert c["returned"] == {"seed": EDIT_SEED, "layer": name}
     assert c["old_layers_unchanged"] == {REFERENCE["name"]: True, "lines": True,
                                          "paper": True}
-    (request, images, pictures), = gimp.edit_calls
+    (request, images, pictures), = [call for call in gimp.edit_calls
+                                    if call[0].seed == EDIT_SEED]
     assert (request.mode, request.prompt, request.base_model, request.seed) == \
         ("edit", INSTRUCTION, "", EDIT_SEED)
     assert (request.width, request.height) == SIZE and images[request.init_image] == gimp.source
@@ -645,6 +651,23 @@ def test_edit_with_a_selection_and_a_reference_layer(gimp):
     changed = {(x, y) for x in range(CANVAS[0]) for y in range(CANVAS[1])
                if before.pixel(x, y) != after.pixel(x, y)}
     assert changed and changed <= selected, "outside the selection: bit-identical"
+
+
+def test_edit_with_the_dialogs_defaults_works_at_the_edit_models_size(gimp):
+    """Work at 'model' with a blank Edit model: the size of the server's edit model (tiny
+    FLUX.1 Kontext: Flux's 1024 px area), not of its default base (SD 1.5's 512 px); the
+    result is scaled back onto the layer."""
+    c = gimp.case("edit-defaults")
+    assert c["status"] == "success", c.get("error")
+    name = f"{INSTRUCTION} · seed {EDIT_SEED + 1}"
+    assert names(c["layers"]) == [name, "lines", "paper"]
+    new = c["layers"][0]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    (request, _, _), = [call for call in gimp.edit_calls if call[0].seed == EDIT_SEED + 1]
+    from controlcanvas_gimp import generation
+    assert (request.width, request.height) == generation.generation_size(
+        *SIZE, "model", NATIVE_SIDE["flux"])
+    assert request.mask_image is None and request.edit_references == ()
 
 
 # -- the GUI: GIMP's dialog, OK, one undo step ---------------------------------------------------
