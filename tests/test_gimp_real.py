@@ -10,7 +10,10 @@ GIMP ended up with.  The tests below assert on that record: pixels equal to what
 FakeEngine makes for the same request, offsets, stacking, paths, messages.  Two more cases
 run issue 15's flow against a second server, the tiny diffusers engine over
 tests/artist_stack.py (an SDXL single file, the union ControlNet, a LoRA, the IP-Adapter),
-with a hidden layer of the image as the style reference.
+with a hidden layer of the image as the style reference; and issue 23's Edit with
+instruction against a third, the tiny engine whose blank edit model is tiny FLUX.1 Kontext
+(tests/artist_stack.start_edit_server): a selection and that hidden reference layer, then
+the dialog's defaults.
 
 Every GIMP run goes through tests/editors/jail.sh (bubblewrap: nothing is mounted on the
 host). Skips (with the reason) only where the chroot cannot be built or used: not Linux,

@@ -10,6 +10,9 @@ bookworm, trixie, sid and experimental (chroots, see tests/editors/setup_krita.s
   base, the union ControlNet, a style LoRA, the SDXL IP-Adapter): through the controller
   (kritarunner) and through the docker's Model list, + LoRA and + Reference rows (GUI),
   with what Krita keeps of those settings;
+* issue 23's Edit on the tiny engine's built-in edit model (tiny FLUX.1 Kontext): a
+  rectangular selection of the line art and a hidden reference layer, through the
+  controller (kritarunner) and through the docker's Edit section + one Krita Undo (GUI);
 * the full Krita under Xvfb: the real docker's buttons, then one ``edit_undo``
   removes the result (and a whole batch group) in one step; a pose skeleton as an
   editable vector layer; a screenshot of the window (docs/img/krita-real.png).
