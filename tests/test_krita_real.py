@@ -246,8 +246,8 @@ def krita_env(request, krita_zip, tmp_path_factory, artist_server, edit_server):
     token_file.chmod(0o600)
     artist_server[1].calls.clear()
     edit_server[1].calls.clear()
-    env = dict(artist=artist_server, editor=edit_server, suite=suite, krita=SUITES[suite][0], qt=SUITES[suite][1],
-               root=root, home=HOME_REL, rel=rel, work=work, server=server, engine=engine,
+    env = dict(artist=artist_server, editor=edit_server, suite=suite, krita=SUITES[suite][0],
+               qt=SUITES[suite][1], root=root, home=HOME_REL, rel=rel, work=work, server=server, engine=engine,
                install_seconds=round(time.monotonic() - t0, 2))
     try:
         yield env
