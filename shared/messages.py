@@ -781,15 +781,18 @@ class Status(Message):
 @_message
 class Models(Message):
     """``loras`` (added within protocol 1): the server's LoRA folder; ``presets`` (added
-    within protocol 1): its few-step presets; each left out of the JSON when empty (a
-    plug-in older than the client's forward compatibility then still reads the message)."""
+    within protocol 1): its few-step presets; ``default_edit_base`` (added within protocol
+    1): the base an edit request naming none runs on (the server's edit model); each left
+    out of the JSON when empty (a plug-in older than the client's forward compatibility then
+    still reads the message)."""
     TYPE: ClassVar[str] = "models"
-    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "presets")
+    OMIT_WHEN_EMPTY: ClassVar[Tuple[str, ...]] = ("loras", "presets", "default_edit_base")
     models: Tuple[ModelInfo, ...] = ()
     annotators: Tuple[AnnotatorInfo, ...] = ()
     default_base: str = ""
     loras: Tuple[LoraInfo, ...] = ()
     presets: Tuple[PresetInfo, ...] = ()
+    default_edit_base: str = ""
 
 
 CLIENT_MESSAGES: Dict[str, type] = {m.TYPE: m for m in (

@@ -16,6 +16,11 @@ by the tiny diffusers engine exactly as a user's server would find them.
 :func:`start_server` runs the server with that config on 127.0.0.1 (port 0) and a
 :class:`RecordingEngine` around the engine: each request, its images and its pictures,
 so a test can check what the plug-in really sent and got back.
+
+Issue 23's Edit mode has a server of its own, :func:`start_edit_server`: the tiny engine
+with a built-in default base (``tiny-sd15``), so an edit that names no model runs on the
+built-in edit model, the tiny FLUX.1 Kontext stack (``tiny-flux-kontext``) - what a user's
+demo server does.
 """
 
 from __future__ import annotations
@@ -97,6 +102,30 @@ def start_server(where: Path, token: str = ""):
     config = build(where)
     engine = RecordingEngine(DiffusersEngine.from_options({"device": "cpu"},
                                                           config_file=config))
+    extra = {"token": token} if token else {}
+    return ServerThread(engine, ServerConfig(port=0), **extra).start(), engine
+
+
+def start_edit_server(where: Path, token: str = ""):
+    """(server thread, recording engine): the tiny engine with a built-in default base, whose
+    edit model (a blank Edit model) is the tiny FLUX.1 Kontext stack, built here up front."""
+    from backend.engines import tiny_kontext
+    from backend.engines.diffusers.engine import DiffusersEngine
+    from backend.server.config import ServerConfig
+    from backend.server.local import ServerThread
+
+    tiny_root = where / "tiny"
+    tiny_kontext.ensure_kontext(tiny_root)
+    config = where / "config.toml"
+    config.write_text(f"""
+[models]
+base = "tiny-sd15"
+cache_dir = "{(where / 'hf').as_posix()}"
+tiny_root = "{tiny_root.as_posix()}"
+""", encoding="utf-8")
+    engine = RecordingEngine(DiffusersEngine.from_options({"device": "cpu"},
+                                                          config_file=config))
+    assert engine.catalogue.edit_base("") == tiny_kontext.NAME, "the edit model a blank picks"
     extra = {"token": token} if token else {}
     return ServerThread(engine, ServerConfig(port=0), **extra).start(), engine
 

@@ -125,6 +125,8 @@ def test_a_blank_edit_model_is_the_servers_edit_model(root, engine):
                                                          roots=(str(root),))), device="cpu")
     try:
         assert tiny_default.catalogue.edit_base("") == tiny_kontext.NAME
+        # ... and says so to the plug-ins (GIMP sizes a blank-model edit for it)
+        assert tiny_default.catalogue.models_message().default_edit_base == tiny_kontext.NAME
         assert np.array_equal(run(tiny_default, edit(base_model="")), run(engine, edit()))
     finally:
         tiny_default.close()

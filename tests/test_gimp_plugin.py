@@ -703,6 +703,25 @@ def test_edit_within_a_selection_changes_only_the_selected_pixels(server, tmp_pa
     assert seen(host, 105, 95) != before[(105, 95)]
 
 
+def test_a_blank_edit_model_sizes_the_edit_for_the_servers_edit_model():
+    """'Work at: model' with a blank Edit model: the size the server's edit model works at
+    (FLUX.1 Kontext: 1024 px), not its default base's (SD 1.5: 512 px), which the real GIMP
+    run with the dialog's defaults sent."""
+    models = Models(models=(ModelInfo(name="v15", kind="base", family="sd15", present=True),
+                            ModelInfo(name="kontext", kind="base", family="flux", present=True,
+                                      edit=True)),
+                    default_base="v15", default_edit_base="kontext")
+    edit_values = {"base-model": "", "size": "model", "prompt": "make it red", "steps": 4,
+                   "cfg": 2.5, "batch": 1}
+    request = generation.build_edit_request(edit_values, 64, 64, seed=1, masked=False,
+                                            reference_slots=(), models=models)
+    assert (request.width, request.height, request.base_model) == (1024, 1024, "")
+    older = Models(models=models.models, default_base="v15")  # a server that does not say
+    request = generation.build_edit_request(edit_values, 64, 64, seed=1, masked=False,
+                                            reference_slots=(), models=older)
+    assert (request.width, request.height) == (512, 512)
+
+
 @pytest.mark.parametrize("refs, words", [("paper, lines, paper, lines", "at most 3"),
                                          ("sky", "no layer called 'sky'")])
 def test_edit_reference_layer_mistakes_say_what_to_do(server, host, refs, words):

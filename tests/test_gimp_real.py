@@ -10,7 +10,10 @@ GIMP ended up with.  The tests below assert on that record: pixels equal to what
 FakeEngine makes for the same request, offsets, stacking, paths, messages.  Two more cases
 run issue 15's flow against a second server, the tiny diffusers engine over
 tests/artist_stack.py (an SDXL single file, the union ControlNet, a LoRA, the IP-Adapter),
-with a hidden layer of the image as the style reference.
+with a hidden layer of the image as the style reference; and issue 23's Edit with
+instruction against a third, the tiny engine whose blank edit model is tiny FLUX.1 Kontext
+(tests/artist_stack.start_edit_server): a selection and that hidden reference layer, then
+the dialog's defaults.
 
 Every GIMP run goes through tests/editors/jail.sh (bubblewrap: nothing is mounted on the
 host). Skips (with the reason) only where the chroot cannot be built or used: not Linux,
@@ -44,6 +47,7 @@ from tests.editor_jail import editor_root, jail, unavailable  # noqa: E402
 from gimp_support import expect  # noqa: E402
 from gimp_support.packaging_build import load_build  # noqa: E402
 from shared import pose as openpose  # noqa: E402
+from shared.geometry import NATIVE_SIDE  # noqa: E402
 from shared.images import Image  # noqa: E402
 from shared.messages import ControlUnit, GenerateRequest  # noqa: E402
 
@@ -133,6 +137,25 @@ def artist_cases(artist_url: str, reference_png: str):
     ]
 
 
+# Issue 23's Edit mode: an instruction for the selected part of the layer, with the hidden
+# reference layer of the issue-15 flow, on the tiny engine's built-in edit model (blank Edit
+# model: the tiny FLUX.1 Kontext stack, tests/artist_stack.start_edit_server).
+EDIT_SEED = 2323
+INSTRUCTION = "make the coat red like the sunset"
+
+
+def edit_cases(edit_url: str, reference_png: str):
+    return [{"id": "edit", "proc": PREFIX + "edit", "select": list(SELECTED),
+             "reference": dict(REFERENCE, png=reference_png),
+             "args": {"server-url": edit_url, "prompt": INSTRUCTION, "steps": 3,
+                      "seed": EDIT_SEED, "size": "layer", "base-model": "",
+                      "reference-layers": REFERENCE["name"]}},
+            # the dialog's defaults (Work at: the model's size, blank Edit model), 1 step
+            {"id": "edit-defaults", "proc": PREFIX + "edit",
+             "args": {"server-url": edit_url, "prompt": INSTRUCTION, "steps": 1,
+                      "seed": EDIT_SEED + 1}}]
+
+
 def cases(server_url: str, down_url: str, pose_url: str):
     base = {"server-url": server_url, "prompt": PROMPT, "steps": 8, "size": "layer"}
 
@@ -165,7 +188,9 @@ def cases(server_url: str, down_url: str, pose_url: str):
 
 class GimpRun:
     def __init__(self, results: dict, work: Path, stderr: str, returncode: int,
-                 source: Image, settings_saved: str, artist_calls: list) -> None:
+                 source: Image, settings_saved: str, artist_calls: list,
+                 edit_calls: list) -> None:
+        self.edit_calls = edit_calls  # (request, images, pictures) the edit server ran
         self.artist_calls = artist_calls  # (request, images, pictures) the artist server ran
         self.results = results
         self.work = work
@@ -196,8 +221,18 @@ def artist_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def edit_server(tmp_path_factory):
+    """The tiny engine whose blank edit model is tiny FLUX.1 Kontext, token TOKEN."""
+    server, engine = artist_stack.start_edit_server(tmp_path_factory.mktemp("edit"), TOKEN)
+    try:
+        yield server, engine
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module", params=sorted(SUITES))
-def gimp(request, tmp_path_factory, artist_server):
+def gimp(request, tmp_path_factory, artist_server, edit_server):
     root = chroot_root(request.param)
     build = load_build()
     out = tmp_path_factory.mktemp("bundle")
@@ -231,6 +266,8 @@ def gimp(request, tmp_path_factory, artist_server):
             artist_stack.reference_png(work / "reference.png", *REFERENCE_SIZE)
             artist, artist_engine = artist_server
             artist_engine.calls.clear()
+            editor, edit_engine = edit_server
+            edit_engine.calls.clear()
             shutil.copy(BATCH, work / "gimp_batch.py")
             with ServerThread(expect.NoPoseEngine(), ServerConfig(port=0),
                               token=TOKEN) as server, \
@@ -239,7 +276,8 @@ def gimp(request, tmp_path_factory, artist_server):
                           "offsets": list(OFFSETS), "canvas": list(CANVAS),
                           "cases": cases(server.url, f"ws://127.0.0.1:{free_port()}",
                                          poser.url)
-                          + artist_cases(artist.url, f"{inside}/reference.png")}
+                          + artist_cases(artist.url, f"{inside}/reference.png")
+                          + edit_cases(editor.url, f"{inside}/reference.png")}
                 (work / "params.json").write_text(json.dumps(params))
                 command = (f"p='{inside}/gimp_batch.py'; exec(compile(open(p).read(), p, "
                            f"'exec'), {{'PARAMS': '{inside}/params.json'}})")
@@ -253,7 +291,8 @@ def gimp(request, tmp_path_factory, artist_server):
                                           f"{done.stderr[-3000:]}"
             saved = saved_settings.read_text() if saved_settings.exists() else ""
             yield GimpRun(json.loads(results_file.read_text()), work, done.stderr,
-                          done.returncode, source, saved, list(artist_engine.calls))
+                          done.returncode, source, saved, list(artist_engine.calls),
+                          list(edit_engine.calls))
         finally:
             saved_settings.unlink(missing_ok=True)
             shutil.rmtree(plugin, ignore_errors=True)
@@ -573,6 +612,65 @@ def test_artist_flow_lora_and_reference_change_the_result(gimp):
     assert request.base_model == artist_stack.BASE_NAME and request.seed == ARTIST_SEED
     plain = gimp.layer_image(c["layers"][1])
     assert plain.size == with_them.size and plain != with_them
+
+
+# -- issue 23: Edit with instruction ------------------------------------------------------------
+
+def test_edit_with_a_selection_and_a_reference_layer(gimp):
+    """Issue 23's Edit action in GIMP: an instruction for the selected part of the layer,
+    with a hidden reference layer (in a group), on the server's built-in edit model (blank
+    Edit model): one new layer above the source, at its place and size, masked by the
+    selection; the server got the edit, the instruction, the reference and the mask; outside
+    the selection the image is bit-identical."""
+    c = gimp.case("edit")
+    assert c["status"] == "success", c.get("error")
+    name = f"{INSTRUCTION} · seed {EDIT_SEED}"
+    assert names(c["layers"]) == [REFERENCE["group"], name, "lines", "paper"]
+    assert names(c["layers"][0]["children"]) == [REFERENCE["name"]]
+    new = c["layers"][1]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    assert c["returned"] == {"seed": EDIT_SEED, "layer": name}
+    assert c["old_layers_unchanged"] == {REFERENCE["name"]: True, "lines": True,
+                                         "paper": True}
+    (request, images, pictures), = [call for call in gimp.edit_calls
+                                    if call[0].seed == EDIT_SEED]
+    assert (request.mode, request.prompt, request.base_model, request.seed) == \
+        ("edit", INSTRUCTION, "", EDIT_SEED)
+    assert (request.width, request.height) == SIZE and images[request.init_image] == gimp.source
+    sx, sy, sw, sh = SELECTED[0] - OFFSETS[0], SELECTED[1] - OFFSETS[1], *SELECTED[2:]
+    inside = {(x, y) for x in range(sx, sx + sw) for y in range(sy, sy + sh)}
+    sent_mask = images[request.mask_image]
+    assert all((sent_mask.pixel(x, y)[0] == 255) == ((x, y) in inside)
+               for x in range(SIZE[0]) for y in range(SIZE[1])), "the mask: the selection"
+    (ref,) = request.edit_references
+    assert (images[ref].width, images[ref].height) == (512, 336), "the reference, whole"
+    mask = (gimp.work / new["mask"]).read_bytes()
+    assert all(mask[y * SIZE[0] + x] == (255 if (x, y) in inside else 0)
+               for x in range(SIZE[0]) for y in range(SIZE[1])), "the layer mask: the selection"
+    assert gimp.layer_image(new) == pictures[0].image, "the edit model's pixels"
+    before = gimp.pixels(c["looks_before"], *CANVAS)
+    after = gimp.pixels(c["looks_after"], *CANVAS)
+    selected = {(x + OFFSETS[0], y + OFFSETS[1]) for x, y in inside}
+    changed = {(x, y) for x in range(CANVAS[0]) for y in range(CANVAS[1])
+               if before.pixel(x, y) != after.pixel(x, y)}
+    assert changed and changed <= selected, "outside the selection: bit-identical"
+
+
+def test_edit_with_the_dialogs_defaults_works_at_the_edit_models_size(gimp):
+    """Work at 'model' with a blank Edit model: the size of the server's edit model (tiny
+    FLUX.1 Kontext: Flux's 1024 px area), not of its default base (SD 1.5's 512 px); the
+    result is scaled back onto the layer."""
+    c = gimp.case("edit-defaults")
+    assert c["status"] == "success", c.get("error")
+    name = f"{INSTRUCTION} · seed {EDIT_SEED + 1}"
+    assert names(c["layers"]) == [name, "lines", "paper"]
+    new = c["layers"][0]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    (request, _, _), = [call for call in gimp.edit_calls if call[0].seed == EDIT_SEED + 1]
+    from controlcanvas_gimp import generation
+    assert (request.width, request.height) == generation.generation_size(
+        *SIZE, "model", NATIVE_SIDE["flux"])
+    assert request.mask_image is None and request.edit_references == ()
 
 
 # -- the GUI: GIMP's dialog, OK, one undo step ---------------------------------------------------

@@ -768,7 +768,8 @@ class Catalogue:
     def models_message(self, annotators: Tuple[AnnotatorInfo, ...] = ()) -> Models:
         loras = self.loras.infos()
         return Models(models=tuple(self.entries()), annotators=annotators,
-                      default_base=self.default_base, loras=loras,
+                      default_base=self.default_base, default_edit_base=self.edit_base(),
+                      loras=loras,
                       presets=few_step.infos([lora.name for lora in loras],
                                              lambda hub: self.cached_snapshot(hub, "base")))
 

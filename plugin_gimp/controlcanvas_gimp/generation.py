@@ -225,7 +225,10 @@ def build_edit_request(values: Mapping[str, Any], width: int, height: int, *, se
     ``height``: its pixels in slot 0, the selection mask in slot 1 when ``masked``, the
     reference layers' pictures in ``reference_slots``."""
     base = values["base-model"].strip()
-    w, h = generation_size(width, height, values["size"], native_side(models, base), limits)
+    # a blank Edit model: the server's edit model does the work (sized for it, not for
+    # the default base; an older server does not say, and its default base is used)
+    runs_on = base or (models.default_edit_base if models is not None else "")
+    w, h = generation_size(width, height, values["size"], native_side(models, runs_on), limits)
     prompt = values["prompt"].strip()
     if not prompt:
         raise UsageError("Type the instruction first: what to change, in words (for example "

@@ -219,6 +219,86 @@ def artist_flow(work, url):
     return out
 
 
+EDIT_INSTRUCTION = "make the coat red like the sunset"
+EDIT_BOX = (30, 20, 24, 16)  # the selection: x, y, width, height
+
+
+def edit_document(work):
+    """Issue 23's set-up: the artist's document, the hidden reference layer, a rectangular
+    selection on the line art; (doc, lines, ref, the composite before, the layers' dumps)."""
+    from krita import Selection
+    doc, lines = artist_document(os.path.join(work, "lineart.png"))
+    ref = add_reference_layer(doc, lines, work)
+    old = {n.name(): dump(n, doc, os.path.join(work, "edit_old.bgra"))
+           for n in doc.rootNode().childNodes()}
+    selection = Selection()
+    selection.select(*EDIT_BOX, 255)
+    doc.setSelection(selection)
+    return doc, lines, ref, looks(doc), old
+
+
+def looks(doc):
+    """The composite Krita shows (the projection), BGRA."""
+    doc.refreshProjection()
+    doc.waitForDone()
+    return bytes(doc.pixelData(0, 0, doc.width(), doc.height()))
+
+
+def edit_result(doc, work, key, looks_before, old):
+    """What an edit left: the tree, the new layer (pixels, bounds), the composite before
+    and after (files), and whether the old layers kept their pixels."""
+    result = next((n for n in doc.rootNode().childNodes()
+                   if n.name().startswith(EDIT_INSTRUCTION)), None)
+    with open(os.path.join(work, key + "_looks_before.bgra"), "wb") as f:
+        f.write(looks_before)
+    with open(os.path.join(work, key + "_looks_after.bgra"), "wb") as f:
+        f.write(looks(doc))
+    out = {"tree": tree(doc.rootNode()), "result": result.name() if result else None,
+           "old_unchanged": {n.name(): dump(n, doc, os.path.join(work, "edit_old.bgra"))
+                             == old[n.name()] for n in doc.rootNode().childNodes()
+                             if n.name() in old}}
+    if result is not None:
+        out["sha"] = dump(result, doc, os.path.join(work, key + ".bgra"))
+        b = result.bounds()
+        out["bounds"] = [b.x(), b.y(), b.width(), b.height()]
+        out["children"] = [n.type() for n in result.childNodes()]
+    return out
+
+
+def edit_flow(work, url):
+    """Issue 23's Edit through the controller (the docker's Edit button's code): the
+    instruction for the selected part of the line art, the hidden reference layer picked,
+    a blank Edit model (the server's built-in one)."""
+    from controlcanvas.canvas import _uid
+    from controlcanvas.settings import EditSettings
+    doc, lines, ref, before, old = edit_document(work)
+    # Krita has an active node only in a view (Document.activeNode asks the views) and
+    # kritarunner has none (opening a window there crashes Krita 5.1): here the canvas says
+    # the line art is the selected layer; the GUI run (gui_edit) reads Krita's own.
+    import dataclasses
+    from controlcanvas.canvas import KritaCanvas
+    from controlcanvas.controller import Controller
+    from controlcanvas.settings import Settings
+
+    class LinesSelected(KritaCanvas):
+        def info(self):
+            return dataclasses.replace(super().info(), active_id=_uid(lines))
+
+    c = Controller(lambda: LinesSelected(doc), settings=Settings(url=url, token=""))
+    c.connect()
+    c.wait_online(30)
+    c.settings.edit = EditSettings(EDIT_INSTRUCTION, "", 3, 2.5, [_uid(ref)])
+    c.settings.seed, c.settings.seed_locked = 2323, True
+    started = c.edit() is not None
+    done = started and c.run_until_idle(120)
+    out = edit_result(doc, work, "edit", before, old)
+    out.update(started=started, done=done, message=c.message, level=c.level,
+               reference_visible=ref.visible())
+    c.shutdown()
+    doc.setModified(False)
+    return out
+
+
 def main(args):
     work, url = args[0], args[1]
     try:
@@ -279,6 +359,10 @@ def main(args):
         # 5. issue 15: single file + union lineart + LoRA + reference layer
         if len(args) > 2:
             say("artist", artist_flow(work, args[2]))
+
+        # 6. issue 23: Edit with a selection and a reference layer
+        if len(args) > 3:
+            say("edit", edit_flow(work, args[3]))
     except Exception:
         say("exception", traceback.format_exc())
     print("CC_END")
@@ -410,6 +494,43 @@ def gui_artist(panel, window, work, url):
     return out
 
 
+def gui_edit(panel, window, work, url):
+    """Issue 23 through the docker's Edit section: the instruction typed, the reference
+    layer picked in the first picker, Edit layer clicked; then one Krita Undo."""
+    for other in Krita.instance().documents():  # one document, one view (see gui_artist)
+        other.setModified(False)
+        other.close()
+    _pump(lambda: False, 0.5)
+    doc, lines, ref, before, old = edit_document(work)
+    window.showView(window.addView(doc))
+    settled = _pump(lambda: (doc.setActiveNode(lines), doc.activeNode())[1] is not None
+                    and doc.activeNode().name() == W_NAME, 10)
+    panel.url.setText(url)
+    panel.on_connect()
+    online = _pump(lambda: panel.controller.online)
+    panel.refresh_layers()
+    edit = panel.edit_panel
+    edit.instruction.setPlainText(EDIT_INSTRUCTION)
+    edit.model.setEditText("")
+    edit.steps.setValue(3)
+    picker = edit.pickers[0]
+    picker.setCurrentIndex(next(i for i in range(picker.count())
+                                if picker.itemText(i).strip() == REFERENCE_NAME))
+    panel.seed.setValue(2424)
+    panel.seed_lock.setChecked(True)
+    edit.edit_button.click()
+    done = _pump(lambda: any(n.name().startswith(EDIT_INSTRUCTION)
+                             for n in doc.rootNode().childNodes())
+                 and not panel.controller.busy, 120)
+    out = edit_result(doc, work, "gui_edit", before, old)
+    out.update(online=online, settled=settled, done=done, message=panel.message.text())
+    if out["result"] is not None:
+        _undo(doc)
+        out.update(after_one_undo=tree(doc.rootNode()), looks_undone=looks(doc) == before)
+    doc.setModified(False)
+    return out
+
+
 def gui_main(work, url, screenshot):
     try:
         app = Krita.instance()
@@ -536,6 +657,8 @@ def gui_main(work, url, screenshot):
             _pump(lambda: False, 0.5)
             say("gui_artist", gui_artist(panel, window, work,
                                          os.environ["CC_DRIVER_ARTIST_URL"]))
+        if os.environ.get("CC_DRIVER_EDIT_URL"):
+            say("gui_edit", gui_edit(panel, window, work, os.environ["CC_DRIVER_EDIT_URL"]))
         panel.controller.shutdown()
     except Exception:
         say("exception", traceback.format_exc())
