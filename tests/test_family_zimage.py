@@ -83,6 +83,16 @@ def test_every_mode_with_and_without_the_union_controlnet(engine, mode, controls
     assert pixels(engine, req).tobytes() == out.tobytes()  # same seed, same pixels
 
 
+def test_a_long_prompt(engine):
+    """The caption's tokens take RoPE positions (one per byte in the tiny tokenizer): a
+    prompt of over 64 tokens generates (the first tiny stack had the real model's 1024 text
+    positions cut to 64, and the real GIMP tier's prompt, in its chat template, broke it)."""
+    prompt = "a girl in a red coat walking through the snow at dusk, watercolour, soft light"
+    assert len(prompt.encode()) > 64
+    out = pixels(engine, request(prompt=prompt, controls=(unit("lineart"),), steps=1))
+    assert out.shape == (H, W, 4) and out[..., :3].std() > 0
+
+
 def test_img2img_with_a_unit_is_a_typed_error_saying_what_works(engine):
     with pytest.raises(Unsupported) as err:
         pixels(engine, request(mode="img2img", controls=(unit("depth"),)))

@@ -153,7 +153,18 @@ def edit_cases(edit_url: str, reference_png: str):
             # the dialog's defaults (Work at: the model's size, blank Edit model), 1 step
             {"id": "edit-defaults", "proc": PREFIX + "edit",
              "args": {"server-url": edit_url, "prompt": INSTRUCTION, "steps": 1,
-                      "seed": EDIT_SEED + 1}}]
+                      "seed": EDIT_SEED + 1}},
+            # issue 23's "done when": Klein edit with a reference layer ...
+            {"id": "edit-klein", "proc": PREFIX + "edit", "select": list(SELECTED),
+             "reference": dict(REFERENCE, png=reference_png),
+             "args": {"server-url": edit_url, "prompt": INSTRUCTION, "steps": 2,
+                      "seed": EDIT_SEED + 2, "size": "layer", "base-model": "tiny-klein",
+                      "reference-layers": REFERENCE["name"]}},
+            # ... and Z-Image with its union ControlNet (the line art as the control)
+            {"id": "zimage", "proc": PREFIX + "generate",
+             "args": {"server-url": edit_url, "prompt": PROMPT, "steps": 3, "size": "layer",
+                      "seed": EDIT_SEED + 3, "base-model": "tiny-zimage",
+                      "condition": "lineart"}}]
 
 
 def cases(server_url: str, down_url: str, pose_url: str):
@@ -671,6 +682,41 @@ def test_edit_with_the_dialogs_defaults_works_at_the_edit_models_size(gimp):
     assert (request.width, request.height) == generation.generation_size(
         *SIZE, "model", NATIVE_SIDE["flux"])
     assert request.mask_image is None and request.edit_references == ()
+
+
+def test_klein_edit_with_a_reference_layer(gimp):
+    """Issue 23's "done when" in GIMP: Flux.2 Klein edits the selected part of the layer with
+    a reference layer; one new layer above the source, the server's pixels."""
+    c = gimp.case("edit-klein")
+    assert c["status"] == "success", c.get("error")
+    name = f"{INSTRUCTION} · seed {EDIT_SEED + 2}"
+    assert names(c["layers"]) == [REFERENCE["group"], name, "lines", "paper"]
+    new = c["layers"][1]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    (request, images, pictures), = [call for call in gimp.edit_calls
+                                    if call[0].seed == EDIT_SEED + 2]
+    assert (request.mode, request.base_model) == ("edit", "tiny-klein")
+    assert request.mask_image is not None and len(request.edit_references) == 1
+    assert gimp.layer_image(new) == pictures[0].image, "the edit model's pixels"
+    assert c["old_layers_unchanged"] == {REFERENCE["name"]: True, "lines": True,
+                                         "paper": True}
+
+
+def test_zimage_with_its_union_controlnet(gimp):
+    """Issue 23's "done when" in GIMP: Z-Image with its union ControlNet (lineart) gives
+    one new layer, the server's picture, at the source's place and size."""
+    c = gimp.case("zimage")
+    assert c["status"] == "success", c.get("error")
+    name = f"{PROMPT} · seed {EDIT_SEED + 3}"
+    assert names(c["layers"]) == [name, "lines", "paper"]
+    new = c["layers"][0]
+    assert (new["x"], new["y"], new["w"], new["h"]) == (*OFFSETS, *SIZE)
+    (request, images, pictures), = [call for call in gimp.edit_calls
+                                    if call[0].seed == EDIT_SEED + 3]
+    assert request.base_model == "tiny-zimage"
+    assert [(u.condition, u.model) for u in request.controls] == [("lineart", "")]
+    assert images[request.controls[0].image] == gimp.source, "the control: the line art"
+    assert gimp.layer_image(new) == pictures[0].image
 
 
 # -- the GUI: GIMP's dialog, OK, one undo step ---------------------------------------------------

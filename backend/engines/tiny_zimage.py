@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
-VERSION = "tiny-zimage-v1"
+VERSION = "tiny-zimage-v2"  # v2: the real model's RoPE lengths (v1's 64 broke longer prompts)
 FAMILY = "zimage"
 SEED = 20261
 NATIVE_SIZE = 64
@@ -62,9 +62,11 @@ def _text_encoder(vocab_size: int, pad: int, layers: int = 2):
         max_position_embeddings=1024, pad_token_id=pad, tie_word_embeddings=False))
 
 
+# RoPE lengths as the real model's (positions of the caption's tokens - one per byte here -
+# and of the image patches must fit: 1024 text positions, 512 patches a side)
 TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
                    n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-                   cap_feat_dim=TEXT_WIDTH, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+                   cap_feat_dim=TEXT_WIDTH, axes_dims=[4, 6, 6], axes_lens=[1024, 512, 512])
 
 
 def _parts(folder: Path, byte_tokens: Sequence[str]) -> Dict[str, Any]:
