@@ -323,13 +323,14 @@ def test_generate_path_in_kritarunner(krita_env):
     print(f"kritarunner tier: {seconds:.1f} s (install {env['install_seconds']} s)")
     check_artist_flow(env, found["artist"])
     check_edit(env, found["edit"], "edit", 2323)
+    check_edit(env, found["edit-klein"], "edit-klein", 2525, model="tiny-klein")
 
 
 EDIT_INSTRUCTION = "make the coat red like the sunset"
 EDIT_BOX = (30, 20, 24, 16)  # krita_real_runner's selection
 
 
-def check_edit(env, found, key, seed):
+def check_edit(env, found, key, seed, model=""):
     """Issue 23's Edit in Krita: the instruction for a rectangular selection of the line art,
     the hidden reference layer picked, a blank Edit model: one new layer right above the line
     art; the server got an edit with the instruction, the reference and the selection as its
@@ -344,7 +345,8 @@ def check_edit(env, found, key, seed):
                                       "reference photo": True}, found
     request, images, outputs = next(call for call in env["editor"][1].calls
                                     if call[0].seed == seed)
-    assert (request.mode, request.prompt, request.base_model) == ("edit", EDIT_INSTRUCTION, "")
+    assert (request.mode, request.prompt, request.base_model) == ("edit", EDIT_INSTRUCTION,
+                                                                  model)
     assert (request.width, request.height) == (W, H)  # the context box: the whole document
     (ref,) = request.edit_references
     assert images[ref].data == PILImage.open(env["work"] / "reference.png").convert(

@@ -265,10 +265,11 @@ def edit_result(doc, work, key, looks_before, old):
     return out
 
 
-def edit_flow(work, url):
+def edit_flow(work, url, model="", seed=2323, key="edit"):
     """Issue 23's Edit through the controller (the docker's Edit button's code): the
     instruction for the selected part of the line art, the hidden reference layer picked,
-    a blank Edit model (the server's built-in one)."""
+    the Edit model ``model`` (blank: the server's built-in one; "tiny-klein": Flux.2
+    Klein)."""
     from controlcanvas.canvas import _uid
     from controlcanvas.settings import EditSettings
     doc, lines, ref, before, old = edit_document(work)
@@ -287,11 +288,11 @@ def edit_flow(work, url):
     c = Controller(lambda: LinesSelected(doc), settings=Settings(url=url, token=""))
     c.connect()
     c.wait_online(30)
-    c.settings.edit = EditSettings(EDIT_INSTRUCTION, "", 3, 2.5, [_uid(ref)])
-    c.settings.seed, c.settings.seed_locked = 2323, True
+    c.settings.edit = EditSettings(EDIT_INSTRUCTION, model, 3, 2.5, [_uid(ref)])
+    c.settings.seed, c.settings.seed_locked = seed, True
     started = c.edit() is not None
     done = started and c.run_until_idle(120)
-    out = edit_result(doc, work, "edit", before, old)
+    out = edit_result(doc, work, key, before, old)
     out.update(started=started, done=done, message=c.message, level=c.level,
                reference_visible=ref.visible())
     c.shutdown()
@@ -363,6 +364,8 @@ def main(args):
         # 6. issue 23: Edit with a selection and a reference layer
         if len(args) > 3:
             say("edit", edit_flow(work, args[3]))
+            # ... and issue 23's "done when": Flux.2 Klein edit with the reference layer
+            say("edit-klein", edit_flow(work, args[3], "tiny-klein", 2525, "edit-klein"))
     except Exception:
         say("exception", traceback.format_exc())
     print("CC_END")
