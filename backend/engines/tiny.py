@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from shared.paths import cache_dir
 
@@ -104,20 +104,32 @@ def ensure_tiny(family: str = "sd15", root: Optional[Path] = None) -> Path:
     folder = tiny_dir(family, root)
     if is_built(folder):
         return folder
+    build_once(folder, lambda tmp: build(tmp, family))
+    log.info("built the tiny %s model in %s", family, folder)
+    return folder
+
+
+def build_once(folder: Path, fill: Callable[[Path], Any],
+               built: Callable[[Path], bool] = is_built) -> Path:
+    """``folder``, unless ``built`` already: filled by ``fill(tmp)`` in a temporary folder
+    beside it, then renamed into place (atomic: nobody sees a half-built folder; of two
+    processes building at once, one wins; a stale partial folder is replaced).  Every tiny
+    model (stacks, adapters, edit bases) is built this way."""
+    if built(folder):
+        return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        build(tmp, family)
+        fill(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race, or a stale partial folder
-            if not is_built(folder):
+            if not built(folder):
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the tiny %s model in %s", family, folder)
     return folder
 
 
@@ -385,24 +397,12 @@ def ensure_tiny_adapter(family: str = "sd15", root: Optional[Path] = None) -> Pa
     ``T2IAdapter``: config.json + weights), built on first use from a fixed seed."""
     if family not in ADAPTER_CONFIGS:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
-    folder = tiny_adapter_dir(family, root)
-    if (folder / ".complete").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    def fill(tmp: Path) -> None:
         with quiet_progress_bars():
             _build_adapter(tmp, family)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race, or a stale partial folder
-            if not (folder / ".complete").is_file():
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return build_once(tiny_adapter_dir(family, root), fill,
+                      built=lambda folder: (folder / ".complete").is_file())
 
 
 def _build_adapter(folder: Path, family: str) -> None:

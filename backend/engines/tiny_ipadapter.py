@@ -33,9 +33,6 @@ Built once per family into the cache folder next to the tiny stack, keyed by
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -75,20 +72,12 @@ def ensure_tiny_adapter(family: str = "sd15", root: Optional[Path] = None) -> Pa
         return folder
     denoiser = "transformer" if family == "flux" else "unet"
     unet_folder = tiny.ensure_tiny(family, root) / denoiser
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         with tiny.quiet_progress_bars():
             build(tmp, unet_folder, family)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race, or a stale partial folder
-            if not is_built(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    tiny.build_once(folder, fill, built=is_built)
     log.info("built the tiny %s IP-Adapter in %s", family, folder)
     return folder
 

@@ -7,9 +7,7 @@ weights, for tests and benchmarks; built offline on first use from the tiny Flux
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -31,8 +29,8 @@ def ensure_kontext(root: Optional[Path] = None) -> Path:
     if tiny.is_built(folder):
         return folder
     flux = tiny.ensure_tiny("flux", root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         shutil.copytree(flux, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("controlnets"))
         index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
@@ -42,13 +40,5 @@ def ensure_kontext(root: Optional[Path] = None) -> Path:
             f"ControlCanvas tiny FLUX.1 Kontext model ({NAME}): the tiny Flux stack's random "
             f"weights as an edit base, built locally by backend/engines/tiny_kontext.py for "
             f"tests and benchmarks. Not a trained model.\n", encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race, or a stale partial folder
-            if not tiny.is_built(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return tiny.build_once(folder, fill)

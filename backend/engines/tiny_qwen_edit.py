@@ -15,9 +15,7 @@ benchmarks; built offline on first use from the tiny Qwen-Image folder."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -42,22 +40,14 @@ def ensure_edit(root: Optional[Path] = None) -> Path:
     if tiny.is_built(folder):
         return folder
     qwen = tiny.ensure_tiny("qwen", root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         shutil.copytree(qwen, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
             "controlnets", "text_encoder", "tokenizer"))
         with tiny.quiet_progress_bars():
             _text_parts(tmp, list(tiny._bytes_to_unicode().values()))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race, or a stale partial folder
-            if not tiny.is_built(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return tiny.build_once(folder, fill)
 
 
 def _text_parts(folder: Path, byte_tokens) -> None:
