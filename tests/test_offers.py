@@ -178,7 +178,7 @@ def test_models_command_shows_what_each_base_serves_and_the_union(tmp_path, monk
     assert below(DEFAULT_BASES["sd15"]).split() == ["controls:", "every", "condition"]
     assert below(DEMO_BASE).split(": ")[1] == "canny, softedge, scribble, lineart"
     union = CONTROLNETS["sdxl"]["canny"]
-    assert any(line.startswith("✗ sdxl  controlnet union ") and union in line
+    assert any(line.split()[:4] == ["✗", "sdxl", "controlnet", "union"] and union in line
                for line in lines)
     missing = [c for c in CONDITIONS if c not in CONTROLNETS["sdxl"]]
     assert below(union).split(": ")[1] == f"every condition but {', '.join(missing)}"

@@ -26,7 +26,8 @@ from shared.errors import ConfigError, ControlCanvasError, LimitError
 
 from ..bench import main as bench
 from ..engines.base import engine_info, info_line
-from ..engines.catalogue import EDIT_FAMILIES, Catalogue, ModelConfig, download_command
+from ..engines.catalogue import (EDIT_FAMILIES, UNION_MODELS, Catalogue, ModelConfig,
+                                 download_command)
 from ..engines.factory import ENGINES, create_engine
 from ..imaging import load_input_image, size_problem
 from ..server.config import (DEFAULT_HOST, DEFAULT_PORT, build_config, default_token_file,
@@ -360,8 +361,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             where += f"; {sizes[entry.name]}"
         served = entry.conditions or tuple(c for c in entry.condition.split(",") if c)
         several = len(served) > 1 and entry.kind == "controlnet"  # a union or shared model
-        what = "base (edit)" if entry.edit else entry.kind if several or not entry.condition \
-            else f"{entry.kind} {entry.condition}"
+        what = "base (edit)" if entry.edit else "controlnet union" \
+            if several and entry.name in UNION_MODELS else entry.kind \
+            if several or not entry.condition else f"{entry.kind} {entry.condition}"
         print(f"{'✓' if entry.present else '✗'} {entry.family:6} {what:22} {entry.name}  "
               f"({where})")
         edit_only = entry.edit and entry.family not in EDIT_FAMILIES  # Kontext, Qwen-Image-Edit

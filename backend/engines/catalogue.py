@@ -160,6 +160,7 @@ SD35_CANNY = "stabilityai/stable-diffusion-3.5-large-controlnet-canny"
 # Z-Image Turbo: alibaba-pai's Fun ControlNet Union 2.1 in diffusers layout (the repo
 # diffusers' single-file loader takes its config from; the 2.x models also inpaint).
 ZIMAGE_UNION = "hlky/Z-Image-Turbo-Fun-Controlnet-Union-2.1"
+UNION_MODELS = frozenset({SDXL_UNION, FLUX_UNION, QWEN_UNION, ZIMAGE_UNION})  # the defaults'
 
 # Default ControlNet per condition.  SD1.5: lllyasviel's ControlNet 1.1 set.  SDXL: the
 # union model (one download for all of them); shuffle needs a [controlnets.sdxl] entry.
