@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .proto import messages, offers
 from .qt import Qt, QtWidgets
 from .settings import LORA_MAX, LORA_MIN, LoraSettings
-from .widgets import narrow, set_item_enabled, small_label
+from .widgets import RowsPanel, narrow, set_item_enabled, small_label
 
 W = QtWidgets
 STEPS_PER_UNIT = 20  # slider positions per unit of strength: steps of 0.05
@@ -137,39 +137,19 @@ class LoraRow(W.QWidget):
         return LoraSettings(name=self._name, strength=self.strength)
 
 
-class LoraPanel:
+class LoraPanel(RowsPanel):
     """The rows of the LoRA section (built into the docker's ``section``) and the note
     under them; :meth:`refresh` follows the server's list and the chosen base model."""
 
+    rows: List[LoraRow]
+
     def __init__(self, section, on_change: Callable[[], None]) -> None:
-        self.section = section
-        self._on_change = on_change
-        self.rows: List[LoraRow] = []
         self._offers = offers.Offers(None)
         self._base = ""
-        self.add_button = W.QToolButton()
-        self.add_button.setText("+ LoRA")
-        self.add_button.setAutoRaise(True)
-        self.add_button.setToolTip("Add a LoRA (a style or character the base model learnt "
-                                   "later) from the server's LoRA folder")
-        section.head.addWidget(self.add_button)
-        self.rows_box = W.QVBoxLayout()
-        self.rows_box.setSpacing(2)
-        section.box.addLayout(self.rows_box)
-        self.note = small_label("")
-        self.note.setWordWrap(True)
-        section.box.addWidget(self.note)
-        self.add_button.clicked.connect(lambda: (self.add(), self._on_change()))
+        super().__init__(section, on_change, "+ LoRA",
+                         "Add a LoRA (a style or character the base model learnt later) "
+                         "from the server's LoRA folder")
         self._show_note()
-
-    def load(self, rows: Sequence[LoraSettings]) -> None:
-        for row in list(self.rows):
-            self._drop(row)
-        for row in rows:
-            self.add(row)
-
-    def values(self) -> List[LoraSettings]:
-        return [row.value() for row in self.rows]
 
     def add(self, settings: Optional[LoraSettings] = None) -> LoraRow:
         """A new row: ``settings``, else the first fitting LoRA not in a row yet."""
@@ -189,12 +169,6 @@ class LoraPanel:
         self._drop(row)
         self._show_note()
         self._on_change()
-
-    def _drop(self, row: LoraRow) -> None:
-        self.rows.remove(row)
-        self.rows_box.removeWidget(row)
-        row.setParent(None)
-        row.deleteLater()
 
     def refresh(self, offer: "offers.Offers", base: str) -> None:
         """The server's list (or the chosen base model) changed: refill every row."""

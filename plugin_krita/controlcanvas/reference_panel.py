@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 from .qt import Qt, QtWidgets
 from .settings import REFERENCE_MODE_LABELS, REFERENCE_MODES, ReferenceSettings
-from .widgets import fill_layer_combo, narrow, small_label
+from .widgets import RowsPanel, fill_layer_combo, narrow, small_label
 
 W = QtWidgets
 STEPS_PER_UNIT = 20  # slider positions per unit of weight: steps of 0.05
@@ -117,40 +117,20 @@ class ReferenceRow(W.QWidget):
                                  start=start, end=end)
 
 
-class ReferencePanel:
+class ReferencePanel(RowsPanel):
     """The rows of the Reference section (built into the docker's ``section``) and the note
     under them."""
 
+    rows: List[ReferenceRow]
+
     def __init__(self, section, on_change: Callable[[], None],
                  active_layer: Callable[[], str]) -> None:
-        self.section = section
-        self._on_change = on_change
         self._active_layer = active_layer
         self._layers: Sequence = ()
-        self.rows: List[ReferenceRow] = []
-        self.add_button = W.QToolButton()
-        self.add_button.setText("+ Reference")
-        self.add_button.setAutoRaise(True)
-        self.add_button.setToolTip("Add a reference picture (IP-Adapter): the selected layer "
-                                   "steers the result's look, style, layout or face")
-        section.head.addWidget(self.add_button)
-        self.rows_box = W.QVBoxLayout()
-        self.rows_box.setSpacing(2)
-        section.box.addLayout(self.rows_box)
-        self.note = small_label("")
-        self.note.setWordWrap(True)
-        section.box.addWidget(self.note)
-        self.add_button.clicked.connect(lambda: (self.add(), self._on_change()))
+        super().__init__(section, on_change, "+ Reference",
+                         "Add a reference picture (IP-Adapter): the selected layer steers the "
+                         "result's look, style, layout or face")
         self._show_note()
-
-    def load(self, rows: Sequence[ReferenceSettings]) -> None:
-        for row in list(self.rows):
-            self._drop(row)
-        for row in rows:
-            self.add(row)
-
-    def values(self) -> List[ReferenceSettings]:
-        return [row.value() for row in self.rows]
 
     def add(self, settings: Optional[ReferenceSettings] = None) -> ReferenceRow:
         """A new row: ``settings``, else the active layer as a reference."""
@@ -165,12 +145,6 @@ class ReferencePanel:
         self._drop(row)
         self._show_note()
         self._on_change()
-
-    def _drop(self, row: ReferenceRow) -> None:
-        self.rows.remove(row)
-        self.rows_box.removeWidget(row)
-        row.setParent(None)
-        row.deleteLater()
 
     def fill_layers(self, layers: Sequence) -> None:
         self._layers = tuple(layers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, List, Sequence
 
 from .qt import QtWidgets
 
@@ -52,3 +52,46 @@ def fill_layer_combo(box: W.QComboBox, layers: Sequence, keep: str,
     box.setCurrentIndex(index if index >= 0 else (0 if box.count() else -1))
     box.blockSignals(False)
     return (box.currentData() or "") if box.currentIndex() >= 0 else keep
+
+
+class RowsPanel:
+    """A docker section whose rows are added with a "+ ..." button in its head, with a
+    note under them (the LoRA and Reference sections): the button, the rows' box and the
+    note; loading, reading and dropping rows.  A subclass makes a row in ``add`` and says
+    the note in ``_show_note``."""
+
+    def __init__(self, section, on_change: Callable[[], None], add_text: str,
+                 add_tip: str) -> None:
+        self.section = section
+        self._on_change = on_change
+        self.rows: List = []
+        self.add_button = W.QToolButton()
+        self.add_button.setText(add_text)
+        self.add_button.setAutoRaise(True)
+        self.add_button.setToolTip(add_tip)
+        section.head.addWidget(self.add_button)
+        self.rows_box = W.QVBoxLayout()
+        self.rows_box.setSpacing(2)
+        section.box.addLayout(self.rows_box)
+        self.note = small_label("")
+        self.note.setWordWrap(True)
+        section.box.addWidget(self.note)
+        self.add_button.clicked.connect(lambda: (self.add(), self._on_change()))
+
+    def add(self, settings=None):
+        raise NotImplementedError
+
+    def load(self, rows: Sequence) -> None:
+        for row in list(self.rows):
+            self._drop(row)
+        for row in rows:
+            self.add(row)
+
+    def values(self) -> List:
+        return [row.value() for row in self.rows]
+
+    def _drop(self, row) -> None:
+        self.rows.remove(row)
+        self.rows_box.removeWidget(row)
+        row.setParent(None)
+        row.deleteLater()
